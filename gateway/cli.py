@@ -1,0 +1,59 @@
+"""The ``nbdgw`` command: one argparse tree, filled in by the modules that own each command.
+
+Each module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, adds its
+subcommands and sets ``func`` (a callable taking the parsed namespace and returning an exit
+code, or a coroutine function, which is run with asyncio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import sys
+from collections.abc import Sequence
+
+from nbdcore.exceptions import NBDError
+
+# Order is the order of --help.
+COMMAND_MODULES = (
+    "gateway.commands",  # serve, exports, bitmaps, extents, clear, backup
+    "nbdcore.tools.client_cmds",  # nbd list|map|copy
+    "nbdcore.tools.server_cmds",  # nbd serve, bitmap ...
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdgw",
+        description="A gRPC gateway to the change-tracking bitmaps of NBD-exported disks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {"": sub}
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.register(sub, groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(func(args)) if inspect.iscoroutinefunction(func) else func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (NBDError, OSError) as exc:
+        # A person gets one line, never a traceback, for anything the peer or the OS caused.
+        print(f"nbdgw: {exc}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs everything the tests and benchmarks need on a fresh Debian 12 machine (run as root):
+# the reference NBD peers from Debian, qemu 10 from bookworm-backports unpacked beside them
+# (extended headers), and a virtualenv with the project and its test extras.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+QEMU10_DIR=${NBDGW_QEMU10_DIR:-$ROOT/.cache/qemu10}
+VENV=${NBDGW_VENV:-$ROOT/.venv}
+APT_PKGS=(qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server openssl)
+
+need_apt=0
+for p in qemu-img qemu-nbd qemu-io nbdinfo nbdcopy nbdkit nbd-server openssl; do
+    command -v "$p" >/dev/null 2>&1 || need_apt=1
+done
+[ -f /usr/lib/python3/dist-packages/nbd.py ] || need_apt=1
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ "$need_apt" = 1 ] || [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
+    if [ ! -f /etc/apt/sources.list.d/bookworm-backports.sources ]; then
+        sudo_ tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    # Backports are never installed, only downloaded and unpacked: pin them low.
+    if [ ! -f /etc/apt/preferences.d/nbdgw-backports ]; then
+        printf 'Package: *\nPin: release a=bookworm-backports\nPin-Priority: 100\n' |
+            sudo_ tee /etc/apt/preferences.d/nbdgw-backports >/dev/null
+    fi
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+fi
+if [ "$need_apt" = 1 ]; then
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server openssl >/dev/null
+fi
+if [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq qemu-utils/bookworm-backports >/dev/null)
+    mkdir -p "$QEMU10_DIR"
+    dpkg -x "$tmp"/qemu-utils_*.deb "$QEMU10_DIR"
+    rm -rf "$tmp"
+fi
+"$QEMU10_DIR/usr/bin/qemu-nbd" --version | head -1
+
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+echo "install-deps: ok"
