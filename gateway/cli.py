@@ -18,9 +18,11 @@ from nbdcore.exceptions import NBDError
 
 # Order is the order of --help.
 COMMAND_MODULES = (
-    "gateway.commands",  # serve, exports, bitmaps, extents, clear, backup
+    "gateway.serve_cmd",  # serve
+    "gateway.commands",  # exports, bitmaps, extents, clear, backup (gRPC client side)
     "nbdcore.tools.client_cmds",  # nbd list|map|copy
-    "nbdcore.tools.server_cmds",  # nbd serve, bitmap ...
+    "nbdcore.tools.server_cmds",  # nbd serve
+    "nbdcore.tools.bitmap_cmds",  # bitmap add|remove|list|enable|disable|clear|merge
 )
 
 
