@@ -1,0 +1,1 @@
+"""Generated gRPC code of the nbdgw public API (see proto/)."""
