@@ -1,0 +1,652 @@
+"""asyncio NBD client: sockets, TLS, timeouts and concurrency over :mod:`nbdcore.client`.
+
+All protocol rules live in the sans-I/O core; this module moves bytes, matches replies to
+waiting tasks and chooses which options to try (extended headers, falling back to structured
+replies; GO, falling back to EXPORT_NAME on old servers).
+
+Bulk READ payloads are received without an intermediate copy: the protocol is an
+``asyncio.BufferedProtocol`` whose ``get_buffer`` hands the event loop the slice of the caller's
+buffer that the core is waiting to fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from array import array
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from nbdcore.client import (
+    ClientConnection,
+    ClientState,
+    ConnectionClosed,
+    Event,
+    ExportReady,
+    ExportsListed,
+    Greeting,
+    InfoReceived,
+    MetaContextsListed,
+    OptionFailed,
+    Reply,
+)
+from nbdcore.constants import Rep, TransmissionFlag
+from nbdcore.exceptions import (
+    ConnectionLostError,
+    HandshakeError,
+    NBDError,
+    NBDTimeoutError,
+    OptionError,
+    ServerProtocolError,
+    UsageError,
+)
+from nbdcore.tls import TLSConfig
+from nbdcore.uri import NBDURI
+from nbdcore.wire import BlockSize
+
+__all__ = [
+    "ExportInfo",
+    "NBDClient",
+    "export_info",
+    "list_exports",
+    "list_meta_contexts",
+]
+
+_SCRATCH_SIZE: Final = 256 * 1024
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    name: str
+    description: str | None
+    size: int | None  # None when the server would not describe the export (INFO refused)
+    flags: TransmissionFlag
+    block_size: BlockSize | None
+    meta_contexts: tuple[str, ...]
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    def __init__(self, client: NBDClient) -> None:
+        self._client = client
+        self._conn = client._conn
+        self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
+        self._direct = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        target = self._conn.get_buffer()
+        if target is not None:
+            self._direct = True
+            return target
+        self._direct = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        client = self._client
+        try:
+            if self._direct:
+                self._conn.buffer_filled(nbytes)
+            else:
+                self._conn.receive_data(self._scratch[:nbytes])
+        except NBDError as exc:
+            client._fail(exc)
+            return
+        client._dispatch()
+
+    def eof_received(self) -> bool | None:
+        self._conn.receive_eof()
+        self._client._dispatch()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._client._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._client._writable.set()
+
+
+class NBDClient:
+    """One NBD connection in transmission phase. Use :meth:`connect`."""
+
+    export_name: str
+    description: str | None
+    size: int
+    flags: TransmissionFlag
+    block_size: BlockSize | None
+    meta_contexts: dict[str, int]
+
+    def __init__(self, *, max_in_flight: int = 16, timeout: float | None = 30.0) -> None:
+        if max_in_flight < 1:
+            raise UsageError("max_in_flight must be at least 1")
+        self._conn = ClientConnection()
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._protocol = _Protocol(self)
+        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        self._option_waiter: asyncio.Future[Event] | None = None
+        self._greeting: asyncio.Future[Event] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._failure: NBDError | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.export_name = ""
+        self.description = None
+        self.size = 0
+        self.flags = TransmissionFlag(0)
+        self.block_size = None
+        self.meta_contexts = {}
+        self._ids_to_names: dict[int, str] = {}
+
+    # --- public attributes ----------------------------------------------------------------------
+
+    @property
+    def structured_replies(self) -> bool:
+        return self._conn.structured_replies or self._conn.extended_headers
+
+    @property
+    def extended_headers(self) -> bool:
+        return self._conn.extended_headers
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & TransmissionFlag.READ_ONLY)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return bool(self.flags & TransmissionFlag.CAN_MULTI_CONN)
+
+    @property
+    def max_payload(self) -> int:
+        """Largest READ/WRITE this client sends in one request (larger ones are split)."""
+        return self._conn.max_payload
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.done()
+
+    # --- connecting -------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        uri: str | NBDURI,
+        *,
+        meta_contexts: Sequence[str] = (),
+        tls: TLSConfig | None = None,
+        extended_headers: bool = True,
+        structured_replies: bool = True,
+        max_in_flight: int = 16,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 (the agreed API; applies per request)
+    ) -> NBDClient:
+        """Connect, negotiate and enter transmission on the URI's export.
+
+        ``meta_contexts`` are the SET_META_CONTEXT queries (any namespace, wildcards allowed);
+        the contexts the server selected end up in :attr:`meta_contexts`.
+        """
+        u = NBDURI.parse(uri) if isinstance(uri, str) else uri
+        self = cls(max_in_flight=max_in_flight, timeout=timeout)
+        try:
+            async with _deadline(timeout, f"connecting to {u}"):
+                await self._start(u, tls, extended_headers, structured_replies)
+                await self._go(u.export, list(meta_contexts))
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    async def _start(
+        self, uri: NBDURI, tls: TLSConfig | None, extended: bool, structured: bool
+    ) -> None:
+        """Open the socket, read the greeting, upgrade to TLS, negotiate reply formats."""
+        loop = self._loop
+        try:
+            if uri.is_unix:
+                assert uri.socket is not None
+                transport, _ = await loop.create_unix_connection(lambda: self._protocol, uri.socket)
+            else:
+                host, port = uri.address
+                transport, _ = await loop.create_connection(lambda: self._protocol, host, port)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {uri}: {exc}") from exc
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        await self._wait(self._greeting)
+        if tls is None and uri.tls:
+            tls = TLSConfig.from_uri(uri)
+        if tls is not None:
+            await self._starttls(tls)
+        if extended:
+            ev = await self._option(self._conn.send_extended_headers)
+            if isinstance(ev, OptionFailed):
+                _check_soft_failure(ev)
+        if structured and not self._conn.extended_headers:
+            ev = await self._option(self._conn.send_structured_reply)
+            if isinstance(ev, OptionFailed):
+                _check_soft_failure(ev)
+
+    async def _starttls(self, tls: TLSConfig) -> None:
+        ev = await self._option(self._conn.send_starttls)
+        if isinstance(ev, OptionFailed):
+            # A client that wants TLS must not carry on in plain text.
+            raise HandshakeError(f"the server refused TLS: {ev.error()}")
+        assert self._transport is not None
+        try:
+            ctx = tls.client_context()
+            transport = await self._loop.start_tls(
+                self._transport,
+                self._protocol,
+                ctx,
+                server_hostname=tls.server_hostname if ctx.check_hostname else None,
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+        except ConnectionError as exc:
+            raise ConnectionLostError(f"connection lost during the TLS handshake: {exc}") from exc
+        if transport is None:
+            raise ConnectionLostError("connection closed during the TLS handshake")
+        self._transport = transport
+        self._conn.tls_established()
+
+    async def _go(self, export: str, queries: list[str]) -> None:
+        conn = self._conn
+        if queries and self.structured_replies:
+            ev = await self._option(lambda: conn.send_set_meta_context(export, queries))
+            if isinstance(ev, OptionFailed):
+                raise ev.error()
+        ev = await self._option(lambda: conn.send_go(export))
+        if isinstance(ev, OptionFailed) and ev.code == Rep.ERR_UNSUP and not conn.extended_headers:
+            # A server older than NBD_OPT_GO (nbd-server before 3.13...): the spec's fallback.
+            ev = await self._option(lambda: conn.send_export_name(export))
+        if isinstance(ev, OptionFailed):
+            raise ev.error()
+        if not isinstance(ev, ExportReady):
+            raise ServerProtocolError(f"unexpected answer to NBD_OPT_GO: {ev}")
+        self.export_name = ev.name if ev.name is not None else export
+        self.description = ev.description or None
+        self.size = ev.size
+        self.flags = ev.flags
+        self.block_size = ev.block_size
+        self.meta_contexts = dict(conn.meta_contexts)
+        self._ids_to_names = {cid: name for name, cid in self.meta_contexts.items()}
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for ev in self._conn.events_received():
+            if isinstance(ev, Reply):
+                fut = self._waiters.pop(ev.cookie, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ev)
+                # else: the waiter was cancelled; its reply is dropped here.
+            elif isinstance(ev, Greeting):
+                if not self._greeting.done():
+                    self._greeting.set_result(ev)
+            elif isinstance(ev, ConnectionClosed):
+                self._fail(ConnectionLostError("the server closed the connection"))
+            else:
+                waiter = self._option_waiter
+                self._option_waiter = None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            for chunk in data:
+                self._transport.write(chunk)
+
+    def _fail(self, exc: NBDError) -> None:
+        """The connection is unusable: every waiter gets ``exc``, the socket is closed."""
+        if self._failure is None:
+            self._failure = exc
+        for fut in [self._greeting, self._option_waiter, *self._waiters.values()]:
+            if fut is not None and not fut.done():
+                fut.set_exception(self._failure)
+                fut.exception()  # mark retrieved: a waiter that was cancelled won't look
+        self._waiters.clear()
+        self._option_waiter = None
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        elif not self._closed.done():
+            self._closed.set_result(None)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._writable.set()
+        if self._waiters or self._option_waiter or not self._greeting.done():
+            detail = f": {exc}" if exc else ""
+            self._fail(ConnectionLostError(f"connection lost{detail}"))
+        elif self._failure is None:
+            self._failure = ConnectionLostError("the connection is closed")
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _wait(self, fut: asyncio.Future[_T]) -> _T:
+        if self._timeout is None:
+            return await fut
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await fut
+        except TimeoutError:
+            exc = NBDTimeoutError(f"no answer from the server within {self._timeout} s")
+            self._fail(exc)
+            raise exc from None
+
+    async def _option(self, send: Callable[[], None]) -> Event:
+        self._check_open()
+        fut: asyncio.Future[Event] = self._loop.create_future()
+        self._option_waiter = fut
+        send()
+        self._flush()
+        return await self._wait(fut)
+
+    async def _submit(self, cookie: int) -> Reply:
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._waiters[cookie] = fut
+        self._flush()
+        if not self._writable.is_set():
+            await self._writable.wait()
+        reply = await self._wait(fut)
+        if reply.error is not None:
+            raise reply.error
+        return reply
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    async def pread(self, offset: int, length: int, *, df: bool = False) -> bytes:
+        if length <= self.max_payload:
+            self._check_open()
+            async with self._slots:
+                reply = await self._submit(self._conn.send_read(offset, length, df=df))
+            assert reply.data is not None
+            return bytes(reply.data)
+        if df:
+            raise UsageError(f"a DF read is limited to {self.max_payload} bytes")
+        buf = bytearray(length)
+        await self.pread_into(buf, offset)
+        return bytes(buf)
+
+    async def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (split in pipelined
+        requests above the server's maximum payload). If the call is cancelled, the server's
+        late answer may still land in ``buf``."""
+        view = memoryview(buf).cast("B")
+        step = self.max_payload
+        if len(view) <= step:
+            self._check_open()
+            async with self._slots:
+                await self._submit(self._conn.send_read(offset, len(view), buffer=view))
+            return
+        await self._gather(
+            [
+                self.pread_into(view[pos : pos + step], offset + pos)
+                for pos in range(0, len(view), step)
+            ]
+        )
+
+    async def pwrite(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        step = self.max_payload
+        if len(view) <= step:
+            self._check_open()
+            async with self._slots:
+                await self._submit(self._conn.send_write(offset, view, fua=fua))
+            return
+        await self._gather(
+            [
+                self.pwrite(view[pos : pos + step], offset + pos, fua=fua)
+                for pos in range(0, len(view), step)
+            ]
+        )
+
+    async def _gather(self, coros: list[Any]) -> None:
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def flush(self) -> None:
+        await self._simple(self._conn.send_flush)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._simple(lambda: self._conn.send_trim(offset, length, fua=fua))
+
+    async def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        no_hole: bool = False,
+        fast_zero: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self._simple(
+            lambda: self._conn.send_write_zeroes(
+                offset, length, no_hole=no_hole, fast_zero=fast_zero, fua=fua
+            )
+        )
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._simple(lambda: self._conn.send_cache(offset, length))
+
+    async def _simple(self, send: Callable[[], int]) -> None:
+        self._check_open()
+        async with self._slots:
+            await self._submit(send())
+
+    async def block_status(
+        self,
+        offset: int,
+        length: int,
+        *,
+        contexts: Sequence[str] | None = None,
+        req_one: bool = False,
+    ) -> dict[str, tuple[array[int], array[int]]]:
+        """One BLOCK_STATUS round trip: context name -> (lengths, flags) arrays (typecode
+        ``Q``), consecutive from ``offset``; the server may cover less than ``length`` and the
+        last extent may run past it. ``contexts`` restricts the answer (with the server-side
+        filter when the server offers BLOCK_STATUS_PAYLOAD)."""
+        if not self.meta_contexts:
+            if not self.structured_replies:
+                raise UsageError(
+                    "block status is unavailable: the server does not support structured replies"
+                )
+            raise UsageError("block status is unavailable: no metadata context was negotiated")
+        ids: list[int] | None = None
+        if contexts is not None:
+            unknown = [c for c in contexts if c not in self.meta_contexts]
+            if unknown:
+                raise UsageError(f"contexts {unknown} were not negotiated")
+            ids = [self.meta_contexts[c] for c in dict.fromkeys(contexts)]
+            if len(ids) == len(self.meta_contexts):
+                ids = None
+        if not self.extended_headers:
+            # The length is only a hint: clip what a 32-bit request cannot say.
+            limit = 0xFFFFFFFF - 0xFFFFFFFF % self._conn.min_block
+            length = min(length, limit)
+        use_filter = ids is not None and bool(self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD)
+        self._check_open()
+        async with self._slots:
+            cookie = self._conn.send_block_status(
+                offset, length, req_one=req_one, context_ids=ids if use_filter else None
+            )
+            reply = await self._submit(cookie)
+        assert reply.extents is not None
+        names = self._ids_to_names
+        wanted = None if ids is None else set(ids)
+        return {
+            names[cid]: (r.lengths, r.flags)
+            for cid, r in reply.extents.items()
+            if wanted is None or cid in wanted
+        }
+
+    # --- closing ----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Send NBD_CMD_DISC (the server finishes in-flight requests) and close the socket."""
+        if self._transport is None:
+            return
+        if self._conn.state is ClientState.TRANSMISSION and self._failure is None:
+            self._conn.send_disc()
+            self._flush()
+        elif self._conn.state is ClientState.NEGOTIATING and self._failure is None:
+            with contextlib.suppress(NBDError):
+                await self._option(self._conn.send_abort)
+        if self._failure is None:
+            self._failure = UsageError("the connection is closed")
+        self._transport.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await asyncio.shield(self._closed)
+        if not self._closed.done():
+            self._transport.abort()
+
+    async def __aenter__(self) -> NBDClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- negotiation-only sessions ----------------------------------------------------------------
+
+    async def _list_contexts(self, export: str, queries: Sequence[str]) -> list[str]:
+        ev = await self._option(lambda: self._conn.send_list_meta_context(export, queries))
+        if isinstance(ev, OptionFailed):
+            raise ev.error()
+        assert isinstance(ev, MetaContextsListed)
+        return [name for name, _ in ev.contexts]
+
+    async def _info(self, export: str) -> ExportInfo:
+        ev = await self._option(lambda: self._conn.send_go(export, info=True))
+        if isinstance(ev, OptionFailed):
+            raise ev.error()
+        assert isinstance(ev, InfoReceived)
+        contexts: list[str] = []
+        if self.structured_replies:
+            with contextlib.suppress(OptionError):
+                contexts = await self._list_contexts(export, ())
+        return ExportInfo(
+            ev.name if ev.name is not None else export,
+            ev.description or None,
+            ev.size,
+            ev.flags,
+            ev.block_size,
+            tuple(contexts),
+        )
+
+
+@contextlib.asynccontextmanager
+async def _session(
+    uri: str | NBDURI, tls: TLSConfig | None, seconds: float | None
+) -> AsyncIterator[tuple[NBDClient, NBDURI]]:
+    """A connection kept in negotiation, for LIST / INFO / LIST_META_CONTEXT; ends with ABORT."""
+    u = NBDURI.parse(uri) if isinstance(uri, str) else uri
+    client = NBDClient(timeout=seconds)
+    try:
+        async with _deadline(seconds, f"connecting to {u}"):
+            await client._start(u, tls, True, True)
+        yield client, u
+    finally:
+        await client.close()
+
+
+async def list_exports(
+    uri: str | NBDURI,
+    *,
+    tls: TLSConfig | None = None,
+    timeout: float | None = 30.0,  # noqa: ASYNC109
+) -> list[ExportInfo]:
+    """NBD_OPT_LIST, then NBD_OPT_INFO on each export."""
+    async with _session(uri, tls, timeout) as (client, _):
+        ev = await client._option(client._conn.send_list)
+        if isinstance(ev, OptionFailed):
+            raise ev.error()
+        assert isinstance(ev, ExportsListed)
+        result = []
+        for name, description in ev.exports:
+            try:
+                info = await client._info(name)
+            except OptionError:
+                info = ExportInfo(name, None, None, TransmissionFlag(0), None, ())
+            result.append(
+                ExportInfo(
+                    name,
+                    description or info.description,
+                    info.size,
+                    info.flags,
+                    info.block_size,
+                    info.meta_contexts,
+                )
+            )
+        return result
+
+
+async def list_meta_contexts(
+    uri: str | NBDURI,
+    *,
+    queries: Sequence[str] = (),
+    tls: TLSConfig | None = None,
+    timeout: float | None = 30.0,  # noqa: ASYNC109
+) -> list[str]:
+    """NBD_OPT_LIST_META_CONTEXT on the URI's export (no queries: everything it offers)."""
+    async with _session(uri, tls, timeout) as (client, u):
+        if not client.structured_replies:
+            raise UsageError("the server does not support structured replies (no contexts)")
+        return await client._list_contexts(u.export, queries)
+
+
+async def export_info(
+    uri: str | NBDURI,
+    *,
+    tls: TLSConfig | None = None,
+    timeout: float | None = 30.0,  # noqa: ASYNC109
+) -> ExportInfo:
+    """NBD_OPT_INFO on the URI's export, without entering transmission."""
+    async with _session(uri, tls, timeout) as (client, u):
+        return await client._info(u.export)
+
+
+def _check_soft_failure(ev: OptionFailed) -> None:
+    """Failures of optional features that mean "not supported": anything but TLS_REQD."""
+    if ev.code == Rep.ERR_TLS_REQD:
+        raise ev.error()
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float | None, what: str) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise NBDTimeoutError(f"timed out after {seconds} s {what}") from None

@@ -1,0 +1,1079 @@
+"""The client side of an NBD connection, sans I/O: bytes in, events out.
+
+:class:`ClientConnection` holds no socket. The I/O layer feeds it what the server sent
+(:meth:`~ClientConnection.receive_data`, :meth:`~ClientConnection.receive_eof`, or the zero-copy
+pair :meth:`~ClientConnection.get_buffer` / :meth:`~ClientConnection.buffer_filled`), collects
+:meth:`~ClientConnection.events_received` and writes :meth:`~ClientConnection.data_to_send`.
+Policy (which options to try, fallbacks, timeouts) lives above it, in ``nbdcore.aio.client``.
+
+States and what moves between them (everything that changes the state is in ``_TRANSITIONS``)::
+
+    state            event / call                       next state
+    ---------------  ---------------------------------  -----------------------------
+    GREETING         newstyle greeting received          NEGOTIATING (client flags sent)
+    NEGOTIATING      send_option(...)                    OPTION_SENT
+    OPTION_SENT      final reply (ACK or error)          NEGOTIATING
+    OPTION_SENT      ACK to STARTTLS                     TLS_UPGRADE
+    OPTION_SENT      ACK to GO / EXPORT_NAME reply       TRANSMISSION
+    OPTION_SENT      ACK to ABORT, or EOF after ABORT    CLOSED
+    TLS_UPGRADE      tls_established()                   NEGOTIATING (negotiated state wiped)
+    TRANSMISSION     send_disc()                         DISCONNECTING
+    DISCONNECTING    EOF                                 CLOSED
+    any              server breaks the protocol          FAILED (ServerProtocolError raised)
+    any              EOF elsewhere                       CLOSED (ConnectionClosed event)
+
+Parsing is one generator per phase, primed once and resumed whenever bytes arrive: it reads
+messages top to bottom (``yield from self._read_exact(n)``). Every length the server claims is
+checked against what the request allows before anything is allocated, so a hostile server cannot
+make us buffer more than one bounded message.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import struct
+from array import array
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from nbdcore import wire
+from nbdcore.constants import (
+    CLISERV_MAGIC,
+    IHAVEOPT,
+    MAX_EXTENTS_PER_CHUNK,
+    NBD_EXTENDED_REPLY_MAGIC,
+    NBD_MAX_STRING,
+    NBD_REP_FLAG_ERROR,
+    NBD_REP_MAGIC,
+    NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_ERROR_BIT,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    NBDMAGIC,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
+    TransmissionFlag,
+)
+from nbdcore.exceptions import (
+    ConnectionLostError,
+    OptionError,
+    RequestError,
+    ServerProtocolError,
+    UnsupportedServerError,
+    UsageError,
+)
+from nbdcore.wire import BlockSize, WireError
+
+__all__ = [
+    "BlockStatusResult",
+    "ClientConnection",
+    "ClientState",
+    "ConnectionClosed",
+    "ExportReady",
+    "ExportsListed",
+    "Greeting",
+    "InfoReceived",
+    "MetaContextsListed",
+    "OptionAcked",
+    "OptionFailed",
+    "Reply",
+]
+
+# Caps on what the server may claim, checked before anything is allocated.
+MAX_OPTION_REPLY: Final = 4 + 2 * NBD_MAX_STRING + 64  # the longest legal reply (SERVER) + slack
+MAX_ERROR_CHUNK: Final = 6 + NBD_MAX_STRING + 8
+MAX_COMPACT_STATUS_CHUNK: Final = 4 + 8 * MAX_EXTENTS_PER_CHUNK
+MAX_EXTENDED_STATUS_CHUNK: Final = 8 + 16 * MAX_EXTENTS_PER_CHUNK
+MAX_COMPACT_LENGTH: Final = 0xFFFFFFFF
+# Without NBD_INFO_BLOCK_SIZE, 32 MiB is the largest payload every server accepts.
+DEFAULT_MAX_PAYLOAD: Final = 32 * 1024 * 1024
+
+
+class ClientState(enum.Enum):
+    GREETING = "GREETING"
+    NEGOTIATING = "NEGOTIATING"
+    OPTION_SENT = "OPTION_SENT"
+    TLS_UPGRADE = "TLS_UPGRADE"
+    TRANSMISSION = "TRANSMISSION"
+    DISCONNECTING = "DISCONNECTING"
+    CLOSED = "CLOSED"
+    FAILED = "FAILED"
+
+
+S = ClientState
+
+# (state, trigger) -> next state. Triggers are method or event names.
+_TRANSITIONS: Final[dict[tuple[ClientState, str], ClientState]] = {
+    (S.GREETING, "greeting"): S.NEGOTIATING,
+    (S.NEGOTIATING, "send_option"): S.OPTION_SENT,
+    (S.OPTION_SENT, "option_done"): S.NEGOTIATING,
+    (S.OPTION_SENT, "starttls_acked"): S.TLS_UPGRADE,
+    (S.OPTION_SENT, "export_ready"): S.TRANSMISSION,
+    (S.OPTION_SENT, "abort_done"): S.CLOSED,
+    (S.TLS_UPGRADE, "tls_established"): S.NEGOTIATING,
+    (S.TRANSMISSION, "send_disc"): S.DISCONNECTING,
+    (S.DISCONNECTING, "eof"): S.CLOSED,
+}
+
+
+# --- Events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    """The server's newstyle greeting; the client flags are already queued in reply."""
+
+    handshake_flags: HandshakeFlag
+
+
+@dataclass(frozen=True, slots=True)
+class OptionAcked:
+    """NBD_REP_ACK to an option with no other result (STRUCTURED_REPLY, STARTTLS...)."""
+
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class OptionFailed:
+    """The server answered the option with an NBD_REP_ERR_* reply."""
+
+    option: int
+    code: int
+    message: str
+
+    def error(self) -> OptionError:
+        return OptionError(self.option, self.code, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportsListed:
+    """Complete answer to NBD_OPT_LIST: (name, description) pairs."""
+
+    exports: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MetaContextsListed:
+    """Complete answer to LIST_META_CONTEXT or SET_META_CONTEXT: (name, id) pairs."""
+
+    option: int
+    contexts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InfoReceived:
+    """Complete successful answer to NBD_OPT_INFO (the connection stays in negotiation)."""
+
+    option: int
+    name: str | None
+    description: str | None
+    size: int
+    flags: TransmissionFlag
+    block_size: BlockSize | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportReady:
+    """GO succeeded (or EXPORT_NAME was answered): transmission starts."""
+
+    option: int
+    name: str | None
+    description: str | None
+    size: int
+    flags: TransmissionFlag
+    block_size: BlockSize | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatusResult:
+    """Extents of one context: consecutive from the request offset."""
+
+    context_id: int
+    lengths: array[int]
+    flags: array[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The request ``cookie`` is complete (final chunk or simple reply received).
+
+    ``error`` is set when the server reported a failure. ``data`` is the buffer a READ filled;
+    ``extents`` maps context id to its answer for BLOCK_STATUS.
+    """
+
+    cookie: int
+    command: Cmd
+    error: RequestError | None = None
+    data: memoryview | None = None
+    extents: dict[int, BlockStatusResult] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The server closed the connection (EOF). ``expected`` is False when something was
+    still pending: the I/O layer fails the waiters with ConnectionLostError."""
+
+    expected: bool
+
+
+Event = (
+    Greeting
+    | OptionAcked
+    | OptionFailed
+    | ExportsListed
+    | MetaContextsListed
+    | InfoReceived
+    | ExportReady
+    | Reply
+    | ConnectionClosed
+)
+
+
+# --- Requests in flight --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Request:
+    cookie: int
+    command: Cmd
+    flags: int
+    offset: int
+    length: int
+    buffer: memoryview | None = None  # READ destination
+    context_ids: frozenset[int] = frozenset()  # BLOCK_STATUS: contexts that must answer
+    # READ coverage: sorted, disjoint [start, end) ranges relative to the request offset.
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    covered: int = 0
+    error: RequestError | None = None
+    extents: dict[int, BlockStatusResult] = field(default_factory=dict)
+    chunks: int = 0
+
+
+@dataclass(slots=True)
+class _PendingOption:
+    option: int
+    export: str = ""
+    servers: list[tuple[str, str]] = field(default_factory=list)
+    contexts: list[tuple[str, int]] = field(default_factory=list)
+    name: str | None = None
+    description: str | None = None
+    export_info: tuple[int, int] | None = None
+    block_size: BlockSize | None = None
+
+
+_ZEROES: Final = bytes(1 << 20)
+
+
+def _zero_fill(view: memoryview) -> None:
+    n = len(view)
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZEROES))
+        view[pos : pos + step] = _ZEROES[:step]
+        pos += step
+
+
+class ClientConnection:
+    """Sans-I/O NBD client connection (one socket's worth of protocol state)."""
+
+    def __init__(self) -> None:
+        self.state = ClientState.GREETING
+        self.handshake_flags = HandshakeFlag(0)
+        self.structured_replies = False
+        self.extended_headers = False
+        # After SET_META_CONTEXT: name -> id; valid for the export the SET named.
+        self.meta_contexts: dict[str, int] = {}
+        self._meta_export: str | None = None
+        self.export_name: str | None = None
+        self.size = 0
+        self.flags = TransmissionFlag(0)
+        self.block_size: BlockSize | None = None
+        self._block_size_requested = False
+
+        self._events: list[Event] = []
+        self._out: list[bytes | memoryview] = []
+        self._buf = bytearray()
+        self._target: memoryview | None = None  # zero-copy destination being filled
+        self._eof = False
+        self._error: ServerProtocolError | None = None
+        self._pending: _PendingOption | None = None
+        self._requests: dict[int, _Request] = {}
+        self._next_cookie = 1
+        self._parser: Generator[None, None, None] = self._parse_greeting()
+        next(self._parser)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def _transition(self, trigger: str) -> None:
+        try:
+            self.state = _TRANSITIONS[self.state, trigger]
+        except KeyError:
+            raise UsageError(f"cannot {trigger} in state {self.state.name}") from None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
+    def max_payload(self) -> int:
+        """Largest READ/WRITE payload the server accepts."""
+        if self.block_size is not None and self.block_size.maximum != 0xFFFFFFFF:
+            return min(self.block_size.maximum, DEFAULT_MAX_PAYLOAD)
+        return DEFAULT_MAX_PAYLOAD
+
+    @property
+    def min_block(self) -> int:
+        if self.block_size is not None and self._block_size_requested:
+            return max(self.block_size.minimum, 1)
+        return 1
+
+    # --- I/O surface ----------------------------------------------------------------------------
+
+    def events_received(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        out, self._out = self._out, []
+        return out
+
+    def get_buffer(self) -> memoryview | None:
+        """Where the next bytes from the socket should go when the parser waits for a bulk
+        payload (READ data): the I/O layer reads straight into it and calls
+        :meth:`buffer_filled`. None means "use receive_data"."""
+        target = self._target
+        if target is not None and len(target) and not self._buf:
+            return target
+        return None
+
+    def buffer_filled(self, n: int) -> None:
+        """``n`` bytes were written at the start of the view :meth:`get_buffer` returned."""
+        assert self._target is not None and 0 < n <= len(self._target)
+        self._target = self._target[n:]
+        self._run()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.state is ClientState.CLOSED:
+            return
+        target = self._target
+        if target is not None and len(target) and not self._buf:
+            k = min(len(target), len(data))
+            target[:k] = data[:k]
+            self._target = target[k:]
+            data = data[k:]
+        if len(data):
+            self._buf += data
+        self._run()
+
+    def receive_eof(self) -> None:
+        if self._eof or self._error is not None:
+            return
+        self._eof = True
+        state = self.state
+        if state is ClientState.OPTION_SENT and self._pending and self._pending.option == Opt.ABORT:
+            # The spec lets a server close instead of acknowledging ABORT.
+            self._pending = None
+            self.state = ClientState.CLOSED
+            self._events.append(OptionAcked(Opt.ABORT))
+            self._events.append(ConnectionClosed(expected=True))
+            return
+        expected = state is ClientState.CLOSED or (
+            state is ClientState.DISCONNECTING and not self._requests
+        )
+        expected = expected or (
+            state in (ClientState.NEGOTIATING, ClientState.TRANSMISSION) and not self._requests
+        )
+        self.state = ClientState.CLOSED
+        self._pending = None
+        self._events.append(ConnectionClosed(expected=expected))
+
+    def tls_established(self) -> None:
+        """The I/O layer finished the TLS handshake after STARTTLS: negotiation restarts and
+        everything negotiated before TLS is forgotten, as the spec requires."""
+        self._transition("tls_established")
+        self.structured_replies = False
+        self.extended_headers = False
+        self.meta_contexts = {}
+        self._meta_export = None
+
+    def _run(self) -> None:
+        try:
+            next(self._parser)
+        except StopIteration:
+            pass
+        except ServerProtocolError as exc:
+            self._fail(exc)
+        except (WireError, struct.error, UnicodeDecodeError, ValueError) as exc:
+            self._fail(ServerProtocolError(str(exc)))
+        except UnsupportedServerError:
+            self.state = ClientState.FAILED
+            raise
+
+    def _fail(self, exc: ServerProtocolError) -> None:
+        self.state = ClientState.FAILED
+        self._error = exc
+        self._target = None
+        raise exc
+
+    # --- readers used by the parser generators -----------------------------------------------
+
+    def _read_exact(self, n: int) -> Generator[None, None, bytes]:
+        while len(self._buf) < n:
+            yield
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def _read_into(self, view: memoryview) -> Generator[None, None, None]:
+        k = min(len(view), len(self._buf))
+        if k:
+            view[:k] = self._buf[:k]
+            del self._buf[:k]
+        if k < len(view):
+            self._target = view[k:]
+            while len(self._target):
+                if self._buf:
+                    # receive_data only appends to _buf once the target is full, but keep
+                    # the invariant explicit.
+                    k = min(len(self._target), len(self._buf))
+                    self._target[:k] = self._buf[:k]
+                    del self._buf[:k]
+                    self._target = self._target[k:]
+                    continue
+                yield
+            self._target = None
+
+    def _skip(self, n: int) -> Generator[None, None, None]:
+        while n:
+            while not self._buf:
+                yield
+            k = min(n, len(self._buf))
+            del self._buf[:k]
+            n -= k
+
+    # --- handshake --------------------------------------------------------------------------------
+
+    def _parse_greeting(self) -> Generator[None, None, None]:
+        head = yield from self._read_exact(16)
+        magic, second = struct.unpack(">QQ", head)
+        if magic != NBDMAGIC:
+            raise ServerProtocolError(f"bad greeting magic {magic:#x} (not an NBD server?)")
+        if second == CLISERV_MAGIC:
+            raise UnsupportedServerError(
+                "the server speaks the oldstyle handshake, which has no options; only fixed "
+                "newstyle servers are supported"
+            )
+        if second != IHAVEOPT:
+            raise ServerProtocolError(f"bad greeting magic {second:#x} after NBDMAGIC")
+        (hflags,) = struct.unpack(">H", (yield from self._read_exact(2)))
+        flags = HandshakeFlag(hflags)
+        if not flags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise UnsupportedServerError(
+                "the server does not offer fixed newstyle negotiation; it is not supported"
+            )
+        self.handshake_flags = flags
+        cflags = ClientFlag.C_FIXED_NEWSTYLE
+        if flags & HandshakeFlag.NO_ZEROES:
+            cflags |= ClientFlag.C_NO_ZEROES
+        self._out.append(wire.CLIENT_FLAGS.pack(cflags))
+        self._transition("greeting")
+        self._events.append(Greeting(flags))
+        yield from self._parse_option_replies()
+
+    def send_option(self, option: int, payload: bytes = b"", *, export: str = "") -> None:
+        """Send any option (the typed helpers below are preferred)."""
+        self._transition("send_option")
+        self._pending = _PendingOption(int(option), export)
+        self._out.append(wire.encode_option(option, payload))
+
+    def send_go(self, export: str = "", *, info: bool = False, block_size: bool = True) -> None:
+        """NBD_OPT_GO (or NBD_OPT_INFO with ``info=True``) asking for NAME, DESCRIPTION and,
+        when ``block_size``, BLOCK_SIZE (then the client MUST obey the limits)."""
+        infos: list[int] = [Info.NAME, Info.DESCRIPTION]
+        if block_size:
+            infos.append(Info.BLOCK_SIZE)
+        payload = wire.encode_info_request(export, infos)
+        self.send_option(Opt.INFO if info else Opt.GO, payload, export=export)
+        if not info:
+            self._block_size_requested = block_size
+
+    def send_export_name(self, export: str = "") -> None:
+        if self.extended_headers:
+            raise UsageError("NBD_OPT_EXPORT_NAME is forbidden after extended headers")
+        self.send_option(Opt.EXPORT_NAME, wire.encode_string(export), export=export)
+        self._block_size_requested = False
+
+    def send_list(self) -> None:
+        self.send_option(Opt.LIST)
+
+    def send_starttls(self) -> None:
+        self.send_option(Opt.STARTTLS)
+
+    def send_structured_reply(self) -> None:
+        self.send_option(Opt.STRUCTURED_REPLY)
+
+    def send_extended_headers(self) -> None:
+        self.send_option(Opt.EXTENDED_HEADERS)
+
+    def send_abort(self) -> None:
+        self.send_option(Opt.ABORT)
+
+    def send_list_meta_context(self, export: str, queries: Sequence[str] = ()) -> None:
+        payload = wire.encode_meta_context_request(export, list(queries))
+        self.send_option(Opt.LIST_META_CONTEXT, payload, export=export)
+
+    def send_set_meta_context(self, export: str, queries: Sequence[str]) -> None:
+        payload = wire.encode_meta_context_request(export, list(queries))
+        self.send_option(Opt.SET_META_CONTEXT, payload, export=export)
+
+    def _parse_option_replies(self) -> Generator[None, None, None]:
+        while True:
+            if self.state is ClientState.TRANSMISSION:
+                yield from self._parse_transmission()
+                return
+            if self.state is ClientState.TLS_UPGRADE:
+                # The server speaks TLS next; nothing in clear text may follow the ACK.
+                if self._buf:
+                    raise ServerProtocolError("data after the STARTTLS acknowledgement")
+                while self.state is ClientState.TLS_UPGRADE:
+                    if self._buf:
+                        raise ServerProtocolError("data during the TLS upgrade")
+                    yield
+                continue
+            if self.state is not ClientState.OPTION_SENT:
+                if self._buf:
+                    raise ServerProtocolError(
+                        f"{len(self._buf)} unsolicited bytes while no option is pending"
+                    )
+                yield
+                continue
+            pending = self._pending
+            assert pending is not None
+            if pending.option == Opt.EXPORT_NAME:
+                yield from self._parse_export_name_reply(pending)
+                continue
+            head = yield from self._read_exact(wire.OPTION_REPLY_HEADER.size)
+            magic, option, rtype, length = wire.OPTION_REPLY_HEADER.unpack(head)
+            if magic != NBD_REP_MAGIC:
+                raise ServerProtocolError(f"bad option reply magic {magic:#x}")
+            if option != pending.option:
+                raise ServerProtocolError(
+                    f"reply for option {option} while option {pending.option} is pending"
+                )
+            if length > MAX_OPTION_REPLY:
+                raise ServerProtocolError(f"option reply of {length} bytes is implausibly long")
+            payload = yield from self._read_exact(length)
+            self._option_reply(pending, rtype, payload)
+
+    def _parse_export_name_reply(self, pending: _PendingOption) -> Generator[None, None, None]:
+        head = yield from self._read_exact(wire.EXPORT_NAME_REPLY.size)
+        size, tflags = wire.EXPORT_NAME_REPLY.unpack(head)
+        if not self.handshake_flags & HandshakeFlag.NO_ZEROES:
+            yield from self._skip(wire.EXPORT_NAME_REPLY_ZEROES)
+        pending.export_info = (size, tflags)
+        self._enter_transmission(pending)
+
+    def _option_reply(self, pending: _PendingOption, rtype: int, payload: bytes) -> None:
+        option = pending.option
+        if rtype & NBD_REP_FLAG_ERROR:
+            message = wire.decode_string(payload[:NBD_MAX_STRING], "error message")
+            self._pending = None
+            self._transition("option_done")
+            if option == Opt.SET_META_CONTEXT:
+                # A failed SET still replaces the active set (with nothing).
+                self.meta_contexts = {}
+                self._meta_export = None
+            self._events.append(OptionFailed(option, rtype, message))
+            return
+        if rtype == Rep.ACK:
+            if payload:
+                raise ServerProtocolError("NBD_REP_ACK with a payload")
+            self._option_acked(pending)
+            return
+        if rtype == Rep.SERVER and option == Opt.LIST:
+            pending.servers.append(wire.decode_rep_server(payload))
+        elif rtype == Rep.INFO and option in (Opt.INFO, Opt.GO):
+            kind, value = wire.decode_info(payload)
+            if kind == Info.EXPORT:
+                assert isinstance(value, tuple)
+                pending.export_info = value
+            elif kind == Info.NAME:
+                assert isinstance(value, str)
+                pending.name = value
+            elif kind == Info.DESCRIPTION:
+                assert isinstance(value, str)
+                pending.description = value
+            elif kind == Info.BLOCK_SIZE:
+                assert isinstance(value, BlockSize)
+                _check_block_size(value)
+                pending.block_size = value
+            # Unknown info types are ignored, as the spec says.
+        elif rtype == Rep.META_CONTEXT and option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            cid, name = wire.decode_rep_meta_context(payload)
+            if option == Opt.SET_META_CONTEXT:
+                if any(c == cid for _, c in pending.contexts):
+                    raise ServerProtocolError(f"context id {cid} given to two contexts")
+                if any(n == name for n, _ in pending.contexts):
+                    raise ServerProtocolError(f"context {name!r} selected twice")
+            if len(pending.contexts) >= 65536:
+                raise ServerProtocolError("more than 65536 meta contexts in one reply")
+            pending.contexts.append((name, cid))
+        else:
+            raise ServerProtocolError(
+                f"reply type {_rep_name(rtype)} is not a valid answer to option {option}"
+            )
+        if len(pending.servers) > 65536:
+            raise ServerProtocolError("more than 65536 exports listed")
+
+    def _option_acked(self, pending: _PendingOption) -> None:
+        option = pending.option
+        self._pending = None
+        if option == Opt.GO:
+            self._enter_transmission(pending)
+            return
+        if option == Opt.STARTTLS:
+            self._transition("starttls_acked")
+            self._events.append(OptionAcked(option))
+            return
+        if option == Opt.ABORT:
+            self._transition("abort_done")
+            self._events.append(OptionAcked(option))
+            return
+        self._transition("option_done")
+        if option == Opt.INFO:
+            if pending.export_info is None:
+                raise ServerProtocolError("NBD_OPT_INFO acknowledged without NBD_INFO_EXPORT")
+            size, tflags = pending.export_info
+            self._events.append(
+                InfoReceived(
+                    option,
+                    pending.name,
+                    pending.description,
+                    size,
+                    TransmissionFlag(tflags),
+                    pending.block_size,
+                )
+            )
+        elif option == Opt.LIST:
+            self._events.append(ExportsListed(tuple(pending.servers)))
+        elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            if option == Opt.SET_META_CONTEXT:
+                self.meta_contexts = dict(pending.contexts)
+                self._meta_export = pending.export
+            self._events.append(MetaContextsListed(option, tuple(pending.contexts)))
+        else:
+            if option == Opt.STRUCTURED_REPLY:
+                self.structured_replies = True
+            elif option == Opt.EXTENDED_HEADERS:
+                self.extended_headers = True
+            self._events.append(OptionAcked(option))
+
+    def _enter_transmission(self, pending: _PendingOption) -> None:
+        if pending.export_info is None:
+            raise ServerProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
+        size, tflags = pending.export_info
+        flags = TransmissionFlag(tflags)
+        if not flags & TransmissionFlag.HAS_FLAGS:
+            raise ServerProtocolError(f"transmission flags {tflags:#x} lack NBD_FLAG_HAS_FLAGS")
+        if size >= 1 << 63:
+            raise ServerProtocolError(f"export size {size} does not fit in a signed 64-bit int")
+        self._transition("export_ready")
+        self.export_name = pending.export
+        self.size = size
+        self.flags = flags
+        self.block_size = pending.block_size
+        if self._meta_export != pending.export:
+            # Contexts negotiated for another export do not carry over (qemu forgets them).
+            self.meta_contexts = {}
+        self._events.append(
+            ExportReady(
+                pending.option,
+                pending.name,
+                pending.description,
+                size,
+                flags,
+                pending.block_size,
+            )
+        )
+
+    # --- transmission: requests -------------------------------------------------------------------
+
+    def _new_request(
+        self, command: Cmd, flags: int, offset: int, length: int, *, bounds: bool = True
+    ) -> _Request:
+        if self.state is not ClientState.TRANSMISSION:
+            if self._error is not None:
+                raise self._error
+            raise UsageError(f"cannot send {command.name} in state {self.state.name}")
+        if offset < 0 or length < 0:
+            raise UsageError("negative offset or length")
+        if bounds and (offset > self.size or length > self.size - offset):
+            raise UsageError(
+                f"range [{offset}, {offset + length}) is outside the export (size {self.size})"
+            )
+        if not self.extended_headers and length > MAX_COMPACT_LENGTH:
+            raise UsageError(f"length {length} needs extended headers")
+        mb = self.min_block
+        if mb > 1 and (offset % mb or length % mb):
+            raise UsageError(
+                f"offset {offset} and length {length} must be multiples of the server's "
+                f"minimum block size {mb}"
+            )
+        cookie = self._next_cookie
+        self._next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        req = _Request(cookie, command, flags, offset, length)
+        self._requests[cookie] = req
+        return req
+
+    def _header(self, req: _Request, flags: int | None = None, length: int | None = None) -> bytes:
+        return wire.encode_request(
+            req.flags if flags is None else flags,
+            req.command,
+            req.cookie,
+            req.offset,
+            req.length if length is None else length,
+            self.extended_headers,
+        )
+
+    def _need(self, flag: TransmissionFlag, what: str) -> None:
+        if not self.flags & flag:
+            raise UsageError(f"the export does not support {what}")
+
+    def _writable(self) -> None:
+        if self.flags & TransmissionFlag.READ_ONLY:
+            raise UsageError("the export is read-only")
+
+    def _fua(self, fua: bool) -> int:
+        if fua:
+            self._need(TransmissionFlag.SEND_FUA, "FUA")
+            return CmdFlag.FUA
+        return 0
+
+    def send_read(
+        self, offset: int, length: int, *, buffer: memoryview | None = None, df: bool = False
+    ) -> int:
+        """Queue NBD_CMD_READ; the data lands in ``buffer`` (allocated if None)."""
+        if length > self.max_payload:
+            raise UsageError(f"read of {length} bytes exceeds the {self.max_payload}-byte limit")
+        flags = 0
+        if df:
+            self._need(TransmissionFlag.SEND_DF, "DF")
+            flags |= CmdFlag.DF
+        if buffer is not None:
+            buffer = memoryview(buffer).cast("B")
+            if len(buffer) != length:
+                raise UsageError(f"buffer of {len(buffer)} bytes for a {length}-byte read")
+            if buffer.readonly:
+                raise UsageError("read buffer is read-only")
+        req = self._new_request(Cmd.READ, flags, offset, length)
+        req.buffer = buffer if buffer is not None else memoryview(bytearray(length))
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> int:
+        self._writable()
+        view = memoryview(data).cast("B")
+        if len(view) > self.max_payload:
+            raise UsageError(
+                f"write of {len(view)} bytes exceeds the {self.max_payload}-byte limit"
+            )
+        # Under extended headers the length field is the payload length and PAYLOAD_LEN is
+        # optional for WRITE (qemu accepts both), so the header is the same as ever.
+        req = self._new_request(Cmd.WRITE, self._fua(fua), offset, len(view))
+        self._out.append(self._header(req))
+        if len(view):
+            self._out.append(view)
+        return req.cookie
+
+    def send_flush(self) -> int:
+        self._need(TransmissionFlag.SEND_FLUSH, "FLUSH")
+        req = self._new_request(Cmd.FLUSH, 0, 0, 0)
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_trim(self, offset: int, length: int, *, fua: bool = False) -> int:
+        self._writable()
+        self._need(TransmissionFlag.SEND_TRIM, "TRIM")
+        req = self._new_request(Cmd.TRIM, self._fua(fua), offset, length)
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        no_hole: bool = False,
+        fast_zero: bool = False,
+        fua: bool = False,
+    ) -> int:
+        self._writable()
+        self._need(TransmissionFlag.SEND_WRITE_ZEROES, "WRITE_ZEROES")
+        flags = self._fua(fua)
+        if no_hole:
+            flags |= CmdFlag.NO_HOLE
+        if fast_zero:
+            self._need(TransmissionFlag.SEND_FAST_ZERO, "FAST_ZERO")
+            flags |= CmdFlag.FAST_ZERO
+        req = self._new_request(Cmd.WRITE_ZEROES, flags, offset, length)
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_cache(self, offset: int, length: int) -> int:
+        self._need(TransmissionFlag.SEND_CACHE, "CACHE")
+        req = self._new_request(Cmd.CACHE, 0, offset, length)
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_block_status(
+        self,
+        offset: int,
+        length: int,
+        *,
+        req_one: bool = False,
+        context_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Queue NBD_CMD_BLOCK_STATUS for every negotiated context, or only ``context_ids``
+        (sent as the filter payload, which needs extended headers and BLOCK_STATUS_PAYLOAD)."""
+        if not self.meta_contexts:
+            raise UsageError("no metadata context was negotiated for this export")
+        if not self.structured_replies and not self.extended_headers:
+            raise UsageError("block status needs structured replies")
+        if length == 0:
+            raise UsageError("block status of an empty range")
+        flags = CmdFlag.REQ_ONE if req_one else 0
+        known = set(self.meta_contexts.values())
+        if context_ids is not None:
+            ids = list(dict.fromkeys(context_ids))
+            if not ids or not set(ids) <= known:
+                raise UsageError(f"context ids {list(context_ids)} were not negotiated")
+            if not (self.extended_headers and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD):
+                raise UsageError("the server does not accept a block status filter")
+            req = self._new_request(Cmd.BLOCK_STATUS, flags | CmdFlag.PAYLOAD_LEN, offset, length)
+            req.context_ids = frozenset(ids)
+            payload = wire.encode_block_status_payload(length, ids)
+            self._out.append(self._header(req, length=len(payload)))
+            self._out.append(payload)
+        else:
+            req = self._new_request(Cmd.BLOCK_STATUS, flags, offset, length)
+            req.context_ids = frozenset(known)
+            self._out.append(self._header(req))
+        return req.cookie
+
+    def send_disc(self) -> None:
+        """NBD_CMD_DISC: no reply; the server finishes what is in flight, then closes."""
+        self._transition("send_disc")
+        self._out.append(wire.encode_request(0, Cmd.DISC, 0, 0, 0, self.extended_headers))
+
+    # --- transmission: replies --------------------------------------------------------------------
+
+    def _parse_transmission(self) -> Generator[None, None, None]:
+        extended = self.extended_headers
+        structured = self.structured_replies or extended
+        read_exact = self._read_exact
+        while True:
+            while len(self._buf) < 4:
+                yield
+            (magic,) = wire.MAGIC32.unpack_from(self._buf, 0)
+            if magic == NBD_SIMPLE_REPLY_MAGIC and not extended:
+                head = yield from read_exact(wire.SIMPLE_REPLY.size)
+                _, errno, cookie = wire.SIMPLE_REPLY.unpack(head)
+                yield from self._simple_reply(errno, cookie, structured)
+            elif magic == NBD_STRUCTURED_REPLY_MAGIC and structured and not extended:
+                head = yield from read_exact(wire.STRUCTURED_REPLY.size)
+                _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack(head)
+                yield from self._chunk(flags, rtype, cookie, length)
+            elif magic == NBD_EXTENDED_REPLY_MAGIC and extended:
+                head = yield from read_exact(wire.EXTENDED_REPLY.size)
+                _, flags, rtype, cookie, _offset, length = wire.EXTENDED_REPLY.unpack(head)
+                yield from self._chunk(flags, rtype, cookie, length)
+            else:
+                mode = "extended" if extended else "structured" if structured else "simple"
+                raise ServerProtocolError(f"bad reply magic {magic:#x} ({mode} replies)")
+
+    def _lookup(self, cookie: int) -> _Request:
+        req = self._requests.get(cookie)
+        if req is None:
+            raise ServerProtocolError(f"reply for unknown cookie {cookie:#x}")
+        return req
+
+    def _simple_reply(
+        self, errno: int, cookie: int, structured: bool
+    ) -> Generator[None, None, None]:
+        req = self._lookup(cookie)
+        if req.command == Cmd.READ and structured:
+            raise ServerProtocolError("simple reply to READ after structured replies")
+        if req.command == Cmd.BLOCK_STATUS and errno == 0:
+            raise ServerProtocolError("simple success reply to BLOCK_STATUS")
+        if req.chunks:
+            raise ServerProtocolError(f"simple reply after chunks for cookie {cookie:#x}")
+        if errno:
+            req.error = RequestError(errno)
+        elif req.command == Cmd.READ and req.length:
+            assert req.buffer is not None
+            yield from self._read_into(req.buffer)
+        self._complete(req)
+
+    def _complete(self, req: _Request) -> None:
+        del self._requests[req.cookie]
+        if req.error is None:
+            if req.command == Cmd.READ and req.covered != req.length:
+                raise ServerProtocolError(f"READ reply covers {req.covered} of {req.length} bytes")
+            if req.command == Cmd.BLOCK_STATUS:
+                missing = req.context_ids - req.extents.keys()
+                if missing:
+                    raise ServerProtocolError(
+                        f"BLOCK_STATUS reply lacks contexts {sorted(missing)}"
+                    )
+        if req.command == Cmd.READ and req.error is None:
+            self._events.append(Reply(req.cookie, req.command, None, req.buffer))
+        elif req.command == Cmd.BLOCK_STATUS and req.error is None:
+            self._events.append(Reply(req.cookie, req.command, None, None, req.extents))
+        else:
+            self._events.append(Reply(req.cookie, req.command, req.error))
+
+    def _chunk(
+        self, flags: int, rtype: int, cookie: int, length: int
+    ) -> Generator[None, None, None]:
+        req = self._lookup(cookie)
+        req.chunks += 1
+        cmd = req.command
+        done = bool(flags & NBD_REPLY_FLAG_DONE)
+        if rtype == ReplyType.NONE:
+            if length:
+                raise ServerProtocolError(f"NBD_REPLY_TYPE_NONE with {length} payload bytes")
+            if not done:
+                raise ServerProtocolError("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
+        elif rtype == ReplyType.OFFSET_DATA:
+            if cmd != Cmd.READ:
+                raise ServerProtocolError(f"data chunk in the reply to {cmd.name}")
+            if length <= 8 or length - 8 > req.length:
+                raise ServerProtocolError(
+                    f"data chunk of {length} bytes for a {req.length}-byte read"
+                )
+            (offset,) = wire.OFFSET.unpack((yield from self._read_exact(8)))
+            start = self._claim(req, offset, length - 8)
+            assert req.buffer is not None
+            yield from self._read_into(req.buffer[start : start + length - 8])
+        elif rtype == ReplyType.OFFSET_HOLE:
+            if cmd != Cmd.READ:
+                raise ServerProtocolError(f"hole chunk in the reply to {cmd.name}")
+            if length == wire.OFFSET_HOLE.size:
+                offset, size = wire.OFFSET_HOLE.unpack((yield from self._read_exact(length)))
+            elif length == wire.OFFSET_HOLE_EXT.size and self.extended_headers:
+                offset, size = wire.OFFSET_HOLE_EXT.unpack((yield from self._read_exact(length)))
+            else:
+                raise ServerProtocolError(f"hole chunk of {length} bytes (must be 12)")
+            if size == 0:
+                raise ServerProtocolError("hole chunk of size 0")
+            start = self._claim(req, offset, size)
+            assert req.buffer is not None
+            _zero_fill(req.buffer[start : start + size])
+        elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
+            extended = rtype == ReplyType.BLOCK_STATUS_EXT
+            if cmd != Cmd.BLOCK_STATUS:
+                raise ServerProtocolError(f"block status chunk in the reply to {cmd.name}")
+            if extended != self.extended_headers:
+                raise ServerProtocolError(
+                    f"{ReplyType(rtype).name} chunk while extended headers are "
+                    f"{'on' if self.extended_headers else 'off'}"
+                )
+            limit = MAX_EXTENDED_STATUS_CHUNK if extended else MAX_COMPACT_STATUS_CHUNK
+            if length > limit:
+                raise ServerProtocolError(f"block status chunk of {length} bytes is too long")
+            payload = yield from self._read_exact(length)
+            self._block_status_chunk(req, payload, extended)
+        elif rtype & NBD_REPLY_TYPE_ERROR_BIT:
+            # ERROR, ERROR_OFFSET, and unknown error types (which fail only this request).
+            if length > MAX_ERROR_CHUNK:
+                raise ServerProtocolError(f"error chunk of {length} bytes is too long")
+            payload = yield from self._read_exact(length)
+            with_offset = rtype == ReplyType.ERROR_OFFSET
+            errno, message, offset = wire.decode_error_payload(payload, with_offset)
+            if with_offset:
+                assert offset is not None
+                if cmd != Cmd.READ:
+                    raise ServerProtocolError(f"ERROR_OFFSET in the reply to {cmd.name}")
+                if not req.offset <= offset < req.offset + req.length:
+                    raise ServerProtocolError(f"ERROR_OFFSET {offset} outside the request")
+            if req.error is None:
+                req.error = RequestError(errno, message, offset)
+        else:
+            raise ServerProtocolError(f"unknown reply chunk type {rtype}")
+        if done:
+            self._complete(req)
+
+    def _claim(self, req: _Request, offset: int, size: int) -> int:
+        """Record [offset, offset+size) as delivered for READ ``req``; the server may send
+        chunks in any order but never twice for the same bytes. Returns the buffer index."""
+        start = offset - req.offset
+        end = start + size
+        if start < 0 or end > req.length:
+            raise ServerProtocolError(
+                f"chunk [{offset}, {offset + size}) outside the read "
+                f"[{req.offset}, {req.offset + req.length})"
+            )
+        i = bisect.bisect_right(req.starts, start)
+        if (i and req.ends[i - 1] > start) or (i < len(req.starts) and req.starts[i] < end):
+            raise ServerProtocolError(f"chunk [{offset}, {offset + size}) overlaps another")
+        req.starts.insert(i, start)
+        req.ends.insert(i, end)
+        req.covered += size
+        return start
+
+    def _block_status_chunk(self, req: _Request, payload: bytes, extended: bool) -> None:
+        cid, lengths, flags = wire.decode_block_status(payload, extended)
+        if cid not in req.context_ids:
+            raise ServerProtocolError(f"block status for context id {cid}, which was not asked")
+        if cid in req.extents:
+            raise ServerProtocolError(f"two block status chunks for context id {cid}")
+        if min(lengths) == 0:
+            raise ServerProtocolError(f"zero-length extent for context id {cid}")
+        if req.flags & CmdFlag.REQ_ONE and len(lengths) != 1:
+            raise ServerProtocolError(f"{len(lengths)} extents despite REQ_ONE")
+        # Only the last extent may run past the end of the request.
+        if sum(lengths) - lengths[-1] >= req.length:
+            raise ServerProtocolError(
+                f"extents for context id {cid} run past the request before the last one"
+            )
+        if not extended:
+            lengths = array("Q", lengths)
+            flags = array("Q", flags)
+        req.extents[cid] = BlockStatusResult(cid, lengths, flags)
+
+
+def _check_block_size(bs: BlockSize) -> None:
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if not (pow2(bs.minimum) and bs.minimum <= 65536):
+        raise ServerProtocolError(f"minimum block size {bs.minimum} is not a power of 2 <= 64K")
+    # The preferred size is only a hint, so a server getting it wrong is tolerated.
+    if bs.maximum < bs.minimum:
+        raise ServerProtocolError(f"maximum payload {bs.maximum} below the minimum block size")
+
+
+def _rep_name(rtype: int) -> str:
+    try:
+        return "NBD_REP_" + Rep(rtype).name
+    except ValueError:
+        return str(rtype)
+
+
+def connection_lost(detail: str = "") -> ConnectionLostError:
+    return ConnectionLostError(
+        "the server closed the connection" + (f": {detail}" if detail else "")
+    )

@@ -1,0 +1,69 @@
+"""TLS settings for NBD (STARTTLS): client and server ``ssl.SSLContext`` factories.
+
+The certificate directory layout follows qemu and libnbd (GnuTLS x509 credentials): a
+``tls-certificates=DIR`` holds ``ca-cert.pem`` and, for client certificates,
+``client-cert.pem`` and ``client-key.pem``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdcore.exceptions import URIError
+from nbdcore.uri import NBDURI
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_peer: bool = True
+    server_hostname: str | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the spec requires 1.2 support
+        if not self.verify_peer:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+    @classmethod
+    def from_uri(cls, uri: NBDURI) -> TLSConfig:
+        """The settings an ``nbds://`` URI asks for."""
+        opts = uri.tls_options
+        if "tls-psk-file" in opts:
+            raise URIError("TLS-PSK (tls-psk-file) is not supported by Python's ssl module")
+        ca = cert = key = None
+        certdir = opts.get("tls-certificates")
+        if certdir:
+            d = Path(certdir)
+            if (d / "ca-cert.pem").exists():
+                ca = str(d / "ca-cert.pem")
+            if (d / "client-cert.pem").exists() and (d / "client-key.pem").exists():
+                cert, key = str(d / "client-cert.pem"), str(d / "client-key.pem")
+        hostname = opts.get("tls-hostname") or (None if uri.is_unix else uri.host)
+        return cls(ca, cert, key, uri.verify_peer, hostname)
+
+
+def server_context(
+    cert_file: str, key_file: str, ca_file: str | None = None, require_client_cert: bool = False
+) -> ssl.SSLContext:
+    """Context for an NBD server: its certificate, and optionally client-certificate checks."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if ca_file:
+        ctx.load_verify_locations(ca_file)
+    if require_client_cert:
+        if not ca_file:
+            raise ValueError("require_client_cert needs ca_file")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif ca_file:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
