@@ -1,0 +1,269 @@
+"""An image: a disk plus its named dirty bitmaps, the unit an NBD server exports.
+
+Every write path (write, write_zeroes, trim) marks every enabled bitmap dirty *before* the data
+changes and *again after*, and both happen before the call returns:
+
+- before: a crash after the data reached the disk cannot leave the granule clean;
+- after: a ``clear_bitmap_range`` that runs between the two marks (another thread, or another
+  task of the server interleaving) cannot leave a granule clean while it holds data that the
+  clearer never saw.
+
+Persistent images keep their bitmaps in a ``BitmapStore`` (see ``nbdcore.storage.store`` for
+the crash-safety scheme); ``Image.memory`` images keep them in memory only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from nbdcore.storage.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, validate_granularity
+from nbdcore.storage.bitmap import validate_name as validate_bitmap_name
+from nbdcore.storage.disk import Disk, MemoryDisk, RawFileDisk
+from nbdcore.storage.errors import BitmapExistsError, NoSuchBitmapError, read_only_error
+from nbdcore.storage.store import BitmapStore, fsync_dir, store_dir
+
+
+class Image:
+    """A disk and its bitmaps. Build one with ``open``, ``create`` or ``memory``."""
+
+    def __init__(
+        self,
+        disk: Disk,
+        *,
+        path: Path | None = None,
+        store: BitmapStore | None = None,
+        bitmaps: dict[str, DirtyBitmap] | None = None,
+    ) -> None:
+        self.disk = disk
+        self.path = path
+        self._store = store
+        self._bitmaps: dict[str, DirtyBitmap] = (
+            store.bitmaps if store is not None else (bitmaps if bitmaps is not None else {})
+        )
+        self._meta_lock = threading.Lock()
+        self._closed = False
+
+    # --- construction --------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Image:
+        """Open a raw disk image and its persistent bitmaps (``PATH.nbdgw/``)."""
+        path = Path(path)
+        disk = RawFileDisk(path, read_only=read_only)
+        try:
+            store = BitmapStore(path, disk.size, read_only=read_only)
+        except BaseException:
+            disk.close()
+            raise
+        return cls(disk, path=path, store=store)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int) -> Image:
+        """Create a sparse raw image of ``size`` bytes (refusing to overwrite anything)."""
+        path = Path(path)
+        if size < 0:
+            raise ValueError(f"size must not be negative: {size}")
+        if store_dir(path).exists():
+            raise FileExistsError(
+                errno.EEXIST, f"bitmap directory {store_dir(path)} already exists"
+            )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        fsync_dir(path.resolve().parent)
+        return cls.open(path)
+
+    @classmethod
+    def memory(cls, size: int) -> Image:
+        """A sparse in-memory image; its bitmaps live and die with it."""
+        return cls(MemoryDisk(size))
+
+    # --- properties ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.disk.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.disk.read_only
+
+    @property
+    def bitmaps(self) -> Mapping[str, DirtyBitmap]:
+        """The bitmaps by name (a read-only view; change them through the methods below)."""
+        return MappingProxyType(self._bitmaps)
+
+    @property
+    def recovered(self) -> bool:
+        """True when opening found an unclean shutdown of the machine and, in doubt, marked
+        every bitmap wholly dirty."""
+        return self._store is not None and self._store.recovered
+
+    def bitmap(self, name: str) -> DirtyBitmap:
+        try:
+            return self._bitmaps[name]
+        except KeyError:
+            raise NoSuchBitmapError(name) from None
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "memory"
+        return f"Image({where!r}, size={self.size}, bitmaps={sorted(self._bitmaps)})"
+
+    # --- bitmaps -------------------------------------------------------------------------
+
+    def add_bitmap(
+        self, name: str, *, granularity: int = DEFAULT_GRANULARITY, enabled: bool = True
+    ) -> DirtyBitmap:
+        """A new, clean bitmap."""
+        self._check_writable()
+        validate_bitmap_name(name)
+        validate_granularity(granularity)
+        with self._meta_lock:
+            if name in self._bitmaps:
+                raise BitmapExistsError(name)
+            if self._store is not None:
+                return self._store.add(name, granularity, enabled)
+            bitmap = DirtyBitmap(name, self.size, granularity, enabled=enabled)
+            self._bitmaps[name] = bitmap
+            return bitmap
+
+    def remove_bitmap(self, name: str) -> None:
+        self._check_writable()
+        with self._meta_lock:
+            self.bitmap(name)
+            if self._store is not None:
+                self._store.remove(name)
+            else:
+                del self._bitmaps[name]
+
+    def set_bitmap_enabled(self, name: str, enabled: bool) -> None:
+        """Enable (record writes) or disable (stop recording) a bitmap."""
+        self._check_writable()
+        with self._meta_lock:
+            bitmap = self.bitmap(name)
+            if bitmap.enabled == enabled:
+                return
+            bitmap.enabled = enabled
+            if self._store is not None:
+                try:
+                    self._store.update(bitmap)
+                except BaseException:
+                    bitmap.enabled = not enabled
+                    raise
+
+    def enable_bitmap(self, name: str) -> None:
+        self.set_bitmap_enabled(name, True)
+
+    def disable_bitmap(self, name: str) -> None:
+        self.set_bitmap_enabled(name, False)
+
+    def merge_bitmap(self, source: str, target: str) -> None:
+        """Mark in ``target`` every granule touching a dirty byte of ``source``."""
+        self._check_writable()
+        self.bitmap(target).merge_from(self.bitmap(source))
+
+    def clear_bitmap_range(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """Clear the granules of bitmap ``name`` lying wholly inside the range; returns the
+        byte runs now clean (see ``DirtyBitmap.clear_range``)."""
+        self._check_writable()
+        return self.bitmap(name).clear_range(offset, length)
+
+    def clear_bitmap(self, name: str) -> None:
+        self._check_writable()
+        self.bitmap(name).clear()
+
+    # --- data ----------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.disk.pread(offset, length)
+
+    def readinto(self, buf: memoryview, offset: int) -> None:
+        self.disk.preadinto(buf, offset)
+
+    def write(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        self.disk.check_range(offset, len(view))
+        self._mark(offset, len(view))
+        self.disk.pwrite(view, offset)
+        self._mark(offset, len(view))
+        if fua:
+            self._sync_fua()
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False
+    ) -> None:
+        self._check_writable()
+        self.disk.check_range(offset, length)
+        self._mark(offset, length)
+        self.disk.write_zeroes(offset, length, may_trim=may_trim)
+        self._mark(offset, length)
+        if fua:
+            self._sync_fua()
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_writable()
+        self.disk.check_range(offset, length)
+        self._mark(offset, length)
+        self.disk.trim(offset, length)
+        self._mark(offset, length)
+        if fua:
+            self._sync_fua()
+
+    def flush(self) -> None:
+        """Make the bits, then the data, durable."""
+        if self._store is not None and not self.read_only:
+            self._store.sync()
+        self.disk.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            try:
+                if self._store is not None:
+                    self._store.close()
+            finally:
+                self.disk.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "the image is closed")
+        if self.read_only:
+            raise read_only_error("the image")
+
+    def _mark(self, offset: int, length: int) -> None:
+        # DirtyBitmap.mark_dirty is a no-op on a disabled bitmap.
+        for bitmap in list(self._bitmaps.values()):
+            bitmap.mark_dirty(offset, length)
+
+    def _sync_fua(self) -> None:
+        if self._store is not None:
+            self._store.sync()
+        if isinstance(self.disk, RawFileDisk):
+            self.disk.datasync()
+        else:
+            self.disk.flush()
