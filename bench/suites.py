@@ -1,0 +1,227 @@
+"""The benchmarks: what is compared with what, against which target (targets from the issues).
+
+Every side returns one figure per call; the harness calls each side once per round. Our side
+runs in a worker process (``bench.workers``); the references are the real tools, timed by wall
+clock. Extent counts are checked (ours by the worker, the tools' once per setup) so a figure can
+never come from a short walk.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench import procs
+from bench.fixtures import BITMAP, Fixture, Fixtures
+from bench.harness import GIB_S, MEXT_S, Benchmark, NotAvailable, Row, Target
+
+Sides = dict[str, Callable[[], float]]
+GiB = 1 << 30
+BITMAP_CONTEXT = f"qemu:dirty-bitmap:{BITMAP}"
+
+
+def gib_s(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / GiB
+
+
+def mext_s(extents: int, seconds: float) -> float:
+    return extents / seconds / 1e6
+
+
+# --- sides shared by several benchmarks ----------------------------------------------------------
+
+
+def nbdcopy_side(uri: str, size: int) -> Callable[[], float]:
+    cmd = [procs.tool("nbdcopy"), uri, "null:"]
+    return lambda: gib_s(size, procs.timed(cmd))
+
+
+def nbdinfo_map_side(
+    uri: str, context: str, extents: int, *, totals: bool = False
+) -> Callable[[], float]:
+    cmd = [procs.tool("nbdinfo"), f"--map={context}", uri]
+    if totals:
+        cmd.insert(2, "--totals")
+    return lambda: mext_s(extents, procs.timed(cmd))
+
+
+def check_map_lines(uri: str, context: str, expected: int) -> None:
+    """nbdinfo --map prints one line per extent: the served map must have the fixture's count."""
+    out = procs.output([procs.tool("nbdinfo"), f"--map={context}", uri])
+    n = len(out.splitlines())
+    if n != expected:
+        raise RuntimeError(f"nbdinfo --map={context} on {uri}: {n} extents, expected {expected}")
+
+
+@contextmanager
+def our_server(image: Fixture, workdir: Path, name: str = "nbdcore") -> Iterator[str]:
+    """``NBDServer`` (nbdcore.aio.server) in a worker process, serving ``image`` read-only."""
+    probe = procs.missing("nbdcore.aio.server:NBDServer", "nbdcore.storage:Image")
+    if probe:
+        raise NotAvailable(probe)
+    sock = workdir / f"{name}.sock"
+    uri = procs.unix_uri(sock)
+    cmd = [sys.executable, "-m", "bench.workers", "serve", "--socket", str(sock)]
+    cmd += ["--image", image.path]
+    with procs.background(
+        cmd, procs.nbd_ready(uri), log=workdir / f"{name}.log", env=procs.worker_env()
+    ):
+        yield uri
+
+
+# --- 1. client ------------------------------------------------------------------------------------
+
+
+def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        data = fx.data_raw()
+        with procs.tempdir() as work, procs.qemu_nbd(data.file, "raw", work) as uri:
+            args = ["client-read", uri]
+            args += ["--request-size", str(opts["request_size"])]
+            args += ["--in-flight", str(opts["in_flight"])]
+
+            def ours() -> float:
+                r = procs.run_worker(*args)
+                return gib_s(r["bytes"], r["seconds"])
+
+            yield {"ours": ours, "nbdcopy": nbdcopy_side(uri, data.size)}
+
+    return Benchmark(
+        name="client-read",
+        title=f"read a {_size(fx.sizes.data_bytes)} raw image from qemu-nbd 7.2 (unix socket)",
+        metric=GIB_S,
+        setup=setup,
+        rows=[
+            Row(
+                f"NBDClient pread_into, {opts['in_flight']} x {opts['request_size'] >> 20} MiB"
+                " in flight / nbdcopy URI null:",
+                "ours",
+                "nbdcopy",
+                Target(">=", 1.2),
+            )
+        ],
+    )
+
+
+def client_extents(fx: Fixtures) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        qcow = fx.bitmap_qcow2()
+        with (
+            procs.tempdir() as work,
+            procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=[BITMAP]) as uri,
+        ):
+            check_map_lines(uri, BITMAP_CONTEXT, qcow.extents)
+            args = ["extents", uri, "--context", BITMAP_CONTEXT, "--expect", str(qcow.extents)]
+
+            def ours() -> float:
+                r = procs.run_worker(*args)
+                return mext_s(r["extents"], r["seconds"])
+
+            yield {
+                "ours": ours,
+                "nbdinfo --map": nbdinfo_map_side(uri, BITMAP_CONTEXT, qcow.extents),
+                "nbdinfo --map --totals": nbdinfo_map_side(
+                    uri, BITMAP_CONTEXT, qcow.extents, totals=True
+                ),
+            }
+
+    n = 2 * fx.sizes.qcow2_dirty
+    return Benchmark(
+        name="client-extents",
+        title=f"walk a qemu dirty bitmap of {n:,} extents served by qemu-nbd 7.2",
+        metric=MEXT_S,
+        setup=setup,
+        rows=[
+            Row("iter_extents / nbdinfo --map=BITMAP", "ours", "nbdinfo --map", Target(">=", 2.0)),
+            Row("iter_extents / nbdinfo --map=BITMAP --totals", "ours", "nbdinfo --map --totals"),
+        ],
+    )
+
+
+# --- 3. server ------------------------------------------------------------------------------------
+
+
+def server_read(fx: Fixtures) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        data = fx.data_raw()
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            ours = stack.enter_context(our_server(data, work))
+            qemu = stack.enter_context(procs.qemu_nbd(data.file, "raw", work))
+            yield {
+                "nbdcopy from NBDServer": nbdcopy_side(ours, data.size),
+                "nbdcopy from qemu-nbd": nbdcopy_side(qemu, data.size),
+            }
+
+    return Benchmark(
+        name="server-read",
+        title=f"nbdcopy URI null: of a {_size(fx.sizes.data_bytes)} raw image, unix socket",
+        metric=GIB_S,
+        setup=setup,
+        rows=[
+            Row(
+                "NBDServer / qemu-nbd 7.2",
+                "nbdcopy from NBDServer",
+                "nbdcopy from qemu-nbd",
+                Target(">=", 0.8),
+            )
+        ],
+    )
+
+
+def server_extents(fx: Fixtures) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        image = fx.bitmap_image()
+        qcow = fx.bitmap_qcow2()
+        if image.extents != qcow.extents:
+            raise RuntimeError(f"fixtures differ: {image.extents} vs {qcow.extents} extents")
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            ours = stack.enter_context(our_server(image, work))
+            qemu = stack.enter_context(procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=[BITMAP]))
+            check_map_lines(ours, BITMAP_CONTEXT, image.extents)
+            check_map_lines(qemu, BITMAP_CONTEXT, qcow.extents)
+            yield {
+                "nbdinfo --map from NBDServer": nbdinfo_map_side(
+                    ours, BITMAP_CONTEXT, image.extents
+                ),
+                "nbdinfo --map from qemu-nbd": nbdinfo_map_side(qemu, BITMAP_CONTEXT, qcow.extents),
+            }
+
+    n = 2 * fx.sizes.image_dirty
+    return Benchmark(
+        name="server-extents",
+        title=f"nbdinfo --map of a bitmap of {n:,} extents: nbdcore Image vs qemu qcow2",
+        metric=MEXT_S,
+        setup=setup,
+        rows=[
+            Row(
+                "NBDServer / qemu-nbd 7.2",
+                "nbdinfo --map from NBDServer",
+                "nbdinfo --map from qemu-nbd",
+                Target(">=", 0.5),
+            )
+        ],
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= GiB else f"{n >> 20} MiB"
+
+
+def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
+    from bench import gateway_suites
+
+    return [
+        client_read(fx, opts),
+        client_extents(fx),
+        server_read(fx),
+        server_extents(fx),
+        *gateway_suites.benchmarks(fx, opts),
+    ]

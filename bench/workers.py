@@ -1,0 +1,242 @@
+"""Our side of each benchmark, run in a fresh interpreter: ``python -m bench.workers NAME ...``.
+
+Each measuring worker times its own work with ``perf_counter`` from just before it connects to
+just after it closes (the interpreter's start and imports are not counted; the reference tools'
+figures include their exec, a few milliseconds) and prints one JSON object as its last line.
+A worker whose component has not landed exits with code 3 and the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+EXIT_NOT_AVAILABLE = 3
+
+
+def _not_available(why: str) -> None:
+    print(f"not available: {why}", file=sys.stderr)
+    sys.exit(EXIT_NOT_AVAILABLE)
+
+
+def _emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+# --- client -------------------------------------------------------------------------------------
+
+
+def _client() -> Any:
+    try:
+        from nbdcore.aio.client import NBDClient
+    except ImportError as exc:
+        _not_available(f"nbdcore.aio.client has not landed ({exc})")
+    return NBDClient
+
+
+async def client_read(args: argparse.Namespace) -> None:
+    """Read the whole export: ``in_flight`` tasks, each with its own preallocated buffer, take
+    the next ``request_size`` slice until the end."""
+    client_cls = _client()
+    start = time.perf_counter()
+    client = await client_cls.connect(
+        args.uri, max_in_flight=args.in_flight, extended_headers=not args.compact
+    )
+    size = client.size
+    request = args.request_size
+    next_offset = 0
+
+    async def reader(buf: bytearray) -> int:
+        nonlocal next_offset
+        view = memoryview(buf)
+        done = 0
+        while next_offset < size:
+            offset = next_offset
+            next_offset += request
+            n = min(request, size - offset)
+            await client.pread_into(view[:n], offset)
+            done += n
+        return done
+
+    buffers = [bytearray(request) for _ in range(args.in_flight)]
+    total = sum(await asyncio.gather(*(reader(b) for b in buffers)))
+    await client.close()
+    elapsed = time.perf_counter() - start
+    if total != size:
+        raise SystemExit(f"read {total} bytes of {size}")
+    _emit(seconds=elapsed, bytes=total)
+
+
+async def extents(args: argparse.Namespace) -> None:
+    """Walk the export's extents with ``nbdcore.extents.iter_extents``, counting rows."""
+    client_cls = _client()
+    try:
+        from nbdcore.extents import iter_extents
+    except ImportError as exc:
+        _not_available(f"nbdcore.extents has not landed ({exc})")
+    start = time.perf_counter()
+    client = await client_cls.connect(
+        args.uri, meta_contexts=args.context, extended_headers=not args.compact
+    )
+    rows = 0
+    end = 0
+    async for batch in iter_extents(client, args.context):
+        rows += len(batch.lengths)
+        end = batch.end
+    size = client.size
+    await client.close()
+    elapsed = time.perf_counter() - start
+    if end != size:
+        raise SystemExit(f"extents end at {end}, export size {size}")
+    if args.expect is not None and rows != args.expect:
+        raise SystemExit(f"{rows} extents, expected {args.expect}")
+    _emit(seconds=elapsed, extents=rows, bytes=size)
+
+
+# --- server -------------------------------------------------------------------------------------
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Serve ``--image`` read-only as export ``disk`` with NBDServer until SIGTERM."""
+    try:
+        from nbdcore.aio.server import ExportConfig, NBDServer
+    except ImportError as exc:
+        _not_available(f"nbdcore.aio.server has not landed ({exc})")
+    try:
+        from nbdcore.storage import Image
+    except ImportError as exc:
+        _not_available(f"nbdcore.storage.Image has not landed ({exc})")
+    image = Image.open(args.image, read_only=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        async with NBDServer([ExportConfig(name="disk", image=image, read_only=True)]) as server:
+            await server.start_unix(args.socket)
+            await stop.wait()
+    finally:
+        image.close()
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+
+def _file_chunks(path: str, message_size: int) -> Iterator[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(message_size, size - offset), offset)
+            offset += len(chunk)
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+BARE_METHOD = "/bench.Bare/Stream"
+
+
+async def bare_grpc_server(args: argparse.Namespace) -> None:
+    """A bare grpcio server: one server-streaming method sending the bytes of ``--file`` in
+    ``--message-size`` messages (no protobuf: the ceiling of a gRPC byte stream)."""
+    import grpc
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for chunk in _file_chunks(args.file, args.message_size):
+            yield chunk
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Bare",
+        {
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=None, response_serializer=None
+            )
+        },
+    )
+    limit = args.message_size + (1 << 20)
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # Written then renamed: the harness never reads a half-written port.
+    tmp = args.port_file + ".tmp"
+    Path(tmp).write_text(str(port))  # noqa: ASYNC240 - a few bytes, before serving starts
+    os.rename(tmp, args.port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+async def bare_grpc_drain(args: argparse.Namespace) -> None:
+    import grpc
+
+    limit = args.message_size + (1 << 20)
+    start = time.perf_counter()
+    async with grpc.aio.insecure_channel(
+        args.target, options=[("grpc.max_receive_message_length", limit)]
+    ) as channel:
+        method = channel.unary_stream(BARE_METHOD, None, None)
+        call = method(b"")
+        total = 0
+        async for msg in call:
+            total += len(msg)
+    _emit(seconds=time.perf_counter() - start, bytes=total)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+WORKERS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "client-read": client_read,
+    "extents": extents,
+    "serve": serve,
+    "bare-grpc-server": bare_grpc_server,
+    "bare-grpc-drain": bare_grpc_drain,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.workers")
+    sub = p.add_subparsers(dest="worker", required=True)
+    s = sub.add_parser("client-read")
+    s.add_argument("uri")
+    s.add_argument("--request-size", type=int, default=2 << 20)
+    s.add_argument("--in-flight", type=int, default=8)
+    s.add_argument("--compact", action="store_true", help="no extended headers")
+    s = sub.add_parser("extents")
+    s.add_argument("uri")
+    s.add_argument("--context", action="append", required=True)
+    s.add_argument("--expect", type=int)
+    s.add_argument("--compact", action="store_true", help="no extended headers")
+    s = sub.add_parser("serve")
+    s.add_argument("--socket", required=True)
+    s.add_argument("--image", required=True)
+    s = sub.add_parser("bare-grpc-server")
+    s.add_argument("--file", required=True)
+    s.add_argument("--message-size", type=int, required=True)
+    s.add_argument("--port-file", required=True)
+    s = sub.add_parser("bare-grpc-drain")
+    s.add_argument("target")
+    s.add_argument("--message-size", type=int, required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    asyncio.run(WORKERS[args.worker](args))
+
+
+if __name__ == "__main__":
+    main()
