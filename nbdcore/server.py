@@ -72,7 +72,8 @@ _MAX_DRAIN: Final = 0xFFFFFFFF
 _DRAIN_STEP: Final = 1 << 20
 _LITTLE: Final = struct.pack("=H", 1) == b"\x01\x00"
 
-_ALL_CMD_FLAGS: Final = (
+# Plain ints: ``~`` on an IntFlag complements within the known bits only, hiding unknown ones.
+_ALL_CMD_FLAGS: Final = int(
     CmdFlag.FUA
     | CmdFlag.NO_HOLE
     | CmdFlag.DF
@@ -81,7 +82,7 @@ _ALL_CMD_FLAGS: Final = (
     | CmdFlag.PAYLOAD_LEN
 )
 _DEFAULT_BLOCK_SIZE: Final = wire.BlockSize(1, 4096, DEFAULT_MAX_PAYLOAD)
-_KNOWN_CLIENT_FLAGS: Final = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+_KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
 
 class State(enum.Enum):
@@ -810,8 +811,9 @@ class ServerConnection:
                 allowed |= CmdFlag.FAST_ZERO
         elif command == Cmd.BLOCK_STATUS:
             allowed |= CmdFlag.REQ_ONE
-        if fl & ~allowed:
-            reject(Errno.EINVAL, f"flags {int(fl & ~allowed):#x} not valid for {command.name}")
+        if flags & ~int(allowed):
+            bad = flags & ~int(allowed)
+            reject(Errno.EINVAL, f"flags {bad:#x} not valid for {command.name}")
             return None
 
         contexts: tuple[tuple[int, str], ...] = ()
