@@ -202,6 +202,7 @@ class DirtyBitmap:
     def extents(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """``(offset, length, 0 or NBD_STATE_DIRTY)`` runs, adjacent equal runs merged, covering
         ``[offset, offset + length)`` exactly."""
+        self._check_range(offset, length)
         while length > 0:
             lengths, flags = self.runs(offset, length, limit=65536)
             for run_length, run_flags in zip(lengths, flags, strict=True):
