@@ -1,10 +1,237 @@
-"""Gateway benchmarks (filled in when the gateway lands)."""
+"""Gateway benchmarks: StreamExtents end to end, a gateway process in front of qemu-nbd.
+
+The gateway runs as ``python -m gateway serve`` (its own process, so its peak RSS is its own);
+the client draining the stream is a grpc.aio worker process.
+"""
 
 from __future__ import annotations
 
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench import procs
 from bench.fixtures import Fixtures
-from bench.harness import Benchmark
+from bench.harness import GIB_S, MEXT_S, MIB, Benchmark, NotAvailable, Row, Target
+from bench.suites import (
+    BITMAP_CONTEXT,
+    Sides,
+    _size,
+    check_map_lines,
+    gib_s,
+    mext_s,
+    nbdcopy_side,
+    nbdinfo_map_side,
+    optional,
+)
+
+# StreamExtents carries at most 1 MiB of data per message (bitmap_service.proto).
+DATA_MESSAGE = 1 << 20
+
+
+def free_port() -> int:
+    # Port 0 through the gateway's flag would need its log parsed; a port just freed is simpler
+    # and the window for another process to take it is tiny on a loopback-only machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _has_serve_command() -> bool:
+    import argparse
+
+    from gateway.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return "serve" in action.choices
+    return False
+
+
+def gateway_ready(target: str, export: str = "disk") -> Callable[[], bool]:
+    import grpc
+
+    from nbdgw.v1 import bitmap_service_pb2 as pb
+    from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+
+    def ready() -> bool:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                exp = pb_grpc.BitmapServiceStub(channel).GetExport(
+                    pb.GetExportRequest(name=f"exports/{export}"), timeout=5
+                )
+            except grpc.RpcError:
+                return False
+            return bool(exp.state == pb.EXPORT_STATE_AVAILABLE)
+
+    return ready
+
+
+@contextmanager
+def gateway(nbd_uri: str, work: Path) -> Iterator[tuple[str, procs.Background]]:
+    """The gateway serving ``nbd_uri`` as ``exports/disk``; yields (HOST:PORT, process)."""
+    why = procs.missing("nbdgw.v1.bitmap_service_pb2_grpc", "gateway.cli:build_parser")
+    if why:
+        raise NotAvailable(why)
+    if not _has_serve_command():
+        raise NotAvailable("the gateway's `nbdgw serve` command has not landed")
+    target = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "gateway", "serve", "--listen", target]
+    cmd += ["--export", f"disk={nbd_uri}", "--data-dir", str(work / "gateway-data")]
+    with procs.background(
+        cmd, gateway_ready(target), log=work / "gateway.log", env=procs.worker_env()
+    ) as proc:
+        yield target, proc
+
+
+def stream_side(
+    target: str, context: str, *, expect: int, figure: str, extra: list[str]
+) -> Callable[[], float]:
+    args = ["stream-extents", target, "--context", context, "--expect", str(expect), *extra]
+
+    def side() -> float:
+        r = procs.run_worker(*args)
+        if figure == "bytes":
+            if r["bytes"] != r["size"]:
+                raise RuntimeError(f"stream carried {r['bytes']} bytes of {r['size']}")
+            return gib_s(r["bytes"], r["seconds"])
+        return mext_s(expect, r["seconds"])
+
+    return side
+
+
+def gateway_extents(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        qcow = fx.bitmap_qcow2()
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            uri = stack.enter_context(procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=["b0"]))
+            check_map_lines(uri, BITMAP_CONTEXT, qcow.extents)
+            gw = optional(stack, gateway(uri, work))
+            extra = ["--max-extents", str(opts.get("max_extents", 0))]
+            yield {
+                "StreamExtents": gw
+                if isinstance(gw, NotAvailable)
+                else stream_side(
+                    gw[0], BITMAP_CONTEXT, expect=qcow.extents, figure="extents", extra=extra
+                ),
+                "nbdinfo --map": nbdinfo_map_side(uri, BITMAP_CONTEXT, qcow.extents),
+            }
+
+    n = 2 * fx.sizes.qcow2_dirty
+    return Benchmark(
+        name="gateway-extents",
+        title=f"StreamExtents of a {n:,}-extent bitmap, gateway in front of qemu-nbd 7.2",
+        metric=MEXT_S,
+        setup=setup,
+        rows=[
+            Row(
+                "StreamExtents (grpc.aio client) / nbdinfo --map on the host",
+                "StreamExtents",
+                "nbdinfo --map",
+                Target(">=", 1.0),
+            )
+        ],
+    )
+
+
+def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        data = fx.data_raw()
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            uri = stack.enter_context(procs.qemu_nbd(data.file, "raw", work))
+            gw = optional(stack, gateway(uri, work))
+            bare = stack.enter_context(bare_grpc_server(data.file, work))
+
+            def bare_side() -> float:
+                r = procs.run_worker("bare-grpc-drain", bare, "--message-size", str(DATA_MESSAGE))
+                if r["bytes"] != data.size:
+                    raise RuntimeError(f"bare stream carried {r['bytes']} of {data.size} bytes")
+                return gib_s(r["bytes"], r["seconds"])
+
+            yield {
+                "StreamExtents include_data": gw
+                if isinstance(gw, NotAvailable)
+                else stream_side(
+                    gw[0], "base:allocation", expect=1, figure="bytes", extra=["--include-data"]
+                ),
+                "bare grpcio stream": bare_side,
+                "nbdcopy from the host": nbdcopy_side(uri, data.size),
+            }
+
+    return Benchmark(
+        name="gateway-data",
+        title=f"data of a {_size(fx.sizes.data_bytes)} all-data raw image through StreamExtents"
+        " (include_data, 1 MiB messages)",
+        metric=GIB_S,
+        setup=setup,
+        rows=[
+            Row(
+                "StreamExtents / bare grpcio server stream, same bytes, 1 MiB messages",
+                "StreamExtents include_data",
+                "bare grpcio stream",
+                Target(">=", 0.9),
+            ),
+            Row(
+                "StreamExtents / nbdcopy URI null: from the host",
+                "StreamExtents include_data",
+                "nbdcopy from the host",
+            ),
+        ],
+    )
+
+
+@contextmanager
+def bare_grpc_server(path: Path, work: Path) -> Iterator[str]:
+    port_file = work / "bare.port"
+    cmd = [sys.executable, "-m", "bench.workers", "bare-grpc-server", "--file", str(path)]
+    cmd += ["--message-size", str(DATA_MESSAGE), "--port-file", str(port_file)]
+    with procs.background(
+        cmd, port_file.exists, log=work / "bare-grpc.log", env=procs.worker_env()
+    ):
+        yield f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def gateway_rss(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        qcow = fx.bitmap_qcow2(big=True)
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            uri = stack.enter_context(procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=["b0"]))
+            target, proc = stack.enter_context(gateway(uri, work))
+            time.sleep(0.5)
+            at_start = procs.peak_rss_mib(proc.pid)
+            stream = stream_side(
+                target, BITMAP_CONTEXT, expect=qcow.extents, figure="extents", extra=[]
+            )
+
+            def peak() -> float:
+                stream()
+                return procs.peak_rss_mib(proc.pid)
+
+            yield {"peak": peak, "at start": lambda: at_start}
+
+    n = 2 * fx.sizes.big_dirty
+    return Benchmark(
+        name="gateway-rss",
+        title=f"gateway peak RSS (VmHWM) while streaming {n:,} extents",
+        metric=MIB,
+        setup=setup,
+        rows=[
+            Row("VmHWM after each full stream", "peak", target=Target("<", 150, on="value")),
+            Row("VmHWM once ready, before any stream", "at start"),
+        ],
+        warmup=False,
+    )
 
 
 def benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
-    return []
+    return [gateway_extents(fx, opts), gateway_data(fx, opts), gateway_rss(fx, opts)]

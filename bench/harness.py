@@ -27,6 +27,9 @@ class NotAvailable(Exception):
     prints the reason and goes on with the next benchmark."""
 
 
+Side = Callable[[], float] | NotAvailable
+
+
 @dataclass(frozen=True)
 class Metric:
     unit: str  # "GiB/s", "Mext/s", "MiB"
@@ -73,12 +76,12 @@ class Row:
 class Benchmark:
     """``setup`` is a context manager factory entered once around all rounds (it starts peers,
     checks fixtures, raises NotAvailable); it yields the sides: name -> callable returning one
-    figure per call."""
+    figure per call, or a NotAvailable instance for a side that cannot run yet."""
 
     name: str
     title: str
     metric: Metric
-    setup: Callable[[], AbstractContextManager[dict[str, Callable[[], float]]]]
+    setup: Callable[[], AbstractContextManager[dict[str, Side]]]
     rows: Sequence[Row]
     warmup: bool = True  # one untimed call of each side first (page cache, imports)
 
@@ -129,25 +132,45 @@ class Run:
     rows: list[RowResult] = field(default_factory=list)
 
 
-def run_rounds(
-    sides: dict[str, Callable[[], float]], repeat: int, *, warmup: bool = True
-) -> dict[str, Stats]:
-    """Call every side once per round, ``repeat`` rounds, interleaved."""
+def run_rounds(sides: dict[str, Side], repeat: int, *, warmup: bool = True) -> dict[str, Stats]:
+    """Call every side once per round, ``repeat`` rounds, interleaved. A side given as a
+    NotAvailable (its component has not landed) is skipped: the others are still measured."""
+    live = {name: fn for name, fn in sides.items() if not isinstance(fn, NotAvailable)}
     if warmup:
-        for fn in sides.values():
+        for fn in live.values():
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in sides}
+    samples: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(repeat):
-        for name, fn in sides.items():
+        for name, fn in live.items():
             samples[name].append(fn())
     return {name: Stats.of(values) for name, values in samples.items()}
 
 
-def evaluate(bench: Benchmark, stats: dict[str, Stats]) -> list[RowResult]:
+def evaluate(
+    bench: Benchmark, stats: dict[str, Stats], missing: dict[str, str] | None = None
+) -> list[RowResult]:
+    missing = missing or {}
     results = []
     for row in bench.rows:
+        ref = stats.get(row.reference) if row.reference else None
+        gone = [missing[s] for s in (row.ours, row.reference) if s in missing]
+        if gone:
+            results.append(
+                RowResult(
+                    benchmark=bench.name,
+                    label=row.label,
+                    unit=bench.metric.unit,
+                    status="not available",
+                    ours_side=row.ours,
+                    reference_side=row.reference,
+                    ours=stats.get(row.ours),
+                    reference=ref,
+                    target=str(row.target) if row.target else None,
+                    reason="; ".join(gone),
+                )
+            )
+            continue
         ours = stats[row.ours]
-        ref = stats[row.reference] if row.reference else None
         ratio = None
         if ref is not None and ref.median:
             # A ratio above 1 always means "ours is better", whichever way the unit goes.
@@ -201,11 +224,12 @@ def run_benchmark(bench: Benchmark, repeat: int) -> list[RowResult]:
     try:
         with bench.setup() as sides:
             stats = run_rounds(sides, repeat, warmup=bench.warmup)
+            missing = {n: str(s) for n, s in sides.items() if isinstance(s, NotAvailable)}
     except NotAvailable as exc:
         return failed_rows(bench, "not available", str(exc))
     except Exception as exc:  # a broken component must not stop the other benchmarks
         return failed_rows(bench, "error", f"{type(exc).__name__}: {exc}")
-    return evaluate(bench, stats)
+    return evaluate(bench, stats, missing)
 
 
 def select(benchmarks: Sequence[Benchmark], only: Sequence[str]) -> list[Benchmark]:
@@ -303,9 +327,11 @@ def format_text(rows: Sequence[RowResult]) -> str:
         out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
+    said = set()
     for r in rows:
-        if r.reason:
-            out.append(f"{r.benchmark} / {r.label}: {r.status}: {r.reason}")
+        if r.reason and (r.benchmark, r.reason) not in said:
+            said.add((r.benchmark, r.reason))
+            out.append(f"{r.benchmark}: {r.status}: {r.reason}")
     return "\n".join(out)
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from bench import procs
 from bench.fixtures import BITMAP, Fixture, Fixtures
-from bench.harness import GIB_S, MEXT_S, Benchmark, NotAvailable, Row, Target
+from bench.harness import GIB_S, MEXT_S, Benchmark, NotAvailable, Row, Side, Target
 
-Sides = dict[str, Callable[[], float]]
+Sides = dict[str, Side]
+T = TypeVar("T")
 GiB = 1 << 30
 BITMAP_CONTEXT = f"qemu:dirty-bitmap:{BITMAP}"
 
@@ -28,6 +30,15 @@ def gib_s(nbytes: int, seconds: float) -> float:
 
 def mext_s(extents: int, seconds: float) -> float:
     return extents / seconds / 1e6
+
+
+def optional(stack: ExitStack, cm: AbstractContextManager[T]) -> T | NotAvailable:
+    """Enter ``cm`` (a peer of ours) or return why it cannot run: the reference sides are then
+    still measured, and the rows needing ours say "not available"."""
+    try:
+        return stack.enter_context(cm)
+    except NotAvailable as exc:
+        return exc
 
 
 # --- sides shared by several benchmarks ----------------------------------------------------------
@@ -151,10 +162,12 @@ def server_read(fx: Fixtures) -> Benchmark:
         data = fx.data_raw()
         with ExitStack() as stack:
             work = stack.enter_context(procs.tempdir())
-            ours = stack.enter_context(our_server(data, work))
+            ours = optional(stack, our_server(data, work))
             qemu = stack.enter_context(procs.qemu_nbd(data.file, "raw", work))
             yield {
-                "nbdcopy from NBDServer": nbdcopy_side(ours, data.size),
+                "nbdcopy from NBDServer": ours
+                if isinstance(ours, NotAvailable)
+                else nbdcopy_side(ours, data.size),
                 "nbdcopy from qemu-nbd": nbdcopy_side(qemu, data.size),
             }
 
@@ -177,20 +190,24 @@ def server_read(fx: Fixtures) -> Benchmark:
 def server_extents(fx: Fixtures) -> Benchmark:
     @contextmanager
     def setup() -> Iterator[Sides]:
-        image = fx.bitmap_image()
         qcow = fx.bitmap_qcow2()
-        if image.extents != qcow.extents:
-            raise RuntimeError(f"fixtures differ: {image.extents} vs {qcow.extents} extents")
         with ExitStack() as stack:
             work = stack.enter_context(procs.tempdir())
-            ours = stack.enter_context(our_server(image, work))
+            ours_side: Side
+            try:
+                image = fx.bitmap_image()
+                ours = stack.enter_context(our_server(image, work))
+            except NotAvailable as exc:
+                ours_side = exc
+            else:
+                if image.extents != qcow.extents:
+                    raise RuntimeError(f"fixtures differ: {image.extents} vs {qcow.extents}")
+                check_map_lines(ours, BITMAP_CONTEXT, image.extents)
+                ours_side = nbdinfo_map_side(ours, BITMAP_CONTEXT, image.extents)
             qemu = stack.enter_context(procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=[BITMAP]))
-            check_map_lines(ours, BITMAP_CONTEXT, image.extents)
             check_map_lines(qemu, BITMAP_CONTEXT, qcow.extents)
             yield {
-                "nbdinfo --map from NBDServer": nbdinfo_map_side(
-                    ours, BITMAP_CONTEXT, image.extents
-                ),
+                "nbdinfo --map from NBDServer": ours_side,
                 "nbdinfo --map from qemu-nbd": nbdinfo_map_side(qemu, BITMAP_CONTEXT, qcow.extents),
             }
 

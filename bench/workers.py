@@ -196,6 +196,40 @@ async def bare_grpc_drain(args: argparse.Namespace) -> None:
     _emit(seconds=time.perf_counter() - start, bytes=total)
 
 
+async def stream_extents(args: argparse.Namespace) -> None:
+    """Drain one StreamExtents call of the gateway, counting extents and data bytes."""
+    import grpc
+
+    try:
+        from nbdgw.v1 import bitmap_service_pb2 as pb
+        from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+    except ImportError as exc:
+        _not_available(f"nbdgw.v1 generated code is missing ({exc})")
+    request = pb.StreamExtentsRequest(
+        export=f"exports/{args.export}",
+        context=args.context,
+        include_data=args.include_data,
+        max_extents_per_message=args.max_extents,
+    )
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    start = time.perf_counter()
+    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
+        stub = pb_grpc.BitmapServiceStub(channel)
+        extents = data = messages = 0
+        next_offset = range_end = 0
+        async for msg in stub.StreamExtents(request):
+            messages += 1
+            extents += len(msg.lengths)
+            data += len(msg.data)
+            next_offset, range_end = msg.next_offset, msg.range_end
+    elapsed = time.perf_counter() - start
+    if next_offset != range_end or range_end == 0:
+        raise SystemExit(f"stream ended at {next_offset} of {range_end}")
+    if args.expect is not None and extents < args.expect:
+        raise SystemExit(f"{extents} extents, expected at least {args.expect}")
+    _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end)
+
+
 # --- dispatch -----------------------------------------------------------------------------------
 
 WORKERS: dict[str, Callable[[argparse.Namespace], Any]] = {
@@ -204,6 +238,7 @@ WORKERS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "serve": serve,
     "bare-grpc-server": bare_grpc_server,
     "bare-grpc-drain": bare_grpc_drain,
+    "stream-extents": stream_extents,
 }
 
 
@@ -230,6 +265,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bare-grpc-drain")
     s.add_argument("target")
     s.add_argument("--message-size", type=int, required=True)
+    s = sub.add_parser("stream-extents")
+    s.add_argument("target", help="HOST:PORT of the gateway")
+    s.add_argument("--export", default="disk")
+    s.add_argument("--context", required=True)
+    s.add_argument("--include-data", action="store_true")
+    s.add_argument("--max-extents", type=int, default=0, help="per message (0: the default)")
+    s.add_argument("--expect", type=int, help="at least this many extents")
     return p
 
 

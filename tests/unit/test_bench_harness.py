@@ -112,6 +112,25 @@ def test_not_available_and_errors_do_not_stop_the_run() -> None:
     assert "not available: nbdcore.aio.server" in harness.format_text(na)
 
 
+def test_a_missing_side_still_measures_the_others() -> None:
+    calls = []
+
+    @contextmanager
+    def setup() -> Iterator[dict]:
+        yield {
+            "ours": NotAvailable("gateway serve has not landed"),
+            "ref": lambda: calls.append(1) or 2.0,
+            "other": lambda: 4.0,
+        }
+
+    rows = [Row("ours / ref", "ours", "ref", Target(">=", 1)), Row("other / ref", "other", "ref")]
+    missing, other = harness.run_benchmark(Benchmark("g", "", GIB_S, setup, rows), 2)
+    assert len(calls) == 3  # warmup + 2 rounds
+    assert missing.status == "not available" and missing.reason == "gateway serve has not landed"
+    assert missing.reference is not None and missing.reference.median == 2.0
+    assert other.status == "ok" and other.ratio == pytest.approx(2.0)
+
+
 def test_select_by_name_and_prefix() -> None:
     benches = [fake(n, {}, []) for n in ("client-read", "client-extents", "server-read")]
     assert [b.name for b in harness.select(benches, ["client"])] == [
