@@ -1,10 +1,198 @@
-"""Placeholder: its owner fills in the commands."""
+"""``nbdgw serve``: run the gateway.
+
+Exports come from ``--config FILE`` (TOML, see :mod:`gateway.config`), ``--export NAME=NBD_URI``
+(remote NBD hosts), ``--image NAME=PATH`` (raw images served by the embedded nbdcore host) and
+``NBDGW_*`` environment variables (the defaults of the flags). With none configured, a sample
+64 MiB disk with a dirty bitmap ``backup`` is created in ``--data-dir`` and served by the embedded
+host, so that ``nbdgw serve`` alone gives something to try.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
+    ConfigError,
+    GatewayConfig,
+    load_file,
+    parse_export_arg,
+    parse_listen,
+)
+from nbdcore.tls import TLSConfig
+
+if TYPE_CHECKING:
+    from gateway.server import Listening
+
+# The sample the gateway creates when nothing is configured (see gateway.server.ensure_sample).
+SAMPLE_EXPORT = "sample"
+SAMPLE_BITMAP = "backup"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"NBDGW_{name}", default)
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add this module's subcommands to ``sub`` (``groups`` shares nested groups by name)."""
+    """Add ``serve``."""
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=_env("CONFIG"),
+        help="TOML configuration file ($NBDGW_CONFIG)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=_env("LISTEN"),
+        help=f"gRPC address, port 0 picks one ($NBDGW_LISTEN, default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--export",
+        metavar="NAME=NBD_URI",
+        action="append",
+        default=None,
+        help="serve an export of an NBD host, e.g. vm1=nbd+unix:///?socket=/run/nbd.sock"
+        " (repeatable; $NBDGW_EXPORTS: space-separated)",
+    )
+    p.add_argument(
+        "--image",
+        metavar="NAME=PATH",
+        action="append",
+        default=None,
+        help="serve a raw image with the embedded nbdcore host (repeatable)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=_env("DATA_DIR"),
+        help=f"embedded host's directory: sample disk, NBD socket ($NBDGW_DATA_DIR,"
+        f" default {DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--grace-period",
+        metavar="SECONDS",
+        type=float,
+        default=_env("GRACE_PERIOD"),
+        help="time open calls get on SIGTERM ($NBDGW_GRACE_PERIOD, default 5)",
+    )
+    p.add_argument(
+        "--no-reflection", action="store_true", help="do not serve gRPC server reflection"
+    )
+    tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
+    tls.add_argument("--tls-ca-file", default=_env("TLS_CA_FILE"), help="($NBDGW_TLS_CA_FILE)")
+    tls.add_argument(
+        "--tls-cert-file", default=_env("TLS_CERT_FILE"), help="($NBDGW_TLS_CERT_FILE)"
+    )
+    tls.add_argument("--tls-key-file", default=_env("TLS_KEY_FILE"), help="($NBDGW_TLS_KEY_FILE)")
+    tls.add_argument(
+        "--tls-server-hostname",
+        default=_env("TLS_SERVER_HOSTNAME"),
+        help="name to verify in the host's certificate ($NBDGW_TLS_SERVER_HOSTNAME)",
+    )
+    tls.add_argument(
+        "--no-tls-verify", action="store_true", help="do not verify NBD hosts' certificates"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
+    """The configuration the flags, environment and file describe; and whether it is the
+    sample (nothing configured)."""
+    config = load_file(args.config) if args.config else GatewayConfig()
+    if args.listen:
+        parse_listen(args.listen)
+        config.listen = args.listen
+    if args.data_dir:
+        config.data_dir = Path(args.data_dir)
+    if args.grace_period is not None:
+        config.grace_period = float(args.grace_period)
+    if args.no_reflection:
+        config.reflection = False
+    tls = None
+    if args.tls_ca_file or args.tls_cert_file or args.tls_key_file or args.no_tls_verify:
+        tls = TLSConfig(
+            ca_file=args.tls_ca_file,
+            cert_file=args.tls_cert_file,
+            key_file=args.tls_key_file,
+            verify_peer=not args.no_tls_verify,
+            server_hostname=args.tls_server_hostname,
+        )
+    exports = args.export
+    if exports is None:
+        exports = shlex.split(_env("EXPORTS") or "")
+    for item in exports:
+        name, uri = parse_export_arg(item)
+        config.add_uri_export(name, uri, tls)
+    for item in args.image or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--image {item!r}: expected NAME=PATH")
+        config.add_image_export(name, Path(path))
+    sample = not config.exports
+    if sample:
+        from gateway.server import ensure_sample
+
+        path = ensure_sample(config.data_dir)
+        config.add_image_export(
+            SAMPLE_EXPORT,
+            path,
+            description=f"nbdgw sample disk with dirty bitmap {SAMPLE_BITMAP!r}",
+        )
+    return config, sample
+
+
+def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None:
+    addr = listening.address
+    target = "" if addr == DEFAULT_LISTEN else f" --target {addr}"
+    lines = [f"nbdgw: gateway listening on {addr}"]
+    if listening.nbd_socket:
+        lines.append(f"nbdgw: embedded NBD host on nbd+unix:///?socket={listening.nbd_socket}")
+    lines.append(f"nbdgw: exports: {', '.join(config.exports)}")
+    export = next(iter(config.exports))
+    bitmap = SAMPLE_BITMAP if sample else "CONTEXT"
+    if sample:
+        lines.append(f"nbdgw: sample disk in {config.data_dir.absolute()}")
+    lines += [
+        "Try:",
+        f"  nbdgw exports{target}",
+        f"  nbdgw bitmaps {export}{target}",
+        f"  nbdgw extents {export} --bitmap {bitmap}{target}",
+        "  buf curl --protocol grpc --http2-prior-knowledge"
+        f""" -d '{{"export": "exports/{export}", "context": "{bitmap}"}}'"""
+        f" http://{addr}/nbdgw.v1.BitmapService/StreamExtents",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config, sample = build_config(args)
+    except ConfigError as exc:
+        print(f"nbdgw serve: {exc}", file=sys.stderr)
+        return 2
+    # Imported here: the rest of the CLI need not load grpc's server side.
+    from gateway.server import Gateway
+
+    gateway = Gateway(config)
+    await gateway.serve(on_ready=lambda listening: _announce(listening, config, sample))
+    return 0

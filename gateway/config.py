@@ -1,0 +1,274 @@
+"""Gateway configuration: a TOML file, ``NBDGW_*`` environment variables and flags.
+
+Precedence: flags > environment > file > defaults. The TOML file::
+
+    listen = "127.0.0.1:50051"      # gRPC address (HOST:PORT; port 0 picks one)
+    grace_period = 5.0              # seconds given to open RPCs on SIGTERM
+    reflection = true
+    data_dir = "./nbdgw-data"       # embedded host: images and its unix socket
+
+    [[hosts]]                       # optional: named NBD hosts, with TLS options
+    name = "qemu1"
+    uri = "nbds://10.0.0.5:10809"
+    tls_ca_file = "/etc/nbdgw/ca.pem"
+    tls_cert_file = "/etc/nbdgw/client.pem"
+    tls_key_file = "/etc/nbdgw/client.key"
+
+    [[exports]]                     # an export of a remote NBD host...
+    name = "vm1-disk0"
+    uri = "nbd+unix:///disk0?socket=/run/qemu-nbd.sock"
+    # or instead of uri: host = "qemu1" and nbd_export = "disk0"
+
+    [[exports]]                     # ...or an image served by the embedded nbdcore host
+    name = "scratch"
+    image = "/var/lib/nbdgw/scratch.img"
+
+Environment: ``NBDGW_CONFIG``, ``NBDGW_LISTEN``, ``NBDGW_DATA_DIR``, ``NBDGW_EXPORTS`` (``NAME=URI``
+items separated by spaces), ``NBDGW_GRACE_PERIOD``, ``NBDGW_TLS_CA_FILE``,
+``NBDGW_TLS_CERT_FILE``, ``NBDGW_TLS_KEY_FILE``, ``NBDGW_TLS_SERVER_HOSTNAME`` (TLS towards NBD
+hosts given by ``--export``/``NBDGW_EXPORTS``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbdcore.exceptions import URIError
+from nbdcore.tls import TLSConfig
+from nbdcore.uri import NBDURI
+
+EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+EMBEDDED_HOST = "embedded"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = "./nbdgw-data"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """An NBD host: where it listens (an NBD URI, its export part ignored) and TLS towards it."""
+
+    name: str
+    uri: NBDURI | None  # None for the embedded host
+    tls: TLSConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """How the host is shown in the API and messages: never credentials."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """An export the gateway serves."""
+
+    name: str  # the gateway's id: exports/{name}
+    host: str  # HostConfig.name
+    nbd_export: str = ""  # the export's name on the host
+    description: str = ""
+    read_only: bool = False
+    image: Path | None = None  # served by the embedded host when set
+
+
+@dataclass
+class GatewayConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    grace_period: float = 5.0
+    reflection: bool = True
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
+    exports: dict[str, ExportConfig] = field(default_factory=dict)
+    # Connection pool and reconnect tuning.
+    connect_timeout: float = 10.0
+    max_connections_per_host: int = 16
+    max_idle_per_export: int = 4
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+
+    @property
+    def uses_embedded(self) -> bool:
+        return any(e.host == EMBEDDED_HOST for e in self.exports.values())
+
+    def add_export(self, export: ExportConfig) -> None:
+        if not EXPORT_ID.match(export.name):
+            raise ConfigError(
+                f"export name {export.name!r}: use 1-63 letters, digits, '.', '_' or '-'"
+                " (starting with a letter or digit)"
+            )
+        if export.name in self.exports:
+            raise ConfigError(f"export {export.name!r} is configured twice")
+        if export.host not in self.hosts:
+            raise ConfigError(f"export {export.name!r}: unknown host {export.host!r}")
+        self.exports[export.name] = export
+
+    def add_uri_export(self, name: str, uri_text: str, tls: TLSConfig | None = None) -> None:
+        """An export given as ``NAME=NBD_URI``; its host is named after the URI's address."""
+        try:
+            uri = NBDURI.parse(uri_text)
+        except URIError as exc:
+            raise ConfigError(f"export {name!r}: {exc}") from exc
+        host_name = host_label(uri)
+        if host_name not in self.hosts:
+            if tls is None and uri.tls:
+                tls = TLSConfig.from_uri(uri)
+            self.hosts[host_name] = HostConfig(host_name, uri, tls if uri.tls else None)
+        self.add_export(ExportConfig(name=name, host=host_name, nbd_export=uri.export))
+
+    def add_image_export(
+        self, name: str, image: Path, *, description: str = "", read_only: bool = False
+    ) -> None:
+        if EMBEDDED_HOST not in self.hosts:
+            self.hosts[EMBEDDED_HOST] = HostConfig(EMBEDDED_HOST, None)
+        self.add_export(
+            ExportConfig(
+                name=name,
+                host=EMBEDDED_HOST,
+                nbd_export=name,
+                description=description,
+                read_only=read_only,
+                image=image,
+            )
+        )
+
+
+def host_label(uri: NBDURI) -> str:
+    """A host's name for messages and the API: its address, without export or options."""
+    scheme = uri.scheme.split("+")[0]
+    if uri.socket is not None:
+        return f"{scheme}+unix:{uri.socket}"
+    host, port = uri.address
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def parse_export_arg(text: str) -> tuple[str, str]:
+    """``NAME=NBD_URI`` -> (name, uri)."""
+    name, sep, uri = text.partition("=")
+    if not sep or not name or not uri:
+        raise ConfigError(f"--export {text!r}: expected NAME=NBD_URI")
+    return name, uri
+
+
+def _tls_from(table: Mapping[str, Any], where: str) -> TLSConfig | None:
+    keys = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
+    if not keys & table.keys():
+        return None
+    return TLSConfig(
+        ca_file=_opt_str(table, "tls_ca_file", where),
+        cert_file=_opt_str(table, "tls_cert_file", where),
+        key_file=_opt_str(table, "tls_key_file", where),
+        verify_peer=bool(table.get("tls_verify", True)),
+        server_hostname=_opt_str(table, "tls_server_hostname", where),
+    )
+
+
+def _opt_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+_TOP_KEYS = {"listen", "grace_period", "reflection", "data_dir", "hosts", "exports"}
+_TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
+_HOST_KEYS = {"name", "uri"} | _TLS_KEYS
+_EXPORT_KEYS = {"name", "uri", "host", "nbd_export", "image", "description", "read_only"}
+
+
+def load_file(path: str | Path, config: GatewayConfig | None = None) -> GatewayConfig:
+    """Read a TOML configuration file into ``config`` (a new one by default)."""
+    config = config or GatewayConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    apply_table(data, config, str(path), base=path.parent)
+    return config
+
+
+def apply_table(
+    data: Mapping[str, Any], config: GatewayConfig, where: str, base: Path = Path(".")
+) -> None:
+    _check_keys(data, _TOP_KEYS, where)
+    if "listen" in data:
+        config.listen = str(data["listen"])
+        parse_listen(config.listen)
+    if "grace_period" in data:
+        config.grace_period = float(data["grace_period"])
+    if "reflection" in data:
+        config.reflection = bool(data["reflection"])
+    if "data_dir" in data:
+        config.data_dir = base / str(data["data_dir"])
+    for i, host in enumerate(data.get("hosts", [])):
+        here = f"{where}: hosts[{i}]"
+        _check_keys(host, _HOST_KEYS, here)
+        name, uri_text = host.get("name"), host.get("uri")
+        if not isinstance(name, str) or not isinstance(uri_text, str):
+            raise ConfigError(f"{here}: 'name' and 'uri' are required strings")
+        if name in config.hosts or name == EMBEDDED_HOST:
+            raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
+        try:
+            uri = NBDURI.parse(uri_text)
+        except URIError as exc:
+            raise ConfigError(f"{here}: {exc}") from exc
+        tls = _tls_from(host, here) or (TLSConfig.from_uri(uri) if uri.tls else None)
+        config.hosts[name] = HostConfig(name, uri, tls)
+    for i, export in enumerate(data.get("exports", [])):
+        here = f"{where}: exports[{i}]"
+        _check_keys(export, _EXPORT_KEYS, here)
+        name = export.get("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"{here}: 'name' is a required string")
+        ways = [k for k in ("uri", "host", "image") if k in export]
+        if len(ways) != 1:
+            raise ConfigError(f"{here}: give exactly one of 'uri', 'host' or 'image'")
+        description = str(export.get("description", ""))
+        read_only = bool(export.get("read_only", False))
+        if "image" in export:
+            config.add_image_export(
+                name, base / str(export["image"]), description=description, read_only=read_only
+            )
+        elif "uri" in export:
+            config.add_uri_export(name, str(export["uri"]))
+            config.exports[name] = ExportConfig(
+                name=name,
+                host=config.exports[name].host,
+                nbd_export=config.exports[name].nbd_export,
+                description=description,
+                read_only=read_only,
+            )
+        else:
+            config.add_export(
+                ExportConfig(
+                    name=name,
+                    host=str(export["host"]),
+                    nbd_export=str(export.get("nbd_export", "")),
+                    description=description,
+                    read_only=read_only,
+                )
+            )

@@ -1,0 +1,254 @@
+"""Building and running the gateway: the grpc.aio server with the BitmapService, health and
+reflection, the NBD hosts and their pools, the embedded nbdcore host, and graceful shutdown.
+
+Health (grpc.health.v1) service names:
+
+- ``""``: liveness; SERVING while the process runs (NOT_SERVING once shutting down).
+- ``nbdgw.v1.BitmapService``: readiness; SERVING while every NBD host is up.
+- ``exports/{export}``: SERVING while that export's host is up.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Gateway.stop`): every health status turns NOT_SERVING, open
+StreamExtents calls end at their next message boundary with UNAVAILABLE
+(GATEWAY_SHUTTING_DOWN) carrying their resume position, then the server stops with a grace
+period for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import EMBEDDED_HOST, GatewayConfig, parse_listen
+from gateway.hosts import ExportPool, Host
+from gateway.serve_cmd import SAMPLE_BITMAP
+from gateway.service import Backend, BitmapServicer
+from nbdcore.aio.server import ExportConfig as NBDExportConfig
+from nbdcore.aio.server import NBDServer
+from nbdcore.storage.image import Image
+from nbdcore.storage.store import store_dir
+from nbdcore.uri import NBDURI
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("nbdgw.server")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["BitmapService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+SAMPLE_SIZE = 64 * 1024 * 1024
+MiB = 1024 * 1024
+# Ranges written into the sample disk after its bitmap was added (so they are dirty).
+SAMPLE_DIRTY_WRITES = ((0, 1 * MiB), (8 * MiB, 64 * 1024), (32 * MiB, 4 * MiB), (60 * MiB, 4096))
+SAMPLE_CLEAN_WRITE = (16 * MiB, 2 * MiB)  # written before the bitmap: data, but clean
+SAMPLE_DIRTY_ZEROES = (48 * MiB, 1 * MiB)  # dirty, reads as zeros
+
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    # Clients of long streams keep connections alive with pings; let them, within reason.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 4 * MiB),
+]
+
+
+def health_name(export: str) -> str:
+    return f"exports/{export}"
+
+
+def sample_pattern(offset: int, length: int) -> bytes:
+    """The sample disk's data: each 4 KiB block says where it is (recognisable in hexdumps)."""
+    out = bytearray()
+    block = 4096
+    for pos in range(offset - offset % block, offset + length, block):
+        out += f"nbdgw sample block at {pos:#x}\n".encode().ljust(block, b".")
+    start = offset % block
+    return bytes(out[start : start + length])
+
+
+def ensure_sample(data_dir: Path) -> Path:
+    """Create the sample image in ``data_dir`` unless it exists; returns its path."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "sample.img"
+    if path.exists():
+        return path
+    # Build it under a temporary name, so an interrupted run never leaves half a sample.
+    tmp = data_dir / "sample.img.partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(store_dir(tmp))
+    image = Image.create(tmp, SAMPLE_SIZE)
+    try:
+        offset, length = SAMPLE_CLEAN_WRITE
+        image.write(sample_pattern(offset, length), offset)
+        image.add_bitmap(SAMPLE_BITMAP)
+        for offset, length in SAMPLE_DIRTY_WRITES:
+            image.write(sample_pattern(offset, length), offset)
+        offset, length = SAMPLE_DIRTY_ZEROES
+        image.write_zeroes(offset, length)
+        image.flush()
+    finally:
+        image.close()
+    # The image keeps its bitmaps beside it (PATH.nbdgw/): move them first, the image last, so
+    # that sample.img exists only when complete.
+    if store_dir(tmp).exists():
+        store_dir(tmp).rename(store_dir(path))
+    tmp.rename(path)
+    return path
+
+
+@dataclass
+class Listening:
+    """Where the gateway ended up listening."""
+
+    host: str
+    port: int
+    nbd_socket: str | None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class Gateway:
+    """The whole gateway. ``await start()``, then ``await stop()`` (or ``await serve()``)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.images: dict[str, Image] = {}
+        self.hosts: dict[str, Host] = {}
+        self.pools: dict[str, ExportPool] = {}
+        self.nbd_server: NBDServer | None = None
+        self.health = health_aio.HealthServicer()
+        self.shutdown = asyncio.Event()
+        self.backend = Backend(self.pools, self.images, self.shutdown)
+        self.server: grpc.aio.Server | None = None
+        self.listening: Listening | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> Listening:
+        cfg = self.config
+        nbd_socket = None
+        if cfg.uses_embedded:
+            nbd_socket = await self._start_embedded()
+        for host_cfg in cfg.hosts.values():
+            uri = host_cfg.uri
+            if host_cfg.name == EMBEDDED_HOST:
+                uri = NBDURI(scheme="nbd+unix", socket=nbd_socket)
+            self.hosts[host_cfg.name] = Host(host_cfg, cfg, self._host_changed, uri=uri)
+        for export in cfg.exports.values():
+            self.pools[export.name] = ExportPool(export, self.hosts[export.host])
+
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        for name in self.pools:
+            await self.health.set(health_name(name), NOT_SERVING)
+        # Know which hosts are up before accepting calls (a down host keeps being retried).
+        await asyncio.gather(*(host.check() for host in self.hosts.values()))
+        await self._update_health()
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        host, port = parse_listen(cfg.listen)
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        self.server = server
+        self.listening = Listening(host, bound, nbd_socket)
+        log.info("gateway listening on %s", self.listening.address)
+        return self.listening
+
+    async def _start_embedded(self) -> str:
+        cfg = self.config
+        exports = []
+        for export in cfg.exports.values():
+            if export.host != EMBEDDED_HOST:
+                continue
+            assert export.image is not None
+            image = Image.open(export.image, read_only=export.read_only)
+            self.images[export.name] = image
+            exports.append(
+                NBDExportConfig(
+                    name=export.nbd_export,
+                    image=image,
+                    description=export.description,
+                    read_only=export.read_only,
+                )
+            )
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        sock = str((cfg.data_dir / "nbd.sock").absolute())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)  # left by a previous run that was killed
+        self.nbd_server = NBDServer(exports)
+        await self.nbd_server.start_unix(sock)
+        log.info("embedded NBD host on %s", sock)
+        return sock
+
+    async def _host_changed(self, host: Host) -> None:
+        await self._update_health()
+
+    async def _update_health(self) -> None:
+        for name, pool in self.pools.items():
+            await self.health.set(health_name(name), SERVING if pool.host.up else NOT_SERVING)
+        ready = all(host.up for host in self.hosts.values())
+        await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, streams end with their resume position, then stop."""
+        if self.shutdown.is_set():
+            await self._stopped.wait()
+            return
+        self.shutdown.set()
+        grace = self.config.grace_period if grace is None else grace
+        try:
+            await self.health.enter_graceful_shutdown()
+            if self.server is not None:
+                await self.server.stop(grace)
+            for host in self.hosts.values():
+                await host.close()
+            if self.nbd_server is not None:
+                await self.nbd_server.close()
+            for image in self.images.values():
+                image.close()
+        finally:
+            self._stopped.set()
+
+    async def serve(self, on_ready: Any = None) -> None:
+        """Start, run until SIGTERM/SIGINT, stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            listening = await self.start()
+            if on_ready is not None:
+                on_ready(listening)
+            # Not server.wait_for_termination(): cancelling it breaks a later server.stop().
+            await stop.wait()
+            log.info("shutting down (grace %.1fs)", self.config.grace_period)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()

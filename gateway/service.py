@@ -1,0 +1,788 @@
+"""The ``nbdgw.v1.BitmapService`` servicer (grpc.aio).
+
+Each RPC validates its request completely before touching NBD, leases a connection from the
+export's pool (:mod:`gateway.hosts`), and turns every failure into a status through
+:mod:`gateway.errors`. StreamExtents reads extents with ``nbdcore.extents.iter_extents`` and writes
+each message with ``await context.write``, so it reads from NBD no faster than the client
+consumes (HTTP/2 flow control) and holds at most one batch plus one message per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import struct
+import time
+from array import array
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import accumulate, compress
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from gateway import errors
+from gateway.config import EMBEDDED_HOST
+from gateway.errors import GatewayError
+from gateway.hosts import ExportPool, ExportSnapshot
+from nbdcore.aio.client import NBDClient
+from nbdcore.constants import (
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
+    NBD_MAX_STRING,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    TransmissionFlag,
+)
+from nbdcore.exceptions import NBDError
+from nbdcore.extents import iter_extents, merge_runs
+from nbdcore.storage.image import Image
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("nbdgw.service")
+T = TypeVar("T")
+
+U64_MAX = (1 << 64) - 1
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_EXTENTS_PER_MESSAGE = 4096
+MAX_EXTENTS_PER_MESSAGE = 65536
+MAX_DATA_PER_MESSAGE = 1 << 20
+# A filtered stream over a long run of unselected extents still reports progress this often,
+# so that its resume position advances and the client sees it is alive.
+PROGRESS_INTERVAL = 1.0
+
+_FLAG_FIELDS = {
+    TransmissionFlag.SEND_FLUSH: "can_flush",
+    TransmissionFlag.SEND_FUA: "can_fua",
+    TransmissionFlag.ROTATIONAL: "rotational",
+    TransmissionFlag.SEND_TRIM: "can_trim",
+    TransmissionFlag.SEND_WRITE_ZEROES: "can_write_zeroes",
+    TransmissionFlag.SEND_DF: "can_df",
+    TransmissionFlag.CAN_MULTI_CONN: "can_multi_conn",
+    TransmissionFlag.SEND_CACHE: "can_cache",
+    TransmissionFlag.SEND_FAST_ZERO: "can_fast_zero",
+    TransmissionFlag.BLOCK_STATUS_PAYLOAD: "can_block_status_payload",
+}
+
+
+# --- request fields -----------------------------------------------------------------------
+
+
+def export_id(value: str, field_name: str) -> str:
+    """``exports/{export}`` or the bare ``{export}`` -> ``{export}``."""
+    if not value:
+        raise errors.invalid_field(field_name, "required: the export, as exports/{export}")
+    name = value.removeprefix("exports/")
+    if not name or "/" in name:
+        raise errors.invalid_field(field_name, f"{value!r} is not an export name (exports/NAME)")
+    return name
+
+
+def context_name(value: str, field_name: str) -> str:
+    """A metadata context name; ``NAME`` alone is short for ``qemu:dirty-bitmap:NAME``."""
+    if not value:
+        raise errors.invalid_field(field_name, "required: a metadata context name")
+    name = value if ":" in value else CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + value
+    if len(name.encode()) > NBD_MAX_STRING:
+        raise errors.invalid_field(field_name, f"longer than {NBD_MAX_STRING} bytes")
+    return name
+
+
+def page_size(value: int, field_name: str = "page_size") -> int:
+    if value < 0:
+        raise errors.invalid_field(field_name, f"must not be negative (got {value})")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
+    if context == CONTEXT_BASE_ALLOCATION:
+        return pb.BITMAP_KIND_ALLOCATION
+    if context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+        return pb.BITMAP_KIND_DIRTY_BITMAP
+    if context == CONTEXT_QEMU_ALLOCATION_DEPTH:
+        return pb.BITMAP_KIND_ALLOCATION_DEPTH
+    return pb.BITMAP_KIND_OTHER
+
+
+# --- tokens -------------------------------------------------------------------------------
+# Tokens are opaque to clients but not secret: they carry a position and a fingerprint of the
+# request they belong to, so that a token replayed with different fields is refused instead of
+# silently producing a map of something else. No server-side secret: a token stays valid across
+# gateway restarts (a stream cut by SIGTERM resumes on the next instance).
+
+_RESUME = struct.Struct(">BQ16s")
+_RESUME_VERSION = 1
+
+
+def _fingerprint(*parts: object) -> bytes:
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()[:16]
+
+
+def encode_resume(fingerprint: bytes, offset: int) -> str:
+    raw = _RESUME.pack(_RESUME_VERSION, offset, fingerprint)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_resume(token: str, fingerprint: bytes) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, offset, fp = _RESUME.unpack(raw)
+    except (ValueError, struct.error):
+        raise errors.invalid_token("resume", "resume_token", "malformed token") from None
+    if version != _RESUME_VERSION:
+        raise errors.invalid_token("resume", "resume_token", f"unknown token version {version}")
+    if fp != fingerprint:
+        raise errors.invalid_token(
+            "resume",
+            "resume_token",
+            "the token belongs to a different request (export, context, range, filter,"
+            " merge_allocation and include_data must be the same as when it was issued)",
+        )
+    return int(offset)
+
+
+def encode_page(scope: str, index: int) -> str:
+    raw = json.dumps({"s": _fingerprint(scope).hex(), "i": index}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page(token: str, scope: str, total: int) -> int:
+    if not token:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        index, fp = data["i"], data["s"]
+    except (ValueError, KeyError, TypeError):
+        raise errors.invalid_token("page", "page_token", "malformed token") from None
+    if fp != _fingerprint(scope).hex():
+        raise errors.invalid_token("page", "page_token", "the token belongs to a different request")
+    if not isinstance(index, int) or not 0 <= index <= total:
+        raise errors.invalid_token("page", "page_token", "the token is out of date")
+    return index
+
+
+# --- the servicer ---------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """What the servicer serves: export pools in configuration order, the embedded host's
+    images (for ClearRange at the source), and the shutdown signal."""
+
+    pools: Mapping[str, ExportPool]
+    images: Mapping[str, Image] = field(default_factory=dict)
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pool(self, name: str) -> ExportPool:
+        pool = self.pools.get(name)
+        if pool is None:
+            raise errors.export_not_found(name)
+        return pool
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError) -> None:
+    # grpc-stubs lacks abort_with_status (grpc.aio has it since 1.38).
+    await cast(Any, context).abort_with_status(err.grpc_status())
+
+
+def _map(exc: BaseException, pool: ExportPool | None, name: str = "") -> GatewayError:
+    if pool is None:
+        return errors.from_exception(exc, export=name)
+    return errors.from_exception(
+        exc, export=pool.name, host=pool.host.name, retry_after=pool.host.retry_after()
+    )
+
+
+class BitmapServicer(pb_grpc.BitmapServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # --- shared ----------------------------------------------------------------------------
+
+    async def _unary(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        pool: ExportPool | None,
+        body: Callable[[], Awaitable[T]],
+    ) -> T:
+        try:
+            return await body()
+        except GatewayError as err:
+            await _abort(context, err)
+        except Exception as exc:
+            if not isinstance(exc, OSError | _NBD_ERRORS):
+                log.exception("unexpected failure")
+            await _abort(context, _map(exc, pool))
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    def _export_message(self, pool: ExportPool, snap: ExportSnapshot | None) -> pb.Export:
+        cfg = pool.config
+        msg = pb.Export(
+            name=f"exports/{cfg.name}",
+            nbd_export_name=cfg.nbd_export,
+            description=cfg.description,
+            host=pool.host.name,
+            state=pb.EXPORT_STATE_AVAILABLE if snap is not None else pb.EXPORT_STATE_UNAVAILABLE,
+            read_only=cfg.read_only,
+            clear_mode=self._export_clear_mode(pool)[0],
+        )
+        if snap is None:
+            return msg
+        if snap.description and not cfg.description:
+            msg.description = snap.description
+        msg.nbd_export_name = snap.nbd_export_name or cfg.nbd_export
+        msg.size_bytes = snap.size
+        msg.transmission_flags = int(snap.flags)
+        msg.read_only = cfg.read_only or snap.read_only
+        if snap.block_size is not None:
+            bs = snap.block_size
+            msg.block_sizes.CopyFrom(
+                pb.BlockSizes(
+                    minimum_bytes=bs.minimum, preferred_bytes=bs.preferred, maximum_bytes=bs.maximum
+                )
+            )
+        for flag, attr in _FLAG_FIELDS.items():
+            setattr(msg.flags, attr, bool(snap.flags & flag))
+        return msg
+
+    def _image(self, pool: ExportPool) -> Image | None:
+        if pool.host.name != EMBEDDED_HOST:
+            return None
+        return self.backend.images.get(pool.name)
+
+    def _export_clear_mode(self, pool: ExportPool) -> tuple[pb.ClearMode.ValueType, str]:
+        image = self._image(pool)
+        if image is None:
+            return pb.CLEAR_MODE_UNSUPPORTED, (
+                f"NBD has no command to clear a bitmap and host {pool.host.name} is not the"
+                " gateway's embedded host (a gateway-side ledger is not available yet)"
+            )
+        if image.read_only:
+            return pb.CLEAR_MODE_UNSUPPORTED, "the image is open read-only"
+        return pb.CLEAR_MODE_AT_SOURCE, ""
+
+    def _bitmap_clear_mode(
+        self, pool: ExportPool, context: str
+    ) -> tuple[pb.ClearMode.ValueType, str]:
+        mode, why = self._export_clear_mode(pool)
+        if mode != pb.CLEAR_MODE_AT_SOURCE:
+            return mode, why
+        if not context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+            return pb.CLEAR_MODE_UNSUPPORTED, "only dirty bitmaps (qemu:dirty-bitmap:NAME) clear"
+        return mode, ""
+
+    async def _snapshot(self, pool: ExportPool) -> ExportSnapshot:
+        async def fetch(client: NBDClient) -> ExportSnapshot:
+            assert pool.snapshot is not None  # set by every lease
+            return pool.snapshot
+
+        return await pool.run((), fetch)
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    async def ListExports(
+        self, request: pb.ListExportsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListExportsResponse:
+        async def body() -> pb.ListExportsResponse:
+            size = page_size(request.page_size)
+            names = list(self.backend.pools)
+            start = decode_page(request.page_token, "exports", len(names))
+            page = names[start : start + size]
+
+            async def describe(name: str) -> pb.Export:
+                pool = self.backend.pools[name]
+                snap: ExportSnapshot | None = None
+                if pool.host.up:
+                    try:
+                        snap = await asyncio.wait_for(self._snapshot(pool), timeout=5)
+                    except Exception as exc:
+                        log.info("export %s: %s", name, exc)
+                return self._export_message(pool, snap)
+
+            exports = await asyncio.gather(*(describe(n) for n in page))
+            end = start + len(page)
+            token = encode_page("exports", end) if end < len(names) else ""
+            return pb.ListExportsResponse(exports=exports, next_page_token=token)
+
+        return await self._unary(context, None, body)
+
+    async def GetExport(
+        self, request: pb.GetExportRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Export:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.Export:
+            nonlocal pool
+            pool = self.backend.pool(export_id(request.name, "name"))
+            return self._export_message(pool, await self._snapshot(pool))
+
+        return await self._unary(context, pool, body)
+
+    async def ListBitmaps(
+        self, request: pb.ListBitmapsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListBitmapsResponse:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.ListBitmapsResponse:
+            nonlocal pool
+            name = export_id(request.parent, "parent")
+            size = page_size(request.page_size)
+            pool = self.backend.pool(name)
+            scope = f"bitmaps/{name}"
+            decode_page(request.page_token, scope, 1 << 62)  # malformed or foreign: fail early
+            if not pool.host.up:
+                raise pool.host.unavailable(name)
+            snap = await self._snapshot(pool)
+            try:
+                contexts = await pool.host.list_contexts(pool.config.nbd_export)
+            except Exception as exc:
+                pool.host.report_failure(exc)
+                raise
+            start = decode_page(request.page_token, scope, len(contexts))
+            page = contexts[start : start + size]
+            image = self._image(pool)
+            bitmaps = []
+            for ctx in page:
+                mode, why = self._bitmap_clear_mode(pool, ctx)
+                bm = pb.Bitmap(
+                    name=f"exports/{name}/bitmaps/{ctx}",
+                    context=ctx,
+                    kind=bitmap_kind(ctx),
+                    export_size_bytes=snap.size,
+                    clear_mode=mode,
+                    clear_unsupported_reason=why,
+                )
+                short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+                if image is not None and short != ctx and short in image.bitmaps:
+                    bitmap = image.bitmaps[short]
+                    bm.granularity_bytes = bitmap.granularity
+                    bm.recording = bitmap.enabled
+                    bm.dirty_bytes = bitmap.dirty_bytes()
+                bitmaps.append(bm)
+            end = start + len(page)
+            token = encode_page(scope, end) if end < len(contexts) else ""
+            return pb.ListBitmapsResponse(bitmaps=bitmaps, next_page_token=token)
+
+        return await self._unary(context, pool, body)
+
+    async def ClearRange(
+        self, request: pb.ClearRangeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ClearRangeResponse:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.ClearRangeResponse:
+            nonlocal pool
+            violations = []
+            name = ctx = ""
+            try:
+                name = export_id(request.export, "export")
+            except GatewayError as err:
+                violations += _violations(err)
+            try:
+                ctx = context_name(request.bitmap, "bitmap")
+            except GatewayError as err:
+                violations += _violations(err)
+            if request.length == 0:
+                violations.append(("length", "must not be 0"))
+            elif request.offset + request.length > U64_MAX:
+                violations.append(("length", "offset + length overflows 64 bits"))
+            if violations:
+                raise errors.invalid_fields(violations)
+            pool = self.backend.pool(name)
+            mode, why = self._bitmap_clear_mode(pool, ctx)
+            image = self._image(pool)
+            if mode != pb.CLEAR_MODE_AT_SOURCE or image is None:
+                if image is not None and image.read_only:
+                    raise errors.read_only(name, ctx, why)
+                raise errors.clear_not_supported(name, ctx, why)
+            short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+            if short not in image.bitmaps:
+                raise errors.bitmap_not_found(
+                    name, ctx, [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
+                )
+            _check_range(request.offset, request.length, image.size)
+            # The image is shared with the embedded NBD server's worker thread; Image locks
+            # its bitmaps, and the clear may fsync, so it runs off the event loop.
+            cleared = await asyncio.to_thread(
+                image.clear_bitmap_range, short, request.offset, request.length
+            )
+            return pb.ClearRangeResponse(
+                cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
+                cleared_bytes=sum(n for _, n in cleared),
+                clear_mode=pb.CLEAR_MODE_AT_SOURCE,
+                granularity_bytes=image.bitmaps[short].granularity,
+            )
+
+        return await self._unary(context, pool, body)
+
+    # Writes with context.write (so it can end with a status after messages), not by yielding.
+    async def StreamExtents(  # type: ignore[override]
+        self, request: pb.StreamExtentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        stream: _ExtentStream | None = None
+        pool: ExportPool | None = None
+        try:
+            plan = _StreamPlan.from_request(request)
+            pool = self.backend.pool(plan.export)
+            stream = _ExtentStream(plan, pool, context, self.backend.shutdown)
+            await stream.run()
+        except GatewayError as err:
+            await _abort(context, _resumable(err, stream))
+        except Exception as exc:
+            if not isinstance(exc, OSError | _NBD_ERRORS):
+                log.exception("unexpected failure in StreamExtents")
+            await _abort(context, _resumable(_map(exc, pool), stream))
+
+
+def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
+    if stream is not None and stream.started and err.code == grpc.StatusCode.UNAVAILABLE:
+        return err.with_resume(stream.sent_offset, stream.plan.token(stream.sent_offset))
+    return err
+
+
+def _violations(err: GatewayError) -> list[tuple[str, str]]:
+    from google.rpc import error_details_pb2
+
+    out = []
+    for detail in err.details:
+        if isinstance(detail, error_details_pb2.BadRequest):
+            out += [(v.field, v.description) for v in detail.field_violations]
+    return out
+
+
+def _check_range(offset: int, length: int | None, size: int) -> int:
+    """Check ``[offset, offset + length)`` against the export; returns the end."""
+    if offset >= size:
+        raise errors.range_past_end("offset", offset, size, "offset")
+    end = size if length is None else offset + length
+    if end > size:
+        raise errors.range_past_end("length", end, size, "end of range offset + length =")
+    return end
+
+
+_NBD_ERRORS = (NBDError,)
+
+
+# --- StreamExtents ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StreamPlan:
+    """A validated StreamExtents request."""
+
+    export: str
+    context: str
+    offset: int
+    length: int | None
+    filter: int
+    merge_allocation: bool
+    include_data: bool
+    resume_token: str
+    resume_offset: int | None
+    max_extents: int
+
+    @classmethod
+    def from_request(cls, r: pb.StreamExtentsRequest) -> _StreamPlan:
+        violations: list[tuple[str, str]] = []
+        export = ctx = ""
+        try:
+            export = export_id(r.export, "export")
+        except GatewayError as err:
+            violations += _violations(err)
+        try:
+            ctx = context_name(r.context, "context")
+        except GatewayError as err:
+            violations += _violations(err)
+        length = r.length if r.HasField("length") else None
+        if length == 0:
+            violations.append(("length", "must not be 0 (leave it unset for the whole export)"))
+        elif length is not None and r.offset + length > U64_MAX:
+            violations.append(("length", "offset + length overflows 64 bits"))
+        if r.filter not in pb.ExtentFilter.values():
+            violations.append(("filter", f"unknown filter value {r.filter}"))
+        if violations:
+            raise errors.invalid_fields(violations)
+        flt = pb.EXTENT_FILTER_ALL if r.filter == pb.EXTENT_FILTER_UNSPECIFIED else r.filter
+        max_extents = min(r.max_extents_per_message or DEFAULT_EXTENTS_PER_MESSAGE, 65536)
+        plan = cls(
+            export=export,
+            context=ctx,
+            offset=r.offset,
+            length=length,
+            filter=flt,
+            merge_allocation=r.merge_allocation or r.include_data,
+            include_data=r.include_data,
+            resume_token=r.resume_token,
+            resume_offset=r.resume_offset if r.HasField("resume_offset") else None,
+            max_extents=max_extents,
+        )
+        if plan.resume_token:
+            pos = decode_resume(plan.resume_token, plan.fingerprint)
+            if plan.resume_offset is not None and plan.resume_offset != pos:
+                raise errors.invalid_fields(
+                    [("resume_offset", f"disagrees with resume_token (which says {pos})")]
+                )
+        return plan
+
+    @property
+    def fingerprint(self) -> bytes:
+        return _fingerprint(
+            self.export,
+            self.context,
+            self.offset,
+            self.length,
+            self.filter,
+            self.merge_allocation,
+            self.include_data,
+        )
+
+    def token(self, offset: int) -> str:
+        return encode_resume(self.fingerprint, offset)
+
+    def start(self, end: int) -> int:
+        """Where the stream starts: the range start, or the resume position."""
+        if self.resume_token:
+            pos = decode_resume(self.resume_token, self.fingerprint)
+            field_name = "resume_token"
+        elif self.resume_offset is not None:
+            pos, field_name = self.resume_offset, "resume_offset"
+        else:
+            return self.offset
+        if not self.offset <= pos <= end:
+            raise errors.invalid_fields(
+                [(field_name, f"resume position {pos} is outside the range [{self.offset}, {end}]")]
+            )
+        return pos
+
+
+class _Message:
+    """One StreamExtentsResponse under construction."""
+
+    __slots__ = (
+        "data_len",
+        "deltas",
+        "end",
+        "flags",
+        "kinds",
+        "last",
+        "lengths",
+        "offset",
+        "reads",
+    )
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # coverage start
+        self.end = offset  # coverage end so far
+        self.last = offset  # end of the last extent added
+        self.deltas = array("Q")
+        self.lengths = array("Q")
+        self.flags = array("Q")
+        self.kinds = array("B")
+        self.reads: list[tuple[int, int]] = []
+        self.data_len = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, start: int, length: int, flags: int, kind: int) -> None:
+        self.deltas.append(start - self.last)
+        self.lengths.append(length)
+        self.flags.append(flags)
+        self.kinds.append(kind)
+        self.last = self.end = start + length
+
+
+class _ExtentStream:
+    """One StreamExtents call: reads batches, shapes them into messages, writes them."""
+
+    def __init__(
+        self,
+        plan: _StreamPlan,
+        pool: ExportPool,
+        context: grpc.aio.ServicerContext[Any, Any],
+        shutdown: asyncio.Event,
+    ) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.context = context
+        self.shutdown = shutdown
+        self.started = False
+        self.sent_offset = plan.offset  # everything before it has been delivered
+        self.range_end = 0
+        self.messages = 0
+        self._last_send = time.monotonic()
+
+    async def run(self) -> None:
+        plan = self.plan
+        want_alloc = plan.merge_allocation and plan.context != CONTEXT_BASE_ALLOCATION
+        contexts = [plan.context, CONTEXT_BASE_ALLOCATION] if want_alloc else [plan.context]
+        if self.shutdown.is_set():
+            raise errors.shutting_down()
+        async with self.pool.connection(contexts) as client:
+            if plan.context not in client.meta_contexts:
+                offered = await self._offered()
+                raise errors.bitmap_not_found(plan.export, plan.context, offered)
+            self.range_end = _check_range(plan.offset, plan.length, client.size)
+            start = plan.start(self.range_end)
+            self.sent_offset = start
+            self.started = True
+            have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
+            columns = [c for c in contexts if c in client.meta_contexts]
+            msg = _Message(start)
+            if start < self.range_end:
+                # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
+                # settable attribute where NBDClient has a property (same value).
+                batches: AsyncGenerator[Any, None] = iter_extents(  # type: ignore[assignment]
+                    cast(Any, client),
+                    columns,
+                    start,
+                    self.range_end - start,
+                    max_extents=plan.max_extents,
+                )
+                try:
+                    async for batch in _until(batches, self.shutdown):
+                        if self.shutdown.is_set():
+                            break
+                        flags = batch.flags[0]
+                        if plan.merge_allocation:
+                            alloc = (
+                                batch.flags[-1] if have_alloc else array("Q", bytes(8 * len(flags)))
+                            )
+                            kinds = array("B", (_KIND[a & 3] for a in alloc))
+                            lengths, (flags, kinds) = merge_runs(batch.lengths, (flags, kinds))
+                        else:
+                            lengths, kinds = batch.lengths, None
+                        msg = await self._shape(client, msg, batch.offset, lengths, flags, kinds)
+                finally:
+                    await batches.aclose()
+                if self.shutdown.is_set():
+                    raise errors.shutting_down()
+            if len(msg) or msg.end > msg.offset or self.messages == 0:
+                msg.end = self.range_end
+                await self._send(client, msg)
+
+    async def _offered(self) -> list[str]:
+        try:
+            return await self.pool.host.list_contexts(self.pool.config.nbd_export)
+        except Exception:
+            return []
+
+    async def _shape(
+        self,
+        client: NBDClient,
+        msg: _Message,
+        offset: int,
+        lengths: array[int],
+        flags: array[int],
+        kinds: array[int] | None,
+    ) -> _Message:
+        """Add one batch of rows to the messages; send every message that fills up."""
+        plan = self.plan
+        n = len(lengths)
+        starts = list(accumulate(lengths, initial=offset))
+        batch_end = starts[-1]
+        if plan.filter == pb.EXTENT_FILTER_SET:
+            rows: Any = compress(range(n), (f != 0 for f in flags))
+        elif plan.filter == pb.EXTENT_FILTER_CLEAR:
+            rows = compress(range(n), (f == 0 for f in flags))
+        else:
+            rows = range(n)
+        if kinds is None and plan.filter == pb.EXTENT_FILTER_ALL:
+            # Fast path (the common full map): whole slices of the columns.
+            i = 0
+            while i < n:
+                take = min(plan.max_extents - len(msg), n - i)
+                msg.deltas.extend(array("Q", bytes(8 * take)))
+                msg.lengths.extend(lengths[i : i + take])
+                msg.flags.extend(flags[i : i + take])
+                i += take
+                msg.last = msg.end = starts[i]
+                if len(msg) >= plan.max_extents:
+                    msg = await self._send(client, msg)
+            return msg
+        for i in rows:
+            start, length = starts[i], lengths[i]
+            kind = kinds[i] if kinds is not None else 0
+            while (
+                plan.include_data and kind == _DATA and msg.data_len + length > MAX_DATA_PER_MESSAGE
+            ):
+                # Split a data extent so that no message carries more than 1 MiB.
+                part = MAX_DATA_PER_MESSAGE - msg.data_len
+                if part:
+                    msg.add(start, part, flags[i], kind)
+                    msg.reads.append((start, part))
+                    msg.data_len += part
+                start += part
+                length -= part
+                msg = await self._send(client, msg)
+            msg.add(start, length, flags[i], kind)
+            if plan.include_data and kind == _DATA:
+                msg.reads.append((start, length))
+                msg.data_len += length
+            if len(msg) >= plan.max_extents or msg.data_len >= MAX_DATA_PER_MESSAGE:
+                msg = await self._send(client, msg)
+        msg.end = batch_end
+        if not len(msg) and time.monotonic() - self._last_send > PROGRESS_INTERVAL:
+            msg = await self._send(client, msg)
+        return msg
+
+    async def _send(self, client: NBDClient, msg: _Message) -> _Message:
+        if self.shutdown.is_set():
+            raise errors.shutting_down()
+        resp = pb.StreamExtentsResponse(
+            offset=msg.offset,
+            next_offset=msg.end,
+            resume_token=self.plan.token(msg.end),
+            range_end=self.range_end,
+        )
+        resp.offset_deltas.extend(msg.deltas)
+        resp.lengths.extend(msg.lengths)
+        resp.flags.extend(msg.flags)
+        if self.plan.merge_allocation:
+            # nbdcore.extents.Allocation (DATA 0, ZERO 1, HOLE 2) -> proto (DATA 1...).
+            resp.allocation.extend([pb.Allocation.ValueType(k + 1) for k in msg.kinds])
+        if msg.reads:
+            parts = await asyncio.gather(*(client.pread(o, n) for o, n in msg.reads))
+            resp.data = b"".join(parts)
+        await self.context.write(resp)
+        self.messages += 1
+        self.sent_offset = msg.end
+        self._last_send = time.monotonic()
+        return _Message(msg.end)
+
+
+# base:allocation flags & 3 -> nbdcore.extents.Allocation value (DATA 0, ZERO 1, HOLE 2).
+_DATA = 0
+_KIND = bytes([0, 0, 1, 2])
+assert NBD_STATE_HOLE == 1 and NBD_STATE_ZERO == 2
+
+
+async def _until(batches: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+    """The items of ``batches`` until ``stop`` is set, even while waiting for the next one
+    (a slow NBD host must not hold up shutdown)."""
+    while True:
+        step: asyncio.Future[T] = asyncio.ensure_future(anext(batches))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {step, stopper}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+        if step.cancelled():
+            return
+        try:
+            item = step.result()
+        except StopAsyncIteration:
+            return
+        yield item
