@@ -345,14 +345,12 @@ class ServerConnection:
             out.extend(p for _, p in parts if not isinstance(p, int))
             return
         last = len(parts) - 1
-        ext = self.neg.extended
         for i, (at, piece) in enumerate(parts):
             flags = NBD_REPLY_FLAG_DONE if i == last else 0
             if isinstance(piece, int):
-                if ext:
-                    body = wire.OFFSET_HOLE_EXT.pack(at, piece)
-                else:
-                    body = wire.OFFSET_HOLE.pack(at, piece)
+                # The hole stays offset u64 + size u32 under extended headers too (qemu >= 8.2
+                # rejects a 16-byte hole chunk); a read is at most max_payload long anyway.
+                body = wire.OFFSET_HOLE.pack(at, piece)
                 out.append(self._chunk_header(flags, ReplyType.OFFSET_HOLE, request, len(body)))
                 out.append(body)
             else:

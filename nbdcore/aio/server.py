@@ -569,7 +569,7 @@ class _Connection:
 
 
 def _write(image: Image, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
-    image.write(data, offset, fua=fua)
+    image.write(memoryview(data), offset, fua=fua)
 
 
 def _trim(image: Image, offset: int, length: int, fua: bool) -> None:

@@ -1,10 +1,133 @@
-"""Placeholder: its owner fills in the commands."""
+"""``nbdgw nbd serve``: export a raw disk image and its dirty bitmaps over NBD."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+import sys
 from typing import Any
+
+from nbdcore.exceptions import NBDError, UsageError
+from nbdcore.tools import subgroup
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add this module's subcommands to ``sub`` (``groups`` shares nested groups by name)."""
+    """Add ``nbd serve`` to the shared ``nbd`` group."""
+    nbd = subgroup(groups, "nbd", "NBD client and server tools")
+    p = nbd.add_parser(
+        "serve",
+        help="serve a disk image and its dirty bitmaps over NBD",
+        description=(
+            "Serve DISK (a raw image, with bitmaps in DISK.nbdgw/) over NBD. Each bitmap is "
+            "exported as the metadata context qemu:dirty-bitmap:NAME beside base:allocation."
+        ),
+    )
+    p.add_argument("disk", metavar="DISK", help="raw disk image")
+    p.add_argument("--export", default="", help="export name (default: the empty name)")
+    p.add_argument("--description", default="", help="export description")
+    p.add_argument(
+        "--bitmap",
+        action="append",
+        metavar="NAME",
+        help="export this bitmap (repeatable; default: every bitmap of the image)",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
+    where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any)")
+    p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA that client certificates must chain to")
+    p.add_argument(
+        "--tls-required", action="store_true", help="refuse clients that do not start TLS"
+    )
+    p.add_argument("--max-connections", type=int, default=64, metavar="N")
+    p.set_defaults(func=serve)
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from nbdcore.aio.server import ExportConfig, NBDServer, ServerLimits
+    from nbdcore.storage.image import Image
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        from nbdcore.tls import server_context
+
+        tls = server_context(
+            args.tls_cert, args.tls_key, args.tls_ca, require_client_cert=bool(args.tls_ca)
+        )
+    elif args.tls_required or args.tls_ca:
+        raise UsageError("--tls-required and --tls-ca need --tls-cert and --tls-key")
+    listen = _parse_listen(args.listen) if args.listen else None
+
+    image = Image.open(args.disk, read_only=args.read_only)
+    try:
+        export = ExportConfig(
+            name=args.export,
+            image=image,
+            description=args.description,
+            read_only=args.read_only,
+            bitmaps=args.bitmap,
+        )
+        server = NBDServer(
+            [export],
+            tls=tls,
+            tls_required=args.tls_required,
+            limits=ServerLimits(max_connections=args.max_connections),
+        )
+        if listen is not None:
+            host, port = await server.start_tcp(*listen)
+            where = f"nbd://{host}:{port}/{args.export}"
+        else:
+            await server.start_unix(args.socket)
+            where = f"nbd+unix:///{args.export}?socket={args.socket}"
+        print(f"serving {args.disk} at {where}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            print("stopping", file=sys.stderr, flush=True)
+            await server.close()
+            if args.socket:
+                with contextlib.suppress(OSError):
+                    import os
+
+                    os.unlink(args.socket)
+    finally:
+        image.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nbdcore.tools.server_cmds DISK ...``: the same command without the gateway
+    (handy where only nbdcore is installed)."""
+    parser = argparse.ArgumentParser(prog="nbdgw-nbd")
+    groups: dict[str, Any] = {"": parser.add_subparsers(dest="command", metavar="COMMAND")}
+    register(groups[""], groups)
+    args = parser.parse_args(["nbd", "serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, NBDError) as exc:
+        print(f"nbdgw: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
