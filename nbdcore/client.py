@@ -925,6 +925,7 @@ class ClientConnection:
         elif req.command == Cmd.READ and req.length:
             assert req.buffer is not None
             yield from self._read_into(req.buffer)
+            req.covered = req.length
         self._complete(req)
 
     def _complete(self, req: _Request) -> None:
