@@ -1,10 +1,641 @@
-"""Placeholder: its owner fills in the commands."""
+"""The gRPC client side of ``nbdgw``: commands against a running gateway.
+
+``nbdgw exports``, ``nbdgw bitmaps EXPORT``, ``nbdgw extents EXPORT --bitmap CONTEXT`` (text and
+JSON byte-identical to ``nbdinfo --map`` / ``nbdinfo --map --json``, so the two can be diffed),
+``nbdgw clear EXPORT --bitmap CONTEXT --offset N --length N`` and ``nbdgw backup`` (in
+:mod:`gateway.backup`).
+
+The gateway is ``--target HOST:PORT`` (or ``$NBDGW_TARGET``, default 127.0.0.1:50051), with an
+optional bearer token (``--token`` / ``$NBDGW_TOKEN``) and TLS (``--tls-ca``, ``--tls-cert``,
+``--tls-key``). A failed call prints one line: the gRPC code, the message and the ErrorInfo
+reason, and the command exits with 1. Bad arguments print one line and exit with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# A data message holds at most 1 MiB of data plus its columns; leave room above the 4 MiB
+# default so that a gateway configured for more extents per message is still readable.
+MAX_RECEIVE_MESSAGE = 64 << 20
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+
+
+class CommandError(Exception):
+    """A local mistake in the command line (exit code 2), found after parsing."""
+
+
+class CommandFailed(Exception):
+    """The command cannot do its job for a reason the message explains (exit code 1)."""
+
+
+# --- Arguments -------------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``65536``, ``64k``, ``1M``, ``2GiB`` (binary multiples)."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64k, 1M, 2G)")
+    value = int(match.group(1)) << _SIZE_SHIFT[match.group(2).lower()]
+    if value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"size {text!r} does not fit in 64 bits")
+    return value
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse report a usage error as one line (no usage dump), exit code 2."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    group = parser.add_argument_group("gateway connection")
+    group.add_argument(
+        "--target",
+        default=env.get("NBDGW_TARGET", DEFAULT_TARGET),
+        metavar="HOST:PORT",
+        help=f"the gateway's address (env NBDGW_TARGET, default {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--token",
+        default=env.get("NBDGW_TOKEN") or None,
+        help="bearer token sent as 'authorization: Bearer TOKEN' (env NBDGW_TOKEN)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        default=env.get("NBDGW_TLS_CA") or None,
+        metavar="FILE",
+        help="use TLS, trusting this CA bundle (env NBDGW_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=env.get("NBDGW_TLS_CERT") or None,
+        metavar="FILE",
+        help="client certificate chain for mutual TLS (env NBDGW_TLS_CERT)",
+    )
+    group.add_argument(
+        "--tls-key",
+        default=env.get("NBDGW_TLS_KEY") or None,
+        metavar="FILE",
+        help="client private key for mutual TLS (env NBDGW_TLS_KEY)",
+    )
+    group.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="expect this name in the gateway's certificate instead of HOST",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline of each unary call (default 30)",
+    )
+
+
+# --- Connection ------------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """An open channel to a gateway, with the stub and the metadata every call carries."""
+
+    channel: grpc.aio.Channel
+    stub: Any  # pb_grpc.BitmapServiceStub over an aio channel
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close(None)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def connect(args: argparse.Namespace) -> Gateway:
+    """Open a channel as the connection arguments say (the channel connects lazily)."""
+    target: str = args.target
+    if not target or ":" not in target.rsplit("]", 1)[-1]:
+        raise CommandError(f"--target must be HOST:PORT, not {target!r}")
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
+        ("grpc.enable_http_proxy", 0),
+    ]
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("--tls-cert and --tls-key go together")
+    if args.tls_ca or args.tls_cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(args.tls_ca, "CA bundle"),
+            private_key=_read(args.tls_key, "private key"),
+            certificate_chain=_read(args.tls_cert, "certificate"),
+        )
+        if args.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+        channel = grpc.aio.secure_channel(target, creds, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    metadata: tuple[tuple[str, str], ...] = ()
+    if args.token:
+        metadata = (("authorization", f"Bearer {args.token}"),)
+    return Gateway(channel, pb_grpc.BitmapServiceStub(channel), metadata, args.timeout)
+
+
+# --- Errors ----------------------------------------------------------------------------------
+
+
+def error_details(exc: grpc.aio.AioRpcError) -> list[Any]:
+    """The decoded ``google.rpc.Status`` details of a failed call (ErrorInfo, BadRequest...)."""
+    raw = None
+    trailers: Any = exc.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == STATUS_DETAILS_KEY:
+            raw = value
+    if not isinstance(raw, bytes):
+        return []
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except Exception:  # a malformed trailer must not hide the error itself
+        return []
+    known = (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.BadRequest,
+        error_details_pb2.ResourceInfo,
+        error_details_pb2.PreconditionFailure,
+        error_details_pb2.RetryInfo,
+    )
+    details = []
+    for detail in status.details:
+        for cls in known:
+            if detail.Is(cls.DESCRIPTOR):
+                message = cls()
+                detail.Unpack(message)
+                details.append(message)
+    return details
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    for detail in error_details(exc):
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            return detail
+    return None
+
+
+def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    """One line: ``CODE: message [REASON]`` plus the first bad field, if any."""
+    code = exc.code()
+    name = code.name if code is not None else "UNKNOWN"
+    text = f"{name}: {(exc.details() or '').strip() or 'no message'}"
+    for detail in error_details(exc):
+        if isinstance(detail, error_details_pb2.ErrorInfo) and detail.reason:
+            text += f" [{detail.reason}]"
+        elif isinstance(detail, error_details_pb2.BadRequest):
+            for violation in detail.field_violations[:1]:
+                if violation.field and violation.field not in text:
+                    text += f" (field {violation.field})"
+    return " ".join(text.split())  # one line, whatever the server put in its message
+
+
+def command(
+    func: Callable[[argparse.Namespace], Awaitable[int]],
+) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """Turn gRPC failures and local mistakes into one line on stderr and an exit code."""
+
+    @wraps(func)
+    async def run(args: argparse.Namespace) -> int:
+        try:
+            return await func(args)
+        except grpc.aio.AioRpcError as exc:
+            print(f"nbdgw {args.command}: {describe_rpc_error(exc)}", file=sys.stderr)
+            return 1
+        except CommandError as exc:
+            print(f"nbdgw {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except CommandFailed as exc:
+            print(f"nbdgw {args.command}: {exc}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            # `nbdgw extents ... | head`: the reader left; not an error of ours.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+
+    return run
+
+
+# --- Streaming with resume ---------------------------------------------------------------------
+
+
+async def stream_extents(
+    gw: Gateway,
+    request: pb.StreamExtentsRequest,
+    *,
+    retries: int = 5,
+    backoff: float = 0.5,
+) -> AsyncIterator[pb.StreamExtentsResponse]:
+    """StreamExtents, resumed with its resume token when the stream ends UNAVAILABLE.
+
+    A gateway shutting down or losing its NBD host ends the stream with UNAVAILABLE and the
+    resume position; the same request with ``resume_token`` continues with no gap and no
+    repeat (the API's promise), so the caller sees one uninterrupted sequence of messages.
+    """
+    attempt = 0
+    req = pb.StreamExtentsRequest()
+    req.CopyFrom(request)
+    while True:
+        call = gw.stub.StreamExtents(req, metadata=gw.metadata)
+        try:
+            async for msg in call:
+                attempt = 0
+                req.resume_token = msg.resume_token
+                req.ClearField("resume_offset")
+                yield msg
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+                raise
+            info = error_info(exc)
+            if info is not None and info.metadata.get("resume_token"):
+                req.resume_token = info.metadata["resume_token"]
+                req.ClearField("resume_offset")
+            attempt += 1
+            await asyncio.sleep(backoff * 2 ** (attempt - 1))
+        finally:
+            call.cancel()
+
+
+def iter_rows(msg: pb.StreamExtentsResponse) -> Iterable[tuple[int, int, int, int]]:
+    """The extents of one message as ``(offset, length, flags, allocation)`` rows."""
+    pos = msg.offset
+    allocation = msg.allocation
+    for i, (delta, length, flags) in enumerate(
+        zip(msg.offset_deltas, msg.lengths, msg.flags, strict=True)
+    ):
+        pos += delta
+        yield pos, length, flags, (allocation[i] if allocation else 0)
+        pos += length
+
+
+def full_context_name(name: str) -> str:
+    """The API's shorthand: a name without ``:`` is a qemu dirty bitmap."""
+    return name if ":" in name else DIRTY_BITMAP_PREFIX + name
+
+
+# --- nbdinfo --map format ------------------------------------------------------------------------
+
+
+def extent_description(context: str, flags: int) -> str | None:
+    """What ``nbdinfo --map`` prints beside the flags of ``context`` (None: nothing)."""
+    if context == "base:allocation":
+        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(flags)
+    if context.startswith(DIRTY_BITMAP_PREFIX):
+        return {0: "clean", 1: "dirty"}.get(flags)
+    if context == "qemu:allocation-depth":
+        return {0: "absent", 1: "local"}.get(flags, f"backing depth {flags}")
+    return None
+
+
+class MapPrinter:
+    """Writes extents exactly as ``nbdinfo --map[ --json]`` does, coalescing adjacent extents of
+    equal flags (nbdinfo merges them too, so a split between messages never shows)."""
+
+    def __init__(self, context: str, out: TextIO, *, json_output: bool) -> None:
+        self.context = context
+        self.out = out
+        self.json = json_output
+        self.pending: list[int] | None = None  # [offset, length, flags]
+        self.count = 0
+        self.lines: list[str] = []
+
+    def add(self, offset: int, length: int, flags: int) -> None:
+        p = self.pending
+        if p is not None and p[0] + p[1] == offset and p[2] == flags:
+            p[1] += length
+            return
+        if p is not None:
+            self._emit(p[0], p[1], p[2])
+        self.pending = [offset, length, flags]
+
+    def _emit(self, offset: int, length: int, flags: int) -> None:
+        descr = extent_description(self.context, flags)
+        if self.json:
+            line = f'{{ "offset": {offset}, "length": {length}, "type": {flags}'
+            if descr is not None:
+                line += f', "description": {json.dumps(descr)}'
+            line += "}"
+            self.lines.append(line if self.count == 0 else ",\n" + line)
+        else:
+            line = f"{offset:10d}  {length:10d}  {flags:3d}"
+            if descr is not None:
+                line += f"  {descr}"
+            self.lines.append(line + "\n")
+        self.count += 1
+        if len(self.lines) >= 4096:
+            self.flush()
+
+    def begin(self) -> None:
+        if self.json:
+            self.out.write("[\n")
+
+    def flush(self) -> None:
+        self.out.write("".join(self.lines))
+        self.lines.clear()
+
+    def end(self) -> None:
+        if self.pending is not None:
+            self._emit(*self.pending)
+            self.pending = None
+        self.flush()
+        if self.json:
+            self.out.write("\n]\n")
+        self.out.flush()
+
+
+# --- Commands ----------------------------------------------------------------------------------
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f}".rstrip("0").rstrip(".") + unit
+    return str(size)
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def _print_json(messages: Sequence[Any], out: TextIO) -> None:
+    data = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in messages]
+    out.write(json.dumps(data, indent=2) + "\n")
+
+
+def _print_table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+@command
+async def cmd_exports(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        exports: list[pb.Export] = []
+        token = ""
+        while True:
+            resp = await gw.stub.ListExports(
+                pb.ListExportsRequest(page_token=token), metadata=gw.metadata, timeout=gw.timeout
+            )
+            exports.extend(resp.exports)
+            token = resp.next_page_token
+            if not token:
+                break
+    if args.json:
+        _print_json(exports, sys.stdout)
+        return 0
+    rows = [["NAME", "SIZE", "STATE", "HOST", "RO", "CLEAR", "DESCRIPTION"]]
+    for e in exports:
+        rows.append(
+            [
+                e.name.removeprefix("exports/"),
+                str(e.size_bytes) if args.bytes else _human(e.size_bytes),
+                _enum_name(pb.ExportState, e.state, "EXPORT_STATE_"),
+                e.host,
+                "yes" if e.read_only else "no",
+                _enum_name(pb.ClearMode, e.clear_mode, "CLEAR_MODE_"),
+                e.description,
+            ]
+        )
+    _print_table(rows, sys.stdout)
+    return 0
+
+
+@command
+async def cmd_bitmaps(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        bitmaps: list[pb.Bitmap] = []
+        token = ""
+        while True:
+            resp = await gw.stub.ListBitmaps(
+                pb.ListBitmapsRequest(parent=args.export, page_token=token),
+                metadata=gw.metadata,
+                timeout=gw.timeout,
+            )
+            bitmaps.extend(resp.bitmaps)
+            token = resp.next_page_token
+            if not token:
+                break
+    if args.json:
+        _print_json(bitmaps, sys.stdout)
+        return 0
+    rows = [["CONTEXT", "KIND", "GRANULARITY", "DIRTY", "RECORDING", "CLEAR"]]
+    for b in bitmaps:
+        clear = _enum_name(pb.ClearMode, b.clear_mode, "CLEAR_MODE_")
+        rows.append(
+            [
+                b.context,
+                _enum_name(pb.BitmapKind, b.kind, "BITMAP_KIND_"),
+                str(b.granularity_bytes) if b.granularity_bytes else "-",
+                str(b.dirty_bytes) if b.HasField("dirty_bytes") else "-",
+                ("yes" if b.recording else "no") if b.HasField("recording") else "-",
+                clear,
+            ]
+        )
+    _print_table(rows, sys.stdout)
+    return 0
+
+
+def _range_request(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if args.offset is not None:
+        fields["offset"] = args.offset
+    if args.length is not None:
+        if args.length == 0:
+            raise CommandError("--length must not be 0")
+        fields["length"] = args.length
+    return fields
+
+
+@command
+async def cmd_extents(args: argparse.Namespace) -> int:
+    context = full_context_name(args.bitmap)
+    fields = _range_request(args)
+    async with connect(args) as gw:
+        printer = MapPrinter(context, sys.stdout, json_output=args.json)
+        if args.offset is None and args.length is None:
+            # A zero-sized export has no range to stream; nbdinfo prints an empty map.
+            export = await gw.stub.GetExport(
+                pb.GetExportRequest(name=args.export), metadata=gw.metadata, timeout=gw.timeout
+            )
+            if export.size_bytes == 0:
+                printer.begin()
+                printer.end()
+                return 0
+        request = pb.StreamExtentsRequest(
+            export=args.export,
+            context=context,
+            filter=pb.EXTENT_FILTER_SET if args.dirty else pb.EXTENT_FILTER_ALL,
+            **fields,
+        )
+        stream = stream_extents(gw, request, retries=args.retries)
+        first = True
+        async for msg in stream:
+            if first:  # print nothing before the gateway accepted the request
+                printer.begin()
+                first = False
+            for offset, length, flags, _ in iter_rows(msg):
+                printer.add(offset, length, flags)
+        if first:
+            printer.begin()
+        printer.end()
+    return 0
+
+
+@command
+async def cmd_clear(args: argparse.Namespace) -> int:
+    if args.length == 0:
+        raise CommandError("--length must not be 0")
+    bitmap = full_context_name(args.bitmap)
+    async with connect(args) as gw:
+        resp = await gw.stub.ClearRange(
+            pb.ClearRangeRequest(
+                export=args.export, bitmap=bitmap, offset=args.offset, length=args.length
+            ),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        out = json_format.MessageToDict(
+            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        return 0
+    mode = _enum_name(pb.ClearMode, resp.clear_mode, "CLEAR_MODE_")
+    n = len(resp.cleared_ranges)
+    print(
+        f"cleared {resp.cleared_bytes} bytes in {n} range{'s' if n != 1 else ''} of {bitmap} "
+        f"(granularity {resp.granularity_bytes}, {mode})"
+    )
+    for r in resp.cleared_ranges:
+        print(f"{r.offset:10d}  {r.length:10d}")
+    if n == 0 and args.length:
+        print(
+            "nothing cleared: no whole granule lies inside the range",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add this module's subcommands to ``sub`` (``groups`` shares nested groups by name)."""
+    """Add exports, bitmaps, extents, clear and backup."""
+    from gateway import backup  # here, so that the two modules can share helpers
+
+    p = _one_line_errors(
+        sub.add_parser("exports", help="list the exports of a running gateway (gRPC)")
+    )
+    add_target_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.add_argument("--bytes", action="store_true", help="sizes in bytes")
+    p.set_defaults(func=cmd_exports)
+
+    p = _one_line_errors(
+        sub.add_parser("bitmaps", help="list the metadata contexts (bitmaps) of an export")
+    )
+    p.add_argument("export", metavar="EXPORT")
+    add_target_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.set_defaults(func=cmd_bitmaps)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "extents",
+            help="print the extent map of a context, as nbdinfo --map does",
+            description="Print the extents of one metadata context through the gateway, in "
+            "the format of 'nbdinfo --map' (text) or 'nbdinfo --map --json' (--json), so the "
+            "outputs can be compared byte for byte.",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument(
+        "--bitmap",
+        required=True,
+        metavar="CONTEXT",
+        help="metadata context (qemu:dirty-bitmap:NAME, base:allocation...; NAME alone "
+        "means qemu:dirty-bitmap:NAME)",
+    )
+    p.add_argument("--dirty", action="store_true", help="only extents whose flags are set")
+    p.add_argument("--offset", type=parse_size, default=None, help="start of the range")
+    p.add_argument("--length", type=parse_size, default=None, help="length of the range")
+    p.add_argument("--json", action="store_true", help="nbdinfo --map --json format")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="resume an interrupted stream this many times (default 5)",
+    )
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_extents)
+
+    p = _one_line_errors(
+        sub.add_parser("clear", help="clear (acknowledge) a range of a dirty bitmap")
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("--bitmap", required=True, metavar="CONTEXT", help="dirty bitmap context")
+    p.add_argument("--offset", type=parse_size, required=True, help="start of the range")
+    p.add_argument("--length", type=parse_size, required=True, help="length of the range")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_clear)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "backup",
+            help="copy the dirty (or all) data of an export into a local sparse image",
+            description=backup.DESCRIPTION,
+        )
+    )
+    backup.add_arguments(p)
+    add_target_arguments(p)
+    p.set_defaults(func=command(backup.run))

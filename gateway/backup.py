@@ -1,0 +1,506 @@
+"""``nbdgw backup``: an incremental (or full) backup of an export, through the gateway.
+
+The output is a sparse raw image the size of the export. An incremental backup writes the
+ranges the bitmap marks dirty (dirty ranges that read as zeroes become holes, without moving
+their bytes) and leaves the rest a hole; ``--full`` writes every allocated range.
+
+Crash safety rests on one ordering, per checkpoint (a few MiB of stream at most):
+
+1. the data of every range up to ``next_offset`` is written and fsync'd;
+2. with ``--clear``, those dirty ranges are cleared in the bitmap (ClearRange);
+3. the sidecar state file (``OUTPUT.nbdgw-backup.json``) is replaced atomically with the new
+   ``next_offset``.
+
+A crash between 1 and 2 leaves the range dirty: the resumed run copies it again (harmless). A
+crash between 2 and 3 leaves the range clean but the resumed run still starts before it: the
+stream reports it clean, the bytes already on disk stay, and nothing is lost. Only a range that
+is on disk is ever cleared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway.commands import (
+    CommandError,
+    CommandFailed,
+    Gateway,
+    connect,
+    full_context_name,
+    iter_rows,
+    parse_size,
+    stream_extents,
+)
+from nbdgw.v1 import bitmap_service_pb2 as pb
+
+DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
+through the gateway into OUTPUT, a sparse raw image the size of the export: an incremental
+backup. Dirty ranges that read as zeroes become holes. Progress is fsync'd and recorded in
+OUTPUT.nbdgw-backup.json, so an interrupted backup continues exactly with --resume. With
+--clear, each range is cleared in the bitmap (ClearRange) once it is safely on disk."""
+
+STATE_SUFFIX = ".nbdgw-backup.json"
+STATE_VERSION = 1
+
+# fallocate(2) flags (linux/falloc.h).
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1 << 20
+
+
+class BackupError(CommandFailed):
+    """A backup cannot start or go on; the message says why and what to do."""
+
+
+def state_path(output: Path) -> Path:
+    return output.with_name(output.name + STATE_SUFFIX)
+
+
+@dataclass
+class BackupState:
+    """What a resumed run must know, and must check, to continue exactly where one stopped."""
+
+    export: str
+    context: str
+    size: int
+    full: bool
+    clear: bool
+    next_offset: int = 0
+    # Dirty runs [offset, length] already on disk but not yet cleared: a run reaching a
+    # checkpoint may go on past it, and ClearRange clears only whole granules, so it is
+    # cleared once its end is known (after a resume too).
+    pending_clear: list[list[int]] = field(default_factory=list)
+    complete: bool = False
+    bytes_written: int = 0
+    bytes_cleared: int = 0
+    started: float = field(default_factory=time.time)
+    updated: float = 0.0
+    version: int = STATE_VERSION
+
+    @classmethod
+    def load(cls, path: Path) -> BackupState:
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+                raise ValueError(f"unknown state version {raw.get('version')!r}")
+            state = cls(**raw)
+            for name in ("size", "next_offset", "bytes_written", "bytes_cleared"):
+                value = getattr(state, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"bad {name} {value!r}")
+            if state.next_offset > state.size:
+                raise ValueError("next_offset is past the end")
+            state.pending_clear = [[int(o), int(n)] for o, n in state.pending_clear]
+        except FileNotFoundError:
+            raise
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise BackupError(f"{path}: not a usable backup state file: {exc}") from None
+        return state
+
+    def save(self, path: Path) -> None:
+        """Replace ``path`` atomically: a crash leaves the old or the new state, never half."""
+        self.updated = time.time()
+        tmp = path.with_name(path.name + ".tmp")
+        data = json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputImage:
+    """The raw output file: positional writes, holes for zero ranges, fsync."""
+
+    def __init__(self, path: Path, size: int, *, create: bool) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        self.path = path
+        self.fd = os.open(path, flags, 0o644)
+        try:
+            current = os.fstat(self.fd).st_size
+            if not create and current != size:
+                raise BackupError(
+                    f"{path}: size {current} does not match the export size {size}; "
+                    "it is not the output of this backup"
+                )
+            os.ftruncate(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._fallocate: Any = None
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            self._fallocate = libc.fallocate
+            self._fallocate.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+            ]
+
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` read as zeroes, as a hole when possible.
+
+        In a fresh file the range is a hole already: SEEK_DATA finds no data in it and nothing
+        is done. Data can be there after a resume (the source changed since the first run).
+        """
+        end = offset + length
+        try:
+            if os.lseek(self.fd, offset, os.SEEK_DATA) >= end:
+                return
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset at all
+                return
+        if self._fallocate is not None:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if self._fallocate(self.fd, mode, offset, length) == 0:
+                return
+        zeroes = bytes(min(_ZERO_CHUNK, length))
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            self.write(memoryview(zeroes)[:n], offset)
+            offset += n
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.total = max(total, 1)
+        self.start = start
+        self.t0 = time.monotonic()
+        self.last = 0.0
+
+    def update(self, offset: int, copied: int, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        pct = 100.0 * offset / self.total
+        width = 30
+        filled = int(width * offset / self.total)
+        rate = copied / max(now - self.t0, 1e-6) / (1 << 20)
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r[{bar}] {pct:5.1f}%  {copied >> 20} MiB copied  {rate:.1f} MiB/s")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("output", metavar="OUTPUT", type=Path, help="the backup image to write")
+    p.add_argument(
+        "--bitmap",
+        metavar="CONTEXT",
+        help="the dirty bitmap (qemu:dirty-bitmap:NAME, or NAME); with --full it is optional "
+        "(base:allocation) and says what --clear clears",
+    )
+    p.add_argument(
+        "--full", action="store_true", default=None, help="copy all allocated data, not only dirty"
+    )
+    p.add_argument(
+        "--clear",
+        action="store_true",
+        default=None,
+        help="clear each dirty range in the bitmap once it is safely on disk",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted backup recorded in OUTPUT.nbdgw-backup.json",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=parse_size,
+        default=32 << 20,
+        metavar="SIZE",
+        help="fsync and record progress after this much data at most (default 32M)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="resume an interrupted stream this many times (default 5)",
+    )
+
+
+async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
+    bitmaps: list[pb.Bitmap] = []
+    token = ""
+    while True:
+        resp = await gw.stub.ListBitmaps(
+            pb.ListBitmapsRequest(parent=export, page_token=token),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+        bitmaps.extend(resp.bitmaps)
+        token = resp.next_page_token
+        if not token:
+            return bitmaps
+
+
+def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
+    if runs and runs[-1][0] + runs[-1][1] == offset:
+        runs[-1][1] += length
+    else:
+        runs.append([offset, length])
+
+
+class _Backup:
+    """One run of a backup: the stream, the output file, the checkpoints."""
+
+    def __init__(
+        self, gw: Gateway, state: BackupState, spath: Path, out: OutputImage, checkpoint: int
+    ) -> None:
+        self.gw = gw
+        self.state = state
+        self.spath = spath
+        self.out = out
+        self.checkpoint_bytes = max(checkpoint, 1)
+        self.dirty: list[list[int]] = [list(r) for r in state.pending_clear]
+        self.unsynced = 0
+        self.last_sync = time.monotonic()
+        self.copied = 0
+
+    async def checkpoint(self, next_offset: int, *, final: bool) -> None:
+        """fsync, then clear what is on disk, then record the new position (see the module
+        docstring for why this order)."""
+        self.out.sync()
+        state = self.state
+        if state.clear:
+            keep: list[list[int]] = []
+            # A run that reaches the checkpoint may continue in the next message.
+            if not final and self.dirty and sum(self.dirty[-1]) == next_offset:
+                keep.append(self.dirty.pop())
+            for offset, length in self.dirty:
+                resp = await self.gw.stub.ClearRange(
+                    pb.ClearRangeRequest(
+                        export=state.export, bitmap=state.context, offset=offset, length=length
+                    ),
+                    metadata=self.gw.metadata,
+                    timeout=self.gw.timeout,
+                )
+                state.bytes_cleared += resp.cleared_bytes
+            self.dirty = keep
+        state.pending_clear = [list(r) for r in self.dirty]
+        state.next_offset = next_offset
+        state.complete = final
+        state.save(self.spath)
+        self.unsynced = 0
+        self.last_sync = time.monotonic()
+
+    async def run(self, progress: Progress) -> None:
+        state = self.state
+        if state.next_offset < state.size:
+            request = pb.StreamExtentsRequest(
+                export=state.export,
+                context=state.context,
+                filter=pb.EXTENT_FILTER_ALL if state.full else pb.EXTENT_FILTER_SET,
+                include_data=True,
+            )
+            if state.next_offset:
+                request.resume_offset = state.next_offset
+            async for msg in stream_extents(self.gw, request, retries=self._retries):
+                self._apply(msg)
+                progress.update(msg.next_offset, self.copied)
+                if msg.next_offset >= state.size:
+                    break
+                if (
+                    self.unsynced >= self.checkpoint_bytes
+                    or time.monotonic() - self.last_sync >= 5.0
+                ):
+                    await self.checkpoint(msg.next_offset, final=False)
+        # A stream that ends with OK covered the whole range.
+        await self.checkpoint(state.size, final=True)
+        progress.update(state.size, self.copied, force=True)
+
+    _retries = 5
+
+    def _apply(self, msg: pb.StreamExtentsResponse) -> None:
+        data = memoryview(msg.data)
+        pos = 0
+        state = self.state
+        for offset, length, flags, allocation in iter_rows(msg):
+            if offset + length > state.size:
+                raise BackupError(f"the gateway sent an extent past the end ({offset}+{length})")
+            if allocation == pb.ALLOCATION_DATA:
+                chunk = data[pos : pos + length]
+                if len(chunk) != length:
+                    raise BackupError(
+                        f"the gateway sent {len(chunk)} bytes of data for the extent at "
+                        f"{offset} of length {length}"
+                    )
+                self.out.write(chunk, offset)
+                pos += length
+                state.bytes_written += length
+                self.copied += length
+            elif allocation in (pb.ALLOCATION_ZERO, pb.ALLOCATION_HOLE):
+                self.out.zero(offset, length)
+            else:
+                raise BackupError(f"the gateway did not say whether {offset}+{length} holds data")
+            if state.clear and flags & 1:
+                _merge_run(self.dirty, offset, length)
+        if pos != len(data):
+            raise BackupError(f"the gateway sent {len(data) - pos} bytes of data too many")
+        self.unsynced += len(data) + 16 * len(msg.lengths)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """``nbdgw backup``."""
+    output: Path = args.output
+    spath = state_path(output)
+    if args.bitmap:
+        context = full_context_name(args.bitmap)
+    elif args.full:
+        context = "base:allocation"
+    else:
+        raise CommandError("--bitmap is required (or --full for a full backup)")
+    if args.clear and not args.bitmap:
+        raise CommandError("--clear needs --bitmap (the bitmap to clear)")
+    if args.checkpoint <= 0:
+        raise CommandError("--checkpoint must be positive")
+
+    async with connect(args) as gw:
+        export = await gw.stub.GetExport(
+            pb.GetExportRequest(name=args.export), metadata=gw.metadata, timeout=gw.timeout
+        )
+        size = export.size_bytes
+        export_name = export.name.removeprefix("exports/") or args.export
+        bitmaps = {b.context: b for b in await _list_bitmaps(gw, args.export)}
+        if context not in bitmaps:
+            offered = ", ".join(sorted(bitmaps)) or "none"
+            raise BackupError(
+                f"export {export_name!r} has no context {context!r} (offered: {offered})"
+            )
+        if args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+            why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
+            raise BackupError(f"{context} cannot be cleared: {why}")
+
+        prepared = _prepare(args, spath, export_name, context, size)
+        if prepared is None:
+            print(f"{output}: backup already complete", file=sys.stderr)
+            return 0
+        state, create = prepared
+
+        out = OutputImage(output, size, create=create)
+        try:
+            backup = _Backup(gw, state, spath, out, args.checkpoint)
+            backup._retries = args.retries
+            progress = Progress(size)
+            try:
+                await backup.run(progress)
+            finally:
+                progress.done()
+        finally:
+            out.close()
+
+    kind = "full" if state.full else "incremental"
+    summary = f"{kind} backup of {export_name} ({context}) to {output}: complete, "
+    summary += f"{state.bytes_written} bytes of data"
+    if state.clear:
+        summary += f", {state.bytes_cleared} bytes cleared"
+    print(summary)
+    return 0
+
+
+def _check_resume(
+    state: BackupState, args: argparse.Namespace, export: str, context: str, size: int
+) -> None:
+    mismatches = []
+    if state.export != export:
+        mismatches.append(f"export {state.export!r}, not {export!r}")
+    if state.context != context:
+        mismatches.append(f"context {state.context!r}, not {context!r}")
+    if args.full is not None and bool(args.full) != state.full:
+        mismatches.append("full" if state.full else "incremental")
+    if args.clear is not None and bool(args.clear) != state.clear:
+        mismatches.append("with --clear" if state.clear else "without --clear")
+    if mismatches:
+        raise BackupError(
+            "the interrupted backup was started with different settings: " + "; ".join(mismatches)
+        )
+    if state.size != size:
+        raise BackupError(
+            f"the export's size changed from {state.size} to {size} since the backup started; "
+            "start a new backup"
+        )
+
+
+def _prepare(
+    args: argparse.Namespace, spath: Path, export_name: str, context: str, size: int
+) -> tuple[BackupState, bool] | None:
+    """The state to run from, and whether OUTPUT must be created; None when already done."""
+    output: Path = args.output
+    if args.resume:
+        try:
+            state = BackupState.load(spath)
+        except FileNotFoundError:
+            raise BackupError(
+                f"nothing to resume: {spath} does not exist (start without --resume)"
+            ) from None
+        _check_resume(state, args, export_name, context, size)
+        if state.complete:
+            return None
+        create = state.next_offset == 0 and not output.exists()
+        if not create and not output.exists():
+            raise BackupError(f"{output} is missing: the backup cannot be resumed")
+    else:
+        for path in (spath, output):
+            if path.exists() or path.is_symlink():
+                raise BackupError(
+                    f"{path} exists: use --resume to continue an interrupted backup, or "
+                    "choose another OUTPUT"
+                )
+        state = BackupState(
+            export=export_name,
+            context=context,
+            size=size,
+            full=bool(args.full),
+            clear=bool(args.clear),
+        )
+        # The state first: a crash right after leaves something --resume understands.
+        state.save(spath)
+        create = True
+    return state, create
