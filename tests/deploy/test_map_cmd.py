@@ -1,0 +1,211 @@
+"""``nbdgw map`` end to end against a real qemu-nbd serving a qcow2 with bitmaps dirtied by
+qemu-io at known ranges; the oracle is ``nbdinfo --map --json`` on the same server."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import render
+from gateway.cli import main
+from tests.peers import tool
+
+pytestmark = pytest.mark.interop
+
+SVG = "{http://www.w3.org/2000/svg}"
+MiB = 1 << 20
+SIZE = 64 * MiB
+B0, B1 = "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    qemu_img, qemu_io, qemu_nbd = tool("qemu-img"), tool("qemu-io"), tool("qemu-nbd")
+    nbdinfo = tool("nbdinfo")
+    d = tmp_path_factory.mktemp("map")
+    disk, sock = d / "d.qcow2", d / "nbd.sock"
+    run = lambda *a, **kw: subprocess.run(a, check=True, capture_output=True, **kw)  # noqa: E731
+    run(qemu_img, "create", "-q", "-f", "qcow2", str(disk), str(SIZE))
+    run(qemu_img, "bitmap", "--add", "--granularity", "65536", str(disk), "b0")
+    # b0: 64 KiB of data at 0, 256 KiB of write-zeroes at 2 MiB (dirty, still a hole), 1.5 MiB
+    # of data at 5 MiB; then b1 (granularity 64 KiB): 3 MiB at 40 MiB and a 4 KiB write every
+    # 512 KiB over [16 MiB, 24 MiB) (one dirty granule in eight).
+    script = "write -P 0x11 0 64k\nwrite -z 2M 256k\nwrite -P 0x22 5M 1536k\n"
+    run(qemu_io, "-f", "qcow2", str(disk), input=script.encode())
+    run(qemu_img, "bitmap", "--disable", str(disk), "b0")
+    run(qemu_img, "bitmap", "--add", str(disk), "b1")
+    script = "write -P 0x33 40M 3M\n" + "".join(
+        f"write -P 0x44 {16 * MiB + i * 512 * 1024} 4k\n" for i in range(16)
+    )
+    run(qemu_io, "-f", "qcow2", str(disk), input=script.encode())
+    argv = [qemu_nbd, "-r", "-t", "-e", "8", "-f", "qcow2", "-x", "disk", "-B", "b0", "-B", "b1"]
+    proc = subprocess.Popen(
+        [*argv, "-k", str(sock), str(disk)],
+        stderr=subprocess.PIPE,
+    )
+    uri = f"nbd+unix:///disk?socket={sock}"
+    try:
+        for _ in range(200):  # poll, never sleep blindly
+            if subprocess.run([nbdinfo, "--size", uri], capture_output=True).returncode == 0:
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        else:
+            pytest.fail("qemu-nbd did not come up")
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def oracle(uri: str, context: str) -> list[tuple[int, int, int]]:
+    out = subprocess.run(
+        [tool("nbdinfo"), f"--map={context}", "--json", uri],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def expected_counts(
+    uri: str, track: render.Track, context: str, start: int, length: int, width: int
+) -> list[int]:
+    bounds = render.pixel_bounds(start, length, width)
+    counts = [0] * (len(bounds) - 1)
+    for offset, n, flags in oracle(uri, context):
+        if not track.holds(flags):
+            continue
+        for p in range(len(counts)):
+            lo, hi = max(offset, bounds[p]), min(offset + n, bounds[p + 1])
+            counts[p] += max(0, hi - lo)
+    return counts
+
+
+def drawn_levels(track_group: ET.Element, kind: str, width: int) -> list[int]:
+    """The opacity level of each pixel as drawn in one track of the SVG."""
+    levels = [0] * width
+    colour = render.PALETTE[kind][0]
+    for rect in track_group.iter(f"{SVG}rect"):
+        if rect.get("fill") != colour:
+            continue
+        opacity = float(rect.get("fill-opacity", "1"))
+        level = round((opacity - render.MIN_OPACITY) / (1 - render.MIN_OPACITY) * render.LEVELS)
+        x = int(rect.get("x", "0")) - render.LEFT
+        for p in range(x, x + int(rect.get("width", "0"))):
+            levels[p] = level
+    return levels
+
+
+def tracks_of(svg_path: Path) -> dict[tuple[str, str], ET.Element]:
+    root = ET.parse(svg_path).getroot()
+    return {
+        (g.get("data-context", ""), g.get("data-track", "")): g
+        for g in root.findall(f".//{SVG}g[@class='track']")
+    }
+
+
+def test_default_map_shows_allocation_and_every_bitmap(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "map.svg"
+    assert main(["map", served, "-o", str(out), "--width", "128"]) == 0
+    tracks = tracks_of(out)
+    assert list(tracks) == [
+        ("base:allocation", "allocated"),
+        ("base:allocation", "zero"),
+        (B0, "dirty"),
+        (B1, "dirty"),
+    ]
+    # Every pixel (512 KiB) drawn at the level the oracle's extents give.
+    for (context, label), group in tracks.items():
+        column = 0
+        (track,) = [t for t in render.tracks_for(context, column) if t.label == label]
+        counts = expected_counts(served, track, context, 0, SIZE, 128)
+        want = [render.opacity_level(c / (SIZE // 128)) for c in counts]
+        assert drawn_levels(group, track.kind, 128) == want, (context, label)
+    # Known ranges, independently of nbdinfo: b0 dirty at pixels 0, 4 and 10-12 (5 MiB..6.5 MiB),
+    # b1 one granule in eight over 16-24 MiB (pixels 32-47) and 40-43 MiB (pixels 80-85).
+    b0 = drawn_levels(tracks[(B0, "dirty")], "dirty", 128)
+    assert [p for p, level in enumerate(b0) if level] == [0, 4, 10, 11, 12]
+    assert b0[0] == render.opacity_level(64 / 512) and b0[4] == render.opacity_level(256 / 512)
+    b1 = drawn_levels(tracks[(B1, "dirty")], "dirty", 128)
+    assert [p for p, level in enumerate(b1) if level] == [*range(32, 48), *range(80, 86)]
+    assert set(b1[32:48]) == {render.opacity_level(1 / 8)}
+    assert set(b1[80:86]) == {render.LEVELS}
+    root = ET.parse(out).getroot()
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
+    assert "dirty: 1.81 MiB (2.83%) in 3 extents" in texts  # b0: 64K + 256K + 1.5M
+    assert "dirty: 4 MiB (6.25%) in 17 extents" in texts  # b1: 16 x 64K + 3M
+
+
+def test_html_of_one_bitmap_by_export_name(served: str, tmp_path: Path) -> None:
+    sock = served.split("socket=", 1)[1]
+    out = tmp_path / "b1.html"
+    argv = ["map", "disk", "--socket", sock, "-b", "b1", "--no-allocation", "-o", str(out)]
+    assert main(argv) == 0
+    html = out.read_text()
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class=\"n\">(\d+)</td>", html)
+    dirty = sum(n for _, n, flags in oracle(served, B1) if flags & 1)
+    assert rows == [(B1, "dirty", str(dirty))]
+    assert dirty == 4 * MiB
+
+
+def test_subrange_counts_only_its_bytes(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "sub.html"
+    argv = ["map", served, "-c", B0, "--offset", "1M", "--length", "5M", "-o", str(out)]
+    assert main(argv) == 0
+    html = out.read_text()
+    rows = dict(
+        ((c, t), int(n))
+        for c, t, n in re.findall(
+            r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class=\"n\">(\d+)</td>", html
+        )
+    )
+    # [1M, 6M): the 256 KiB write-zeroes at 2M and the first MiB of the write at 5M.
+    assert rows[(B0, "dirty")] == 256 * 1024 + MiB
+    assert set(rows) == {
+        ("base:allocation", "allocated"),
+        ("base:allocation", "zero"),
+        (B0, "dirty"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-b", "nosuch"], "does not offer qemu:dirty-bitmap:nosuch"),
+        (["--offset", "63M", "--length", "2M"], "outside the export"),
+        (["--width", "0"], "--width must be between"),
+    ],
+)
+def test_bad_requests_fail_with_one_line(
+    served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    out = tmp_path / "x.svg"
+    assert main(["map", served, "-o", str(out), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_errors_without_traceback(served: str, tmp_path: Path) -> None:
+    cases = [
+        (["map", "disk", "-o", str(tmp_path / "a.svg")], "is not an NBD URI"),
+        (["map", served, "-o", str(tmp_path / "a.png")], "name it .svg or .html"),
+        (["map", "nbd+unix:///disk?socket=" + str(tmp_path / "none"), "-o", "-"], "cannot connect"),
+        (["map", served, "-o", str(tmp_path / "no" / "dir" / "a.svg")], "No such file"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 1, (argv, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
