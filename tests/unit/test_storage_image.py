@@ -1,0 +1,295 @@
+"""Image: write ordering, persistence round trips, recovery after unclean shutdowns, locking."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from nbdcore.storage import (
+    BitmapError,
+    BitmapExistsError,
+    Image,
+    NoSuchBitmapError,
+    RangeError,
+)
+from nbdcore.storage.store import IN_USE, bitmap_key, boot_id, store_dir
+
+G = 65536
+SIZE = 64 * G + 1000  # not a granule multiple
+
+
+def dirty_runs(image: Image, name: str) -> list[tuple[int, int]]:
+    bitmap = image.bitmaps[name]
+    return [(o, n) for o, n, f in bitmap.extents(0, bitmap.size) if f]
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    Image.create(path, SIZE).close()
+    return path
+
+
+def test_memory_image_dirties_enabled_bitmaps() -> None:
+    image = Image.memory(SIZE)
+    image.add_bitmap("on")
+    image.add_bitmap("off", enabled=False)
+    image.add_bitmap("fine", granularity=512)
+    image.write(b"abc", G - 1)
+    image.write_zeroes(10 * G, 1, may_trim=False)
+    image.trim(SIZE - 1, 1)
+    assert image.read(G - 1, 3) == b"abc"
+    assert dirty_runs(image, "on") == [(0, 2 * G), (10 * G, G), (64 * G, 1000)]
+    assert dirty_runs(image, "fine") == [(G - 512, 1024), (10 * G, 512), (SIZE - 488, 488)]
+    assert dirty_runs(image, "off") == []
+    assert image.path is None and image.size == SIZE and not image.read_only
+
+
+def test_round_trip(disk: Path) -> None:
+    names = ["backup", "spaces / and slashes", "émoji🙂", "x" * 1023]
+    with Image.open(disk) as image:
+        for i, name in enumerate(names):
+            image.add_bitmap(name, granularity=512 << i, enabled=i != 1)
+        image.write(b"\xff" * 5000, 3 * G + 7, fua=True)
+        image.write(b"\x01", SIZE - 1)
+        before = {name: list(image.bitmaps[name].extents(0, SIZE)) for name in names}
+        assert image.clear_bitmap_range("backup", 0, 3 * G + 1024) == [(0, 3 * G + 1024)]
+        before["backup"] = list(image.bitmaps["backup"].extents(0, SIZE))
+        image.disable_bitmap("backup")
+        image.enable_bitmap(names[1])
+    with Image.open(disk) as image:
+        assert sorted(image.bitmaps) == sorted(names)
+        for i, name in enumerate(names):
+            bitmap = image.bitmaps[name]
+            assert bitmap.granularity == 512 << i
+            assert list(bitmap.extents(0, SIZE)) == before[name]
+        assert not image.bitmaps["backup"].enabled
+        assert image.bitmaps[names[1]].enabled
+        assert image.read(3 * G + 7, 5000) == b"\xff" * 5000
+        assert not image.recovered
+    assert not (store_dir(disk) / IN_USE).exists()
+
+
+def test_merge_and_clear_persist(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("a", granularity=512)
+        image.add_bitmap("b", enabled=False)
+        image.write(b"x", 5 * G + 100)
+        image.merge_bitmap("a", "b")
+        image.clear_bitmap("a")
+    with Image.open(disk) as image:
+        assert dirty_runs(image, "a") == []
+        assert dirty_runs(image, "b") == [(5 * G, G)]
+
+
+def test_remove_then_add_is_clean(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+        image.write(b"x", 0)
+        image.remove_bitmap("b")
+        with pytest.raises(NoSuchBitmapError):
+            image.remove_bitmap("b")
+        image.add_bitmap("b")
+        assert dirty_runs(image, "b") == []
+    with Image.open(disk) as image:
+        assert dirty_runs(image, "b") == []
+    assert sorted(p.suffix for p in store_dir(disk).iterdir() if p.name != "lock") == [
+        ".bits",
+        ".json",
+    ]
+
+
+def test_errors(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+        with pytest.raises(BitmapExistsError):
+            image.add_bitmap("b")
+        with pytest.raises(BitmapError):
+            image.add_bitmap("")
+        with pytest.raises(BitmapError):
+            image.add_bitmap("g", granularity=3000)
+        with pytest.raises(NoSuchBitmapError):
+            image.clear_bitmap_range("nope", 0, G)
+        with pytest.raises(RangeError):
+            image.write(b"xx", SIZE - 1)
+        with pytest.raises(RangeError):
+            image.clear_bitmap_range("b", SIZE, 1)
+        assert dirty_runs(image, "b") == []  # a refused write dirties nothing
+    with pytest.raises(FileExistsError):
+        Image.create(disk, G)
+    assert disk.stat().st_size == SIZE
+
+
+def test_read_only_and_lock(disk: Path) -> None:
+    with Image.open(disk) as writer:
+        writer.add_bitmap("b")
+        writer.write(b"w", 0)
+        with pytest.raises(OSError) as info:
+            Image.open(disk)
+        assert info.value.errno == errno.EBUSY
+        # Readers take no lock and see what the writer wrote so far (shared mapping).
+        with Image.open(disk, read_only=True) as reader:
+            assert dirty_runs(reader, "b") == [(0, G)]
+            for call in (
+                lambda: reader.write(b"x", 0),
+                lambda: reader.clear_bitmap_range("b", 0, G),
+                lambda: reader.add_bitmap("c"),
+                lambda: reader.remove_bitmap("b"),
+                lambda: reader.disable_bitmap("b"),
+            ):
+                with pytest.raises(OSError) as info:
+                    call()
+                assert info.value.errno == errno.EPERM
+    with Image.open(disk, read_only=True) as reader:
+        assert reader.read(0, 1) == b"w"
+
+
+def test_read_only_without_bitmap_dir(tmp_path: Path) -> None:
+    path = tmp_path / "plain.raw"
+    path.write_bytes(bytes(4096))
+    with Image.open(path, read_only=True) as image:
+        assert dict(image.bitmaps) == {}
+    assert not store_dir(path).exists()
+
+
+def _fake_in_use(disk: Path, boot: str) -> None:
+    (store_dir(disk) / IN_USE).write_text(json.dumps({"boot_id": boot, "pid": 1}))
+
+
+def test_crash_of_the_process_keeps_bits(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+        image.write(b"x", 2 * G)
+    _fake_in_use(disk, boot_id())  # a writer of this boot died
+    with Image.open(disk) as image:
+        assert not image.recovered
+        assert dirty_runs(image, "b") == [(2 * G, G)]
+
+
+@pytest.mark.parametrize("marker", ["other-boot", None])
+def test_crash_of_the_machine_marks_everything_dirty(disk: Path, marker: str | None) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+        image.add_bitmap("off", enabled=False, granularity=512)
+    if marker is None:
+        (store_dir(disk) / IN_USE).write_text("{torn")
+    else:
+        _fake_in_use(disk, marker)
+    # A reader reports all dirty without writing anything.
+    with Image.open(disk, read_only=True) as reader:
+        assert reader.recovered
+        assert dirty_runs(reader, "b") == [(0, SIZE)]
+    assert (store_dir(disk) / IN_USE).exists()
+    with Image.open(disk) as image:
+        assert image.recovered
+        assert dirty_runs(image, "b") == [(0, SIZE)]
+        assert dirty_runs(image, "off") == [(0, SIZE)]
+        image.clear_bitmap_range("b", 0, SIZE)
+    with Image.open(disk) as image:
+        assert not image.recovered
+        assert dirty_runs(image, "b") == []
+
+
+def test_missing_or_short_bits_are_dirty(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("gone")
+        image.add_bitmap("short", granularity=512)
+    bits = store_dir(disk) / f"{bitmap_key('gone')}.bits"
+    bits.unlink()
+    short = store_dir(disk) / f"{bitmap_key('short')}.bits"
+    short.write_bytes(b"\0" * 3)
+    with Image.open(disk) as image:
+        assert dirty_runs(image, "gone") == [(0, SIZE)]
+        assert dirty_runs(image, "short") == [(0, SIZE)]
+
+
+def test_resized_disk_is_dirty(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+    with open(disk, "r+b") as f:
+        f.truncate(SIZE + 3 * G)
+    with Image.open(disk) as image:
+        assert image.bitmaps["b"].size == SIZE + 3 * G
+        assert dirty_runs(image, "b") == [(0, SIZE + 3 * G)]
+    meta = json.loads((store_dir(disk) / f"{bitmap_key('b')}.json").read_text())
+    assert meta["size"] == SIZE + 3 * G
+
+
+def test_orphans_and_corrupt_metadata(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+    sdir = store_dir(disk)
+    (sdir / "0123.bits").write_bytes(b"\xff")
+    (sdir / "x.json.tmp").write_text("half")
+    with Image.open(disk) as image:
+        assert list(image.bitmaps) == ["b"]
+    assert not (sdir / "0123.bits").exists() and not (sdir / "x.json.tmp").exists()
+    (sdir / f"{bitmap_key('b')}.json").write_text('{"format": "nbdgw-bitmap", "version": 9}')
+    with pytest.raises(BitmapError, match="corrupt bitmap metadata"):
+        Image.open(disk)
+    # The failed open released everything: the lock and the disk.
+    (sdir / f"{bitmap_key('b')}.json").unlink()
+    with Image.open(disk) as image:
+        assert dict(image.bitmaps) == {}
+
+
+def test_dirty_before_the_data_is_written() -> None:
+    image = Image.memory(SIZE)
+    image.add_bitmap("b")
+    seen = []
+    real = image.disk.pwrite
+
+    def spy(data: bytes | memoryview, offset: int) -> None:
+        seen.append(image.bitmaps["b"].is_dirty(offset))
+        real(data, offset)
+
+    image.disk.pwrite = spy  # type: ignore[method-assign]
+    image.write(b"x", 7 * G)
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("op", ["write", "write_zeroes", "trim"])
+def test_clear_racing_a_write_is_undone(op: str) -> None:
+    """A clear landing between the data write and the return re-dirties: the second mark."""
+    image = Image.memory(SIZE)
+    image.add_bitmap("b")
+    disk = image.disk
+    name = {"write": "pwrite", "write_zeroes": "write_zeroes", "trim": "trim"}[op]
+    real = getattr(disk, name)
+
+    def racing(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)
+        assert image.clear_bitmap_range("b", 0, SIZE) == [(0, SIZE)]
+
+    setattr(disk, name, racing)
+    if op == "write":
+        image.write(b"x" * 10, 3 * G)
+    else:
+        getattr(image, op)(3 * G, 10)
+    assert dirty_runs(image, "b") == [(3 * G, G)]
+
+
+def test_failed_write_leaves_bits_dirty(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+
+        def broken(data: bytes | memoryview, offset: int) -> None:
+            raise OSError(errno.EIO, "injected")
+
+        image.disk.pwrite = broken  # type: ignore[method-assign]
+        with pytest.raises(OSError) as info:
+            image.write(b"x", 9 * G)
+        assert info.value.errno == errno.EIO
+        # The data may be partly written: when in doubt, dirty.
+        assert dirty_runs(image, "b") == [(9 * G, G)]
+
+
+def test_closed_image_refuses_writes(disk: Path) -> None:
+    image = Image.open(disk)
+    image.close()
+    image.close()
+    with pytest.raises(OSError):
+        image.write(b"x", 0)
