@@ -494,10 +494,14 @@ class ExtentWalker:
 class BlockStatusClient(Protocol):
     """What :func:`iter_extents` needs of :class:`~nbdcore.aio.client.NBDClient`."""
 
-    size: int
-    extended_headers: bool
-    block_size: BlockSize | None
-    meta_contexts: dict[str, int]
+    @property
+    def size(self) -> int: ...
+    @property
+    def extended_headers(self) -> bool: ...
+    @property
+    def block_size(self) -> BlockSize | None: ...
+    @property
+    def meta_contexts(self) -> dict[str, int]: ...
 
     async def block_status(
         self,

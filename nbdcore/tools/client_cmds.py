@@ -1,10 +1,494 @@
-"""Placeholder: its owner fills in the commands."""
+"""``nbdgw nbd list|map|copy``: client tools over any NBD server.
+
+``map`` prints exactly what ``nbdinfo --map`` (libnbd 1.14) prints, text and ``--json``, with
+or without ``--totals``, so that scripts written for nbdinfo keep working; ``list`` shows what
+``nbdinfo --list`` shows, in the same layout.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import collections
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from itertools import accumulate
+from typing import IO, TYPE_CHECKING, Any
+
+from nbdcore.constants import (
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
+    NBD_STATE_ZERO,
+    TransmissionFlag,
+)
+from nbdcore.exceptions import UsageError
+from nbdcore.tools import subgroup
+
+if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
+    from nbdcore.aio.client import ExportInfo, NBDClient
+    from nbdcore.tls import TLSConfig
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add this module's subcommands to ``sub`` (``groups`` shares nested groups by name)."""
+    """Add ``nbd list``, ``nbd map`` and ``nbd copy`` to the shared ``nbd`` group."""
+    nbd = subgroup(groups, "nbd", "NBD client and server tools")
+
+    p = nbd.add_parser(
+        "list",
+        help="list the exports of an NBD server (like nbdinfo --list)",
+        description="List every export of the server at URI: size, flags, block sizes and "
+        "metadata contexts.",
+    )
+    p.add_argument("uri", metavar="URI", help="nbd://, nbds://, nbd+unix:// or nbds+unix:// URI")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    _tls_options(p)
+    p.set_defaults(func=list_cmd)
+
+    p = nbd.add_parser(
+        "map",
+        help="print the extents of a metadata context (like nbdinfo --map)",
+        description="Print the extents of one metadata context of the export at URI, in the "
+        "format of nbdinfo --map.",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument(
+        "--context",
+        default=CONTEXT_BASE_ALLOCATION,
+        metavar="NAME",
+        help="metadata context (default: base:allocation), e.g. qemu:dirty-bitmap:NAME",
+    )
+    p.add_argument("--totals", action="store_true", help="print the total size of each type")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    _tls_options(p)
+    p.set_defaults(func=map_cmd)
+
+    p = nbd.add_parser(
+        "copy",
+        help="copy a whole export to a file or stdout (sparse-aware)",
+        description="Copy the export at URI to FILE (created or truncated; holes and zeroes "
+        "are left as holes) or to standard output ('-').",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument(
+        "--requests", type=int, default=8, metavar="N", help="reads in flight (default 8)"
+    )
+    p.add_argument(
+        "--request-size",
+        type=int,
+        default=4 << 20,
+        metavar="BYTES",
+        help="bytes per read (default 4 MiB, capped at the server's maximum)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    _tls_options(p)
+    p.set_defaults(func=copy_cmd)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="client private key (PEM)")
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None  # nbds:// URIs still get TLS, configured from the URI
+    from nbdcore.tls import TLSConfig
+
+    return TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+
+
+# --- nbd list ---------------------------------------------------------------------------------
+
+# The transmission flags nbdinfo --list prints, in its order (libnbd 1.14).
+_SHOWN_FLAGS: tuple[tuple[str, Callable[[int], bool]], ...] = (
+    ("is_rotational", lambda f: bool(f & TransmissionFlag.ROTATIONAL)),
+    ("is_read_only", lambda f: bool(f & TransmissionFlag.READ_ONLY)),
+    ("can_cache", lambda f: bool(f & TransmissionFlag.SEND_CACHE)),
+    ("can_df", lambda f: bool(f & TransmissionFlag.SEND_DF)),
+    ("can_fast_zero", lambda f: bool(f & TransmissionFlag.SEND_FAST_ZERO)),
+    ("can_flush", lambda f: bool(f & TransmissionFlag.SEND_FLUSH)),
+    ("can_fua", lambda f: bool(f & TransmissionFlag.SEND_FUA)),
+    ("can_multi_conn", lambda f: bool(f & TransmissionFlag.CAN_MULTI_CONN)),
+    ("can_trim", lambda f: bool(f & TransmissionFlag.SEND_TRIM)),
+    ("can_zero", lambda f: bool(f & TransmissionFlag.SEND_WRITE_ZEROES)),
+)
+
+
+def human_size(n: int) -> tuple[str, bool]:
+    """Like libnbd's human_size: the largest binary unit that divides ``n`` exactly
+    (1048576 -> "1M", 1000 -> "1000"); the flag says whether a unit was added."""
+    units = ["", "K", "M", "G", "T", "P", "E"]
+    i = 0
+    if n:
+        while n % 1024 == 0 and i < len(units) - 1:
+            n //= 1024
+            i += 1
+    return f"{n}{units[i]}", i > 0
+
+
+def export_record(info: ExportInfo, uri: str) -> dict[str, Any]:
+    """One export as nbdinfo --list --json describes it (same keys, same order)."""
+    rec: dict[str, Any] = {"export-name": info.name}
+    if info.description:
+        rec["description"] = info.description
+    rec["uri"] = uri
+    rec["contexts"] = list(info.meta_contexts)
+    flags = int(info.flags)
+    for name, test in _SHOWN_FLAGS:
+        rec[name] = test(flags)
+    if info.block_size is not None:
+        rec["block_size_minimum"] = info.block_size.minimum
+        rec["block_size_preferred"] = info.block_size.preferred
+        rec["block_size_maximum"] = info.block_size.maximum
+    if info.size is not None:
+        rec["export-size"] = info.size
+        rec["export-size-str"] = human_size(info.size)[0]
+    return rec
+
+
+def format_list_text(records: Iterable[dict[str, Any]]) -> str:
+    out = []
+    for rec in records:
+        out.append(f"export={json.dumps(rec['export-name'])}:")
+        if "description" in rec:
+            out.append(f"\tdescription: {rec['description']}")
+        if "export-size" in rec:
+            text, human = human_size(rec["export-size"])
+            out.append(f"\texport-size: {rec['export-size']}" + (f" ({text})" if human else ""))
+        out.append(f"\turi: {rec['uri']}")
+        if rec["contexts"]:
+            out.append("\tcontexts:")
+            out += [f"\t\t{c}" for c in rec["contexts"]]
+        for key, value in rec.items():
+            if key.startswith(("is_", "can_")):
+                out.append(f"\t{key}: {'true' if value else 'false'}")
+            elif key.startswith("block_size_"):
+                out.append(f"\t{key}: {value}")
+    return "".join(line + "\n" for line in out)
+
+
+async def list_cmd(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from nbdcore.aio.client import list_exports
+    from nbdcore.uri import NBDURI
+
+    uri = NBDURI.parse(args.uri)
+    exports = await list_exports(uri, tls=_tls(args))
+    records = [export_record(e, str(dataclasses.replace(uri, export=e.name))) for e in exports]
+    if args.json:
+        doc = {"TLS": uri.tls, "exports": records}
+        sys.stdout.write(json.dumps(doc, indent="\t") + "\n")
+    else:
+        sys.stdout.write(format_list_text(records))
+    return 0
+
+
+# --- nbd map ----------------------------------------------------------------------------------
+
+
+def describe(context: str, value: int) -> str | None:
+    """nbdinfo's description of a status value (None: no description column)."""
+    if context == CONTEXT_BASE_ALLOCATION:
+        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(value)
+    if context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+        return {0: "clean", 1: "dirty"}.get(value)
+    if context == CONTEXT_QEMU_ALLOCATION_DEPTH:
+        return {0: "absent", 1: "local"}.get(value, f"backing depth {value}")
+    return None
+
+
+class MapPrinter:
+    """Writes rows in nbdinfo --map's text or JSON format, batch by batch."""
+
+    def __init__(self, out: IO[str], context: str, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.first = True
+        self._text: dict[int, str] = {}
+        self._context = context
+        if as_json:
+            out.write("[\n")
+
+    def _suffix(self, value: int) -> str:
+        suffix = self._text.get(value)
+        if suffix is None:
+            descr = describe(self._context, value)
+            if self.as_json:
+                suffix = f', "description": {json.dumps(descr)}}}' if descr is not None else "}"
+            else:
+                suffix = f"  {descr}\n" if descr is not None else "\n"
+            self._text[value] = suffix
+        return suffix
+
+    def rows(self, offset: int, lengths: Iterable[int], values: Iterable[int]) -> None:
+        lengths = list(lengths)
+        starts = accumulate(lengths, initial=offset)
+        suffix = self._suffix
+        if self.as_json:
+            text = ",\n".join(
+                f'{{ "offset": {o}, "length": {n}, "type": {t}{suffix(t)}'
+                for o, n, t in zip(starts, lengths, values, strict=False)
+            )
+            if text:
+                self.out.write(text if self.first else ",\n" + text)
+                self.first = False
+        else:
+            self.out.write(
+                "".join(
+                    f"{o:10d}  {n:10d}  {t:3d}{suffix(t)}"
+                    for o, n, t in zip(starts, lengths, values, strict=False)
+                )
+            )
+
+    def close(self) -> None:
+        if self.as_json:
+            self.out.write("\n]\n")
+
+
+def format_totals(context: str, totals: dict[int, int], size: int, as_json: bool) -> str:
+    """nbdinfo --map --totals: bytes per status value, ascending, with a percentage."""
+    if size == 0:
+        return "[]\n" if as_json else ""
+    lines = []
+    for value in sorted(totals):
+        count = totals[value]
+        if count == 0:
+            continue
+        percent = 100.0 * count / size
+        descr = describe(context, value)
+        if as_json:
+            line = f'{{ "size": {count}, "percent": {percent:g}, "type": {value}'
+            if descr is not None:
+                line += f', "description": {json.dumps(descr)}'
+            lines.append(line + " }")
+        else:
+            line = f"{count:10d} {percent:5.1f}% {value:3d}"
+            lines.append(line + (f" {descr}" if descr is not None else ""))
+    if as_json:
+        return "[\n" + ",\n".join(lines) + "\n]\n"
+    return "".join(line + "\n" for line in lines)
+
+
+async def _connect(args: argparse.Namespace, contexts: list[str], **kwargs: Any) -> NBDClient:
+    from nbdcore.aio.client import NBDClient
+
+    return await NBDClient.connect(args.uri, meta_contexts=contexts, tls=_tls(args), **kwargs)
+
+
+async def map_cmd(args: argparse.Namespace) -> int:
+    from nbdcore.extents import iter_extents
+
+    context = args.context
+    client = await _connect(args, [context])
+    try:
+        if context not in client.meta_contexts:
+            raise UsageError(f'server does not support metadata context "{context}"')
+        out = sys.stdout
+        if args.totals:
+            totals: dict[int, int] = collections.defaultdict(int)
+            async for batch in iter_extents(client, [context]):
+                for n, value in zip(batch.lengths, batch.flags[0], strict=True):
+                    totals[value] += n
+            out.write(format_totals(context, totals, client.size, args.json))
+        else:
+            printer = MapPrinter(out, context, args.json)
+            async for batch in iter_extents(client, [context]):
+                printer.rows(batch.offset, batch.lengths, batch.flags[0])
+            printer.close()
+        out.flush()
+    finally:
+        await client.close()
+    return 0
+
+
+# --- nbd copy ---------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.enabled = enabled
+        self._last = 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last >= 0.1 or self.done >= self.total):
+            self._last = now
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            bar = "#" * int(pct / 2.5)
+            sys.stderr.write(f"\r[{bar:<40}] {pct:5.1f}%")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def copy_cmd(args: argparse.Namespace) -> int:
+    from nbdcore.extents import iter_extents
+
+    if args.requests < 1 or args.request_size < 4096:
+        raise UsageError("--requests must be >= 1 and --request-size >= 4096")
+    to_stdout = args.file == "-"
+    client = await _connect(args, [CONTEXT_BASE_ALLOCATION], max_in_flight=args.requests)
+    try:
+        size = client.size
+        chunk = min(args.request_size, client.max_payload)
+        chunk = max(chunk - chunk % 4096, 4096)
+        if to_stdout:
+            fd = sys.stdout.buffer.fileno()
+            sys.stdout.flush()
+        else:
+            # Truncate to 0 first so that ranges we skip read back as zeroes (holes).
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        progress = Progress(
+            size, sys.stderr.isatty() if args.progress is None else bool(args.progress)
+        )
+        try:
+            if not to_stdout:
+                os.ftruncate(fd, size)
+            writer = _Writer(fd, sequential=to_stdout)
+            pending: collections.deque[tuple[int, int, asyncio.Future[bytes] | None]] = (
+                collections.deque()
+            )
+
+            async def drain(limit: int) -> None:
+                while len(pending) > limit or (pending and _ready(pending[0][2])):
+                    offset, length, fut = pending.popleft()
+                    data = await fut if fut is not None else None
+                    writer.write(offset, length, data)
+                    progress.advance(length)
+
+            async for offset, length, is_zero in _copy_plan(client, iter_extents):
+                if is_zero:
+                    pending.append((offset, length, None))
+                else:
+                    for o in range(offset, offset + length, chunk):
+                        n = min(chunk, offset + length - o)
+                        pending.append((o, n, asyncio.ensure_future(client.pread(o, n))))
+                        await drain(args.requests)
+                await drain(args.requests)
+            await drain(0)
+            writer.finish(size)
+        finally:
+            for _, _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+            if pending:
+                await asyncio.gather(*(f for _, _, f in pending if f), return_exceptions=True)
+            progress.close()
+            if not to_stdout:
+                os.close(fd)
+    finally:
+        await client.close()
+    return 0
+
+
+def _ready(fut: asyncio.Future[bytes] | None) -> bool:
+    return fut is None or fut.done()
+
+
+async def _copy_plan(client: NBDClient, iter_extents: Any) -> Any:
+    """(offset, length, reads as zero) runs covering the export, from base:allocation when the
+    server offers it, else one data run."""
+    if CONTEXT_BASE_ALLOCATION in client.meta_contexts:
+        async for batch in iter_extents(client, [CONTEXT_BASE_ALLOCATION]):
+            offset = batch.offset
+            for n, f in zip(batch.lengths, batch.flags[0], strict=True):
+                yield offset, n, bool(f & NBD_STATE_ZERO)
+                offset += n
+    elif client.size:
+        yield 0, client.size, False
+
+
+class _Writer:
+    """Writes the copy: sparse into a regular file (zero runs and all-zero reads are skipped),
+    or as a plain stream (stdout, pipes), where zeroes are written out."""
+
+    _ZEROES = bytes(1 << 20)
+
+    def __init__(self, fd: int, sequential: bool) -> None:
+        self.fd = fd
+        self.sequential = sequential
+
+    def write(self, offset: int, length: int, data: bytes | None) -> None:
+        if data is not None and len(data) != length:
+            raise UsageError(f"short read at {offset}: {len(data)} of {length} bytes")
+        if self.sequential:
+            if data is None:
+                while length:
+                    n = min(length, len(self._ZEROES))
+                    self._write_all(memoryview(self._ZEROES)[:n])
+                    length -= n
+            else:
+                self._write_all(memoryview(data))
+            return
+        if data is None or _all_zero(data):
+            return  # the file was truncated: this range is already a hole
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def finish(self, size: int) -> None:
+        if not self.sequential:
+            os.ftruncate(self.fd, size)
+
+
+def _all_zero(data: bytes) -> bool:
+    zeroes = _Writer._ZEROES
+    view = memoryview(data)
+    for i in range(0, len(view), len(zeroes)):
+        part = view[i : i + len(zeroes)]
+        if part != zeroes[: len(part)]:
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nbdcore.tools.client_cmds nbd map URI``: these commands alone, with the
+    error handling of the ``nbdgw`` command (one line, exit code 1)."""
+    from nbdcore.exceptions import NBDError
+
+    parser = argparse.ArgumentParser(prog="nbdgw")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register(sub, {"": sub})
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(func(args)) if asyncio.iscoroutinefunction(func) else func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (NBDError, OSError) as exc:
+        print(f"nbdgw: {exc}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

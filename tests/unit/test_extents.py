@@ -12,8 +12,8 @@ import asyncio
 import itertools
 import random
 from array import array
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -411,7 +411,7 @@ async def test_iter_extents_early_close_cancels_requests() -> None:
     server = FakeServer(
         size, {"x-test:a": [(512, i & 1) for i in range(size // 512)]}, random.Random(0), cap=3
     )
-    it = iter_extents(server, ["x-test:a"], max_extents=2, depth=4)
+    it = cast(AsyncGenerator[Any, None], iter_extents(server, ["x-test:a"], max_extents=2, depth=4))
     first = await it.__anext__()
     assert first.offset == 0
     await it.aclose()
