@@ -217,7 +217,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         except GatewayError as err:
             await _abort(context, err)
         except Exception as exc:
-            if not isinstance(exc, OSError | _NBD_ERRORS):
+            if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure")
             await _abort(context, _map(exc, pool))
         raise AssertionError("abort returned")  # pragma: no cover
@@ -436,7 +436,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         except GatewayError as err:
             await _abort(context, _resumable(err, stream))
         except Exception as exc:
-            if not isinstance(exc, OSError | _NBD_ERRORS):
+            if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure in StreamExtents")
             await _abort(context, _resumable(_map(exc, pool), stream))
 
@@ -465,9 +465,6 @@ def _check_range(offset: int, length: int | None, size: int) -> int:
     if end > size:
         raise errors.range_past_end("length", end, size, "end of range offset + length =")
     return end
-
-
-_NBD_ERRORS = (NBDError,)
 
 
 # --- StreamExtents ----------------------------------------------------------------------------
