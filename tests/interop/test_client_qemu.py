@@ -1,0 +1,407 @@
+"""The client against real qemu-nbd: 7.2 (structured replies) and 10 (extended headers), TLS.
+
+Images are built by qemu-img/qemu-io with dirty bitmaps at known ranges; nbdinfo (libnbd) is
+the independent reference for every map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbdcore.aio.client import NBDClient, export_info, list_exports, list_meta_contexts
+from nbdcore.constants import NBD_STATE_DIRTY, TransmissionFlag
+from nbdcore.exceptions import HandshakeError, OptionError, RequestError, UsageError
+from nbdcore.tls import TLSConfig
+from tests.peers import qemu10, tool
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+GiB = 1 << 30
+Extent = tuple[int, int, int]  # offset, length, flags
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def run(*args: str, stdin: str | None = None) -> str:
+    proc = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        raise AssertionError(f"{args[0]} failed: {proc.stderr or proc.stdout}")
+    return proc.stdout
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"server exited early: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(path)
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise AssertionError(f"server did not listen on {path}")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("server exited early")
+        with socket.socket() as s:
+            try:
+                s.connect(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise AssertionError(f"server did not listen on port {port}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, args: list[str], sock: str | None = None, port: int | None = None) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if sock:
+            wait_for_socket(sock, self.proc)
+        elif port:
+            wait_for_port(port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def merge(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for off, n, f in extents:
+        if out and out[-1][2] == f and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n, f)
+        else:
+            out.append((off, n, f))
+    return out
+
+
+async def walk(client: NBDClient, context: str, *, filtered: bool = True) -> list[Extent]:
+    """The whole export's map for one context, from repeated raw block_status answers."""
+    offset, end = 0, client.size
+    out: list[Extent] = []
+    while offset < end:
+        answer = await client.block_status(
+            offset, end - offset, contexts=[context] if filtered else None
+        )
+        lengths, flags = answer[context]
+        assert len(lengths) >= 1
+        for n, f in zip(lengths, flags, strict=True):
+            n = min(n, end - offset)
+            out.append((offset, n, f))
+            offset += n
+            if offset >= end:
+                break
+    return merge(out)
+
+
+def nbdinfo_map(uri: str, context: str) -> list[Extent]:
+    data = json.loads(run(tool("nbdinfo"), f"--map={context}", "--json", uri))
+    return merge([(e["offset"], e["length"], e["type"]) for e in data])
+
+
+def dirty_ranges(extents: list[Extent]) -> list[tuple[int, int]]:
+    return [(off, off + n) for off, n, f in extents if f & NBD_STATE_DIRTY]
+
+
+# --- qemu-nbd 7.2 with two bitmaps -------------------------------------------------------------
+
+# What qemu-io writes, and so what each bitmap must show (granularity 64 KiB for b0, 128 KiB b1).
+B0_WRITES = "write -P 0x11 0 64k\nwrite -z 2M 256k\nwrite -P 0x33 5M 4k\n"
+B1_WRITES = "write -P 0x22 1M 128k\nwrite -P 0x44 40M 1k\n"
+B0_DIRTY = [(0, 64 * 1024), (2 * MiB, 2 * MiB + 256 * 1024), (5 * MiB, 5 * MiB + 64 * 1024)]
+B1_DIRTY = [(1 * MiB, 1 * MiB + 128 * 1024), (40 * MiB, 40 * MiB + 128 * 1024)]
+
+
+@pytest.fixture(scope="module")
+def qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    img = tmp_path_factory.mktemp("qemu72") / "d.qcow2"
+    qemu_img, qemu_io = tool("qemu-img"), tool("qemu-io")
+    run(qemu_img, "create", "-f", "qcow2", str(img), "64M")
+    run(qemu_img, "bitmap", "--add", "--granularity", "65536", str(img), "b0")
+    run(qemu_io, "-f", "qcow2", str(img), stdin=B0_WRITES)
+    run(qemu_img, "bitmap", "--disable", str(img), "b0")
+    run(qemu_img, "bitmap", "--add", "--granularity", "131072", str(img), "b1")
+    run(qemu_io, "-f", "qcow2", str(img), stdin=B1_WRITES)
+    return img
+
+
+@pytest.fixture(scope="module")
+def qemu72(qcow2: Path) -> Iterator[str]:
+    sock = str(qcow2.parent / "nbd.sock")
+    args = [tool("qemu-nbd"), "-r", "-t", "-e", "8", "-f", "qcow2", "-x", "disk"]
+    srv = Server([*args, "-B", "b0", "-B", "b1", "-k", sock, str(qcow2)], sock=sock)
+    yield f"nbd+unix:///disk?socket={sock}"
+    srv.stop()
+
+
+CONTEXTS = ["base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+
+
+async def test_qemu72_negotiation(qemu72: str) -> None:
+    async with await NBDClient.connect(qemu72, meta_contexts=CONTEXTS) as client:
+        assert client.structured_replies and not client.extended_headers
+        assert client.export_name == "disk" and client.size == 64 * MiB
+        assert client.read_only and client.flags & TransmissionFlag.SEND_DF
+        assert set(client.meta_contexts) == set(CONTEXTS)
+        assert len(set(client.meta_contexts.values())) == 3
+        assert client.block_size is not None and client.block_size.maximum >= MiB
+
+
+async def test_qemu72_block_status_matches_nbdinfo(qemu72: str) -> None:
+    async with await NBDClient.connect(qemu72, meta_contexts=CONTEXTS) as client:
+        for context in CONTEXTS:
+            ours = await walk(client, context)
+            assert ours == nbdinfo_map(qemu72, context), context
+        assert dirty_ranges(await walk(client, "qemu:dirty-bitmap:b0")) == B0_DIRTY
+        assert dirty_ranges(await walk(client, "qemu:dirty-bitmap:b1")) == B1_DIRTY
+        # One request answers every context, consecutive from the offset.
+        answer = await client.block_status(1000, 3000)
+        assert set(answer) == set(CONTEXTS)
+        for lengths, flags in answer.values():
+            assert len(lengths) == len(flags) >= 1 and min(lengths) > 0
+        # REQ_ONE: exactly one extent per context, never longer than asked.
+        one = await client.block_status(0, 4 * MiB, req_one=True)
+        assert all(len(lengths) == 1 and lengths[0] <= 4 * MiB for lengths, _ in one.values())
+
+
+async def test_qemu72_reads_match_qemu_io(qemu72: str) -> None:
+    async with await NBDClient.connect(qemu72) as client:
+        assert await client.pread(0, 64 * 1024) == b"\x11" * 64 * 1024
+        assert await client.pread(1 * MiB, 128 * 1024) == b"\x22" * 128 * 1024
+        assert await client.pread(5 * MiB - 512, 4608) == bytes(512) + b"\x33" * 4096
+        assert await client.pread(2 * MiB, 256 * 1024) == bytes(256 * 1024)
+        assert await client.pread(40 * MiB, 1024, df=True) == b"\x44" * 1024
+        buf = bytearray(8 * MiB)
+        await client.pread_into(buf, 0)
+        assert (
+            buf[: 64 * 1024] == b"\x11" * 64 * 1024
+            and buf[5 * MiB : 5 * MiB + 4096] == b"\x33" * 4096
+        )
+        # qemu answers errors as error chunks: a clear RequestError, the connection lives on.
+        # A request qemu refuses (past the end, once our own bounds check is fooled) comes back
+        # as an error chunk: a RequestError, and the connection lives on.
+        client._conn.size *= 2
+        with pytest.raises(RequestError, match="EINVAL"):
+            await client.pread(64 * MiB, 4096)
+        assert await client.pread(0, 4) == b"\x11" * 4
+
+
+async def test_qemu72_usage_errors(qemu72: str) -> None:
+    async with await NBDClient.connect(qemu72, meta_contexts=["base:allocation"]) as client:
+        with pytest.raises(UsageError, match="read-only"):
+            await client.pwrite(b"x", 0)
+        with pytest.raises(UsageError, match="outside the export"):
+            await client.pread(client.size, 1)
+        with pytest.raises(UsageError, match="not negotiated"):
+            await client.block_status(0, 512, contexts=["qemu:dirty-bitmap:b0"])
+        assert await client.pread(0, 1) == b"\x11"
+
+
+async def test_qemu72_listing(qemu72: str) -> None:
+    exports = await list_exports(qemu72)
+    assert [e.name for e in exports] == ["disk"]
+    assert exports[0].size == 64 * MiB
+    info = await export_info(qemu72)
+    assert info.size == 64 * MiB and info.flags & TransmissionFlag.READ_ONLY
+    assert set(CONTEXTS) <= set(info.meta_contexts)
+    bitmaps = await list_meta_contexts(qemu72, queries=["qemu:dirty-bitmap:"])
+    assert sorted(bitmaps) == ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+    with pytest.raises(OptionError, match="ERR_UNKNOWN"):
+        await NBDClient.connect(qemu72.replace("/disk?", "/nope?"))
+
+
+async def test_qemu72_unknown_context_is_just_absent(qemu72: str) -> None:
+    async with await NBDClient.connect(
+        qemu72, meta_contexts=["qemu:dirty-bitmap:nope", "base:allocation", "x-other:thing"]
+    ) as client:
+        assert list(client.meta_contexts) == ["base:allocation"]
+
+
+async def test_qemu72_writes_read_back(tmp_path: Path) -> None:
+    img = tmp_path / "w.raw"
+    img.write_bytes(b"")
+    os.truncate(img, 48 * MiB)
+    sock = str(tmp_path / "w.sock")
+    srv = Server([tool("qemu-nbd"), "-t", "-f", "raw", "-k", sock, str(img)], sock=sock)
+    try:
+        uri = f"nbd+unix:///?socket={sock}"
+        async with await NBDClient.connect(uri, meta_contexts=["base:allocation"]) as client:
+            assert not client.read_only
+            pattern = bytes(range(256)) * 4096  # 1 MiB
+            await client.pwrite(pattern, 3 * MiB)
+            await client.pwrite(b"\xab" * 512, 512, fua=True)
+            await client.zero(3 * MiB + 4096, 4096)
+            await client.trim(8 * MiB, MiB)
+            await client.flush()
+            expected = bytearray(pattern)
+            expected[4096:8192] = bytes(4096)
+            assert await client.pread(3 * MiB, MiB) == expected
+            assert await client.pread(0, 1024) == bytes(512) + b"\xab" * 512
+            big = os.urandom(5 * MiB) * 8  # above the 32 MiB limit: split in pieces
+            with pytest.raises(UsageError, match="outside"):
+                await client.pwrite(big, 9 * MiB)
+            await client.pwrite(big, 4 * MiB)
+            assert await client.pread(4 * MiB, 40 * MiB) == big
+        assert img.read_bytes()[4 * MiB : 44 * MiB] == big
+    finally:
+        srv.stop()
+
+
+# --- qemu-nbd 10: extended headers ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qemu10_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    qemu_nbd = qemu10("qemu-nbd")
+    d = tmp_path_factory.mktemp("qemu10")
+    img = d / "big.qcow2"
+    run(tool("qemu-img"), "create", "-f", "qcow2", str(img), "8G")
+    run(tool("qemu-img"), "bitmap", "--add", str(img), "b0")
+    run(tool("qemu-io"), "-f", "qcow2", str(img),
+        stdin="write -P 0x55 0 64k\nwrite -P 0x66 6G 128k\nwrite -z 7G 1M\n")  # fmt: skip
+    sock = str(d / "nbd.sock")
+    srv = Server(
+        [qemu_nbd, "-r", "-t", "-e", "8", "-f", "qcow2", "-B", "b0", "-k", sock, str(img)],
+        sock=sock,
+    )
+    yield f"nbd+unix:///?socket={sock}"
+    srv.stop()
+
+
+async def test_qemu10_extended_block_status_beyond_4g(qemu10_uri: str) -> None:
+    contexts = ["base:allocation", "qemu:dirty-bitmap:b0"]
+    async with await NBDClient.connect(qemu10_uri, meta_contexts=contexts) as ext:
+        assert ext.extended_headers and ext.size == 8 * GiB
+        assert ext.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+        answer = await ext.block_status(0, ext.size)
+        lengths, _ = answer["qemu:dirty-bitmap:b0"]
+        # One 64-bit request, one answer reaching past 4 GiB.
+        assert sum(lengths) > 4 * GiB
+        assert sum(answer["base:allocation"][0]) > 4 * GiB
+        dirty = dirty_ranges(await walk(ext, "qemu:dirty-bitmap:b0"))
+        assert dirty == [(0, 65536), (6 * GiB, 6 * GiB + 131072), (7 * GiB, 7 * GiB + MiB)]
+        filtered = await ext.block_status(0, ext.size, contexts=["qemu:dirty-bitmap:b0"])
+        assert list(filtered) == ["qemu:dirty-bitmap:b0"]
+        assert list(filtered["qemu:dirty-bitmap:b0"][0]) == list(lengths)
+        assert await ext.pread(6 * GiB, 16) == b"\x66" * 16
+        ext_maps = {c: await walk(ext, c, filtered=False) for c in contexts}
+    async with await NBDClient.connect(
+        qemu10_uri, meta_contexts=contexts, extended_headers=False
+    ) as compact:
+        assert not compact.extended_headers and compact.structured_replies
+        answer = await compact.block_status(0, compact.size)
+        assert all(sum(v[0]) < 4 * GiB for v in answer.values())
+        for c in contexts:
+            compact_map = await walk(compact, c)
+            assert compact_map == ext_maps[c], c
+            assert compact_map == nbdinfo_map(qemu10_uri, c)
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+def make_pki(d: Path, cn: str = "nbdgw test CA") -> None:
+    """A CA, a server certificate for localhost and a client certificate, in the layout of
+    qemu's tls-creds-x509 (which verifies client certificates by default) and libnbd."""
+    d.mkdir(parents=True, exist_ok=True)
+    openssl = tool("openssl")
+    run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-keyout", str(d / "ca-key.pem"), "-out", str(d / "ca-cert.pem"), "-subj", f"/CN={cn}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    ext = d / "server.ext"
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    )
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "server-key.pem"),
+        "-out", str(d / "server.csr"), "-subj", "/CN=localhost")  # fmt: skip
+    run(openssl, "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca-cert.pem"),
+        "-CAkey", str(d / "ca-key.pem"), "-CAcreateserial", "-days", "2",
+        "-out", str(d / "server-cert.pem"), "-extfile", str(ext))  # fmt: skip
+    cext = d / "client.ext"
+    cext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=clientAuth\n")  # fmt: skip
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "client-key.pem"),
+        "-out", str(d / "client.csr"), "-subj", "/CN=nbdgw client")  # fmt: skip
+    run(openssl, "x509", "-req", "-in", str(d / "client.csr"), "-CA", str(d / "ca-cert.pem"),
+        "-CAkey", str(d / "ca-key.pem"), "-CAcreateserial", "-days", "2",
+        "-out", str(d / "client-cert.pem"), "-extfile", str(cext))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tls_server(qcow2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]:
+    d = tmp_path_factory.mktemp("tls")
+    make_pki(d / "pki")
+    make_pki(d / "other", cn="some other CA")
+    port = free_port()
+    srv = Server(
+        [tool("qemu-nbd"), "-r", "-t", "-e", "8", "-f", "qcow2", "-x", "disk",
+         "--object", f"tls-creds-x509,id=tls0,dir={d / 'pki'},endpoint=server",
+         "--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(port), str(qcow2)],
+        port=port,
+    )  # fmt: skip
+    yield d, port
+    srv.stop()
+
+
+async def test_tls_with_the_right_ca(tls_server: tuple[Path, int]) -> None:
+    d, port = tls_server
+    uri = f"nbds://localhost:{port}/disk?tls-certificates={d / 'pki'}"
+    async with await NBDClient.connect(uri, meta_contexts=["base:allocation"]) as client:
+        assert client.structured_replies and "base:allocation" in client.meta_contexts
+        assert await client.pread(0, 64 * 1024) == b"\x11" * 64 * 1024
+    # The same through an explicit TLSConfig and the IP address in the certificate.
+    pki = d / "pki"
+    tls = TLSConfig(
+        ca_file=str(pki / "ca-cert.pem"),
+        cert_file=str(pki / "client-cert.pem"),
+        key_file=str(pki / "client-key.pem"),
+        server_hostname="127.0.0.1",
+    )
+    async with await NBDClient.connect(f"nbd://127.0.0.1:{port}/disk", tls=tls) as client:
+        assert await client.pread(1 * MiB, 4) == b"\x22" * 4
+
+
+async def test_tls_with_a_wrong_ca_fails_clearly(tls_server: tuple[Path, int]) -> None:
+    d, port = tls_server
+    uri = f"nbds://localhost:{port}/disk?tls-certificates={d / 'other'}"
+    with pytest.raises(HandshakeError, match=r"TLS handshake failed.*certificate verify failed"):
+        await NBDClient.connect(uri, timeout=10)
+
+
+async def test_plaintext_to_a_tls_server_is_refused(tls_server: tuple[Path, int]) -> None:
+    _, port = tls_server
+    with pytest.raises(OptionError, match="ERR_TLS_REQD"):
+        await NBDClient.connect(f"nbd://127.0.0.1:{port}/disk", timeout=10)
