@@ -119,8 +119,8 @@ def rich(err: grpc.aio.AioRpcError) -> Rich:
     infos = [d for d in details if isinstance(d, error_details_pb2.ErrorInfo)]
     assert len(infos) == 1, "every error carries exactly one ErrorInfo"
     assert infos[0].domain == "nbdgw.dev"
-    assert infos[0].reason in pb.ErrorReason.keys() or (
-        "ERROR_REASON_" + infos[0].reason in pb.ErrorReason.keys()
+    assert infos[0].reason in pb.ErrorReason.keys() or (  # noqa: SIM118
+        "ERROR_REASON_" + infos[0].reason in pb.ErrorReason.keys()  # noqa: SIM118
     )
     text = {k: v for k, v in trailers.items() if isinstance(v, str)}
     return Rich(err.code(), err.details() or "", infos[0], details, text)

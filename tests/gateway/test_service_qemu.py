@@ -11,6 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+
+from gateway.config import GatewayConfig
+from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import (
     QEMU_B0_BULK,
     QEMU_B0_DATA,
@@ -29,9 +32,6 @@ from tests.gateway.conftest import (
     wait_health,
 )
 from tests.peers import qemu10, tool
-
-from gateway.config import GatewayConfig
-from nbdgw.v1 import bitmap_service_pb2 as pb
 
 pytestmark = pytest.mark.interop
 
@@ -91,7 +91,7 @@ async def test_data_equals_what_qemu_io_wrote(qemu_nbd: QemuNBD, start_gateway) 
             assert raw[start : start + length] == bytes(length)
     # The patterns qemu-io wrote are there, byte for byte.
     carried = b"".join(data[o] for o in sorted(data))
-    for off, n, pat in [*QEMU_B0_DATA, QEMU_B0_BULK]:
+    for _off, n, pat in [*QEMU_B0_DATA, QEMU_B0_BULK]:
         assert bytes([pat]) * n in carried
     # The bulk range comes in at most 1 MiB pieces, so in at least 8 messages.
     bulk_off, bulk_len, _ = QEMU_B0_BULK
@@ -108,9 +108,7 @@ async def test_filters_and_merge_allocation(qemu_nbd: QemuNBD, start_gateway) ->
     dirty = [r for r in full if r[2]]
     clean = [r for r in full if not r[2]]
     got_set = await stream_all(gw.stub, export="vm", context="b0", filter=pb.EXTENT_FILTER_SET)
-    got_clear = await stream_all(
-        gw.stub, export="vm", context="b0", filter=pb.EXTENT_FILTER_CLEAR
-    )
+    got_clear = await stream_all(gw.stub, export="vm", context="b0", filter=pb.EXTENT_FILTER_CLEAR)
     assert merged(got_set.rows) == dirty
     assert merged(got_clear.rows) == clean
     # Gaps are real gaps: the deltas of a filtered stream skip exactly the other kind.
@@ -186,9 +184,7 @@ async def test_host_killed_mid_stream_then_restarted(
         gw = await start_gateway(
             config_for(("vm", host.uri), ("other", other.uri)), **{"grpc.http2.bdp_probe": 0}
         )
-        fields = dict(
-            export="vm", context="b0", filter=pb.EXTENT_FILTER_SET, include_data=True
-        )
+        fields = dict(export="vm", context="b0", filter=pb.EXTENT_FILTER_SET, include_data=True)
         whole = await stream_all(gw.stub, **fields)
         call = gw.stub.StreamExtents(pb.StreamExtentsRequest(**fields))
         got = []
