@@ -250,7 +250,9 @@ def encode_chunk_header(
 ) -> bytes:
     """Header of a structured (20-byte) or extended (32-byte) reply chunk."""
     if extended:
-        return EXTENDED_REPLY.pack(NBD_EXTENDED_REPLY_MAGIC, flags, reply_type, cookie, offset, length)
+        return EXTENDED_REPLY.pack(
+            NBD_EXTENDED_REPLY_MAGIC, flags, reply_type, cookie, offset, length
+        )
     return STRUCTURED_REPLY.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length)
 
 
@@ -296,10 +298,12 @@ def encode_block_status(context_id: int, extents: list[tuple[int, int]], extende
 def decode_block_status(
     payload: bytes | memoryview, extended: bool
 ) -> tuple[int, array[int], array[int]]:
-    """Decode a block status chunk into (context id, lengths, flags).
+    """Decode a block status chunk into (context id, lengths, flags), both ``array("Q")``.
 
     Uses ``array`` with one byteswap, which is an order of magnitude faster than
     ``struct.iter_unpack`` for the million-extent replies a fragmented bitmap produces.
+    Compact 32-bit items are widened through bytes (a strided copy into a zeroed buffer),
+    several times faster than ``array("Q", items)``, which boxes every item.
     """
     data = memoryview(payload)
     if extended:
@@ -318,6 +322,11 @@ def decode_block_status(
         arr.frombytes(data[4:])
     if _LITTLE:
         arr.byteswap()
+    if arr.typecode == "I":
+        wide = bytearray(len(arr) * 8)
+        memoryview(wide).cast("I")[0 if _LITTLE else 1 :: 2] = memoryview(arr)
+        arr = array("Q")
+        arr.frombytes(wide)
     return cid, arr[0::2], arr[1::2]
 
 
