@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from nbdcore.storage import (
     BitmapError,
@@ -293,3 +299,88 @@ def test_closed_image_refuses_writes(disk: Path) -> None:
     image.close()
     with pytest.raises(OSError):
         image.write(b"x", 0)
+
+
+class PersistentImageMachine(RuleBasedStateMachine):
+    """Random writes, clears, enable/disable, clean reopens and process crashes (the store
+    dropped without its clean close) against a model of dirty granules per bitmap."""
+
+    GRANULARITIES: ClassVar[dict[str, int]] = {"a": 512, "b": 4096, "c": 65536}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="nbdgw-storage-"))
+        self.path = self.tmp / "disk.raw"
+        self.size = 40 * 4096 + 333
+        self.image = Image.create(self.path, self.size)
+        self.model: dict[str, set[int]] = {}
+        self.enabled: dict[str, bool] = {}
+        for name, g in self.GRANULARITIES.items():
+            self.image.add_bitmap(name, granularity=g, enabled=name != "c")
+            self.model[name] = set()
+            self.enabled[name] = name != "c"
+
+    def teardown(self) -> None:
+        self.image.close()
+        shutil.rmtree(self.tmp)
+
+    def _range(self, data: st.DataObject) -> tuple[int, int]:
+        offset = data.draw(st.integers(0, self.size - 1))
+        return offset, data.draw(st.integers(1, min(self.size - offset, 30_000)))
+
+    @rule(data=st.data(), op=st.sampled_from(["write", "zero", "trim"]))
+    def write(self, data: st.DataObject, op: str) -> None:
+        offset, length = self._range(data)
+        if op == "write":
+            self.image.write(b"\x5a" * length, offset, fua=data.draw(st.booleans()))
+        elif op == "zero":
+            self.image.write_zeroes(offset, length, may_trim=data.draw(st.booleans()))
+        else:
+            self.image.trim(offset, length)
+        for name, g in self.GRANULARITIES.items():
+            if self.enabled[name]:
+                self.model[name].update(range(offset // g, (offset + length - 1) // g + 1))
+
+    @rule(data=st.data(), name=st.sampled_from(sorted(GRANULARITIES)))
+    def clear(self, data: st.DataObject, name: str) -> None:
+        offset, length = self._range(data)
+        g = self.GRANULARITIES[name]
+        first = -(-offset // g)
+        end = -(-self.size // g) if offset + length == self.size else (offset + length) // g
+        self.image.clear_bitmap_range(name, offset, length)
+        self.model[name].difference_update(range(first, end))
+
+    @rule(name=st.sampled_from(sorted(GRANULARITIES)), enabled=st.booleans())
+    def toggle(self, name: str, enabled: bool) -> None:
+        self.image.set_bitmap_enabled(name, enabled)
+        self.enabled[name] = enabled
+
+    @rule(crash=st.booleans())
+    def reopen(self, crash: bool) -> None:
+        if crash:
+            # What a kill -9 leaves: no msync, no fsync, in-use still there, lock released.
+            store = self.image._store
+            assert store is not None
+            store.close(clean=False)
+            self.image.disk.close()
+        else:
+            self.image.close()
+        self.image = Image.open(self.path)
+        assert not self.image.recovered
+
+    @invariant()
+    def bitmaps_match_model(self) -> None:
+        for name, g in self.GRANULARITIES.items():
+            bitmap = self.image.bitmaps[name]
+            assert bitmap.enabled == self.enabled[name]
+            got = {
+                i
+                for o, n, f in bitmap.extents(0, self.size)
+                if f
+                for i in range(o // g, (o + n - 1) // g + 1)
+            }
+            assert got == self.model[name], name
+
+
+TestPersistentImage = PersistentImageMachine.TestCase
+TestPersistentImage.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
