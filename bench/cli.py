@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument(
+        "--show",
+        action="store_true",
+        help="run nothing: print the results saved in the --json file (text and Markdown)",
+    )
+    p.add_argument(
         "--request-size",
         type=int,
         default=2 << 20,
@@ -61,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.show:
+        return show(args.json)
     mode = "quick" if args.quick else "full"
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
     if repeat < 1:
@@ -83,6 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     return execute(chosen, repeat, mode, command, args.json, markdown=args.markdown)
+
+
+def show(json_path: Path) -> int:
+    try:
+        run = harness.from_json(json_path.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        print(f"bench: cannot read {json_path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{run.command}: {run.mode} mode, median of {run.repeat}, {run.started}")
+    print(", ".join(f"{k} {v}" for k, v in run.machine.items()))
+    print(harness.format_text(run.rows))
+    print()
+    print(harness.format_markdown(run.rows))
+    return 0
 
 
 def execute(

@@ -162,6 +162,11 @@ def test_execute_writes_json_that_reads_back(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "| client-extents |" in printed  # the Markdown table
     assert json.loads(out.read_text())["machine"]["cpus"] == os.cpu_count()
+    assert cli.main(["--show", "--json", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "python -m bench --quick: quick mode, median of 2" in shown and "2.20x" in shown
+    out.write_text("{not json")
+    assert cli.main(["--show", "--json", str(out)]) == 2
 
 
 def test_cli_lists_and_rejects_unknown(tmp_path: Path, capsys) -> None:
