@@ -342,6 +342,11 @@ def nbdinfo_map(uri: str, context: str) -> list[Row]:
     return merged(rows)
 
 
+async def anbdinfo_map(uri: str, context: str) -> list[Row]:
+    """:func:`nbdinfo_map` off the event loop (needed when the loop serves the NBD host)."""
+    return await asyncio.to_thread(nbdinfo_map, uri, context)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
