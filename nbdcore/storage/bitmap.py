@@ -23,6 +23,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Final
 
 from nbdcore.constants import NBD_STATE_DIRTY
@@ -203,12 +204,14 @@ class DirtyBitmap:
         """``(offset, length, 0 or NBD_STATE_DIRTY)`` runs, adjacent equal runs merged, covering
         ``[offset, offset + length)`` exactly."""
         self._check_range(offset, length)
-        while length > 0:
-            lengths, flags = self.runs(offset, length, limit=65536)
-            for run_length, run_flags in zip(lengths, flags, strict=True):
-                yield offset, run_length, run_flags
-                offset += run_length
-                length -= run_length
+        end = offset + length
+        while offset < end:
+            # A batch that hits the limit ends where a run ends, so the next batch starts with
+            # the other flag: batches never need merging.
+            lengths, flags = self.runs(offset, end - offset, limit=65536)
+            # accumulate(initial=) yields one offset more than there are runs.
+            yield from zip(accumulate(lengths, initial=offset), lengths, flags, strict=False)
+            offset += sum(lengths)
 
     def runs(
         self, offset: int, length: int, *, limit: int | None = None

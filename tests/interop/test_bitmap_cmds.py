@@ -74,6 +74,7 @@ def disk(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.interop
 def test_create_is_a_sparse_raw_disk(disk: Path) -> None:
     info = json.loads(
         subprocess.run(
