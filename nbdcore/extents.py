@@ -27,7 +27,7 @@ import enum
 import operator
 import sys
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +60,7 @@ __all__ = [
     "merge_contexts",
     "merge_runs",
     "to_u64",
+    "trim_head",
 ]
 
 Columns = tuple["array[int]", ...]
@@ -199,6 +200,17 @@ def clip_table(lengths: array[int], columns: Columns, length: int) -> Table:
     lengths = lengths[: i + 1]
     lengths[i] -= ends[i] - length
     return lengths, tuple(col[: i + 1] for col in columns)
+
+
+def trim_head(lengths: array[int], columns: Columns, skip: int) -> Table:
+    """The table without its first ``skip`` bytes (``0 <= skip < sum(lengths)``)."""
+    if skip == 0:
+        return lengths, columns
+    ends = array("Q", accumulate(lengths))
+    i = bisect_right(ends, skip)
+    lengths = lengths[i:]
+    lengths[0] = ends[i] - skip
+    return lengths, tuple(col[i:] for col in columns)
 
 
 def _alternates(col: array[int]) -> bool:
@@ -375,6 +387,8 @@ class ExtentWalker:
         align: int = DEFAULT_ALIGN,
         max_step: int = _COMPACT_LIMIT - DEFAULT_ALIGN,
         depth: int = DEFAULT_DEPTH,
+        block: int = 1,
+        size: int | None = None,
     ) -> None:
         if not contexts:
             raise UsageError("no metadata context to walk")
@@ -384,10 +398,17 @@ class ExtentWalker:
             raise UsageError("negative offset or length")
         if max_extents < 1 or depth < 1 or align < 1 or max_step < align:
             raise UsageError("max_extents, depth, align must be positive and max_step >= align")
+        if block < 1 or align % block:
+            raise UsageError("block must be positive and divide align")
         self.contexts = tuple(contexts)
         self.offset = offset
         self.end = offset + length
         self.align = align
+        # Requests start and end on multiples of ``block`` (the export's minimum block size,
+        # which the spec says requests MUST respect once it was asked for); answers are
+        # clipped back to the range. ``size`` caps the rounding up at the end of the export.
+        self.block = block
+        self.size = size if size is not None else self.end
         self.max_step = max_step - max_step % align
         self.step = self.max_step
         self.depth = depth
@@ -402,7 +423,7 @@ class ExtentWalker:
         """Offset of the oldest outstanding request: the one :meth:`receive` wants next."""
         if not self._segments or not self._segments[0].issued:
             raise UsageError("no block status request is outstanding")
-        return self._segments[0].start
+        return self._request(self._segments[0])[0]
 
     @property
     def done(self) -> bool:
@@ -416,6 +437,12 @@ class ExtentWalker:
         if aligned > start:
             end = aligned
         return min(end, limit)
+
+    def _request(self, seg: _Segment) -> tuple[int, int]:
+        """The block-aligned byte range asked for a segment."""
+        first = seg.start - seg.start % self.block
+        last = min(-(-seg.end // self.block) * self.block, self.size)
+        return first, last
 
     def requests(self) -> list[tuple[int, int]]:
         """New requests to send now, as (offset, length)."""
@@ -435,7 +462,8 @@ class ExtentWalker:
                     segs.insert(i + 1, _Segment(cut, seg.end, False))
                     seg.end = cut
                 seg.issued = True
-                out.append((seg.start, seg.end - seg.start))
+                first, last = self._request(seg)
+                out.append((first, last - first))
             i += 1
         self.requests_sent += len(out)
         return out
@@ -445,8 +473,10 @@ class ExtentWalker:
         if not self._segments or not self._segments[0].issued:
             raise UsageError("no block status request is outstanding")
         seg = self._segments[0]
-        if offset != seg.start:
-            raise UsageError(f"expected the answer for offset {seg.start}, got {offset}")
+        first, last = self._request(seg)
+        if offset != first:
+            raise UsageError(f"expected the answer for offset {first}, got {offset}")
+        skip = seg.start - first  # rounding down to a block: not part of the range
         want = seg.end - seg.start
         fitted = []
         for name in self.contexts:
@@ -454,11 +484,20 @@ class ExtentWalker:
                 lengths, flags = answer[name]
             except KeyError:
                 raise ServerProtocolError(f"block status answer lacks context {name}") from None
-            fitted.append(fit_answer(lengths, flags, want, strict=False))
-        covered = min(f[2] for f in fitted)
+            fitted.append(fit_answer(lengths, flags, last - first, strict=False))
+        covered = min(f[2] for f in fitted) - skip
+        if covered <= 0:
+            raise ServerProtocolError(
+                f"block status answer for offset {first} ends before {seg.start}, "
+                "inside the first block"
+            )
+        covered = min(covered, want)
+        offset = seg.start
         tables = []
         for lengths, flags, got in fitted:
-            if got > covered:
+            if skip:
+                lengths, (flags,) = trim_head(lengths, (flags,), skip)
+            if got - skip > covered:
                 lengths, (flags,) = clip_table(lengths, (flags,), covered)
             tables.append(merge_runs(lengths, (flags,)))
         lengths, columns = merge_contexts([(t[0], t[1][0]) for t in tables])
@@ -533,7 +572,8 @@ def walker_for(
     if missing:
         raise UsageError(f"metadata context not negotiated: {', '.join(missing)}")
     bs = client.block_size
-    align = max(bs.minimum, DEFAULT_ALIGN) if bs is not None else DEFAULT_ALIGN
+    block = bs.minimum if bs is not None else 1
+    align = max(block, DEFAULT_ALIGN)
     limit = _EXTENDED_LIMIT if client.extended_headers else _COMPACT_LIMIT
     return ExtentWalker(
         contexts,
@@ -543,6 +583,8 @@ def walker_for(
         align=align,
         max_step=limit - align,
         depth=depth,
+        block=block,
+        size=size,
     )
 
 

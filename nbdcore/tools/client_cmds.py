@@ -350,7 +350,9 @@ async def copy_cmd(args: argparse.Namespace) -> int:
     try:
         size = client.size
         chunk = min(args.request_size, client.max_payload)
-        chunk = max(chunk - chunk % 4096, 4096)
+        block = client.block_size.minimum if client.block_size is not None else 1
+        unit = max(block, 4096)
+        chunk = max(chunk - chunk % unit, unit)
         if to_stdout:
             fd = sys.stdout.buffer.fileno()
             sys.stdout.flush()
@@ -375,7 +377,8 @@ async def copy_cmd(args: argparse.Namespace) -> int:
                     writer.write(offset, length, data)
                     progress.advance(length)
 
-            async for offset, length, is_zero in _copy_plan(client, iter_extents):
+            plan = _block_aligned(_copy_plan(client, iter_extents), block, size)
+            async for offset, length, is_zero in plan:
                 if is_zero:
                     pending.append((offset, length, None))
                 else:
@@ -415,6 +418,35 @@ async def _copy_plan(client: NBDClient, iter_extents: Any) -> Any:
                 offset += n
     elif client.size:
         yield 0, client.size, False
+
+
+async def _block_aligned(runs: Any, block: int, size: int) -> Any:
+    """The runs with every data run widened to whole blocks (reads MUST be block multiples
+    once the server told its minimum block size), overlapping data runs joined and the zero
+    runs shrunk to what is left."""
+    done = 0  # everything before this was yielded
+    cur: list[int] | None = None  # the data run being built: [start, end)
+    async for offset, length, is_zero in runs:
+        if is_zero:
+            continue
+        start = offset - offset % block
+        end = min(-(-(offset + length) // block) * block, size)
+        if cur is not None and start <= cur[1]:
+            cur[1] = max(cur[1], end)
+            continue
+        if cur is not None:
+            if cur[0] > done:
+                yield done, cur[0] - done, True
+            yield cur[0], cur[1] - cur[0], False
+            done = cur[1]
+        cur = [start, end]
+    if cur is not None:
+        if cur[0] > done:
+            yield done, cur[0] - done, True
+        yield cur[0], cur[1] - cur[0], False
+        done = cur[1]
+    if size > done:
+        yield done, size - done, True
 
 
 class _Writer:

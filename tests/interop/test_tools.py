@@ -126,6 +126,17 @@ NBDKIT_PLUGINS = {
     "data": ["data", "( 0x11 * 65536 ) @262144 ( 0x22 * 1000 ) @1048576 1", "size=4M"],
     "sparse": ["sparse-random", "size=64M", "seed=42", "percent=30", "runlength=262144"],
     "extentlist": ["--filter=extentlist", "null", "size=3M", "extentlist={list}"],
+    # A 4 KiB minimum block size that nbdkit enforces: unaligned requests fail with EINVAL.
+    "min-block": [
+        "--filter=blocksize-policy",
+        "sparse-random",
+        "size=8M",
+        "seed=7",
+        "percent=40",
+        "runlength=65536",
+        "blocksize-minimum=4096",
+        "blocksize-error-policy=error",
+    ],
 }
 
 

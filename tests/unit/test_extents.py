@@ -34,6 +34,7 @@ from nbdcore.extents import (
     merge_runs,
     to_u64,
 )
+from nbdcore.wire import BlockSize
 
 Extents = list[tuple[int, int]]  # (length, flags)
 
@@ -116,12 +117,13 @@ class FakeServer:
         *,
         extended: bool = False,
         cap: int = 5,
+        block: int = 1,
     ) -> None:
         self.size = size
         self.contexts = contexts
         self.rnd = rnd
         self.extended_headers = extended
-        self.block_size = None
+        self.block_size = BlockSize(block, 4096, 1 << 25) if block > 1 else None
         self.meta_contexts = {name: i for i, name in enumerate(contexts)}
         self.cap = cap
         self.requests: list[tuple[int, int]] = []
@@ -138,8 +140,9 @@ class FakeServer:
                 continue
             start = max(start, offset)
             # Sometimes split an extent in two equal-flag pieces.
-            if end - start > 1 and self.rnd.random() < 0.2:
-                mid = self.rnd.randint(start + 1, end - 1)
+            block = self.block_size.minimum if self.block_size else 1
+            if end - start > block and self.rnd.random() < 0.2:
+                mid = start + block * self.rnd.randint(1, (end - start - 1) // block)
                 pieces = [(start, mid), (mid, end)]
             else:
                 pieces = [(start, end)]
@@ -166,6 +169,11 @@ class FakeServer:
         req_one: bool = False,
     ) -> dict[str, tuple[array[int], array[int]]]:
         self.requests.append((offset, length))
+        if self.block_size is not None:
+            # The spec's MUST once block sizes were negotiated (the tail may be unaligned).
+            block = self.block_size.minimum
+            assert offset % block == 0
+            assert (offset + length) % block == 0 or offset + length == self.size
         await asyncio.sleep(0)
         names = contexts if contexts is not None else list(self.contexts)
         return {name: self.answer(name, offset, length) for name in names}
@@ -416,3 +424,27 @@ async def test_iter_extents_early_close_cancels_requests() -> None:
     assert first.offset == 0
     await it.aclose()
     assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.randoms(use_true_random=False), st.sampled_from([2, 512, 4096]))
+def test_iter_extents_aligns_requests_to_the_minimum_block(
+    data: st.DataObject, rnd: random.Random, block: int
+) -> None:
+    """With a minimum block size, requests are widened to whole blocks and the answers
+    clipped back to the (unaligned) range; extents are block multiples except the tail."""
+    blocks = data.draw(st.integers(1, 64))
+    tail = data.draw(st.integers(0, block - 1))
+    contexts = [
+        [(n * block, f) for n, f in data.draw(extent_lists(blocks))]
+        for _ in range(data.draw(st.integers(1, 2)))
+    ]
+    for ext in contexts:
+        ext[-1] = (ext[-1][0] + tail, ext[-1][1])
+    size = blocks * block + tail
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(0, size - offset))
+    names = [f"x-test:c{i}" for i in range(len(contexts))]
+    server = FakeServer(size, dict(zip(names, contexts, strict=True)), rnd, block=block)
+    batches = asyncio.run(collect(iter_extents(server, names, offset, length, max_extents=4)))
+    assert rows_of(batches) == model_rows(contexts, offset, offset + length)
