@@ -119,6 +119,8 @@ class RowResult:
     target: str | None = None
     met: bool | None = None
     reason: str | None = None
+    # 1-minute load average when the benchmark started and ended: how busy the shared machine was.
+    load: tuple[float, float] | None = None
 
 
 @dataclass
@@ -221,6 +223,15 @@ def failed_rows(
 
 def run_benchmark(bench: Benchmark, repeat: int) -> list[RowResult]:
     """Run one benchmark; never raises for a benchmark's own failure (the next one still runs)."""
+    load_start = os.getloadavg()[0]
+    rows = _run_benchmark(bench, repeat)
+    load = (round(load_start, 2), round(os.getloadavg()[0], 2))
+    for row in rows:
+        row.load = load
+    return rows
+
+
+def _run_benchmark(bench: Benchmark, repeat: int) -> list[RowResult]:
     try:
         with bench.setup() as sides:
             stats = run_rounds(sides, repeat, warmup=bench.warmup)
@@ -233,18 +244,21 @@ def run_benchmark(bench: Benchmark, repeat: int) -> list[RowResult]:
 
 
 def select(benchmarks: Sequence[Benchmark], only: Sequence[str]) -> list[Benchmark]:
-    """``only`` names benchmarks exactly or by prefix (``client`` selects every client-*)."""
+    """``only`` names benchmarks exactly, or by prefix (``client`` selects every client-*)
+    when no benchmark has that exact name."""
     if not only:
         return list(benchmarks)
-    chosen = []
-    for bench in benchmarks:
-        if any(bench.name == o or bench.name.startswith(o.rstrip("-") + "-") for o in only):
-            chosen.append(bench)
-    unknown = [o for o in only if not any(b.name.startswith(o.rstrip("-")) for b in benchmarks)]
-    if unknown:
-        names = ", ".join(b.name for b in benchmarks)
-        raise ValueError(f"unknown benchmark {', '.join(unknown)} (known: {names})")
-    return chosen
+    names = [b.name for b in benchmarks]
+    wanted: set[str] = set()
+    for o in only:
+        if o in names:
+            wanted.add(o)
+            continue
+        matches = {n for n in names if n.startswith(o.rstrip("-") + "-")}
+        if not matches:
+            raise ValueError(f"unknown benchmark {o} (known: {', '.join(names)})")
+        wanted |= matches
+    return [b for b in benchmarks if b.name in wanted]
 
 
 def machine_info() -> dict[str, Any]:
@@ -304,7 +318,17 @@ def _verdict(r: RowResult) -> str:
 
 
 def table_lines(rows: Sequence[RowResult]) -> Iterator[list[str]]:
-    yield ["benchmark", "comparison", "unit", "ours", "reference", "ratio", "target", "verdict"]
+    yield [
+        "benchmark",
+        "comparison",
+        "unit",
+        "ours",
+        "reference",
+        "ratio",
+        "target",
+        "verdict",
+        "load",
+    ]
     for r in rows:
         comparison = r.label
         yield [
@@ -316,6 +340,7 @@ def table_lines(rows: Sequence[RowResult]) -> Iterator[list[str]]:
             "-" if r.ratio is None else f"{r.ratio:.2f}x",
             r.target or "-",
             _verdict(r),
+            "-" if r.load is None else f"{r.load[0]:.1f}-{r.load[1]:.1f}",
         ]
 
 
@@ -353,5 +378,7 @@ def from_json(text: str) -> Run:
         for key in ("ours", "reference"):
             if r.get(key) is not None:
                 r[key] = Stats(**r[key])
+        if r.get("load") is not None:
+            r["load"] = tuple(r["load"])
         rows.append(RowResult(**r))
     return Run(rows=rows, **data)

@@ -37,6 +37,13 @@ def tool(name: str) -> str:
     return path
 
 
+def qemu10_tool(name: str) -> str:
+    path = QEMU10_BIN / name
+    if not path.exists():
+        raise NotAvailable(f"qemu 10 {name} is not unpacked in {QEMU10_BIN} (install-deps.sh)")
+    return str(path)
+
+
 @contextmanager
 def tempdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nbdgw-bench-"))
@@ -193,11 +200,14 @@ def qemu_nbd(
     bitmaps: Sequence[str] = (),
     name: str = "qemu-nbd",
     read_only: bool = True,
+    qemu10: bool = False,
 ) -> Iterator[str]:
-    """qemu-nbd 7.2 serving ``image`` as export ``disk`` on a unix socket; yields the URI.
-    ``-e 8``: nbdcopy opens 4 connections; ``-t``: stay up between clients."""
+    """qemu-nbd 7.2 (or 10, which offers extended headers) serving ``image`` as export
+    ``disk`` on a unix socket; yields the URI. ``-e 8``: nbdcopy opens 4 connections; ``-t``:
+    stay up between clients."""
     sock = workdir / f"{name}.sock"
-    cmd = [tool("qemu-nbd"), "-t", "-e", "8", "-f", fmt, "-x", "disk", "-k", str(sock)]
+    binary = qemu10_tool("qemu-nbd") if qemu10 else tool("qemu-nbd")
+    cmd = [binary, "-t", "-e", "8", "-f", fmt, "-x", "disk", "-k", str(sock)]
     if read_only:
         cmd.append("-r")
     for b in bitmaps:

@@ -162,6 +162,52 @@ def client_extents(fx: Fixtures) -> Benchmark:
     )
 
 
+def client_extents_ext(fx: Fixtures) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        qcow = fx.bitmap_qcow2()
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            uri = stack.enter_context(
+                procs.qemu_nbd(qcow.file, "qcow2", work, bitmaps=[BITMAP], qemu10=True)
+            )
+            check_map_lines(uri, BITMAP_CONTEXT, qcow.extents)
+            args = ["extents", uri, "--context", BITMAP_CONTEXT, "--expect", str(qcow.extents)]
+
+            def worker(*extra: str) -> Callable[[], float]:
+                def side() -> float:
+                    r = procs.run_worker(*args, *extra)
+                    return mext_s(r["extents"], r["seconds"])
+
+                return side
+
+            yield {
+                "ours, extended headers": worker(),
+                "ours, compact headers": worker("--compact"),
+                "nbdinfo --map": nbdinfo_map_side(uri, BITMAP_CONTEXT, qcow.extents),
+            }
+
+    n = 2 * fx.sizes.qcow2_dirty
+    return Benchmark(
+        name="client-extents-qemu10",
+        title=f"the same {n:,}-extent bitmap served by qemu-nbd 10 (extended headers)",
+        metric=MEXT_S,
+        setup=setup,
+        rows=[
+            Row(
+                "iter_extents, extended headers / nbdinfo --map (libnbd 1.14: compact)",
+                "ours, extended headers",
+                "nbdinfo --map",
+            ),
+            Row(
+                "iter_extents, extended / compact headers",
+                "ours, extended headers",
+                "ours, compact headers",
+            ),
+        ],
+    )
+
+
 # --- 3. server ------------------------------------------------------------------------------------
 
 
@@ -247,6 +293,7 @@ def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
     return [
         client_read(fx, opts),
         client_extents(fx),
+        client_extents_ext(fx),
         server_read(fx),
         server_extents(fx),
         *gateway_suites.benchmarks(fx, opts),

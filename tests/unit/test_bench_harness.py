@@ -132,13 +132,13 @@ def test_a_missing_side_still_measures_the_others() -> None:
 
 
 def test_select_by_name_and_prefix() -> None:
-    benches = [fake(n, {}, []) for n in ("client-read", "client-extents", "server-read")]
-    assert [b.name for b in harness.select(benches, ["client"])] == [
-        "client-read",
-        "client-extents",
-    ]
+    names = ("client-read", "client-extents", "client-extents-qemu10", "server-read")
+    benches = [fake(n, {}, []) for n in names]
+    assert [b.name for b in harness.select(benches, ["client"])] == list(names[:3])
+    # An exact name selects only itself, even when it prefixes another name.
+    assert [b.name for b in harness.select(benches, ["client-extents"])] == ["client-extents"]
     assert [b.name for b in harness.select(benches, ["server-read"])] == ["server-read"]
-    assert len(harness.select(benches, [])) == 3
+    assert len(harness.select(benches, [])) == 4
     with pytest.raises(ValueError, match="unknown benchmark gateway"):
         harness.select(benches, ["gateway"])
 
@@ -159,6 +159,7 @@ def test_execute_writes_json_that_reads_back(tmp_path: Path, capsys) -> None:
     assert row.ours is not None and row.ours.samples == [5.0, 6.0]
     assert row.ratio == pytest.approx(5.5 / 2.5)
     assert row.met is True and row.target == "ratio >= 2"
+    assert row.load is not None and len(row.load) == 2
     printed = capsys.readouterr().out
     assert "| client-extents |" in printed  # the Markdown table
     assert json.loads(out.read_text())["machine"]["cpus"] == os.cpu_count()
