@@ -1,0 +1,245 @@
+"""``nbdgw backup`` through real gateway processes: incremental and full backups equal the source,
+a backup killed at a random point resumes exactly, and with --clear the bitmap ends clean."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.backup import BackupState, Progress, state_path
+from tests.gateway.cli_support import (
+    ENV,
+    EmbeddedDisk,
+    GatewayProcess,
+    MiB,
+    QemuDisk,
+    QemuNBD,
+    assert_one_line_error,
+    cli,
+    granules,
+    make_embedded_disk,
+    make_qemu_disk,
+    run,
+)
+from tests.peers import tool
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture(scope="module")
+def qemu_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[GatewayProcess, QemuDisk]]:
+    tmp = tmp_path_factory.mktemp("backup-qemu")
+    host = QemuNBD(make_qemu_disk(tmp), tmp / "qemu.sock").start()
+    gw = GatewayProcess("--export", f"vm={host.uri}", data_dir=tmp / "data")
+    try:
+        yield gw.start(), host.disk
+    finally:
+        gw.stop()
+        host.stop()
+
+
+@pytest.fixture
+def embedded_gateway(tmp_path: Path) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
+    disk = make_embedded_disk(tmp_path / "disk.img")
+    with GatewayProcess("--image", f"disk={disk.path}", data_dir=tmp_path / "data") as gw:
+        yield gw, disk
+
+
+def dirty_map(target: str, export: str, bitmap: str) -> list[tuple[int, int]]:
+    out = cli("extents", export, "--bitmap", bitmap, "--dirty", "--json", "--target", target)
+    assert out.returncode == 0, out.stderr
+    return [(e["offset"], e["length"]) for e in json.loads(out.stdout)]
+
+
+def is_hole(path: Path, offset: int, length: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError:  # ENXIO: no data after offset
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_incremental(output: Path, source: bytes, dirty: list[tuple[int, int]]) -> None:
+    """The dirty ranges hold the source's bytes, everything else reads as zeroes."""
+    data = output.read_bytes()
+    assert len(data) == len(source)
+    pos = 0
+    for off, length in dirty:
+        assert data[pos:off].count(0) == off - pos, f"clean range {pos}-{off} was written"
+        assert data[off : off + length] == source[off : off + length], f"dirty {off}+{length}"
+        pos = off + length
+    assert data[pos:].count(0) == len(data) - pos
+
+
+def test_incremental_backup_from_qemu_nbd(
+    qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
+) -> None:
+    gw, disk = qemu_gateway
+    dirty = dirty_map(gw.target, "vm", "b0")
+    assert dirty == granules(disk.b0_writes, disk.size)
+    out = tmp_path / "inc.img"
+    proc = cli("backup", "vm", "--bitmap", "b0", str(out), "--target", gw.target)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    assert "complete" in proc.stdout
+    check_incremental(out, disk.raw.read_bytes(), dirty)
+    # qemu-io's write -z made dirty ranges that read as zeroes: holes, no bytes moved.
+    assert is_hole(out, 8 * MiB, 512 * 1024)
+    assert is_hole(out, 12 * MiB, 64 * 1024)
+    state = BackupState.load(state_path(out))
+    assert state.complete and state.next_offset == disk.size and not state.clear
+    data_bytes = sum(n for o, n in dirty if not is_hole(disk.raw, o, n))
+    assert state.bytes_written == data_bytes
+
+
+def test_full_backup_from_qemu_nbd(
+    qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
+) -> None:
+    gw, disk = qemu_gateway
+    out = tmp_path / "full.img"
+    proc = cli("backup", "vm", "--full", str(out), "--target", gw.target)
+    assert proc.returncode == 0, proc.stderr
+    compare = subprocess.run(
+        [tool("qemu-img"), "compare", "-q", "-f", "raw", "-F", "raw", str(out), str(disk.raw)]
+    )
+    assert compare.returncode == 0
+    assert out.stat().st_blocks * 512 < disk.size // 2  # sparse: holes stay holes
+
+
+def run_and_kill(args: list[str], spath: Path, threshold: int, size: int) -> int:
+    """Start ``nbdgw ARGS`` and SIGKILL it once its recorded progress passes ``threshold``;
+    returns the recorded offset at the time of the kill."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise AssertionError(f"the backup ended before it was killed: {err}")
+            try:
+                state = json.loads(spath.read_text())
+            except (FileNotFoundError, ValueError):
+                state = None
+            if state is not None and state["next_offset"] >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                assert not state["complete"] and state["next_offset"] < size
+                return int(state["next_offset"])
+            time.sleep(0.002)
+        raise AssertionError("the backup made no progress")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_killed_backup_with_clear_resumes_and_leaves_bitmap_clean(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path, seed: int
+) -> None:
+    gw, disk = embedded_gateway
+    dirty = dirty_map(gw.target, "disk", "backup")
+    assert dirty == granules(disk.dirty, disk.size)
+    out = tmp_path / "inc.img"
+    args = ["backup", "disk", "--bitmap", "backup", str(out), "--clear", "--target", gw.target]
+    # Checkpoints every 64 KiB: many points at which to die.
+    args += ["--checkpoint", "64k"]
+    rng = random.Random(seed)
+    threshold = rng.randrange(dirty[1][0], dirty[-2][0])
+    killed_at = run_and_kill(args, state_path(out), threshold, disk.size)
+    assert killed_at >= threshold
+
+    # Some of the bitmap is clear now, but only what is behind the recorded progress.
+    left = dirty_map(gw.target, "disk", "backup")
+    assert left and left != dirty
+    assert all(off + n > killed_at - 64 * 1024 for off, n in left)
+
+    again = cli("backup", "disk", "--bitmap", "backup", str(out), "--target", gw.target)
+    assert_one_line_error(again, 1)  # exists: a fresh backup must not overwrite it
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    check_incremental(out, bytes(disk.content), dirty)
+    assert is_hole(out, 4 * MiB + 128 * 1024, 256 * 1024)  # dirty but zero
+    assert dirty_map(gw.target, "disk", "backup") == []
+    state = BackupState.load(state_path(out))
+    assert state.complete and state.clear and state.pending_clear == []
+    assert state.bytes_cleared >= sum(n for o, n in dirty if o >= killed_at)
+    # Resuming a complete backup is a no-op.
+    done = cli(*args, "--resume")
+    assert done.returncode == 0 and "already complete" in done.stderr
+
+
+def test_killed_full_backup_resumes_equal_to_source(
+    qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
+) -> None:
+    gw, disk = qemu_gateway
+    out = tmp_path / "full.img"
+    args = ["backup", "vm", "--full", str(out), "--target", gw.target, "--checkpoint", "64k"]
+    threshold = random.Random(7).randrange(1 * MiB, 4 * MiB)
+    run_and_kill(args, state_path(out), threshold, disk.size)
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    run(tool("qemu-img"), "compare", "-q", "-f", "raw", "-F", "raw", str(out), str(disk.raw))
+
+
+def test_backup_refusals_are_one_line_and_touch_nothing(
+    qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
+) -> None:
+    gw, _ = qemu_gateway
+    t = ["--target", gw.target]
+    out = tmp_path / "b.img"
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b0", str(out), "--clear", *t), 1)
+    assert "cannot be cleared" in line
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "nosuch", str(out), *t), 1)
+    assert "no context 'qemu:dirty-bitmap:nosuch'" in line
+    line = assert_one_line_error(cli("backup", "nosuch", "--bitmap", "b0", str(out), *t), 1)
+    assert "[EXPORT_NOT_FOUND]" in line
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b0", str(out), "--resume", *t), 1)
+    assert "nothing to resume" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written by any refusal
+
+    assert cli("backup", "vm", "--bitmap", "b1", str(out), *t).returncode == 0
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b0", str(out), "--resume", *t), 1)
+    assert "different settings" in line
+    line = assert_one_line_error(
+        cli("backup", "vm", "--bitmap", "b1", str(out), "--full", "--resume", *t), 1
+    )
+    assert "different settings" in line
+    state_path(out).write_text('{"version": 1, "size": "x"}')
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b1", str(out), "--resume", *t), 1)
+    assert "not a usable backup state file" in line
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        progress = Progress(4 * MiB, stream=stream)
+        progress.update(2 * MiB, 1 * MiB, force=True)
+        progress.done()
+    assert pipe.getvalue() == ""
+    assert "50.0%" in tty.getvalue() and tty.getvalue().endswith("\n")
