@@ -77,7 +77,10 @@ class NBDURI:
         path = parts.path
         if path and not path.startswith("/"):
             raise URIError(f"NBD URI {text!r}: the export must follow a '/'")
-        export = unquote(path[1:], errors="strict") if path else ""
+        try:
+            export = unquote(path[1:], errors="strict") if path else ""
+        except UnicodeDecodeError:
+            raise URIError(f"NBD URI {text!r}: the export name is not UTF-8") from None
         try:
             query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         except (ValueError, UnicodeDecodeError) as exc:
