@@ -309,6 +309,17 @@ class DirtyBitmap:
             mask = ((1 << (tail - head)) - 1) << head
             bits[lo] = bits[lo] | mask if value else bits[lo] & ~mask
             return
+        if hi - lo < 8:
+            # Small (up to 64 granules: a 4 MiB write at 64 KiB granules): one read-modify-write
+            # of the covering bytes, skipped when nothing changes, so that marking again after
+            # the data write does not dirty the page of a shared mapping once more.
+            stop = ((end - 1) >> 3) + 1
+            cur = int.from_bytes(bits[lo:stop], "little")
+            mask = ((1 << (end - first)) - 1) << (first & 7)
+            new = cur | mask if value else cur & ~mask
+            if new != cur:
+                bits[lo:stop] = new.to_bytes(stop - lo, "little")
+            return
         if head:
             mask = (0xFF << head) & 0xFF
             bits[lo] = bits[lo] | mask if value else bits[lo] & ~mask

@@ -103,7 +103,7 @@ class BitmapMachine(RuleBasedStateMachine):
 
 
 TestBitmapMachine = BitmapMachine.TestCase
-TestBitmapMachine.settings = settings(max_examples=150, stateful_step_count=25, deadline=None)
+TestBitmapMachine.settings = settings(max_examples=100, stateful_step_count=25, deadline=None)
 
 
 @settings(max_examples=60, deadline=None)
