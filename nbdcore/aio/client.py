@@ -229,7 +229,7 @@ class NBDClient:
         if tls is None and uri.tls:
             tls = TLSConfig.from_uri(uri)
         if tls is not None:
-            await self._starttls(tls)
+            await self._starttls(tls, uri)
         if extended:
             ev = await self._option(self._conn.send_extended_headers)
             if isinstance(ev, OptionFailed):
@@ -239,19 +239,20 @@ class NBDClient:
             if isinstance(ev, OptionFailed):
                 _check_soft_failure(ev)
 
-    async def _starttls(self, tls: TLSConfig) -> None:
+    async def _starttls(self, tls: TLSConfig, uri: NBDURI) -> None:
         ev = await self._option(self._conn.send_starttls)
         if isinstance(ev, OptionFailed):
             # A client that wants TLS must not carry on in plain text.
             raise HandshakeError(f"the server refused TLS: {ev.error()}")
         assert self._transport is not None
+        hostname = tls.server_hostname or (None if uri.is_unix else uri.host)
         try:
             ctx = tls.client_context()
+            if hostname is None:
+                # A unix socket has no name to check: verify the chain only, as libnbd does.
+                ctx.check_hostname = False
             transport = await self._loop.start_tls(
-                self._transport,
-                self._protocol,
-                ctx,
-                server_hostname=tls.server_hostname if ctx.check_hostname else None,
+                self._transport, self._protocol, ctx, server_hostname=hostname
             )
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise HandshakeError(f"TLS handshake failed: {exc}") from exc
@@ -362,7 +363,11 @@ class NBDClient:
         self._flush()
         return await self._wait(fut)
 
-    async def _submit(self, cookie: int) -> Reply:
+    async def _submit(self, send: Callable[[], int]) -> Reply:
+        """Queue one request (``send`` returns its cookie) and wait for its reply. Called
+        holding a slot of the in-flight window."""
+        self._check_open()
+        cookie = send()
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._waiters[cookie] = fut
         self._flush()
@@ -377,9 +382,8 @@ class NBDClient:
 
     async def pread(self, offset: int, length: int, *, df: bool = False) -> bytes:
         if length <= self.max_payload:
-            self._check_open()
             async with self._slots:
-                reply = await self._submit(self._conn.send_read(offset, length, df=df))
+                reply = await self._submit(lambda: self._conn.send_read(offset, length, df=df))
             assert reply.data is not None
             return bytes(reply.data)
         if df:
@@ -395,9 +399,8 @@ class NBDClient:
         view = memoryview(buf).cast("B")
         step = self.max_payload
         if len(view) <= step:
-            self._check_open()
             async with self._slots:
-                await self._submit(self._conn.send_read(offset, len(view), buffer=view))
+                await self._submit(lambda: self._conn.send_read(offset, len(view), buffer=view))
             return
         await self._gather(
             [
@@ -410,9 +413,8 @@ class NBDClient:
         view = memoryview(data).cast("B")
         step = self.max_payload
         if len(view) <= step:
-            self._check_open()
             async with self._slots:
-                await self._submit(self._conn.send_write(offset, view, fua=fua))
+                await self._submit(lambda: self._conn.send_write(offset, view, fua=fua))
             return
         await self._gather(
             [
@@ -456,9 +458,8 @@ class NBDClient:
         await self._simple(lambda: self._conn.send_cache(offset, length))
 
     async def _simple(self, send: Callable[[], int]) -> None:
-        self._check_open()
         async with self._slots:
-            await self._submit(send())
+            await self._submit(send)
 
     async def block_status(
         self,
@@ -491,12 +492,12 @@ class NBDClient:
             limit = 0xFFFFFFFF - 0xFFFFFFFF % self._conn.min_block
             length = min(length, limit)
         use_filter = ids is not None and bool(self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD)
-        self._check_open()
         async with self._slots:
-            cookie = self._conn.send_block_status(
-                offset, length, req_one=req_one, context_ids=ids if use_filter else None
+            reply = await self._submit(
+                lambda: self._conn.send_block_status(
+                    offset, length, req_one=req_one, context_ids=ids if use_filter else None
+                )
             )
-            reply = await self._submit(cookie)
         assert reply.extents is not None
         names = self._ids_to_names
         wanted = None if ids is None else set(ids)
