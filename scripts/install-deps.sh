@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests and benchmarks need on a fresh Debian 12 machine (run as root):
 # the reference NBD peers from Debian, qemu 10 from bookworm-backports unpacked beside them
-# (extended headers), and a virtualenv with the project and its test extras.
+# (extended headers), a virtualenv with the project and its test extras, and the Node client's
+# packages (tests/clients/node, from its package-lock.json; node and npm from Debian if missing).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,12 @@ for p in qemu-img qemu-nbd qemu-io nbdinfo nbdcopy nbdkit nbd-server openssl; do
     command -v "$p" >/dev/null 2>&1 || need_apt=1
 done
 [ -f /usr/lib/python3/dist-packages/nbd.py ] || need_apt=1
+need_node=0
+{ command -v node && command -v npm; } >/dev/null 2>&1 || need_node=1
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ "$need_apt" = 1 ] || [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
+if [ "$need_apt" = 1 ] || [ "$need_node" = 1 ] || [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
     if [ ! -f /etc/apt/sources.list.d/bookworm-backports.sources ]; then
         sudo_ tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
 Types: deb
@@ -39,6 +42,10 @@ if [ "$need_apt" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server openssl >/dev/null
 fi
+if [ "$need_node" = 1 ]; then
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        nodejs npm >/dev/null
+fi
 if [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download -qq qemu-utils/bookworm-backports >/dev/null)
@@ -53,4 +60,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# The Node client: exactly the locked packages, no install scripts; again only when the lock
+# file changed since the last install (the stamp is a copy of it).
+NODE_DIR=$ROOT/tests/clients/node
+if ! cmp -s "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.nbdgw-lock-stamp"; then
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+    cp "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.nbdgw-lock-stamp"
+fi
 echo "install-deps: ok"
