@@ -59,6 +59,7 @@ __all__ = [
     "Event",
     "ExportCatalog",
     "ExportDescriptor",
+    "FileSpan",
     "Negotiated",
     "Request",
     "ServerConnection",
@@ -189,7 +190,21 @@ class _Negotiation:
     meta_contexts: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """READ payload that the I/O layer sends straight from a file (``sendfile``) instead of
+    loading it: the core only needs its length."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
 Buffer = bytes | bytearray | memoryview
+Payload = Buffer | FileSpan
 
 
 class ServerConnection:
@@ -230,7 +245,7 @@ class ServerConnection:
         self._buf = bytearray()
         self._eof = False
         self._events: list[Event] = []
-        self._out: list[Buffer] = [
+        self._out: list[Payload] = [
             wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         ]
         self._parser = self._parse()
@@ -275,7 +290,7 @@ class ServerConnection:
         events, self._events = self._events, []
         return events
 
-    def data_to_send(self) -> list[Buffer]:
+    def data_to_send(self) -> list[Payload]:
         """Buffers to write, in order (headers and payloads kept apart, never joined)."""
         out, self._out = self._out, []
         return out
@@ -309,14 +324,14 @@ class ServerConnection:
         self._done(request)
         self._queue_error(request.cookie, request.offset, errno, message)
 
-    def reply_read(self, request: Request, pieces: Iterable[Buffer | int]) -> None:
-        """Answer a READ. ``pieces`` cover the request in order: a buffer is data, an int is
-        that many bytes of hole (sent as an OFFSET_HOLE chunk, or as zeros where holes cannot
-        be expressed: simple replies and DF)."""
+    def reply_read(self, request: Request, pieces: Iterable[Payload | int]) -> None:
+        """Answer a READ. ``pieces`` cover the request in order: a buffer or FileSpan is data,
+        an int is that many bytes of hole (sent as an OFFSET_HOLE chunk, or as zeros where
+        holes cannot be expressed: simple replies and DF)."""
         self._done(request)
         cookie, offset = request.cookie, request.offset
         plain = not self.neg.structured or CmdFlag.DF in request.flags
-        parts: list[tuple[int, Buffer | int]] = []
+        parts: list[tuple[int, Payload | int]] = []
         pos = offset
         for piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)

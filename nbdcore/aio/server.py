@@ -24,12 +24,15 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from nbdcore import wire
 from nbdcore.constants import (
@@ -47,7 +50,9 @@ from nbdcore.exceptions import ClientProtocolError, UsageError
 from nbdcore.server import (
     Disconnect,
     ExportDescriptor,
+    FileSpan,
     Negotiated,
+    Payload,
     Request,
     ServerConnection,
     StartTLS,
@@ -64,6 +69,7 @@ log = logging.getLogger("nbdcore.server")
 
 _READ_SIZE: Final = 256 * 1024
 _IOV_MAX: Final = 1024
+_SNDBUF: Final = 4 * 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -178,8 +184,8 @@ class NBDServer:
         self.tls_required = tls_required
         self.limits = limits or ServerLimits()
         self._exports: dict[str, _Export] = {}
-        self._servers: list[asyncio.AbstractServer] = []
-        self._connections: set[_Connection] = set()
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None], str | None]] = []
+        self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._closing = False
         for export in exports:
             self.add_export(export)
@@ -207,7 +213,11 @@ class NBDServer:
     def exports(self) -> list[str]:
         return list(self._exports)
 
-    # The ExportCatalog protocol of the sans-I/O core:
+    @property
+    def connections(self) -> int:
+        """Clients connected right now."""
+        return len(self._connections)
+
     def lookup(self, name: str) -> ExportDescriptor | None:
         export = self._find(name)
         return export.descriptor(self.limits.max_payload) if export else None
@@ -225,28 +235,80 @@ class NBDServer:
     # --- listening ----------------------------------------------------------------------------
 
     async def start_unix(self, path: str) -> None:
-        server = await asyncio.start_unix_server(self._accept, path, limit=_READ_SIZE)
-        self._servers.append(server)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        self._listen(sock, path)
 
     async def start_tcp(self, host: str, port: int = 0) -> tuple[str, int]:
-        server = await asyncio.start_server(self._accept, host, port, limit=_READ_SIZE)
-        self._servers.append(server)
-        addr = server.sockets[0].getsockname()
-        return str(addr[0]), int(addr[1])
+        """Listen on TCP; returns the bound address (useful with port 0)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        except BaseException:
+            sock.close()
+            raise
+        self._listen(sock, None)
+        bound = sock.getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def _listen(self, sock: socket.socket, path: str | None) -> None:
+        sock.listen(128)
+        sock.setblocking(False)
+        task = asyncio.create_task(self._accept_loop(sock))
+        self._listeners.append((sock, task, path))
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving the others
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                # A reply of 256 KiB should not need several trips through the event loop.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._closing or len(self._connections) >= self.limits.max_connections:
+                log.warning("refusing a connection: %d clients connected", len(self._connections))
+                sock.close()
+                continue
+            conn = _Connection(self, sock)
+            task = asyncio.create_task(conn.run())
+            self._connections[conn] = task
+            task.add_done_callback(partial(self._forget, conn))
+
+    def _forget(self, conn: _Connection, _task: object) -> None:
+        self._connections.pop(conn, None)
 
     async def close(self) -> None:
-        """Stop listening, let every connection finish its in-flight requests, close them."""
+        """Stop listening, let every connection finish its in-flight requests, close."""
         self._closing = True
-        for server in self._servers:
-            server.close()
+        for sock, task, path in self._listeners:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            sock.close()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self._listeners.clear()
         for conn in list(self._connections):
             conn.stop()
         if self._connections:
-            await asyncio.gather(*(c.done for c in list(self._connections)))
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers.clear()
+            await asyncio.gather(*self._connections.values(), return_exceptions=True)
         for export in self._exports.values():
             export.worker.shutdown(wait=True)
 
@@ -257,19 +319,7 @@ class NBDServer:
         await self.close()
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(s.serve_forever() for s in self._servers))
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing or len(self._connections) >= self.limits.max_connections:
-            log.warning("refusing a connection: limit of %d reached", self.limits.max_connections)
-            writer.transport.abort()
-            return
-        conn = _Connection(self, reader, writer)
-        self._connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self._connections.discard(conn)
+        await asyncio.gather(*(task for _, task, _ in self._listeners))
 
 
 class _Catalog:
@@ -283,14 +333,282 @@ class _Catalog:
         return self.server.exports_list()
 
 
+# --- byte channels ---------------------------------------------------------------------------
+
+Buffer = bytes | bytearray | memoryview
+
+
+class _SocketChannel:
+    """A plain socket driven directly: ``recv_into`` a fixed buffer, and ``writev`` of queued
+    buffers, never copied or joined (asyncio 3.11 transports join and copy, which halved read
+    throughput). Buffers handed to ``send`` must not change until sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.queue: deque[Payload] = deque()
+        self.queued = 0
+        self.broken = False
+        self._rbuf = bytearray(_READ_SIZE)
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._writer = asyncio.create_task(self._write_loop())
+
+    async def recv(self) -> Buffer:
+        n = await self.loop.sock_recv_into(self.sock, self._rbuf)
+        return memoryview(self._rbuf)[:n]
+
+    def send(self, items: list[Payload]) -> None:
+        if self.broken:
+            return
+        if not self.queue:
+            # Fast path: straight from the caller's buffers (or the file) to the kernel.
+            sent, done = self._push(items)
+            if done == len(items):
+                return
+            items = items[done:]
+            if sent:
+                items[0] = _rest(items[0], sent)
+        self.queue.extend(items)
+        self.queued += sum(len(b) for b in items)
+        self._drained.clear()
+        self._wake.set()
+
+    def _push(self, items: Sequence[Payload]) -> tuple[int, int]:
+        """Send what the socket takes now: writev for runs of buffers, sendfile for file
+        spans. Returns (bytes sent of the first item not wholly sent, items wholly sent)."""
+        i, n = 0, len(items)
+        while i < n:
+            item = items[i]
+            try:
+                if isinstance(item, FileSpan):
+                    sent = os.sendfile(self.fd, item.fd, item.offset, item.length)
+                    if sent == 0:
+                        raise OSError(errno.EIO, "the image shrank under a read")
+                    if sent < item.length:
+                        return sent, i
+                    i += 1
+                    continue
+                j = i + 1
+                while j < n and j - i < _IOV_MAX and not isinstance(items[j], FileSpan):
+                    j += 1
+                batch = cast("list[Buffer]", items[i:j])
+                sent = os.writev(self.fd, batch)
+            except BlockingIOError:
+                return 0, i
+            except OSError as exc:
+                self._break(exc)
+                return 0, n
+            for buf in batch:
+                if sent < len(buf):
+                    return sent, i
+                sent -= len(buf)
+                i += 1
+        return 0, n
+
+    async def _write_loop(self) -> None:
+        queue = self.queue
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while queue and not self.broken:
+                items = list(islice(queue, _IOV_MAX))
+                sent, done = self._push(items)
+                for _ in range(done):
+                    self.queued -= len(queue.popleft())
+                if sent:
+                    queue[0] = _rest(queue[0], sent)
+                    self.queued -= sent
+                if queue and done < len(items):
+                    await self._writable()
+            if not queue:
+                self.queued = 0
+                self._drained.set()
+
+    async def _writable(self) -> None:
+        fut = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_writer(self.fd, ready)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.fd)
+
+    def _break(self, exc: BaseException) -> None:
+        log.info("write failed: %s", exc)
+        self.broken = True
+        self.queue.clear()
+        self.queued = 0
+        self._drained.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    async def drain(self, high: int) -> None:
+        while self.queued > high and not self.broken:
+            await self._drained.wait()
+
+    async def flush(self) -> None:
+        await self._drained.wait()
+
+    def stop_reading(self) -> None:
+        # A pending recv returns EOF: the connection then ends in order.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def abort(self) -> None:
+        self.broken = True
+        self.queue.clear()
+        self._drained.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    async def close(self) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self.sock.close()
+
+    async def start_tls(self, ctx: ssl.SSLContext, pending: list[Payload]) -> _TLSChannel:
+        """Hand the socket to an asyncio TLS transport, sending ``pending`` (the STARTTLS ACK)
+        only once reading is paused, so the client's first TLS record cannot be lost."""
+        await self.flush()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        protocol = _TLSProtocol()
+        transport, _ = await self.loop.connect_accepted_socket(lambda: protocol, self.sock)
+        transport.pause_reading()
+        if protocol.chunks:
+            raise ClientProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+        for buf in pending:
+            assert not isinstance(buf, FileSpan)  # only option replies are pending here
+            transport.write(buf)
+        tls_transport = await self.loop.start_tls(transport, protocol, ctx, server_side=True)
+        if tls_transport is None:
+            raise ConnectionResetError("TLS handshake ended the connection")
+        protocol.transport = tls_transport
+        return _TLSChannel(protocol)
+
+
+class _TLSProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.eof = False
+        self.read_paused = False
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        self.readable.set()
+        if self.size > 4 * _READ_SIZE and isinstance(self.transport, asyncio.ReadTransport):
+            self.transport.pause_reading()
+            self.read_paused = True
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.readable.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.readable.set()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class _TLSChannel:
+    """The channel after STARTTLS: an asyncio TLS transport (it keeps references to the
+    buffers it is given, which is why READ buffers are never reused)."""
+
+    def __init__(self, protocol: _TLSProtocol) -> None:
+        self.protocol = protocol
+        transport = protocol.transport
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.broken = False
+
+    async def recv(self) -> Buffer:
+        p = self.protocol
+        while not p.chunks and not p.eof:
+            p.readable.clear()
+            await p.readable.wait()
+        if not p.chunks:
+            return b""
+        data = p.chunks.popleft()
+        p.size -= len(data)
+        if p.read_paused and p.size < _READ_SIZE:
+            p.read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def send(self, items: list[Payload]) -> None:
+        if self.transport.is_closing():
+            return
+        for item in items:
+            if isinstance(item, FileSpan):
+                # TLS encrypts in user space anyway: load the span.
+                data = os.pread(item.fd, item.length, item.offset)
+                if len(data) != item.length:
+                    self.transport.abort()  # the image shrank: the reply cannot be finished
+                    return
+                item = data
+            self.transport.write(item)
+
+    async def drain(self, high: int) -> None:
+        if not self.transport.is_closing():
+            await self.protocol.writable.wait()
+
+    async def flush(self) -> None:
+        await self.drain(0)
+
+    def stop_reading(self) -> None:
+        self.protocol.eof = True
+        self.protocol.readable.set()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    async def close(self) -> None:
+        self.transport.close()
+
+
+Channel = _SocketChannel | _TLSChannel
+
+
+def _rest(item: Payload, sent: int) -> Payload:
+    """What is left of ``item`` after ``sent`` bytes of it went out."""
+    if isinstance(item, FileSpan):
+        return FileSpan(item.fd, item.offset + sent, item.length - sent)
+    return memoryview(item)[sent:]
+
+
 class _Connection:
-    def __init__(
-        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, server: NBDServer, sock: socket.socket) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
+        self.channel: Channel = _SocketChannel(sock)
+        try:
+            self._peer = str(sock.getpeername() or "unix")
+        except OSError:
+            self._peer = "?"
         limits = server.limits
         self.proto = ServerConnection(
             _Catalog(server),
@@ -304,29 +622,14 @@ class _Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.export: _Export | None = None
         self.negotiated: Negotiated | None = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._stopping = False
-        self._reading = False
-        self._task: asyncio.Task[Any] | None = None
-        self._fd = -1
-        self._free: list[bytearray] = []
-        self._peer = writer.get_extra_info("peername") or "unix"
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            self._fd = sock.fileno()
-        # Keep replies flowing: the default 64 KiB high-water mark would stall every read.
-        self.transport.set_write_buffer_limits(high=4 * 1024 * 1024)
 
     def stop(self) -> None:
         """Server shutdown: stop reading, finish what is in flight, close."""
-        self._stopping = True
-        if self._reading and self._task is not None:
-            self._task.cancel()
+        self.channel.stop_reading()
 
     # --- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.server.limits.handshake_timeout, self._handshake_expired)
         try:
@@ -334,51 +637,36 @@ class _Connection:
             await self._loop(timer)
         except ClientProtocolError as exc:
             log.info("closing connection from %s: %s", self._peer, exc)
-            self.transport.abort()
+            self.channel.abort()
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("connection from %s lost: %s", self._peer, exc)
-            self.transport.abort()
+            self.channel.abort()
+        except OSError as exc:
+            log.info("connection from %s failed: %s", self._peer, exc)
+            self.channel.abort()
         except Exception:
             log.exception("connection from %s failed", self._peer)
-            self.transport.abort()
+            self.channel.abort()
         finally:
             timer.cancel()
             self.proto.close()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                if not self.transport.is_closing():
-                    await self.writer.drain()
-                self.writer.close()
-                await self.writer.wait_closed()
-            if not self.done.done():
-                self.done.set_result(None)
+                await self.channel.flush()
+            with contextlib.suppress(Exception):
+                await self.channel.close()
 
     def _handshake_expired(self) -> None:
         if self.negotiated is None:
             log.info("handshake timeout from %s", self._peer)
-            self.transport.abort()
-            self.stop()
-
-    async def _read(self) -> bytes:
-        if self._stopping:
-            return b""
-        self._reading = True
-        try:
-            return await self.reader.read(_READ_SIZE)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not self._stopping or task is None:
-                raise
-            task.uncancel()
-            return b""
-        finally:
-            self._reading = False
+            self.channel.abort()
 
     async def _loop(self, timer: asyncio.TimerHandle) -> None:
         proto = self.proto
+        high = 2 * self.server.limits.max_payload
         while True:
-            data = await self._read()
+            data = await self.channel.recv()
             if data:
                 proto.receive_data(data)
             else:
@@ -401,56 +689,26 @@ class _Connection:
             self._send()
             if stop:
                 return
-            if self.transport.get_write_buffer_size() > 0:
-                await self.writer.drain()
+            await self.channel.drain(high)
 
     async def _start_tls(self) -> None:
         assert self.server.tls is not None
-        self._send()
-        await self.writer.drain()
-        await self.writer.start_tls(self.server.tls)
-        self.transport = self.writer.transport
-        self._fd = -1  # the fast writev path bypasses the transport: never under TLS
+        channel = self.channel
+        if not isinstance(channel, _SocketChannel):
+            raise ClientProtocolError("STARTTLS on a TLS channel")
+        pending = self.proto.data_to_send()
+        self.channel = await channel.start_tls(self.server.tls, pending)
         self.proto.tls_established()
 
     # --- output -------------------------------------------------------------------------------
 
     def _send(self) -> None:
-        """Write what the core queued. On a plain socket with nothing buffered, one writev
-        sends headers and payloads straight from their buffers; whatever the kernel does not
-        take goes to the transport (which copies it), so buffers are free when this returns."""
         bufs = self.proto.data_to_send()
-        if not bufs or self.transport.is_closing():
-            return
-        if self._fd >= 0 and self.transport.get_write_buffer_size() == 0:
-            while bufs:
-                batch = bufs[:_IOV_MAX]
-                try:
-                    sent = os.writev(self._fd, batch)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    log.info("write to %s failed: %s", self._peer, exc)
-                    self.transport.abort()
-                    return
-                # Drop what was fully sent, slice what was partly sent.
-                i = 0
-                while i < len(batch) and sent >= len(batch[i]):
-                    sent -= len(batch[i])
-                    i += 1
-                rest = bufs[i:]
-                if sent and rest:
-                    rest[0] = memoryview(rest[0])[sent:]
-                bufs = rest
-                if i < len(batch):
-                    break  # the socket is full
-        for buf in bufs:
-            self.transport.write(buf)
+        if bufs:
+            self.channel.send(bufs)
 
     async def _drain(self) -> None:
-        if self.transport.get_write_buffer_size() > 0 and not self.transport.is_closing():
-            with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+        await self.channel.drain(2 * self.server.limits.max_payload)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -466,45 +724,39 @@ class _Connection:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _take_buffer(self, length: int) -> memoryview:
-        # Buffers are reused only when the fast path is on: a TLS transport keeps references.
-        if self._fd >= 0:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= length:
-                    del self._free[i]
-                    self._free.append(buf)
-                    return memoryview(buf)[:length]
-            buf = bytearray(length)
-            if len(self._free) < 4:
-                self._free.append(buf)
-            else:
-                self._free[0] = buf
-            return memoryview(buf)
-        return memoryview(bytearray(length))
-
     def _read_request(self, req: Request) -> None:
         assert self.export is not None
         image = self.export.config.image
+        # A raw file on a plain socket: the data goes from the page cache to the socket with
+        # sendfile and never enters Python. Otherwise it is read into a fresh buffer (fresh
+        # because the channel may still hold the previous one).
+        fd: int | None = getattr(image.disk, "fd", None)
+        if not isinstance(self.channel, _SocketChannel):
+            fd = None
         try:
-            buf = self._take_buffer(req.length)
-            pieces: list[memoryview | int] = []
+            pieces: list[Payload | int] = []
             if self.proto.structured_replies and CmdFlag.DF not in req.flags and req.length:
                 # Holes become OFFSET_HOLE chunks: nothing to read, nothing to send.
                 for off, length, flags in image.disk.allocation(req.offset, req.length):
                     if flags & NBD_STATE_ZERO:
                         pieces.append(length)
                     else:
-                        view = buf[off - req.offset : off - req.offset + length]
-                        image.readinto(view, off)
-                        pieces.append(view)
+                        pieces.append(self._data(image, fd, off, length))
             elif req.length:
-                image.readinto(buf, req.offset)
-                pieces.append(buf)
+                pieces.append(self._data(image, fd, req.offset, req.length))
         except Exception as exc:
             self._fail_request(req, exc)
         else:
             self.proto.reply_read(req, pieces)
         self._send()
+
+    @staticmethod
+    def _data(image: Image, fd: int | None, offset: int, length: int) -> Payload:
+        if fd is not None:
+            return FileSpan(fd, offset, length)
+        buf = memoryview(bytearray(length))
+        image.readinto(buf, offset)
+        return buf
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         code = nbd_errno(exc)
