@@ -20,11 +20,13 @@ The crash-safety scheme, and why it is safe (the rule: when in doubt a granule i
    disk (the bits precede the data).
 2. The page cache does not outlive the machine. On flush (and FUA) the bits are ``msync``ed
    before the data is ``fsync``ed. A writer's open writes ``in-use`` (atomically, with the
-   kernel's ``boot_id``) before anything else, and a clean close msyncs every bitmap and only
-   then removes ``in-use``. An open that finds ``in-use`` from *another boot* knows the machine
-   went down while a writer had the image: unsynced bits may be lost, so every bitmap is marked
-   wholly dirty (and synced) before use. ``in-use`` from *this* boot means only the process
-   died: the page cache holds every bit, and the bitmaps are trusted as they are.
+   kernel's ``boot_id``) before it returns, so before any write; a clean close fsyncs the data,
+   msyncs every bitmap and only then removes ``in-use``. An open that finds ``in-use`` from
+   *another boot* (or unreadable) knows the machine went down while a writer had the image:
+   unsynced bits may be lost, so every bitmap is marked wholly dirty and msynced, and only then
+   is ``in-use`` rewritten with this boot's id (a crash during recovery leaves the old marker:
+   the next open recovers again). ``in-use`` from *this* boot means only the process died: the
+   page cache holds every bit, and the bitmaps are trusted as they are.
 3. Metadata changes (add, remove, enable, disable) write ``KEY.json.tmp``, fsync it, rename it
    over ``KEY.json`` and fsync the directory: a crash leaves the old or the new file, never a
    torn one. ``add`` creates and fsyncs the zeroed ``KEY.bits`` before its ``KEY.json`` exists;
@@ -174,9 +176,6 @@ class BitmapStore:
                     errno.EBUSY, f"{self.dir.parent / self.dir.name[:-6]} is in use by a writer"
                 ) from None
         machine_crashed = self._previous_boot_crashed()
-        if not self.read_only:
-            # Before anything can dirty a bit: from now on an unclean end is detectable.
-            self._write_in_use()
         keys = set()
         for meta_path in sorted(self.dir.glob("*.json")):
             meta = self._read_meta(meta_path)
@@ -191,6 +190,10 @@ class BitmapStore:
                     path.unlink()
             if machine_crashed:
                 self.sync()
+            # Only now, with a recovery made durable: a crash before this line leaves the old
+            # marker, and the next open recovers again. Written before open returns, so before
+            # any write can dirty a bit.
+            self._write_in_use()
         self.recovered = machine_crashed and bool(self.bitmaps)
 
     def _previous_boot_crashed(self) -> bool:

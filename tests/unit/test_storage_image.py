@@ -21,7 +21,7 @@ from nbdcore.storage import (
     NoSuchBitmapError,
     RangeError,
 )
-from nbdcore.storage.store import IN_USE, bitmap_key, boot_id, store_dir
+from nbdcore.storage.store import IN_USE, BitmapStore, bitmap_key, boot_id, store_dir
 
 G = 65536
 SIZE = 64 * G + 1000  # not a granule multiple
@@ -384,3 +384,22 @@ class PersistentImageMachine(RuleBasedStateMachine):
 
 TestPersistentImage = PersistentImageMachine.TestCase
 TestPersistentImage.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+
+
+def test_interrupted_recovery_is_redone(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Image.open(disk) as image:
+        image.add_bitmap("b")
+    _fake_in_use(disk, "other-boot")
+
+    def crash(self: BitmapStore) -> None:
+        raise OSError(errno.EIO, "machine died during recovery")
+
+    with monkeypatch.context() as m:
+        m.setattr(BitmapStore, "sync", crash)
+        with pytest.raises(OSError):
+            Image.open(disk)
+    # The marker still names the crashed boot: the next open recovers again.
+    assert json.loads((store_dir(disk) / IN_USE).read_text())["boot_id"] == "other-boot"
+    with Image.open(disk) as image:
+        assert image.recovered
+        assert dirty_runs(image, "b") == [(0, SIZE)]
