@@ -89,6 +89,7 @@ __all__ = [
 
 # Caps on what the server may claim, checked before anything is allocated.
 MAX_OPTION_REPLY: Final = 4 + 2 * NBD_MAX_STRING + 64  # the longest legal reply (SERVER) + slack
+MAX_OPTION_REPLIES_TOTAL: Final = 16 * 1024 * 1024  # all the replies to one LIST, INFO...
 MAX_ERROR_CHUNK: Final = 6 + NBD_MAX_STRING + 8
 MAX_COMPACT_STATUS_CHUNK: Final = 4 + 8 * MAX_EXTENTS_PER_CHUNK
 MAX_EXTENDED_STATUS_CHUNK: Final = 8 + 16 * MAX_EXTENTS_PER_CHUNK
@@ -268,6 +269,7 @@ class _PendingOption:
     description: str | None = None
     export_info: tuple[int, int] | None = None
     block_size: BlockSize | None = None
+    received: int = 0  # bytes of replies so far, capped by MAX_OPTION_REPLIES_TOTAL
 
 
 _ZEROES: Final = bytes(1 << 20)
@@ -573,6 +575,11 @@ class ClientConnection:
                 )
             if length > MAX_OPTION_REPLY:
                 raise ServerProtocolError(f"option reply of {length} bytes is implausibly long")
+            pending.received += wire.OPTION_REPLY_HEADER.size + length
+            if pending.received > MAX_OPTION_REPLIES_TOTAL:
+                raise ServerProtocolError(
+                    f"more than {MAX_OPTION_REPLIES_TOTAL} bytes of replies to one option"
+                )
             payload = yield from self._read_exact(length)
             self._option_reply(pending, rtype, payload)
 
@@ -626,15 +633,11 @@ class ClientConnection:
                     raise ServerProtocolError(f"context id {cid} given to two contexts")
                 if any(n == name for n, _ in pending.contexts):
                     raise ServerProtocolError(f"context {name!r} selected twice")
-            if len(pending.contexts) >= 65536:
-                raise ServerProtocolError("more than 65536 meta contexts in one reply")
             pending.contexts.append((name, cid))
         else:
             raise ServerProtocolError(
                 f"reply type {_rep_name(rtype)} is not a valid answer to option {option}"
             )
-        if len(pending.servers) > 65536:
-            raise ServerProtocolError("more than 65536 exports listed")
 
     def _option_acked(self, pending: _PendingOption) -> None:
         option = pending.option

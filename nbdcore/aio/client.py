@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _SCRATCH_SIZE: Final = 256 * 1024
+_DISC_GRACE: Final = 3.0  # seconds a server gets to finish in-flight requests after DISC
 _T = TypeVar("_T")
 
 
@@ -230,11 +231,11 @@ class NBDClient:
             tls = TLSConfig.from_uri(uri)
         if tls is not None:
             await self._starttls(tls, uri)
-        if extended:
+        if extended and structured:  # as libnbd: no structured replies means neither
             ev = await self._option(self._conn.send_extended_headers)
             if isinstance(ev, OptionFailed):
                 _check_soft_failure(ev)
-        if structured and not self._conn.extended_headers:
+        if structured and not self._conn.extended_headers:  # (extended implies structured)
             ev = await self._option(self._conn.send_structured_reply)
             if isinstance(ev, OptionFailed):
                 _check_soft_failure(ev)
@@ -318,7 +319,7 @@ class NBDClient:
             self._failure = exc
         for fut in [self._greeting, self._option_waiter, *self._waiters.values()]:
             if fut is not None and not fut.done():
-                fut.set_exception(self._failure)
+                fut.set_exception(exc)
                 fut.exception()  # mark retrieved: a waiter that was cancelled won't look
         self._waiters.clear()
         self._option_waiter = None
@@ -510,21 +511,28 @@ class NBDClient:
     # --- closing ----------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Send NBD_CMD_DISC (the server finishes in-flight requests) and close the socket."""
-        if self._transport is None:
+        """Send NBD_CMD_DISC and close. The server finishes the requests in flight before it
+        hangs up, so their replies still arrive (within a few seconds) while we wait for it."""
+        if self._transport is None or self._closed.done():
             return
-        if self._conn.state is ClientState.TRANSMISSION and self._failure is None:
-            self._conn.send_disc()
-            self._flush()
-        elif self._conn.state is ClientState.NEGOTIATING and self._failure is None:
-            with contextlib.suppress(NBDError):
-                await self._option(self._conn.send_abort)
+        if self._failure is None:
+            if self._conn.state is ClientState.NEGOTIATING:
+                with contextlib.suppress(NBDError):
+                    await self._option(self._conn.send_abort)
+            elif self._conn.state is ClientState.TRANSMISSION:
+                self._conn.send_disc()
+                self._flush()
+                self._failure = UsageError("the connection is closed")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DISC_GRACE):
+                        await asyncio.shield(self._closed)
         if self._failure is None:
             self._failure = UsageError("the connection is closed")
-        self._transport.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await asyncio.shield(self._closed)
+        if not self._closed.done():
+            self._transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_DISC_GRACE):
+                    await asyncio.shield(self._closed)
         if not self._closed.done():
             self._transport.abort()
 

@@ -673,3 +673,13 @@ def test_ihaveopt_constant_matches_options_sent() -> None:
     joined(conn)
     conn.send_structured_reply()
     assert joined(conn) == struct.pack(">QII", IHAVEOPT, Opt.STRUCTURED_REPLY, 0)
+
+
+def test_option_replies_are_capped_in_total() -> None:
+    conn = ClientConnection()
+    conn.receive_data(GREETING)
+    conn.send_list()
+    one = rep(Opt.LIST, Rep.SERVER, wire.encode_rep_server("x" * 4000, "d" * 4000))
+    with pytest.raises(ServerProtocolError, match="bytes of replies to one option"):
+        for _ in range(3000):
+            conn.receive_data(one)

@@ -508,3 +508,22 @@ async def test_write_error_is_a_request_error_and_connection_survives(tmp_path: 
         assert info.value.errno == 28
         await client.flush()
         await client.close()
+
+
+async def test_close_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, _, cookie, offset, length = await read_request(reader)
+        _, cmd, _, _, _ = await read_request(reader)
+        assert cmd == Cmd.DISC  # the spec: finish what is in flight, then hang up
+        writer.write(data(cookie, offset, b"\x09" * length))
+        await writer.drain()
+        writer.close()
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri)
+        pending = asyncio.ensure_future(client.pread(0, 512))
+        await asyncio.sleep(0.01)
+        await client.close()
+        assert await pending == b"\x09" * 512
+        with pytest.raises(UsageError, match="closed"):
+            await client.pread(0, 512)
