@@ -78,9 +78,10 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     )
     p.add_argument(
         "--socket",
-        default=os.environ.get("NBDGW_NBD_SOCKET"),
-        help="unix socket of the NBD host when URI_OR_EXPORT is an export name "
-        "(default: $NBDGW_NBD_SOCKET)",
+        default=default_socket(),
+        help="unix socket of the NBD host when URI_OR_EXPORT is an export name (default: "
+        "$NBDGW_NBD_SOCKET, else the embedded host of `nbdgw serve`: DATA_DIR/nbd.sock, "
+        "DATA_DIR from $NBDGW_DATA_DIR or ./nbdgw-data)",
     )
     p.add_argument(
         "--width",
@@ -97,14 +98,22 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.set_defaults(func=cmd_map)
 
 
-def resolve_source(source: str, socket: str | None) -> str:
+def default_socket() -> str:
+    """Where `nbdgw serve` puts its embedded host's socket (it uses the same variables)."""
+    explicit = os.environ.get("NBDGW_NBD_SOCKET")
+    if explicit:
+        return explicit
+    return os.path.join(os.environ.get("NBDGW_DATA_DIR") or "./nbdgw-data", "nbd.sock")
+
+
+def resolve_source(source: str, socket: str) -> str:
     """The NBD URI for ``source``: a URI as is, an export name on ``socket``."""
     if "://" in source:
         return source
-    if not socket:
+    if not os.path.exists(socket):
         raise UsageError(
-            f"{source!r} is not an NBD URI; give a URI (nbd+unix:///EXPORT?socket=PATH, "
-            "nbd://HOST/EXPORT) or --socket PATH for an export name"
+            f"{source!r} is not an NBD URI, and there is no NBD socket at {socket}: give a URI "
+            "(nbd+unix:///EXPORT?socket=PATH, nbd://HOST/EXPORT) or --socket PATH"
         )
     from urllib.parse import quote
 

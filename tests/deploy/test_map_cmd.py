@@ -4,6 +4,7 @@ qemu-io at known ranges; the oracle is ``nbdinfo --map --json`` on the same serv
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -197,15 +198,38 @@ def test_bad_requests_fail_with_one_line(
 
 def test_cli_errors_without_traceback(served: str, tmp_path: Path) -> None:
     cases = [
-        (["map", "disk", "-o", str(tmp_path / "a.svg")], "is not an NBD URI"),
+        (
+            ["map", "disk", "-o", str(tmp_path / "a.svg")],
+            "is not an NBD URI, and there is no NBD socket",
+        ),
         (["map", served, "-o", str(tmp_path / "a.png")], "name it .svg or .html"),
         (["map", "nbd+unix:///disk?socket=" + str(tmp_path / "none"), "-o", "-"], "cannot connect"),
         (["map", served, "-o", str(tmp_path / "no" / "dir" / "a.svg")], "No such file"),
     ]
     for argv, message in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "gateway", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,  # no ./nbdgw-data/nbd.sock of a `nbdgw serve` run here
+            env={k: v for k, v in os.environ.items() if not k.startswith("NBDGW_")},
         )
         assert proc.returncode == 1, (argv, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_names_default_to_the_socket_of_nbdgw_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import map_cmd
+
+    monkeypatch.delenv("NBDGW_NBD_SOCKET", raising=False)
+    monkeypatch.delenv("NBDGW_DATA_DIR", raising=False)
+    assert map_cmd.default_socket() == os.path.join("./nbdgw-data", "nbd.sock")
+    monkeypatch.setenv("NBDGW_DATA_DIR", "/srv/gw")
+    assert map_cmd.default_socket() == "/srv/gw/nbd.sock"
+    monkeypatch.setenv("NBDGW_NBD_SOCKET", "/run/x.sock")
+    assert map_cmd.default_socket() == "/run/x.sock"
+    uri = "nbd+unix:///a%20b?socket=/x"
+    assert map_cmd.resolve_source(uri, "/nonexistent") == uri
+    assert map_cmd.resolve_source("a b", "/") == "nbd+unix:///a%20b?socket=/"
