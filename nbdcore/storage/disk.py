@@ -35,6 +35,7 @@ _FALLOC_FL_ZERO_RANGE: Final = 0x10
 
 _ZERO_CHUNK: Final = 1 << 20
 _ZEROES: Final = bytes(_ZERO_CHUNK)
+_ZERO_VIEW: Final = memoryview(_ZEROES)
 
 
 def _load_fallocate() -> ctypes._NamedFuncPointer | None:
@@ -143,6 +144,15 @@ class RawFileDisk(Disk):
     def fd(self) -> int:
         return self._fd
 
+    def pread(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:  # the usual case: one call, no extra copy
+            return data
+        buf = bytearray(length)
+        self.preadinto(memoryview(buf), offset)
+        return bytes(buf)
+
     def preadinto(self, buf: memoryview, offset: int) -> None:
         length = len(buf)
         self.check_range(offset, length)
@@ -205,7 +215,7 @@ class RawFileDisk(Disk):
         end = offset + length
         while offset < end:
             n = min(end - offset, _ZERO_CHUNK)
-            self.pwrite(memoryview(_ZEROES)[:n], offset)
+            self.pwrite(_ZERO_VIEW[:n], offset)
             offset += n
 
     def allocation(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -282,7 +292,7 @@ class MemoryDisk(Disk):
         for index, start, n, pos in self._pieces(offset, len(view)):
             chunk = self._chunks.get(index)
             if chunk is None:
-                view[pos : pos + n] = bytes(n)
+                view[pos : pos + n] = _ZERO_VIEW[:n] if n <= _ZERO_CHUNK else bytes(n)
             else:
                 view[pos : pos + n] = chunk[start : start + n]
 
