@@ -30,8 +30,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from itertools import accumulate, compress
+from itertools import accumulate, chain, compress, repeat
 from typing import TYPE_CHECKING, Protocol
 
 from nbdcore.constants import (
@@ -248,7 +247,12 @@ def merge_runs(lengths: array[int], columns: Columns) -> Table:
         changed = diff if changed is None else map(operator.or_, changed, diff)
     if changed is None:  # no columns: one run
         return array("Q", [sum(lengths)]), columns
-    starts = list(compress(range(1, n), changed))
+    return _merge_at(lengths, columns, list(compress(range(1, n), changed)))
+
+
+def _merge_at(lengths: array[int], columns: Columns, starts: list[int]) -> Table:
+    """Rows merged into runs that begin at row 0 and at each of ``starts`` (ascending)."""
+    n = len(lengths)
     if len(starts) == n - 1:
         return lengths, columns
     ends = array("Q", accumulate(lengths))
@@ -265,31 +269,101 @@ def merge_contexts(tables: Sequence[tuple[array[int], array[int]]]) -> Table:
 
     If no context has equal neighbours, neither has the result: every boundary is one where
     some context changes.
+
+    The usual case is one dense context (a fragmented bitmap) and sparse ones
+    (``base:allocation`` of a mostly empty disk): the dense one's column is kept as it is and
+    the sparse ones are expanded run by run, so the per-row work stays in C.
     """
     if not tables:
         raise UsageError("merge_contexts needs at least one context")
     if len(tables) == 1:
         return tables[0][0], (tables[0][1],)
-    all_ends = [array("Q", accumulate(lengths)) for lengths, _ in tables]
+    # Lists, not arrays: bisect on a list compares stored ints instead of boxing each probe.
+    all_ends = [list(accumulate(lengths)) for lengths, _ in tables]
     total = all_ends[0][-1]
     if any(ends[-1] != total for ends in all_ends):
         raise UsageError("merge_contexts: contexts cover different lengths")
-    union = sorted(set().union(*all_ends))
-    merged = array("Q", map(operator.sub, union, [0, *union[:-1]]))
+    dense = max(range(len(tables)), key=lambda k: len(all_ends[k]))
+    base = all_ends[dense]
+    others = sum(len(ends) for k, ends in enumerate(all_ends) if k != dense)
+    union: list[int]
+    if others * 8 <= len(base):
+        extra = {
+            x
+            for k, ends in enumerate(all_ends)
+            if k != dense
+            for x in ends
+            if base[bisect_left(base, x)] != x
+        }
+        union = sorted(extra.union(base)) if extra else base
+    else:
+        union = sorted(set().union(*all_ends))
+    if union is base:
+        merged = tables[dense][0]
+    else:
+        merged = array("Q", map(operator.sub, union, [0, *union[:-1]]))
     columns = tuple(
-        array("Q", map(flags.__getitem__, map(partial(bisect_left, ends), union)))
-        for ends, (_, flags) in zip(all_ends, tables, strict=True)
+        _expand(flags, ends, union) for ends, (_, flags) in zip(all_ends, tables, strict=True)
     )
     return merged, columns
 
 
+def _expand(flags: array[int], ends: list[int], union: list[int]) -> array[int]:
+    """The column of one context over the rows cut at ``union`` (a superset of ``ends``)."""
+    missing = len(union) - len(ends)
+    if missing == 0:
+        return flags
+    if missing <= len(ends):
+        # Few new cuts: copy the column in slices, repeating a row's flags at each cut.
+        col = array(flags.typecode)
+        prev = 0
+        for cut in sorted(set(union).difference(ends)):
+            i = bisect_left(ends, cut)
+            col.extend(flags[prev:i])
+            col.append(flags[i])
+            prev = i
+        col.extend(flags[prev:])
+        return col
+    # Many new cuts (a sparse context): repeat each row's flags once per union row in it.
+    stops = [bisect_left(union, e) + 1 for e in ends]
+    counts = map(operator.sub, stops, [0, *stops[:-1]])
+    return array(flags.typecode, chain.from_iterable(map(repeat, flags, counts)))
+
+
+# Low byte of a status -> Allocation, and -> dirty bit (only bits 0-1 matter to either).
+_KIND_BYTES = bytes(_ALLOCATION_TABLE[i & (NBD_STATE_HOLE | NBD_STATE_ZERO)] for i in range(256))
+_DIRTY_BYTES = bytes(i & NBD_STATE_DIRTY for i in range(256))
+
+
+def _low_bytes(col: array[int]) -> bytes:
+    """The low byte of every item, as bytes (a strided copy for "Q" arrays)."""
+    if col.typecode == "B":
+        return col.tobytes()
+    if col.typecode == "Q" and _LITTLE:
+        return memoryview(col).cast("B")[0::8].tobytes()
+    return bytes(x & 0xFF for x in col)
+
+
 def classify(lengths: array[int], allocation: array[int], dirty: array[int]) -> Table:
     """Rows of (base:allocation flags, bitmap flags) as (:class:`Allocation`, dirty 0/1)
-    columns of typecode "B", with rows made equal by the mapping merged."""
-    mask = NBD_STATE_HOLE | NBD_STATE_ZERO
-    kinds = array("B", bytes(map(_ALLOCATION_TABLE.__getitem__, map(mask.__and__, allocation))))
-    dirt = array("B", bytes(map(NBD_STATE_DIRTY.__and__, dirty)))
-    return merge_runs(lengths, (kinds, dirt))
+    columns of typecode "B", with rows made equal by the mapping merged.
+
+    Works on bytes: translate tables map the statuses, and rows that change are found by
+    XOR-ing the packed row keys shifted by one row, as big integers (all in C)."""
+    n = len(lengths)
+    kinds = _low_bytes(allocation).translate(_KIND_BYTES)
+    dirt = _low_bytes(dirty).translate(_DIRTY_BYTES)
+    columns = (array("B", kinds), array("B", dirt))
+    if n < 2:
+        return lengths, columns
+    # One byte per row, kind | dirty << 2: no carries between bytes.
+    key = (int.from_bytes(kinds, "little") | int.from_bytes(dirt, "little") << 2).to_bytes(
+        n, "little"
+    )
+    change = int.from_bytes(key[1:], "little") ^ int.from_bytes(key[:-1], "little")
+    return _merge_at(
+        lengths, columns, list(compress(range(1, n), change.to_bytes(n - 1, "little")))
+    )
 
 
 # --- Sans-I/O walk ----------------------------------------------------------------------------

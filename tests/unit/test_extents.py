@@ -448,3 +448,25 @@ def test_iter_extents_aligns_requests_to_the_minimum_block(
     server = FakeServer(size, dict(zip(names, contexts, strict=True)), rnd, block=block)
     batches = asyncio.run(collect(iter_extents(server, names, offset, length, max_extents=4)))
     assert rows_of(batches) == model_rows(contexts, offset, offset + length)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_merge_contexts_dense_and_sparse(data: st.DataObject) -> None:
+    """One fragmented context (a bitmap) beside sparse ones: both expansion paths."""
+    rows = data.draw(st.integers(50, 400))
+    dense = [(data.draw(st.integers(1, 9)), i % 2) for i in range(rows)]
+    size = sum(n for n, _ in dense)
+    contexts = [dense] + [
+        data.draw(extent_lists(size, max_flags=3)) for _ in range(data.draw(st.integers(1, 2)))
+    ]
+    normal = []
+    for ext in contexts:
+        lengths, (flags,) = merge_runs(
+            array("Q", [n for n, _ in ext]), (array("Q", [f for _, f in ext]),)
+        )
+        normal.append((lengths, flags))
+    lengths, columns = merge_contexts(normal)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    got = list(zip(starts, lengths, zip(*columns, strict=True), strict=True))
+    assert got == model_rows(contexts, 0, size)
