@@ -28,7 +28,7 @@ def status_of(channel: grpc.Channel, service: str) -> str:
         )
     except grpc.RpcError as exc:  # not listening yet, or the service not registered yet
         return f"{exc.code().name}: {exc.details()}"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 def wait_health(channel: grpc.Channel, service: str, deadline: float, *, serving: bool) -> None:
@@ -50,7 +50,7 @@ def check_api(channel: grpc.Channel, token: str | None, expect: list[str]) -> No
     from nbdgw.v1 import bitmap_service_pb2 as pb
     from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
-    metadata = [("authorization", f"Bearer {token}")] if token else None
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     stub = pb_grpc.BitmapServiceStub(channel)
     try:
         exports = stub.ListExports(pb.ListExportsRequest(), timeout=10, metadata=metadata)
@@ -78,7 +78,7 @@ def poke(channel: grpc.Channel, token: str | None) -> None:
     from nbdgw.v1 import bitmap_service_pb2 as pb
     from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
-    metadata = [("authorization", f"Bearer {token}")] if token else None
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     stub = pb_grpc.BitmapServiceStub(channel)
     try:
         exports = stub.ListExports(pb.ListExportsRequest(), timeout=10, metadata=metadata)

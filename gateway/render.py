@@ -255,6 +255,7 @@ TRACK_H = 22
 TRACK_GAP = 3
 LANE_HEAD = 20
 LANE_GAP = 14
+MIN_CANVAS = 800
 FONT = "font-family:DejaVu Sans,Helvetica,Arial,sans-serif"
 
 
@@ -283,7 +284,8 @@ def render_svg(picture: Picture) -> str:
     """A standalone SVG document (no scripts, no external references)."""
     width = max((len(t.fractions) for lane in picture.lanes for t in lane.tracks), default=1)
     bounds = pixel_bounds(picture.start, picture.length, width)
-    total_w = LEFT + width + RIGHT
+    # Room for the title, notes and legend even when the plot is narrow.
+    total_w = max(LEFT + width + RIGHT, MIN_CANVAS)
     out: list[str] = []
     y = TOP
     body: list[str] = []
@@ -352,8 +354,9 @@ def render_svg(picture: Picture) -> str:
                 f'<text x="{x}" y="{axis_y + 18}" text-anchor="end" '
                 f'style="{FONT};font-size:11px">{escape(human_size(end))}</text>'
             )
+    caption_x, caption_anchor = (LEFT + width / 2, "middle") if width >= 500 else (LEFT, "start")
     body.append(
-        f'<text x="{LEFT + width / 2:.1f}" y="{axis_y + 34}" text-anchor="middle" '
+        f'<text x="{caption_x:.1f}" y="{axis_y + 34}" text-anchor="{caption_anchor}" '
         f'style="{FONT};font-size:11px;fill:#444444">offset (bytes; 1 pixel = '
         f"{escape(human_size(picture.length // width))}"
         f"{'' if picture.length % width == 0 else ' or a byte more'})</text>"
