@@ -422,3 +422,30 @@ def test_registered_in_nbdgw() -> None:
     for cmd, func in [("map", "map_cmd"), ("list", "list_cmd"), ("copy", "copy_cmd")]:
         argv = ["nbd", cmd, "nbd://h/e"] + (["-"] if cmd == "copy" else [])
         assert parser.parse_args(argv).func is getattr(client_cmds, func)
+
+
+def test_copy_progress_bar(nbdkit_uri: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbdcore.tools.client_cmds", "nbd", "copy", "--progress",
+         nbdkit_uri, str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, check=True,
+    )  # fmt: skip
+    assert proc.stderr.startswith(b"\r[") and proc.stderr.endswith(b"100.0%\n")
+    assert proc.stdout == b""
+
+
+async def test_iter_extents_closed_early_leaves_client_usable(qemu_uri: str) -> None:
+    """Leaving a walk early cancels its requests in flight; the connection carries on."""
+    context = "qemu:dirty-bitmap:b0"
+    client = await NBDClient.connect(qemu_uri, meta_contexts=[context])
+    try:
+        for _ in range(3):
+            walk = iter_extents(client, [context], max_extents=2, depth=8)
+            first = await anext(walk)
+            assert first.offset == 0 and len(first.lengths) == 2
+            await walk.aclose()  # type: ignore[attr-defined]
+        rows = [r for b in [b async for b in iter_extents(client, [context])] for r in b.rows()]
+    finally:
+        await client.close()
+    expect = nbdinfo_map(qemu_uri, context)
+    assert [(o, n, f[0]) for o, n, f in rows] == expect
