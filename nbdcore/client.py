@@ -357,11 +357,17 @@ class ClientConnection:
             return target
         return None
 
-    def buffer_filled(self, n: int) -> None:
-        """``n`` bytes were written at the start of the view :meth:`get_buffer` returned."""
+    def buffer_filled(self, n: int) -> bool:
+        """``n`` bytes were written at the start of the view :meth:`get_buffer` returned.
+        Returns False when the payload is still incomplete: no event can have been produced,
+        so the I/O layer may skip looking (the common case while a large READ streams in)."""
         assert self._target is not None and 0 < n <= len(self._target)
-        self._target = self._target[n:]
+        target = self._target[n:]
+        self._target = target
+        if len(target):
+            return False
         self._run()
+        return True
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:

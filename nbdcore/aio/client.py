@@ -93,7 +93,8 @@ class _Protocol(asyncio.BufferedProtocol):
         client = self._client
         try:
             if self._direct:
-                self._conn.buffer_filled(nbytes)
+                if not self._conn.buffer_filled(nbytes):
+                    return
             else:
                 self._conn.receive_data(self._scratch[:nbytes])
         except NBDError as exc:
