@@ -177,6 +177,12 @@ class DirtyBitmap:
                 with self._lock:
                     self._set(first, end, True)
 
+    def detach(self) -> None:
+        """Move the bits to a private in-memory copy, so that the backing mapping can be closed
+        while a racing write still marks this (removed) bitmap."""
+        with self._lock:
+            self._bits = bytearray(self._bits[:])
+
     # --- queries -------------------------------------------------------------------------
 
     def is_dirty(self, offset: int) -> bool:

@@ -303,7 +303,7 @@ class BitmapStore:
         key = bitmap_key(name)
         (self.dir / f"{key}.json").unlink()
         fsync_dir(self.dir)
-        del self.bitmaps[name]
+        self.bitmaps.pop(name).detach()
         self._bits.pop(name).close()
         with contextlib.suppress(FileNotFoundError):
             (self.dir / f"{key}.bits").unlink()

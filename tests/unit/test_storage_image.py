@@ -403,3 +403,23 @@ def test_interrupted_recovery_is_redone(disk: Path, monkeypatch: pytest.MonkeyPa
     with Image.open(disk) as image:
         assert image.recovered
         assert dirty_runs(image, "b") == [(0, SIZE)]
+
+
+def test_removed_bitmap_survives_a_racing_write(disk: Path) -> None:
+    """A write that took its list of bitmaps before a remove still marks the removed one,
+    without touching its closed mapping."""
+    with Image.open(disk) as image:
+        a = image.add_bitmap("a")
+        b = image.add_bitmap("b")
+        real = a.mark_dirty
+
+        def remove_b_meanwhile(offset: int, length: int) -> None:
+            real(offset, length)
+            if "b" in image.bitmaps:
+                image.remove_bitmap("b")
+
+        a.mark_dirty = remove_b_meanwhile  # type: ignore[method-assign]
+        image.write(b"y", 3 * G)
+        assert list(image.bitmaps) == ["a"]
+        assert [(o, n) for o, n, f in b.extents(0, SIZE) if f] == [(3 * G, G)]
+        assert image.read(3 * G, 1) == b"y"
