@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,6 +41,7 @@ from gateway.commands import (
     iter_rows,
     parse_size,
     stream_extents,
+    warn,
 )
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
@@ -303,6 +305,7 @@ class _Backup:
         self.unsynced = 0
         self.last_sync = time.monotonic()
         self.copied = 0
+        self.on_retry: Callable[[str], None] | None = None
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
         """fsync, then clear what is on disk, then record the new position (see the module
@@ -342,7 +345,9 @@ class _Backup:
             )
             if state.next_offset:
                 request.resume_offset = state.next_offset
-            async for msg in stream_extents(self.gw, request, retries=self._retries):
+            async for msg in stream_extents(
+                self.gw, request, retries=self._retries, on_retry=self.on_retry
+            ):
                 self._apply(msg)
                 progress.update(msg.next_offset, self.copied)
                 if msg.next_offset >= state.size:
@@ -428,6 +433,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             backup = _Backup(gw, state, spath, out, args.checkpoint)
             backup._retries = args.retries
+            backup.on_retry = warn(args)
             progress = Progress(size)
             try:
                 await backup.run(progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -270,14 +271,17 @@ async def stream_extents(
     *,
     retries: int = 5,
     backoff: float = 0.5,
+    on_retry: Callable[[str], None] | None = None,
 ) -> AsyncIterator[pb.StreamExtentsResponse]:
     """StreamExtents, resumed with its resume token when the stream ends UNAVAILABLE.
 
     A gateway shutting down or losing its NBD host ends the stream with UNAVAILABLE and the
     resume position; the same request with ``resume_token`` continues with no gap and no
     repeat (the API's promise), so the caller sees one uninterrupted sequence of messages.
+    ``on_retry`` gets a one-line note for the user before each retry.
     """
     attempt = 0
+    position: int | None = None
     req = pb.StreamExtentsRequest()
     req.CopyFrom(request)
     while True:
@@ -285,6 +289,7 @@ async def stream_extents(
         try:
             async for msg in call:
                 attempt = 0
+                position = msg.next_offset
                 req.resume_token = msg.resume_token
                 req.ClearField("resume_offset")
                 yield msg
@@ -292,14 +297,31 @@ async def stream_extents(
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
                 raise
-            info = error_info(exc)
-            if info is not None and info.metadata.get("resume_token"):
-                req.resume_token = info.metadata["resume_token"]
-                req.ClearField("resume_offset")
             attempt += 1
-            await asyncio.sleep(backoff * 2 ** (attempt - 1))
+            delay = backoff * 2 ** (attempt - 1)
+            for detail in error_details(exc):
+                if isinstance(detail, error_details_pb2.ErrorInfo):
+                    if detail.metadata.get("resume_token"):
+                        req.resume_token = detail.metadata["resume_token"]
+                        req.ClearField("resume_offset")
+                    with contextlib.suppress(ValueError):
+                        position = int(detail.metadata.get("resume_offset", position))
+                elif isinstance(detail, error_details_pb2.RetryInfo):
+                    delay = max(delay, detail.retry_delay.ToTimedelta().total_seconds())
+            if on_retry is not None:
+                where = "before the first message" if position is None else f"at {position}"
+                on_retry(
+                    f"stream interrupted {where} ({describe_rpc_error(exc)}); "
+                    f"resuming in {delay:.1f}s (attempt {attempt} of {retries})"
+                )
+            await asyncio.sleep(delay)
         finally:
             call.cancel()
+
+
+def warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A one-line note on stderr, prefixed with the command's name."""
+    return lambda text: print(f"nbdgw {args.command}: {text}", file=sys.stderr, flush=True)
 
 
 def iter_rows(msg: pb.StreamExtentsResponse) -> Iterable[tuple[int, int, int, int]]:
@@ -519,7 +541,7 @@ async def cmd_extents(args: argparse.Namespace) -> int:
             filter=pb.EXTENT_FILTER_SET if args.dirty else pb.EXTENT_FILTER_ALL,
             **fields,
         )
-        stream = stream_extents(gw, request, retries=args.retries)
+        stream = stream_extents(gw, request, retries=args.retries, on_retry=warn(args))
         first = True
         async for msg in stream:
             if first:  # print nothing before the gateway accepted the request
