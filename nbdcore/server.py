@@ -396,30 +396,29 @@ class ServerConnection:
                 n = min(n, 1)
             if n == 0:
                 raise UsageError("a block status answer needs at least one extent")
-            lens = array("Q", lengths[:n])
-            if sum(lens) >= end_limit:
+            lens = _u64(lengths[:n])
+            if sum(lens) > end_limit:
                 # Never overshoot: clip the extent that reaches the end and stop there.
                 ends = list(accumulate(lens))
                 j = bisect_left(ends, end_limit)
                 lens[j] -= ends[j] - end_limit
                 n = j + 1
                 del lens[n:]
-            fl = array("Q", flags[:n])
-            if ext:
-                pairs = array("Q", bytes(16 * n))
-                pairs[0::2] = lens
-                pairs[1::2] = fl
-                header = wire.BLOCK_STATUS_EXT_HEADER.pack(cid, n)
-                rtype = ReplyType.BLOCK_STATUS_EXT
-            else:
-                pairs = array("I", bytes(8 * n))
-                pairs[0::2] = array("I", lens)
-                pairs[1::2] = array("I", fl)
-                header = wire.BLOCK_STATUS_HEADER.pack(cid)
-                rtype = ReplyType.BLOCK_STATUS
+            # Interleave (length, flags) as big-endian u64 pairs, all at C speed; compact
+            # chunks take the low 32-bit half of each (lengths are clipped to the u32 request).
+            pairs = array("Q", bytes(16 * n))
+            pairs[0::2] = lens
+            pairs[1::2] = _u64(flags[:n])
             if _LITTLE:
                 pairs.byteswap()
-            body = pairs.tobytes()
+            if ext:
+                header = wire.BLOCK_STATUS_EXT_HEADER.pack(cid, n)
+                rtype = ReplyType.BLOCK_STATUS_EXT
+                body = pairs.tobytes()
+            else:
+                header = wire.BLOCK_STATUS_HEADER.pack(cid)
+                rtype = ReplyType.BLOCK_STATUS
+                body = memoryview(pairs).cast("B").cast("I")[1::2].tobytes()
             flags_ = NBD_REPLY_FLAG_DONE if i == last else 0
             self._out.append(self._chunk_header(flags_, rtype, request, len(header) + len(body)))
             self._out.append(header)
@@ -880,6 +879,15 @@ class ServerConnection:
             reject(Errno.EINVAL, "trim not supported")
             return None
         return Request(cookie, command, fl, offset, length, data, contexts)
+
+
+def _u64(values: Sequence[int] | array[int]) -> array[int]:
+    """``values`` as a fresh ``array("Q")``, copied at C speed when they already are 64-bit."""
+    if isinstance(values, array) and values.itemsize == 8:
+        out = array("Q")
+        out.frombytes(values.tobytes())
+        return out
+    return array("Q", values)
 
 
 def _is_wildcard(query: str) -> bool:

@@ -5,13 +5,14 @@ moves bytes, runs the requests against the images and enforces the resource limi
 
 Where requests run:
 
-- READ runs on the event loop: a page-cache read into a reused buffer is cheaper than a thread
-  hop, and it keeps the hot path free of locks. The reply goes out with ``os.writev`` of the
-  chunk headers and the data buffers (never joined) when the transport has nothing queued.
+- READ runs on the event loop: a raw file on a plain socket goes out with ``sendfile`` (page
+  cache to socket, never through Python), anything else is read into a fresh buffer. Replies
+  leave with ``os.writev`` of chunk headers and payloads, never joined (see _SocketChannel).
+  BLOCK_STATUS of a read-only export also runs inline.
 - Everything that changes an image or looks at its bitmaps (WRITE, WRITE_ZEROES, TRIM, FLUSH,
-  BLOCK_STATUS) runs on one worker thread per image. One thread per image serialises them, so
-  a FLUSH covers every write that was answered before it, on any connection: that is what makes
-  CAN_MULTI_CONN true.
+  BLOCK_STATUS of a writable export) runs on one worker thread per image. One thread per image
+  serialises them, so a FLUSH covers every write that was answered before it, on any
+  connection: that is what makes CAN_MULTI_CONN true.
 
 Requests of one connection run concurrently (up to ``max_in_flight``) and are answered as they
 finish, so replies may come out of order, as the spec allows.
@@ -805,14 +806,19 @@ class _Connection:
         elif cmd == Cmd.CACHE:
             pass  # advisory; the page cache is shared, so there is nothing useful to do
         elif cmd == Cmd.BLOCK_STATUS:
-            answers = await self._in_worker(
-                _block_status,
+            args = (
                 image,
                 req.contexts,
                 req.offset,
                 req.length,
                 1 if CmdFlag.REQ_ONE in req.flags else self.server.limits.max_extents,
             )
+            if self.export.read_only:
+                # Nothing writes this export: no need to order it after writes, and the
+                # thread hop costs more latency than the work itself (one run per request).
+                answers = _block_status(*args)
+            else:
+                answers = await self._in_worker(_block_status, *args)
             self.proto.reply_block_status(req, answers)
             return
         else:  # pragma: no cover - the core only lets known commands through
@@ -849,6 +855,12 @@ def _block_status(
             bitmap = image.bitmaps.get(name[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) :])
             if bitmap is None:
                 raise OSError(errno.EINVAL, f"bitmap of {name} no longer exists")
+            fast = getattr(bitmap, "runs", None)
+            if fast is not None:
+                # Storage's array fast path: merged runs, no Python loop per extent.
+                lengths_, flags_ = fast(offset, length, limit=max_extents)
+                answers.append((cid, lengths_, flags_))
+                continue
             runs = bitmap.extents(offset, length)
         lengths: array[int] = array("Q")
         flags: array[int] = array("Q")
