@@ -415,7 +415,9 @@ async def test_qemu10_writes_with_extended_headers(tmp_path: Path) -> None:
     img.write_bytes(b"")
     os.truncate(img, 64 * MiB)
     sock = str(tmp_path / "w.sock")
-    srv = Server([qemu10("qemu-nbd"), "-t", "-f", "raw", "-k", sock, str(img)], sock=sock)
+    srv = Server(
+        [qemu10("qemu-nbd"), "-t", "-e", "4", "-f", "raw", "-k", sock, str(img)], sock=sock
+    )
     try:
         uri = f"nbd+unix:///?socket={sock}"
         async with await NBDClient.connect(uri, meta_contexts=["base:allocation"]) as client:
