@@ -1036,6 +1036,8 @@ class ClientConnection:
                 f"chunk [{offset}, {offset + size}) outside the read "
                 f"[{req.offset}, {req.offset + req.length})"
             )
+        if req.flags & CmdFlag.DF and req.starts:
+            raise ServerProtocolError("more than one content chunk despite NBD_CMD_FLAG_DF")
         i = bisect.bisect_right(req.starts, start)
         if (i and req.ends[i - 1] > start) or (i < len(req.starts) and req.starts[i] < end):
             raise ServerProtocolError(f"chunk [{offset}, {offset + size}) overlaps another")

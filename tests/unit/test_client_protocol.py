@@ -683,3 +683,79 @@ def test_option_replies_are_capped_in_total() -> None:
     with pytest.raises(ServerProtocolError, match="bytes of replies to one option"):
         for _ in range(3000):
             conn.receive_data(one)
+
+
+def test_df_read_gets_one_content_chunk() -> None:
+    conn = negotiated()
+    cookie = conn.send_read(0, 1024, df=True)
+    assert wire.REQUEST.unpack(joined(conn))[1] == CmdFlag.DF
+    with pytest.raises(ServerProtocolError, match="DF"):
+        conn.receive_data(data_chunk(cookie, 0, b"a" * 512) + data_chunk(cookie, 512, b"b" * 512))
+
+
+def _in_state(state: ClientState) -> ClientConnection:
+    conn = ClientConnection()
+    if state is ClientState.GREETING:
+        return conn
+    conn.receive_data(GREETING)
+    if state is ClientState.OPTION_SENT:
+        conn.send_list()
+    elif state is ClientState.TLS_UPGRADE:
+        conn.send_starttls()
+        conn.receive_data(rep(Opt.STARTTLS, Rep.ACK))
+    elif state in (ClientState.TRANSMISSION, ClientState.DISCONNECTING, ClientState.CLOSED):
+        conn = negotiated(contexts={"base:allocation": 0})
+        if state is not ClientState.TRANSMISSION:
+            conn.send_disc()
+        if state is ClientState.CLOSED:
+            conn.receive_eof()
+    assert conn.state is state
+    conn.data_to_send()
+    return conn
+
+
+CALLS = {
+    "go": lambda c: c.send_go(""),
+    "list": lambda c: c.send_list(),
+    "starttls": lambda c: c.send_starttls(),
+    "set_meta": lambda c: c.send_set_meta_context("", ["base:allocation"]),
+    "abort": lambda c: c.send_abort(),
+    "read": lambda c: c.send_read(0, 512),
+    "write": lambda c: c.send_write(0, b"x"),
+    "flush": lambda c: c.send_flush(),
+    "trim": lambda c: c.send_trim(0, 512),
+    "zero": lambda c: c.send_write_zeroes(0, 512),
+    "cache": lambda c: c.send_cache(0, 512),
+    "block_status": lambda c: c.send_block_status(0, 512),
+    "disc": lambda c: c.send_disc(),
+    "tls_established": lambda c: c.tls_established(),
+}
+ALLOWED = {
+    ClientState.NEGOTIATING: {"go", "list", "starttls", "set_meta", "abort"},
+    ClientState.TLS_UPGRADE: {"tls_established"},
+    ClientState.TRANSMISSION: {
+        "read",
+        "write",
+        "flush",
+        "trim",
+        "zero",
+        "cache",
+        "block_status",
+        "disc",
+    },
+}
+
+
+@pytest.mark.parametrize("state", [s for s in ClientState if s is not ClientState.FAILED])
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_every_call_in_every_state(state: ClientState, call: str) -> None:
+    """Each API call either works in a state (and sends something) or is a UsageError that
+    sends nothing and changes nothing."""
+    conn = _in_state(state)
+    if call in ALLOWED.get(state, set()):
+        CALLS[call](conn)
+        assert joined(conn) or call == "tls_established"
+    else:
+        with pytest.raises(UsageError):
+            CALLS[call](conn)
+        assert conn.state is state and joined(conn) == b""
