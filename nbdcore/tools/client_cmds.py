@@ -14,8 +14,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
-from itertools import accumulate
+from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate, compress
 from typing import IO, TYPE_CHECKING, Any
 
 from nbdcore.constants import (
@@ -232,25 +232,24 @@ class MapPrinter:
             self._text[value] = suffix
         return suffix
 
-    def rows(self, offset: int, lengths: Iterable[int], values: Iterable[int]) -> None:
-        lengths = list(lengths)
+    def rows(self, offset: int, lengths: Sequence[int], values: Sequence[int]) -> None:
+        """Print rows from ``offset``, one write per batch. (An f-string per row measured
+        faster here than one ``%`` over a repeated template, or ``str.format`` via map.)"""
+        if not lengths:
+            return
+        for value in set(values):
+            self._suffix(value)
+        suffix = self._text
         starts = accumulate(lengths, initial=offset)
-        suffix = self._suffix
+        rows = zip(starts, lengths, values, strict=False)
         if self.as_json:
             text = ",\n".join(
-                f'{{ "offset": {o}, "length": {n}, "type": {t}{suffix(t)}'
-                for o, n, t in zip(starts, lengths, values, strict=False)
+                f'{{ "offset": {o}, "length": {n}, "type": {t}{suffix[t]}' for o, n, t in rows
             )
-            if text:
-                self.out.write(text if self.first else ",\n" + text)
-                self.first = False
+            self.out.write(text if self.first else ",\n" + text)
+            self.first = False
         else:
-            self.out.write(
-                "".join(
-                    f"{o:10d}  {n:10d}  {t:3d}{suffix(t)}"
-                    for o, n, t in zip(starts, lengths, values, strict=False)
-                )
-            )
+            self.out.write("".join(f"{o:10d}  {n:10d}  {t:3d}{suffix[t]}" for o, n, t in rows))
 
     def close(self) -> None:
         if self.as_json:
@@ -299,8 +298,9 @@ async def map_cmd(args: argparse.Namespace) -> int:
         if args.totals:
             totals: dict[int, int] = collections.defaultdict(int)
             async for batch in iter_extents(client, [context]):
-                for n, value in zip(batch.lengths, batch.flags[0], strict=True):
-                    totals[value] += n
+                flags = batch.flags[0]
+                for value in set(flags):  # a few values: one pass in C each
+                    totals[value] += sum(compress(batch.lengths, map(value.__eq__, flags)))
             out.write(format_totals(context, totals, client.size, args.json))
         else:
             printer = MapPrinter(out, context, args.json)
