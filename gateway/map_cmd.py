@@ -191,7 +191,7 @@ async def cmd_map(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"range {args.offset}+{length} is empty or outside the export (size {size})"
             )
-        tracks = [t for i, c in enumerate(contexts) for t in render.tracks_for(c, i)]
+        tracks = render.tracks_for_all(contexts)
         coverage = render.Coverage(args.offset, length, args.width, tracks)
         async for batch in iter_extents(client, contexts, args.offset, length):
             coverage.add_rows(batch.offset, batch.lengths, batch.flags)

@@ -7,7 +7,9 @@ render the resulting :class:`Picture`.
 The range is cut into ``width`` pixels at integer byte boundaries; each pixel keeps the exact
 number of its bytes for which each track holds, so a pixel's shade is the fraction of its bytes
 that are dirty (or allocated, or zero), not whether any of them is. A track is one row of a lane:
-``base:allocation`` has two (allocated = HOLE clear, zero = ZERO set), a dirty bitmap one.
+``base:allocation`` has two (allocated = HOLE clear, zero = ZERO set), a dirty bitmap one, or two
+when ``base:allocation`` is drawn too: dirty, and "dirty data" (dirty and not reading as zeroes:
+what an incremental backup must copy; dirty-but-zero ranges need no data, as in ovirt-imageio).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PALETTE: dict[str, tuple[str, str]] = {
     "dirty": ("#D55E00", "dirty (changed since the bitmap was created or cleared)"),
     "allocated": ("#0072B2", "allocated (not a hole)"),
     "zero": ("#009E73", "reads as zeroes"),
+    "dirty-data": ("#882255", "dirty data (dirty and not zero: what a backup copies)"),
     "set": ("#CC79A7", "flags set (other context)"),
 }
 EMPTY_FILL = "#F3F3F3"
@@ -44,17 +47,25 @@ LEVELS = 100  # opacity steps; adjacent pixels on the same step are drawn as one
 @dataclass(frozen=True, slots=True)
 class Track:
     """The bytes of one context whose flags satisfy ``(flags & mask) == value`` (or ``!=``
-    when ``negate``)."""
+    when ``negate``), and, when ``also`` is given, the conditions of other contexts too."""
 
     label: str
     kind: str  # a PALETTE key
-    column: int  # index of the context in the flag columns
+    column: int  # index of the context in the flag columns (the lane it is drawn in)
     mask: int
     value: int
     negate: bool = False
+    also: tuple[Track, ...] = ()
 
     def holds(self, flags: int) -> bool:
+        """Whether this track's own condition holds for ``flags`` of its context."""
         return ((flags & self.mask) == self.value) != self.negate
+
+    def holds_row(self, flags: Sequence[Sequence[int]], i: int) -> bool:
+        """Whether every condition holds for row ``i`` of the flag columns ``flags``."""
+        if not self.holds(flags[self.column][i]):
+            return False
+        return all(other.holds(flags[other.column][i]) for other in self.also)
 
 
 def tracks_for(context: str, column: int) -> list[Track]:
@@ -68,6 +79,31 @@ def tracks_for(context: str, column: int) -> list[Track]:
         return [Track("dirty", "dirty", column, NBD_STATE_DIRTY, NBD_STATE_DIRTY)]
     # Unknown meaning (qemu:allocation-depth, other namespaces): show where flags are nonzero.
     return [Track("flags != 0", "set", column, 0xFFFFFFFF, 0, negate=True)]
+
+
+def tracks_for_all(contexts: Sequence[str]) -> list[Track]:
+    """The tracks of every context, plus "dirty data" in each bitmap's lane when
+    ``base:allocation`` is among the contexts."""
+    tracks = [t for i, c in enumerate(contexts) for t in tracks_for(c, i)]
+    if CONTEXT_BASE_ALLOCATION not in contexts:
+        return tracks
+    alloc = contexts.index(CONTEXT_BASE_ALLOCATION)
+    not_zero = Track("not zero", "zero", alloc, NBD_STATE_ZERO, 0)
+    out: list[Track] = []
+    for track in tracks:
+        out.append(track)
+        if track.kind == "dirty":
+            out.append(
+                Track(
+                    "dirty data",
+                    "dirty-data",
+                    track.column,
+                    track.mask,
+                    track.value,
+                    also=(not_zero,),
+                )
+            )
+    return out
 
 
 def pixel_bounds(start: int, length: int, width: int) -> list[int]:
@@ -127,7 +163,7 @@ class Coverage:
         tracks = self.tracks
         for i, n in enumerate(lengths):
             for t, track in enumerate(tracks):
-                if track.holds(flags[track.column][i]):
+                if track.holds_row(flags, i):
                     self.add_run(t, offset, n)
             seen_lo = max(offset, self.start)
             seen_hi = min(offset + n, self.end)

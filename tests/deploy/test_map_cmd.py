@@ -77,17 +77,27 @@ def oracle(uri: str, context: str) -> list[tuple[int, int, int]]:
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
 
 
-def expected_counts(
-    uri: str, track: render.Track, context: str, start: int, length: int, width: int
-) -> list[int]:
+def set_runs(uri: str, context: str, track: render.Track) -> list[tuple[int, int]]:
+    """[start, end) byte runs where ``track``'s own condition holds, from nbdinfo."""
+    return [(o, o + n) for o, n, flags in oracle(uri, context) if track.holds(flags)]
+
+
+def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for lo1, hi1 in a:
+        for lo2, hi2 in b:
+            lo, hi = max(lo1, lo2), min(hi1, hi2)
+            if lo < hi:
+                out.append((lo, hi))
+    return out
+
+
+def expected_counts(runs: list[tuple[int, int]], start: int, length: int, width: int) -> list[int]:
     bounds = render.pixel_bounds(start, length, width)
     counts = [0] * (len(bounds) - 1)
-    for offset, n, flags in oracle(uri, context):
-        if not track.holds(flags):
-            continue
+    for lo, hi in runs:
         for p in range(len(counts)):
-            lo, hi = max(offset, bounds[p]), min(offset + n, bounds[p + 1])
-            counts[p] += max(0, hi - lo)
+            counts[p] += max(0, min(hi, bounds[p + 1]) - max(lo, bounds[p]))
     return counts
 
 
@@ -122,15 +132,24 @@ def test_default_map_shows_allocation_and_every_bitmap(served: str, tmp_path: Pa
         ("base:allocation", "allocated"),
         ("base:allocation", "zero"),
         (B0, "dirty"),
+        (B0, "dirty data"),
         (B1, "dirty"),
+        (B1, "dirty data"),
     ]
-    # Every pixel (512 KiB) drawn at the level the oracle's extents give.
+    # Every pixel (512 KiB) drawn at the level the oracle's extents give; "dirty data" is the
+    # oracle's dirty runs intersected with its non-zero allocation runs.
+    allocated, zero = render.tracks_for("base:allocation", 0)
+    not_zero = render.Track("not zero", "zero", 0, zero.mask, 0)
     for (context, label), group in tracks.items():
-        column = 0
-        (track,) = [t for t in render.tracks_for(context, column) if t.label == label]
-        counts = expected_counts(served, track, context, 0, SIZE, 128)
+        own = [t for t in render.tracks_for(context, 0) if t.label == label.split()[0]]
+        (track,) = own
+        runs = set_runs(served, context, track)
+        if label == "dirty data":
+            runs = intersect(runs, set_runs(served, "base:allocation", not_zero))
+        counts = expected_counts(runs, 0, SIZE, 128)
         want = [render.opacity_level(c / (SIZE // 128)) for c in counts]
-        assert drawn_levels(group, track.kind, 128) == want, (context, label)
+        kind = "dirty-data" if label == "dirty data" else track.kind
+        assert drawn_levels(group, kind, 128) == want, (context, label)
     # Known ranges, independently of nbdinfo: b0 dirty at pixels 0, 4 and 10-12 (5 MiB..6.5 MiB),
     # b1 one granule in eight over 16-24 MiB (pixels 32-47) and 40-43 MiB (pixels 80-85).
     b0 = drawn_levels(tracks[(B0, "dirty")], "dirty", 128)
@@ -144,6 +163,11 @@ def test_default_map_shows_allocation_and_every_bitmap(served: str, tmp_path: Pa
     texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
     assert "dirty: 1.81 MiB (2.83%) in 3 extents" in texts  # b0: 64K + 256K + 1.5M
     assert "dirty: 4 MiB (6.25%) in 17 extents" in texts  # b1: 16 x 64K + 3M
+    # Dirty data leaves out b0's write-zeroes at 2M (dirty, but reads as zeroes).
+    assert "dirty data: 1.56 MiB (2.44%) in 2 extents" in texts  # b0: 64K + 1.5M
+    b0_data = drawn_levels(tracks[(B0, "dirty data")], "dirty-data", 128)
+    assert [p for p, level in enumerate(b0_data) if level] == [0, 10, 11, 12]
+    assert allocated.label == "allocated"
 
 
 def test_html_of_one_bitmap_by_export_name(served: str, tmp_path: Path) -> None:
@@ -171,10 +195,12 @@ def test_subrange_counts_only_its_bytes(served: str, tmp_path: Path) -> None:
     )
     # [1M, 6M): the 256 KiB write-zeroes at 2M and the first MiB of the write at 5M.
     assert rows[(B0, "dirty")] == 256 * 1024 + MiB
+    assert rows[(B0, "dirty data")] == MiB  # the write-zeroes is not data
     assert set(rows) == {
         ("base:allocation", "allocated"),
         ("base:allocation", "zero"),
         (B0, "dirty"),
+        (B0, "dirty data"),
     }
 
 

@@ -18,9 +18,10 @@ SVG = "{http://www.w3.org/2000/svg}"
 ALLOC, BITMAP = "base:allocation", "qemu:dirty-bitmap:b0"
 
 
-def coverage_of(rows, start, length, width, contexts=(ALLOC, BITMAP), offset=0):
+def coverage_of(rows, start, length, width, contexts=(ALLOC, BITMAP), offset=0, tracks=None):
     """rows: (length, flags per context)."""
-    tracks = [t for i, c in enumerate(contexts) for t in render.tracks_for(c, i)]
+    if tracks is None:
+        tracks = [t for i, c in enumerate(contexts) for t in render.tracks_for(c, i)]
     cov = render.Coverage(start, length, width, tracks)
     cov.add_rows(
         offset,
@@ -30,11 +31,22 @@ def coverage_of(rows, start, length, width, contexts=(ALLOC, BITMAP), offset=0):
     return cov
 
 
+# What each kind of track means, written out independently of render's masks (column 0 is
+# base:allocation in these tests).
+MEANING = {
+    "allocated": lambda f, c: not f[c] & NBD_STATE_HOLE,
+    "zero": lambda f, c: bool(f[c] & NBD_STATE_ZERO),
+    "dirty": lambda f, c: bool(f[c] & NBD_STATE_DIRTY),
+    "dirty-data": lambda f, c: bool(f[c] & NBD_STATE_DIRTY) and not f[0] & NBD_STATE_ZERO,
+    "set": lambda f, c: f[c] != 0,
+}
+
+
 def brute_force(rows, start, length, width, track, offset=0):
     """Per-pixel set-byte counts, one byte at a time."""
     state = []
     for n, flags in rows:
-        state += [track.holds(flags[track.column])] * n
+        state += [MEANING[track.kind](flags, track.column)] * n
     bounds = [start + i * length // min(width, length) for i in range(min(width, length) + 1)]
     return [
         sum(1 for b in range(lo, hi) if 0 <= b - offset < len(state) and state[b - offset])
@@ -102,7 +114,8 @@ def extent_maps(draw):
 def test_coverage_matches_byte_by_byte_count(case):
     rows, start, length, width = case
     contexts = (ALLOC, BITMAP, "qemu:allocation-depth")
-    cov = coverage_of(rows, start, length, width, contexts)
+    cov = coverage_of(rows, start, length, width, contexts, tracks=render.tracks_for_all(contexts))
+    assert [t.kind for t in cov.tracks] == ["allocated", "zero", "dirty", "dirty-data", "set"]
     assert cov.seen == length
     for t, track in enumerate(cov.tracks):
         expected = brute_force(rows, start, length, width, track)
@@ -244,3 +257,23 @@ def test_hostile_context_names_stay_text():
     root = ET.fromstring(svg)
     contexts = [g.get("data-context") for g in root.findall(f".//{SVG}g[@class='track']")]
     assert contexts[-1] == name
+
+
+def test_dirty_data_only_with_allocation():
+    assert [t.label for t in render.tracks_for_all([BITMAP])] == ["dirty"]
+    tracks = render.tracks_for_all([BITMAP, "qemu:dirty-bitmap:b1", ALLOC])
+    assert [(t.label, t.column) for t in tracks] == [
+        ("dirty", 0),
+        ("dirty data", 0),
+        ("dirty", 1),
+        ("dirty data", 1),
+        ("allocated", 2),
+        ("zero", 2),
+    ]
+    # Dirty and zero (a write-zeroes): dirty, not dirty data. Dirty over a hole that reads as
+    # data (no ZERO flag): dirty data.
+    rows = [(10, (NBD_STATE_DIRTY, 0, NBD_STATE_ZERO)), (10, (NBD_STATE_DIRTY, 1, NBD_STATE_HOLE))]
+    contexts = (BITMAP, "qemu:dirty-bitmap:b1", ALLOC)
+    cov = coverage_of(rows, 0, 20, 2, contexts, tracks=tracks)
+    assert cov.totals == [20, 10, 10, 10, 10, 10]
+    assert cov.covered[1].tolist() == [0, 10]
