@@ -48,9 +48,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Allocation",
     "AllocationBatch",
+    "BlockStatusClient",
     "ExtentBatch",
     "ExtentWalker",
     "allocation_of",
+    "bitmap_context",
     "classify",
     "clip_table",
     "fit_answer",
@@ -60,6 +62,7 @@ __all__ = [
     "merge_runs",
     "to_u64",
     "trim_head",
+    "walker_for",
 ]
 
 Columns = tuple["array[int]", ...]
@@ -70,9 +73,12 @@ _LITTLE = sys.byteorder == "little"
 # Compact requests carry a 32-bit length: stay below 4 GiB, keeping the step aligned
 # (nbdinfo --map does the same: UINT32_MAX - align + 1).
 _COMPACT_LIMIT = 1 << 32
+# Extended headers carry 64-bit lengths; a server still answers at most one chunk's worth.
 _EXTENDED_LIMIT = 1 << 62
-DEFAULT_ALIGN = 512
+DEFAULT_ALIGN = 512  # steps end on multiples of this (or of the minimum block, if larger)
 DEFAULT_MAX_EXTENTS = 65536
+# Requests in flight per walk: measured against qemu-nbd 7.2, 4 beat 1 by ~30% and 8 added
+# nothing; each holds at most one answer (qemu: <= 131072 extents).
 DEFAULT_DEPTH = 4
 
 
