@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -227,8 +228,11 @@ class ExportPool:
         async with self.host._leases:
             client = None
             idle = self._idle.get(key)
-            if idle and not fresh:
+            while idle and not fresh and client is None:
                 client = idle.pop()
+                if client.closed:  # the host hung up while it was idle
+                    _close_soon(client)
+                    client = None
             if client is None:
                 try:
                     client = await self.host.connect(self.config.nbd_export, sorted(key))
@@ -288,6 +292,4 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def _with_export(uri: NBDURI, export: str) -> NBDURI:
-    import dataclasses
-
     return dataclasses.replace(uri, export=export)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import operator
 import struct
 import time
 from array import array
@@ -442,7 +443,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
 
 
 def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
-    if stream is not None and stream.started and err.code == grpc.StatusCode.UNAVAILABLE:
+    # Any failure after the stream started says where to resume (UNAVAILABLE is the one a
+    # client retries, but a resume position costs nothing on the others).
+    if stream is not None and stream.started and "resume_offset" not in err.metadata:
         return err.with_resume(stream.sent_offset, stream.plan.token(stream.sent_offset))
     return err
 
@@ -652,7 +655,7 @@ class _ExtentStream:
                             alloc = (
                                 batch.flags[-1] if have_alloc else array("Q", bytes(8 * len(flags)))
                             )
-                            kinds = array("B", (_KIND[a & 3] for a in alloc))
+                            kinds = array("B", bytes(map(_KIND.__getitem__, map(_MASK, alloc))))
                             lengths, (flags, kinds) = merge_runs(batch.lengths, (flags, kinds))
                         else:
                             lengths, kinds = batch.lengths, None
@@ -683,51 +686,77 @@ class _ExtentStream:
         """Add one batch of rows to the messages; send every message that fills up."""
         plan = self.plan
         n = len(lengths)
-        starts = list(accumulate(lengths, initial=offset))
-        batch_end = starts[-1]
+        # bounds[i] is where row i starts, bounds[i + 1] where it ends.
+        bounds = array("Q", accumulate(lengths, initial=offset))
+        sel: list[int] | None = None
         if plan.filter == pb.EXTENT_FILTER_SET:
-            rows: Any = compress(range(n), (f != 0 for f in flags))
+            sel = list(compress(range(n), flags))
         elif plan.filter == pb.EXTENT_FILTER_CLEAR:
-            rows = compress(range(n), (f == 0 for f in flags))
+            sel = list(compress(range(n), map(operator.not_, flags)))
+        if plan.include_data:
+            msg = await self._shape_with_data(client, msg, bounds, lengths, flags, kinds, sel)
         else:
-            rows = range(n)
-        if kinds is None and plan.filter == pb.EXTENT_FILTER_ALL:
-            # Fast path (the common full map): whole slices of the columns.
-            i = 0
-            while i < n:
-                take = min(plan.max_extents - len(msg), n - i)
-                msg.deltas.extend(array("Q", bytes(8 * take)))
+            # Whole columns at a time: this is the path of maps with millions of extents.
+            if sel is None:
+                deltas = array("Q", bytes(8 * n))
+                ends = bounds[1:]
+            else:
+                ends = array("Q", map(bounds.__getitem__, [i + 1 for i in sel]))
+                starts = map(bounds.__getitem__, sel)
+                deltas = array("Q", map(operator.sub, starts, [msg.last, *ends[:-1]]))
+                lengths = array("Q", map(lengths.__getitem__, sel))
+                flags = array("Q", map(flags.__getitem__, sel))
+                if kinds is not None:
+                    kinds = array("B", map(kinds.__getitem__, sel))
+            i, m = 0, len(lengths)
+            while i < m:
+                # A delta is relative to the end of the previous row, which is also where the
+                # next message starts: cutting the columns anywhere keeps them right.
+                take = min(plan.max_extents - len(msg), m - i)
+                msg.deltas.extend(deltas[i : i + take])
                 msg.lengths.extend(lengths[i : i + take])
                 msg.flags.extend(flags[i : i + take])
+                if kinds is not None:
+                    msg.kinds.extend(kinds[i : i + take])
                 i += take
-                msg.last = msg.end = starts[i]
+                msg.last = msg.end = ends[i - 1]
                 if len(msg) >= plan.max_extents:
                     msg = await self._send(client, msg)
-            return msg
-        for i in rows:
-            start, length = starts[i], lengths[i]
-            kind = kinds[i] if kinds is not None else 0
-            while (
-                plan.include_data and kind == _DATA and msg.data_len + length > MAX_DATA_PER_MESSAGE
-            ):
-                # Split a data extent so that no message carries more than 1 MiB.
-                part = MAX_DATA_PER_MESSAGE - msg.data_len
-                if part:
-                    msg.add(start, part, flags[i], kind)
-                    msg.reads.append((start, part))
-                    msg.data_len += part
-                start += part
-                length -= part
-                msg = await self._send(client, msg)
-            msg.add(start, length, flags[i], kind)
-            if plan.include_data and kind == _DATA:
-                msg.reads.append((start, length))
-                msg.data_len += length
-            if len(msg) >= plan.max_extents or msg.data_len >= MAX_DATA_PER_MESSAGE:
-                msg = await self._send(client, msg)
-        msg.end = batch_end
+        msg.end = bounds[-1]
         if not len(msg) and time.monotonic() - self._last_send > PROGRESS_INTERVAL:
             msg = await self._send(client, msg)
+        return msg
+
+    async def _shape_with_data(
+        self,
+        client: NBDClient,
+        msg: _Message,
+        bounds: array[int],
+        lengths: array[int],
+        flags: array[int],
+        kinds: array[int] | None,
+        sel: list[int] | None,
+    ) -> _Message:
+        """Row by row: data extents are cut so that no message carries more than 1 MiB."""
+        plan = self.plan
+        for i in range(len(lengths)) if sel is None else sel:
+            start, length = bounds[i], lengths[i]
+            kind = kinds[i] if kinds is not None else pb.ALLOCATION_DATA
+            if kind == pb.ALLOCATION_DATA:
+                while msg.data_len + length > MAX_DATA_PER_MESSAGE:
+                    part = MAX_DATA_PER_MESSAGE - msg.data_len
+                    if part:
+                        msg.add(start, part, flags[i], kind)
+                        msg.reads.append((start, part))
+                        msg.data_len += part
+                    start += part
+                    length -= part
+                    msg = await self._send(client, msg)
+                msg.reads.append((start, length))
+                msg.data_len += length
+            msg.add(start, length, flags[i], kind)
+            if len(msg) >= plan.max_extents or msg.data_len >= MAX_DATA_PER_MESSAGE:
+                msg = await self._send(client, msg)
         return msg
 
     async def _send(self, client: NBDClient, msg: _Message) -> _Message:
@@ -743,8 +772,7 @@ class _ExtentStream:
         resp.lengths.extend(msg.lengths)
         resp.flags.extend(msg.flags)
         if self.plan.merge_allocation:
-            # nbdcore.extents.Allocation (DATA 0, ZERO 1, HOLE 2) -> proto (DATA 1...).
-            resp.allocation.extend([pb.Allocation.ValueType(k + 1) for k in msg.kinds])
+            resp.allocation.extend(msg.kinds)  # type: ignore[arg-type]  # proto enum values
         if msg.reads:
             parts = await asyncio.gather(*(client.pread(o, n) for o, n in msg.reads))
             resp.data = b"".join(parts)
@@ -755,10 +783,10 @@ class _ExtentStream:
         return _Message(msg.end)
 
 
-# base:allocation flags & 3 -> nbdcore.extents.Allocation value (DATA 0, ZERO 1, HOLE 2).
-_DATA = 0
-_KIND = bytes([0, 0, 1, 2])
-assert NBD_STATE_HOLE == 1 and NBD_STATE_ZERO == 2
+# base:allocation flags (HOLE 1, ZERO 2) -> the proto's Allocation: a hole that does not read as
+# zeros must still be read (its contents are undefined, e.g. a backing file shows through).
+_MASK = (NBD_STATE_HOLE | NBD_STATE_ZERO).__and__
+_KIND = bytes([pb.ALLOCATION_DATA, pb.ALLOCATION_DATA, pb.ALLOCATION_ZERO, pb.ALLOCATION_HOLE])
 
 
 async def _until(batches: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
