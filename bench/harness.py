@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -278,7 +279,19 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
     return {
+        "commit": commit,
         "host": platform.node(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
