@@ -95,7 +95,7 @@ def qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _qemu_nbd(binary: str, img: Path, sock: Path) -> list[str]:
     return [binary, "-r", "-t", "-e", "8", "-f", "qcow2", "-x", "disk", "-D", "test disk",
-            "-B", "b0", "-B", "b1", "-k", str(sock), str(img)]  # fmt: skip
+            "-A", "-B", "b0", "-B", "b1", "-k", str(sock), str(img)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,12 @@ FORMATS = {
     "totals": ["--totals"],
     "totals-json": ["--totals", "--json"],
 }
-QEMU_CONTEXTS = ["base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+QEMU_CONTEXTS = [
+    "base:allocation",
+    "qemu:allocation-depth",
+    "qemu:dirty-bitmap:b0",
+    "qemu:dirty-bitmap:b1",
+]
 
 
 # --- nbd map == nbdinfo --map -----------------------------------------------------------------
