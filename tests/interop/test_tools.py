@@ -454,3 +454,14 @@ async def test_iter_extents_closed_early_leaves_client_usable(qemu_uri: str) -> 
         await client.close()
     expect = nbdinfo_map(qemu_uri, context)
     assert [(o, n, f[0]) for o, n, f in rows] == expect
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_map_empty_export(tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = tmp_path / "s"
+    with _serve([tool("nbdkit"), "-f", "-r", "-U", str(sock), "null", "size=0"], sock) as uri:
+        expect = nbdinfo(*FORMATS[fmt], "--map", uri)
+        assert ours(capsys, "map", *FORMATS[fmt], uri) == expect
+        out = tmp_path / "out"
+        _copy(uri, str(out))
+        assert out.stat().st_size == 0
