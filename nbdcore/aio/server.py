@@ -93,6 +93,8 @@ class ServerLimits:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     handshake_timeout: float = 30.0
     max_extents: int = MAX_EXTENTS_PER_CHUNK  # per BLOCK_STATUS chunk
+    max_buffered_writes: int = 64 * 1024 * 1024  # WRITE payload bytes held per connection
+    close_timeout: float = 10.0  # to finish in-flight requests when a connection ends
 
 
 @dataclass
@@ -450,6 +452,9 @@ class _SocketChannel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def backlog(self) -> int:
+        return self.queued
+
     async def drain(self, high: int) -> None:
         while self.queued > high and not self.broken:
             await self._drained.wait()
@@ -574,6 +579,9 @@ class _TLSChannel:
                 item = data
             self.transport.write(item)
 
+    def backlog(self) -> int:
+        return self.transport.get_write_buffer_size()
+
     async def drain(self, high: int) -> None:
         if not self.transport.is_closing():
             await self.protocol.writable.wait()
@@ -620,6 +628,8 @@ class _Connection:
             max_extents=limits.max_extents,
         )
         self.sem = asyncio.Semaphore(limits.max_in_flight)
+        self.write_bytes = 0
+        self._write_done = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.export: _Export | None = None
         self.negotiated: Negotiated | None = None
@@ -651,10 +661,19 @@ class _Connection:
         finally:
             timer.cancel()
             self.proto.close()
-            if self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.channel.flush()
+            # Finish what is in flight and send it, but a client that stopped reading must
+            # not hold the server hostage: after close_timeout, drop it.
+            grace = self.server.limits.close_timeout
+            try:
+                async with asyncio.timeout(grace):
+                    if self.tasks:
+                        await asyncio.gather(*self.tasks, return_exceptions=True)
+                    await self.channel.flush()
+            except Exception as exc:  # TimeoutError included
+                log.info("dropping connection from %s: %r", self._peer, exc)
+                self.channel.abort()
+                if self.tasks:
+                    await asyncio.gather(*self.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self.channel.close()
 
@@ -675,8 +694,13 @@ class _Connection:
             stop = False
             for event in proto.events_received():
                 if isinstance(event, Request):
+                    if event.command == Cmd.WRITE and event.data is not None:
+                        await self._reserve_write(len(event.data))
                     await self.sem.acquire()
                     self._dispatch(event)
+                    if self.channel.backlog() > high:
+                        # Inline READs of one batch could otherwise queue without bound.
+                        await self.channel.drain(high)
                 elif isinstance(event, Negotiated):
                     timer.cancel()
                     self.negotiated = event
@@ -691,6 +715,15 @@ class _Connection:
             if stop:
                 return
             await self.channel.drain(high)
+
+    async def _reserve_write(self, n: int) -> None:
+        """Bound the memory held by WRITE payloads waiting for the disk: stop reading from
+        this client until enough of them are done (one is always let through)."""
+        limit = self.server.limits.max_buffered_writes
+        while self.write_bytes and self.write_bytes + n > limit:
+            self._write_done.clear()
+            await self._write_done.wait()
+        self.write_bytes += n
 
     async def _start_tls(self) -> None:
         assert self.server.tls is not None
@@ -776,6 +809,10 @@ class _Connection:
                 await self._perform(req)
             except Exception as exc:
                 self._fail_request(req, exc)
+            finally:
+                if req.command == Cmd.WRITE and req.data is not None:
+                    self.write_bytes -= len(req.data)
+                    self._write_done.set()
             self._send()
             await self._drain()
         finally:

@@ -378,3 +378,19 @@ async def test_nbdinfo_still_works_after_abuse(server: tuple[NBDServer, str]) ->
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0 and b"dirty" in out
+
+
+async def test_close_does_not_wait_forever_for_a_stalled_client(tmp_path: Path) -> None:
+    img = Image.memory(SIZE)
+    srv = NBDServer([ExportConfig("", img)], limits=ServerLimits(close_timeout=0.5))
+    path = str(tmp_path / "s")
+    await srv.start_unix(path)
+    stalled = await Raw.open(path)
+    await stalled.handshake("")
+    for i in range(200):  # far more reply bytes than the socket buffers hold
+        stalled.request(Cmd.READ, 0, 1 << 20, cookie=i)
+    await stalled.writer.drain()
+    await asyncio.sleep(0.2)
+    await asyncio.wait_for(srv.close(), 60)  # a hang guard, not a timing assertion
+    assert srv.connections == 0
+    stalled.writer.close()
