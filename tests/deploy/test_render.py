@@ -42,11 +42,22 @@ MEANING = {
 }
 
 
-def brute_force(rows, start, length, width, track, offset=0):
-    """Per-pixel set-byte counts, one byte at a time."""
+def brute_state(rows, track):
     state = []
     for n, flags in rows:
         state += [MEANING[track.kind](flags, track.column)] * n
+    return state
+
+
+def brute_runs(rows, start, length, track):
+    """Maximal runs of set bytes inside [start, start + length)."""
+    state = brute_state(rows, track)[start : start + length]
+    return sum(1 for i, b in enumerate(state) if b and (i == 0 or not state[i - 1]))
+
+
+def brute_force(rows, start, length, width, track, offset=0):
+    """Per-pixel set-byte counts, one byte at a time."""
+    state = brute_state(rows, track)
     bounds = [start + i * length // min(width, length) for i in range(min(width, length) + 1)]
     return [
         sum(1 for b in range(lo, hi) if 0 <= b - offset < len(state) and state[b - offset])
@@ -121,7 +132,34 @@ def test_coverage_matches_byte_by_byte_count(case):
         expected = brute_force(rows, start, length, width, track)
         assert cov.covered[t].tolist() == expected
         assert cov.totals[t] == sum(expected)
+        assert cov.runs[t] == brute_runs(rows, start, length, track)
         assert min(cov.fractions(t)) >= 0.0 and max(cov.fractions(t)) <= 1.0
+    # Fed in several batches (as iter_extents yields them), or a run at a time: the same.
+    tracks = render.tracks_for_all(contexts)
+    split = render.Coverage(start, length, width, tracks)
+    slow = render.Coverage(start, length, width, tracks)
+    offset = 0
+    for lo, hi in itertools.pairwise([0, *cuts(rows), len(rows)]):
+        part = rows[lo:hi]
+        split.add_rows(
+            offset,
+            array("Q", [r[0] for r in part]),
+            [array("Q", [r[1][c] for r in part]) for c in range(len(contexts))],
+        )
+        for n, flags in part:
+            for t, track in enumerate(tracks):
+                if track.holds_row([[f] for f in flags], 0):
+                    slow.add_run(t, offset, n)
+            offset += n
+    for other in (split, slow):
+        assert other.covered == cov.covered
+        assert other.totals == cov.totals
+        assert other.runs == cov.runs
+
+
+def cuts(rows):
+    """Batch boundaries: every third row."""
+    return list(range(3, len(rows), 3))
 
 
 @settings(max_examples=200, deadline=None)
