@@ -207,7 +207,14 @@ def load_file(path: str | Path, config: GatewayConfig | None = None) -> GatewayC
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    apply_table(data, config, str(path), base=path.parent)
+    try:
+        apply_table(data, config, str(path), base=path.parent)
+    except ConfigError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a value of the wrong type (float("x"), ...)
+        raise ConfigError(f"{path}: {exc}") from exc
     return config
 
 
