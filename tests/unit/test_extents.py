@@ -450,11 +450,11 @@ def test_iter_extents_aligns_requests_to_the_minimum_block(
     assert rows_of(batches) == model_rows(contexts, offset, offset + length)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.data())
 def test_merge_contexts_dense_and_sparse(data: st.DataObject) -> None:
     """One fragmented context (a bitmap) beside sparse ones: both expansion paths."""
-    rows = data.draw(st.integers(50, 400))
+    rows = data.draw(st.integers(50, 200))
     dense = [(data.draw(st.integers(1, 9)), i % 2) for i in range(rows)]
     size = sum(n for n, _ in dense)
     contexts = [dense] + [
