@@ -3,6 +3,7 @@ through the NBD client like any host): exports, bitmaps, ClearRange at the sourc
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -217,3 +218,47 @@ async def test_clear_refusals(embedded_config: GatewayConfig, start_gateway) -> 
     # Refusals lost nothing.
     got = await stream_all(gw.stub, export="disk", context="backup", filter=pb.EXTENT_FILTER_SET)
     assert sum(n for _, n, _, _ in got.rows) == sum(n for _, n in DIRTY) + 2 * G
+
+
+async def test_large_sparse_export_and_concurrent_streams(tmp_path: Path, start_gateway) -> None:
+    """Offsets past 4 GiB (and 32-bit lengths) on a 1 TiB sparse image; several streams at once
+    on one export give the same answers."""
+    size = 1 << 40
+    image = Image.create(tmp_path / "big.img", size)
+    try:
+        image.add_bitmap("backup", granularity=1 << 20)
+        writes = [(5 << 30, 4096), (600 << 30, 3 << 20), (size - 4096, 4096)]
+        for off, n in writes:
+            image.write(b"\xab" * n, off)
+    finally:
+        image.close()
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_image_export("big", tmp_path / "big.img")
+    gw = await start_gateway(config)
+    expected = [
+        (5 << 30, 1 << 20, 1, 0),
+        (600 << 30, 3 << 20, 1, 0),
+        (size - (1 << 20), 1 << 20, 1, 0),
+    ]
+    results = await asyncio.gather(
+        *(
+            stream_all(gw.stub, export="big", context="backup", filter=pb.EXTENT_FILTER_SET)
+            for _ in range(6)
+        )
+    )
+    for got in results:
+        assert got.rows == expected
+    whole = await stream_all(gw.stub, export="big", context="backup")
+    assert sum(n for _, n, _, _ in whole.rows) == size
+    assert merged(whole.rows)[1] == (5 << 30, 1 << 20, 1, 0)
+    data = await stream_all(
+        gw.stub, export="big", context="backup", filter=pb.EXTENT_FILTER_SET, include_data=True
+    )
+    carried = data.data
+    assert all(len(m.data) <= MiB for m in data.messages)
+    assert sum(len(b) for b in carried.values()) == 2 * 4096 + (3 << 20)
+    pieces = sorted(carried.items())
+    middle = b"".join(b for o, b in pieces if (600 << 30) <= o < (601 << 30))
+    assert middle == b"\xab" * (3 << 20)
+    assert pieces[0] == (5 << 30, b"\xab" * 4096)
+    assert pieces[-1] == (size - 4096, b"\xab" * 4096)
