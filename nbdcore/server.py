@@ -777,7 +777,11 @@ class ServerConnection:
             yield from self._drain(payload_len)
             self._reject(cookie, offset, Errno.EOVERFLOW, "payload exceeds the maximum")
             return
-        data = (yield from self._read_payload(payload_len)) if payload_len else None
+        data: bytearray | None = None
+        if payload_len:
+            data = yield from self._read_payload(payload_len)
+        elif cmd == Cmd.WRITE:
+            data = bytearray()  # a zero-length WRITE still has a (empty) payload
         self.in_flight += 1
         assert self.export is not None
         req = self._validate(cookie, cmd, flags, offset, length, data)

@@ -268,3 +268,11 @@ def test_many_requests_in_one_buffer() -> None:
     events = conn.events_received()
     assert [e.cookie for e in events] == list(range(100))  # type: ignore[union-attr]
     assert conn.in_flight == 100
+
+
+def test_zero_length_write_has_an_empty_payload() -> None:
+    conn = transmission(True)
+    (req,) = send(conn, Cmd.WRITE, 0, 0)
+    assert isinstance(req, Request) and req.data is not None and len(req.data) == 0
+    (req,) = send(conn, Cmd.WRITE, 8, 2, payload=b"ab", cookie=2)
+    assert isinstance(req, Request) and bytes(req.data or b"") == b"ab"
