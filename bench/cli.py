@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
         "--in-flight", type=int, default=8, help="client-read: requests in flight (default 8)"
     )
     p.add_argument(
+        "--max-extents",
+        type=int,
+        default=0,
+        help="gateway-extents: max_extents_per_message (default 0: the gateway's default)",
+    )
+    p.add_argument(
         "--fixtures-dir", type=Path, help="fixture cache (default .cache/bench)", default=None
     )
     return p
@@ -74,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: --repeat must be at least 1", file=sys.stderr)
         return 2
     fx = Fixtures(mode, root=args.fixtures_dir, rebuild=args.rebuild)
-    opts = {"request_size": args.request_size, "in_flight": args.in_flight}
+    opts = {
+        "request_size": args.request_size,
+        "in_flight": args.in_flight,
+        "max_extents": args.max_extents,
+    }
 
     from bench.suites import all_benchmarks
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, harness, procs
+from bench import cli, harness, procs, suites
 from bench.fixtures import Fixtures, Sizes
 from bench.harness import GIB_S, MIB, Benchmark, NotAvailable, Row, Stats, Target
 from tests.peers import tool
@@ -216,3 +216,24 @@ def test_bitmap_fixture_has_the_promised_extents(tmp_path: Path) -> None:
     # offset, length, flags, name: dirty and clean alternate, one granule each
     assert [line.split()[2] for line in lines] == ["1", "0"] * 5
     assert all(int(line.split()[1]) == 65536 for line in lines)
+
+
+def test_tiny_real_sides(tmp_path: Path) -> None:
+    """The client-read and extents workers and the nbdcopy side, on a 1 MiB image: what they
+    report is checked, not how fast."""
+    tool("qemu-nbd")
+    tool("nbdcopy")
+    image = tmp_path / "tiny.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    with procs.tempdir() as work, procs.qemu_nbd(image, "raw", work) as uri:
+        r = procs.run_worker("client-read", uri, "--request-size", "65536", "--in-flight", "3")
+        assert r["bytes"] == 1 << 20 and r["seconds"] > 0
+        r = procs.run_worker("extents", uri, "--context", "base:allocation")
+        assert r["bytes"] == 1 << 20 and r["extents"] >= 1
+        with pytest.raises(RuntimeError, match="expected 999"):
+            procs.run_worker("extents", uri, "--context", "base:allocation", "--expect", "999")
+        assert suites.nbdcopy_side(uri, 1 << 20)() > 0
+    with pytest.raises(RuntimeError, match="worker client-read exited"):
+        procs.run_worker("client-read", procs.unix_uri(tmp_path / "no.sock"))
+    with pytest.raises(RuntimeError, match="exited 1"):
+        procs.timed(["false"])
