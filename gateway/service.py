@@ -180,6 +180,8 @@ class Backend:
     pools: Mapping[str, ExportPool]
     images: Mapping[str, Image] = field(default_factory=dict)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    # StreamExtents calls in progress (for introspection: how far each has got).
+    streams: set[_ExtentStream] = field(default_factory=set)
 
     def pool(self, name: str) -> ExportPool:
         pool = self.pools.get(name)
@@ -433,7 +435,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             plan = _StreamPlan.from_request(request)
             pool = self.backend.pool(plan.export)
             stream = _ExtentStream(plan, pool, context, self.backend.shutdown)
-            await stream.run()
+            self.backend.streams.add(stream)
+            try:
+                await stream.run()
+            finally:
+                self.backend.streams.discard(stream)
         except GatewayError as err:
             await _abort(context, _resumable(err, stream))
         except Exception as exc:

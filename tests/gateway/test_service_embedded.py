@@ -262,3 +262,32 @@ async def test_large_sparse_export_and_concurrent_streams(tmp_path: Path, start_
     assert middle == b"\xab" * (3 << 20)
     assert pieces[0] == (5 << 30, b"\xab" * 4096)
     assert pieces[-1] == (size - 4096, b"\xab" * 4096)
+
+
+async def test_slow_reader_holds_back_the_gateway(tmp_path: Path, start_gateway) -> None:
+    """The gateway reads from NBD no faster than the client consumes: a client that stops
+    reading stops the stream a few messages ahead, whatever the size of what remains."""
+    image = Image.create(tmp_path / "d.img", 64 * MiB)
+    try:
+        image.add_bitmap("backup")
+        for off in range(0, 64 * MiB, 4 * MiB):
+            image.write(b"\x5a" * 4 * MiB, off)
+    finally:
+        image.close()
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_image_export("d", tmp_path / "d.img")
+    # Without BDP probing the HTTP/2 window stays small (grpc-conventions.md, flow control).
+    gw = await start_gateway(config, **{"grpc.http2.bdp_probe": 0})
+    request = pb.StreamExtentsRequest(export="d", context="backup", include_data=True)
+    call = gw.stub.StreamExtents(request)
+    first = await call.read()
+    assert len(first.data) == MiB
+    await asyncio.sleep(1.0)  # room to run ahead, if it would
+    (stream,) = gw.gateway.backend.streams
+    assert stream.messages <= 8, "the gateway ran ahead of its reader"
+    rest = [first]
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        rest.append(msg)
+    assert len(rest) == 64
+    assert all(m.data == b"\x5a" * MiB for m in rest)
+    assert not gw.gateway.backend.streams
