@@ -45,6 +45,7 @@ EMPTY_FILL = "#F3F3F3"
 # still shows; above it the opacity grows linearly with the fraction.
 MIN_OPACITY = 0.15
 LEVELS = 100  # opacity steps; adjacent pixels on the same step are drawn as one rectangle
+ALL_FLAGS = (1 << 64) - 1  # extended headers carry 64-bit status values
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def tracks_for(context: str, column: int) -> list[Track]:
     if context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
         return [Track("dirty", "dirty", column, NBD_STATE_DIRTY, NBD_STATE_DIRTY)]
     # Unknown meaning (qemu:allocation-depth, other namespaces): show where flags are nonzero.
-    return [Track("flags != 0", "set", column, 0xFFFFFFFF, 0, negate=True)]
+    return [Track("flags != 0", "set", column, ALL_FLAGS, 0, negate=True)]
 
 
 def tracks_for_all(contexts: Sequence[str]) -> list[Track]:
