@@ -12,6 +12,7 @@ import asyncio
 import collections
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -357,15 +358,18 @@ async def copy_cmd(args: argparse.Namespace) -> int:
             fd = sys.stdout.buffer.fileno()
             sys.stdout.flush()
         else:
-            # Truncate to 0 first so that ranges we skip read back as zeroes (holes).
-            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # A regular file is truncated to 0 first so that ranges we skip read back as
+            # zeroes (holes); a device (or /dev/null) is written in full, zeroes included.
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o644)
         progress = Progress(
             size, sys.stderr.isatty() if args.progress is None else bool(args.progress)
         )
         try:
-            if not to_stdout:
+            sparse = not to_stdout and stat.S_ISREG(os.fstat(fd).st_mode)
+            if sparse:
+                os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-            writer = _Writer(fd, sequential=to_stdout)
+            writer = _Writer(fd, sequential=to_stdout, sparse=sparse)
             pending: collections.deque[tuple[int, int, asyncio.Future[bytes] | None]] = (
                 collections.deque()
             )
@@ -450,42 +454,41 @@ async def _block_aligned(runs: Any, block: int, size: int) -> Any:
 
 
 class _Writer:
-    """Writes the copy: sparse into a regular file (zero runs and all-zero reads are skipped),
-    or as a plain stream (stdout, pipes), where zeroes are written out."""
+    """Writes the copy: sparse into a regular file (zero runs and all-zero reads are skipped:
+    the file was truncated, so they are holes already), in full at each offset into anything
+    else (a device), or as a plain stream (stdout, pipes). Zeroes are written out unless
+    sparse."""
 
     _ZEROES = bytes(1 << 20)
 
-    def __init__(self, fd: int, sequential: bool) -> None:
+    def __init__(self, fd: int, sequential: bool, sparse: bool) -> None:
         self.fd = fd
         self.sequential = sequential
+        self.sparse = sparse
 
     def write(self, offset: int, length: int, data: bytes | None) -> None:
         if data is not None and len(data) != length:
             raise UsageError(f"short read at {offset}: {len(data)} of {length} bytes")
-        if self.sequential:
-            if data is None:
-                while length:
-                    n = min(length, len(self._ZEROES))
-                    self._write_all(memoryview(self._ZEROES)[:n])
-                    length -= n
-            else:
-                self._write_all(memoryview(data))
+        if self.sparse and (data is None or _all_zero(data)):
             return
-        if data is None or _all_zero(data):
-            return  # the file was truncated: this range is already a hole
-        view = memoryview(data)
+        if data is not None:
+            self._put(memoryview(data), offset)
+            return
+        zeroes = memoryview(self._ZEROES)
+        while length:
+            n = min(length, len(zeroes))
+            self._put(zeroes[:n], offset)
+            offset += n
+            length -= n
+
+    def _put(self, view: memoryview, offset: int) -> None:
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.write(self.fd, view) if self.sequential else os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-
     def finish(self, size: int) -> None:
-        if not self.sequential:
+        if self.sparse:
             os.ftruncate(self.fd, size)
 
 

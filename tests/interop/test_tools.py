@@ -465,3 +465,8 @@ def test_map_empty_export(tmp_path: Path, fmt: str, capsys: pytest.CaptureFixtur
         out = tmp_path / "out"
         _copy(uri, str(out))
         assert out.stat().st_size == 0
+
+
+def test_copy_to_a_device(nbdkit_uri: str) -> None:
+    """Not a regular file: written in full (nothing to truncate), here /dev/null."""
+    _copy(nbdkit_uri, "/dev/null")
