@@ -27,6 +27,7 @@ from gateway import errors
 from gateway.config import ExportConfig, GatewayConfig, HostConfig
 from nbdcore.aio.client import NBDClient, list_meta_contexts
 from nbdcore.constants import TransmissionFlag
+from nbdcore.exceptions import UsageError
 from nbdcore.uri import NBDURI
 from nbdcore.wire import BlockSize
 
@@ -96,7 +97,11 @@ class Host:
 
     async def list_contexts(self, nbd_export: str) -> list[str]:
         async with self._leases:
-            found = await list_meta_contexts(self.uri_for(nbd_export), tls=self.config.tls)
+            try:
+                found = await list_meta_contexts(self.uri_for(nbd_export), tls=self.config.tls)
+            except UsageError:
+                # No structured replies (nbd-server, nbdkit --no-sr): no metadata contexts.
+                return []
             if not found:
                 # Zero queries means "all contexts" only if the server chooses so (spec: MAY);
                 # ask by namespace for the ones the gateway knows about.
