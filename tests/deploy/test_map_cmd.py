@@ -259,3 +259,68 @@ def test_export_names_default_to_the_socket_of_nbdgw_serve(monkeypatch: pytest.M
     uri = "nbd+unix:///a%20b?socket=/x"
     assert map_cmd.resolve_source(uri, "/nonexistent") == uri
     assert map_cmd.resolve_source("a b", "/") == "nbd+unix:///a%20b?socket=/"
+
+
+def make_pki(d: Path) -> None:
+    """A CA, a server certificate for localhost, a client certificate: qemu's tls-creds-x509
+    layout (it verifies client certificates by default)."""
+    openssl = tool("openssl")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-keyout", str(d / "ca-key.pem"), "-out", str(d / "ca-cert.pem"), "-subj", "/CN=map CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    for who, ext in (
+        ("server", "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (d / f"{who}.ext").write_text("basicConstraints=CA:FALSE\n" + ext)
+        run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{who}-key.pem"),
+            "-out", str(d / f"{who}.csr"), "-subj", "/CN=localhost")  # fmt: skip
+        run(openssl, "x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca-cert.pem"),
+            "-CAkey", str(d / "ca-key.pem"), "-CAcreateserial", "-days", "2",
+            "-out", str(d / f"{who}-cert.pem"), "-extfile", str(d / f"{who}.ext"))  # fmt: skip
+
+
+def test_map_over_tls(served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nbds:// with --tls-ca/--tls-cert/--tls-key against qemu-nbd requiring TLS (and client
+    certificates); without them, one clear line."""
+    disk = Path(served.split("socket=", 1)[1]).parent / "d.qcow2"
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [tool("qemu-nbd"), "-r", "-t", "-e", "4", "-f", "qcow2", "-x", "disk", "-B", "b0",
+         "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server", "--tls-creds", "tls0",
+         "-b", "127.0.0.1", "-p", str(port), str(disk)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        uri = f"nbds://localhost:{port}/disk"
+        out = tmp_path / "tls.html"
+        tls = ["--tls-ca", str(pki / "ca-cert.pem"), "--tls-cert", str(pki / "client-cert.pem")]
+        tls += ["--tls-key", str(pki / "client-key.pem")]
+        assert main(["map", uri, "-b", "b0", "-o", str(out), *tls]) == 0
+        assert (
+            f'<td>{B0}</td><td>dirty</td><td class="n">{64 * 1024 + 256 * 1024 + 1536 * 1024}<'
+            in (out.read_text())
+        )
+        capsys.readouterr()
+        assert main(["map", f"nbd://localhost:{port}/disk", "-o", str(tmp_path / "p.svg")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("nbdgw: ") and err.count("\n") == 1 and "TLS" in err.upper()
+        assert not (tmp_path / "p.svg").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
