@@ -309,6 +309,7 @@ class ClientConnection:
         self._error: ServerProtocolError | None = None
         self._pending: _PendingOption | None = None
         self._requests: dict[int, _Request] = {}
+        self.reads_in_flight = 0  # lets the I/O layer size its reads (see get_buffer)
         self._next_cookie = 1
         self._parser: Generator[None, None, None] = self._parse_greeting()
         next(self._parser)
@@ -787,6 +788,7 @@ class ClientConnection:
                 raise UsageError("read buffer is read-only")
         req = self._new_request(Cmd.READ, flags, offset, length)
         req.buffer = buffer if buffer is not None else memoryview(bytearray(length))
+        self.reads_in_flight += 1
         self._out.append(self._header(req))
         return req.cookie
 
@@ -939,6 +941,8 @@ class ClientConnection:
 
     def _complete(self, req: _Request) -> None:
         del self._requests[req.cookie]
+        if req.command == Cmd.READ:
+            self.reads_in_flight -= 1
         if req.error is None:
             if req.command == Cmd.READ and req.covered != req.length:
                 raise ServerProtocolError(f"READ reply covers {req.covered} of {req.length} bytes")

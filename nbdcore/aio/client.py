@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from array import array
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _SCRATCH_SIZE: Final = 256 * 1024
+_HEADER_READ: Final = 4096
 _DISC_GRACE: Final = 3.0  # seconds a server gets to finish in-flight requests after DISC
 _T = TypeVar("_T")
 
@@ -77,9 +79,20 @@ class _Protocol(asyncio.BufferedProtocol):
         self._conn = client._conn
         self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
         self._direct = False
+        # A duplicate of the plain socket, used to drain a READ payload without going back
+        # to the event loop for every few hundred KiB (None under TLS).
+        self._sock: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.type == socket.SOCK_STREAM:
+            self._sock = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+            self._sock.setblocking(False)
+
+    def stop_fast_path(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         target = self._conn.get_buffer()
@@ -87,20 +100,45 @@ class _Protocol(asyncio.BufferedProtocol):
             self._direct = True
             return target
         self._direct = False
+        if self._conn.reads_in_flight:
+            # Next comes a reply header, likely followed by READ data that belongs in the
+            # caller's buffer: read little, so the data is not copied twice.
+            return self._scratch[:_HEADER_READ]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        client = self._client
+        conn = self._conn
         try:
             if self._direct:
-                if not self._conn.buffer_filled(nbytes):
+                if not conn.buffer_filled(nbytes) and not self._drain():
                     return
             else:
-                self._conn.receive_data(self._scratch[:nbytes])
+                conn.receive_data(self._scratch[:nbytes])
         except NBDError as exc:
-            client._fail(exc)
+            self._client._fail(exc)
             return
-        client._dispatch()
+        self._client._dispatch()
+
+    def _drain(self) -> bool:
+        """Read what the kernel already holds straight into the pending payload. True when
+        the payload completed (events may be waiting); errors and EOF are left for the
+        transport's next read to find."""
+        sock = self._sock
+        conn = self._conn
+        if sock is None:
+            return False
+        while True:
+            target = conn.get_buffer()
+            if target is None:
+                return True
+            try:
+                n = sock.recv_into(target)
+            except OSError:  # BlockingIOError included: nothing more for now
+                return False
+            if n == 0:
+                return False
+            if conn.buffer_filled(n):
+                return True
 
     def eof_received(self) -> bool | None:
         self._conn.receive_eof()
@@ -108,6 +146,7 @@ class _Protocol(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_fast_path()
         self._client._connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -242,6 +281,7 @@ class NBDClient:
                 _check_soft_failure(ev)
 
     async def _starttls(self, tls: TLSConfig, uri: NBDURI) -> None:
+        self._protocol.stop_fast_path()  # bytes on the socket are TLS records from now on
         ev = await self._option(self._conn.send_starttls)
         if isinstance(ev, OptionFailed):
             # A client that wants TLS must not carry on in plain text.
