@@ -28,6 +28,10 @@ if _version_not_supported:
 class BitmapServiceStub:
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     def __init__(self, channel):
@@ -66,6 +70,10 @@ class BitmapServiceStub:
 class BitmapServiceServicer:
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     def ListExports(self, request, context):
@@ -101,7 +109,9 @@ class BitmapServiceServicer:
         early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
         repeat, by sending the same request again with `resume_token` set. The status of such an
         early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
-        `resume_token`). A stream that ends with OK covered the whole range.
+        `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
+        for clients that do not decode status details. A stream that ends with OK covered the
+        whole range.
 
         The gateway reads from NBD no faster than the client consumes the stream, with a bounded
         read-ahead, so memory per stream is bounded whatever the size of the export.
@@ -159,6 +169,10 @@ def add_BitmapServiceServicer_to_server(servicer, server):
 class BitmapService:
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     @staticmethod

@@ -50,6 +50,10 @@ GRPC_VERSION: str
 class BitmapServiceStub:
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     @_typing.overload
@@ -76,7 +80,9 @@ class BitmapServiceStub:
     early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
     repeat, by sending the same request again with `resume_token` set. The status of such an
     early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
-    `resume_token`). A stream that ends with OK covered the whole range.
+    `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
+    for clients that do not decode status details. A stream that ends with OK covered the
+    whole range.
 
     The gateway reads from NBD no faster than the client consumes the stream, with a bounded
     read-ahead, so memory per stream is bounded whatever the size of the export.
@@ -92,6 +98,10 @@ class BitmapServiceStub:
 class BitmapServiceAsyncStub(BitmapServiceStub):
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -115,7 +125,9 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
     repeat, by sending the same request again with `resume_token` set. The status of such an
     early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
-    `resume_token`). A stream that ends with OK covered the whole range.
+    `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
+    for clients that do not decode status details. A stream that ends with OK covered the
+    whole range.
 
     The gateway reads from NBD no faster than the client consumes the stream, with a bounded
     read-ahead, so memory per stream is bounded whatever the size of the export.
@@ -130,6 +142,10 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
 class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reads the extents of an export's NBD metadata contexts (allocation, dirty bitmaps) and
     acknowledges (clears) ranges of dirty bitmaps once a backup has copied them.
+
+    The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
+    process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
+    `exports/{export}` (that export's host is reachable); and server reflection.
     """
 
     @_abc_1.abstractmethod
@@ -175,7 +191,9 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
         repeat, by sending the same request again with `resume_token` set. The status of such an
         early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
-        `resume_token`). A stream that ends with OK covered the whole range.
+        `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
+        for clients that do not decode status details. A stream that ends with OK covered the
+        whole range.
 
         The gateway reads from NBD no faster than the client consumes the stream, with a bounded
         read-ahead, so memory per stream is bounded whatever the size of the export.

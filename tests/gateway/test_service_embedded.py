@@ -291,3 +291,23 @@ async def test_slow_reader_holds_back_the_gateway(tmp_path: Path, start_gateway)
     assert len(rest) == 64
     assert all(m.data == b"\x5a" * MiB for m in rest)
     assert not gw.gateway.backend.streams
+
+
+async def test_read_only_image(tmp_path: Path, start_gateway) -> None:
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_image_export("ro", make_image(tmp_path / "ro.img"), read_only=True)
+    gw = await start_gateway(config)
+    export = await gw.stub.GetExport(pb.GetExportRequest(name="ro"))
+    assert export.read_only and export.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+    bitmaps = await gw.stub.ListBitmaps(pb.ListBitmapsRequest(parent="ro"))
+    backup = next(b for b in bitmaps.bitmaps if b.context == "qemu:dirty-bitmap:backup")
+    assert backup.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+    assert "read-only" in backup.clear_unsupported_reason
+    err = await call_error(
+        gw.stub.ClearRange(pb.ClearRangeRequest(export="ro", bitmap="backup", offset=0, length=G))
+    )
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "READ_ONLY"
+    # Reading still works, and nothing was cleared.
+    got = await stream_all(gw.stub, export="ro", context="backup", filter=pb.EXTENT_FILTER_SET)
+    assert got.rows[0] == (0, 3 * G, 1, 0)
