@@ -906,11 +906,11 @@ class ClientConnection:
             elif magic == NBD_STRUCTURED_REPLY_MAGIC and structured and not extended:
                 head = yield from read_exact(wire.STRUCTURED_REPLY.size)
                 _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack(head)
-                yield from self._chunk(flags, rtype, cookie, length)
+                yield from self._chunk(flags, rtype, cookie, length, None)
             elif magic == NBD_EXTENDED_REPLY_MAGIC and extended:
                 head = yield from read_exact(wire.EXTENDED_REPLY.size)
-                _, flags, rtype, cookie, _offset, length = wire.EXTENDED_REPLY.unpack(head)
-                yield from self._chunk(flags, rtype, cookie, length)
+                _, flags, rtype, cookie, offset, length = wire.EXTENDED_REPLY.unpack(head)
+                yield from self._chunk(flags, rtype, cookie, length, offset)
             else:
                 mode = "extended" if extended else "structured" if structured else "simple"
                 raise ServerProtocolError(f"bad reply magic {magic:#x} ({mode} replies)")
@@ -960,7 +960,7 @@ class ClientConnection:
             self._events.append(Reply(req.cookie, req.command, req.error))
 
     def _chunk(
-        self, flags: int, rtype: int, cookie: int, length: int
+        self, flags: int, rtype: int, cookie: int, length: int, header_offset: int | None
     ) -> Generator[None, None, None]:
         req = self._lookup(cookie)
         req.chunks += 1
@@ -1004,6 +1004,12 @@ class ClientConnection:
                 raise ServerProtocolError(
                     f"{ReplyType(rtype).name} chunk while extended headers are "
                     f"{'on' if self.extended_headers else 'off'}"
+                )
+            if header_offset is not None and header_offset != req.offset:
+                # Extended headers echo the request offset, where the extents start.
+                raise ServerProtocolError(
+                    f"block status extents start at {header_offset}, not at the request "
+                    f"offset {req.offset}"
                 )
             limit = MAX_EXTENDED_STATUS_CHUNK if extended else MAX_COMPACT_STATUS_CHUNK
             if length > limit:

@@ -759,3 +759,21 @@ def test_every_call_in_every_state(state: ClientState, call: str) -> None:
         with pytest.raises(UsageError):
             CALLS[call](conn)
         assert conn.state is state and joined(conn) == b""
+
+
+def test_extended_block_status_must_start_at_the_request_offset() -> None:
+    conn = negotiated(extended=True, contexts={"base:allocation": 0})
+    cookie = conn.send_block_status(4096, 8192)
+    payload = wire.encode_block_status(0, [(8192, 0)], True)
+    header = wire.encode_chunk_header(
+        NBD_REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS_EXT, cookie, len(payload), True, 0
+    )
+    with pytest.raises(ServerProtocolError, match="not at the request offset 4096"):
+        conn.receive_data(header + payload)
+    conn = negotiated(extended=True, contexts={"base:allocation": 0})
+    cookie = conn.send_block_status(4096, 8192)
+    header = wire.encode_chunk_header(
+        NBD_REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS_EXT, cookie, len(payload), True, 4096
+    )
+    conn.receive_data(header + payload)
+    assert only_reply(conn).extents is not None
