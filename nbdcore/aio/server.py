@@ -707,6 +707,17 @@ class _Connection:
                     self.export = self.server._find(event.export.name)
                     if self.export is None:  # removed between lookup and now
                         raise ClientProtocolError("export was removed during the handshake")
+                    log.info(
+                        "%s: export %r, %s, contexts %s",
+                        self._peer,
+                        event.export.name,
+                        "extended headers"
+                        if event.extended_headers
+                        else "structured replies"
+                        if event.structured_replies
+                        else "simple replies",
+                        sorted(event.meta_contexts.values()),
+                    )
                 elif isinstance(event, StartTLS):
                     await self._start_tls()
                 elif isinstance(event, Disconnect):

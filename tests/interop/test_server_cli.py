@@ -3,6 +3,8 @@ server (the BLOCK_STATUS filter payload, which no qemu tool sends)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 from nbdcore.aio.client import NBDClient
 from nbdcore.aio.server import ExportConfig, NBDServer
 from nbdcore.storage.image import Image
-from tests.peers import ROOT, tool
+from tests.peers import ROOT, qemu10, tool
 
 pytestmark = pytest.mark.interop
 
@@ -109,3 +111,38 @@ async def test_nbdcore_client_filter_and_commands(tmp_path: Path, extended: bool
             assert dirty == [(MiB, 128 * 1024), (3 * MiB, 128 * 1024), (5 * MiB, MiB + 65536)]
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "10"])
+async def test_qemu_negotiates_what_it_can(
+    tmp_path: Path, qemu: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """qemu 10 gets extended headers from us, qemu 7.2 structured replies; both map the
+    bitmap the same way."""
+
+    img = Image.memory(4 * MiB)
+    img.add_bitmap("b0")
+    img.write(b"q" * 10, 2 * MiB)
+    path = str(tmp_path / "s")
+    qemu_img = qemu10("qemu-img") if qemu == "10" else tool("qemu-img")
+    caplog.set_level("INFO", logger="nbdcore.server")
+    async with NBDServer([ExportConfig("disk", img)]) as srv:
+        await srv.start_unix(path)
+        proc = await asyncio.create_subprocess_exec(
+            qemu_img,
+            "map",
+            "--output=json",
+            "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={path},export=disk,"
+            "x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    dirty = [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
+    assert dirty == [(2 * MiB, 65536)]
+    expected = "extended headers" if qemu == "10" else "structured replies"
+    assert any(
+        expected in r.getMessage() and "qemu:dirty-bitmap:b0" in r.getMessage()
+        for r in caplog.records
+    )
