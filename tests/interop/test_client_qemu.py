@@ -434,3 +434,37 @@ async def test_qemu10_writes_with_extended_headers(tmp_path: Path) -> None:
         assert img.read_bytes()[MiB + 4096 : 4 * MiB] == payload[4096:]
     finally:
         srv.stop()
+
+
+async def test_tls_on_a_unix_socket_checks_the_chain(qcow2: Path, tmp_path: Path) -> None:
+    make_pki(tmp_path / "pki")
+    make_pki(tmp_path / "other", cn="some other CA")
+    sock = str(tmp_path / "tls.sock")
+    srv = Server(
+        [tool("qemu-nbd"), "-r", "-t", "-e", "4", "-f", "qcow2",
+         "--object", f"tls-creds-x509,id=tls0,dir={tmp_path / 'pki'},endpoint=server",
+         "--tls-creds", "tls0", "-k", sock, str(qcow2)],
+        sock=sock,
+    )  # fmt: skip
+    try:
+        # No host name to match on a unix socket: the chain alone is verified, as libnbd does.
+        uri = f"nbds+unix:///?socket={sock}&tls-certificates={tmp_path / 'pki'}"
+        async with await NBDClient.connect(uri) as client:
+            assert await client.pread(0, 4) == b"\x11" * 4
+        wrong = f"nbds+unix:///?socket={sock}&tls-certificates={tmp_path / 'other'}"
+        with pytest.raises(HandshakeError, match="certificate verify failed"):
+            await NBDClient.connect(wrong, timeout=10)
+        # Our client certificate, but a CA that did not sign the server's: refused, unless
+        # tls-verify-peer=false.
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        for name, src in (("ca-cert.pem", "other"), ("client-cert.pem", "pki"),
+                          ("client-key.pem", "pki")):  # fmt: skip
+            (mixed / name).write_bytes((tmp_path / src / name).read_bytes())
+        mixed_uri = f"nbds+unix:///?socket={sock}&tls-certificates={mixed}"
+        with pytest.raises(HandshakeError, match="certificate verify failed"):
+            await NBDClient.connect(mixed_uri, timeout=10)
+        async with await NBDClient.connect(mixed_uri + "&tls-verify-peer=false") as client:
+            assert await client.pread(0, 4) == b"\x11" * 4
+    finally:
+        srv.stop()
