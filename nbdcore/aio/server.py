@@ -419,6 +419,8 @@ class _SocketChannel:
             while queue and not self.broken:
                 items = list(islice(queue, _IOV_MAX))
                 sent, done = self._push(items)
+                if self.broken:  # _break emptied the queue
+                    break
                 for _ in range(done):
                     self.queued -= len(queue.popleft())
                 if sent:
@@ -476,9 +478,11 @@ class _SocketChannel:
 
     async def close(self) -> None:
         self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-        self.sock.close()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        finally:
+            self.sock.close()
 
     async def start_tls(self, ctx: ssl.SSLContext, pending: list[Payload]) -> _TLSChannel:
         """Hand the socket to an asyncio TLS transport, sending ``pending`` (the STARTTLS ACK)

@@ -394,3 +394,28 @@ async def test_close_does_not_wait_forever_for_a_stalled_client(tmp_path: Path) 
     await asyncio.wait_for(srv.close(), 60)  # a hang guard, not a timing assertion
     assert srv.connections == 0
     stalled.writer.close()
+
+
+async def test_client_vanishing_mid_reply(
+    server: tuple[NBDServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replies to a client that hung up are dropped quietly: no error logged, nothing leaks."""
+    srv, path = server
+    for _ in range(3):
+        gone = await Raw.open(path)
+        await gone.handshake()
+        for i in range(100):
+            gone.request(Cmd.READ, 0, 1 << 20, cookie=i)
+        gone.request(Cmd.WRITE, 2 * MiB, 4, cookie=999, payload=b"abcd")
+        await gone.writer.drain()
+        gone.writer.transport.abort()
+    for _ in range(500):
+        if srv.connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert srv.connections == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    good = await Raw.open(path)
+    await good.handshake()
+    await good.read_ok()
+    await good.close()
