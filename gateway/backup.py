@@ -7,14 +7,16 @@ their bytes) and leaves the rest a hole; ``--full`` writes every allocated range
 Crash safety rests on one ordering, per checkpoint (a few MiB of stream at most):
 
 1. the data of every range up to ``next_offset`` is written and fsync'd;
-2. with ``--clear``, those dirty ranges are cleared in the bitmap (ClearRange);
-3. the sidecar state file (``OUTPUT.nbdgw-backup.json``) is replaced atomically with the new
-   ``next_offset``.
+2. the sidecar state file (``OUTPUT.nbdgw-backup.json``) is replaced atomically with the new
+   ``next_offset`` and, with ``--clear``, the dirty runs behind it that are still to clear;
+3. with ``--clear``, those runs are cleared in the bitmap (ClearRange), read again and the
+   output fixed where they changed since they were copied (see ``_Backup._recheck``), fsync'd;
+4. the state file is replaced again, without those runs.
 
-A crash between 1 and 2 leaves the range dirty: the resumed run copies it again (harmless). A
-crash between 2 and 3 leaves the range clean but the resumed run still starts before it: the
-stream reports it clean, the bytes already on disk stay, and nothing is lost. Only a range that
-is on disk is ever cleared.
+A crash before 2 leaves the range dirty: the resumed run copies it again (harmless). A crash
+after 2 leaves the runs in the state file: the resumed run clears and rechecks them first. Only
+a range that is on disk is ever cleared, and a write racing the backup is either in the output
+or still dirty in the bitmap.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,6 +87,8 @@ class BackupState:
     complete: bool = False
     bytes_written: int = 0
     bytes_cleared: int = 0
+    bytes_rechecked: int = 0  # re-read after clearing (see _Backup._recheck)
+    bytes_rewritten: int = 0  # of which had changed since they were copied
     started: float = field(default_factory=time.time)
     updated: float = 0.0
     version: int = STATE_VERSION
@@ -168,6 +172,31 @@ class OutputImage:
             view = view[n:]
             offset += n
 
+    def update(self, data: memoryview | None, offset: int, length: int) -> int:
+        """Make ``[offset, offset+length)`` hold ``data`` (None: zeroes) if it does not yet;
+        returns the number of bytes that had to change."""
+        if data is not None:  # at most one message's data (1 MiB)
+            if os.pread(self.fd, length, offset) == data:
+                return 0
+            self.write(data, offset)
+            return length
+        if self._is_hole(offset, length):
+            return 0
+        pos, end = offset, offset + length
+        while pos < end:  # zero ranges can be huge: compare in bounded pieces
+            n = min(_ZERO_CHUNK, end - pos)
+            if os.pread(self.fd, n, pos).count(0) != n:
+                self.zero(offset, length)
+                return length
+            pos += n
+        return 0
+
+    def _is_hole(self, offset: int, length: int) -> bool:
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data after offset at all
+
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` read as zeroes, as a hole when possible.
 
@@ -175,12 +204,8 @@ class OutputImage:
         is done. Data can be there after a resume (the source changed since the first run).
         """
         end = offset + length
-        try:
-            if os.lseek(self.fd, offset, os.SEEK_DATA) >= end:
-                return
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after offset at all
-                return
+        if self._is_hole(offset, length):
+            return
         if self._fallocate is not None:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
             if self._fallocate(self.fd, mode, offset, length) == 0:
@@ -254,6 +279,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue the interrupted backup recorded in OUTPUT.nbdgw-backup.json",
     )
     p.add_argument(
+        "--no-recheck",
+        dest="recheck",
+        action="store_false",
+        help="with --clear, do not read the cleared ranges again (only safe when nothing "
+        "writes to the disk during the backup)",
+    )
+    p.add_argument(
         "--checkpoint",
         type=parse_size,
         default=32 << 20,
@@ -283,6 +315,17 @@ async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
             return bitmaps
 
 
+_RECHECK_GAP = 1 << 20
+
+
+def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[start, end)`` inside the sorted ``runs``, as ``(lo, hi)``."""
+    for offset, length in runs:
+        lo, hi = max(offset, start), min(offset + length, end)
+        if lo < hi:
+            yield lo, hi
+
+
 def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
     if runs and runs[-1][0] + runs[-1][1] == offset:
         runs[-1][1] += length
@@ -306,18 +349,26 @@ class _Backup:
         self.last_sync = time.monotonic()
         self.copied = 0
         self.on_retry: Callable[[str], None] | None = None
+        self.recheck = True
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
-        """fsync, then clear what is on disk, then record the new position (see the module
-        docstring for why this order)."""
+        """fsync; record the new position with the runs still to clear; clear them; recheck
+        them; record that they are done (see the module docstring for why this order)."""
         self.out.sync()
         state = self.state
-        if state.clear:
-            keep: list[list[int]] = []
+        state.next_offset = next_offset
+        state.complete = final and not self.dirty
+        to_clear: list[list[int]] = []
+        keep: list[list[int]] = []
+        if state.clear and self.dirty:
+            to_clear = list(self.dirty)
             # A run that reaches the checkpoint may continue in the next message.
-            if not final and self.dirty and sum(self.dirty[-1]) == next_offset:
-                keep.append(self.dirty.pop())
-            for offset, length in self.dirty:
+            if not final and sum(to_clear[-1]) == next_offset:
+                keep = [to_clear.pop()]
+        state.pending_clear = [list(r) for r in to_clear + keep]
+        state.save(self.spath)
+        if to_clear:
+            for offset, length in to_clear:
                 resp = await self.gw.stub.ClearRange(
                     pb.ClearRangeRequest(
                         export=state.export, bitmap=state.context, offset=offset, length=length
@@ -326,13 +377,55 @@ class _Backup:
                     timeout=self.gw.timeout,
                 )
                 state.bytes_cleared += resp.cleared_bytes
+            if self.recheck:
+                await self._recheck(to_clear)
+                self.out.sync()
             self.dirty = keep
-        state.pending_clear = [list(r) for r in self.dirty]
-        state.next_offset = next_offset
-        state.complete = final
-        state.save(self.spath)
+            state.pending_clear = [list(r) for r in keep]
+            state.complete = final
+            state.save(self.spath)
         self.unsynced = 0
         self.last_sync = time.monotonic()
+
+    async def _recheck(self, runs: list[list[int]]) -> None:
+        """Read the runs just cleared again and fix the output where they changed.
+
+        A write that lands after a range was read but before it was cleared would otherwise be
+        lost: the clear erases its dirty bit and the backup holds the older bytes. Every write
+        marks the bitmap again after its data is written, so a write whose mark the clear
+        erased is complete, and this read, which starts after the clear, sees its bytes.
+        """
+        state = self.state
+        groups: list[list[list[int]]] = []
+        for run in runs:  # neighbouring runs share one stream
+            if groups and run[0] - sum(groups[-1][-1]) <= _RECHECK_GAP:
+                groups[-1].append(run)
+            else:
+                groups.append([run])
+        for group in groups:
+            start, end = group[0][0], sum(group[-1])
+            request = pb.StreamExtentsRequest(
+                export=state.export,
+                context=state.context,
+                offset=start,
+                length=end - start,
+                filter=pb.EXTENT_FILTER_ALL,
+                include_data=True,
+            )
+            async for msg in stream_extents(
+                self.gw, request, retries=self._retries, on_retry=self.on_retry
+            ):
+                data = memoryview(msg.data)
+                pos = 0
+                for offset, length, _flags, allocation in iter_rows(msg):
+                    chunk = None
+                    if allocation == pb.ALLOCATION_DATA:
+                        chunk = data[pos : pos + length]
+                        pos += length
+                    for lo, hi in _intersections(group, offset, offset + length):
+                        piece = None if chunk is None else chunk[lo - offset : hi - offset]
+                        state.bytes_rechecked += hi - lo
+                        state.bytes_rewritten += self.out.update(piece, lo, hi - lo)
 
     async def run(self, progress: Progress) -> None:
         state = self.state
@@ -434,6 +527,7 @@ async def run(args: argparse.Namespace) -> int:
             backup = _Backup(gw, state, spath, out, args.checkpoint)
             backup._retries = args.retries
             backup.on_retry = warn(args)
+            backup.recheck = args.recheck
             progress = Progress(size)
             try:
                 await backup.run(progress)

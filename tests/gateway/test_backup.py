@@ -3,6 +3,7 @@ a backup killed at a random point resumes exactly, and with --clear the bitmap e
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -14,12 +15,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.backup import BackupState, Progress, state_path
+from nbdcore.aio.client import NBDClient
 from tests.gateway.cli_support import (
     ENV,
+    GRANULARITY,
     EmbeddedDisk,
     GatewayProcess,
     MiB,
@@ -121,9 +125,9 @@ def test_full_backup_from_qemu_nbd(
     assert out.stat().st_blocks * 512 < disk.size // 2  # sparse: holes stay holes
 
 
-def run_and_kill(args: list[str], spath: Path, threshold: int, size: int) -> int:
+def run_and_kill(args: list[str], spath: Path, threshold: int, size: int) -> dict[str, Any]:
     """Start ``nbdgw ARGS`` and SIGKILL it once its recorded progress passes ``threshold``;
-    returns the recorded offset at the time of the kill."""
+    returns the state recorded at the time of the kill."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", *args],
         stdout=subprocess.DEVNULL,
@@ -144,7 +148,7 @@ def run_and_kill(args: list[str], spath: Path, threshold: int, size: int) -> int
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 assert not state["complete"] and state["next_offset"] < size
-                return int(state["next_offset"])
+                return state
             time.sleep(0.002)
         raise AssertionError("the backup made no progress")
     finally:
@@ -168,13 +172,18 @@ def test_killed_backup_with_clear_resumes_and_leaves_bitmap_clean(
     args += ["--checkpoint", "64k"]
     rng = random.Random(seed)
     threshold = rng.randrange(dirty[1][0], dirty[-2][0])
-    killed_at = run_and_kill(args, state_path(out), threshold, disk.size)
+    killed = run_and_kill(args, state_path(out), threshold, disk.size)
+    killed_at = killed["next_offset"]
     assert killed_at >= threshold
 
-    # Some of the bitmap is clear now, but only what is behind the recorded progress.
+    # Some of the bitmap is clear now, but only what is behind the recorded progress: what is
+    # still dirty lies ahead of it, or is recorded as still to clear.
     left = dirty_map(gw.target, "disk", "backup")
     assert left and left != dirty
-    assert all(off + n > killed_at - 64 * 1024 for off, n in left)
+    pending = [(o, o + n) for o, n in killed["pending_clear"]]
+    for off, n in left:
+        if off + n <= killed_at:
+            assert any(lo <= off and off + n <= hi for lo, hi in pending), (off, n, pending)
 
     again = cli("backup", "disk", "--bitmap", "backup", str(out), "--target", gw.target)
     assert_one_line_error(again, 1)  # exists: a fresh backup must not overwrite it
@@ -186,6 +195,7 @@ def test_killed_backup_with_clear_resumes_and_leaves_bitmap_clean(
     state = BackupState.load(state_path(out))
     assert state.complete and state.clear and state.pending_clear == []
     assert state.bytes_cleared >= sum(n for o, n in dirty if o >= killed_at)
+    assert state.bytes_rechecked > 0 and state.bytes_rewritten == 0  # nothing wrote meanwhile
     # Resuming a complete backup is a no-op.
     done = cli(*args, "--resume")
     assert done.returncode == 0 and "already complete" in done.stderr
@@ -294,3 +304,47 @@ def test_backup_survives_a_gateway_restart(tmp_path: Path) -> None:
     # The stream really was cut, and resumed where it stopped.
     assert "stream interrupted at " in stderr and "UNAVAILABLE" in stderr, stderr
     check_incremental(out, bytes(disk.content), granules(disk.dirty, disk.size))
+
+
+def test_writes_racing_a_clearing_backup_are_never_lost(tmp_path: Path) -> None:
+    """A writer hammers the export while ``backup --clear`` runs. Afterwards every granule that
+    was dirty or written is either dirty again in the bitmap or holds its current bytes in the
+    backup: a write that lands between the copy and the clear is caught by the recheck."""
+    disk = make_embedded_disk(tmp_path / "disk.img")
+    dirty_before = granules(disk.dirty, disk.size)
+    written: set[int] = set()
+    with GatewayProcess("--image", f"disk={disk.path}", data_dir=tmp_path / "data") as gw:
+        out = tmp_path / "inc.img"
+        cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--clear", "--target", gw.target]
+        backup = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *cmd, "--checkpoint", "256k"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+
+        async def writer() -> None:
+            rng = random.Random(5)
+            targets = [g for o, n in dirty_before for g in range(o, o + n, GRANULARITY)]
+            async with await NBDClient.connect(gw.nbd_uri("disk")) as client:
+                while backup.poll() is None:
+                    granule = rng.choice(targets)
+                    offset = granule + rng.randrange(0, GRANULARITY, 4096)
+                    await client.pwrite(rng.randbytes(4096), offset)
+                    written.add(granule)
+                    await asyncio.sleep(0.001)
+
+        asyncio.run(writer())
+        _, stderr = backup.communicate(timeout=60)
+        assert backup.returncode == 0, stderr
+        still_dirty = dirty_map(gw.target, "disk", "backup")
+        state = BackupState.load(state_path(out))
+    assert written and state.complete
+    current = disk.path.read_bytes()
+    backed_up = out.read_bytes()
+    dirty_now = {g for o, n in still_dirty for g in range(o, o + n, GRANULARITY)}
+    changed = {g for o, n in dirty_before for g in range(o, o + n, GRANULARITY)} | written
+    for g in sorted(changed - dirty_now):
+        end = g + GRANULARITY
+        assert backed_up[g:end] == current[g:end], f"granule at {g} lost a write"
