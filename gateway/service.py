@@ -632,47 +632,50 @@ class _ExtentStream:
         if self.shutdown.is_set():
             raise errors.shutting_down()
         async with self.pool.connection(contexts) as client:
-            if plan.context not in client.meta_contexts:
-                offered = await self._offered()
-                raise errors.bitmap_not_found(plan.export, plan.context, offered)
-            self.range_end = _check_range(plan.offset, plan.length, client.size)
-            start = plan.start(self.range_end)
-            self.sent_offset = start
-            self.started = True
-            have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
-            columns = [c for c in contexts if c in client.meta_contexts]
-            msg = _Message(start)
-            if start < self.range_end:
-                # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
-                # settable attribute where NBDClient has a property (same value).
-                batches: AsyncGenerator[Any, None] = iter_extents(  # type: ignore[assignment]
-                    cast(Any, client),
-                    columns,
-                    start,
-                    self.range_end - start,
-                    max_extents=plan.max_extents,
-                )
-                try:
-                    async for batch in _until(batches, self.shutdown):
-                        if self.shutdown.is_set():
-                            break
-                        flags = batch.flags[0]
-                        if plan.merge_allocation:
-                            alloc = (
-                                batch.flags[-1] if have_alloc else array("Q", bytes(8 * len(flags)))
-                            )
-                            kinds = array("B", bytes(map(_KIND.__getitem__, map(_MASK, alloc))))
-                            lengths, (flags, kinds) = merge_runs(batch.lengths, (flags, kinds))
-                        else:
-                            lengths, kinds = batch.lengths, None
-                        msg = await self._shape(client, msg, batch.offset, lengths, flags, kinds)
-                finally:
-                    await batches.aclose()
-                if self.shutdown.is_set():
-                    raise errors.shutting_down()
-            if len(msg) or msg.end > msg.offset or self.messages == 0:
-                msg.end = self.range_end
-                await self._send(client, msg)
+            if plan.context in client.meta_contexts:
+                await self._stream(client, contexts)
+                return
+        # Listed after the lease is returned: listing takes a lease of its own.
+        raise errors.bitmap_not_found(plan.export, plan.context, await self._offered())
+
+    async def _stream(self, client: NBDClient, contexts: list[str]) -> None:
+        plan = self.plan
+        self.range_end = _check_range(plan.offset, plan.length, client.size)
+        start = plan.start(self.range_end)
+        self.sent_offset = start
+        self.started = True
+        have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
+        columns = [c for c in contexts if c in client.meta_contexts]
+        msg = _Message(start)
+        if start < self.range_end:
+            # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
+            # settable attribute where NBDClient has a property (same value).
+            batches: AsyncGenerator[Any, None] = iter_extents(  # type: ignore[assignment]
+                cast(Any, client),
+                columns,
+                start,
+                self.range_end - start,
+                max_extents=plan.max_extents,
+            )
+            try:
+                async for batch in _until(batches, self.shutdown):
+                    if self.shutdown.is_set():
+                        break
+                    flags = batch.flags[0]
+                    if plan.merge_allocation:
+                        alloc = batch.flags[-1] if have_alloc else array("Q", bytes(8 * len(flags)))
+                        kinds = array("B", bytes(map(_KIND.__getitem__, map(_MASK, alloc))))
+                        lengths, (flags, kinds) = merge_runs(batch.lengths, (flags, kinds))
+                    else:
+                        lengths, kinds = batch.lengths, None
+                    msg = await self._shape(client, msg, batch.offset, lengths, flags, kinds)
+            finally:
+                await batches.aclose()
+            if self.shutdown.is_set():
+                raise errors.shutting_down()
+        if len(msg) or msg.end > msg.offset or self.messages == 0:
+            msg.end = self.range_end
+            await self._send(client, msg)
 
     async def _offered(self) -> list[str]:
         try:
