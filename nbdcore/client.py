@@ -309,7 +309,10 @@ class ClientConnection:
         self._error: ServerProtocolError | None = None
         self._pending: _PendingOption | None = None
         self._requests: dict[int, _Request] = {}
-        self.reads_in_flight = 0  # lets the I/O layer size its reads (see get_buffer)
+        # Hints that let the I/O layer size its reads: READ requests in flight, and how many
+        # more bytes the message being parsed needs (0: at a message boundary).
+        self.reads_in_flight = 0
+        self.bytes_wanted = 0
         self._next_cookie = 1
         self._parser: Generator[None, None, None] = self._parse_greeting()
         next(self._parser)
@@ -438,8 +441,11 @@ class ClientConnection:
     # --- readers used by the parser generators -----------------------------------------------
 
     def _read_exact(self, n: int) -> Generator[None, None, bytes]:
-        while len(self._buf) < n:
-            yield
+        if len(self._buf) < n:
+            self.bytes_wanted = n - len(self._buf)
+            while len(self._buf) < n:
+                yield
+            self.bytes_wanted = 0
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data

@@ -95,12 +95,13 @@ class _Protocol(asyncio.BufferedProtocol):
             self._sock = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        target = self._conn.get_buffer()
+        conn = self._conn
+        target = conn.get_buffer()
         if target is not None:
             self._direct = True
             return target
         self._direct = False
-        if self._conn.reads_in_flight:
+        if conn.reads_in_flight and conn.bytes_wanted < _HEADER_READ:
             # Next comes a reply header, likely followed by READ data that belongs in the
             # caller's buffer: read little, so the data is not copied twice.
             return self._scratch[:_HEADER_READ]
