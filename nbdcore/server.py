@@ -457,7 +457,10 @@ class ServerConnection:
         self._out.append(wire.encode_option_reply(option, rtype, payload))
 
     def _error(self, option: int, rtype: Rep, message: str) -> None:
-        self._reply(option, rtype, message.encode("utf-8")[:NBD_MAX_STRING])
+        # Cut at the limit without splitting a UTF-8 sequence (names in messages are the
+        # client's own, and may be long).
+        text = message.encode("utf-8")[:NBD_MAX_STRING].decode("utf-8", "ignore")
+        self._reply(option, rtype, text.encode("utf-8"))
 
     # --- internals: parsing -------------------------------------------------------------------
 

@@ -198,6 +198,12 @@ class NBDServer:
     def add_export(self, export: ExportConfig) -> None:
         if export.name in self._exports:
             raise UsageError(f"export {export.name!r} already exists")
+        try:
+            # Both go on the wire as NBD strings: UTF-8, no NUL, at most 4096 bytes.
+            wire.encode_string(export.name)
+            wire.encode_string(export.description)
+        except wire.WireError as exc:
+            raise UsageError(f"export {export.name[:64]!r}: {exc}") from None
         if export.bitmaps is not None:
             missing = [b for b in export.bitmaps if b not in export.image.bitmaps]
             if missing:

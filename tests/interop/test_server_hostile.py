@@ -25,6 +25,7 @@ from nbdcore.constants import (
     Rep,
     ReplyType,
 )
+from nbdcore.exceptions import UsageError
 from nbdcore.storage.image import Image
 from tests.peers import tool
 
@@ -419,3 +420,12 @@ async def test_client_vanishing_mid_reply(
     await good.handshake()
     await good.read_ok()
     await good.close()
+
+
+def test_export_names_must_be_nbd_strings() -> None:
+    img = Image.memory(MiB)
+    for name in ("x" * 4097, "a\0b"):
+        with pytest.raises(UsageError):
+            NBDServer([ExportConfig(name, img)])
+    with pytest.raises(UsageError):
+        NBDServer([ExportConfig("ok", img, bitmaps=["missing"])])
