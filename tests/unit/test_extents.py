@@ -470,3 +470,29 @@ def test_merge_contexts_dense_and_sparse(data: st.DataObject) -> None:
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     got = list(zip(starts, lengths, zip(*columns, strict=True), strict=True))
     assert got == model_rows(contexts, 0, size)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_contexts_into_dense_blocks(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense path with many blocks of rows (a small block size stands in for 4096):
+    sparse boundaries inside rows, on row boundaries, several in one row."""
+    from nbdcore import extents
+
+    monkeypatch.setattr(extents, "_LOCATE_BLOCK", 1 + seed % 7)
+    rnd = random.Random(seed)
+    dense = [(rnd.randint(1, 9), i % 2) for i in range(rnd.randint(40, 120))]
+    size = sum(n for n, _ in dense)
+    sparse = []
+    for _ in range(rnd.randint(1, 2)):
+        cuts = sorted(rnd.sample(range(1, size), rnd.randint(0, 4)))
+        edges = [0, *cuts, size]
+        sparse.append([(b - a, rnd.randint(0, 3)) for a, b in itertools.pairwise(edges)])
+    contexts = [dense, *sparse] if seed % 2 else [*sparse, dense]
+    normal = [
+        merge_runs(array("Q", [n for n, _ in e]), (array("Q", [f for _, f in e]),))
+        for e in contexts
+    ]
+    lengths, columns = merge_contexts([(t[0], t[1][0]) for t in normal])
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    got = list(zip(starts, lengths, zip(*columns, strict=True), strict=True))
+    assert got == model_rows(contexts, 0, size)
