@@ -862,7 +862,10 @@ class _Connection:
             if req.length:
                 await self._in_worker(_zero, image, req.offset, req.length, not no_hole, fua)
         elif cmd == Cmd.CACHE:
-            pass  # advisory; the page cache is shared, so there is nothing useful to do
+            # Advisory: ask the kernel to read ahead; a memory image has nothing to do.
+            fd = getattr(image.disk, "fd", None)
+            if fd is not None and req.length and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, req.offset, req.length, os.POSIX_FADV_WILLNEED)
         elif cmd == Cmd.BLOCK_STATUS:
             args = (
                 image,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nbdcore.storage.image import Image
-from tests.peers import ROOT, qemu10, tool
+from tests.peers import LIBNBD_PYTHONPATH, ROOT, qemu10, tool
 
 pytestmark = pytest.mark.interop
 
@@ -217,3 +217,47 @@ def test_read_only_export(tmp_path: Path, image: Path) -> None:
         assert b"write failed" in proc.stdout + proc.stderr or proc.returncode != 0
     finally:
         srv.stop()
+
+
+def test_libnbd_commands(served: Served) -> None:
+    """nbdsh (python3-libnbd) drives every command, with the flags libnbd checks itself."""
+    script = "\n".join(
+        [
+            "import nbd",
+            "assert h.can_cache() and h.can_fast_zero() and h.can_multi_conn() and h.can_df()",
+            "h.cache(65536, 0)",
+            "h.pwrite(b'\\x99' * 8192, 6 * 1024 * 1024, nbd.CMD_FLAG_FUA)",
+            "assert h.pread(8192, 6 * 1024 * 1024) == b'\\x99' * 8192",
+            "h.zero(65536, 7 * 1024 * 1024, nbd.CMD_FLAG_FAST_ZERO)",
+            "try:",
+            "    h.zero(65536, 7 * 1024 * 1024, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)",
+            "    raise SystemExit('fast zero without holes should fail')",
+            "except nbd.Error as e:",
+            "    assert e.errno == 'ENOTSUP', e",
+            "h.trim(4096, 6 * 1024 * 1024)",
+            "h.flush()",
+            "assert h.pread(65536, 7 * 1024 * 1024) == bytes(65536)",
+            "try:",
+            "    h.pread(2, h.get_size() - 1)",
+            "    raise SystemExit('read past the end should fail')",
+            "except nbd.Error as e:",
+            "    assert e.errno == 'EINVAL', e",
+            "print('ok')",
+        ]
+    )
+    env = dict(os.environ, PYTHONPATH=LIBNBD_PYTHONPATH)
+    proc = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import nbd, sys; h = nbd.NBD(); "
+            f"h.connect_uri({served.uri!r}); exec(sys.stdin.read())",
+        ],
+        input=script.encode(),
+        capture_output=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == b"ok", proc.stderr
+    assert (6 * MiB, 64 * KiB) in dirty_runs(served.uri, "fresh")
+    assert (7 * MiB, 64 * KiB) in dirty_runs(served.uri, "fresh")
