@@ -341,6 +341,11 @@ def _merge_into_dense(tables: Sequence[tuple[array[int], array[int]]], dense: in
     total, located = _locate(lengths, targets)
     if any(ends[-1] != total for ends in sparse_ends):
         raise UsageError("merge_contexts: contexts cover different lengths")
+    if not targets:  # no boundary inside the dense rows: its columns are the result
+        return lengths, tuple(
+            flags if k == dense else array(f.typecode, [f[0]]) * len(lengths)
+            for k, (_, f) in enumerate(tables)
+        )
     merged = array("Q")
     column = array(flags.typecode)
     rows_before: dict[int, int] = {}  # cut position -> merged rows that end at or before it
@@ -380,8 +385,10 @@ def _merge_into_dense(tables: Sequence[tuple[array[int], array[int]]], dense: in
         ends = next(sparse)
         stops = [rows_before[x] for x in ends[:-1]]
         stops.append(count)
-        counts = map(operator.sub, stops, [0, *stops[:-1]])
-        columns.append(array(sflags.typecode, chain.from_iterable(map(repeat, sflags, counts))))
+        col = array(sflags.typecode)
+        for f, n in zip(sflags, map(operator.sub, stops, [0, *stops[:-1]]), strict=True):
+            col += array(sflags.typecode, [f]) * n  # few rows: a memset-like repeat each
+        columns.append(col)
     return merged, tuple(columns)
 
 
