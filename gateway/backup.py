@@ -34,11 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+
 from gateway.commands import (
     CommandError,
     CommandFailed,
     Gateway,
     connect,
+    describe_rpc_error,
     full_context_name,
     iter_rows,
     parse_size,
@@ -531,6 +534,11 @@ async def run(args: argparse.Namespace) -> int:
             progress = Progress(size)
             try:
                 await backup.run(progress)
+            except grpc.aio.AioRpcError as exc:
+                raise BackupError(
+                    f"{describe_rpc_error(exc)}; the progress up to {state.next_offset} is "
+                    "saved: run the same command with --resume to continue"
+                ) from None
             finally:
                 progress.done()
         finally:

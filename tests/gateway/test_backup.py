@@ -256,9 +256,11 @@ def test_progress_bar_only_on_a_terminal() -> None:
     assert "50.0%" in tty.getvalue() and tty.getvalue().endswith("\n")
 
 
-def test_backup_survives_a_gateway_restart(tmp_path: Path) -> None:
-    """The gateway stops (SIGTERM) mid-backup and comes back on the same address: the backup
-    resumes its stream from the resume token, with no gap and no repeat."""
+@pytest.mark.parametrize("retries", [8, 0])
+def test_backup_across_a_gateway_restart(tmp_path: Path, retries: int) -> None:
+    """The gateway stops (SIGTERM) mid-backup and comes back on the same address. With
+    retries, the backup resumes its stream from the resume token, with no gap and no repeat;
+    without, it fails with one line that says how to continue, and --resume does."""
     disk = make_embedded_disk(tmp_path / "disk.img")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -270,8 +272,9 @@ def test_backup_survives_a_gateway_restart(tmp_path: Path) -> None:
     out = tmp_path / "inc.img"
     spath = state_path(out)
     cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--target", first.target]
+    cmd += ["--checkpoint", "64k", "--retries", str(retries)]
     backup = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *cmd, "--checkpoint", "64k", "--retries", "8"],
+        [sys.executable, "-m", "gateway", *cmd],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -290,10 +293,22 @@ def test_backup_survives_a_gateway_restart(tmp_path: Path) -> None:
                 pass
             time.sleep(0.002)
         first.stop()  # SIGTERM: open streams end with their resume position
-        assert backup.poll() is None, "the backup ended with the gateway"
-        second.start()
-        stdout, stderr = backup.communicate(timeout=60)
-        assert backup.returncode == 0, stderr
+        if retries:
+            assert backup.poll() is None, "the backup ended with the gateway"
+            second.start()
+            stdout, stderr = backup.communicate(timeout=60)
+            assert backup.returncode == 0, stderr
+            # The stream really was cut, and resumed where it stopped.
+            assert "stream interrupted at " in stderr and "UNAVAILABLE" in stderr, stderr
+        else:
+            stdout, stderr = backup.communicate(timeout=60)
+            failed = subprocess.CompletedProcess(cmd, backup.returncode, stdout, stderr)
+            line = assert_one_line_error(failed, 1)
+            assert "UNAVAILABLE" in line and "--resume" in line
+            second.start()
+            resumed = cli(*cmd, "--resume")
+            assert resumed.returncode == 0, resumed.stderr
+            stdout = resumed.stdout
     finally:
         if backup.poll() is None:
             backup.kill()
@@ -301,8 +316,6 @@ def test_backup_survives_a_gateway_restart(tmp_path: Path) -> None:
         first.stop()
         second.stop()
     assert "complete" in stdout
-    # The stream really was cut, and resumed where it stopped.
-    assert "stream interrupted at " in stderr and "UNAVAILABLE" in stderr, stderr
     check_incremental(out, bytes(disk.content), granules(disk.dirty, disk.size))
 
 
