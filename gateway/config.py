@@ -10,6 +10,7 @@ Precedence: flags > environment > file > defaults. The TOML file::
     [[hosts]]                       # optional: named NBD hosts, with TLS options
     name = "qemu1"
     uri = "nbds://10.0.0.5:10809"
+    max_connections = 4             # at most what the host accepts (qemu-nbd -e 4)
     tls_ca_file = "/etc/nbdgw/ca.pem"
     tls_cert_file = "/etc/nbdgw/client.pem"
     tls_key_file = "/etc/nbdgw/client.key"
@@ -59,6 +60,9 @@ class HostConfig:
     name: str
     uri: NBDURI | None  # None for the embedded host
     tls: TLSConfig | None = None
+    # Connections the gateway may hold open to it (None: GatewayConfig's default). Must not
+    # exceed what the host accepts (qemu-nbd -e N, default 1).
+    max_connections: int | None = None
 
     @property
     def label(self) -> str:
@@ -195,7 +199,7 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 _TOP_KEYS = {"listen", "grace_period", "reflection", "data_dir", "hosts", "exports"}
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
-_HOST_KEYS = {"name", "uri"} | _TLS_KEYS
+_HOST_KEYS = {"name", "uri", "max_connections"} | _TLS_KEYS
 _EXPORT_KEYS = {"name", "uri", "host", "nbd_export", "image", "description", "read_only"}
 
 
@@ -244,7 +248,10 @@ def apply_table(
         except URIError as exc:
             raise ConfigError(f"{here}: {exc}") from exc
         tls = _tls_from(host, here) or (TLSConfig.from_uri(uri) if uri.tls else None)
-        config.hosts[name] = HostConfig(name, uri, tls)
+        limit = host.get("max_connections")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"{here}: max_connections must be a positive integer")
+        config.hosts[name] = HostConfig(name, uri, tls, limit)
     for i, export in enumerate(data.get("exports", [])):
         here = f"{where}: exports[{i}]"
         _check_keys(export, _EXPORT_KEYS, here)

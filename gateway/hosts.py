@@ -65,7 +65,13 @@ class Host:
         self.last_error = ""
         self.exports: list[str] = []  # nbd export names, for probing
         self._on_change = on_change
-        self._leases = asyncio.Semaphore(settings.max_connections_per_host)
+        # Leases bound the connections in use; _open counts every open connection (in use,
+        # idle, or closing), which must stay within the host's own limit: qemu-nbd accepts
+        # only `-e N` clients and leaves the next one waiting, it does not refuse it.
+        self.max_connections = config.max_connections or settings.max_connections_per_host
+        self._leases = asyncio.Semaphore(self.max_connections)
+        self._open = 0
+        self._slot_freed = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
         self._next_attempt = 0.0  # monotonic time of the next probe while down
         self._closed = False
@@ -88,27 +94,76 @@ class Host:
         )
 
     async def connect(self, nbd_export: str, contexts: Sequence[str]) -> NBDClient:
-        return await NBDClient.connect(
-            self.uri_for(nbd_export),
-            meta_contexts=contexts,
-            tls=self.config.tls,
-            timeout=self.settings.connect_timeout,
-        )
+        """A new connection, counted against the host's limit (close it with :meth:`discard`)."""
+        await self._reserve()
+        try:
+            return await NBDClient.connect(
+                self.uri_for(nbd_export),
+                meta_contexts=contexts,
+                tls=self.config.tls,
+                timeout=self.settings.connect_timeout,
+            )
+        except BaseException:
+            self._release()
+            raise
+
+    async def _reserve(self) -> None:
+        """Wait for room for one more connection, closing an idle one if that makes room."""
+        while self._open >= self.max_connections:
+            victim = self._pop_idle()
+            if victim is not None:
+                await self._close(victim)
+                continue
+            # Every slot is in use or closing: a lease ends or a close completes soon.
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._open += 1  # no await since the check: nobody took the slot meanwhile
+
+    def _release(self) -> None:
+        self._open -= 1
+        self._slot_freed.set()
+
+    def _pop_idle(self) -> NBDClient | None:
+        for pool in self.pools:
+            client = pool.pop_idle()
+            if client is not None:
+                return client
+        return None
+
+    async def _close(self, client: NBDClient) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), timeout=5)
+        finally:
+            self._release()
+
+    def discard(self, client: NBDClient) -> None:
+        """Close a connection in the background (the caller may be unwinding a cancellation)."""
+        task = asyncio.get_running_loop().create_task(self._close(client))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     async def list_contexts(self, nbd_export: str) -> list[str]:
         async with self._leases:
+            await self._reserve()
             try:
-                found = await list_meta_contexts(self.uri_for(nbd_export), tls=self.config.tls)
-            except UsageError:
-                # No structured replies (nbd-server, nbdkit --no-sr): no metadata contexts.
-                return []
-            if not found:
-                # Zero queries means "all contexts" only if the server chooses so (spec: MAY);
-                # ask by namespace for the ones the gateway knows about.
-                found = await list_meta_contexts(
-                    self.uri_for(nbd_export), queries=["base:", "qemu:"], tls=self.config.tls
-                )
-            return list(dict.fromkeys(found))
+                return await self._list_contexts(nbd_export)
+            finally:
+                self._release()
+
+    async def _list_contexts(self, nbd_export: str) -> list[str]:
+        try:
+            found = await list_meta_contexts(self.uri_for(nbd_export), tls=self.config.tls)
+        except UsageError:
+            # No structured replies (nbd-server, nbdkit --no-sr): no metadata contexts.
+            return []
+        if not found:
+            # Zero queries means "all contexts" only if the server chooses so (spec: MAY);
+            # ask by namespace for the ones the gateway knows about.
+            found = await list_meta_contexts(
+                self.uri_for(nbd_export), queries=["base:", "qemu:"], tls=self.config.tls
+            )
+        return list(dict.fromkeys(found))
 
     def report_failure(self, exc: BaseException) -> None:
         """A connection to this host failed: drop idle connections and start probing."""
@@ -144,7 +199,7 @@ class Host:
         client = await asyncio.wait_for(
             self.connect(export, ()), timeout=self.settings.connect_timeout
         )
-        await client.close()
+        await self._close(client)
 
     async def _probe_loop(self) -> None:
         delay = self.settings.backoff_initial
@@ -209,14 +264,20 @@ class ExportPool:
         idle, self._idle = self._idle, {}
         for clients in idle.values():
             for client in clients:
-                _close_soon(client)
+                self.host.discard(client)
+
+    def pop_idle(self) -> NBDClient | None:
+        """Any idle connection (the host needs room for another)."""
+        for clients in self._idle.values():
+            if clients:
+                return clients.pop(0)  # the oldest
+        return None
 
     async def close(self) -> None:
         idle, self._idle = self._idle, {}
         for clients in idle.values():
             for client in clients:
-                with contextlib.suppress(Exception):
-                    await client.close()
+                await self.host._close(client)
 
     @contextlib.asynccontextmanager
     async def connection(
@@ -236,7 +297,7 @@ class ExportPool:
             while idle and not fresh and client is None:
                 client = idle.pop()
                 if client.closed:  # the host hung up while it was idle
-                    _close_soon(client)
+                    self.host.discard(client)
                     client = None
             if client is None:
                 try:
@@ -249,12 +310,12 @@ class ExportPool:
                 yield client
             except BaseException as exc:
                 self.host.report_failure(exc)
-                _close_soon(client)
+                self.host.discard(client)
                 raise
             if len(self._idle.setdefault(key, [])) < self.host.settings.max_idle_per_export:
                 self._idle[key].append(client)
             else:
-                _close_soon(client)
+                self.host.discard(client)
 
     async def run(self, contexts: Sequence[str], fn: Callable[[NBDClient], Awaitable[T]]) -> T:
         """Run ``fn`` on a leased connection; if a *reused* connection turns out dead, run it
@@ -279,18 +340,6 @@ class ExportPool:
             block_size=client.block_size,
             read_only=client.read_only,
         )
-
-
-def _close_soon(client: NBDClient) -> None:
-    """Close a connection in the background: the caller may be unwinding a cancellation."""
-
-    async def close() -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(), timeout=5)
-
-    task = asyncio.get_running_loop().create_task(close())
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()

@@ -90,6 +90,14 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="time open calls get on SIGTERM ($NBDGW_GRACE_PERIOD, default 5)",
     )
     p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=_env("MAX_CONNECTIONS"),
+        help="connections the gateway may hold to each NBD host; at most what the host accepts"
+        " (qemu-nbd -e N) ($NBDGW_MAX_CONNECTIONS, default 16)",
+    )
+    p.add_argument(
         "--no-reflection", action="store_true", help="do not serve gRPC server reflection"
     )
     tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
@@ -121,6 +129,10 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         config.data_dir = Path(args.data_dir)
     if args.grace_period is not None:
         config.grace_period = float(args.grace_period)
+    if args.max_connections is not None:
+        if int(args.max_connections) < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        config.max_connections_per_host = int(args.max_connections)
     if args.no_reflection:
         config.reflection = False
     tls = None

@@ -265,7 +265,10 @@ def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> QemuDisk:
 class QemuNBD:
     """A read-only qemu-nbd serving a qcow2 disk with its bitmaps, on a unix socket."""
 
-    def __init__(self, binary: str, disk: QemuDisk, socket: Path, export: str = "disk") -> None:
+    def __init__(
+        self, binary: str, disk: QemuDisk, socket: Path, export: str = "disk", clients: int = 16
+    ) -> None:
+        self.clients = clients
         self.binary = binary
         self.disk = disk
         self.socket = socket
@@ -283,7 +286,7 @@ class QemuNBD:
                 "-r",
                 "-t",
                 "-e",
-                "16",
+                str(self.clients),
                 "-f",
                 "qcow2",
                 "-x",

@@ -278,3 +278,35 @@ async def test_list_bitmaps_and_clear_refused(qemu_nbd: QemuNBD, start_gateway) 
     assert nbdinfo_map(qemu_nbd.uri, "qemu:dirty-bitmap:b0")[0][2] == 0
     still = await stream_all(gw.stub, export="vm", context="b0", filter=pb.EXTENT_FILTER_SET)
     assert still.rows[0][0] == QEMU_B0_DATA[0][0]
+
+
+async def test_host_that_accepts_one_client(
+    qemu_disk: QemuDisk, tmp_path: Path, start_gateway
+) -> None:
+    """qemu-nbd -e 1 keeps a second client waiting: the gateway must never hold two."""
+    host = QemuNBD(tool("qemu-nbd"), qemu_disk, tmp_path / "one.sock", clients=1).start()
+    try:
+        # nbdinfo is a client too: ask it first, while the gateway holds no connection.
+        expected = nbdinfo_map(host.uri, "qemu:dirty-bitmap:b0")
+        expected_b1 = nbdinfo_map(host.uri, "qemu:dirty-bitmap:b1")
+        config = config_for(("vm", host.uri))
+        config.max_connections_per_host = 1
+        gw = await start_gateway(config)
+        async with asyncio.timeout(60):
+            export = await gw.stub.GetExport(pb.GetExportRequest(name="vm"))
+            assert export.size_bytes == qemu_disk.size
+            listed = await gw.stub.ListBitmaps(pb.ListBitmapsRequest(parent="vm"))
+            assert "qemu:dirty-bitmap:b0" in [b.context for b in listed.bitmaps]
+            plain, merged_alloc, other = await asyncio.gather(
+                stream_all(gw.stub, export="vm", context="b0"),
+                stream_all(gw.stub, export="vm", context="b0", merge_allocation=True),
+                stream_all(gw.stub, export="vm", context="b1"),
+            )
+            assert merged(plain.rows) == expected
+            assert sum(n for _, n, _, _ in merged_alloc.rows) == qemu_disk.size
+            assert merged(other.rows) == expected_b1
+            listed = await gw.stub.ListExports(pb.ListExportsRequest())
+            assert listed.exports[0].state == pb.EXPORT_STATE_AVAILABLE
+        assert gw.gateway.hosts[gw.gateway.pools["vm"].host.name]._open <= 1
+    finally:
+        host.stop()
