@@ -103,8 +103,18 @@ class Host:
                 tls=self.config.tls,
                 timeout=self.settings.connect_timeout,
             )
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            if isinstance(exc, TimeoutError) and self._open > 0:
+                # The usual cause: a host that accepts fewer clients than we hold open
+                # leaves the next one waiting (qemu-nbd's default is -e 1).
+                log.warning(
+                    "host %s: connection timed out while %d others are open; does it accept"
+                    " fewer clients than max_connections=%d (qemu-nbd -e)?",
+                    self.name,
+                    self._open,
+                    self.max_connections,
+                )
             raise
 
     async def _reserve(self) -> None:

@@ -5,6 +5,9 @@ Exports come from ``--config FILE`` (TOML, see :mod:`gateway.config`), ``--expor
 ``NBDGW_*`` environment variables (the defaults of the flags). With none configured, a sample
 64 MiB disk with a dirty bitmap ``backup`` is created in ``--data-dir`` and served by the embedded
 host, so that ``nbdgw serve`` alone gives something to try.
+
+NBD hosts must stay up between clients and accept as many clients as the gateway may open:
+run qemu-nbd with ``-t -e N`` and give the gateway ``--max-connections N`` (or less).
 """
 
 from __future__ import annotations
