@@ -144,7 +144,8 @@ def export_record(info: ExportInfo, uri: str) -> dict[str, Any]:
     if info.description:
         rec["description"] = info.description
     rec["uri"] = uri
-    rec["contexts"] = list(info.meta_contexts)
+    if info.meta_contexts:  # nbdinfo leaves the key out when there are none
+        rec["contexts"] = list(info.meta_contexts)
     flags = int(info.flags)
     for name, test in _SHOWN_FLAGS:
         rec[name] = test(flags)
@@ -168,7 +169,7 @@ def format_list_text(records: Iterable[dict[str, Any]]) -> str:
             text, human = human_size(rec["export-size"])
             out.append(f"\texport-size: {rec['export-size']}" + (f" ({text})" if human else ""))
         out.append(f"\turi: {rec['uri']}")
-        if rec["contexts"]:
+        if "contexts" in rec:
             out.append("\tcontexts:")
             out += [f"\t\t{c}" for c in rec["contexts"]]
         for key, value in rec.items():
@@ -453,6 +454,9 @@ async def _block_aligned(runs: Any, block: int, size: int) -> Any:
         yield done, size - done, True
 
 
+SPARSE_UNIT = 65536  # zero detection granularity of copies into regular files
+
+
 class _Writer:
     """Writes the copy: sparse into a regular file (zero runs and all-zero reads are skipped:
     the file was truncated, so they are holes already), in full at each offset into anything
@@ -469,7 +473,9 @@ class _Writer:
     def write(self, offset: int, length: int, data: bytes | None) -> None:
         if data is not None and len(data) != length:
             raise UsageError(f"short read at {offset}: {len(data)} of {length} bytes")
-        if self.sparse and (data is None or _all_zero(data)):
+        if self.sparse:
+            if data is not None:
+                self._put_sparse(memoryview(data), offset)
             return
         if data is not None:
             self._put(memoryview(data), offset)
@@ -481,6 +487,22 @@ class _Writer:
             offset += n
             length -= n
 
+    def _put_sparse(self, view: memoryview, offset: int) -> None:
+        """Write the data but leave out all-zero pieces of ``SPARSE_UNIT`` bytes, which stay
+        holes (a server without base:allocation sends its holes as zeroes)."""
+        unit = SPARSE_UNIT
+        zeroes = self._ZEROES
+        start = -1  # start of the current run of non-zero pieces
+        for i in range(0, len(view), unit):
+            if zeroes.startswith(view[i : i + unit]):  # memcmp, no copy
+                if start >= 0:
+                    self._put(view[start:i], offset + start)
+                    start = -1
+            elif start < 0:
+                start = i
+        if start >= 0:
+            self._put(view[start:], offset + start)
+
     def _put(self, view: memoryview, offset: int) -> None:
         while view:
             n = os.write(self.fd, view) if self.sequential else os.pwrite(self.fd, view, offset)
@@ -490,16 +512,6 @@ class _Writer:
     def finish(self, size: int) -> None:
         if self.sparse:
             os.ftruncate(self.fd, size)
-
-
-def _all_zero(data: bytes) -> bool:
-    zeroes = _Writer._ZEROES
-    view = memoryview(data)
-    for i in range(0, len(view), len(zeroes)):
-        part = view[i : i + len(zeroes)]
-        if part != zeroes[: len(part)]:
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
