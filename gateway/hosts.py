@@ -222,7 +222,7 @@ class Host:
                 if not errors.is_connection_failure(exc):
                     break  # it answered: up (the RPC gets the real error)
                 self.last_error = str(exc) or type(exc).__name__
-                # Full jitter keeps many gateways from reconnecting in lockstep.
+                # Jitter (half to all of the delay) keeps gateways from reconnecting in step.
                 wait = delay * (0.5 + random.random() / 2)
                 self._next_attempt = time.monotonic() + wait
                 await self._set_up(False)
