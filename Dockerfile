@@ -33,15 +33,19 @@ RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then \
     fi \
     && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
-    && pip install --no-compile -r /tmp/requirements.txt "setuptools>=69" wheel
+    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+        > /tmp/build-requirements.txt \
+    && pip install --no-compile -r /tmp/requirements.txt \
+    && pip install --no-compile --target /opt/build-tools -r /tmp/build-requirements.txt
 COPY nbdcore ./nbdcore
 COPY gateway ./gateway
 COPY nbdgw ./nbdgw
-# No build isolation: setuptools is already here, and an isolated build would fetch it again
-# without the CA bundle. Then drop the build tools, and compile once: the read-only root
-# filesystem could not hold .pyc files later.
-RUN pip install --no-compile --no-deps --no-build-isolation . \
-    && pip uninstall -q -y setuptools wheel pip \
+# No build isolation: the build tools wait outside the venv (so none of them, nor their
+# dependencies, reach the runtime), and an isolated build would fetch them again without the
+# CA bundle. Then drop pip and the setuptools that ensurepip put in the venv, and compile once:
+# the read-only root filesystem could not hold .pyc files later.
+RUN PYTHONPATH=/opt/build-tools pip install --no-compile --no-deps --no-build-isolation . \
+    && pip uninstall -q -y setuptools pip \
     && python3 -m compileall -q -j 0 /opt/nbdgw/lib
 
 # --- runtime ---------------------------------------------------------------------------------
