@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from nbdcore.constants import Errno, Rep
 from nbdcore.exceptions import (
@@ -391,10 +391,3 @@ def from_exception(
     if isinstance(exc, NBDError):
         return internal(f"export {export!r}: {exc}")
     return internal(f"export {export!r}: unexpected {type(exc).__name__}: {exc}")
-
-
-def grpc_code_number(code: grpc.StatusCode) -> int:
-    """The numeric code (as in ``google.rpc.Code``)."""
-    number: int = code.value[0]
-    assert code_pb2.Code.Name(number)  # every grpc.StatusCode is a google.rpc.Code
-    return number

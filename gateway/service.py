@@ -212,9 +212,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
     async def _unary(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
-        pool: ExportPool | None,
         body: Callable[[], Awaitable[T]],
+        pool: Callable[[], ExportPool | None] = lambda: None,
     ) -> T:
+        """Run ``body``; abort with the status of whatever it raises (``pool()``: the export
+        it was working on, for the message)."""
         try:
             return await body()
         except GatewayError as err:
@@ -222,7 +224,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         except Exception as exc:
             if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure")
-            await _abort(context, _map(exc, pool))
+            await _abort(context, _map(exc, pool()))
         raise AssertionError("abort returned")  # pragma: no cover
 
     def _export_message(self, pool: ExportPool, snap: ExportSnapshot | None) -> pb.Export:
@@ -314,7 +316,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             token = encode_page("exports", end) if end < len(names) else ""
             return pb.ListExportsResponse(exports=exports, next_page_token=token)
 
-        return await self._unary(context, None, body)
+        return await self._unary(context, body)
 
     async def GetExport(
         self, request: pb.GetExportRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -326,7 +328,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             pool = self.backend.pool(export_id(request.name, "name"))
             return self._export_message(pool, await self._snapshot(pool))
 
-        return await self._unary(context, pool, body)
+        return await self._unary(context, body, lambda: pool)
 
     async def ListBitmaps(
         self, request: pb.ListBitmapsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -373,7 +375,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             token = encode_page(scope, end) if end < len(contexts) else ""
             return pb.ListBitmapsResponse(bitmaps=bitmaps, next_page_token=token)
 
-        return await self._unary(context, pool, body)
+        return await self._unary(context, body, lambda: pool)
 
     async def ClearRange(
         self, request: pb.ClearRangeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -423,7 +425,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 granularity_bytes=image.bitmaps[short].granularity,
             )
 
-        return await self._unary(context, pool, body)
+        return await self._unary(context, body, lambda: pool)
 
     # Writes with context.write (so it can end with a status after messages), not by yielding.
     async def StreamExtents(  # type: ignore[override]

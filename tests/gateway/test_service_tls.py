@@ -112,3 +112,4 @@ async def test_wrong_ca_and_plaintext_fail_clearly(
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.info.reason == "NBD_OPTION_FAILED"
     assert err.info.metadata["nbd_reply"] == "ERR_TLS_REQD"
+    assert err.info.metadata["host"] == "secure" and "NBD host secure" in err.message
