@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import signal
@@ -131,6 +132,37 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- backups ---------------------------------------------------------------------------------
+
+
+def dirty_map(target: str, export: str, bitmap: str) -> list[tuple[int, int]]:
+    out = cli("extents", export, "--bitmap", bitmap, "--dirty", "--json", "--target", target)
+    assert out.returncode == 0, out.stderr
+    return [(e["offset"], e["length"]) for e in json.loads(out.stdout)]
+
+
+def is_hole(path: Path, offset: int, length: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError:  # ENXIO: no data after offset
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_incremental(output: Path, source: bytes, dirty: list[tuple[int, int]]) -> None:
+    """The dirty ranges hold the source's bytes, everything else reads as zeroes."""
+    data = output.read_bytes()
+    assert len(data) == len(source)
+    pos = 0
+    for off, length in dirty:
+        assert data[pos:off].count(0) == off - pos, f"clean range {pos}-{off} was written"
+        assert data[off : off + length] == source[off : off + length], f"dirty {off}+{length}"
+        pos = off + length
+    assert data[pos:].count(0) == len(data) - pos
 
 
 # --- the embedded host: an nbdcore Image with a bitmap ------------------------------------------

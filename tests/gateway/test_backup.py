@@ -3,13 +3,10 @@ a backup killed at a random point resumes exactly, and with --clear the bitmap e
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +17,19 @@ from typing import Any
 import pytest
 
 from gateway.backup import BackupState, Progress, state_path
-from nbdcore.aio.client import NBDClient
 from tests.gateway.cli_support import (
     ENV,
-    GRANULARITY,
     EmbeddedDisk,
     GatewayProcess,
     MiB,
     QemuDisk,
     QemuNBD,
     assert_one_line_error,
+    check_incremental,
     cli,
+    dirty_map,
     granules,
+    is_hole,
     make_embedded_disk,
     make_qemu_disk,
     run,
@@ -60,34 +58,6 @@ def embedded_gateway(tmp_path: Path) -> Iterator[tuple[GatewayProcess, EmbeddedD
     disk = make_embedded_disk(tmp_path / "disk.img")
     with GatewayProcess("--image", f"disk={disk.path}", data_dir=tmp_path / "data") as gw:
         yield gw, disk
-
-
-def dirty_map(target: str, export: str, bitmap: str) -> list[tuple[int, int]]:
-    out = cli("extents", export, "--bitmap", bitmap, "--dirty", "--json", "--target", target)
-    assert out.returncode == 0, out.stderr
-    return [(e["offset"], e["length"]) for e in json.loads(out.stdout)]
-
-
-def is_hole(path: Path, offset: int, length: int) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError:  # ENXIO: no data after offset
-        return True
-    finally:
-        os.close(fd)
-
-
-def check_incremental(output: Path, source: bytes, dirty: list[tuple[int, int]]) -> None:
-    """The dirty ranges hold the source's bytes, everything else reads as zeroes."""
-    data = output.read_bytes()
-    assert len(data) == len(source)
-    pos = 0
-    for off, length in dirty:
-        assert data[pos:off].count(0) == off - pos, f"clean range {pos}-{off} was written"
-        assert data[off : off + length] == source[off : off + length], f"dirty {off}+{length}"
-        pos = off + length
-    assert data[pos:].count(0) == len(data) - pos
 
 
 def test_incremental_backup_from_qemu_nbd(
@@ -254,110 +224,3 @@ def test_progress_bar_only_on_a_terminal() -> None:
         progress.done()
     assert pipe.getvalue() == ""
     assert "50.0%" in tty.getvalue() and tty.getvalue().endswith("\n")
-
-
-@pytest.mark.parametrize("retries", [8, 0])
-def test_backup_across_a_gateway_restart(tmp_path: Path, retries: int) -> None:
-    """The gateway stops (SIGTERM) mid-backup and comes back on the same address. With
-    retries, the backup resumes its stream from the resume token, with no gap and no repeat;
-    without, it fails with one line that says how to continue, and --resume does."""
-    disk = make_embedded_disk(tmp_path / "disk.img")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = ["--image", f"disk={disk.path}", "--grace-period", "1"]
-    first = GatewayProcess(*args, data_dir=tmp_path / "data")
-    first.args[2] = f"127.0.0.1:{port}"  # --listen: the same address both times
-    first.start()
-    out = tmp_path / "inc.img"
-    spath = state_path(out)
-    cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--target", first.target]
-    cmd += ["--checkpoint", "64k", "--retries", str(retries)]
-    backup = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    second = GatewayProcess(*args, data_dir=tmp_path / "data")
-    second.args[2] = first.args[2]
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert backup.poll() is None, backup.communicate()
-            try:
-                if json.loads(spath.read_text())["next_offset"] >= 9 * MiB:
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.002)
-        first.stop()  # SIGTERM: open streams end with their resume position
-        if retries:
-            assert backup.poll() is None, "the backup ended with the gateway"
-            second.start()
-            stdout, stderr = backup.communicate(timeout=60)
-            assert backup.returncode == 0, stderr
-            # The stream really was cut, and resumed where it stopped.
-            assert "stream interrupted at " in stderr and "UNAVAILABLE" in stderr, stderr
-        else:
-            stdout, stderr = backup.communicate(timeout=60)
-            failed = subprocess.CompletedProcess(cmd, backup.returncode, stdout, stderr)
-            line = assert_one_line_error(failed, 1)
-            assert "UNAVAILABLE" in line and "--resume" in line
-            second.start()
-            resumed = cli(*cmd, "--resume")
-            assert resumed.returncode == 0, resumed.stderr
-            stdout = resumed.stdout
-    finally:
-        if backup.poll() is None:
-            backup.kill()
-            backup.communicate()
-        first.stop()
-        second.stop()
-    assert "complete" in stdout
-    check_incremental(out, bytes(disk.content), granules(disk.dirty, disk.size))
-
-
-def test_writes_racing_a_clearing_backup_are_never_lost(tmp_path: Path) -> None:
-    """A writer hammers the export while ``backup --clear`` runs. Afterwards every granule that
-    was dirty or written is either dirty again in the bitmap or holds its current bytes in the
-    backup: a write that lands between the copy and the clear is caught by the recheck."""
-    disk = make_embedded_disk(tmp_path / "disk.img")
-    dirty_before = granules(disk.dirty, disk.size)
-    written: set[int] = set()
-    with GatewayProcess("--image", f"disk={disk.path}", data_dir=tmp_path / "data") as gw:
-        out = tmp_path / "inc.img"
-        cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--clear", "--target", gw.target]
-        backup = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *cmd, "--checkpoint", "256k"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-
-        async def writer() -> None:
-            rng = random.Random(5)
-            targets = [g for o, n in dirty_before for g in range(o, o + n, GRANULARITY)]
-            async with await NBDClient.connect(gw.nbd_uri("disk")) as client:
-                while backup.poll() is None:
-                    granule = rng.choice(targets)
-                    offset = granule + rng.randrange(0, GRANULARITY, 4096)
-                    await client.pwrite(rng.randbytes(4096), offset)
-                    written.add(granule)
-                    await asyncio.sleep(0.001)
-
-        asyncio.run(writer())
-        _, stderr = backup.communicate(timeout=60)
-        assert backup.returncode == 0, stderr
-        still_dirty = dirty_map(gw.target, "disk", "backup")
-        state = BackupState.load(state_path(out))
-    assert written and state.complete
-    current = disk.path.read_bytes()
-    backed_up = out.read_bytes()
-    dirty_now = {g for o, n in still_dirty for g in range(o, o + n, GRANULARITY)}
-    changed = {g for o, n in dirty_before for g in range(o, o + n, GRANULARITY)} | written
-    for g in sorted(changed - dirty_now):
-        end = g + GRANULARITY
-        assert backed_up[g:end] == current[g:end], f"granule at {g} lost a write"
