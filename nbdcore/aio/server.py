@@ -187,6 +187,7 @@ class NBDServer:
         self.tls_required = tls_required
         self.limits = limits or ServerLimits()
         self._exports: dict[str, _Export] = {}
+        self._retired: list[_Export] = []
         self._listeners: list[tuple[socket.socket, asyncio.Task[None], str | None]] = []
         self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._closing = False
@@ -216,7 +217,7 @@ class NBDServer:
             export = self._exports.pop(name)
         except KeyError:
             raise UsageError(f"no export named {name!r}") from None
-        export.worker.shutdown(wait=False)
+        self._retired.append(export)  # its worker thread still serves connected clients
 
     @property
     def exports(self) -> list[str]:
@@ -318,8 +319,9 @@ class NBDServer:
             conn.stop()
         if self._connections:
             await asyncio.gather(*self._connections.values(), return_exceptions=True)
-        for export in self._exports.values():
+        for export in [*self._exports.values(), *self._retired]:
             export.worker.shutdown(wait=True)
+        self._retired.clear()
 
     async def __aenter__(self) -> NBDServer:
         return self

@@ -429,3 +429,21 @@ def test_export_names_must_be_nbd_strings() -> None:
             NBDServer([ExportConfig(name, img)])
     with pytest.raises(UsageError):
         NBDServer([ExportConfig("ok", img, bitmaps=["missing"])])
+
+
+async def test_removed_export_keeps_serving_connected_clients(tmp_path: Path) -> None:
+    img = Image.memory(MiB)
+    srv = NBDServer([ExportConfig("disk", img)])
+    path = str(tmp_path / "s")
+    await srv.start_unix(path)
+    try:
+        raw = await Raw.open(path)
+        await raw.handshake()
+        srv.remove_export("disk")
+        raw.request(Cmd.WRITE, 0, 3, cookie=1, payload=b"abc")
+        assert await raw.reply() == (1, 0, b"")
+        raw.request(Cmd.READ, 0, 3, cookie=2)
+        assert await raw.reply() == (2, 0, b"abc")
+        await raw.close()
+    finally:
+        await srv.close()
