@@ -177,6 +177,16 @@ function checkContiguous(messages, start) {
   return expected.toString();
 }
 
+const failures = [];
+
+// An error the API promises: its code and its ErrorInfo reason.
+function expectError(seen, code, reason) {
+  const info = (seen.details || []).find((d) => d.type === "google.rpc.ErrorInfo");
+  if (seen.code !== code) failures.push(`expected code ${code}, got ${JSON.stringify(seen)}`);
+  else if (!info || info.value.reason !== reason)
+    failures.push(`expected ErrorInfo reason ${reason}, got ${JSON.stringify(seen.details)}`);
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const pkg = grpc.loadPackageDefinition(
@@ -254,12 +264,15 @@ async function main() {
     } catch (err) {
       result.not_found = describeError(err);
     }
+    expectError(result.not_found, grpc.status.NOT_FOUND, "EXPORT_NOT_FOUND");
     try {
       await stream(client, { ...base, offset: "18446744073709551615" }, md);
       result.out_of_range = { unexpected: "a stream past the end succeeded" };
     } catch (err) {
       result.out_of_range = describeError(err);
     }
+    expectError(result.out_of_range, grpc.status.OUT_OF_RANGE, "RANGE_PAST_END");
+    if (failures.length) throw new Error(failures.join("; "));
 
     if (args.clear) {
       const firstDirty = result.dirty_with_data.rows[0];
