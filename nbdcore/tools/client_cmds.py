@@ -379,7 +379,8 @@ async def copy_cmd(args: argparse.Namespace) -> int:
                 while len(pending) > limit or (pending and _ready(pending[0][2])):
                     offset, length, fut = pending.popleft()
                     data = await fut if fut is not None else None
-                    writer.write(offset, length, data)
+                    # In a thread: reads keep arriving while the page cache takes the data.
+                    await asyncio.to_thread(writer.write, offset, length, data)
                     progress.advance(length)
 
             plan = _block_aligned(_copy_plan(client, iter_extents), block, size)
