@@ -310,3 +310,25 @@ async def test_host_that_accepts_one_client(
         assert gw.gateway.hosts[gw.gateway.pools["vm"].host.name]._open <= 1
     finally:
         host.stop()
+
+
+async def test_host_down_at_start_comes_up_later(
+    qemu_disk: QemuDisk, tmp_path: Path, start_gateway
+) -> None:
+    host = QemuNBD(tool("qemu-nbd"), qemu_disk, tmp_path / "late.sock")
+    gw = await start_gateway(config_for(("vm", host.uri)))
+    try:
+        err = await call_error(gw.stub.GetExport(pb.GetExportRequest(name="vm")))
+        assert err.code == grpc.StatusCode.UNAVAILABLE
+        assert err.info.reason == "HOST_UNAVAILABLE"
+        assert "late.sock" in err.info.metadata["cause"]
+        await wait_health(gw.channel, "exports/vm", health_pb2.HealthCheckResponse.NOT_SERVING)
+        host.start()
+        await wait_health(gw.channel, "exports/vm", health_pb2.HealthCheckResponse.SERVING)
+        await wait_health(
+            gw.channel, "nbdgw.v1.BitmapService", health_pb2.HealthCheckResponse.SERVING
+        )
+        got = await stream_all(gw.stub, export="vm", context="b0")
+        assert merged(got.rows) == nbdinfo_map(host.uri, "qemu:dirty-bitmap:b0")
+    finally:
+        host.stop()
