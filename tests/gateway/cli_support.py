@@ -265,7 +265,8 @@ def make_qemu_disk(directory: Path, size: int = 32 * MiB) -> QemuDisk:
 
 
 class QemuNBD:
-    """A read-only qemu-nbd serving a qcow2 disk with bitmaps b0 and b1 on a unix socket."""
+    """A read-only qemu-nbd serving a qcow2 disk with bitmaps b0 and b1 (and, with ``-A``,
+    qemu:allocation-depth) on a unix socket."""
 
     def __init__(self, disk: QemuDisk, socket: Path, export: str = "disk") -> None:
         self.disk = disk
@@ -278,7 +279,7 @@ class QemuNBD:
         return f"nbd+unix:///{self.export}?socket={self.socket}"
 
     def start(self) -> QemuNBD:
-        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-f", "qcow2", "-x", self.export]
+        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-A", "-f", "qcow2", "-x", self.export]
         cmd += ["-B", "b0", "-B", "b1", "-k", str(self.socket), str(self.disk.path)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         nbdinfo = tool("nbdinfo")

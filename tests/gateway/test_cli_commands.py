@@ -57,7 +57,8 @@ def nbdinfo(uri: str, context: str, *, json_output: bool) -> str:
 
 @pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
 @pytest.mark.parametrize(
-    "context", ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1", "base:allocation"]
+    "context",
+    ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1", "base:allocation", "qemu:allocation-depth"],
 )
 def test_extents_identical_to_nbdinfo_on_qemu_nbd(
     qemu_gateway: tuple[GatewayProcess, QemuNBD], context: str, json_output: bool
@@ -110,7 +111,12 @@ def test_exports_and_bitmaps(qemu_gateway: tuple[GatewayProcess, QemuNBD]) -> No
 
     out = cli("bitmaps", "vm", "--target", gw.target, "--json", check=True).stdout
     contexts = {b["context"]: b for b in json.loads(out)}
-    assert set(contexts) == {"base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"}
+    assert set(contexts) == {
+        "base:allocation",
+        "qemu:allocation-depth",
+        "qemu:dirty-bitmap:b0",
+        "qemu:dirty-bitmap:b1",
+    }
     text = cli("bitmaps", "vm", "--target", gw.target, check=True).stdout
     assert "qemu:dirty-bitmap:b1" in text and "dirty-bitmap" in text
 
