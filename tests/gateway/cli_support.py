@@ -268,7 +268,10 @@ class QemuNBD:
     """A read-only qemu-nbd serving a qcow2 disk with bitmaps b0 and b1 (and, with ``-A``,
     qemu:allocation-depth) on a unix socket."""
 
-    def __init__(self, disk: QemuDisk, socket: Path, export: str = "disk") -> None:
+    def __init__(
+        self, disk: QemuDisk, socket: Path, export: str = "disk", binary: str | None = None
+    ) -> None:
+        self.binary = binary
         self.disk = disk
         self.socket = socket
         self.export = export
@@ -279,7 +282,18 @@ class QemuNBD:
         return f"nbd+unix:///{self.export}?socket={self.socket}"
 
     def start(self) -> QemuNBD:
-        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-A", "-f", "qcow2", "-x", self.export]
+        cmd = [
+            self.binary or tool("qemu-nbd"),
+            "-r",
+            "-t",
+            "-e",
+            "16",
+            "-A",
+            "-f",
+            "qcow2",
+            "-x",
+            self.export,
+        ]
         cmd += ["-B", "b0", "-B", "b1", "-k", str(self.socket), str(self.disk.path)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         nbdinfo = tool("nbdinfo")

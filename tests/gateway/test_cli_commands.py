@@ -24,7 +24,7 @@ from tests.gateway.cli_support import (
     nbdgw,
     run,
 )
-from tests.peers import tool
+from tests.peers import qemu10, tool
 
 pytestmark = pytest.mark.interop
 
@@ -69,6 +69,21 @@ def test_extents_identical_to_nbdinfo_on_qemu_nbd(
     theirs = nbdinfo(host.uri, context, json_output=json_output)
     assert ours == theirs
     assert len(ours.splitlines()) >= 3  # a real map, not an empty one
+
+
+def test_extents_identical_to_nbdinfo_with_extended_headers(tmp_path: Path) -> None:
+    """qemu 10's qemu-nbd offers extended headers (64-bit extents), which the gateway asks for;
+    nbdinfo 1.14 does not: the maps must still be the same."""
+    host = QemuNBD(make_qemu_disk(tmp_path), tmp_path / "q10.sock", binary=qemu10("qemu-nbd"))
+    host.start()
+    try:
+        with GatewayProcess("--export", f"vm={host.uri}", data_dir=tmp_path / "data") as gw:
+            for context in ("qemu:dirty-bitmap:b0", "base:allocation", "qemu:allocation-depth"):
+                ours = cli("extents", "vm", "--bitmap", context, "--json", "--target", gw.target)
+                assert ours.returncode == 0, ours.stderr
+                assert ours.stdout == nbdinfo(host.uri, context, json_output=True)
+    finally:
+        host.stop()
 
 
 def test_extents_short_bitmap_name_and_dirty_filter(
