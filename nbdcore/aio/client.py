@@ -554,7 +554,8 @@ class NBDClient:
 
     async def close(self) -> None:
         """Send NBD_CMD_DISC and close. The server finishes the requests in flight before it
-        hangs up, so their replies still arrive (within a few seconds) while we wait for it."""
+        hangs up, so when some are in flight we keep reading (a few seconds at most) until
+        it does."""
         if self._transport is None or self._closed.done():
             return
         if self._failure is None:
@@ -565,9 +566,10 @@ class NBDClient:
                 self._conn.send_disc()
                 self._flush()
                 self._failure = UsageError("the connection is closed")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_DISC_GRACE):
-                        await asyncio.shield(self._closed)
+                if self._waiters:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_DISC_GRACE):
+                            await asyncio.shield(self._closed)
         if self._failure is None:
             self._failure = UsageError("the connection is closed")
         if not self._closed.done():
