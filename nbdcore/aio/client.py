@@ -310,7 +310,9 @@ class NBDClient:
         conn = self._conn
         if queries and self.structured_replies:
             ev = await self._option(lambda: conn.send_set_meta_context(export, queries))
-            if isinstance(ev, OptionFailed):
+            # A server without metadata contexts (ERR_UNSUP) still serves data: connect, and
+            # let block_status say that nothing was negotiated. Anything else is an error.
+            if isinstance(ev, OptionFailed) and ev.code != Rep.ERR_UNSUP:
                 raise ev.error()
         ev = await self._option(lambda: conn.send_go(export))
         if isinstance(ev, OptionFailed) and ev.code == Rep.ERR_UNSUP and not conn.extended_headers:

@@ -64,7 +64,11 @@ def chunk(cookie: int, rtype: int, payload: bytes, done: bool = True) -> bytes:
 
 
 async def negotiate(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, structured: bool = True
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    structured: bool = True,
+    set_meta_error: int = 0,
 ) -> None:
     """A well-behaved handshake: STRUCTURED_REPLY, SET_META_CONTEXT and GO succeed."""
     writer.write(wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
@@ -74,6 +78,8 @@ async def negotiate(
         payload = await reader.readexactly(length)
         if opt == Opt.STRUCTURED_REPLY and structured:
             writer.write(wire.encode_option_reply(opt, Rep.ACK))
+        elif opt == Opt.SET_META_CONTEXT and set_meta_error:
+            writer.write(wire.encode_option_reply(opt, set_meta_error))
         elif opt == Opt.SET_META_CONTEXT:
             _, queries = wire.decode_meta_context_request(payload)
             for q in queries:
@@ -525,3 +531,23 @@ async def test_close_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         assert await pending == b"\x09" * 512
         with pytest.raises(UsageError, match="closed"):
             await client.pread(0, 512)
+
+
+@pytest.mark.parametrize("code", [Rep.ERR_UNSUP, Rep.ERR_INVALID])
+async def test_server_refusing_meta_contexts(tmp_path: Path, code: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await negotiate(reader, writer, set_meta_error=code)
+        await replying(lambda c, o, n: data(c, o, b"\x05" * n))(reader, writer)
+
+    async with server(tmp_path, handler) as uri:
+        if code == Rep.ERR_INVALID:
+            with pytest.raises(OptionError, match="ERR_INVALID"):
+                await connect(uri)
+            return
+        # No contexts, but the data is still there.
+        client = await connect(uri)
+        assert client.structured_replies and client.meta_contexts == {}
+        assert await client.pread(0, 8) == b"\x05" * 8
+        with pytest.raises(UsageError, match="no metadata context"):
+            await client.block_status(0, 512)
+        await client.close()
