@@ -568,7 +568,10 @@ class ExtentWalker:
         self.block = block
         self.size = size if size is not None else self.end
         self.max_step = max_step - max_step % align
-        self.step = self.max_step
+        # Start with the range shared among the first ``depth`` requests, so that even a
+        # range one request could ask for (extended headers) is walked in parallel.
+        share = -(-length // depth)
+        self.step = min(self.max_step, max(align, share + (-share) % align))
         self.depth = depth
         self._segments: list[_Segment] = []
         self._next = offset  # first byte not yet in any segment
