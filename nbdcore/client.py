@@ -6,7 +6,8 @@ pair :meth:`~ClientConnection.get_buffer` / :meth:`~ClientConnection.buffer_fill
 :meth:`~ClientConnection.events_received` and writes :meth:`~ClientConnection.data_to_send`.
 Policy (which options to try, fallbacks, timeouts) lives above it, in ``nbdcore.aio.client``.
 
-States and what moves between them (everything that changes the state is in ``_TRANSITIONS``)::
+States and what moves between them. Calls and replies move the state only through the
+``_TRANSITIONS`` table; EOF and protocol violations end any state::
 
     state            event / call                       next state
     ---------------  ---------------------------------  -----------------------------
@@ -63,7 +64,6 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import (
-    ConnectionLostError,
     OptionError,
     RequestError,
     ServerProtocolError,
@@ -121,7 +121,6 @@ _TRANSITIONS: Final[dict[tuple[ClientState, str], ClientState]] = {
     (S.OPTION_SENT, "abort_done"): S.CLOSED,
     (S.TLS_UPGRADE, "tls_established"): S.NEGOTIATING,
     (S.TRANSMISSION, "send_disc"): S.DISCONNECTING,
-    (S.DISCONNECTING, "eof"): S.CLOSED,
 }
 
 
@@ -1099,9 +1098,3 @@ def _rep_name(rtype: int) -> str:
         return "NBD_REP_" + Rep(rtype).name
     except ValueError:
         return str(rtype)
-
-
-def connection_lost(detail: str = "") -> ConnectionLostError:
-    return ConnectionLostError(
-        "the server closed the connection" + (f": {detail}" if detail else "")
-    )
