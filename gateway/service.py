@@ -626,6 +626,8 @@ class _ExtentStream:
         self.range_end = 0
         self.messages = 0
         self._last_send = time.monotonic()
+        self._made = 0  # messages made (written or queued)
+        self._queued: tuple[_Message, asyncio.Future[list[bytes]] | None] | None = None
 
     async def run(self) -> None:
         plan = self.plan
@@ -635,7 +637,11 @@ class _ExtentStream:
             raise errors.shutting_down()
         async with self.pool.connection(contexts) as client:
             if plan.context in client.meta_contexts:
-                await self._stream(client, contexts)
+                try:
+                    await self._stream(client, contexts)
+                    await self._flush()
+                finally:
+                    self._drop_queued()
                 return
         # Listed after the lease is returned: listing takes a lease of its own.
         raise errors.bitmap_not_found(plan.export, plan.context, await self._offered())
@@ -675,7 +681,7 @@ class _ExtentStream:
                 await batches.aclose()
             if self.shutdown.is_set():
                 raise errors.shutting_down()
-        if len(msg) or msg.end > msg.offset or self.messages == 0:
+        if len(msg) or msg.end > msg.offset or self._made == 0:
             msg.end = self.range_end
             await self._send(client, msg)
 
@@ -771,8 +777,39 @@ class _ExtentStream:
         return msg
 
     async def _send(self, client: NBDClient, msg: _Message) -> _Message:
+        """Queue ``msg``: start reading its data, and write the message queued before it.
+
+        One message stays queued so that the NBD reads of the next message overlap the gRPC
+        write of the previous one; memory stays bounded at two messages per stream.
+        """
         if self.shutdown.is_set():
             raise errors.shutting_down()
+        reads = None
+        if msg.reads:
+            reads = asyncio.ensure_future(
+                asyncio.gather(*(client.pread(o, n) for o, n in msg.reads))
+            )
+        queued, self._queued = self._queued, (msg, reads)
+        self._made += 1
+        if queued is not None:
+            await self._write(*queued)
+        self._last_send = time.monotonic()
+        return _Message(msg.end)
+
+    async def _flush(self) -> None:
+        """Write the queued message (the last one of the stream)."""
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            await self._write(*queued)
+
+    def _drop_queued(self) -> None:
+        queued, self._queued = self._queued, None
+        if queued is not None and queued[1] is not None:
+            queued[1].cancel()
+            # Retrieve its outcome so that a failed read is not reported as never retrieved.
+            queued[1].add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _write(self, msg: _Message, reads: asyncio.Future[list[bytes]] | None) -> None:
         resp = pb.StreamExtentsResponse(
             offset=msg.offset,
             next_offset=msg.end,
@@ -784,14 +821,13 @@ class _ExtentStream:
         resp.flags.extend(msg.flags)
         if self.plan.merge_allocation:
             resp.allocation.extend(msg.kinds)  # type: ignore[arg-type]  # proto enum values
-        if msg.reads:
-            parts = await asyncio.gather(*(client.pread(o, n) for o, n in msg.reads))
-            resp.data = b"".join(parts)
+        if reads is not None:
+            resp.data = b"".join(await reads)
+        if self.shutdown.is_set():
+            raise errors.shutting_down()
         await self.context.write(resp)
         self.messages += 1
         self.sent_offset = msg.end
-        self._last_send = time.monotonic()
-        return _Message(msg.end)
 
 
 # base:allocation flags (HOLE 1, ZERO 2) -> the proto's Allocation: a hole that does not read as
