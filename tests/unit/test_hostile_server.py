@@ -451,30 +451,30 @@ async def test_out_of_order_replies_and_cancelled_request(tmp_path: Path) -> Non
 
 
 async def test_in_flight_window_is_bounded(tmp_path: Path) -> None:
-    seen: list[int] = []
+    extra_before_answers: list[bool] = []
 
     async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pending: list[tuple[int, int, int]] = []
         served = 0
-        while served < 10:
-            # Collect what the client sends before it must wait for answers.
+        while served < 9:
+            # The window is 3: three requests arrive, then nothing until one is answered.
+            batch = [await read_request(reader) for _ in range(3)]
             try:
-                async with asyncio.timeout(0.1):
-                    while True:
-                        _, _, cookie, offset, length = await read_request(reader)
-                        pending.append((cookie, offset, length))
+                async with asyncio.timeout(0.2):
+                    await reader.readexactly(1)
+                extra_before_answers.append(True)
             except TimeoutError:
-                pass
-            seen.append(len(pending))
-            for cookie, offset, length in pending:
+                extra_before_answers.append(False)
+            for _, _, cookie, offset, length in batch:
                 writer.write(data(cookie, offset, b"\0" * length))
                 served += 1
-            pending.clear()
+        _, _, cookie, offset, length = await read_request(reader)
+        writer.write(data(cookie, offset, b"\0" * length))
 
     async with server(tmp_path, after_go(transmission)) as uri:
         client = await connect(uri, max_in_flight=3)
-        await asyncio.gather(*(client.pread(i * 512, 512) for i in range(10)))
-        assert max(seen) == 3
+        results = await asyncio.gather(*(client.pread(i * 512, 512) for i in range(10)))
+        assert results == [bytes(512)] * 10
+        assert extra_before_answers == [False, False, False]
         await client.close()
 
 
