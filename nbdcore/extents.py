@@ -548,6 +548,8 @@ class ExtentWalker:
         block: int = 1,
         size: int | None = None,
     ) -> None:
+        if isinstance(contexts, str):
+            raise UsageError(f"contexts must be a sequence of names, not the string {contexts!r}")
         if not contexts:
             raise UsageError("no metadata context to walk")
         if len(set(contexts)) != len(contexts):
@@ -724,6 +726,8 @@ def walker_for(
 ) -> ExtentWalker:
     """An :class:`ExtentWalker` for a connected client: checks the range and the contexts,
     and picks the step limits the connection allows."""
+    if isinstance(contexts, str):
+        raise UsageError(f"contexts must be a sequence of names, not the string {contexts!r}")
     size = client.size
     if length is None:
         length = max(size - offset, 0)

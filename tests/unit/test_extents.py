@@ -394,6 +394,8 @@ def test_step_adapts_to_short_answers() -> None:
 def test_walker_usage_errors() -> None:
     with pytest.raises(UsageError):
         ExtentWalker([], 0, 10)
+    with pytest.raises(UsageError, match="not the string"):
+        ExtentWalker("base:allocation", 0, 10)
     with pytest.raises(UsageError):
         ExtentWalker(["a:b", "a:b"], 0, 10)
     walker = ExtentWalker(["a:b"], 0, 10)
