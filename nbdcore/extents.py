@@ -648,6 +648,11 @@ class ExtentWalker:
             except KeyError:
                 raise ServerProtocolError(f"block status answer lacks context {name}") from None
             fitted.append(fit_answer(lengths, flags, last - first, strict=False))
+        # Rows can only be emitted where every context has answered; the walk continues
+        # from the shortest answer, for all contexts. What the longer answers said past it is
+        # dropped and asked again: simpler than carrying per-context leftovers, and without
+        # the BLOCK_STATUS_PAYLOAD filter (extended headers only) the server would send every
+        # context anyway.
         covered = min(f[2] for f in fitted) - skip
         if covered <= 0:
             raise ServerProtocolError(
