@@ -177,6 +177,12 @@ class DirtyBitmap:
                 with self._lock:
                     self._set(first, end, True)
 
+    def copy_bits(self) -> bytes:
+        """A copy of the bits (``bits_length(size, granularity)`` bytes), taken atomically with
+        respect to marks and clears."""
+        with self._lock:
+            return bytes(self._bits[: bits_length(self.size, self.granularity)])
+
     def detach(self) -> None:
         """Move the bits to a private in-memory copy, so that the backing mapping can be closed
         while a racing write still marks this (removed) bitmap."""

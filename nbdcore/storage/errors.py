@@ -6,8 +6,15 @@
     ├── BitmapError               bad bitmap name or granularity, corrupt bitmap metadata
     │   ├── NoSuchBitmapError     no bitmap of that name
     │   └── BitmapExistsError     a bitmap of that name already exists
-    └── RangeError                a range outside the disk (also an OSError with EINVAL, so that
-                                  a server maps it to NBD_EINVAL like any storage error)
+    ├── RangeError                a range outside the disk (also an OSError with EINVAL, so that
+    │                             a server maps it to NBD_EINVAL like any storage error)
+    └── SnapshotError             a snapshot operation was refused
+        ├── NoSuchSnapshotError   no snapshot of that name (also: released already)
+        ├── SnapshotExistsError   a snapshot of that name already exists
+        ├── SnapshotFullError     the snapshot store hit its limit; a live write was refused
+        │                         (also an OSError with ENOSPC)
+        └── SnapshotUnavailableError  reading a broken or released snapshot (also an OSError
+                                  with EIO, so that an NBD client sees a failed read)
 
 Storage I/O failures are plain ``OSError`` (EIO, ENOSPC...); writing to a read-only image is
 ``OSError(EPERM)``; an image held by another process is ``OSError(EBUSY)``.
@@ -48,3 +55,39 @@ class RangeError(OSError, UsageError):
 
 def read_only_error(what: str) -> OSError:
     return OSError(errno.EPERM, f"{what} is read-only")
+
+
+class SnapshotError(UsageError):
+    """A snapshot operation was refused."""
+
+
+class NoSuchSnapshotError(SnapshotError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no snapshot named {name!r} (never created, or released already)")
+        self.name = name
+
+
+class SnapshotExistsError(SnapshotError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"snapshot {name!r} already exists")
+        self.name = name
+
+
+class SnapshotFullError(OSError, SnapshotError):
+    """Preserving old data for a snapshot would exceed its space limit (``errno`` ENOSPC)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class SnapshotUnavailableError(OSError, SnapshotError):
+    """The snapshot can no longer be read: broken (out of space) or released (``errno`` EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -10,6 +10,11 @@ changes and *again after*, and both happen before the call returns:
 
 Persistent images keep their bitmaps in a ``BitmapStore`` (see ``nbdcore.storage.store`` for
 the crash-safety scheme); ``Image.memory`` images keep them in memory only.
+
+Snapshots (``create_snapshot``, ``release_snapshot``; see ``nbdcore.storage.snapshot``): every
+write path first preserves, in every open snapshot, the clusters it is about to change
+(copy-before-write), under one write lock that also orders snapshot creation and release with
+the writes.
 """
 
 from __future__ import annotations
@@ -17,15 +22,26 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from nbdcore.storage.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, validate_granularity
 from nbdcore.storage.bitmap import validate_name as validate_bitmap_name
 from nbdcore.storage.disk import Disk, MemoryDisk, RawFileDisk
-from nbdcore.storage.errors import BitmapExistsError, NoSuchBitmapError, read_only_error
+from nbdcore.storage.errors import (
+    BitmapError,
+    BitmapExistsError,
+    NoSuchBitmapError,
+    NoSuchSnapshotError,
+    SnapshotExistsError,
+    read_only_error,
+)
 from nbdcore.storage.store import BitmapStore, fsync_dir, store_dir
+
+if TYPE_CHECKING:
+    from nbdcore.storage.snapshot import Snapshot
 
 
 class Image:
@@ -47,6 +63,9 @@ class Image:
         )
         self._meta_lock = threading.Lock()
         self._closed = False
+        self._snapshots: dict[str, Snapshot] = {}
+        # Orders every write path with snapshot creation and release (see the docstring).
+        self._io_lock = threading.Lock()
 
     # --- construction --------------------------------------------------------------------
 
@@ -60,7 +79,15 @@ class Image:
         except BaseException:
             disk.close()
             raise
-        return cls(disk, path=path, store=store)
+        image = cls(disk, path=path, store=store)
+        try:
+            from nbdcore.storage import snapshot
+
+            image._snapshots = snapshot.load(image, store)
+        except BaseException:
+            image.close()
+            raise
+        return image
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int) -> Image:
@@ -142,6 +169,12 @@ class Image:
         self._check_writable()
         with self._meta_lock:
             self.bitmap(name)
+            holders = [s.name for s in self._snapshots.values() if name in s.bitmaps]
+            if holders:
+                raise BitmapError(
+                    f"bitmap {name!r} is forked by snapshot {', '.join(map(repr, holders))};"
+                    " release the snapshot first (its fork merges back into the bitmap)"
+                )
             if self._store is not None:
                 self._store.remove(name)
             else:
@@ -183,6 +216,57 @@ class Image:
         self._check_writable()
         self.bitmap(name).clear()
 
+    # --- snapshots -----------------------------------------------------------------------
+
+    @property
+    def snapshots(self) -> Mapping[str, Snapshot]:
+        """The open snapshots by name (a read-only view)."""
+        return MappingProxyType(self._snapshots)
+
+    def snapshot(self, name: str) -> Snapshot:
+        try:
+            return self._snapshots[name]
+        except KeyError:
+            raise NoSuchSnapshotError(name) from None
+
+    def create_snapshot(
+        self,
+        name: str,
+        *,
+        bitmaps: Sequence[str] = (),
+        cluster_size: int = 65536,
+        max_bytes: int | None = None,
+        on_full: str = "break",
+    ) -> Snapshot:
+        """Freeze the data and fork ``bitmaps`` now: the snapshot's bitmaps hold what the live
+        ones held, and the live ones restart clean. ``max_bytes`` bounds the preserved data;
+        when it is reached, ``on_full`` says whether the snapshot breaks (``"break"``) or the
+        live write fails with ENOSPC (``"fail-write"``). See ``nbdcore.storage.snapshot``."""
+        from nbdcore.storage import snapshot
+
+        self._check_writable()
+        with self._io_lock, self._meta_lock:
+            if name in self._snapshots:
+                raise SnapshotExistsError(name)
+            snap = snapshot.create(
+                self, self._store, name, list(bitmaps), cluster_size, max_bytes, on_full
+            )
+            self._snapshots[name] = snap
+            return snap
+
+    def release_snapshot(self, name: str) -> None:
+        """Merge the snapshot's forks back into the live bitmaps, then delete it."""
+        self._check_writable()
+        with self._io_lock, self._meta_lock:
+            snap = self.snapshot(name)
+            snap._release(self._bitmaps, self._store)
+            del self._snapshots[name]
+
+    def _preserve(self, offset: int, length: int) -> None:
+        # Copy-before-write into every snapshot; the caller holds _io_lock.
+        for snap in self._snapshots.values():
+            snap._preserve(offset, length)
+
     # --- data ----------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
@@ -195,9 +279,11 @@ class Image:
         view = memoryview(data).cast("B")
         self._check_writable()
         self.disk.check_range(offset, len(view))
-        self._mark(offset, len(view))
-        self.disk.pwrite(view, offset)
-        self._mark(offset, len(view))
+        with self._io_lock:
+            self._preserve(offset, len(view))
+            self._mark(offset, len(view))
+            self.disk.pwrite(view, offset)
+            self._mark(offset, len(view))
         if fua:
             self._sync_fua()
 
@@ -206,18 +292,22 @@ class Image:
     ) -> None:
         self._check_writable()
         self.disk.check_range(offset, length)
-        self._mark(offset, length)
-        self.disk.write_zeroes(offset, length, may_trim=may_trim)
-        self._mark(offset, length)
+        with self._io_lock:
+            self._preserve(offset, length)
+            self._mark(offset, length)
+            self.disk.write_zeroes(offset, length, may_trim=may_trim)
+            self._mark(offset, length)
         if fua:
             self._sync_fua()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
         self.disk.check_range(offset, length)
-        self._mark(offset, length)
-        self.disk.trim(offset, length)
-        self._mark(offset, length)
+        with self._io_lock:
+            self._preserve(offset, length)
+            self._mark(offset, length)
+            self.disk.trim(offset, length)
+            self._mark(offset, length)
         if fua:
             self._sync_fua()
 
@@ -234,7 +324,12 @@ class Image:
         try:
             if not self.read_only:
                 self.flush()
+                # Before the store marks the image cleanly closed (snapshot.py, rule 2).
+                for snap in self._snapshots.values():
+                    snap._sync()
         finally:
+            for snap in self._snapshots.values():
+                snap._close()
             try:
                 if self._store is not None:
                     self._store.close()

@@ -33,7 +33,12 @@ The crash-safety scheme, and why it is safe (the rule: when in doubt a granule i
    ``remove`` deletes ``KEY.json`` first: a bits file without metadata is an orphan, deleted at
    the next writable open. A ``KEY.json`` whose bits file is missing or short, or whose size
    differs from the disk's, gets a bits file marked wholly dirty.
-4. One writer at a time (``flock`` on ``lock``); readers (``read_only=True``) take no lock and
+4. Snapshots (``snapshots/``, see ``nbdcore.storage.snapshot``) survive the death of the
+   process, not of the machine: an open that finds the machine crashed discards every snapshot
+   (rename to a dot name, fsync, delete) *before* ``in-use`` is rewritten, so that a later open
+   in this boot can never trust a snapshot whose preserved data the crash may have lost. The
+   bitmaps, wholly dirty by then, cover whatever the discarded forks held.
+5. One writer at a time (``flock`` on ``lock``); readers (``read_only=True``) take no lock and
    copy the bits into memory; a reader that finds ``in-use`` from another boot reports every
    granule dirty without writing anything.
 """
@@ -47,6 +52,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Final
 
@@ -62,6 +68,7 @@ FORMAT: Final = "nbdgw-bitmap"
 VERSION: Final = 1
 IN_USE: Final = "in-use"
 LOCK: Final = "lock"
+SNAPSHOTS: Final = "snapshots"
 
 
 def store_dir(disk_path: str | os.PathLike[str]) -> Path:
@@ -102,6 +109,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def discard_snapshots(directory: Path) -> None:
+    """Delete every snapshot under ``directory/snapshots``: first renamed to dot names (which
+    every writable open deletes), so that no crash can leave a half-deleted one looking valid."""
+    root = directory / SNAPSHOTS
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if not entry.name.startswith("."):
+            entry.rename(root / f".discarded-{entry.name}")
+    fsync_dir(root)
+    for entry in root.iterdir():
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 class _Bits:
@@ -153,6 +174,7 @@ class BitmapStore:
         self._bits: dict[str, _Bits] = {}
         self._lock_fd: int | None = None
         self.recovered = False  # True when an unclean shutdown made every bitmap dirty
+        self.machine_crashed = False  # True when the last writer's machine went down
         try:
             self._open()
         except BaseException:
@@ -190,11 +212,13 @@ class BitmapStore:
                     path.unlink()
             if machine_crashed:
                 self.sync()
+                discard_snapshots(self.dir)
             # Only now, with a recovery made durable: a crash before this line leaves the old
             # marker, and the next open recovers again. Written before open returns, so before
             # any write can dirty a bit.
             self._write_in_use()
         self.recovered = machine_crashed and bool(self.bitmaps)
+        self.machine_crashed = machine_crashed
 
     def _previous_boot_crashed(self) -> bool:
         try:
