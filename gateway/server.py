@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -63,6 +64,9 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 4 * MiB),
+    # grpc sets SO_REUSEPORT by default: a second gateway on the same port would silently
+    # share it (and half the calls). Fail instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -171,9 +175,17 @@ class Gateway:
                 (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         host, port = parse_listen(cfg.listen)
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            bound = 0
+            why = str(exc)
+        else:
+            why = "address in use or not available"
         if bound == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+            await self._close_backends()
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {cfg.listen}: {why}")
         await server.start()
         self.server = server
         self.listening = Listening(host, bound, nbd_socket)
@@ -226,14 +238,20 @@ class Gateway:
             await self.health.enter_graceful_shutdown()
             if self.server is not None:
                 await self.server.stop(grace)
-            for host in self.hosts.values():
-                await host.close()
-            if self.nbd_server is not None:
-                await self.nbd_server.close()
-            for image in self.images.values():
-                image.close()
+            await self._close_backends()
         finally:
             self._stopped.set()
+
+    async def _close_backends(self) -> None:
+        for host in self.hosts.values():
+            await host.close()
+        self.hosts.clear()
+        if self.nbd_server is not None:
+            await self.nbd_server.close()
+            self.nbd_server = None
+        for image in self.images.values():
+            image.close()
+        self.images.clear()
 
     async def serve(self, on_ready: Any = None) -> None:
         """Start, run until SIGTERM/SIGINT, stop gracefully."""

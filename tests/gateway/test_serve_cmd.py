@@ -253,3 +253,27 @@ async def test_sigterm_mid_stream_resumes_on_next_instance(tmp_path: Path) -> No
     joined = Streamed(both)
     assert merged(joined.rows) == [(0, 24 * MiB, 1, pb.ALLOCATION_DATA)]
     assert b"".join(joined.data[o] for o in sorted(joined.data)) == pattern * 24
+
+
+async def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    async with serve(["--listen", "127.0.0.1:0"], cwd=tmp_path) as served:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--listen",
+            served.target,
+            "--data-dir",
+            str(tmp_path / "second"),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1
+        assert f"cannot listen on {served.target}" in err.decode()
+        assert "Traceback" not in err.decode() and b"listening" not in out
+        # The first one is unaffected.
+        listed = await served.stub.ListExports(pb.ListExportsRequest())
+        assert [e.name for e in listed.exports] == ["exports/sample"]
