@@ -22,6 +22,7 @@ or still dirty in the bitmap.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -319,6 +320,9 @@ async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
 
 
 _RECHECK_GAP = 1 << 20
+# Runs to clear are kept in memory and in the state file until a checkpoint: bound them.
+_MAX_PENDING_RUNS = 4096
+_CLEARS_IN_FLIGHT = 8
 
 
 def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -371,15 +375,7 @@ class _Backup:
         state.pending_clear = [list(r) for r in to_clear + keep]
         state.save(self.spath)
         if to_clear:
-            for offset, length in to_clear:
-                resp = await self.gw.stub.ClearRange(
-                    pb.ClearRangeRequest(
-                        export=state.export, bitmap=state.context, offset=offset, length=length
-                    ),
-                    metadata=self.gw.metadata,
-                    timeout=self.gw.timeout,
-                )
-                state.bytes_cleared += resp.cleared_bytes
+            await self._clear(to_clear)
             if self.recheck:
                 await self._recheck(to_clear)
                 self.out.sync()
@@ -389,6 +385,32 @@ class _Backup:
             state.save(self.spath)
         self.unsynced = 0
         self.last_sync = time.monotonic()
+
+    async def _clear(self, runs: list[list[int]]) -> None:
+        """ClearRange every run, a few calls in flight (a fragmented bitmap has many runs)."""
+        state = self.state
+        slots = asyncio.Semaphore(_CLEARS_IN_FLIGHT)
+
+        async def clear(offset: int, length: int) -> None:
+            async with slots:
+                resp = await self.gw.stub.ClearRange(
+                    pb.ClearRangeRequest(
+                        export=state.export, bitmap=state.context, offset=offset, length=length
+                    ),
+                    metadata=self.gw.metadata,
+                    timeout=self.gw.timeout,
+                )
+            state.bytes_cleared += resp.cleared_bytes
+
+        # Not a TaskGroup: its ExceptionGroup would hide the gRPC error from the one-line report.
+        tasks = [asyncio.ensure_future(clear(offset, length)) for offset, length in runs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _recheck(self, runs: list[list[int]]) -> None:
         """Read the runs just cleared again and fix the output where they changed.
@@ -450,6 +472,7 @@ class _Backup:
                     break
                 if (
                     self.unsynced >= self.checkpoint_bytes
+                    or len(self.dirty) >= _MAX_PENDING_RUNS
                     or time.monotonic() - self.last_sync >= 5.0
                 ):
                     await self.checkpoint(msg.next_offset, final=False)
@@ -549,6 +572,8 @@ async def run(args: argparse.Namespace) -> int:
     summary += f"{state.bytes_written} bytes of data"
     if state.clear:
         summary += f", {state.bytes_cleared} bytes cleared"
+        if state.bytes_rewritten:
+            summary += f" ({state.bytes_rewritten} bytes changed during the backup, copied again)"
     print(summary)
     return 0
 
