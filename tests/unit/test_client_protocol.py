@@ -777,3 +777,11 @@ def test_extended_block_status_must_start_at_the_request_offset() -> None:
     )
     conn.receive_data(header + payload)
     assert only_reply(conn).extents is not None
+
+
+def test_clear_text_after_starttls_ack_is_rejected() -> None:
+    conn = ClientConnection()
+    conn.receive_data(GREETING)
+    conn.send_starttls()
+    with pytest.raises(ServerProtocolError, match="after the STARTTLS"):
+        conn.receive_data(rep(Opt.STARTTLS, Rep.ACK) + b"\x16\x03\x01")
