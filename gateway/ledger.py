@@ -1,0 +1,493 @@
+"""The clear ledger: durable record of ClearRange calls on bitmaps whose host cannot clear.
+
+A point-in-time, read-only export (qemu-nbd -r over a snapshot, a libvirt backup export) shows a
+dirty bitmap that never changes while it is exported. The gateway cannot clear it there, so it
+records each acknowledged clear here and applies the union of the clears as a *mask* on that
+bitmap's extents: a masked byte reads as clean. The mask is byte-exact (the bitmap cannot gain
+new dirty bits under it, since the export is a fixed point in time).
+
+Scope: every clear belongs to ``(export, bitmap, generation)``. The generation names the point in
+time the export shows; the operator sets it in the configuration and an orchestrator may change it
+through the API when it re-exports a new snapshot. The clears of one generation never mask
+another, so a new snapshot starts with nothing masked.
+
+Durability: SQLite in WAL mode with ``synchronous=FULL``, so a committed transaction survives the
+death of the process and of the machine. A clear is acknowledged only after the transaction that
+holds it committed. One thread owns the connection and commits whatever has queued up while the
+previous commit was syncing (group commit): N concurrent clears cost one fsync, not N.
+
+Memory: each scope's mask is kept as merged intervals (a backup clearing in order makes one
+interval); rows in the database are rewritten as the merged intervals when they outnumber them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, Final
+
+from nbdcore.constants import NBD_STATE_DIRTY
+from nbdcore.extents import merge_runs
+
+log = logging.getLogger("nbdgw.ledger")
+
+SCHEMA_VERSION: Final = 1
+# SQLite integers are signed 64-bit.
+MAX_OFFSET: Final = (1 << 63) - 1
+# At most this many queued operations go into one transaction.
+MAX_BATCH: Final = 4096
+# Rows of one scope are rewritten as its merged intervals once they outnumber them by this.
+COMPACT_SLACK: Final = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clears (
+    export TEXT NOT NULL, bitmap TEXT NOT NULL, generation TEXT NOT NULL,
+    start INTEGER NOT NULL, stop INTEGER NOT NULL, CHECK (0 <= start AND start < stop)
+);
+CREATE INDEX IF NOT EXISTS clears_scope ON clears (export, bitmap, generation, start);
+CREATE TABLE IF NOT EXISTS generations (
+    export TEXT PRIMARY KEY, generation TEXT NOT NULL, config_generation TEXT,
+    source TEXT NOT NULL, updated REAL NOT NULL
+);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger cannot do what was asked (closed, bad range, unreadable database)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What one set of clears applies to."""
+
+    export: str
+    bitmap: str
+    generation: str
+
+
+class IntervalSet:
+    """Disjoint, non-adjacent ``[start, stop)`` intervals in order (adjacent ones merge)."""
+
+    __slots__ = ("starts", "stops")
+
+    def __init__(self, intervals: Iterable[tuple[int, int]] = ()) -> None:
+        self.starts: list[int] = []
+        self.stops: list[int] = []
+        for start, stop in intervals:
+            self.add(start, stop)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.starts, self.stops, strict=True)
+
+    def __repr__(self) -> str:
+        return f"IntervalSet({list(self)!r})"
+
+    def copy(self) -> IntervalSet:
+        out = IntervalSet()
+        out.starts = self.starts.copy()
+        out.stops = self.stops.copy()
+        return out
+
+    def add(self, start: int, stop: int) -> None:
+        if start >= stop:
+            return
+        # Every interval touching or overlapping [start, stop) merges with it.
+        i = bisect.bisect_left(self.stops, start)
+        j = bisect.bisect_right(self.starts, stop)
+        if i < j:
+            start = min(start, self.starts[i])
+            stop = max(stop, self.stops[j - 1])
+        self.starts[i:j] = [start]
+        self.stops[i:j] = [stop]
+
+    def covered(self, start: int, stop: int) -> int:
+        """Bytes of ``[start, stop)`` inside the set."""
+        total = 0
+        for s, e in self.window(start, stop):
+            total += e - s
+        return total
+
+    def window(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The intervals meeting ``[start, stop)``, clipped to it."""
+        i = bisect.bisect_right(self.stops, start)
+        out = []
+        while i < len(self.starts) and self.starts[i] < stop:
+            out.append((max(self.starts[i], start), min(self.stops[i], stop)))
+            i += 1
+        return out
+
+
+def mask_table(
+    mask: IntervalSet,
+    offset: int,
+    lengths: array[int],
+    columns: Sequence[array[int]],
+    *,
+    column: int = 0,
+    bit: int = NBD_STATE_DIRTY,
+) -> tuple[array[int], tuple[array[int], ...]]:
+    """Rows ``(lengths, columns)`` from ``offset`` with ``bit`` of ``columns[column]`` cleared
+    wherever ``mask`` covers them, rows split at the mask's edges, adjacent equal rows merged.
+
+    Byte-exact: a dirty row half inside the mask becomes two rows. Cost is proportional to the
+    rows that meet the mask and the mask's intervals; the rows between are copied in slices.
+    """
+    n = len(lengths)
+    cols = tuple(columns)
+    if not n:
+        return lengths, cols
+    bounds = array("Q", accumulate(lengths, initial=offset))  # row i is [bounds[i], bounds[i+1])
+    cuts = mask.window(offset, bounds[-1])
+    if not cuts:
+        return lengths, cols
+    out_len = array("Q")
+    out_cols = tuple(array(c.typecode) for c in cols)
+
+    def emit(length: int, row: int, masked: bool = False) -> None:
+        out_len.append(length)
+        for k, (o, c) in enumerate(zip(out_cols, cols, strict=True)):
+            o.append(c[row] & ~bit if masked and k == column else c[row])
+
+    def copy(first: int, stop: int) -> None:
+        if first < stop:
+            out_len.extend(lengths[first:stop])
+            for o, c in zip(out_cols, cols, strict=True):
+                o.extend(c[first:stop])
+
+    dirty = cols[column]
+    row, pos = 0, offset  # everything before pos was emitted; pos lies in row `row`
+    for cut_start, cut_stop in cuts:
+        first = bisect.bisect_right(bounds, cut_start) - 1  # the row holding cut_start
+        if first > row:
+            emit(bounds[row + 1] - pos, row)
+            copy(row + 1, first)
+            row, pos = first, bounds[first]
+        while pos < cut_stop:
+            row_stop = bounds[row + 1]
+            stop = min(row_stop, cut_stop)
+            if dirty[row] & bit:
+                if pos < cut_start:
+                    emit(cut_start - pos, row)
+                    pos = cut_start
+                emit(stop - pos, row, masked=True)
+            else:
+                emit(stop - pos, row)
+            pos = stop
+            if pos == row_stop:
+                row += 1
+    if row < n:
+        emit(bounds[row + 1] - pos, row)
+        copy(row + 1, n)
+    return merge_runs(out_len, out_cols)
+
+
+def subtract(runs: Iterable[tuple[int, int]], mask: IntervalSet) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` runs minus the mask: what stays dirty."""
+    for start, length in runs:
+        pos, stop = start, start + length
+        for s, e in mask.window(start, stop):
+            if s > pos:
+                yield pos, s - pos
+            pos = e
+        if pos < stop:
+            yield pos, stop - pos
+
+
+# --- the durable ledger -----------------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    kind: str  # "clear" | "set_generation" | "load"
+    args: tuple[Any, ...]
+    done: Callable[[BaseException | None, Any], None]
+
+
+@dataclass
+class LedgerStats:
+    commits: int = 0
+    clears: int = 0
+    largest_batch: int = 0
+    commit_seconds: float = 0.0
+    batches: list[int] = field(default_factory=list, repr=False)
+
+
+class Ledger:
+    """The ledger of one gateway, in the SQLite database at ``path`` (created if missing).
+
+    ``synchronous``: SQLite's setting; FULL (the default) makes every acknowledged clear
+    survive a machine crash, NORMAL only a process crash (WAL). Use :meth:`open` from async code
+    (the first read of the database runs off the event loop).
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.stats = LedgerStats()
+        self._masks: dict[Scope, IntervalSet] = {}
+        self._rows: dict[Scope, int] = {}
+        self._generations: dict[str, str] = {}
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._closed = False
+        self._db = self._connect()
+        self._load_generations()
+        self._thread = threading.Thread(target=self._worker, name="nbdgw-ledger", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, synchronous: str = "FULL") -> Ledger:
+        return await asyncio.to_thread(cls, path, synchronous=synchronous)
+
+    # --- reads (in memory, any thread) ------------------------------------------------------
+
+    def generation(self, export: str) -> str | None:
+        """The export's current generation, or None when none was ever set."""
+        return self._generations.get(export)
+
+    async def mask(self, scope: Scope) -> IntervalSet:
+        """A snapshot of the scope's mask (loaded from the database on first use)."""
+        current = self._masks.get(scope)
+        if current is None:
+            await self._submit("load", scope)
+            current = self._masks[scope]
+        return current.copy()
+
+    # --- writes (durable before they return) ------------------------------------------------
+
+    async def record_clear(self, scope: Scope, offset: int, length: int) -> list[tuple[int, int]]:
+        """Record that ``[offset, offset + length)`` of the scope was safely stored; returns the
+        byte runs now masked because of this call (the whole range: the mask is byte-exact).
+        Returns once the record is durable. Repeating a call is harmless."""
+        if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
+            raise LedgerError(f"cannot record the range [{offset}, {offset + length})")
+        await self._submit("clear", scope, offset, offset + length)
+        return [(offset, length)]
+
+    async def set_generation(
+        self, export: str, generation: str, *, source: str = "api"
+    ) -> str | None:
+        """Make ``generation`` the export's current one (durably); returns the previous one."""
+        if not generation:
+            raise LedgerError("a generation cannot be empty")
+        previous = self._generations.get(export)
+        await self._submit("set_generation", export, generation, None, source)
+        return previous
+
+    async def apply_config_generation(self, export: str, generation: str) -> str:
+        """The configuration names ``generation`` for the export. It becomes current when the
+        configuration changed since the last start (the operator's word is the latest); an
+        API-set generation survives restarts with an unchanged configuration. Returns the
+        current generation."""
+        await self._submit("set_generation", export, generation, generation, "config")
+        return self._generations[export]
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self._db.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise LedgerError(f"ledger {self.path} has schema {row[0]}, not {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the ledger {self.path}: {exc}") from exc
+        return db
+
+    def _load_generations(self) -> None:
+        for export, generation in self._db.execute("SELECT export, generation FROM generations"):
+            self._generations[export] = generation
+
+    async def _submit(self, kind: str, *args: Any) -> Any:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(exc: BaseException | None, value: Any) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(value)
+
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+        self._queue.put(_Op(kind, args, done))
+        # Shielded: a caller cancelled after submitting must not make the record look undone
+        # while it still commits (the commit is what matters, and it is idempotent).
+        return await asyncio.shield(fut)
+
+    def _worker(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            batch = [op]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        loads = [op for op in batch if op.kind == "load"]
+        writes = [op for op in batch if op.kind != "load"]
+        for op in loads:
+            try:
+                self._load(op.args[0])
+                op.done(None, None)
+            except Exception as exc:
+                op.done(LedgerError(f"ledger read failed: {exc}"), None)
+        if not writes:
+            return
+        t0 = time.perf_counter()
+        db = self._db
+        pending_masks: dict[Scope, IntervalSet] = {}
+        pending_gens: dict[str, str] = {}
+        results: list[Any] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in writes:
+                if op.kind == "clear":
+                    scope, start, stop = op.args
+                    db.execute(
+                        "INSERT INTO clears VALUES (?, ?, ?, ?, ?)",
+                        (scope.export, scope.bitmap, scope.generation, start, stop),
+                    )
+                    mask = pending_masks.get(scope)
+                    if mask is None:
+                        mask = self._load(scope).copy()
+                        pending_masks[scope] = mask
+                    mask.add(start, stop)
+                    self._rows[scope] = self._rows.get(scope, 0) + 1
+                    results.append(None)
+                else:
+                    export, generation, config_generation, source = op.args
+                    results.append(
+                        self._set_generation(export, generation, config_generation, source)
+                    )
+                    pending_gens[export] = results[-1]
+            for scope, mask in pending_masks.items():
+                if self._rows.get(scope, 0) > len(mask) + COMPACT_SLACK:
+                    self._compact(scope, mask)
+            db.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            # Row counts may be off after a rollback: recount on next load.
+            for scope in pending_masks:
+                self._rows.pop(scope, None)
+                self._masks.pop(scope, None)
+            log.error("ledger commit failed: %s", exc)
+            err = LedgerError(f"ledger commit failed: {exc}")
+            for op in writes:
+                op.done(err, None)
+            return
+        # Durable: publish, then acknowledge.
+        self._masks.update(pending_masks)
+        self._generations.update(pending_gens)
+        st = self.stats
+        st.commits += 1
+        st.clears += sum(1 for op in writes if op.kind == "clear")
+        st.largest_batch = max(st.largest_batch, len(writes))
+        st.commit_seconds += time.perf_counter() - t0
+        for op, value in zip(writes, results, strict=True):
+            op.done(None, value)
+
+    def _load(self, scope: Scope) -> IntervalSet:
+        mask = self._masks.get(scope)
+        if mask is not None:
+            return mask
+        rows = self._db.execute(
+            "SELECT start, stop FROM clears WHERE export = ? AND bitmap = ? AND generation = ?"
+            " ORDER BY start",
+            (scope.export, scope.bitmap, scope.generation),
+        ).fetchall()
+        mask = IntervalSet(rows)
+        self._rows[scope] = len(rows)
+        self._masks[scope] = mask
+        return mask
+
+    def _compact(self, scope: Scope, mask: IntervalSet) -> None:
+        key = (scope.export, scope.bitmap, scope.generation)
+        self._db.execute(
+            "DELETE FROM clears WHERE export = ? AND bitmap = ? AND generation = ?", key
+        )
+        self._db.executemany(
+            "INSERT INTO clears VALUES (?, ?, ?, ?, ?)", [(*key, s, e) for s, e in mask]
+        )
+        self._rows[scope] = len(mask)
+
+    def _set_generation(
+        self, export: str, generation: str, config_generation: str | None, source: str
+    ) -> str:
+        row = self._db.execute(
+            "SELECT generation, config_generation FROM generations WHERE export = ?", (export,)
+        ).fetchone()
+        now = time.time()
+        if config_generation is not None:
+            if row is not None and row[1] == config_generation:
+                return str(row[0])  # unchanged configuration: keep what the API set since
+            self._db.execute(
+                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, 'config', ?)",
+                (export, config_generation, config_generation, now),
+            )
+            return config_generation
+        self._db.execute(
+            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
+            (export, generation, row[1] if row is not None else None, source, now),
+        )
+        return generation

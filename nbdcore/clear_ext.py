@@ -1,0 +1,142 @@
+"""Wire codecs of the nbdgw clear extension (docs/extension-clear.md), sans I/O.
+
+A client that has copied a range of a dirty bitmap tells the server so with
+``NBD_CMD_X_NBDGW_CLEAR``; the server clears the granules of that bitmap lying wholly inside the
+range, atomically with respect to writes, and answers with one
+``NBD_REPLY_TYPE_X_NBDGW_CLEARED`` chunk listing exactly the byte runs it cleared.
+
+Nothing here is sent unless both sides agreed to it with ``NBD_OPT_X_NBDGW_CLEAR`` during the
+handshake: a server without the extension answers the option with NBD_REP_ERR_UNSUP (as the spec
+requires for every unknown option), and a client that did not get an ACK never sends the command.
+
+Every number lives here, beside the codecs, so that the rest of nbdcore needs none of them
+unless it speaks the extension.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from nbdcore.constants import Opt
+from nbdcore.wire import WireError
+
+__all__ = [
+    "CLEARED_HEADER",
+    "CLEARED_RUN",
+    "CLEAR_PAYLOAD",
+    "NBD_CMD_X_NBDGW_CLEAR",
+    "NBD_OPT_X_NBDGW_CLEAR",
+    "NBD_REPLY_TYPE_X_NBDGW_CLEARED",
+    "ClearRequest",
+    "Cleared",
+    "check_cleared",
+    "decode_clear_payload",
+    "decode_cleared",
+    "encode_clear_payload",
+    "encode_cleared",
+]
+
+# The spec assigns options below 16, commands below 16 and reply types below 16; these sit far
+# above (the option reads "NBG\x01", the command and chunk type "NG"), so that a future
+# spec number cannot collide with them on a connection that negotiated the extension. Reply type
+# 0x4E47 has bit 15 clear: it is a success chunk.
+NBD_OPT_X_NBDGW_CLEAR: Final = int(Opt.X_NBDGW_CLEAR)  # 0x4E424701
+NBD_CMD_X_NBDGW_CLEAR: Final = 0x4E47
+NBD_REPLY_TYPE_X_NBDGW_CLEARED: Final = 0x4E47
+
+# Request payload: effect length (u64, not 0), metadata context id (u32).
+CLEAR_PAYLOAD: Final = struct.Struct(">QI")
+# Reply chunk: context id (u32), granularity in bytes (u64), run count (u32), then the runs.
+CLEARED_HEADER: Final = struct.Struct(">IQI")
+CLEARED_RUN: Final = struct.Struct(">QQ")  # offset, length
+
+# A reply lists the runs cleared by one request; the server merges adjacent runs, so a request
+# clears one run, but a client accepts up to this many (bounds what a hostile server can make
+# it buffer: 16 + 16 * 65536 bytes).
+MAX_CLEARED_RUNS: Final = 65536
+MAX_CLEARED_CHUNK: Final = CLEARED_HEADER.size + CLEARED_RUN.size * MAX_CLEARED_RUNS
+
+
+@dataclass(frozen=True, slots=True)
+class ClearRequest:
+    """The decoded payload of NBD_CMD_X_NBDGW_CLEAR."""
+
+    length: int
+    context_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """The decoded NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk."""
+
+    context_id: int
+    granularity: int
+    runs: tuple[tuple[int, int], ...]
+
+    @property
+    def cleared_bytes(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+def encode_clear_payload(length: int, context_id: int) -> bytes:
+    if length <= 0:
+        raise ValueError(f"clear length must be positive, not {length}")
+    return CLEAR_PAYLOAD.pack(length, context_id)
+
+
+def decode_clear_payload(payload: bytes | bytearray | memoryview) -> ClearRequest:
+    if len(payload) != CLEAR_PAYLOAD.size:
+        raise WireError(
+            f"NBD_CMD_X_NBDGW_CLEAR payload of {len(payload)} bytes (must be {CLEAR_PAYLOAD.size})"
+        )
+    length, cid = CLEAR_PAYLOAD.unpack(payload)
+    if length == 0:
+        raise WireError("NBD_CMD_X_NBDGW_CLEAR of length 0")
+    return ClearRequest(length, cid)
+
+
+def encode_cleared(context_id: int, granularity: int, runs: list[tuple[int, int]]) -> bytes:
+    """The payload of a NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk."""
+    if len(runs) > MAX_CLEARED_RUNS:
+        raise ValueError(f"{len(runs)} cleared runs in one reply (at most {MAX_CLEARED_RUNS})")
+    head = CLEARED_HEADER.pack(context_id, granularity, len(runs))
+    return head + b"".join(CLEARED_RUN.pack(o, n) for o, n in runs)
+
+
+def decode_cleared(payload: bytes | bytearray | memoryview) -> Cleared:
+    """Decode the chunk; the counts must agree with its length (WireError otherwise)."""
+    data = memoryview(payload)
+    if len(data) < CLEARED_HEADER.size or (len(data) - CLEARED_HEADER.size) % CLEARED_RUN.size:
+        raise WireError(f"cleared chunk of {len(data)} bytes is not 16 + 16n")
+    cid, granularity, count = CLEARED_HEADER.unpack_from(data, 0)
+    if count != (len(data) - CLEARED_HEADER.size) // CLEARED_RUN.size:
+        raise WireError(f"cleared chunk says {count} runs but carries {len(data) - 16} bytes")
+    runs = tuple(CLEARED_RUN.iter_unpack(data[CLEARED_HEADER.size :]))
+    return Cleared(cid, granularity, runs)
+
+
+def check_cleared(cleared: Cleared, offset: int, length: int, export_size: int) -> None:
+    """Raise WireError unless the reply is possible for a request to clear
+    ``[offset, offset + length)``: runs not empty, in order, disjoint, inside the request, and
+    made of whole granules (the last granule of the export may be short).
+
+    This is what lets a client promise its caller that nothing outside the range was cleared.
+    """
+    g = cleared.granularity
+    if g <= 0 or g & (g - 1):
+        raise WireError(f"cleared chunk with granularity {g} (not a power of two)")
+    end = offset + length
+    prev = offset
+    for start, n in cleared.runs:
+        stop = start + n
+        if n == 0:
+            raise WireError("cleared run of length 0")
+        if start < prev:
+            raise WireError(f"cleared run at {start} overlaps or precedes the previous one")
+        if stop > end:
+            raise WireError(f"cleared run [{start}, {stop}) runs past the request end {end}")
+        if start % g or (stop % g and stop != export_size):
+            raise WireError(f"cleared run [{start}, {stop}) is not whole {g}-byte granules")
+        prev = stop
