@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import stat
@@ -297,18 +298,20 @@ async def map_cmd(args: argparse.Namespace) -> int:
         if context not in client.meta_contexts:
             raise UsageError(f'server does not support metadata context "{context}"')
         out = sys.stdout
-        if args.totals:
-            totals: dict[int, int] = collections.defaultdict(int)
-            async for batch in iter_extents(client, [context]):
-                flags = batch.flags[0]
-                for value in set(flags):  # a few values: one pass in C each
-                    totals[value] += sum(compress(batch.lengths, map(value.__eq__, flags)))
-            out.write(format_totals(context, totals, client.size, args.json))
-        else:
-            printer = MapPrinter(out, context, args.json)
-            async for batch in iter_extents(client, [context]):
-                printer.rows(batch.offset, batch.lengths, batch.flags[0])
-            printer.close()
+        walk = iter_extents(client, [context])
+        async with contextlib.aclosing(walk):  # type: ignore[type-var]
+            if args.totals:
+                totals: dict[int, int] = collections.defaultdict(int)
+                async for batch in walk:
+                    flags = batch.flags[0]
+                    for value in set(flags):  # a few values: one pass in C each
+                        totals[value] += sum(compress(batch.lengths, map(value.__eq__, flags)))
+                out.write(format_totals(context, totals, client.size, args.json))
+            else:
+                printer = MapPrinter(out, context, args.json)
+                async for batch in walk:
+                    printer.rows(batch.offset, batch.lengths, batch.flags[0])
+                printer.close()
         out.flush()
     finally:
         await client.close()
@@ -384,15 +387,16 @@ async def copy_cmd(args: argparse.Namespace) -> int:
                     progress.advance(length)
 
             plan = _block_aligned(_copy_plan(client, iter_extents), block, size)
-            async for offset, length, is_zero in plan:
-                if is_zero:
-                    pending.append((offset, length, None))
-                else:
-                    for o in range(offset, offset + length, chunk):
-                        n = min(chunk, offset + length - o)
-                        pending.append((o, n, asyncio.ensure_future(client.pread(o, n))))
-                        await drain(args.requests)
-                await drain(args.requests)
+            async with contextlib.aclosing(plan):  # stops the walk's requests on errors
+                async for offset, length, is_zero in plan:
+                    if is_zero:
+                        pending.append((offset, length, None))
+                    else:
+                        for o in range(offset, offset + length, chunk):
+                            n = min(chunk, offset + length - o)
+                            pending.append((o, n, asyncio.ensure_future(client.pread(o, n))))
+                            await drain(args.requests)
+                    await drain(args.requests)
             await drain(0)
             writer.finish(size)
         finally:

@@ -429,10 +429,10 @@ def test_registered_in_nbdgw() -> None:
         assert parser.parse_args(argv).func is getattr(client_cmds, func)
 
 
-def test_copy_progress_bar(nbdkit_uri: str, tmp_path: Path) -> None:
+def test_copy_progress_bar(qemu_uri: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nbdcore.tools.client_cmds", "nbd", "copy", "--progress",
-         nbdkit_uri, str(tmp_path / "out")],
+         qemu_uri, str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, check=True,
     )  # fmt: skip
     assert proc.stderr.startswith(b"\r[") and proc.stderr.endswith(b"100.0%\n")
@@ -467,9 +467,9 @@ def test_map_empty_export(tmp_path: Path, fmt: str, capsys: pytest.CaptureFixtur
         assert out.stat().st_size == 0
 
 
-def test_copy_to_a_device(nbdkit_uri: str) -> None:
+def test_copy_to_a_device(qemu_uri: str) -> None:
     """Not a regular file: written in full (nothing to truncate), here /dev/null."""
-    _copy(nbdkit_uri, "/dev/null")
+    _copy(qemu_uri, "/dev/null")
 
 
 @pytest.fixture()
