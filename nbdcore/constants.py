@@ -72,7 +72,7 @@ class Opt(enum.IntEnum):
     LIST_META_CONTEXT = 9
     SET_META_CONTEXT = 10
     EXTENDED_HEADERS = 11
-    # nbdgw extension (docs/extension-clear-meta-context.md): negotiated by both sides, never
+    # nbdgw extension (docs/extension-clear.md): negotiated by both sides, never
     # sent to a peer that did not advertise it. The number sits in the experimental range.
     X_NBDGW_CLEAR = 0x4E42_4701
 
