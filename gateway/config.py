@@ -88,6 +88,16 @@ class GatewayConfig:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     grace_period: float = 5.0
     reflection: bool = True
+    # Calls must carry "authorization: Bearer TOKEN" when set (health and reflection need not).
+    token: str | None = None
+    # TLS on the gRPC port: certificate chain and key files, and a CA file that client
+    # certificates must chain to (mutual TLS) when set.
+    grpc_tls_cert_file: str | None = None
+    grpc_tls_key_file: str | None = None
+    grpc_tls_client_ca_file: str | None = None
+    # A second, plaintext port serving only grpc.health.v1 (for the kubelet when the main port
+    # uses TLS).
+    health_listen: str | None = None
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     exports: dict[str, ExportConfig] = field(default_factory=dict)
     # Connection pool and reconnect tuning.
@@ -163,6 +173,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def read_token(path: str | Path) -> str:
+    """A bearer token from a file (a mounted secret): its first line, stripped."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: {exc.strerror or exc}") from exc
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
+
+
 def parse_export_arg(text: str) -> tuple[str, str]:
     """``NAME=NBD_URI`` -> (name, uri)."""
     name, sep, uri = text.partition("=")
@@ -197,7 +219,19 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
 
 
-_TOP_KEYS = {"listen", "grace_period", "reflection", "data_dir", "hosts", "exports"}
+_TOP_KEYS = {
+    "listen",
+    "grace_period",
+    "reflection",
+    "data_dir",
+    "hosts",
+    "exports",
+    "token_file",
+    "grpc_tls_cert_file",
+    "grpc_tls_key_file",
+    "grpc_tls_client_ca_file",
+    "health_listen",
+}
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
 _HOST_KEYS = {"name", "uri", "max_connections"} | _TLS_KEYS
 _EXPORT_KEYS = {"name", "uri", "host", "nbd_export", "image", "description", "read_only"}
@@ -235,6 +269,14 @@ def apply_table(
         config.reflection = bool(data["reflection"])
     if "data_dir" in data:
         config.data_dir = base / str(data["data_dir"])
+    if "token_file" in data:
+        config.token = read_token(base / str(data["token_file"]))
+    for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):
+        if key in data:
+            setattr(config, key, str(base / str(data[key])))
+    if "health_listen" in data:
+        config.health_listen = str(data["health_listen"])
+        parse_listen(config.health_listen)
     for i, host in enumerate(data.get("hosts", [])):
         here = f"{where}: hosts[{i}]"
         _check_keys(host, _HOST_KEYS, here)

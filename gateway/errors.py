@@ -61,6 +61,7 @@ class Reason:
     NBD_PROTOCOL_ERROR = "NBD_PROTOCOL_ERROR"
     READ_ONLY = "READ_ONLY"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,15 @@ def shutting_down(retry_after: float = 1.0) -> GatewayError:
         "the gateway is shutting down; retry (and resume) on another instance or later",
         {},
         [_retry_info(retry_after)],
+    )
+
+
+def unauthenticated(why: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        Reason.UNAUTHENTICATED,
+        f"{why}: send the metadata 'authorization: Bearer TOKEN'",
+        {},
     )
 
 

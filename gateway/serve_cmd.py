@@ -28,6 +28,7 @@ from gateway.config import (
     load_file,
     parse_export_arg,
     parse_listen,
+    read_token,
 )
 from nbdcore.tls import TLSConfig
 
@@ -103,6 +104,40 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument(
         "--no-reflection", action="store_true", help="do not serve gRPC server reflection"
     )
+    sec = p.add_argument_group("securing the gRPC port")
+    sec.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=_env("TOKEN_FILE"),
+        help="require 'authorization: Bearer TOKEN' on every call, TOKEN being the file's first"
+        " line; health and reflection stay open ($NBDGW_TOKEN_FILE)",
+    )
+    sec.add_argument(
+        "--grpc-tls-cert-file",
+        metavar="FILE",
+        default=_env("GRPC_TLS_CERT_FILE"),
+        help="serve TLS with this certificate chain ($NBDGW_GRPC_TLS_CERT_FILE)",
+    )
+    sec.add_argument(
+        "--grpc-tls-key-file",
+        metavar="FILE",
+        default=_env("GRPC_TLS_KEY_FILE"),
+        help="and this key ($NBDGW_GRPC_TLS_KEY_FILE)",
+    )
+    sec.add_argument(
+        "--grpc-tls-client-ca-file",
+        metavar="FILE",
+        default=_env("GRPC_TLS_CLIENT_CA_FILE"),
+        help="require client certificates from this CA: mutual TLS"
+        " ($NBDGW_GRPC_TLS_CLIENT_CA_FILE)",
+    )
+    sec.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        default=_env("HEALTH_LISTEN"),
+        help="also serve grpc.health.v1 alone, in plaintext, here (for probes that cannot"
+        " speak TLS) ($NBDGW_HEALTH_LISTEN)",
+    )
     tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
     tls.add_argument("--tls-ca-file", default=_env("TLS_CA_FILE"), help="($NBDGW_TLS_CA_FILE)")
     tls.add_argument(
@@ -136,6 +171,14 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         if int(args.max_connections) < 1:
             raise ConfigError("--max-connections must be at least 1")
         config.max_connections_per_host = int(args.max_connections)
+    if args.token_file:
+        config.token = read_token(args.token_file)
+    for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):
+        if getattr(args, key):
+            setattr(config, key, getattr(args, key))
+    if args.health_listen:
+        parse_listen(args.health_listen)
+        config.health_listen = args.health_listen
     if args.no_reflection:
         config.reflection = False
     tls = None
@@ -175,6 +218,12 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
     addr = listening.address
     target = "" if addr == DEFAULT_LISTEN else f" --target {addr}"
     lines = [f"nbdgw: gateway listening on {addr}"]
+    if listening.health_port is not None:
+        lines.append(f"nbdgw: health (plaintext) on port {listening.health_port}")
+    if config.token:
+        target += " --token TOKEN"
+    if config.grpc_tls_cert_file:
+        target += " --tls-ca CA_FILE"
     if listening.nbd_socket:
         lines.append(f"nbdgw: embedded NBD host on nbd+unix:///?socket={listening.nbd_socket}")
     lines.append(f"nbdgw: exports: {', '.join(config.exports)}")
@@ -187,9 +236,12 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
         f"  nbdgw exports{target}",
         f"  nbdgw bitmaps {export}{target}",
         f"  nbdgw extents {export} --bitmap {bitmap}{target}",
-        "  buf curl --protocol grpc --http2-prior-knowledge"
-        f""" -d '{{"export": "exports/{export}", "context": "{bitmap}"}}'"""
-        f" http://{addr}/nbdgw.v1.BitmapService/StreamExtents",
+        "  buf curl --protocol grpc"
+        + (" --cacert CA_FILE" if config.grpc_tls_cert_file else " --http2-prior-knowledge")
+        + (" -H 'authorization: Bearer TOKEN'" if config.token else "")
+        + f""" -d '{{"export": "exports/{export}", "context": "{bitmap}"}}'"""
+        + f" {'https' if config.grpc_tls_cert_file else 'http'}://{addr}"
+        + "/nbdgw.v1.BitmapService/StreamExtents",
     ]
     print("\n".join(lines), flush=True)
 

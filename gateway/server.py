@@ -32,7 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_reflection.v1alpha import reflection
 
-from gateway.config import EMBEDDED_HOST, GatewayConfig, parse_listen
+from gateway.auth import BearerTokenInterceptor
+from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts import ExportPool, Host
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
@@ -123,6 +124,7 @@ class Listening:
     host: str
     port: int
     nbd_socket: str | None
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -143,6 +145,7 @@ class Gateway:
         self.shutdown = asyncio.Event()
         self.backend = Backend(self.pools, self.images, self.shutdown)
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
 
@@ -167,7 +170,8 @@ class Gateway:
         await asyncio.gather(*(host.check() for host in self.hosts.values()))
         await self._update_health()
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        interceptors = [BearerTokenInterceptor(cfg.token)] if cfg.token else []
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
@@ -177,7 +181,11 @@ class Gateway:
         host, port = parse_listen(cfg.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = server.add_insecure_port(address)
+            credentials = self._server_credentials()
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             bound = 0
             why = str(exc)
@@ -189,8 +197,41 @@ class Gateway:
         await server.start()
         self.server = server
         self.listening = Listening(host, bound, nbd_socket)
+        if cfg.health_listen:
+            self.listening.health_port = await self._start_health_server(cfg.health_listen)
         log.info("gateway listening on %s", self.listening.address)
         return self.listening
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        cfg = self.config
+        if not cfg.grpc_tls_cert_file and not cfg.grpc_tls_key_file:
+            return None
+        if not (cfg.grpc_tls_cert_file and cfg.grpc_tls_key_file):
+            raise ConfigError("gRPC TLS needs both a certificate and a key file")
+        chain = Path(cfg.grpc_tls_cert_file).read_bytes()
+        key = Path(cfg.grpc_tls_key_file).read_bytes()
+        client_ca = (
+            Path(cfg.grpc_tls_client_ca_file).read_bytes() if cfg.grpc_tls_client_ca_file else None
+        )
+        return grpc.ssl_server_credentials(
+            [(key, chain)],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+    async def _start_health_server(self, listen: str) -> int:
+        """A plaintext port with only grpc.health.v1 (the same statuses as the main port)."""
+        host, port = parse_listen(listen)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}: {exc}") from None
+        await server.start()
+        self.health_server = server
+        return bound
 
     async def _start_embedded(self) -> str:
         cfg = self.config
@@ -238,6 +279,8 @@ class Gateway:
             await self.health.enter_graceful_shutdown()
             if self.server is not None:
                 await self.server.stop(grace)
+            if self.health_server is not None:
+                await self.health_server.stop(0)
             await self._close_backends()
         finally:
             self._stopped.set()

@@ -252,6 +252,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the export or bitmap is read-only."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 14
     """INTERNAL: anything else; the message says what."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 15
+    """UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata and the call
+    had none, or a wrong token. Health checks and reflection need no token.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons of `google.rpc.ErrorInfo` (domain `nbdgw.dev`). `ErrorInfo.reason` holds
@@ -293,6 +297,10 @@ ERROR_REASON_READ_ONLY: ErrorReason.ValueType  # 13
 """FAILED_PRECONDITION: the export or bitmap is read-only."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """INTERNAL: anything else; the message says what."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 15
+"""UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata and the call
+had none, or a wrong token. Health checks and reflection need no token.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
