@@ -287,7 +287,8 @@ class NBDServer:
                 continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
-                # A reply of 256 KiB should not need several trips through the event loop.
+                # A reply of 256 KiB should not need several trips through the event loop
+                # (unix sockets default to 208 KiB; measured faster on TCP loopback too).
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
