@@ -1,5 +1,5 @@
 """Disk and bitmap storage for the NBD server: raw and memory disks, persistent crash-safe
-dirty bitmaps, and ``Image``, a disk with its bitmaps."""
+dirty bitmaps, ``Image``, a disk with its bitmaps, and its point-in-time ``Snapshot``s."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from nbdcore.storage.errors import (
     BitmapError,
     BitmapExistsError,
     NoSuchBitmapError,
+    NoSuchSnapshotError,
     RangeError,
+    SnapshotError,
+    SnapshotExistsError,
+    SnapshotFullError,
+    SnapshotUnavailableError,
 )
 from nbdcore.storage.image import Image
+from nbdcore.storage.snapshot import Snapshot
 
 __all__ = [
     "DEFAULT_GRANULARITY",
@@ -22,6 +28,12 @@ __all__ = [
     "Image",
     "MemoryDisk",
     "NoSuchBitmapError",
+    "NoSuchSnapshotError",
     "RangeError",
     "RawFileDisk",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotExistsError",
+    "SnapshotFullError",
+    "SnapshotUnavailableError",
 ]
