@@ -454,12 +454,15 @@ def classify(lengths: array[int], allocation: array[int], dirty: array[int]) -> 
 
 
 class _Segment:
-    __slots__ = ("end", "issued", "start")
+    """A piece of the range, answered by one request: ``sent`` is the (first, last) byte range
+    actually asked (block-aligned, possibly wider than the segment), None until it is sent."""
 
-    def __init__(self, start: int, end: int, issued: bool) -> None:
+    __slots__ = ("end", "sent", "start")
+
+    def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
-        self.issued = issued
+        self.sent: tuple[int, int] | None = None
 
 
 class _Joiner:
@@ -584,9 +587,9 @@ class ExtentWalker:
     @property
     def head(self) -> int:
         """Offset of the oldest outstanding request: the one :meth:`receive` wants next."""
-        if not self._segments or not self._segments[0].issued:
+        if not self._segments or self._segments[0].sent is None:
             raise UsageError("no block status request is outstanding")
-        return self._request(self._segments[0])[0]
+        return self._segments[0].sent[0]
 
     @property
     def done(self) -> bool:
@@ -608,35 +611,56 @@ class ExtentWalker:
         return first, last
 
     def requests(self) -> list[tuple[int, int]]:
-        """New requests to send now, as (offset, length)."""
+        """New requests to send now, as (offset, length): segments in order, unsent ones cut
+        to ``step``, while fewer than ``depth`` are outstanding (the oldest always goes: its
+        answer is the one awaited)."""
         out: list[tuple[int, int]] = []
         segs = self._segments
+        outstanding = sum(1 for seg in segs if seg.sent is not None)
         i = 0
-        while i < self.depth:
+        while True:
             if i == len(segs):
-                if self._next >= self.end:
+                if self._next >= self.end or outstanding >= self.depth:
                     break
-                segs.append(_Segment(self._next, self._cut(self._next, self.end), False))
+                segs.append(_Segment(self._next, self._cut(self._next, self.end)))
                 self._next = segs[-1].end
             seg = segs[i]
-            if not seg.issued:
+            if seg.sent is None:
+                if outstanding >= self.depth and i > 0:
+                    break
                 cut = self._cut(seg.start, seg.end)
                 if cut < seg.end:
-                    segs.insert(i + 1, _Segment(cut, seg.end, False))
+                    segs.insert(i + 1, _Segment(cut, seg.end))
                     seg.end = cut
-                seg.issued = True
-                first, last = self._request(seg)
-                out.append((first, last - first))
+                seg.sent = self._request(seg)
+                outstanding += 1
+                out.append((seg.sent[0], seg.sent[1] - seg.sent[0]))
             i += 1
         self.requests_sent += len(out)
         return out
 
+    def _resplit(self) -> None:
+        """After the step shrank: cut the segments in flight to the new step, so that the
+        rest of each is asked for now rather than after its (likely short) answer. Their
+        answers are clipped to the shorter segment when they arrive."""
+        segs = self._segments
+        i = 1
+        while i < len(segs):
+            seg = segs[i]
+            if seg.sent is not None:
+                cut = self._cut(seg.start, seg.end)
+                if cut < seg.end:
+                    segs.insert(i + 1, _Segment(cut, seg.end))
+                    seg.end = cut
+                    i += 1
+            i += 1
+
     def receive(self, offset: int, answer: Answer) -> None:
         """Feed the answer to the oldest outstanding request (which started at ``offset``)."""
-        if not self._segments or not self._segments[0].issued:
+        if not self._segments or self._segments[0].sent is None:
             raise UsageError("no block status request is outstanding")
         seg = self._segments[0]
-        first, last = self._request(seg)
+        first, last = self._segments[0].sent
         if offset != first:
             raise UsageError(f"expected the answer for offset {first}, got {offset}")
         skip = seg.start - first  # rounding down to a block: not part of the range
@@ -673,8 +697,11 @@ class ExtentWalker:
             # Short answer: ask for the rest next, and size new requests to what this server
             # answers in one go.
             seg.start += covered
-            seg.issued = False
-            self.step = max(covered - covered % self.align, self.align)
+            seg.sent = None
+            step = max(covered - covered % self.align, self.align)
+            if step < self.step:
+                self.step = step
+                self._resplit()
         else:
             del self._segments[0]
             self.step = min(self.step * 2, self.max_step)
