@@ -527,15 +527,17 @@ class ExtentWalker:
     """The sans-I/O core of :func:`iter_extents`: plans BLOCK_STATUS requests over
     ``[offset, offset + length)`` and assembles their answers into :class:`ExtentBatch`.
 
-    Use: send every ``(offset, length)`` of :meth:`requests`; feed the answer of the *oldest*
-    outstanding request to :meth:`receive` (answers must be fed in the order the requests were
-    returned), collect :meth:`batches`; repeat until :attr:`done`.
+    Use: send every ``(offset, length)`` of :meth:`requests`; feed the answer of the request
+    at offset :attr:`head` to :meth:`receive` (a follow-up request can come before requests
+    sent earlier, so key answers by offset), collect :meth:`batches`; repeat until
+    :attr:`done`.
 
-    The range is cut into segments of ``step`` bytes, at most ``depth`` of them outstanding.
-    A short answer leaves the rest of its segment as the next one to ask for, and shrinks
-    ``step`` to what the server covered, so that later requests are answered whole instead of
-    in a chain of follow-ups; complete answers let it grow again. Memory is bounded by
-    ``depth`` answers plus one batch, whatever the size of the range.
+    The range is cut into segments of ``step`` bytes, at most ``depth`` requests outstanding
+    (one more when the awaited follow-up needs it). A short answer leaves the rest of its
+    segment as the next one to ask for, and shrinks ``step`` to what the server covered (the
+    segments in flight are cut to it as well), so that later requests are answered whole
+    instead of in chains of follow-ups; complete answers let it grow again. Memory is bounded
+    by ``depth + 1`` answers plus one batch, whatever the size of the range.
     """
 
     def __init__(
