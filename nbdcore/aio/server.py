@@ -25,8 +25,10 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -351,9 +353,12 @@ Buffer = bytes | bytearray | memoryview
 
 
 class _SocketChannel:
-    """A plain socket driven directly: ``recv_into`` a fixed buffer, and ``writev`` of queued
-    buffers, never copied or joined (asyncio 3.11 transports join and copy, which halved read
-    throughput). Buffers handed to ``send`` must not change until sent."""
+    """A plain socket driven directly: ``recv_into`` a fixed buffer on the event loop, and a
+    sender thread per connection that drains a queue with ``writev`` (buffers never copied or
+    joined: asyncio 3.11 transports join and copy, which halved read throughput) and
+    ``sendfile`` (file spans). The thread runs the kernel's copy work, with the GIL released,
+    beside the event loop: the server uses more than one core. Buffers handed to ``send`` must
+    not change until sent."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -362,31 +367,27 @@ class _SocketChannel:
         self.queue: deque[Payload] = deque()
         self.queued = 0
         self.broken = False
+        self._closing = False
         self._rbuf = bytearray(_READ_SIZE)
-        self._wake = asyncio.Event()
+        self._cond = threading.Condition()
         self._drained = asyncio.Event()
         self._drained.set()
-        self._writer = asyncio.create_task(self._write_loop())
+        self._thread = threading.Thread(target=self._send_thread, name="nbd-send", daemon=True)
+        self._thread.start()
 
     async def recv(self) -> Buffer:
         n = await self.loop.sock_recv_into(self.sock, self._rbuf)
         return memoryview(self._rbuf)[:n]
 
     def send(self, items: list[Payload]) -> None:
-        if self.broken:
-            return
-        if not self.queue:
-            # Fast path: straight from the caller's buffers (or the file) to the kernel.
-            sent, done = self._push(items)
-            if done == len(items):
+        size = sum(len(b) for b in items)
+        with self._cond:
+            if self.broken:
                 return
-            items = items[done:]
-            if sent:
-                items[0] = _rest(items[0], sent)
-        self.queue.extend(items)
-        self.queued += sum(len(b) for b in items)
+            self.queue.extend(items)
+            self.queued += size
+            self._cond.notify()
         self._drained.clear()
-        self._wake.set()
 
     def _push(self, items: Sequence[Payload]) -> tuple[int, int]:
         """Send what the socket takes now: writev for runs of buffers, sendfile for file
@@ -420,48 +421,53 @@ class _SocketChannel:
                 i += 1
         return 0, n
 
-    async def _write_loop(self) -> None:
+    def _send_thread(self) -> None:
         queue = self.queue
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while queue and not self.broken:
+            with self._cond:
+                while not queue and not self._closing:
+                    self._cond.wait()
+                if not queue:
+                    return
                 items = list(islice(queue, _IOV_MAX))
-                sent, done = self._push(items)
-                if self.broken:  # _break emptied the queue
-                    break
+            sent, done = self._push(items)
+            with self._cond:
+                if self.broken:
+                    continue  # _break emptied the queue; wait for close
                 for _ in range(done):
                     self.queued -= len(queue.popleft())
                 if sent:
                     queue[0] = _rest(queue[0], sent)
                     self.queued -= sent
-                if queue and done < len(items):
-                    await self._writable()
-            if not queue:
+                empty = not queue
+            if empty:
+                self.loop.call_soon_threadsafe(self._check_drained)
+            elif done < len(items):
+                # The socket is full: wait until it drains (or breaks: abort shuts it down).
+                poller.poll(1000)
+
+    def _check_drained(self) -> None:
+        with self._cond:
+            empty = not self.queue
+            if empty:
                 self.queued = 0
-                self._drained.set()
+        if empty:
+            self._drained.set()
 
-    async def _writable(self) -> None:
-        fut = self.loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self.loop.add_writer(self.fd, ready)
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(self.fd)
-
-    def _break(self, exc: BaseException) -> None:
-        log.info("write failed: %s", exc)
-        self.broken = True
-        self.queue.clear()
-        self.queued = 0
-        self._drained.set()
+    def _break(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.info("write failed: %s", exc)
+        with self._cond:
+            self.broken = True
+            self.queue.clear()
+            self.queued = 0
+            self._cond.notify()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
+            self.loop.call_soon_threadsafe(self._drained.set)
 
     def backlog(self) -> int:
         return self.queued
@@ -479,17 +485,17 @@ class _SocketChannel:
             self.sock.shutdown(socket.SHUT_RD)
 
     def abort(self) -> None:
-        self.broken = True
-        self.queue.clear()
-        self._drained.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self._break(None)
+
+    async def _stop_thread(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     async def close(self) -> None:
-        self._writer.cancel()
         try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await self._stop_thread()
         finally:
             self.sock.close()
 
@@ -497,9 +503,7 @@ class _SocketChannel:
         """Hand the socket to an asyncio TLS transport, sending ``pending`` (the STARTTLS ACK)
         only once reading is paused, so the client's first TLS record cannot be lost."""
         await self.flush()
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        await self._stop_thread()
         protocol = _TLSProtocol()
         transport, _ = await self.loop.connect_accepted_socket(lambda: protocol, self.sock)
         transport.pause_reading()
