@@ -808,6 +808,10 @@ async def iter_extents(
     try:
         while not walker.done:
             for start, size in walker.requests():
+                if start in inflight:  # only with extents that split the minimum block
+                    raise ServerProtocolError(
+                        f"block status extents not aligned to the minimum block size near {start}"
+                    )
                 inflight[start] = asyncio.ensure_future(
                     client.block_status(start, size, contexts=names)
                 )
