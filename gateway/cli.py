@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "nbdcore.tools.client_cmds",  # nbd list|map|copy
     "nbdcore.tools.server_cmds",  # nbd serve
     "nbdcore.tools.bitmap_cmds",  # bitmap add|remove|list|enable|disable|clear|merge
+    "nbdcore.tools.snapshot_cmds",  # snapshot create|list|release
     "gateway.map_cmd",  # map (a picture of the dirty/allocated/zero extents)
 )
 
