@@ -5,10 +5,12 @@ moves bytes, runs the requests against the images and enforces the resource limi
 
 Where requests run:
 
-- READ runs on the event loop: a raw file on a plain socket goes out with ``sendfile`` (page
-  cache to socket, never through Python), anything else is read into a fresh buffer. Replies
-  leave with ``os.writev`` of chunk headers and payloads, never joined (see _SocketChannel).
-  BLOCK_STATUS of a read-only export also runs inline.
+- READ is answered on the event loop: on a plain socket, data of a raw file is queued as a
+  file span that the connection's sender thread passes to ``sendfile`` (page cache to socket,
+  never through Python); anything else is read into a fresh buffer. Replies leave with
+  ``os.writev`` of chunk headers and payloads, never joined (see _SocketChannel); after
+  STARTTLS, through an asyncio TLS transport. BLOCK_STATUS of a read-only export also runs
+  on the loop.
 - Everything that changes an image or looks at its bitmaps (WRITE, WRITE_ZEROES, TRIM, FLUSH,
   BLOCK_STATUS of a writable export) runs on one worker thread per image. One thread per image
   serialises them, so a FLUSH covers every write that was answered before it, on any
