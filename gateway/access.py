@@ -1,0 +1,600 @@
+"""Who may call the gateway, and what for: authentication, authorization and per-call limits,
+as one grpc.aio server interceptor.
+
+Authentication (:class:`Authenticator`):
+
+- a bearer token in the metadata ``authorization: Bearer TOKEN``, looked up in a token file
+  (:class:`TokenFile`: lines ``IDENTITY TOKEN``; a line with a token alone is identity
+  ``default``). The file is re-read when it changes (a rotated Kubernetes Secret). The lookup
+  compares SHA-256 digests of the token with every entry in constant time, so neither timing nor
+  an early exit tells how much of a guess was right;
+- or, under mutual TLS, the verified client certificate: its subject common name (or its first
+  subject alternative name). A token, when sent, wins; a wrong token fails even with a good
+  certificate (fail closed).
+
+Authorization (:class:`Policy`): identity -> export name globs x operations (``list``,
+``extents``, ``data``, ``clear``, ``snapshot``). Without a policy every authenticated identity may
+do everything. A denial is PERMISSION_DENIED and names only what the caller asked for: it is
+decided before the servicer looks the export up, so asking for an export that does not exist and
+for one that exists but is not yours get the same answer. ListExports lists only the caller's
+exports (the interceptor pages over the visible ones itself).
+
+gRPC interceptors see only the method name and metadata, not the request nor the peer's
+certificate; so :class:`AccessInterceptor` wraps the method handler: the wrapper authenticates
+with the call's context, reads the export from the request, authorizes, takes the limits
+(:mod:`gateway.limits`), then runs the servicer's own behaviour. Health
+(``grpc.health.v1``) stays open to everyone; everything else, reflection included, needs an
+identity.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from gateway import errors
+from gateway.errors import GatewayError
+from gateway.limits import Limiter
+
+log = logging.getLogger("nbdgw.access")
+
+OPERATIONS = frozenset({"list", "extents", "data", "clear", "snapshot"})
+DEFAULT_IDENTITY = "default"
+
+# Open to anyone: the kubelet's probes send no credentials.
+OPEN_PREFIXES = ("/grpc.health.v1.",)
+# Any authenticated identity, whatever its policy: describing the API reveals no export.
+ANY_IDENTITY_PREFIXES = ("/grpc.reflection.",)
+
+_BITMAP_SERVICE = "/nbdgw.v1.BitmapService/"
+# Method -> operation; StreamExtents with include_data is "data" (see _operation).
+METHOD_OPERATIONS: Mapping[str, str] = {
+    _BITMAP_SERVICE + "ListExports": "list",
+    _BITMAP_SERVICE + "GetExport": "list",
+    _BITMAP_SERVICE + "ListBitmaps": "list",
+    _BITMAP_SERVICE + "StreamExtents": "extents",
+    _BITMAP_SERVICE + "ClearRange": "clear",
+}
+# Every method of these services is this operation.
+SERVICE_OPERATIONS: Mapping[str, str] = {"/nbdgw.v1.SnapshotService/": "snapshot"}
+LIST_EXPORTS = _BITMAP_SERVICE + "ListExports"
+STREAM_EXTENTS = _BITMAP_SERVICE + "StreamExtents"
+CLEAR_RANGE = _BITMAP_SERVICE + "ClearRange"
+# Request fields that name the export, in the order they are looked for.
+EXPORT_FIELDS = ("export", "parent", "name")
+
+
+# The identity of the call being served (set by AccessInterceptor before the servicer runs).
+CURRENT_IDENTITY: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "nbdgw_identity", default=None
+)
+
+
+class AccessConfigError(ValueError):
+    """A token or policy file that cannot be used (the message says which line)."""
+
+
+# --- identities and tokens ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    via: str  # "token" or "certificate"
+
+
+def _digest(token: str | bytes) -> bytes:
+    raw = token.encode() if isinstance(token, str) else token
+    return hashlib.sha256(raw).digest()
+
+
+def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]]:
+    """``IDENTITY TOKEN`` lines (or a lone ``TOKEN``: identity ``default``); blank lines and
+    ``#`` comments are skipped. Returns (SHA-256 of the token, identity) pairs."""
+    entries: list[tuple[bytes, str]] = []
+    seen: set[bytes] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) == 1:
+            name, token = DEFAULT_IDENTITY, parts[0]
+        elif len(parts) == 2:
+            name, token = parts
+        else:
+            raise AccessConfigError(f"{where}, line {number}: expected 'IDENTITY TOKEN'")
+        if len(token) < 8:
+            raise AccessConfigError(f"{where}, line {number}: token shorter than 8 characters")
+        digest = _digest(token)
+        if digest in seen:
+            raise AccessConfigError(f"{where}, line {number}: token given twice")
+        seen.add(digest)
+        entries.append((digest, name))
+    if not entries:
+        raise AccessConfigError(f"{where}: no token")
+    return entries
+
+
+class TokenFile:
+    """Tokens from a file, re-read when it changes (checked at most every ``interval`` s).
+
+    A file that becomes unreadable or invalid keeps the tokens last loaded (and logs): a
+    half-written Secret must not lock everyone out, nor let anyone in."""
+
+    def __init__(self, path: str | Path, *, interval: float = 1.0) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self._stamp: tuple[int, int, int] | None = None
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            raise AccessConfigError(f"token file {path}: {exc.strerror or exc}") from None
+        self._entries = parse_tokens(text, f"token file {path}")
+        self._stamp = self._stat()
+
+    @classmethod
+    def from_tokens(cls, tokens: Mapping[str, str]) -> StaticTokens:
+        """identity -> token, for tests and embedding."""
+        return StaticTokens(tokens)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.interval:
+            return
+        with self._lock:
+            self._checked = now
+            stamp = self._stat()
+            if stamp is None or stamp == self._stamp:
+                return
+            try:
+                entries = parse_tokens(self.path.read_text(), f"token file {self.path}")
+            except (OSError, AccessConfigError) as exc:
+                log.warning("keeping the previous tokens: %s", exc)
+                return
+            self._entries, self._stamp = entries, stamp
+            self.reloads += 1
+            log.info("token file %s reloaded (%d tokens)", self.path, len(entries))
+
+    def lookup(self, token: str) -> str | None:
+        """The identity of ``token``, or None."""
+        self._maybe_reload()
+        return _constant_time_lookup(self._entries, token)
+
+
+class StaticTokens:
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._entries = [(_digest(token), name) for name, token in tokens.items()]
+
+    def lookup(self, token: str) -> str | None:
+        return _constant_time_lookup(self._entries, token)
+
+
+def _constant_time_lookup(entries: Sequence[tuple[bytes, str]], token: str) -> str | None:
+    # Compare fixed-length digests against every entry, without stopping at a match.
+    got = _digest(token)
+    found: str | None = None
+    for digest, name in entries:
+        if hmac.compare_digest(digest, got) and found is None:
+            found = name
+    return found
+
+
+# --- the policy ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    exports: tuple[str, ...] = ("*",)
+    operations: frozenset[str] = OPERATIONS
+
+    def allows(self, operation: str, export: str | None) -> bool:
+        if operation not in self.operations:
+            return False
+        return export is None or self.sees(export)
+
+    def sees(self, export: str) -> bool:
+        return any(fnmatch.fnmatchcase(export, glob) for glob in self.exports)
+
+
+@dataclass
+class Policy:
+    """identity -> Rule. An identity without a rule falls back to the ``*`` rule, if any;
+    otherwise it may do nothing."""
+
+    rules: dict[str, Rule] = field(default_factory=dict)
+
+    def rule(self, identity: str) -> Rule | None:
+        return self.rules.get(identity) or self.rules.get("*")
+
+    def allows(self, identity: str, operation: str, export: str | None) -> bool:
+        rule = self.rule(identity)
+        return rule is not None and rule.allows(operation, export)
+
+    def sees(self, identity: str, export: str) -> bool:
+        rule = self.rule(identity)
+        return rule is not None and bool(rule.operations) and rule.sees(export)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str = "policy") -> Policy:
+        """``{"identities": {NAME: {"exports": [GLOB...], "operations": [OP...]}}}``; a missing
+        ``exports`` means all, a missing ``operations`` means all."""
+        unknown = set(table) - {"identities"}
+        if unknown:
+            raise AccessConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        identities = table.get("identities", {})
+        if not isinstance(identities, Mapping):
+            raise AccessConfigError(f"{where}: 'identities' must be a table")
+        rules: dict[str, Rule] = {}
+        for name, entry in identities.items():
+            here = f"{where}: identities.{name}"
+            if not isinstance(entry, Mapping):
+                raise AccessConfigError(f"{here}: must be a table")
+            bad = set(entry) - {"exports", "operations"}
+            if bad:
+                raise AccessConfigError(f"{here}: unknown key(s) {', '.join(sorted(bad))}")
+            exports = entry.get("exports", ["*"])
+            ops = entry.get("operations", sorted(OPERATIONS))
+            if not _str_list(exports):
+                raise AccessConfigError(f"{here}: 'exports' must be a list of glob strings")
+            if not _str_list(ops):
+                raise AccessConfigError(f"{here}: 'operations' must be a list of strings")
+            unknown_ops = set(ops) - OPERATIONS - {"*"}
+            if unknown_ops:
+                raise AccessConfigError(
+                    f"{here}: unknown operation(s) {', '.join(sorted(unknown_ops))}"
+                    f" (known: {', '.join(sorted(OPERATIONS))})"
+                )
+            opset = OPERATIONS if "*" in ops else frozenset(ops)
+            rules[str(name)] = Rule(tuple(exports), opset)
+        return cls(rules)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as exc:
+            raise AccessConfigError(f"policy file {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise AccessConfigError(f"policy file {path}: {exc}") from None
+        return cls.from_table(table, f"policy file {path}")
+
+
+def _str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def permission_denied(identity: str, operation: str, export: str | None) -> GatewayError:
+    what = f"export {export!r}" if export is not None else "exports"
+    return GatewayError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+        f"identity {identity!r} may not {operation} {what}",
+        {"operation": operation},
+    )
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+class TokenLookup:
+    """What Authenticator needs of a token table."""
+
+    def lookup(self, token: str) -> str | None:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+@dataclass
+class Authenticator:
+    tokens: TokenFile | StaticTokens | None = None
+    # Trust the identity of verified client certificates (the port requires them: mutual TLS).
+    client_certificates: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens is not None or self.client_certificates
+
+    def authenticate(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, auth_context: Mapping[str, Any]
+    ) -> Identity:
+        header = None
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        if header is not None:
+            if self.tokens is None:
+                raise errors.unauthenticated("bearer tokens are not accepted here")
+            text = header.decode(errors="replace") if isinstance(header, bytes) else header
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise errors.unauthenticated("malformed authorization header")
+            name = self.tokens.lookup(token.strip())
+            if name is None:
+                raise errors.unauthenticated("wrong bearer token")
+            return Identity(name, "token")
+        if self.client_certificates:
+            name = certificate_identity(auth_context)
+            if name is not None:
+                return Identity(name, "certificate")
+        if self.tokens is None:
+            raise errors.unauthenticated("no client certificate")
+        raise errors.unauthenticated("missing bearer token")
+
+
+def certificate_identity(auth_context: Mapping[str, Any]) -> str | None:
+    """The subject CN (else the first SAN) of the peer's verified certificate, from grpc's
+    auth_context (present only when the TLS handshake verified it)."""
+    if auth_context.get("transport_security_type") not in ([b"ssl"], ["ssl"]):
+        return None
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        values = auth_context.get(key) or []
+        for value in values:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            if text:
+                return text
+    return None
+
+
+# --- the interceptor ----------------------------------------------------------------------
+
+
+def export_of(request: Any) -> str | None:
+    """The export a request names (``exports/NAME[/...]`` or ``NAME``), or None."""
+    for name in EXPORT_FIELDS:
+        try:
+            value = getattr(request, name)
+        except AttributeError:
+            continue
+        if not isinstance(value, str):
+            continue
+        if value.startswith("exports/"):
+            value = value[len("exports/") :]
+        return value.split("/", 1)[0]
+    return None
+
+
+def operation_of(method: str, request: Any = None) -> str | None:
+    op = METHOD_OPERATIONS.get(method)
+    if op is None:
+        for prefix, service_op in SERVICE_OPERATIONS.items():
+            if method.startswith(prefix):
+                return service_op
+        return None
+    if method == STREAM_EXTENTS and request is not None and getattr(request, "include_data", False):
+        return "data"
+    return op
+
+
+if TYPE_CHECKING:  # grpc-stubs makes it generic; grpc itself does not
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+Behaviour = Callable[[Any, Any], Any]
+
+
+class AccessInterceptor(_Interceptor):
+    """Authenticate, authorize and limit every call but health (see the module docstring)."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        policy: Policy | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.authenticator = authenticator or Authenticator()
+        self.policy = policy
+        self.limiter = limiter or Limiter()
+        self.denied = 0  # calls refused (unauthenticated, permission, limits): for metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = details.method
+        handler = await continuation(details)
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self._wrap(method, handler)
+        return wrapped
+
+    # --- deciding -------------------------------------------------------------------------
+
+    def identify(self, context: Any) -> Identity:
+        if not self.authenticator.enabled:
+            return Identity(DEFAULT_IDENTITY, "none")
+        return self.authenticator.authenticate(
+            context.invocation_metadata(), context.auth_context()
+        )
+
+    def authorize(self, identity: Identity, method: str, request: Any) -> str:
+        """The operation, once allowed; raises PERMISSION_DENIED."""
+        if method.startswith(ANY_IDENTITY_PREFIXES):
+            return "reflection"
+        op = operation_of(method, request)
+        if op is None:  # a method this table does not know: nobody but a full rule
+            if self.policy is None:
+                return "other"
+            rule = self.policy.rule(identity.name)
+            if rule is not None and rule.operations == OPERATIONS and rule.exports == ("*",):
+                return "other"
+            raise permission_denied(identity.name, f"call {method} on", None)
+        if self.policy is None:
+            return op
+        export = None if method == LIST_EXPORTS else export_of(request)
+        if not self.policy.allows(identity.name, op, export):
+            raise permission_denied(identity.name, op, export)
+        return op
+
+    # --- wrapping -------------------------------------------------------------------------
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+            if method == LIST_EXPORTS:
+                inner = self._list_exports(inner)
+
+            async def unary(request: Any, context: Any) -> Any:
+                identity = await self._admit(method, request, context)
+                if identity is None:
+                    return None
+                if method == CLEAR_RANGE:
+                    wait = self.limiter.take_clear(identity.name)
+                    if wait:
+                        self.denied += 1
+                        await _abort(context, self.limiter.clear_rate_exceeded(wait))
+                        return None
+                return await self.limiter.run_unary(inner(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner = handler.unary_stream
+            if inspect.isasyncgenfunction(inner):
+                # A yielding servicer: run it against a write()-ing context instead.
+                inner = _writing(inner)
+
+            async def stream(request: Any, context: Any) -> None:
+                identity = await self._admit(method, request, context)
+                if identity is None:
+                    return
+                try:
+                    slot = self.limiter.open_stream(identity.name)
+                except GatewayError as err:
+                    self.denied += 1
+                    await _abort(context, err)
+                    return
+                with slot:
+                    await self.limiter.run_stream(inner, request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client-streaming methods: none in the API; authenticate and authorize (no export).
+        for kind in ("stream_unary", "stream_stream"):
+            inner = getattr(handler, kind)
+            if inner is not None:
+                return self._wrap_streaming_request(method, handler, kind, inner)
+        return handler
+
+    def _wrap_streaming_request(self, method: str, handler: Any, kind: str, inner: Any) -> Any:
+        async def behaviour(request_iterator: Any, context: Any) -> Any:
+            identity = await self._admit(method, None, context)
+            if identity is None:
+                return None
+            result = inner(request_iterator, context)
+            if inspect.isawaitable(result):
+                return await result
+            async for item in result:  # pragma: no cover - no such method today
+                await context.write(item)
+            return None
+
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(self, method: str, request: Any, context: Any) -> Identity | None:
+        try:
+            identity = self.identify(context)
+            self.authorize(identity, method, request)
+        except GatewayError as err:
+            self.denied += 1
+            await _abort(context, err)
+            return None
+        CURRENT_IDENTITY.set(identity)
+        return identity
+
+    def _list_exports(self, inner: Behaviour) -> Behaviour:
+        """ListExports restricted to the caller's exports: page over the visible ones here,
+        so pages are full and nothing (not even a count) hints at the others."""
+        from gateway import service  # the servicer's page tokens and sizes
+
+        async def list_exports(request: Any, context: Any) -> Any:
+            identity = CURRENT_IDENTITY.get()
+            if self.policy is None or identity is None:
+                return await inner(request, context)
+            size = service.page_size(request.page_size)
+            everything: list[Any] = []
+            token = ""
+            while True:
+                page = await inner(type(request)(page_size=1000, page_token=token), context)
+                if page is None:  # the servicer aborted the call
+                    return None
+                everything += page.exports
+                token = page.next_page_token
+                if not token:
+                    break
+            visible = [e for e in everything if self.policy.sees(identity.name, _bare(e.name))]
+            scope = f"exports:{identity.name}"
+            start = service.decode_page(request.page_token, scope, len(visible))
+            chosen = visible[start : start + size]
+            end = start + len(chosen)
+            response = type(page)(exports=chosen)
+            if end < len(visible):
+                response.next_page_token = service.encode_page(scope, end)
+            return response
+
+        async def guarded(request: Any, context: Any) -> Any:
+            try:
+                return await list_exports(request, context)
+            except GatewayError as err:
+                await _abort(context, err)
+                return None
+
+        return guarded
+
+
+def _bare(name: str) -> str:
+    return name[len("exports/") :] if name.startswith("exports/") else name
+
+
+async def _abort(context: Any, err: GatewayError) -> None:
+    await cast(Any, context).abort_with_status(err.grpc_status())
+
+
+def _writing(gen_behaviour: Behaviour) -> Behaviour:
+    async def behaviour(request: Any, context: Any) -> None:
+        async for item in gen_behaviour(request, context):
+            await context.write(item)
+
+    return behaviour
