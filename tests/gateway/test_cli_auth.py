@@ -1,117 +1,125 @@
-"""The connection flags of the gateway commands: ``--token`` / ``$NBDGW_TOKEN`` travel as
-``authorization: Bearer``, ``--tls-ca`` (and a client certificate) speak TLS. The gateway does
-not check tokens or speak TLS yet, so a small grpc.aio server plays it here: it answers
-ListExports only to a caller with the right token."""
+"""The connection flags of the gateway commands against real gateway processes that require
+them: ``--token`` / ``$NBDGW_TOKEN`` (sent as ``authorization: Bearer``), ``--tls-ca`` and
+``--tls-server-name`` (TLS), ``--tls-cert`` / ``--tls-key`` (mutual TLS)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 
-from nbdgw.v1 import bitmap_service_pb2 as pb
-from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
-from tests.gateway.cli_support import assert_one_line_error, cli
+from tests.gateway.cli_support import (
+    EmbeddedDisk,
+    GatewayProcess,
+    assert_one_line_error,
+    cli,
+    dirty_map,
+    granules,
+    make_embedded_disk,
+)
 from tests.peers import tool
+
+pytestmark = pytest.mark.interop
 
 TOKEN = "s3cret-token"
 
 
-class Guarded(pb_grpc.BitmapServiceServicer):
-    def __init__(self) -> None:
-        self.seen: list[str | None] = []
-
-    async def ListExports(self, request: Any, context: Any) -> pb.ListExportsResponse:
-        auth = dict(context.invocation_metadata()).get("authorization")
-        self.seen.append(auth)
-        if auth != f"Bearer {TOKEN}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        return pb.ListExportsResponse(exports=[pb.Export(name="exports/guarded", size_bytes=512)])
-
-
-def make_certs(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and gateway.test, a client certificate."""
+    d = tmp_path_factory.mktemp("certs")
     openssl = tool("openssl")
-    ca_key, ca, key, csr, cert = (
-        directory / n for n in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem")
-    )
 
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
-        "-out", str(ca), "-days", "2", "-subj", "/CN=nbdgw test CA")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-        "-subj", "/CN=127.0.0.1")  # fmt: skip
-    ext = directory / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:gateway.test\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
-    return ca, cert, key
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
+        "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=nbdgw test CA")  # fmt: skip
+    (d / "server.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:gateway.test\n")
+    (d / "client.cnf").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn in (("server", "127.0.0.1"), ("client", "backup-client")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"),
+            "-out", str(d / f"{name}.csr"), "-subj", f"/CN={cn}")  # fmt: skip
+        run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
+            "-days", "2", "-extfile", str(d / f"{name}.cnf"))  # fmt: skip
+    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
 @pytest.fixture
-async def guarded(tmp_path: Path) -> AsyncIterator[tuple[Guarded, str, str, Path]]:
-    """(servicer, plaintext target, TLS target, CA file)."""
-    ca, cert, key = make_certs(tmp_path)
-    servicer = Guarded()
-    server = grpc.aio.server()
-    pb_grpc.add_BitmapServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    tls_port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}", f"127.0.0.1:{tls_port}", ca
-    finally:
-        await server.stop(0)
+def disk(tmp_path: Path) -> EmbeddedDisk:
+    return make_embedded_disk(tmp_path / "disk.img")
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    # The command runs its own event loop: give it a thread.
-    return await asyncio.to_thread(cli, *args)
+def serve(disk: EmbeddedDisk, tmp_path: Path, *args: str) -> GatewayProcess:
+    return GatewayProcess("--image", f"disk={disk.path}", *args, data_dir=tmp_path / "data")
 
 
-async def test_token_flag_and_env(
-    guarded: tuple[Guarded, str, str, Path], monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def token_gateway(
+    disk: EmbeddedDisk, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with serve(disk, tmp_path, "--token-file", str(token_file)) as gw:
+        yield gw, disk
+
+
+def test_token_flag_and_env(
+    token_gateway: tuple[GatewayProcess, EmbeddedDisk],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    servicer, target, _, _ = guarded
-    ok = await run_cli("exports", "--target", target, "--token", TOKEN, "--json")
+    gw, disk = token_gateway
+    t = ["--target", gw.target]
+    line = assert_one_line_error(cli("exports", *t), 1)
+    assert line.startswith("nbdgw exports: UNAUTHENTICATED")
+    line = assert_one_line_error(cli("exports", *t, "--token", "wrong"), 1)
+    assert "UNAUTHENTICATED" in line
+    ok = cli("exports", *t, "--token", TOKEN, "--json")
     assert ok.returncode == 0, ok.stderr
-    assert '"exports/guarded"' in ok.stdout
+    assert '"exports/disk"' in ok.stdout
 
-    line = assert_one_line_error(await run_cli("exports", "--target", target), 1)
-    assert line == "nbdgw exports: UNAUTHENTICATED: missing or wrong token"
+    # From the environment, for every command: extents, clear, backup.
     monkeypatch.setenv("NBDGW_TOKEN", TOKEN)
-    monkeypatch.setenv("NBDGW_TARGET", target)
-    assert (await run_cli("exports")).returncode == 0
-    assert servicer.seen == [f"Bearer {TOKEN}", None, f"Bearer {TOKEN}"]
+    monkeypatch.setenv("NBDGW_TARGET", gw.target)
+    dirty = granules(disk.dirty, disk.size)
+    assert dirty_map(gw.target, "disk", "backup") == dirty
+    out = tmp_path / "b.img"
+    done = cli("backup", "disk", "--bitmap", "backup", str(out), "--clear")
+    assert done.returncode == 0, done.stderr
+    assert dirty_map(gw.target, "disk", "backup") == []
 
 
-async def test_tls_with_ca(guarded: tuple[Guarded, str, str, Path]) -> None:
-    servicer, _, tls_target, ca = guarded
-    args = ["exports", "--target", tls_target, "--token", TOKEN]
-    ok = await run_cli(*args, "--tls-ca", str(ca))
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[1].split()[0] == "guarded"
-    # The certificate names 127.0.0.1 and gateway.test; asking for another name fails.
-    named = await run_cli(*args, "--tls-ca", str(ca), "--tls-server-name", "gateway.test")
-    assert named.returncode == 0, named.stderr
-    line = assert_one_line_error(
-        await run_cli(
-            *args, "--tls-ca", str(ca), "--tls-server-name", "other.test", "--timeout", "5"
-        ),
-        1,
-    )
-    assert "UNAVAILABLE" in line
-    # Plaintext against the TLS port: one line, not a hang.
-    line = assert_one_line_error(await run_cli(*args, "--timeout", "5"), 1)
-    assert "UNAVAILABLE" in line or "DEADLINE_EXCEEDED" in line
-    assert len(servicer.seen) == 2
-    assert os.environ.get("NBDGW_TOKEN") is None
+def test_tls_and_mutual_tls(disk: EmbeddedDisk, tmp_path: Path, certs: dict[str, Path]) -> None:
+    tls = ["--grpc-tls-cert-file", str(certs["server_pem"])]
+    tls += ["--grpc-tls-key-file", str(certs["server_key"])]
+    with serve(disk, tmp_path, *tls) as gw:
+        t = ["--target", gw.target, "--timeout", "10"]
+        ok = cli("exports", *t, "--tls-ca", str(certs["ca_pem"]))
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.splitlines()[1].split()[0] == "disk"
+        named = cli("bitmaps", "disk", *t, "--tls-ca", str(certs["ca_pem"]),
+                    "--tls-server-name", "gateway.test")  # fmt: skip
+        assert named.returncode == 0, named.stderr
+        # A name the certificate does not carry, or no TLS at all: one line, no hang.
+        line = assert_one_line_error(
+            cli("exports", *t, "--tls-ca", str(certs["ca_pem"]), "--tls-server-name", "x.test"),
+            1,
+        )
+        assert "UNAVAILABLE" in line
+        line = assert_one_line_error(cli("exports", *t), 1)
+        assert "UNAVAILABLE" in line or "DEADLINE_EXCEEDED" in line
+
+    mtls = [*tls, "--grpc-tls-client-ca-file", str(certs["ca_pem"])]
+    with serve(disk, tmp_path, *mtls) as gw:
+        t = ["--target", gw.target, "--timeout", "10", "--tls-ca", str(certs["ca_pem"])]
+        client = ["--tls-cert", str(certs["client_pem"]), "--tls-key", str(certs["client_key"])]
+        ok = cli("extents", "disk", "--bitmap", "backup", "--dirty", *t, *client)
+        assert ok.returncode == 0, ok.stderr
+        assert len(ok.stdout.splitlines()) == len(granules(disk.dirty, disk.size))
+        # Without a client certificate the handshake fails: UNAVAILABLE, one line.
+        line = assert_one_line_error(cli("exports", *t), 1)
+        assert "UNAVAILABLE" in line

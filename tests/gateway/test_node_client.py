@@ -28,6 +28,7 @@ pytestmark = pytest.mark.interop
 NODE_DIR = ROOT / "tests" / "clients" / "node"
 CONTEXT = "qemu:dirty-bitmap:backup"
 ARGS = ("--export", "disk", "--bitmap", CONTEXT)
+TOKEN = "node-token"
 
 
 @pytest.fixture
@@ -45,7 +46,9 @@ def node() -> str:
 def gateway(tmp_path: Path) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
     disk = make_embedded_disk(tmp_path / "disk.img")
     other = make_embedded_disk(tmp_path / "other.img", seed=2)
+    (tmp_path / "token").write_text(TOKEN + "\n")
     args = ["--image", f"disk={disk.path}", "--image", f"other={other.path}"]
+    args += ["--token-file", str(tmp_path / "token")]  # Node must send it too
     with GatewayProcess(*args, data_dir=tmp_path / "data") as gw:
         yield gw, disk
 
@@ -63,7 +66,8 @@ def merged(rows: list[list[Any]]) -> list[tuple[int, int, int]]:
 
 
 def python_map(target: str, *extra: str) -> list[tuple[int, int, int]]:
-    proc = cli("extents", "disk", "--bitmap", CONTEXT, "--json", "--target", target, *extra)
+    proc = cli("extents", "disk", "--bitmap", CONTEXT, "--json", "--target", target, *extra,
+               "--token", TOKEN)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(proc.stdout)]
 
@@ -74,7 +78,16 @@ def test_node_client_calls_every_rpc(
     gw, disk = gateway
     before = python_map(gw.target)
     proc = subprocess.run(
-        [node, str(NODE_DIR / "client.js"), "--target", gw.target, *ARGS, "--clear"],
+        [
+            node,
+            str(NODE_DIR / "client.js"),
+            "--target",
+            gw.target,
+            *ARGS,
+            "--clear",
+            "--token",
+            TOKEN,
+        ],
         capture_output=True,
         text=True,
         timeout=90,
@@ -86,14 +99,18 @@ def test_node_client_calls_every_rpc(
 
     assert got["health"] == {"": "SERVING", "nbdgw.v1.BitmapService": "SERVING"}
 
-    exports = json.loads(cli("exports", "--json", "--target", gw.target, check=True).stdout)
+    exports = json.loads(
+        cli("exports", "--json", "--target", gw.target, "--token", TOKEN, check=True).stdout
+    )
     assert got["list_exports"]["pages"] == 2  # page_size 1: the page token works from Node
     assert [e["name"] for e in got["list_exports"]["exports"]] == [e["name"] for e in exports]
     export = got["get_export"]
     assert export["name"] == "exports/disk" and int(export["size_bytes"]) == disk.size
     assert export["clear_mode"] == "CLEAR_MODE_AT_SOURCE" and export["read_only"] is False
 
-    bitmaps = json.loads(cli("bitmaps", "disk", "--json", "--target", gw.target).stdout)
+    bitmaps = json.loads(
+        cli("bitmaps", "disk", "--json", "--target", gw.target, "--token", TOKEN).stdout
+    )
     assert [b["context"] for b in got["list_bitmaps"]] == [b["context"] for b in bitmaps]
 
     # StreamExtents, all extents: the same map the Python side prints (nbdinfo's format).
@@ -152,3 +169,21 @@ def test_node_client_reports_a_dead_gateway(node: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["name"] == "UNAVAILABLE"
+
+
+def test_node_client_without_the_token(
+    node: str, gateway: tuple[GatewayProcess, EmbeddedDisk]
+) -> None:
+    gw, _ = gateway
+    proc = subprocess.run(
+        [node, str(NODE_DIR / "client.js"), "--target", gw.target, *ARGS],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=ENV,
+    )
+    assert proc.returncode == 1
+    got = json.loads(proc.stdout)
+    assert got["health"]["nbdgw.v1.BitmapService"] == "SERVING"  # health needs no token
+    assert got["error"]["name"] == "UNAUTHENTICATED"
+    assert "list_exports" not in got
