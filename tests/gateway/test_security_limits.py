@@ -1,0 +1,187 @@
+"""Limits: concurrent streams per identity and in total, a stalled reader cancelled while the
+others keep streaming, ClearRange rate, and a flood of bad calls beside good ones."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.access import AccessInterceptor, Authenticator, TokenFile
+from gateway.config import GatewayConfig
+from gateway.limits import Limiter, Limits, TokenBucket
+from nbdcore.storage.image import Image
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from tests.gateway.conftest import MiB
+from tests.gateway.security_support import bearer, fails, guard  # noqa: F401
+from tests.gateway.test_service_embedded import make_image
+
+A = "token-of-identity-a"
+B = "token-of-identity-b"
+BIG = 48 * MiB
+
+
+def big_image(path: Path) -> Path:
+    """Data everywhere: a StreamExtents with include_data sends 48 MiB, far more than HTTP/2
+    flow-control windows hold, so a client that stops reading stalls the server's writes."""
+    image = Image.create(path, BIG)
+    try:
+        chunk = bytes(range(256)) * (4 * MiB // 256)
+        for off in range(0, BIG, len(chunk)):
+            image.write(chunk, off)
+        image.add_bitmap("backup")
+    finally:
+        image.close()
+    return path
+
+
+async def limited(tmp_path: Path, guard: Any, limits: Limits) -> Any:  # noqa: F811
+    (tmp_path / "tokens").write_text(f"a {A}\nb {B}\n")
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_image_export("disk", make_image(tmp_path / "disk.img"))
+    config.add_image_export("big", big_image(tmp_path / "big.img"))
+    interceptor = AccessInterceptor(
+        Authenticator(TokenFile(tmp_path / "tokens")), limiter=Limiter(limits)
+    )
+    return await guard(config, interceptor)
+
+
+def data_stream(stub: Any, token: str) -> Any:
+    return stub.StreamExtents(
+        pb.StreamExtentsRequest(export="big", context="base:allocation", include_data=True),
+        metadata=bearer(token),
+    )
+
+
+async def complete(stub: Any, token: str, export: str = "disk") -> int:
+    msgs = [
+        m
+        async for m in stub.StreamExtents(
+            pb.StreamExtentsRequest(export=export, context="backup"), metadata=bearer(token)
+        )
+    ]
+    assert msgs[-1].next_offset == msgs[-1].range_end
+    return len(msgs)
+
+
+async def test_stream_limits_and_stalled_reader(tmp_path: Path, guard: Any) -> None:  # noqa: F811
+    limits = Limits(max_streams=2, max_streams_per_identity=1, stall_timeout=1.0)
+    gw = await limited(tmp_path, guard, limits)
+    limiter = gw.interceptor.limiter
+    stalled_stub = gw.stub()
+    stalled = data_stream(stalled_stub, A)
+    first = await stalled.read()  # then stop reading: the server's writes stall
+    assert first.data
+    # A second stream of identity a: over its limit, refused at once.
+    f = await fails(
+        gw.stub().StreamExtents(
+            pb.StreamExtentsRequest(export="disk", context="backup"), metadata=bearer(A)
+        )
+    )
+    assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f.metadata == {"limit": "streams_per_identity"} and f.retry_ms
+    # Identity b is not starved: its streams complete while a's is stalled.
+    assert await complete(gw.stub(), B) >= 1
+    # Total limit: a (stalled) + b (held open) fill it; a third caller is refused.
+    held = data_stream(gw.stub(), B)
+    assert (await held.read()).data
+    f = await fails(data_stream(gw.stub(), B))
+    assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f.metadata["limit"] in ("streams", "streams_per_identity")
+    held.cancel()
+    for _ in range(200):  # the stall timeout (1 s) passes while nothing reads
+        if limiter.stalled:
+            break
+        await asyncio.sleep(0.05)
+    # The stalled stream is cancelled by the gateway; what the client buffered, then the status.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        while await stalled.read() is not grpc.aio.EOF:
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "read nothing" in (info.value.details() or "")
+    assert limiter.stalled == 1
+    for _ in range(100):
+        if limiter.streams == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert limiter.streams == 0 and limiter.per_identity == {}
+    # The slots are free again.
+    assert await complete(gw.stub(), A) >= 1
+
+
+async def test_clear_rate(tmp_path: Path, guard: Any) -> None:  # noqa: F811
+    gw = await limited(tmp_path, guard, Limits(clear_rate=0.5, clear_burst=2))
+    stub = gw.stub()
+
+    def clear(token: str, offset: int) -> Any:
+        return stub.ClearRange(
+            pb.ClearRangeRequest(export="disk", bitmap="backup", offset=offset, length=65536),
+            metadata=bearer(token),
+        )
+
+    assert (await clear(A, 0)).cleared_bytes == 65536
+    await clear(A, 65536)
+    f = await fails(clear(A, 131072))
+    assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f.metadata == {"limit": "clear_rate"}
+    assert f.retry_ms is not None and 0 < f.retry_ms <= 2000
+    # Per identity: b has its own bucket.
+    await clear(B, 131072)
+    assert gw.interceptor.limiter.refused_clears == 1
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    bucket = TokenBucket(2.0, 3, lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)
+    now[0] += 0.5
+    assert bucket.take() == 0.0
+    now[0] += 100
+    assert [bucket.take() for _ in range(4)][-1] == pytest.approx(0.5)  # never above burst
+
+
+async def test_flood_of_bad_calls(tmp_path: Path, guard: Any) -> None:  # noqa: F811
+    """Unauthenticated, wrong-token, malformed and oversized calls, hundreds at once, while
+    good streams keep completing correctly."""
+    gw = await limited(tmp_path, guard, Limits())
+    bad_stub = gw.stub()
+    good_stub = gw.stub()
+    reference = await complete(good_stub, A)
+
+    async def bad(i: int) -> grpc.StatusCode:
+        kind = i % 4
+        try:
+            if kind == 0:
+                await bad_stub.ListExports(pb.ListExportsRequest())
+            elif kind == 1:
+                await bad_stub.GetExport(
+                    pb.GetExportRequest(name="disk"), metadata=bearer(f"guess{i:08d}")
+                )
+            elif kind == 2:
+                async for _ in bad_stub.StreamExtents(
+                    pb.StreamExtentsRequest(export="x" * 100_000, context="y"),
+                    metadata=(("authorization", "Bearer"),),
+                ):
+                    pass
+            else:
+                await bad_stub.ClearRange(
+                    pb.ClearRangeRequest(export="disk", bitmap="\x00" * 1000),
+                    metadata=bearer(B + "x"),
+                )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async def good() -> list[int]:
+        return [await complete(good_stub, B) for _ in range(10)]
+
+    flood = asyncio.gather(*(bad(i) for i in range(800)))
+    goods = await asyncio.gather(good(), good(), good())
+    codes = await flood
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    assert all(n == reference for run in goods for n in run)
+    assert gw.interceptor.denied == 800
