@@ -86,6 +86,12 @@ def feed(conn: ServerConnection, chunks: list[bytes]) -> None:
         assert conn.state is State.CLOSED
 
 
+def hang_up(conn: ServerConnection) -> None:
+    """EOF is acceptable in any state and leaves the connection closed (or disconnecting)."""
+    conn.receive_eof()
+    assert conn.state in (State.CLOSED, State.DISCONNECTING)
+
+
 def answer(conn: ServerConnection, req: Request) -> None:
     if req.command == Cmd.READ:
         conn.reply_read(req, [req.length])
@@ -102,6 +108,7 @@ def test_random_client_flags_and_options(data: bytes) -> None:
     feed(conn, [data])
     if conn.state is State.OPTIONS:
         option_replies(joined(conn))  # whatever was answered is well framed
+    hang_up(conn)
 
 
 @SETTINGS
@@ -115,6 +122,7 @@ def test_option_sequences(opts: list[bytes], tail: bytes) -> None:
     if conn.state is State.TLS_HANDSHAKE:
         conn.tls_established()
         feed(conn, [wire.encode_option(Opt.LIST)])
+    hang_up(conn)
 
 
 @SETTINGS
@@ -124,6 +132,7 @@ def test_random_bytes_in_transmission(
 ) -> None:
     conn = transmission(structured, extended, contexts=CTX_ALL if structured else ())
     feed(conn, chunks)
+    hang_up(conn)
 
 
 @SETTINGS
@@ -135,6 +144,7 @@ def test_request_sequences_get_framed_replies(extended: bool, data: st.DataObjec
     if conn.state is State.TRANSMISSION:
         parse_replies(joined(conn))  # every reply is well framed
         assert conn.in_flight == 0
+    hang_up(conn)
 
 
 def test_option_magic_and_huge_lengths() -> None:
