@@ -165,6 +165,30 @@ def check_incremental(output: Path, source: bytes, dirty: list[tuple[int, int]])
     assert data[pos:].count(0) == len(data) - pos
 
 
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and gateway.test, a client certificate:
+    ``ca_pem``, ``server_pem``, ``server_key``, ``client_pem``, ``client_key``..."""
+    openssl = tool("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
+        "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=nbdgw test CA")  # fmt: skip
+    (d / "server.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:gateway.test\n")
+    (d / "client.cnf").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn in (("server", "127.0.0.1"), ("client", "backup-client")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"),
+            "-out", str(d / f"{name}.csr"), "-subj", f"/CN={cn}")  # fmt: skip
+        run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
+            "-days", "2", "-extfile", str(d / f"{name}.cnf"))  # fmt: skip
+    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
+
+
 # --- the embedded host: an nbdcore Image with a bitmap ------------------------------------------
 
 

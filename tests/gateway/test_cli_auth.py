@@ -4,7 +4,6 @@ them: ``--token`` / ``$NBDGW_TOKEN`` (sent as ``authorization: Bearer``), ``--tl
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +16,9 @@ from tests.gateway.cli_support import (
     cli,
     dirty_map,
     granules,
+    make_certs,
     make_embedded_disk,
 )
-from tests.peers import tool
 
 pytestmark = pytest.mark.interop
 
@@ -28,24 +27,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and gateway.test, a client certificate."""
-    d = tmp_path_factory.mktemp("certs")
-    openssl = tool("openssl")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
-        "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=nbdgw test CA")  # fmt: skip
-    (d / "server.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:gateway.test\n")
-    (d / "client.cnf").write_text("extendedKeyUsage=clientAuth\n")
-    for name, cn in (("server", "127.0.0.1"), ("client", "backup-client")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"),
-            "-out", str(d / f"{name}.csr"), "-subj", f"/CN={cn}")  # fmt: skip
-        run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
-            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
-            "-days", "2", "-extfile", str(d / f"{name}.cnf"))  # fmt: skip
-    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from tests.gateway.cli_support import (
     GatewayProcess,
     cli,
     granules,
+    make_certs,
     make_embedded_disk,
 )
 from tests.peers import IN_CI, ROOT, tool
@@ -187,3 +188,24 @@ def test_node_client_without_the_token(
     assert got["health"]["nbdgw.v1.BitmapService"] == "SERVING"  # health needs no token
     assert got["error"]["name"] == "UNAUTHENTICATED"
     assert "list_exports" not in got
+
+
+def test_node_client_over_mutual_tls(node: str, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    disk = make_embedded_disk(tmp_path / "disk.img")
+    args = ["--image", f"disk={disk.path}", "--grpc-tls-client-ca-file", str(certs["ca_pem"])]
+    args += ["--grpc-tls-cert-file", str(certs["server_pem"])]
+    args += ["--grpc-tls-key-file", str(certs["server_key"])]
+    tls = ["--tls-ca", str(certs["ca_pem"]), "--tls-server-name", "gateway.test"]
+    client = ["--tls-cert", str(certs["client_pem"]), "--tls-key", str(certs["client_key"])]
+    with GatewayProcess(*args, data_dir=tmp_path / "data") as gw:
+        script = [node, str(NODE_DIR / "client.js"), "--target", gw.target, *ARGS, *tls]
+        ok = subprocess.run([*script, *client], capture_output=True, text=True, timeout=90)
+        refused = subprocess.run(script, capture_output=True, text=True, timeout=90)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    got = json.loads(ok.stdout)
+    assert [(o, n) for o, n, _ in merged(got["dirty_with_data"]["rows"])] == granules(
+        disk.dirty, disk.size
+    )
+    assert refused.returncode == 1  # no client certificate: the handshake fails
+    assert json.loads(refused.stdout)["error"]["name"] == "UNAVAILABLE"

@@ -6,12 +6,14 @@
 // generated code.
 //
 //   node client.js --target HOST:PORT --export NAME --bitmap CONTEXT [--token TOKEN] [--clear]
+//                  [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]]
 //
 // Numbers that are uint64 on the wire are printed as decimal strings (JSON numbers lose
 // precision past 2^53). Exit code 0 when every call behaved as the API promises, 1 otherwise
 // (the JSON then has an "error" member).
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const crypto = require("node:crypto");
 const grpc = require("@grpc/grpc-js");
@@ -65,12 +67,23 @@ const HEALTH_JSON = {
   },
 };
 
+const OPTIONS = [
+  "--target",
+  "--export",
+  "--bitmap",
+  "--token",
+  "--tls-ca",
+  "--tls-cert",
+  "--tls-key",
+  "--tls-server-name",
+];
+
 function parseArgs(argv) {
   const args = { target: process.env.NBDGW_TARGET || "127.0.0.1:50051", token: null, clear: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--clear") args.clear = true;
-    else if (["--target", "--export", "--bitmap", "--token"].includes(a) && i + 1 < argv.length)
+    else if (OPTIONS.includes(a) && i + 1 < argv.length)
       args[a.slice(2)] = argv[++i];
     else throw new Error(`unknown argument ${a}`);
   }
@@ -193,9 +206,15 @@ async function main() {
     protoLoader.loadSync("nbdgw/v1/bitmap_service.proto", LOADER_OPTIONS),
   );
   const healthPkg = grpc.loadPackageDefinition(protoLoader.fromJSON(HEALTH_JSON, LOADER_OPTIONS));
-  const creds = grpc.credentials.createInsecure();
-  const client = new pkg.nbdgw.v1.BitmapService(args.target, creds);
-  const health = new healthPkg.grpc.health.v1.Health(args.target, creds);
+  let creds = grpc.credentials.createInsecure();
+  const options = {};
+  if (args["tls-ca"]) {
+    const read = (name) => (args[name] ? fs.readFileSync(args[name]) : null);
+    creds = grpc.credentials.createSsl(read("tls-ca"), read("tls-key"), read("tls-cert"));
+    if (args["tls-server-name"]) options["grpc.ssl_target_name_override"] = args["tls-server-name"];
+  }
+  const client = new pkg.nbdgw.v1.BitmapService(args.target, creds, options);
+  const health = new healthPkg.grpc.health.v1.Health(args.target, creds, options);
   const md = new grpc.Metadata();
   if (args.token) md.set("authorization", `Bearer ${args.token}`);
   const result = { target: args.target };
