@@ -170,6 +170,19 @@ class DirtyBitmap:
                 f"cannot merge bitmap {other.name!r} (size {other.size}) into {self.name!r}"
                 f" (size {self.size})"
             )
+        if other.granularity == self.granularity:
+            # The same granules: OR the bits a window at a time (a snapshot's release).
+            nbytes = bits_length(self.size, self.granularity)
+            for lo in range(0, nbytes, _WINDOW_BYTES * 16):
+                hi = min(lo + _WINDOW_BYTES * 16, nbytes)
+                theirs = int.from_bytes(other._bits[lo:hi], "little")
+                if not theirs:
+                    continue
+                with self._lock:
+                    ours = int.from_bytes(self._bits[lo:hi], "little")
+                    if ours | theirs != ours:
+                        self._bits[lo:hi] = (ours | theirs).to_bytes(hi - lo, "little")
+            return
         for start, length, flags in other.extents(0, other.size):
             if flags and length:
                 first = start >> self._shift
