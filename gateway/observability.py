@@ -156,7 +156,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False) -> None:
         # The *_created series (counter creation times) double what a scrape carries and no
         # dashboard reads them; this is the client library's process-wide switch.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         call = ["grpc_type", "grpc_service", "grpc_method"]
