@@ -334,7 +334,9 @@ class MemoryDisk(Disk):
             return
         cs = self.chunk_size
         end = offset + length
-        allocated = sorted(i for i in self._chunks if i * cs < end and (i + 1) * cs > offset)
+        # A snapshot of the keys: the server's image worker thread may add chunks meanwhile,
+        # and iterating the live dict would raise instead of answering.
+        allocated = sorted(i for i in list(self._chunks) if i * cs < end and (i + 1) * cs > offset)
         # Adjacent chunks merge into one data run, like the extents of a file.
         run_start = run_end = offset
         for index in allocated:
