@@ -137,6 +137,12 @@ class Image:
         every bitmap wholly dirty."""
         return self._store is not None and self._store.recovered
 
+    @property
+    def can_clear_bitmaps(self) -> bool:
+        """Whether ``clear_bitmap_range`` may work (a snapshot clears its forks while
+        read-only)."""
+        return not self.read_only
+
     def bitmap(self, name: str) -> DirtyBitmap:
         try:
             return self._bitmaps[name]

@@ -420,6 +420,10 @@ class Snapshot(Image):
 
     # --- the forks -----------------------------------------------------------------------
 
+    @property
+    def can_clear_bitmaps(self) -> bool:
+        return not self.released
+
     def clear_bitmap_range(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """Clear the granules of fork ``name`` lying wholly inside the range (the consumer has
         what they held); returns the byte runs now clean."""
