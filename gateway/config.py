@@ -32,6 +32,7 @@ hosts given by ``--export``/``NBDGW_EXPORTS``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.access import AccessConfigError, Policy, TokenFile
+from gateway.limits import Limits
 from nbdcore.exceptions import URIError
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
@@ -88,8 +91,13 @@ class GatewayConfig:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     grace_period: float = 5.0
     reflection: bool = True
-    # Calls must carry "authorization: Bearer TOKEN" when set (health and reflection need not).
-    token: str | None = None
+    # Who may call and what for (gateway.access): bearer tokens (a file, reloaded when it
+    # changes), a per-identity policy; and per-caller limits (gateway.limits).
+    tokens: TokenFile | None = None
+    policy: Policy | None = None
+    # No ClearRange rate limit unless configured: a backup of a fragmented bitmap clears
+    # thousands of ranges in a burst, and clients need not all handle RetryInfo.
+    limits: Limits = field(default_factory=lambda: Limits(clear_rate=0))
     # TLS on the gRPC port: certificate chain and key files, and a CA file that client
     # certificates must chain to (mutual TLS) when set.
     grpc_tls_cert_file: str | None = None
@@ -173,16 +181,32 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def read_token(path: str | Path) -> str:
-    """A bearer token from a file (a mounted secret): its first line, stripped."""
+def load_tokens(path: str | Path) -> TokenFile:
+    """Bearer tokens (``IDENTITY TOKEN`` lines, or a lone token), see gateway.access."""
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"token file {path}: {exc.strerror or exc}") from exc
-    token = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
-    return token
+        return TokenFile(path)
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_policy(path: str | Path) -> Policy:
+    try:
+        return Policy.load(path)
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def parse_limits(table: Any, where: str) -> Limits:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name for f in dataclasses.fields(Limits)}
+    _check_keys(table, known, where)
+    try:
+        limits = Limits(**{"clear_rate": 0, **table})
+        limits.check()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return limits
 
 
 def parse_export_arg(text: str) -> tuple[str, str]:
@@ -227,6 +251,8 @@ _TOP_KEYS = {
     "hosts",
     "exports",
     "token_file",
+    "policy_file",
+    "limits",
     "grpc_tls_cert_file",
     "grpc_tls_key_file",
     "grpc_tls_client_ca_file",
@@ -270,7 +296,11 @@ def apply_table(
     if "data_dir" in data:
         config.data_dir = base / str(data["data_dir"])
     if "token_file" in data:
-        config.token = read_token(base / str(data["token_file"]))
+        config.tokens = load_tokens(base / str(data["token_file"]))
+    if "policy_file" in data:
+        config.policy = load_policy(base / str(data["policy_file"]))
+    if "limits" in data:
+        config.limits = parse_limits(data["limits"], f"{where}: limits")
     for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):
         if key in data:
             setattr(config, key, str(base / str(data[key])))

@@ -26,9 +26,10 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     load_file,
+    load_policy,
+    load_tokens,
     parse_export_arg,
     parse_listen,
-    read_token,
 )
 from nbdcore.tls import TLSConfig
 
@@ -109,8 +110,16 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "--token-file",
         metavar="FILE",
         default=_env("TOKEN_FILE"),
-        help="require 'authorization: Bearer TOKEN' on every call, TOKEN being the file's first"
-        " line; health and reflection stay open ($NBDGW_TOKEN_FILE)",
+        help="require 'authorization: Bearer TOKEN' on every call but health checks; the file"
+        " holds 'IDENTITY TOKEN' lines (or one token) and is re-read when it changes"
+        " ($NBDGW_TOKEN_FILE)",
+    )
+    sec.add_argument(
+        "--policy-file",
+        metavar="FILE",
+        default=_env("POLICY_FILE"),
+        help="which identity may do what on which exports (TOML, see gateway.access)"
+        " ($NBDGW_POLICY_FILE)",
     )
     sec.add_argument(
         "--grpc-tls-cert-file",
@@ -172,7 +181,9 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
             raise ConfigError("--max-connections must be at least 1")
         config.max_connections_per_host = int(args.max_connections)
     if args.token_file:
-        config.token = read_token(args.token_file)
+        config.tokens = load_tokens(args.token_file)
+    if args.policy_file:
+        config.policy = load_policy(args.policy_file)
     for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):
         if getattr(args, key):
             setattr(config, key, getattr(args, key))
@@ -220,7 +231,7 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
     lines = [f"nbdgw: gateway listening on {addr}"]
     if listening.health_port is not None:
         lines.append(f"nbdgw: health (plaintext) on port {listening.health_port}")
-    if config.token:
+    if config.tokens:
         target += " --token TOKEN"
     if config.grpc_tls_cert_file:
         target += " --tls-ca CA_FILE"
@@ -238,7 +249,7 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
         f"  nbdgw extents {export} --bitmap {bitmap}{target}",
         "  buf curl --protocol grpc"
         + (" --cacert CA_FILE" if config.grpc_tls_cert_file else " --http2-prior-knowledge")
-        + (" -H 'authorization: Bearer TOKEN'" if config.token else "")
+        + (" -H 'authorization: Bearer TOKEN'" if config.tokens else "")
         + f""" -d '{{"export": "exports/{export}", "context": "{bitmap}"}}'"""
         + f" {'https' if config.grpc_tls_cert_file else 'http'}://{addr}"
         + "/nbdgw.v1.BitmapService/StreamExtents",

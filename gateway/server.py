@@ -32,9 +32,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_reflection.v1alpha import reflection
 
-from gateway.auth import BearerTokenInterceptor
+from gateway.access import AccessInterceptor, Authenticator
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts import ExportPool, Host
+from gateway.limits import Limiter
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
 from nbdcore.aio.server import ExportConfig as NBDExportConfig
@@ -170,8 +171,12 @@ class Gateway:
         await asyncio.gather(*(host.check() for host in self.hosts.values()))
         await self._update_health()
 
-        interceptors = [BearerTokenInterceptor(cfg.token)] if cfg.token else []
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        access = AccessInterceptor(
+            Authenticator(cfg.tokens, client_certificates=bool(cfg.grpc_tls_client_ca_file)),
+            cfg.policy,
+            Limiter(cfg.limits),
+        )
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[access])
         pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:

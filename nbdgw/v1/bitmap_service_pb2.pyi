@@ -253,8 +253,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 14
     """INTERNAL: anything else; the message says what."""
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 15
-    """UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata and the call
-    had none, or a wrong token. Health checks and reflection need no token.
+    """UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata (or a client
+    certificate) and the call had none, or a wrong token. Health checks need no identity.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 16
+    """PERMISSION_DENIED: the caller's identity may not do this on this export (the gateway's
+    access policy).
+    """
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 17
+    """RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate); RetryInfo
+    says when to try again.
+    """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 18
+    """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
+    client stopped reading).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -298,8 +310,20 @@ ERROR_REASON_READ_ONLY: ErrorReason.ValueType  # 13
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """INTERNAL: anything else; the message says what."""
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 15
-"""UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata and the call
-had none, or a wrong token. Health checks and reflection need no token.
+"""UNAUTHENTICATED: the gateway requires `authorization: Bearer TOKEN` metadata (or a client
+certificate) and the call had none, or a wrong token. Health checks need no identity.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
+"""PERMISSION_DENIED: the caller's identity may not do this on this export (the gateway's
+access policy).
+"""
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 17
+"""RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate); RetryInfo
+says when to try again.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 18
+"""DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
+client stopped reading).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -198,3 +198,31 @@ def test_nothing_configured_makes_the_sample(tmp_path: Path) -> None:
     )
     assert not sample and list(config.exports) == ["x"]
     assert not (tmp_path / "e" / "sample.img").exists()
+
+
+def test_access_settings(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("alice alice-token-1\nbob bob-token-22\n")
+    (tmp_path / "policy.toml").write_text(
+        '[identities.alice]\nexports = ["*"]\noperations = ["*"]\n'
+    )
+    (tmp_path / "gw.toml").write_text(
+        'token_file = "tokens"\npolicy_file = "policy.toml"\n'
+        "[limits]\nmax_streams = 7\nclear_rate = 0.5\n"
+    )
+    config = load_file(tmp_path / "gw.toml")
+    assert config.tokens is not None and config.tokens.lookup("bob-token-22") == "bob"
+    assert config.policy is not None
+    assert config.limits.max_streams == 7 and config.limits.clear_rate == 0.5
+    for toml, needle in (
+        ('token_file = "missing"\n', "missing"),
+        ("[limits]\nmax_streams = 0\n", "at least 1"),
+        ("[limits]\nspeed = 1\n", "speed"),
+        ('policy_file = "tokens"\n', "policy file"),
+    ):
+        (tmp_path / "bad.toml").write_text(toml)
+        with pytest.raises(ConfigError) as info:
+            load_file(tmp_path / "bad.toml")
+        assert needle in str(info.value)
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ConfigError, match="shorter than 8"):
+        build_config(parse(["--token-file", str(tmp_path / "short")]))

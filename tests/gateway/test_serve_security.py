@@ -1,5 +1,6 @@
-"""Securing the gRPC port: a bearer token (health and reflection stay open), TLS with client
-certificates, and a plaintext health-only port beside it."""
+"""Securing the gRPC port as `nbdgw serve` wires it: bearer tokens from a file (health stays
+open), TLS with client certificates, and a plaintext health-only port beside it. (The access
+rules themselves are tested in test_security_access.py.)"""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def embedded(tmp_path: Path) -> GatewayConfig:
 
 async def test_bearer_token(tmp_path: Path, start_gateway) -> None:
     (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "gw.toml").write_text('token_file = "token"\n')
+    (tmp_path / "gw.toml").write_text('token_file = "token"\n[limits]\nmax_streams = 3\n')
     config = load_file(tmp_path / "gw.toml", embedded(tmp_path))
-    assert config.token == TOKEN
+    assert config.tokens is not None and config.limits.max_streams == 3
     gw = await start_gateway(config)
     for metadata, why in ((None, "missing"), ((("authorization", "Bearer nope"),), "wrong")):
         err = await call_error(gw.stub.ListExports(pb.ListExportsRequest(), metadata=metadata))
@@ -54,17 +55,15 @@ async def test_bearer_token(tmp_path: Path, start_gateway) -> None:
         )
     ]
     assert messages[-1].next_offset == messages[-1].range_end
-    # Probes and reflection need no token.
+    # Probes need no token; reflection needs one (any identity).
     health = health_pb2_grpc.HealthStub(gw.channel)
     resp = await health.Check(health_pb2.HealthCheckRequest(service="nbdgw.v1.BitmapService"))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
     refl = reflection_pb2_grpc.ServerReflectionStub(gw.channel)
-    replies = [
-        r
-        async for r in refl.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-        )
-    ]
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    err = await call_error(refl.ServerReflectionInfo(iter([ask])))
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+    replies = [r async for r in refl.ServerReflectionInfo(iter([ask]), metadata=good)]
     assert "nbdgw.v1.BitmapService" in {s.name for s in replies[0].list_services_response.service}
 
 
