@@ -262,12 +262,15 @@ class Ledger:
         return self._generations.get(export)
 
     async def mask(self, scope: Scope) -> IntervalSet:
-        """A snapshot of the scope's mask (loaded from the database on first use)."""
+        """The scope's mask as of the last commit (loaded from the database on first use).
+
+        The object is never changed afterwards (a commit publishes a new one), so a reader may
+        keep it without copying, and must not change it."""
         current = self._masks.get(scope)
         if current is None:
             await self._submit("load", scope)
             current = self._masks[scope]
-        return current.copy()
+        return current
 
     # --- writes (durable before they return) ------------------------------------------------
 
