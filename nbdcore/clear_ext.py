@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from nbdcore.constants import Opt
+from nbdcore.constants import Cmd, Opt, ReplyType
 from nbdcore.wire import WireError
 
 __all__ = [
@@ -43,8 +43,8 @@ __all__ = [
 # spec number cannot collide with them on a connection that negotiated the extension. Reply type
 # 0x4E47 has bit 15 clear: it is a success chunk.
 NBD_OPT_X_NBDGW_CLEAR: Final = int(Opt.X_NBDGW_CLEAR)  # 0x4E424701
-NBD_CMD_X_NBDGW_CLEAR: Final = 0x4E47
-NBD_REPLY_TYPE_X_NBDGW_CLEARED: Final = 0x4E47
+NBD_CMD_X_NBDGW_CLEAR: Final = int(Cmd.X_NBDGW_CLEAR)  # 0x4E47
+NBD_REPLY_TYPE_X_NBDGW_CLEARED: Final = int(ReplyType.X_NBDGW_CLEARED)  # 0x4E47
 
 # Request payload: effect length (u64, not 0), metadata context id (u32).
 CLEAR_PAYLOAD: Final = struct.Struct(">QI")

@@ -39,7 +39,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from nbdcore import wire
+from nbdcore import clear_ext, wire
 from nbdcore.constants import (
     CLISERV_MAGIC,
     IHAVEOPT,
@@ -206,7 +206,8 @@ class Reply:
     """The request ``cookie`` is complete (final chunk or simple reply received).
 
     ``error`` is set when the server reported a failure. ``data`` is the buffer a READ filled;
-    ``extents`` maps context id to its answer for BLOCK_STATUS.
+    ``extents`` maps context id to its answer for BLOCK_STATUS; ``cleared`` is the answer to
+    X_NBDGW_CLEAR (checked: only whole granules inside the request).
     """
 
     cookie: int
@@ -214,6 +215,7 @@ class Reply:
     error: RequestError | None = None
     data: memoryview | None = None
     extents: dict[int, BlockStatusResult] | None = None
+    cleared: clear_ext.Cleared | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,7 @@ class _Request:
     error: RequestError | None = None
     extents: dict[int, BlockStatusResult] = field(default_factory=dict)
     chunks: int = 0
+    cleared: clear_ext.Cleared | None = None  # X_NBDGW_CLEAR answer
 
 
 @dataclass(slots=True)
@@ -291,6 +294,8 @@ class ClientConnection:
         self.handshake_flags = HandshakeFlag(0)
         self.structured_replies = False
         self.extended_headers = False
+        # NBD_OPT_X_NBDGW_CLEAR acknowledged (docs/extension-clear.md).
+        self.clear_extension = False
         # After SET_META_CONTEXT: name -> id; valid for the export the SET named.
         self.meta_contexts: dict[str, int] = {}
         self._meta_export: str | None = None
@@ -415,6 +420,7 @@ class ClientConnection:
         self._transition("tls_established")
         self.structured_replies = False
         self.extended_headers = False
+        self.clear_extension = False
         self.meta_contexts = {}
         self._meta_export = None
 
@@ -539,6 +545,13 @@ class ClientConnection:
 
     def send_extended_headers(self) -> None:
         self.send_option(Opt.EXTENDED_HEADERS)
+
+    def send_x_nbdgw_clear(self) -> None:
+        """NBD_OPT_X_NBDGW_CLEAR (after structured replies or extended headers): ACK turns on
+        ``clear_extension``; servers without the extension answer ERR_UNSUP."""
+        if not (self.structured_replies or self.extended_headers):
+            raise UsageError("NBD_OPT_X_NBDGW_CLEAR needs structured replies first")
+        self.send_option(Opt.X_NBDGW_CLEAR)
 
     def send_abort(self) -> None:
         self.send_option(Opt.ABORT)
@@ -692,6 +705,8 @@ class ClientConnection:
                 self.structured_replies = True
             elif option == Opt.EXTENDED_HEADERS:
                 self.extended_headers = True
+            elif option == Opt.X_NBDGW_CLEAR:
+                self.clear_extension = True
             self._events.append(OptionAcked(option))
 
     def _enter_transmission(self, pending: _PendingOption) -> None:
@@ -889,6 +904,31 @@ class ClientConnection:
             self._out.append(self._header(req))
         return req.cookie
 
+    def send_clear(self, offset: int, length: int, context_id: int, *, fua: bool = False) -> int:
+        """Queue NBD_CMD_X_NBDGW_CLEAR: clear the whole granules of ``[offset, offset +
+        length)`` in the dirty bitmap negotiated as ``context_id``."""
+        if not self.clear_extension:
+            raise UsageError("the server did not acknowledge NBD_OPT_X_NBDGW_CLEAR")
+        if context_id not in self.meta_contexts.values():
+            raise UsageError(f"context id {context_id} was not negotiated")
+        if length <= 0 or offset < 0 or offset > self.size or length > self.size - offset:
+            raise UsageError(
+                f"clear range [{offset}, {offset + length}) is empty or outside the export"
+                f" (size {self.size})"
+            )
+        flags = self._fua(fua)
+        payload = clear_ext.encode_clear_payload(length, context_id)
+        if self.extended_headers:
+            flags |= CmdFlag.PAYLOAD_LEN
+        # The effect length travels in the payload (64 bits in both modes); the header's length
+        # field is the payload's.
+        req = self._new_request(Cmd.X_NBDGW_CLEAR, flags, offset, 0)
+        req.length = length
+        req.context_ids = frozenset((context_id,))
+        self._out.append(self._header(req, length=len(payload)))
+        self._out.append(payload)
+        return req.cookie
+
     def send_disc(self) -> None:
         """NBD_CMD_DISC: no reply; the server finishes what is in flight, then closes."""
         self._transition("send_disc")
@@ -934,6 +974,8 @@ class ClientConnection:
             raise ServerProtocolError("simple reply to READ after structured replies")
         if req.command == Cmd.BLOCK_STATUS and errno == 0:
             raise ServerProtocolError("simple success reply to BLOCK_STATUS")
+        if req.command == Cmd.X_NBDGW_CLEAR and errno == 0:
+            raise ServerProtocolError("simple success reply to X_NBDGW_CLEAR")
         if req.chunks:
             raise ServerProtocolError(f"simple reply after chunks for cookie {cookie:#x}")
         if errno:
@@ -957,10 +999,14 @@ class ClientConnection:
                     raise ServerProtocolError(
                         f"BLOCK_STATUS reply lacks contexts {sorted(missing)}"
                     )
+            if req.command == Cmd.X_NBDGW_CLEAR and req.cleared is None:
+                raise ServerProtocolError("X_NBDGW_CLEAR succeeded without a cleared chunk")
         if req.command == Cmd.READ and req.error is None:
             self._events.append(Reply(req.cookie, req.command, None, req.buffer))
         elif req.command == Cmd.BLOCK_STATUS and req.error is None:
             self._events.append(Reply(req.cookie, req.command, None, None, req.extents))
+        elif req.command == Cmd.X_NBDGW_CLEAR and req.error is None:
+            self._events.append(Reply(req.cookie, req.command, cleared=req.cleared))
         else:
             self._events.append(Reply(req.cookie, req.command, req.error))
 
@@ -1021,6 +1067,21 @@ class ClientConnection:
                 raise ServerProtocolError(f"block status chunk of {length} bytes is too long")
             payload = yield from self._read_exact(length)
             self._block_status_chunk(req, payload, extended)
+        elif rtype == ReplyType.X_NBDGW_CLEARED and cmd == Cmd.X_NBDGW_CLEAR:
+            if length > clear_ext.MAX_CLEARED_CHUNK:
+                raise ServerProtocolError(f"cleared chunk of {length} bytes is too long")
+            if req.cleared is not None:
+                raise ServerProtocolError("two cleared chunks for one X_NBDGW_CLEAR")
+            payload = yield from self._read_exact(length)
+            try:
+                cleared = clear_ext.decode_cleared(payload)
+                if cleared.context_id not in req.context_ids:
+                    raise WireError(f"cleared chunk for context id {cleared.context_id}")
+                # What lets the caller promise that nothing outside the range was cleared.
+                clear_ext.check_cleared(cleared, req.offset, req.length, self.size)
+            except WireError as exc:
+                raise ServerProtocolError(str(exc)) from None
+            req.cleared = cleared
         elif rtype & NBD_REPLY_TYPE_ERROR_BIT:
             # ERROR, ERROR_OFFSET, and unknown error types (which fail only this request).
             if length > MAX_ERROR_CHUNK:

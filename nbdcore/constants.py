@@ -120,6 +120,8 @@ class Cmd(enum.IntEnum):
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
     RESIZE = 8
+    # nbdgw extension (docs/extension-clear.md): only valid after NBD_OPT_X_NBDGW_CLEAR.
+    X_NBDGW_CLEAR = 0x4E47
 
 
 class CmdFlag(enum.IntFlag):
@@ -144,6 +146,8 @@ class ReplyType(enum.IntEnum):
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
     BLOCK_STATUS_EXT = 6
+    # nbdgw extension (docs/extension-clear.md): only after NBD_OPT_X_NBDGW_CLEAR.
+    X_NBDGW_CLEARED = 0x4E47
     ERROR = 0x8001
     ERROR_OFFSET = 0x8002
 

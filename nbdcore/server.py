@@ -25,12 +25,12 @@ import enum
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Final, NoReturn, Protocol
 
-from nbdcore import wire
+from nbdcore import clear_ext, wire
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
@@ -151,6 +151,7 @@ class Negotiated:
     structured_replies: bool
     extended_headers: bool
     meta_contexts: dict[int, str]
+    clear_extension: bool = False  # NBD_OPT_X_NBDGW_CLEAR was acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,9 @@ class Request:
     """A valid transmission request for the I/O layer to perform and answer.
 
     ``data`` is the WRITE payload. For BLOCK_STATUS, ``contexts`` holds the (id, name) pairs to
-    answer (all selected ones, or the filter's), and ``length`` the effect length.
+    answer (all selected ones, or the filter's), and ``length`` the effect length. For
+    X_NBDGW_CLEAR, ``contexts`` holds the one bitmap context to clear and ``length`` the effect
+    length (answer with :meth:`ServerConnection.reply_cleared`).
     """
 
     cookie: int
@@ -188,6 +191,7 @@ class _Negotiation:
     extended: bool = False
     meta_export: str | None = None  # export the last SET_META_CONTEXT named
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    clear: bool = False  # NBD_OPT_X_NBDGW_CLEAR acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +217,8 @@ class ServerConnection:
     ``tls_available``: STARTTLS can be offered. ``tls_required``: every option but STARTTLS and
     ABORT gets ERR_TLS_REQD until TLS is up (FORCEDTLS). ``max_option_length`` bounds the option
     payload the server reads; ``max_payload`` the READ/WRITE size it serves (advertised as the
-    maximum block size).
+    maximum block size). ``clear_extension``: acknowledge NBD_OPT_X_NBDGW_CLEAR
+    (docs/extension-clear.md); otherwise it is an unknown option, answered ERR_UNSUP.
     """
 
     def __init__(
@@ -225,6 +230,7 @@ class ServerConnection:
         max_option_length: int = 64 * 1024,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_extents: int = MAX_EXTENTS_PER_CHUNK,
+        clear_extension: bool = False,
     ) -> None:
         if tls_required and not tls_available:
             raise UsageError("tls_required needs tls_available")
@@ -234,6 +240,7 @@ class ServerConnection:
         self.max_option_length = max_option_length
         self.max_payload = max_payload
         self.max_extents = max_extents
+        self.clear_extension = clear_extension
         self.state = State.CLIENT_FLAGS
         self.tls_active = False
         self.no_zeroes = False
@@ -424,6 +431,20 @@ class ServerConnection:
             self._out.append(header)
             self._out.append(body)
 
+    def reply_cleared(
+        self, request: Request, granularity: int, runs: Sequence[tuple[int, int]]
+    ) -> None:
+        """Success for X_NBDGW_CLEAR: the byte runs cleared (whole granules inside the
+        request), in one NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk."""
+        self._done(request)
+        (cid, _name), *_ = request.contexts
+        body = clear_ext.encode_cleared(cid, granularity, list(runs))
+        header = self._chunk_header(
+            NBD_REPLY_FLAG_DONE, ReplyType.X_NBDGW_CLEARED, request, len(body)
+        )
+        self._out.append(header)
+        self._out.append(body)
+
     # --- internals: output --------------------------------------------------------------------
 
     def _done(self, request: Request) -> None:
@@ -571,6 +592,8 @@ class ServerConnection:
             Opt.LIST_META_CONTEXT: self._opt_meta_context,
             Opt.SET_META_CONTEXT: self._opt_meta_context,
         }.get(option)
+        if option == Opt.X_NBDGW_CLEAR and self.clear_extension:
+            handler = self._opt_x_nbdgw_clear
         if handler is None:
             self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
             return
@@ -655,6 +678,16 @@ class ServerConnection:
             self.neg.structured = True
             self._reply(option, Rep.ACK)
 
+    def _opt_x_nbdgw_clear(self, option: int, payload: bytes) -> None:
+        if payload:
+            self._error(option, Rep.ERR_INVALID, "NBD_OPT_X_NBDGW_CLEAR carries no data")
+        elif not self.neg.structured:
+            # The reply to the command is a chunk.
+            self._error(option, Rep.ERR_INVALID, "negotiate structured replies first")
+        else:
+            self.neg.clear = True
+            self._reply(option, Rep.ACK)
+
     def _opt_info_go(self, option: int, payload: bytes) -> None:
         try:
             name, infos = wire.decode_info_request(payload)
@@ -695,6 +728,7 @@ class ServerConnection:
                 self.neg.structured,
                 self.neg.extended,
                 dict(self.neg.meta_contexts),
+                self.neg.clear,
             )
         )
 
@@ -770,6 +804,9 @@ class ServerConnection:
         payload_len = 0
         if cmd == Cmd.WRITE or (ext and flags & CmdFlag.PAYLOAD_LEN):
             payload_len = length
+        elif cmd == Cmd.X_NBDGW_CLEAR and self.neg.clear and not ext:
+            # The extension's command always carries its payload, like WRITE.
+            payload_len = length
         if cmd == Cmd.DISC:
             self._move("disc")
             self._events.append(Disconnect("disc"))
@@ -813,6 +850,8 @@ class ServerConnection:
         if command == Cmd.RESIZE:
             reject(Errno.EINVAL, "NBD_CMD_RESIZE is not supported")
             return None
+        if command == Cmd.X_NBDGW_CLEAR:
+            return self._validate_clear(cookie, flags, offset, data, reject)
         if flags & ~_ALL_CMD_FLAGS:
             reject(Errno.EINVAL, f"unknown command flags {flags:#x}")
             return None
@@ -886,6 +925,46 @@ class ServerConnection:
             reject(Errno.EINVAL, "trim not supported")
             return None
         return Request(cookie, command, fl, offset, length, data, contexts)
+
+    def _validate_clear(
+        self,
+        cookie: int,
+        flags: int,
+        offset: int,
+        data: bytearray | None,
+        reject: Callable[[Errno, str], None],
+    ) -> Request | None:
+        """NBD_CMD_X_NBDGW_CLEAR: only after the option, payload (length, context id), a
+        negotiated dirty bitmap context, a range inside the export."""
+        export = self.export
+        assert export is not None
+        if not self.neg.clear:
+            reject(Errno.EINVAL, "NBD_CMD_X_NBDGW_CLEAR without NBD_OPT_X_NBDGW_CLEAR")
+            return None
+        allowed = CmdFlag.PAYLOAD_LEN if self.neg.extended else 0
+        if TransmissionFlag.SEND_FUA in self.transmission_flags:
+            allowed |= CmdFlag.FUA
+        if flags & ~int(allowed) or (self.neg.extended and not flags & CmdFlag.PAYLOAD_LEN):
+            reject(Errno.EINVAL, f"flags {flags:#x} not valid for NBD_CMD_X_NBDGW_CLEAR")
+            return None
+        try:
+            clear = clear_ext.decode_clear_payload(data if data is not None else b"")
+        except wire.WireError as exc:
+            reject(Errno.EINVAL, str(exc))
+            return None
+        name = self.neg.meta_contexts.get(clear.context_id)
+        if name is None:
+            reject(Errno.EINVAL, f"context id {clear.context_id} was not negotiated")
+            return None
+        if not name.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+            reject(Errno.EINVAL, f"{name} is not a dirty bitmap")
+            return None
+        if offset > export.size or clear.length > export.size - offset:
+            reject(Errno.EINVAL, f"range {offset}+{clear.length} is outside the export")
+            return None
+        fl = CmdFlag(flags & ~CmdFlag.PAYLOAD_LEN)
+        ctx = ((clear.context_id, name),)
+        return Request(cookie, Cmd.X_NBDGW_CLEAR, fl, offset, clear.length, None, ctx)
 
 
 def _u64(values: Sequence[int] | array[int]) -> array[int]:

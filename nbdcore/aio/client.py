@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from nbdcore import clear_ext
 from nbdcore.client import (
     ClientConnection,
     ClientState,
@@ -202,6 +203,11 @@ class NBDClient:
         return self._conn.extended_headers
 
     @property
+    def clear_extension(self) -> bool:
+        """The server acknowledged NBD_OPT_X_NBDGW_CLEAR: :meth:`clear` works."""
+        return self._conn.clear_extension
+
+    @property
     def read_only(self) -> bool:
         return bool(self.flags & TransmissionFlag.READ_ONLY)
 
@@ -231,17 +237,24 @@ class NBDClient:
         structured_replies: bool = True,
         max_in_flight: int = 16,
         timeout: float | None = 30.0,  # noqa: ASYNC109 (the agreed API; applies per request)
+        clear_extension: bool = False,
     ) -> NBDClient:
         """Connect, negotiate and enter transmission on the URI's export.
 
         ``meta_contexts`` are the SET_META_CONTEXT queries (any namespace, wildcards allowed);
         the contexts the server selected end up in :attr:`meta_contexts`.
+        ``clear_extension``: ask for NBD_OPT_X_NBDGW_CLEAR (docs/extension-clear.md); a server
+        without it refuses the option and the connection goes on without (see
+        :attr:`clear_extension`).
         """
         u = NBDURI.parse(uri) if isinstance(uri, str) else uri
         self = cls(max_in_flight=max_in_flight, timeout=timeout)
         try:
             async with _deadline(timeout, f"connecting to {u}"):
                 await self._start(u, tls, extended_headers, structured_replies)
+                if clear_extension and self.structured_replies:
+                    # Any refusal (ERR_UNSUP from every other server) just means "without".
+                    await self._option(self._conn.send_x_nbdgw_clear)
                 await self._go(u.export, list(meta_contexts))
         except BaseException:
             self._abort()
@@ -551,6 +564,23 @@ class NBDClient:
             for cid, r in reply.extents.items()
             if wanted is None or cid in wanted
         }
+
+    async def clear(
+        self, offset: int, length: int, context: str, *, fua: bool = False
+    ) -> clear_ext.Cleared:
+        """NBD_CMD_X_NBDGW_CLEAR: clear the whole granules of ``[offset, offset + length)`` in
+        the dirty bitmap ``context`` (a negotiated ``qemu:dirty-bitmap:NAME``). Returns what
+        the server cleared, checked to lie in whole granules inside the range. ``fua``: the
+        cleared bits reach stable storage before the reply."""
+        if not self.clear_extension:
+            raise UsageError("the server does not offer the clear extension")
+        cid = self.meta_contexts.get(context)
+        if cid is None:
+            raise UsageError(f"context {context!r} was not negotiated")
+        async with self._slots:
+            reply = await self._submit(lambda: self._conn.send_clear(offset, length, cid, fua=fua))
+        assert reply.cleared is not None
+        return reply.cleared
 
     # --- closing ----------------------------------------------------------------------------------
 

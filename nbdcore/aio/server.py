@@ -175,6 +175,8 @@ class NBDServer:
 
     ``tls``: a server-side SSLContext (see ``nbdcore.tls.server_context``) enables STARTTLS;
     with ``tls_required`` nothing but STARTTLS and ABORT is accepted before TLS.
+    ``clear_extension``: offer NBD_OPT_X_NBDGW_CLEAR, with which a client clears ranges of
+    the exported bitmaps (docs/extension-clear.md); clients that do not ask never see it.
     """
 
     def __init__(
@@ -184,12 +186,14 @@ class NBDServer:
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
         limits: ServerLimits | None = None,
+        clear_extension: bool = True,
     ) -> None:
         if tls_required and tls is None:
             raise UsageError("tls_required needs a TLS context")
         self.tls = tls
         self.tls_required = tls_required
         self.limits = limits or ServerLimits()
+        self.clear_extension = clear_extension
         self._exports: dict[str, _Export] = {}
         self._retired: list[_Export] = []
         self._listeners: list[tuple[socket.socket, asyncio.Task[None], str | None]] = []
@@ -645,6 +649,7 @@ class _Connection:
             max_option_length=limits.max_option_length,
             max_payload=limits.max_payload,
             max_extents=limits.max_extents,
+            clear_extension=server.clear_extension,
         )
         self.sem = asyncio.Semaphore(limits.max_in_flight)
         self.write_bytes = 0
@@ -891,6 +896,18 @@ class _Connection:
                 answers = await self._in_worker(_block_status, *args)
             self.proto.reply_block_status(req, answers)
             return
+        elif cmd == Cmd.X_NBDGW_CLEAR:
+            # In the export's worker, ordered with the writes of this connection; the bitmap's
+            # lock orders it with everything else (see nbdcore.storage.image).
+            ((_cid, context),) = req.contexts
+            name = context[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) :]
+            if self.export.config.bitmaps is not None and name not in self.export.bitmap_names():
+                raise OSError(errno.EINVAL, f"bitmap {name!r} is not exported")
+            granularity, runs = await self._in_worker(
+                _clear, image, name, req.offset, req.length, fua
+            )
+            self.proto.reply_cleared(req, granularity, runs)
+            return
         else:  # pragma: no cover - the core only lets known commands through
             raise ValueError(f"unexpected command {cmd!r}")
         self.proto.reply_ok(req)
@@ -898,6 +915,18 @@ class _Connection:
 
 def _write(image: Image, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
     image.write(memoryview(data), offset, fua=fua)
+
+
+def _clear(
+    image: Image, name: str, offset: int, length: int, fua: bool
+) -> tuple[int, list[tuple[int, int]]]:
+    bitmap = image.bitmaps.get(name)
+    if bitmap is None:
+        raise OSError(errno.EINVAL, f"bitmap {name!r} no longer exists")
+    runs = image.clear_bitmap_range(name, offset, length)
+    if fua:
+        image.flush()  # the bits (and the data) on stable storage before the reply
+    return bitmap.granularity, runs
 
 
 def _trim(image: Image, offset: int, length: int, fua: bool) -> None:

@@ -14,8 +14,11 @@ from nbdcore.wire import WireError
 def test_numbers_stay_clear_of_the_spec() -> None:
     assert cx.NBD_OPT_X_NBDGW_CLEAR == 0x4E424701
     assert cx.NBD_OPT_X_NBDGW_CLEAR not in {int(o) for o in Opt if o != Opt.X_NBDGW_CLEAR}
-    assert cx.NBD_CMD_X_NBDGW_CLEAR not in {int(c) for c in Cmd}
-    assert cx.NBD_REPLY_TYPE_X_NBDGW_CLEARED not in {int(t) for t in ReplyType}
+    assert cx.NBD_CMD_X_NBDGW_CLEAR == Cmd.X_NBDGW_CLEAR == 0x4E47
+    assert cx.NBD_CMD_X_NBDGW_CLEAR not in {int(c) for c in Cmd if c != Cmd.X_NBDGW_CLEAR}
+    assert cx.NBD_REPLY_TYPE_X_NBDGW_CLEARED == ReplyType.X_NBDGW_CLEARED
+    others = {int(t) for t in ReplyType if t != ReplyType.X_NBDGW_CLEARED}
+    assert cx.NBD_REPLY_TYPE_X_NBDGW_CLEARED not in others
     # bit 15 clear: a success chunk, not an error chunk
     assert not cx.NBD_REPLY_TYPE_X_NBDGW_CLEARED & 0x8000
     assert cx.NBD_CMD_X_NBDGW_CLEAR < 1 << 16
