@@ -46,6 +46,7 @@ from gateway.commands import (
     full_context_name,
     iter_rows,
     parse_size,
+    retry_delay,
     stream_extents,
     warn,
 )
@@ -93,6 +94,7 @@ class BackupState:
     bytes_cleared: int = 0
     bytes_rechecked: int = 0  # re-read after clearing (see _Backup._recheck)
     bytes_rewritten: int = 0  # of which had changed since they were copied
+    bytes_gap_copied: int = 0  # clean bytes between runs cleared together (see checkpoint)
     started: float = field(default_factory=time.time)
     updated: float = 0.0
     version: int = STATE_VERSION
@@ -323,6 +325,8 @@ _RECHECK_GAP = 1 << 20
 # Runs to clear are kept in memory and in the state file until a checkpoint: bound them.
 _MAX_PENDING_RUNS = 4096
 _CLEARS_IN_FLIGHT = 8
+# Up to this many runs per checkpoint are cleared one call each, exactly.
+_PRECISE_CLEAR_RUNS = 64
 
 
 def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -331,6 +335,34 @@ def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tupl
         lo, hi = max(offset, start), min(offset + length, end)
         if lo < hi:
             yield lo, hi
+
+
+def _spans(runs: list[list[int]], gap: int) -> list[list[int]]:
+    """The runs, merged where at most ``gap`` bytes separate them."""
+    spans: list[list[int]] = []
+    for offset, length in runs:
+        if spans and offset - sum(spans[-1]) <= gap:
+            spans[-1][1] = offset + length - spans[-1][0]
+        else:
+            spans.append([offset, length])
+    return spans
+
+
+def _split(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """``[start, end)`` cut into pieces ``(lo, hi, inside one of the sorted runs)``."""
+    pos = start
+    for offset, length in runs:
+        lo, hi = max(offset, pos), min(offset + length, end)
+        if lo >= hi:
+            if offset >= end:
+                break
+            continue
+        if pos < lo:
+            yield pos, lo, False
+        yield lo, hi, True
+        pos = hi
+    if pos < end:
+        yield pos, end, False
 
 
 def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
@@ -357,6 +389,7 @@ class _Backup:
         self.copied = 0
         self.on_retry: Callable[[str], None] | None = None
         self.recheck = True
+        self.clear_gap = 64 << 10
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
         """fsync; record the new position with the runs still to clear; clear them; recheck
@@ -375,9 +408,16 @@ class _Backup:
         state.pending_clear = [list(r) for r in to_clear + keep]
         state.save(self.spath)
         if to_clear:
-            await self._clear(to_clear)
+            # Many runs: one ClearRange per span of runs at most a granule apart, not per run,
+            # since the gateway limits the rate of calls. The clean gaps inside a span are
+            # cleared too: a no-op, unless a write dirtied them since the stream passed them;
+            # the recheck cannot tell, so it copies the gaps' current bytes (at most as much
+            # again as the runs) and no write is lost.
+            many = len(to_clear) > _PRECISE_CLEAR_RUNS
+            spans = _spans(to_clear, self.clear_gap) if many else to_clear
+            await self._clear(spans)
             if self.recheck:
-                await self._recheck(to_clear)
+                await self._recheck(spans, to_clear)
                 self.out.sync()
             self.dirty = keep
             state.pending_clear = [list(r) for r in keep]
@@ -392,14 +432,23 @@ class _Backup:
         slots = asyncio.Semaphore(_CLEARS_IN_FLIGHT)
 
         async def clear(offset: int, length: int) -> None:
-            async with slots:
-                resp = await self.gw.stub.ClearRange(
-                    pb.ClearRangeRequest(
-                        export=state.export, bitmap=state.context, offset=offset, length=length
-                    ),
-                    metadata=self.gw.metadata,
-                    timeout=self.gw.timeout,
-                )
+            request = pb.ClearRangeRequest(
+                export=state.export, bitmap=state.context, offset=offset, length=length
+            )
+            attempt = 0
+            while True:
+                try:
+                    async with slots:
+                        resp = await self.gw.stub.ClearRange(
+                            request, metadata=self.gw.metadata, timeout=self.gw.timeout
+                        )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    # Over the gateway's rate limit: wait as long as its RetryInfo says.
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= 100:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(retry_delay(exc) or 0.05 * 2 ** min(attempt, 5))
             state.bytes_cleared += resp.cleared_bytes
 
         # Not a TaskGroup: its ExceptionGroup would hide the gRPC error from the one-line report.
@@ -412,17 +461,18 @@ class _Backup:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _recheck(self, runs: list[list[int]]) -> None:
+    async def _recheck(self, spans: list[list[int]], runs: list[list[int]]) -> None:
         """Read the runs just cleared again and fix the output where they changed.
 
-        A write that lands after a range was read but before it was cleared would otherwise be
+        ``spans`` were cleared; ``runs`` (inside them) were dirty when streamed. A write that
+        lands after a range was read but before it was cleared would otherwise be
         lost: the clear erases its dirty bit and the backup holds the older bytes. Every write
         marks the bitmap again after its data is written, so a write whose mark the clear
         erased is complete, and this read, which starts after the clear, sees its bytes.
         """
         state = self.state
         groups: list[list[list[int]]] = []
-        for run in runs:  # neighbouring runs share one stream
+        for run in spans:  # neighbouring spans share one stream
             if groups and run[0] - sum(groups[-1][-1]) <= _RECHECK_GAP:
                 groups[-1].append(run)
             else:
@@ -448,9 +498,14 @@ class _Backup:
                         chunk = data[pos : pos + length]
                         pos += length
                     for lo, hi in _intersections(group, offset, offset + length):
-                        piece = None if chunk is None else chunk[lo - offset : hi - offset]
-                        state.bytes_rechecked += hi - lo
-                        state.bytes_rewritten += self.out.update(piece, lo, hi - lo)
+                        for a, b, in_run in _split(runs, lo, hi):
+                            piece = None if chunk is None else chunk[a - offset : b - offset]
+                            changed = self.out.update(piece, a, b - a)
+                            if in_run:
+                                state.bytes_rechecked += b - a
+                                state.bytes_rewritten += changed
+                            else:
+                                state.bytes_gap_copied += changed
 
     async def run(self, progress: Progress) -> None:
         state = self.state
@@ -554,6 +609,7 @@ async def run(args: argparse.Namespace) -> int:
             backup._retries = args.retries
             backup.on_retry = warn(args)
             backup.recheck = args.recheck
+            backup.clear_gap = max(bitmaps[context].granularity_bytes, 64 << 10)
             progress = Progress(size)
             try:
                 await backup.run(progress)

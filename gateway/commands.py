@@ -220,6 +220,14 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
+    """How long the server asked us to wait (RetryInfo), if it did."""
+    for detail in error_details(exc):
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            return float(detail.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
 def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     """One line: ``CODE: message [REASON]`` plus the first bad field, if any."""
     code = exc.code()
