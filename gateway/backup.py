@@ -323,7 +323,7 @@ async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
 
 _RECHECK_GAP = 1 << 20
 # Runs to clear are kept in memory and in the state file until a checkpoint: bound them.
-_MAX_PENDING_RUNS = 4096
+_MAX_PENDING_RUNS = 1024
 _CLEARS_IN_FLIGHT = 8
 # Up to this many runs per checkpoint are cleared one call each, exactly.
 _PRECISE_CLEAR_RUNS = 64

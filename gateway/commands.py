@@ -273,6 +273,18 @@ def command(
 # --- Streaming with resume ---------------------------------------------------------------------
 
 
+# How a stream can end early and be resumed: the host or gateway went away (UNAVAILABLE), the
+# gateway cut a stream it found stalled (DEADLINE_EXCEEDED: the stream itself has no deadline),
+# or it refused one stream too many for now (RESOURCE_EXHAUSTED, with RetryInfo).
+_RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
 async def stream_extents(
     gw: Gateway,
     request: pb.StreamExtentsRequest,
@@ -281,7 +293,7 @@ async def stream_extents(
     backoff: float = 0.5,
     on_retry: Callable[[str], None] | None = None,
 ) -> AsyncIterator[pb.StreamExtentsResponse]:
-    """StreamExtents, resumed with its resume token when the stream ends UNAVAILABLE.
+    """StreamExtents, resumed with its resume token when the stream ends early.
 
     A gateway shutting down or losing its NBD host ends the stream with UNAVAILABLE and the
     resume position; the same request with ``resume_token`` continues with no gap and no
@@ -303,7 +315,7 @@ async def stream_extents(
                 yield msg
             return
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+            if exc.code() not in _RESUMABLE or attempt >= retries:
                 raise
             attempt += 1
             delay = backoff * 2 ** (attempt - 1)
