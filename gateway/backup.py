@@ -608,7 +608,11 @@ async def run(args: argparse.Namespace) -> int:
             backup = _Backup(gw, state, spath, out, args.checkpoint)
             backup._retries = args.retries
             backup.on_retry = warn(args)
-            backup.recheck = args.recheck
+            # A ledger-masked bitmap belongs to a point-in-time export: nothing writes to what
+            # it describes, so there is no race to recheck for.
+            backup.recheck = (
+                args.recheck and bitmaps[context].clear_mode != pb.CLEAR_MODE_LEDGER_MASK
+            )
             backup.clear_gap = max(bitmaps[context].granularity_bytes, 64 << 10)
             progress = Progress(size)
             try:
