@@ -130,11 +130,11 @@ function unary(client, method, request, metadata) {
 
 // Runs a StreamExtents call to its end; with stopAfter, cancels it after that many messages
 // (as a client that dies mid-stream would) and returns what it got.
-function stream(client, request, metadata, stopAfter = null) {
+function stream(client, request, metadata, stopAfter = null, method = "StreamExtents") {
   return new Promise((resolve, reject) => {
     const messages = [];
     let cancelled = false;
-    const call = client.StreamExtents(request, metadata);
+    const call = client[method](request, metadata);
     call.on("data", (msg) => {
       if (cancelled) return;
       messages.push(msg);
@@ -301,6 +301,33 @@ async function main() {
       result.clear = { request: req, response: await unary(client, "ClearRange", req, md) };
       const after = await stream(client, { ...base, filter: "EXTENT_FILTER_SET" }, md);
       result.dirty_after_clear = rows(after);
+    }
+
+    // RPCs added to v1 later: called when the loaded proto has them.
+    if (client.StreamRemainingDirty) {
+      const remaining = await stream(
+        client,
+        { export: args.export, bitmap: args.bitmap },
+        md,
+        null,
+        "StreamRemainingDirty",
+      );
+      // The same packed columns as StreamExtents, without flags (every range is dirty).
+      const asExtents = remaining.map((m) => ({
+        ...m,
+        flags: m.lengths.map(() => 1),
+        allocation: [],
+        data: Buffer.alloc(0),
+      }));
+      result.remaining_dirty = { end: checkContiguous(remaining, "0"), rows: rows(asExtents) };
+    }
+    if (client.SetExportGeneration) {
+      try {
+        const req = { export: args.export, generation: "node-client" };
+        result.set_generation = await unary(client, "SetExportGeneration", req, md);
+      } catch (err) {
+        result.set_generation = { error: describeError(err) };
+      }
     }
   } catch (err) {
     result.error = err.code !== undefined ? describeError(err) : { message: String(err.stack) };
