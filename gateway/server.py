@@ -38,6 +38,7 @@ from gateway.hosts import ExportPool, Host
 from gateway.limits import Limiter
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
+from gateway.snapshots import Snapshots, SnapshotServicer
 from nbdcore.aio.server import ExportConfig as NBDExportConfig
 from nbdcore.aio.server import NBDServer
 from nbdcore.storage.image import Image
@@ -45,10 +46,13 @@ from nbdcore.storage.store import store_dir
 from nbdcore.uri import NBDURI
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
 log = logging.getLogger("nbdgw.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["BitmapService"].full_name
+SNAPSHOT_SERVICE_NAME: str = spb.DESCRIPTOR.services_by_name["SnapshotService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -149,6 +153,7 @@ class Gateway:
         self.health_server: grpc.aio.Server | None = None
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
+        self.snapshots = Snapshots(self)
 
     async def start(self) -> Listening:
         cfg = self.config
@@ -162,6 +167,7 @@ class Gateway:
             self.hosts[host_cfg.name] = Host(host_cfg, cfg, self._host_changed, uri=uri)
         for export in cfg.exports.values():
             self.pools[export.name] = ExportPool(export, self.hosts[export.host])
+        self.snapshots.restore()  # snapshots the embedded images kept across a restart
 
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
@@ -178,10 +184,12 @@ class Gateway:
         )
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[access])
         pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
+        spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+                (SERVICE_NAME, SNAPSHOT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+                server,
             )
         host, port = parse_listen(cfg.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

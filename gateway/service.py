@@ -269,7 +269,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 f"NBD has no command to clear a bitmap and host {pool.host.name} is not the"
                 " gateway's embedded host (a gateway-side ledger is not available yet)"
             )
-        if image.read_only:
+        if not image.can_clear_bitmaps:
             return pb.CLEAR_MODE_UNSUPPORTED, "the image is open read-only"
         return pb.CLEAR_MODE_AT_SOURCE, ""
 
