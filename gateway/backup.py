@@ -96,6 +96,7 @@ class BackupState:
     bytes_rewritten: int = 0  # of which had changed since they were copied
     bytes_gap_copied: int = 0  # clean bytes between runs cleared together (see checkpoint)
     started: float = field(default_factory=time.time)
+    snapshot: str = ""  # the snapshot read, "" for the live export (gateway.backup_snapshots)
     updated: float = 0.0
     version: int = STATE_VERSION
 
@@ -291,6 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --clear, do not read the cleared ranges again (only safe when nothing "
         "writes to the disk during the backup)",
     )
+    from gateway import backup_snapshots
+
+    backup_snapshots.add_arguments(p)
     p.add_argument(
         "--checkpoint",
         type=parse_size,
@@ -390,6 +394,8 @@ class _Backup:
         self.on_retry: Callable[[str], None] | None = None
         self.recheck = True
         self.clear_gap = 64 << 10
+        # What it reads and clears: the export, or its snapshot (gateway.backup_snapshots).
+        self.source = state.export
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
         """fsync; record the new position with the runs still to clear; clear them; recheck
@@ -433,7 +439,7 @@ class _Backup:
 
         async def clear(offset: int, length: int) -> None:
             request = pb.ClearRangeRequest(
-                export=state.export, bitmap=state.context, offset=offset, length=length
+                export=self.source, bitmap=state.context, offset=offset, length=length
             )
             attempt = 0
             while True:
@@ -480,7 +486,7 @@ class _Backup:
         for group in groups:
             start, end = group[0][0], sum(group[-1])
             request = pb.StreamExtentsRequest(
-                export=state.export,
+                export=self.source,
                 context=state.context,
                 offset=start,
                 length=end - start,
@@ -511,7 +517,7 @@ class _Backup:
         state = self.state
         if state.next_offset < state.size:
             request = pb.StreamExtentsRequest(
-                export=state.export,
+                export=self.source,
                 context=state.context,
                 filter=pb.EXTENT_FILTER_ALL if state.full else pb.EXTENT_FILTER_SET,
                 include_data=True,
@@ -597,11 +603,17 @@ async def run(args: argparse.Namespace) -> int:
             why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
             raise BackupError(f"{context} cannot be cleared: {why}")
 
+        from gateway import backup_snapshots as snapshots
+
         prepared = _prepare(args, spath, export_name, context, size)
         if prepared is None:
+            done = BackupState.load(spath)  # complete; its snapshot may still need releasing
+            if done.snapshot and not args.keep_snapshot:
+                await snapshots.release_snapshot(gw, done)
             print(f"{output}: backup already complete", file=sys.stderr)
             return 0
         state, create = prepared
+        await snapshots.take_snapshot(gw, args, state, spath, warn(args))
 
         out = OutputImage(output, size, create=create)
         try:
@@ -613,6 +625,9 @@ async def run(args: argparse.Namespace) -> int:
             backup.recheck = (
                 args.recheck and bitmaps[context].clear_mode != pb.CLEAR_MODE_LEDGER_MASK
             )
+            if state.snapshot:  # a snapshot does not change either
+                backup.source = snapshots.source_export(state)
+                backup.recheck = False
             backup.clear_gap = max(bitmaps[context].granularity_bytes, 64 << 10)
             progress = Progress(size)
             try:
@@ -626,9 +641,12 @@ async def run(args: argparse.Namespace) -> int:
                 progress.done()
         finally:
             out.close()
+        if state.snapshot and not args.keep_snapshot:
+            await snapshots.release_snapshot(gw, state)
 
     kind = "full" if state.full else "incremental"
-    summary = f"{kind} backup of {export_name} ({context}) to {output}: complete, "
+    source = f" (snapshot {state.snapshot})" if state.snapshot else ""
+    summary = f"{kind} backup of {export_name}{source} ({context}) to {output}: complete, "
     summary += f"{state.bytes_written} bytes of data"
     if state.clear:
         summary += f", {state.bytes_cleared} bytes cleared"

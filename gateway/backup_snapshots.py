@@ -1,0 +1,165 @@
+"""``nbdgw backup`` from a point-in-time snapshot (SnapshotService), so that a backup of a disk
+under live writes is consistent.
+
+By default a backup takes a snapshot where the gateway can (exports of its embedded nbdcore
+host: the gateway answers others with SNAPSHOTS_NOT_SUPPORTED, and an older gateway with
+UNIMPLEMENTED; the backup then reads the live export as before), reads and clears the
+snapshot's export ``EXPORT@SNAP`` and, once complete, releases the snapshot: what its fork still
+holds (nothing, with --clear) merges back into the live bitmap, which meanwhile recorded the
+writes made since.
+
+The snapshot's id is recorded in the state file *before* the snapshot is created, and is the
+state's own (made from its start time), so no crash can leave a snapshot that no state file
+names: a resumed run finds it again, or, when it is gone (released, or discarded by a host
+that crashed: its fork went back into the live bitmap), takes a new one and starts over,
+keeping the output (what it holds of ranges the new fork does not mark is still the disk's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from gateway.backup import BackupError, BackupState
+from gateway.commands import DIRTY_BITMAP_PREFIX, Gateway, describe_rpc_error, error_details
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--no-snapshot",
+        dest="snapshot_mode",
+        action="store_const",
+        const="never",
+        default="auto",
+        help="read the live export, not a point-in-time snapshot (by default a snapshot is "
+        "taken where the gateway can: exports of its embedded nbdcore host)",
+    )
+    group.add_argument(
+        "--snapshot",
+        metavar="SNAPSHOT",
+        help="read this existing snapshot of the export (SnapshotService); it is released "
+        "when the backup is complete unless --keep-snapshot",
+    )
+    p.add_argument(
+        "--keep-snapshot",
+        action="store_true",
+        help="do not release the snapshot when the backup is complete",
+    )
+
+
+def source_export(state: BackupState) -> str:
+    """What the backup reads and clears: the export, or its snapshot's export."""
+    return f"{state.export}@{state.snapshot}" if state.snapshot else state.export
+
+
+def snapshot_id(state: BackupState) -> str:
+    """An id of the state's own, so that a resumed run recognises the snapshot it took."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.started))
+    return f"backup-{stamp}-{int(state.started * 1e6) % 1_000_000:06d}"
+
+
+def _not_supported(exc: grpc.aio.AioRpcError) -> bool:
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a gateway without SnapshotService
+        return True
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and any(
+        getattr(d, "reason", "") == "SNAPSHOTS_NOT_SUPPORTED" for d in error_details(exc)
+    )
+
+
+async def snapshot_exists(gw: Gateway, export: str, snapshot: str) -> bool:
+    stub = spb_grpc.SnapshotServiceStub(gw.channel)
+    token = ""
+    while True:
+        resp = await stub.ListSnapshots(
+            spb.ListSnapshotsRequest(parent=export, page_token=token),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+        if any(s.name.rsplit("/", 1)[-1] == snapshot for s in resp.snapshots):
+            return True
+        token = resp.next_page_token
+        if not token:
+            return False
+
+
+async def take_snapshot(
+    gw: Gateway,
+    args: argparse.Namespace,
+    state: BackupState,
+    spath: Path,
+    note: Callable[[str], None],
+) -> None:
+    """Choose what the backup reads (``state.snapshot``, saved): a snapshot taken now or found
+    again, or "" for the live export."""
+    try:
+        if state.snapshot:
+            if await snapshot_exists(gw, state.export, state.snapshot):
+                return
+            if args.snapshot:
+                raise BackupError(f"snapshot {state.snapshot!r} of {state.export!r} is gone")
+            # Its fork went back into the live bitmap: a new snapshot holds it. Start over.
+            note(
+                f"snapshot {state.snapshot} is gone (released, or discarded by a host that"
+                " crashed); taking a new one and starting over"
+            )
+            state.next_offset = 0
+            state.pending_clear = []
+            state.complete = False
+        elif args.resume:
+            return  # it read the live export so far: a snapshot now would mix two instants
+        elif args.snapshot:
+            if not await snapshot_exists(gw, state.export, args.snapshot):
+                raise BackupError(f"export {state.export!r} has no snapshot {args.snapshot!r}")
+            state.snapshot = args.snapshot
+            state.save(spath)
+            return
+        elif args.snapshot_mode == "never":
+            return
+        state.snapshot = snapshot_id(state)
+        state.save(spath)  # before it exists: see the module docstring
+        forks = [state.context] if state.context.startswith(DIRTY_BITMAP_PREFIX) else []
+        stub = spb_grpc.SnapshotServiceStub(gw.channel)
+        try:
+            await stub.CreateSnapshot(
+                spb.CreateSnapshotRequest(
+                    parent=state.export, snapshot_id=state.snapshot, bitmaps=forks
+                ),
+                metadata=gw.metadata,
+                timeout=gw.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return  # taken just before a crash: ours
+            if _not_supported(exc):
+                state.snapshot = ""  # not an nbdcore host: read the live export
+                state.save(spath)
+                return
+            raise
+    except grpc.aio.AioRpcError as exc:
+        if _not_supported(exc) and not state.snapshot:
+            return
+        raise BackupError(f"cannot take a snapshot: {describe_rpc_error(exc)}") from None
+
+
+async def release_snapshot(gw: Gateway, state: BackupState) -> None:
+    """Release the backup's snapshot: its fork's remaining bits merge back."""
+    stub = spb_grpc.SnapshotServiceStub(gw.channel)
+    try:
+        await stub.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name=f"exports/{state.export}/snapshots/{state.snapshot}"),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:  # released already: fine
+            raise BackupError(
+                f"the backup is complete but its snapshot {state.snapshot} was not released:"
+                f" {describe_rpc_error(exc)}; release it with ReleaseSnapshot"
+            ) from None

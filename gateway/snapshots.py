@@ -1,0 +1,382 @@
+"""SnapshotService: point-in-time snapshots of the embedded host's exports, with forked bitmaps.
+
+A snapshot of export ``EXPORT`` (see ``nbdcore.storage.snapshot``) becomes two exports at once:
+``NBD_EXPORT@SNAP`` on the embedded NBD server (read-only, its forks as
+``qemu:dirty-bitmap:NAME``) and the gateway export ``EXPORT@SNAP``, served by the BitmapService
+like any other (StreamExtents with data, ClearRange on a fork). Releasing removes both before
+it merges the forks back. Snapshots outlive a gateway restart (the image keeps them beside
+it); :meth:`Snapshots.restore` exports them again at start.
+
+Errors are GatewayErrors like the BitmapService's; the snapshot-specific reasons
+(``SnapshotErrorReason`` in snapshot_service.proto) are built here, as gateway.access and
+gateway.limits build theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+
+from gateway import errors
+from gateway.config import EMBEDDED_HOST
+from gateway.config import ExportConfig as GatewayExportConfig
+from gateway.errors import GatewayError
+from gateway.hosts import ExportPool
+from gateway.service import context_name, decode_page, encode_page, export_id, page_size
+from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
+from nbdcore.exceptions import NBDError
+from nbdcore.storage import (
+    NoSuchBitmapError,
+    NoSuchSnapshotError,
+    Snapshot,
+    SnapshotError,
+    SnapshotExistsError,
+)
+from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+    from nbdcore.storage import Image
+
+log = logging.getLogger("nbdgw.snapshots")
+
+_ON_FULL = {
+    spb.SNAPSHOT_ON_FULL_UNSPECIFIED: "break",
+    spb.SNAPSHOT_ON_FULL_BREAK_SNAPSHOT: "break",
+    spb.SNAPSHOT_ON_FULL_FAIL_WRITE: "fail-write",
+}
+_ON_FULL_PB = {
+    "break": spb.SNAPSHOT_ON_FULL_BREAK_SNAPSHOT,
+    "fail-write": spb.SNAPSHOT_ON_FULL_FAIL_WRITE,
+}
+
+
+SNAPSHOT_TYPE = "nbdgw.dev/Snapshot"
+
+
+class SnapshotReason:
+    """ErrorInfo reasons: ``nbdgw.v1.SnapshotErrorReason`` names without their prefix."""
+
+    SNAPSHOT_NOT_FOUND = "SNAPSHOT_NOT_FOUND"
+    SNAPSHOT_EXISTS = "SNAPSHOT_EXISTS"
+    SNAPSHOTS_NOT_SUPPORTED = "SNAPSHOTS_NOT_SUPPORTED"
+
+
+def snapshot_not_found(export: str, snapshot: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        SnapshotReason.SNAPSHOT_NOT_FOUND,
+        f"export {export!r} has no snapshot {snapshot!r} (never taken, or released already)",
+        {"export": export, "snapshot": snapshot},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type=SNAPSHOT_TYPE,
+                resource_name=f"exports/{export}/snapshots/{snapshot}",
+                description="no snapshot of this name (a released snapshot is gone)",
+            )
+        ],
+    )
+
+
+def snapshot_exists(export: str, snapshot: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        SnapshotReason.SNAPSHOT_EXISTS,
+        f"export {export!r} already has a snapshot {snapshot!r}",
+        {"export": export, "snapshot": snapshot},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type=SNAPSHOT_TYPE,
+                resource_name=f"exports/{export}/snapshots/{snapshot}",
+                description="release it first, or choose another snapshot_id",
+            )
+        ],
+    )
+
+
+def snapshots_not_supported(export: str, why: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        SnapshotReason.SNAPSHOTS_NOT_SUPPORTED,
+        f"export {export!r} cannot be snapshotted: {why}",
+        {"export": export},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="SNAPSHOTS", subject=f"exports/{export}", description=why
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def snapshot_export_id(export: str, snapshot: str) -> str:
+    """The gateway export of a snapshot: ``EXPORT@SNAP``."""
+    return f"{export}{SEPARATOR}{snapshot}"
+
+
+def snapshot_name(value: str, field_name: str = "name") -> tuple[str, str]:
+    """``exports/{export}/snapshots/{snapshot}`` -> (export, snapshot)."""
+    parts = value.split("/")
+    if len(parts) != 4 or parts[0] != "exports" or parts[2] != "snapshots" or "" in parts:
+        raise errors.invalid_field(
+            field_name, f"{value!r} is not a snapshot name (exports/EXPORT/snapshots/SNAPSHOT)"
+        )
+    return parts[1], parts[3]
+
+
+class Snapshots:
+    """The snapshots of the gateway's embedded images and the exports that serve them."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.lock = asyncio.Lock()  # one create or release at a time: exports come and go
+
+    def _image(self, export: str) -> Image:
+        """The writable embedded image of ``export`` (GatewayError otherwise)."""
+        pool = self.gateway.pools.get(export)
+        if pool is None:
+            raise errors.export_not_found(export)
+        image = self.gateway.images.get(export)
+        if pool.host.name != EMBEDDED_HOST or image is None:
+            raise snapshots_not_supported(
+                export,
+                f"its host {pool.host.name} is not the gateway's embedded nbdcore host (NBD has"
+                " no command to take a snapshot; QEMU takes them only through its monitor)",
+            )
+        if isinstance(image, Snapshot):
+            raise snapshots_not_supported(export, "it is a snapshot itself")
+        if image.read_only:
+            raise snapshots_not_supported(export, "its image is open read-only")
+        return image
+
+    # --- exports of snapshots -----------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Export the snapshots the images kept across a restart."""
+        for export, image in list(self.gateway.images.items()):
+            if isinstance(image, Snapshot):
+                continue
+            for snap in image.snapshots.values():
+                self._add_exports(export, snap)
+                log.info("export %s: snapshot %s is back", export, snap.name)
+
+    def _add_exports(self, export: str, snap: Snapshot) -> None:
+        gw = self.gateway
+        config = gw.config.exports[export]
+        server = gw.nbd_server
+        host = gw.hosts.get(EMBEDDED_HOST)
+        assert server is not None and host is not None  # there is an embedded image
+        nbd = snapshot_export(config.nbd_export, snap, f"snapshot {snap.name} of {export}")
+        name = snapshot_export_id(export, snap.name)
+        server.add_export(nbd)
+        pool_config = GatewayExportConfig(
+            name=name,
+            host=EMBEDDED_HOST,
+            nbd_export=nbd.name,
+            description=nbd.description,
+            read_only=True,
+        )
+        gw.pools[name] = ExportPool(pool_config, host)
+        gw.images[name] = snap
+
+    async def _remove_exports(self, export: str, snap_name: str) -> None:
+        gw = self.gateway
+        name = snapshot_export_id(export, snap_name)
+        pool = gw.pools.pop(name, None)
+        gw.images.pop(name, None)
+        if pool is not None:
+            host = pool.host
+            if pool in host.pools:
+                host.pools.remove(pool)
+            if pool.config.nbd_export in host.exports:
+                host.exports.remove(pool.config.nbd_export)
+            await pool.close()
+            if gw.nbd_server is not None and pool.config.nbd_export in gw.nbd_server.exports:
+                gw.nbd_server.remove_export(pool.config.nbd_export)
+
+    # --- operations ---------------------------------------------------------------------------
+
+    async def create(self, request: spb.CreateSnapshotRequest) -> spb.Snapshot:
+        violations: list[tuple[str, str]] = []
+        export = ""
+        try:
+            export = export_id(request.parent, "parent")
+        except GatewayError as err:
+            violations += _violations(err)
+        forks: list[str] = []
+        for i, value in enumerate(request.bitmaps):
+            try:
+                ctx = context_name(value, f"bitmaps[{i}]")
+            except GatewayError as err:
+                violations += _violations(err)
+                continue
+            if not ctx.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+                violations.append((f"bitmaps[{i}]", f"{ctx!r}: only dirty bitmaps fork"))
+                continue
+            forks.append(ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX))
+        if request.on_full not in _ON_FULL:
+            violations.append(("on_full", f"unknown value {request.on_full}"))
+        if violations:
+            raise errors.invalid_fields(violations)
+        snap_id = request.snapshot_id or time.strftime(
+            "snap-%Y%m%dT%H%M%SZ-", time.gmtime()
+        ) + secrets.token_hex(2)
+        image = self._image(export)
+        async with self.lock:
+            try:
+                snap = await asyncio.to_thread(
+                    image.create_snapshot,
+                    snap_id,
+                    bitmaps=forks,
+                    cluster_size=request.cluster_size_bytes or 65536,
+                    max_bytes=request.max_preserved_bytes or None,
+                    on_full=_ON_FULL[request.on_full],
+                )
+            except NoSuchBitmapError as exc:
+                offered = [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
+                raise errors.bitmap_not_found(
+                    export, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + exc.name, offered
+                ) from None
+            except SnapshotExistsError:
+                raise snapshot_exists(export, snap_id) from None
+            except SnapshotError as exc:
+                field = "cluster_size_bytes" if "cluster" in str(exc) else "snapshot_id"
+                raise errors.invalid_field(field, str(exc)) from None
+            try:
+                self._add_exports(export, snap)
+            except BaseException:
+                # Not served, so not usable: give the bits back rather than hold them.
+                await self._remove_exports(export, snap_id)
+                await asyncio.to_thread(image.release_snapshot, snap_id)
+                raise
+        log.info("export %s: snapshot %s taken (forks %s)", export, snap_id, forks)
+        return snapshot_message(export, snap)
+
+    def list(self, request: spb.ListSnapshotsRequest) -> spb.ListSnapshotsResponse:
+        export = export_id(request.parent, "parent")
+        size = page_size(request.page_size)
+        image = self._image(export)
+        snaps = sorted(image.snapshots.values(), key=lambda s: (s.created, s.name))
+        scope = f"snapshots/{export}"
+        start = decode_page(request.page_token, scope, len(snaps))
+        page = snaps[start : start + size]
+        end = start + len(page)
+        return spb.ListSnapshotsResponse(
+            snapshots=[snapshot_message(export, s) for s in page],
+            next_page_token=encode_page(scope, end) if end < len(snaps) else "",
+        )
+
+    async def release(self, request: spb.ReleaseSnapshotRequest) -> spb.ReleaseSnapshotResponse:
+        if not request.name:
+            raise errors.invalid_field("name", "required: exports/EXPORT/snapshots/SNAPSHOT")
+        export, snap_id = snapshot_name(request.name)
+        image = self._image(export)
+        async with self.lock:
+            snap = image.snapshots.get(snap_id)
+            if snap is None:
+                raise snapshot_not_found(export, snap_id)
+            merged = _forks(snap)
+            # New clients no longer find it; then the forks merge back.
+            await self._remove_exports(export, snap_id)
+            try:
+                await asyncio.to_thread(image.release_snapshot, snap_id)
+            except NoSuchSnapshotError:
+                raise snapshot_not_found(export, snap_id) from None
+            except BaseException:
+                if snap_id in image.snapshots:  # still there: serve it again
+                    self._add_exports(export, image.snapshots[snap_id])
+                raise
+        log.info("export %s: snapshot %s released", export, snap_id)
+        return spb.ReleaseSnapshotResponse(merged=merged)
+
+
+def _violations(err: GatewayError) -> list[tuple[str, str]]:
+    out = []
+    for detail in err.details:
+        if isinstance(detail, error_details_pb2.BadRequest):
+            out += [(v.field, v.description) for v in detail.field_violations]
+    return out
+
+
+def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:
+    return [
+        spb.ForkedBitmap(
+            context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
+            granularity_bytes=bitmap.granularity,
+            dirty_bytes=bitmap.dirty_bytes(),
+        )
+        for name, bitmap in snap.bitmaps.items()
+    ]
+
+
+def snapshot_message(export: str, snap: Snapshot) -> spb.Snapshot:
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(snap.created * 1e9))
+    return spb.Snapshot(
+        name=f"exports/{export}/snapshots/{snap.name}",
+        export=f"exports/{snapshot_export_id(export, snap.name)}",
+        create_time=created,
+        forks=_forks(snap),
+        size_bytes=snap.size,
+        cluster_size_bytes=snap.cluster_size,
+        preserved_bytes=snap.used_bytes,
+        max_preserved_bytes=snap.max_bytes or 0,
+        on_full=_ON_FULL_PB[snap.on_full],
+        state=spb.SNAPSHOT_STATE_BROKEN if snap.broken else spb.SNAPSHOT_STATE_READY,
+    )
+
+
+class SnapshotServicer(spb_grpc.SnapshotServiceServicer):
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext[Any, Any], export: str, body: Any
+    ) -> Any:
+        try:
+            return await body()
+        except GatewayError as err:
+            await cast(Any, context).abort_with_status(err.grpc_status())
+        except Exception as exc:
+            if not isinstance(exc, (OSError, NBDError)):
+                log.exception("unexpected failure")
+            mapped = errors.from_exception(exc, export=export, host=EMBEDDED_HOST)
+            await cast(Any, context).abort_with_status(mapped.grpc_status())
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def CreateSnapshot(
+        self, request: spb.CreateSnapshotRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> spb.Snapshot:
+        result: spb.Snapshot = await self._call(
+            context, request.parent, lambda: self.snapshots.create(request)
+        )
+        return result
+
+    async def ListSnapshots(
+        self, request: spb.ListSnapshotsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> spb.ListSnapshotsResponse:
+        async def body() -> spb.ListSnapshotsResponse:
+            return self.snapshots.list(request)
+
+        result: spb.ListSnapshotsResponse = await self._call(context, request.parent, body)
+        return result
+
+    async def ReleaseSnapshot(
+        self, request: spb.ReleaseSnapshotRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> spb.ReleaseSnapshotResponse:
+        result: spb.ReleaseSnapshotResponse = await self._call(
+            context, request.name, lambda: self.snapshots.release(request)
+        )
+        return result
