@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
     where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any)")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.add_argument(
+        "--no-snapshots",
+        dest="snapshots",
+        action="store_false",
+        help="do not export the disk's snapshots (by default each snapshot SNAP of the disk is"
+        " exported read-only as EXPORT@SNAP; see nbdgw snapshot)",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA that client certificates must chain to")
@@ -80,8 +87,13 @@ async def serve(args: argparse.Namespace) -> int:
             read_only=args.read_only,
             bitmaps=args.bitmap,
         )
+        exports = [export]
+        if args.snapshots and not args.read_only:
+            from nbdcore.tools.snapshot_cmds import snapshot_exports
+
+            exports += snapshot_exports(args.export, image)
         server = NBDServer(
-            [export],
+            exports,
             tls=tls,
             tls_required=args.tls_required,
             limits=ServerLimits(max_connections=args.max_connections),

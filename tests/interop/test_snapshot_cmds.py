@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
 from nbdcore.storage import Image
+from tests.peers import tool
 
 
 @pytest.fixture
@@ -63,3 +68,53 @@ def test_errors_are_one_line(disk: Path, capsys: pytest.CaptureFixture[str]) -> 
     with Image.open(disk):  # a server holds the image: the command says so
         assert main(["snapshot", "create", str(disk), "s"]) == 1
         assert "in use" in capsys.readouterr().err
+
+
+def test_nbd_serve_exports_snapshots_while_qemu_io_writes(disk: Path, tmp_path: Path) -> None:
+    """``nbdgw snapshot create`` then ``nbdgw nbd serve``: the snapshot is the read-only export
+    ``disk@s1``, which qemu-img copies as it was while qemu-io rewrites the live export."""
+    with Image.open(disk) as image:
+        frozen = image.read(0, image.size)
+    assert main(["snapshot", "create", str(disk), "s1"]) == 0
+    sock = tmp_path / "nbd.sock"
+    cmd = [sys.executable, "-m", "nbdcore.tools.server_cmds", str(disk), "--socket", str(sock)]
+    server = subprocess.Popen(
+        [*cmd, "--export", "disk"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr
+            time.sleep(0.02)
+        uri = f"nbd+unix:///disk?socket={sock}"
+        listed = json.loads(
+            subprocess.run(
+                [tool("nbdinfo"), "--list", "--json", uri], capture_output=True, check=True
+            ).stdout
+        )
+        assert sorted(e["export-name"] for e in listed["exports"]) == ["disk", "disk@s1"]
+        script = "".join(f"write -P 0x{i + 1:02x} {i * 256 * 1024} 256k\n" for i in range(16))
+        writer = subprocess.Popen(
+            [tool("qemu-io"), "-f", "raw", uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert writer.stdin is not None and writer.stdout is not None
+        writer.stdin.write(script.encode())  # qemu-io writes while qemu-img reads
+        writer.stdin.close()
+        copy = tmp_path / "copy.raw"
+        snap_uri = f"nbd+unix:///disk@s1?socket={sock}"
+        subprocess.run(
+            [tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", snap_uri, str(copy)],
+            check=True,
+        )
+        out = writer.stdout.read()
+        assert writer.wait(60) == 0 and out.count(b"wrote 262144/262144") == 16
+        assert copy.read_bytes() == frozen
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=20)
+    with Image.open(disk, read_only=True) as image:
+        assert image.read(0, 256 * 1024) == b"\x01" * 256 * 1024
+        assert image.snapshot("s1").read(0, len(frozen)) == frozen
+        assert image.bitmaps["b"].dirty_bytes() == 4 * 1024 * 1024  # exactly qemu-io's writes
