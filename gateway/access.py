@@ -68,6 +68,9 @@ METHOD_OPERATIONS: Mapping[str, str] = {
     _BITMAP_SERVICE + "ListBitmaps": "list",
     _BITMAP_SERVICE + "StreamExtents": "extents",
     _BITMAP_SERVICE + "ClearRange": "clear",
+    # Changes which clears mask the export's bitmaps: as strong as clearing.
+    _BITMAP_SERVICE + "SetExportGeneration": "clear",
+    _BITMAP_SERVICE + "StreamRemainingDirty": "extents",
 }
 # Every method of these services is this operation.
 SERVICE_OPERATIONS: Mapping[str, str] = {"/nbdgw.v1.SnapshotService/": "snapshot"}

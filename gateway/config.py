@@ -237,6 +237,15 @@ def _opt_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
     return value
 
 
+def _tables(data: Mapping[str, Any], key: str, where: str) -> list[Mapping[str, Any]]:
+    """``[[key]]`` entries: a list of tables (found by fuzzing: a string there was an
+    AttributeError)."""
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of tables ([[{key}]])")
+    return value
+
+
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -307,7 +316,7 @@ def apply_table(
     if "health_listen" in data:
         config.health_listen = str(data["health_listen"])
         parse_listen(config.health_listen)
-    for i, host in enumerate(data.get("hosts", [])):
+    for i, host in enumerate(_tables(data, "hosts", where)):
         here = f"{where}: hosts[{i}]"
         _check_keys(host, _HOST_KEYS, here)
         name, uri_text = host.get("name"), host.get("uri")
@@ -324,7 +333,7 @@ def apply_table(
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"{here}: max_connections must be a positive integer")
         config.hosts[name] = HostConfig(name, uri, tls, limit)
-    for i, export in enumerate(data.get("exports", [])):
+    for i, export in enumerate(_tables(data, "exports", where)):
         here = f"{where}: exports[{i}]"
         _check_keys(export, _EXPORT_KEYS, here)
         name = export.get("name")

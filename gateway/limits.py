@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,16 @@ class Limits:
     unary_timeout: float = 120.0  # seconds a unary call may take (0: unlimited)
 
     def check(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name} must be a number, not {value!r}")
+        if (
+            not isinstance(self.max_streams, int)
+            or not isinstance(self.max_streams_per_identity, int)
+            or not isinstance(self.clear_burst, int)
+        ):
+            raise ValueError("stream limits and the clear burst must be integers")
         if self.max_streams < 1 or self.max_streams_per_identity < 1:
             raise ValueError("stream limits must be at least 1")
         if self.clear_rate < 0 or self.clear_burst < 1:
