@@ -33,6 +33,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_reflection.v1alpha import reflection
 
 from gateway.access import AccessInterceptor, Authenticator
+from gateway.certs import CertificateError, CertificateReloader
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts import ExportPool, Host
 from gateway.limits import Limiter
@@ -151,6 +152,7 @@ class Gateway:
         self.backend = Backend(self.pools, self.images, self.shutdown)
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
+        self.certificates: CertificateReloader | None = None  # gRPC TLS files, reloaded
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
         self.snapshots = Snapshots(self)
@@ -202,6 +204,9 @@ class Gateway:
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             bound = 0
             why = str(exc)
+        except ConfigError:
+            await self._close_backends()
+            raise
         else:
             why = "address in use or not available"
         if bound == 0:
@@ -221,16 +226,14 @@ class Gateway:
             return None
         if not (cfg.grpc_tls_cert_file and cfg.grpc_tls_key_file):
             raise ConfigError("gRPC TLS needs both a certificate and a key file")
-        chain = Path(cfg.grpc_tls_cert_file).read_bytes()
-        key = Path(cfg.grpc_tls_key_file).read_bytes()
-        client_ca = (
-            Path(cfg.grpc_tls_client_ca_file).read_bytes() if cfg.grpc_tls_client_ca_file else None
-        )
-        return grpc.ssl_server_credentials(
-            [(key, chain)],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
+        try:
+            self.certificates = CertificateReloader(
+                cfg.grpc_tls_cert_file, cfg.grpc_tls_key_file, cfg.grpc_tls_client_ca_file
+            )
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from None
+        # Renewed certificate files are picked up at the next TLS handshake, without a restart.
+        return self.certificates.credentials()
 
     async def _start_health_server(self, listen: str) -> int:
         """A plaintext port with only grpc.health.v1 (the same statuses as the main port)."""

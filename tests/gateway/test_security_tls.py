@@ -14,6 +14,7 @@ from gateway.access import AccessInterceptor, Authenticator, Policy, StaticToken
 from gateway.certs import CertificateError, CertificateReloader
 from gateway.config import GatewayConfig
 from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.security_support import bearer, fails, guard, make_pki  # noqa: F401
 from tests.gateway.test_service_embedded import make_image
 
@@ -138,3 +139,38 @@ def test_reloader_refuses_mismatched_files(pki: Path) -> None:
         CertificateReloader(pki / "one" / "server-cert.pem", pki / "two" / "server-key.pem")
     with pytest.raises(CertificateError):
         CertificateReloader(pki / "one" / "missing.pem", pki / "one" / "server-key.pem")
+
+
+async def test_gateway_reloads_its_certificate(
+    tmp_path: Path,
+    pki: Path,
+    start_gateway: Any,
+) -> None:
+    """The wiring: ``grpc_tls_*`` files of the configuration are reloaded by the Gateway."""
+    server_dir = tmp_path / "server"
+    shutil.copytree(pki / "one", server_dir)
+    cfg = config(tmp_path)
+    cfg.grpc_tls_cert_file = str(server_dir / "server-cert.pem")
+    cfg.grpc_tls_key_file = str(server_dir / "server-key.pem")
+    running = await start_gateway(cfg)
+    channels = []
+
+    async def exports(ca: str) -> int:
+        ch = grpc.aio.secure_channel(
+            running.target,
+            client_creds(pki, ca, None),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+        channels.append(ch)
+        listed = await pb_grpc.BitmapServiceStub(ch).ListExports(pb.ListExportsRequest(), timeout=5)
+        return len(listed.exports)
+
+    try:
+        assert await exports("one") == 2
+        shutil.copy(pki / "two" / "server-key.pem", server_dir / "server-key.pem")
+        shutil.copy(pki / "two" / "server-cert.pem", server_dir / "server-cert.pem")
+        assert await exports("two") == 2
+        assert running.gateway.certificates.reloads == 1
+    finally:
+        for ch in channels:
+            await ch.close()
