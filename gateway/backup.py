@@ -95,6 +95,9 @@ class BackupState:
     bytes_rechecked: int = 0  # re-read after clearing (see _Backup._recheck)
     bytes_rewritten: int = 0  # of which had changed since they were copied
     bytes_gap_copied: int = 0  # clean bytes between runs cleared together (see checkpoint)
+    # With --clear on an export cleared through the gateway's ledger: the generation (point in
+    # time) copied. Every ClearRange names it, so a clear never masks another snapshot.
+    generation: str = ""
     started: float = field(default_factory=time.time)
     snapshot: str = ""  # the snapshot read, "" for the live export (gateway.backup_snapshots)
     updated: float = 0.0
@@ -439,7 +442,11 @@ class _Backup:
 
         async def clear(offset: int, length: int) -> None:
             request = pb.ClearRangeRequest(
-                export=self.source, bitmap=state.context, offset=offset, length=length
+                export=self.source,
+                bitmap=state.context,
+                offset=offset,
+                length=length,
+                generation=state.generation,
             )
             attempt = 0
             while True:
@@ -613,6 +620,16 @@ async def run(args: argparse.Namespace) -> int:
             print(f"{output}: backup already complete", file=sys.stderr)
             return 0
         state, create = prepared
+        generation = bitmaps[context].generation if state.clear else ""
+        if state.generation != generation:
+            if state.generation:
+                raise BackupError(
+                    f"the generation of export {export_name!r} changed from"
+                    f" {state.generation!r} to {generation!r} since the backup started: it"
+                    " shows another point in time; start a new backup"
+                )
+            state.generation = generation
+            state.save(spath)
         await snapshots.take_snapshot(gw, args, state, spath, warn(args))
 
         out = OutputImage(output, size, create=create)

@@ -20,6 +20,7 @@ from nbdcore.exceptions import NBDError
 COMMAND_MODULES = (
     "gateway.serve_cmd",  # serve
     "gateway.commands",  # exports, bitmaps, extents, clear, backup (gRPC client side)
+    "gateway.snapshot_client",  # snapshots list|create|release (gRPC client side)
     "nbdcore.tools.client_cmds",  # nbd list|map|copy
     "nbdcore.tools.server_cmds",  # nbd serve
     "nbdcore.tools.bitmap_cmds",  # bitmap add|remove|list|enable|disable|clear|merge

@@ -5,7 +5,9 @@ Precedence: flags > environment > file > defaults. The TOML file::
     listen = "127.0.0.1:50051"      # gRPC address (HOST:PORT; port 0 picks one)
     grace_period = 5.0              # seconds given to open RPCs on SIGTERM
     reflection = true
-    data_dir = "./nbdgw-data"       # embedded host: images and its unix socket
+    data_dir = "./nbdgw-data"       # embedded host: images and its unix socket; the ledger
+    ledger_path = "ledger.sqlite"   # clear ledger (default DATA_DIR/ledger.sqlite)
+    ledger_synchronous = "FULL"     # SQLite synchronous: FULL, EXTRA or NORMAL
 
     [[hosts]]                       # optional: named NBD hosts, with TLS options
     name = "qemu1"
@@ -19,6 +21,11 @@ Precedence: flags > environment > file > defaults. The TOML file::
     name = "vm1-disk0"
     uri = "nbd+unix:///disk0?socket=/run/qemu-nbd.sock"
     # or instead of uri: host = "qemu1" and nbd_export = "disk0"
+
+    [[exports]]                     # a read-only point-in-time export of qemu-nbd: ClearRange
+    name = "vm1-backup"             # goes to the ledger, scoped to the generation
+    uri = "nbd+unix:///disk0?socket=/run/backup.sock"
+    generation = "snap-2026-11-27"
 
     [[exports]]                     # ...or an image served by the embedded nbdcore host
     name = "scratch"
@@ -83,6 +90,9 @@ class ExportConfig:
     description: str = ""
     read_only: bool = False
     image: Path | None = None  # served by the embedded host when set
+    # The point in time a read-only export shows: clears recorded in the ledger are scoped to it
+    # (see gateway.ledger). None: only SetExportGeneration sets one.
+    generation: str | None = None
 
 
 @dataclass
@@ -114,6 +124,13 @@ class GatewayConfig:
     max_idle_per_export: int = 4
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    # The clear ledger (gateway.ledger): None means DATA_DIR/ledger.sqlite.
+    ledger_path: Path | None = None
+    ledger_synchronous: str = "FULL"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.ledger_path if self.ledger_path is not None else self.data_dir / "ledger.sqlite"
 
     @property
     def uses_embedded(self) -> bool:
@@ -266,10 +283,21 @@ _TOP_KEYS = {
     "grpc_tls_key_file",
     "grpc_tls_client_ca_file",
     "health_listen",
+    "ledger_path",
+    "ledger_synchronous",
 }
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
 _HOST_KEYS = {"name", "uri", "max_connections"} | _TLS_KEYS
-_EXPORT_KEYS = {"name", "uri", "host", "nbd_export", "image", "description", "read_only"}
+_EXPORT_KEYS = {
+    "name",
+    "uri",
+    "host",
+    "nbd_export",
+    "image",
+    "description",
+    "read_only",
+    "generation",
+}
 
 
 def load_file(path: str | Path, config: GatewayConfig | None = None) -> GatewayConfig:
@@ -316,6 +344,13 @@ def apply_table(
     if "health_listen" in data:
         config.health_listen = str(data["health_listen"])
         parse_listen(config.health_listen)
+    if "ledger_path" in data:
+        config.ledger_path = base / str(data["ledger_path"])
+    if "ledger_synchronous" in data:
+        sync = str(data["ledger_synchronous"]).upper()
+        if sync not in ("FULL", "EXTRA", "NORMAL"):
+            raise ConfigError(f"{where}: ledger_synchronous must be FULL, EXTRA or NORMAL")
+        config.ledger_synchronous = sync
     for i, host in enumerate(_tables(data, "hosts", where)):
         here = f"{where}: hosts[{i}]"
         _check_keys(host, _HOST_KEYS, here)
@@ -344,6 +379,11 @@ def apply_table(
             raise ConfigError(f"{here}: give exactly one of 'uri', 'host' or 'image'")
         description = str(export.get("description", ""))
         read_only = bool(export.get("read_only", False))
+        generation = export.get("generation")
+        if generation is not None and (
+            not isinstance(generation, str) or not generation or len(generation.encode()) > 256
+        ):
+            raise ConfigError(f"{here}: 'generation' must be a non-empty string (<= 256 bytes)")
         if "image" in export:
             config.add_image_export(
                 name, base / str(export["image"]), description=description, read_only=read_only
@@ -356,6 +396,7 @@ def apply_table(
                 nbd_export=config.exports[name].nbd_export,
                 description=description,
                 read_only=read_only,
+                generation=generation,
             )
         else:
             config.add_export(
@@ -365,5 +406,6 @@ def apply_table(
                     nbd_export=str(export.get("nbd_export", "")),
                     description=description,
                     read_only=read_only,
+                    generation=generation,
                 )
             )

@@ -66,6 +66,8 @@ class Reason:
     PERMISSION_DENIED = "PERMISSION_DENIED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    # ClearRange named a generation that is not the export's current one (gateway.ledger).
+    GENERATION_MISMATCH = "GENERATION_MISMATCH"
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,28 @@ def clear_not_supported(export: str, context: str, why: str) -> GatewayError:
                         type="CLEAR_MODE",
                         subject=f"exports/{export}/bitmaps/{context}",
                         description=why,
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def generation_mismatch(export: str, context: str, given: str, current: str) -> GatewayError:
+    why = (
+        f"the clear names generation {given!r} but the export's current generation is"
+        f" {current!r}: data copied from another point in time cannot be acknowledged"
+    )
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.GENERATION_MISMATCH,
+        f"cannot clear {context!r} of export {export!r}: {why}",
+        {"export": export, "context": context, "generation": given, "current_generation": current},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="GENERATION", subject=f"exports/{export}", description=why
                     )
                 ]
             )

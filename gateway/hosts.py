@@ -45,6 +45,8 @@ class ExportSnapshot:
     flags: TransmissionFlag
     block_size: BlockSize | None
     read_only: bool
+    # The host acknowledged NBD_OPT_X_NBDGW_CLEAR: bitmaps clear at the source over NBD.
+    clear_extension: bool = False
 
 
 class Host:
@@ -102,6 +104,8 @@ class Host:
                 meta_contexts=contexts,
                 tls=self.config.tls,
                 timeout=self.settings.connect_timeout,
+                # Asked of every host: those without it answer ERR_UNSUP and nothing changes.
+                clear_extension=True,
             )
         except BaseException as exc:
             self._release()
@@ -349,6 +353,7 @@ class ExportPool:
             flags=client.flags,
             block_size=client.block_size,
             read_only=client.read_only,
+            clear_extension=client.clear_extension,
         )
 
 

@@ -36,6 +36,7 @@ from gateway.access import AccessInterceptor, Authenticator
 from gateway.certs import CertificateError, CertificateReloader
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts import ExportPool, Host
+from gateway.ledger import Ledger
 from gateway.limits import Limiter
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
@@ -170,6 +171,12 @@ class Gateway:
         for export in cfg.exports.values():
             self.pools[export.name] = ExportPool(export, self.hosts[export.host])
         self.snapshots.restore()  # snapshots the embedded images kept across a restart
+        # The ledger file is created only once some export needs it (a generation in the
+        # configuration, or SetExportGeneration later); an existing one is always read.
+        foreign = [e for e in cfg.exports.values() if e.host != EMBEDDED_HOST]
+        if foreign and (cfg.ledger_file.exists() or any(e.generation for e in foreign)):
+            await self._open_ledger()
+        self.backend.open_ledger = self._open_ledger if foreign else None
 
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
@@ -275,6 +282,29 @@ class Gateway:
         log.info("embedded NBD host on %s", sock)
         return sock
 
+    async def _open_ledger(self) -> Ledger:
+        """The clear ledger for exports of hosts that cannot clear (gateway.ledger)."""
+        if self.backend.ledger is not None:
+            return self.backend.ledger
+        cfg = self.config
+        ledger = await Ledger.open(cfg.ledger_file, synchronous=cfg.ledger_synchronous)
+        if self.backend.ledger is not None:  # opened meanwhile by a concurrent call
+            await ledger.aclose()
+            return self.backend.ledger
+        self.backend.ledger = ledger
+        for export in cfg.exports.values():
+            if export.generation is not None:
+                current = await ledger.apply_config_generation(export.name, export.generation)
+                if current != export.generation:
+                    log.info(
+                        "export %s: generation %r (set through the API) replaces the"
+                        " configured %r until the configuration changes",
+                        export.name,
+                        current,
+                        export.generation,
+                    )
+        return ledger
+
     async def _host_changed(self, host: Host) -> None:
         await self._update_health()
 
@@ -311,6 +341,9 @@ class Gateway:
         for image in self.images.values():
             image.close()
         self.images.clear()
+        if self.backend.ledger is not None:
+            await self.backend.ledger.aclose()
+            self.backend.ledger = None
 
     async def serve(self, on_ready: Any = None) -> None:
         """Start, run until SIGTERM/SIGINT, stop gracefully."""

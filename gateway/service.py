@@ -30,6 +30,7 @@ from gateway import errors
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool, ExportSnapshot
+from gateway.ledger import Ledger, Scope, mask_table
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -41,7 +42,7 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import NBDError
-from nbdcore.extents import iter_extents, merge_runs
+from nbdcore.extents import ExtentBatch, iter_extents, merge_runs
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -175,13 +176,17 @@ def decode_page(token: str, scope: str, total: int) -> int:
 @dataclass
 class Backend:
     """What the servicer serves: export pools in configuration order, the embedded host's
-    images (for ClearRange at the source), and the shutdown signal."""
+    images (for ClearRange at the source), the shutdown signal, and the clear ledger (for
+    exports of hosts that cannot clear; None when every export is embedded)."""
 
     pools: Mapping[str, ExportPool]
     images: Mapping[str, Image] = field(default_factory=dict)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     # StreamExtents calls in progress (for introspection: how far each has got).
     streams: set[_ExtentStream] = field(default_factory=set)
+    ledger: Ledger | None = None
+    # Opens the ledger on first need (SetExportGeneration); None when no export can use it.
+    open_ledger: Callable[[], Awaitable[Ledger]] | None = None
 
     def pool(self, name: str) -> ExportPool:
         pool = self.pools.get(name)
@@ -193,6 +198,18 @@ class Backend:
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError) -> None:
     # grpc-stubs lacks abort_with_status (grpc.aio has it since 1.38).
     await cast(Any, context).abort_with_status(err.grpc_status())
+
+
+MAX_GENERATION_BYTES = 256
+
+
+@dataclass(frozen=True)
+class ClearPlan:
+    """How ClearRange works on one bitmap of one export, and why not when it does not."""
+
+    mode: pb.ClearMode.ValueType
+    why: str = ""
+    generation: str = ""  # CLEAR_MODE_LEDGER_MASK: the scope of the clears
 
 
 def _map(exc: BaseException, pool: ExportPool | None, name: str = "") -> GatewayError:
@@ -236,8 +253,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             host=pool.host.name,
             state=pb.EXPORT_STATE_AVAILABLE if snap is not None else pb.EXPORT_STATE_UNAVAILABLE,
             read_only=cfg.read_only,
-            clear_mode=self._export_clear_mode(pool)[0],
         )
+        plan = self._clear_plan(pool, snap, None)
+        msg.clear_mode = plan.mode
+        msg.generation = plan.generation
         if snap is None:
             return msg
         if snap.description and not cfg.description:
@@ -262,26 +281,47 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             return None
         return self.backend.images.get(pool.name)
 
-    def _export_clear_mode(self, pool: ExportPool) -> tuple[pb.ClearMode.ValueType, str]:
-        image = self._image(pool)
-        if image is None:
-            return pb.CLEAR_MODE_UNSUPPORTED, (
-                f"NBD has no command to clear a bitmap and host {pool.host.name} is not the"
-                " gateway's embedded host (a gateway-side ledger is not available yet)"
-            )
-        if not image.can_clear_bitmaps:
-            return pb.CLEAR_MODE_UNSUPPORTED, "the image is open read-only"
-        return pb.CLEAR_MODE_AT_SOURCE, ""
+    def _clear_plan(
+        self, pool: ExportPool, snap: ExportSnapshot | None, context: str | None
+    ) -> ClearPlan:
+        """How ClearRange works on ``context`` (None: the export's dirty bitmaps in general),
+        decided per export from what its host said on the last connection (``snap``).
 
-    def _bitmap_clear_mode(
-        self, pool: ExportPool, context: str
-    ) -> tuple[pb.ClearMode.ValueType, str]:
-        mode, why = self._export_clear_mode(pool)
-        if mode != pb.CLEAR_MODE_AT_SOURCE:
-            return mode, why
-        if not context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
-            return pb.CLEAR_MODE_UNSUPPORTED, "only dirty bitmaps (qemu:dirty-bitmap:NAME) clear"
-        return mode, ""
+        - the embedded host, or a host that acknowledged the NBD clear extension: at the source;
+        - a read-only export of any other host, with a generation set: the ledger's mask;
+        - a writable export of such a host: refused, since a mask would hide the blocks written
+          after the clear, which the next backup needs.
+        """
+        unsupported = pb.CLEAR_MODE_UNSUPPORTED
+        if context is not None and not context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+            return ClearPlan(unsupported, "only dirty bitmaps (qemu:dirty-bitmap:NAME) clear")
+        image = self._image(pool)
+        if image is not None:
+            if not image.can_clear_bitmaps:
+                return ClearPlan(unsupported, "the image is open read-only")
+            return ClearPlan(pb.CLEAR_MODE_AT_SOURCE)
+        if snap is None:
+            return ClearPlan(pb.CLEAR_MODE_UNSPECIFIED, "the host has not been reached yet")
+        if snap.clear_extension:
+            return ClearPlan(pb.CLEAR_MODE_AT_SOURCE)
+        host = pool.host.name
+        if not snap.read_only:
+            return ClearPlan(
+                unsupported,
+                f"host {host} cannot clear bitmaps (it lacks the NBD clear extension) and the"
+                " export is writable: a mask kept by the gateway would hide the blocks written"
+                " after the clear, which the next backup needs",
+            )
+        ledger = self.backend.ledger
+        generation = ledger.generation(pool.name) if ledger is not None else None
+        if generation is None:
+            return ClearPlan(
+                unsupported,
+                f"host {host} cannot clear bitmaps; for this read-only export the gateway keeps"
+                " a ledger of clears once the export has a generation (the point in time it"
+                " shows): set 'generation' in the configuration or call SetExportGeneration",
+            )
+        return ClearPlan(pb.CLEAR_MODE_LEDGER_MASK, generation=generation)
 
     async def _snapshot(self, pool: ExportPool) -> ExportSnapshot:
         async def fetch(client: NBDClient) -> ExportSnapshot:
@@ -355,14 +395,15 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             image = self._image(pool)
             bitmaps = []
             for ctx in page:
-                mode, why = self._bitmap_clear_mode(pool, ctx)
+                plan = self._clear_plan(pool, snap, ctx)
                 bm = pb.Bitmap(
                     name=f"exports/{name}/bitmaps/{ctx}",
                     context=ctx,
                     kind=bitmap_kind(ctx),
                     export_size_bytes=snap.size,
-                    clear_mode=mode,
-                    clear_unsupported_reason=why,
+                    clear_mode=plan.mode,
+                    clear_unsupported_reason=plan.why,
+                    generation=plan.generation,
                 )
                 short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
                 if image is not None and short != ctx and short in image.bitmaps:
@@ -400,43 +441,194 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 violations.append(("length", "offset + length overflows 64 bits"))
             if violations:
                 raise errors.invalid_fields(violations)
-            pool = self.backend.pool(name)
-            mode, why = self._bitmap_clear_mode(pool, ctx)
-            image = self._image(pool)
-            if mode != pb.CLEAR_MODE_AT_SOURCE or image is None:
-                if image is not None and image.read_only:
-                    raise errors.read_only(name, ctx, why)
-                raise errors.clear_not_supported(name, ctx, why)
-            short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
-            if short not in image.bitmaps:
-                raise errors.bitmap_not_found(
-                    name, ctx, [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
+            if len(request.generation.encode()) > MAX_GENERATION_BYTES:
+                raise errors.invalid_fields(
+                    [("generation", f"longer than {MAX_GENERATION_BYTES} bytes")]
                 )
-            _check_range(request.offset, request.length, image.size)
-            # The image is shared with the embedded NBD server's worker thread; Image locks
-            # its bitmaps, and the clear may fsync, so it runs off the event loop.
-            cleared = await asyncio.to_thread(
-                image.clear_bitmap_range, short, request.offset, request.length
+            pool = self.backend.pool(name)
+            image = self._image(pool)
+            if image is not None:
+                return await self._clear_embedded(pool, image, ctx, request)
+            return await self._clear_remote(pool, ctx, request)
+
+        return await self._unary(context, body, lambda: pool)
+
+    async def _clear_embedded(
+        self, pool: ExportPool, image: Image, ctx: str, request: pb.ClearRangeRequest
+    ) -> pb.ClearRangeResponse:
+        name = pool.name
+        plan = self._clear_plan(pool, None, ctx)
+        if plan.mode != pb.CLEAR_MODE_AT_SOURCE:
+            if image.read_only:
+                raise errors.read_only(name, ctx, plan.why)
+            raise errors.clear_not_supported(name, ctx, plan.why)
+        short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+        if short not in image.bitmaps:
+            raise errors.bitmap_not_found(
+                name, ctx, [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
             )
+        _check_range(request.offset, request.length, image.size)
+        # The image is shared with the embedded NBD server's worker thread; Image locks
+        # its bitmaps, and the clear may fsync, so it runs off the event loop.
+        cleared = await asyncio.to_thread(
+            image.clear_bitmap_range, short, request.offset, request.length
+        )
+        return pb.ClearRangeResponse(
+            cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
+            cleared_bytes=sum(n for _, n in cleared),
+            clear_mode=pb.CLEAR_MODE_AT_SOURCE,
+            granularity_bytes=image.bitmaps[short].granularity,
+        )
+
+    async def _clear_remote(
+        self, pool: ExportPool, ctx: str, request: pb.ClearRangeRequest
+    ) -> pb.ClearRangeResponse:
+        """A clear on a remote host, decided and (at the source) done on one leased connection:
+        at the source through the host's NBD clear extension (NBD_CMD_X_NBDGW_CLEAR), or in the
+        ledger under the export's current generation (durable before the reply)."""
+        name = pool.name
+
+        async def on_host(client: NBDClient) -> tuple[ClearPlan, Any]:
+            # The lease just described this connection's export in pool.snapshot.
+            plan = self._clear_plan(pool, pool.snapshot, ctx)
+            if plan.mode not in (pb.CLEAR_MODE_AT_SOURCE, pb.CLEAR_MODE_LEDGER_MASK):
+                return plan, None
+            if ctx not in client.meta_contexts:
+                return plan, False
+            _check_range(request.offset, request.length, client.size)
+            if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
+                return plan, await client.clear(request.offset, request.length, ctx)
+            if request.generation and request.generation != plan.generation:
+                raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
+            return plan, True
+
+        plan, done = await pool.run([ctx], on_host)
+        if done is False:
+            raise errors.bitmap_not_found(name, ctx, await self._offered(pool))
+        if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
             return pb.ClearRangeResponse(
-                cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
-                cleared_bytes=sum(n for _, n in cleared),
+                cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in done.runs],
+                cleared_bytes=done.cleared_bytes,
                 clear_mode=pb.CLEAR_MODE_AT_SOURCE,
-                granularity_bytes=image.bitmaps[short].granularity,
+                granularity_bytes=done.granularity,
+            )
+        if plan.mode != pb.CLEAR_MODE_LEDGER_MASK:
+            raise errors.clear_not_supported(name, ctx, plan.why)
+        # Outside the lease: many clears wait for one group commit without holding connections.
+        ledger = self.backend.ledger
+        assert ledger is not None  # the generation came from it
+        cleared = await ledger.record_clear(
+            Scope(name, ctx, plan.generation), request.offset, request.length
+        )
+        return pb.ClearRangeResponse(
+            cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
+            cleared_bytes=sum(n for _, n in cleared),
+            clear_mode=pb.CLEAR_MODE_LEDGER_MASK,
+            generation=plan.generation,
+        )
+
+    def _mask_scope(self, pool: ExportPool, ctx: str) -> Scope | None:
+        """The ledger scope whose mask applies to streams of ``ctx``, if any (decided from the
+        connection just leased, which ``pool.snapshot`` describes)."""
+        plan = self._clear_plan(pool, pool.snapshot, ctx)
+        if plan.mode == pb.CLEAR_MODE_LEDGER_MASK:
+            return Scope(pool.name, ctx, plan.generation)
+        return None
+
+    async def _offered(self, pool: ExportPool) -> list[str]:
+        try:
+            return await pool.host.list_contexts(pool.config.nbd_export)
+        except Exception:
+            return []
+
+    async def SetExportGeneration(
+        self, request: pb.SetExportGenerationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetExportGenerationResponse:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.SetExportGenerationResponse:
+            nonlocal pool
+            violations = []
+            name = ""
+            try:
+                name = export_id(request.export, "export")
+            except GatewayError as err:
+                violations += _violations(err)
+            gen = request.generation
+            if not gen:
+                violations.append(("generation", "required: the point in time the export shows"))
+            elif len(gen.encode()) > MAX_GENERATION_BYTES:
+                violations.append(("generation", f"longer than {MAX_GENERATION_BYTES} bytes"))
+            if violations:
+                raise errors.invalid_fields(violations)
+            pool = self.backend.pool(name)
+            ledger = self.backend.ledger
+            if ledger is None and self.backend.open_ledger is not None:
+                ledger = await self.backend.open_ledger()
+            if ledger is None or self._image(pool) is not None:
+                raise errors.clear_not_supported(
+                    name,
+                    "*",
+                    "the export clears at the source: generations scope the ledger of exports"
+                    " whose host cannot clear",
+                )
+            previous = await ledger.set_generation(name, gen)
+            if previous != gen:
+                log.info("export %s: generation %r -> %r", name, previous, gen)
+            return pb.SetExportGenerationResponse(
+                export=f"exports/{name}", generation=gen, previous_generation=previous or ""
             )
 
         return await self._unary(context, body, lambda: pool)
 
+    async def StreamRemainingDirty(  # type: ignore[override]
+        self, request: pb.StreamRemainingDirtyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        as_extents = pb.StreamExtentsRequest(
+            export=request.export,
+            context=request.bitmap,
+            offset=request.offset,
+            filter=pb.EXTENT_FILTER_SET,
+            resume_token=request.resume_token,
+            max_extents_per_message=request.max_extents_per_message,
+        )
+        if request.HasField("length"):
+            as_extents.length = request.length
+        if request.bitmap and not context_name(request.bitmap, "bitmap").startswith(
+            CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
+        ):
+            err = errors.invalid_fields([("bitmap", "not a dirty bitmap (qemu:dirty-bitmap:NAME)")])
+            await _abort(context, err)
+            return
+        await self._stream_extents(as_extents, context, remaining=True)
+
     # Writes with context.write (so it can end with a status after messages), not by yielding.
     async def StreamExtents(  # type: ignore[override]
         self, request: pb.StreamExtentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self._stream_extents(request, context)
+
+    async def _stream_extents(
+        self,
+        request: pb.StreamExtentsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        remaining: bool = False,
     ) -> None:
         stream: _ExtentStream | None = None
         pool: ExportPool | None = None
         try:
             plan = _StreamPlan.from_request(request)
             pool = self.backend.pool(plan.export)
-            stream = _ExtentStream(plan, pool, context, self.backend.shutdown)
+            stream = _ExtentStream(
+                plan,
+                pool,
+                context,
+                self.backend.shutdown,
+                ledger=self.backend.ledger,
+                mask_scope=self._mask_scope,
+                remaining=remaining,
+            )
             self.backend.streams.add(stream)
             try:
                 await stream.run()
@@ -616,8 +808,15 @@ class _ExtentStream:
         pool: ExportPool,
         context: grpc.aio.ServicerContext[Any, Any],
         shutdown: asyncio.Event,
+        *,
+        ledger: Ledger | None = None,
+        mask_scope: Callable[[ExportPool, str], Scope | None] | None = None,
+        remaining: bool = False,
     ) -> None:
         self.plan = plan
+        self.ledger = ledger
+        self.mask_scope = mask_scope
+        self.remaining = remaining  # StreamRemainingDirty: its own message type
         self.pool = pool
         self.context = context
         self.shutdown = shutdown
@@ -654,6 +853,10 @@ class _ExtentStream:
         self.started = True
         have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
         columns = [c for c in contexts if c in client.meta_contexts]
+        # Ledger mode: the clears recorded for this bitmap are masked out, byte-exactly.
+        scope = None
+        if self.ledger is not None and self.mask_scope is not None:
+            scope = self.mask_scope(self.pool, plan.context)
         msg = _Message(start)
         if start < self.range_end:
             # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
@@ -669,6 +872,11 @@ class _ExtentStream:
                 async for batch in _until(batches, self.shutdown):
                     if self.shutdown.is_set():
                         break
+                    if scope is not None:
+                        assert self.ledger is not None
+                        mask = await self.ledger.mask(scope)
+                        lengths, cols = mask_table(mask, batch.offset, batch.lengths, batch.flags)
+                        batch = ExtentBatch(batch.offset, lengths, cols)
                     flags = batch.flags[0]
                     if plan.merge_allocation:
                         alloc = batch.flags[-1] if have_alloc else array("Q", bytes(8 * len(flags)))
@@ -810,6 +1018,21 @@ class _ExtentStream:
             queued[1].add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _write(self, msg: _Message, reads: asyncio.Future[list[bytes]] | None) -> None:
+        if self.remaining:
+            rest = pb.StreamRemainingDirtyResponse(
+                offset=msg.offset,
+                next_offset=msg.end,
+                resume_token=self.plan.token(msg.end),
+                range_end=self.range_end,
+            )
+            rest.offset_deltas.extend(msg.deltas)
+            rest.lengths.extend(msg.lengths)
+            if self.shutdown.is_set():
+                raise errors.shutting_down()
+            await self.context.write(rest)
+            self.messages += 1
+            self.sent_offset = msg.end
+            return
         resp = pb.StreamExtentsResponse(
             offset=msg.offset,
             next_offset=msg.end,

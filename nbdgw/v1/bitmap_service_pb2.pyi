@@ -73,12 +73,16 @@ class _ClearModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClearMode.V
     CLEAR_MODE_UNSPECIFIED: _ClearMode.ValueType  # 0
     """Not known."""
     CLEAR_MODE_AT_SOURCE: _ClearMode.ValueType  # 1
-    """The bits are cleared in the bitmap itself, on the host (the embedded nbdcore host). Later
-    streams of the bitmap, by anyone, no longer show the cleared ranges as dirty.
+    """The bits are cleared in the bitmap itself, on the host: the embedded nbdcore host, or a
+    remote nbdcore host (`nbdgw nbd serve`) through the NBD extension X_NBDGW_CLEAR
+    (docs/extension-clear.md). Later streams of the bitmap, by anyone, no longer show the
+    cleared ranges as dirty.
     """
     CLEAR_MODE_LEDGER_MASK: _ClearMode.ValueType  # 2
-    """The gateway records cleared ranges in its own ledger and masks them out of later streams;
-    the host's bitmap is unchanged. Reserved for hosts that cannot clear (not offered yet).
+    """The gateway records cleared ranges in its own durable ledger, under the export's current
+    generation, and masks them out of later streams of the bitmap through this gateway; the
+    host's bitmap is unchanged. Offered for read-only (point-in-time) exports of hosts that
+    cannot clear, such as qemu-nbd, once a generation is set.
     """
     CLEAR_MODE_UNSUPPORTED: _ClearMode.ValueType  # 3
     """ClearRange is refused; `clear_unsupported_reason` says why."""
@@ -89,12 +93,16 @@ class ClearMode(_ClearMode, metaclass=_ClearModeEnumTypeWrapper):
 CLEAR_MODE_UNSPECIFIED: ClearMode.ValueType  # 0
 """Not known."""
 CLEAR_MODE_AT_SOURCE: ClearMode.ValueType  # 1
-"""The bits are cleared in the bitmap itself, on the host (the embedded nbdcore host). Later
-streams of the bitmap, by anyone, no longer show the cleared ranges as dirty.
+"""The bits are cleared in the bitmap itself, on the host: the embedded nbdcore host, or a
+remote nbdcore host (`nbdgw nbd serve`) through the NBD extension X_NBDGW_CLEAR
+(docs/extension-clear.md). Later streams of the bitmap, by anyone, no longer show the
+cleared ranges as dirty.
 """
 CLEAR_MODE_LEDGER_MASK: ClearMode.ValueType  # 2
-"""The gateway records cleared ranges in its own ledger and masks them out of later streams;
-the host's bitmap is unchanged. Reserved for hosts that cannot clear (not offered yet).
+"""The gateway records cleared ranges in its own durable ledger, under the export's current
+generation, and masks them out of later streams of the bitmap through this gateway; the
+host's bitmap is unchanged. Offered for read-only (point-in-time) exports of hosts that
+cannot clear, such as qemu-nbd, once a generation is set.
 """
 CLEAR_MODE_UNSUPPORTED: ClearMode.ValueType  # 3
 """ClearRange is refused; `clear_unsupported_reason` says why."""
@@ -268,6 +276,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
     client stopped reading).
     """
+    ERROR_REASON_GENERATION_MISMATCH: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
+    (metadata `generation`, `current_generation`).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons of `google.rpc.ErrorInfo` (domain `nbdgw.dev`). `ErrorInfo.reason` holds
@@ -325,6 +337,10 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 18
 """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
 client stopped reading).
 """
+ERROR_REASON_GENERATION_MISMATCH: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
+(metadata `generation`, `current_generation`).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -344,6 +360,7 @@ class Export(_message.Message):
     TRANSMISSION_FLAGS_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
     CLEAR_MODE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}`."""
     nbd_export_name: _builtins.str
@@ -366,6 +383,10 @@ class Export(_message.Message):
     """True when the export cannot be written (NBD_FLAG_READ_ONLY, or configured read-only)."""
     clear_mode: Global___ClearMode.ValueType
     """How ClearRange works on this export's dirty bitmaps."""
+    generation: _builtins.str
+    """The export's current generation (see SetExportGeneration); empty when none is set or the
+    export does not use the ledger.
+    """
     @_builtins.property
     def block_sizes(self) -> Global___BlockSizes:
         """The block size constraints the host announced (NBD_INFO_BLOCK_SIZE); unset when it
@@ -390,10 +411,11 @@ class Export(_message.Message):
         transmission_flags: _builtins.int = ...,
         read_only: _builtins.bool = ...,
         clear_mode: Global___ClearMode.ValueType = ...,
+        generation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "flags", b"flags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "clear_mode", b"clear_mode", "description", b"description", "flags", b"flags", "host", b"host", "name", b"name", "nbd_export_name", b"nbd_export_name", "read_only", b"read_only", "size_bytes", b"size_bytes", "state", b"state", "transmission_flags", b"transmission_flags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "clear_mode", b"clear_mode", "description", b"description", "flags", b"flags", "generation", b"generation", "host", b"host", "name", b"name", "nbd_export_name", b"nbd_export_name", "read_only", b"read_only", "size_bytes", b"size_bytes", "state", b"state", "transmission_flags", b"transmission_flags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,6 +604,7 @@ class Bitmap(_message.Message):
     CLEAR_UNSUPPORTED_REASON_FIELD_NUMBER: _builtins.int
     RECORDING_FIELD_NUMBER: _builtins.int
     DIRTY_BYTES_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}/bitmaps/{context}` with the context name verbatim."""
     context: _builtins.str
@@ -607,6 +630,8 @@ class Bitmap(_message.Message):
     """
     dirty_bytes: _builtins.int
     """The number of dirty bytes, when known cheaply (the embedded host knows; unset otherwise)."""
+    generation: _builtins.str
+    """With CLEAR_MODE_LEDGER_MASK: the generation whose clears mask this bitmap."""
     def __init__(
         self,
         *,
@@ -619,10 +644,11 @@ class Bitmap(_message.Message):
         clear_unsupported_reason: _builtins.str = ...,
         recording: _builtins.bool | None = ...,
         dirty_bytes: _builtins.int | None = ...,
+        generation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes", "_recording", b"_recording", "dirty_bytes", b"dirty_bytes", "recording", b"recording"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes", "_recording", b"_recording", "clear_mode", b"clear_mode", "clear_unsupported_reason", b"clear_unsupported_reason", "context", b"context", "dirty_bytes", b"dirty_bytes", "export_size_bytes", b"export_size_bytes", "granularity_bytes", b"granularity_bytes", "kind", b"kind", "name", b"name", "recording", b"recording"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes", "_recording", b"_recording", "clear_mode", b"clear_mode", "clear_unsupported_reason", b"clear_unsupported_reason", "context", b"context", "dirty_bytes", b"dirty_bytes", "export_size_bytes", b"export_size_bytes", "generation", b"generation", "granularity_bytes", b"granularity_bytes", "kind", b"kind", "name", b"name", "recording", b"recording"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dirty_bytes: _TypeAlias = _typing.Literal["dirty_bytes"]  # noqa: Y015
     _WhichOneofArgType__dirty_bytes: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes"]  # noqa: Y015
@@ -896,6 +922,7 @@ class ClearRangeRequest(_message.Message):
     BITMAP_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     export: _builtins.str
     """The export, `exports/{export}`. The bare `{export}` is accepted too."""
     bitmap: _builtins.str
@@ -908,6 +935,12 @@ class ClearRangeRequest(_message.Message):
     """Length of the range in bytes; not 0, and `offset + length` must not pass the end of the
     export.
     """
+    generation: _builtins.str
+    """The generation the consumer copied the range from (CLEAR_MODE_LEDGER_MASK). When set and
+    not the export's current generation, the clear is refused with FAILED_PRECONDITION
+    (reason GENERATION_MISMATCH): data copied from an older point in time must not mask a newer
+    one. Ignored by the other modes.
+    """
     def __init__(
         self,
         *,
@@ -915,10 +948,11 @@ class ClearRangeRequest(_message.Message):
         bitmap: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        generation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmap", b"bitmap", "export", b"export", "length", b"length", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmap", b"bitmap", "export", b"export", "generation", b"generation", "length", b"length", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -934,12 +968,17 @@ class ClearRangeResponse(_message.Message):
     CLEARED_BYTES_FIELD_NUMBER: _builtins.int
     CLEAR_MODE_FIELD_NUMBER: _builtins.int
     GRANULARITY_BYTES_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     cleared_bytes: _builtins.int
     """The sum of the lengths of `cleared_ranges`."""
     clear_mode: Global___ClearMode.ValueType
     """How the ranges were cleared."""
     granularity_bytes: _builtins.int
-    """The bitmap's granularity in bytes, to align the next requests."""
+    """The bitmap's granularity in bytes, to align the next requests (0 when not known; the
+    ledger clears byte-exactly).
+    """
+    generation: _builtins.str
+    """With CLEAR_MODE_LEDGER_MASK: the generation the clear was recorded under."""
     @_builtins.property
     def cleared_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
         """The byte ranges that were cleared, in order, not overlapping: only whole granules inside
@@ -953,11 +992,163 @@ class ClearRangeResponse(_message.Message):
         cleared_bytes: _builtins.int = ...,
         clear_mode: Global___ClearMode.ValueType = ...,
         granularity_bytes: _builtins.int = ...,
+        generation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_mode", b"clear_mode", "cleared_bytes", b"cleared_bytes", "cleared_ranges", b"cleared_ranges", "granularity_bytes", b"granularity_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_mode", b"clear_mode", "cleared_bytes", b"cleared_bytes", "cleared_ranges", b"cleared_ranges", "generation", b"generation", "granularity_bytes", b"granularity_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClearRangeResponse: _TypeAlias = ClearRangeResponse  # noqa: Y015
+
+@_typing.final
+class SetExportGenerationRequest(_message.Message):
+    """Request for SetExportGeneration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    export: _builtins.str
+    """The export, `exports/{export}`. The bare `{export}` is accepted too."""
+    generation: _builtins.str
+    """The new generation: any non-empty string of at most 256 bytes naming the point in time the
+    export shows (a snapshot id, a backup id).
+    """
+    def __init__(
+        self,
+        *,
+        export: _builtins.str = ...,
+        generation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export", "generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetExportGenerationRequest: _TypeAlias = SetExportGenerationRequest  # noqa: Y015
+
+@_typing.final
+class SetExportGenerationResponse(_message.Message):
+    """Response of SetExportGeneration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_GENERATION_FIELD_NUMBER: _builtins.int
+    export: _builtins.str
+    """The export, `exports/{export}`."""
+    generation: _builtins.str
+    """The generation now current."""
+    previous_generation: _builtins.str
+    """The generation that was current before; empty when none was set."""
+    def __init__(
+        self,
+        *,
+        export: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        previous_generation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export", "generation", b"generation", "previous_generation", b"previous_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetExportGenerationResponse: _TypeAlias = SetExportGenerationResponse  # noqa: Y015
+
+@_typing.final
+class StreamRemainingDirtyRequest(_message.Message):
+    """Request for StreamRemainingDirty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    BITMAP_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    MAX_EXTENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    export: _builtins.str
+    """The export, `exports/{export}`. The bare `{export}` is accepted too."""
+    bitmap: _builtins.str
+    """The dirty bitmap's context name; a name without `:` is short for `qemu:dirty-bitmap:NAME`."""
+    offset: _builtins.int
+    """Start of the range, in bytes. Default 0."""
+    length: _builtins.int
+    """Length of the range; unset means up to the end of the export."""
+    resume_token: _builtins.str
+    """Continue an earlier stream (see StreamExtentsRequest.resume_token)."""
+    max_extents_per_message: _builtins.int
+    """At most this many ranges per message (see StreamExtentsRequest)."""
+    def __init__(
+        self,
+        *,
+        export: _builtins.str = ...,
+        bitmap: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int | None = ...,
+        resume_token: _builtins.str = ...,
+        max_extents_per_message: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_length", b"_length", "length", b"length"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length", b"_length", "bitmap", b"bitmap", "export", b"export", "length", b"length", "max_extents_per_message", b"max_extents_per_message", "offset", b"offset", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__length: _TypeAlias = _typing.Literal["length"]  # noqa: Y015
+    _WhichOneofArgType__length: _TypeAlias = _typing.Literal["_length", b"_length"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__length) -> _WhichOneofReturnType__length | None: ...
+
+Global___StreamRemainingDirtyRequest: _TypeAlias = StreamRemainingDirtyRequest  # noqa: Y015
+
+@_typing.final
+class StreamRemainingDirtyResponse(_message.Message):
+    """One message of StreamRemainingDirty: the dirty ranges in `[offset, next_offset)`, as packed
+    columns, with the field numbers and meaning of StreamExtentsResponse: range i starts at
+    `start_i = end_(i-1) + offset_deltas[i]` (`end_(-1) = offset`) and spans `lengths[i]` bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    RANGE_END_FIELD_NUMBER: _builtins.int
+    OFFSET_DELTAS_FIELD_NUMBER: _builtins.int
+    LENGTHS_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where this message's coverage starts."""
+    next_offset: _builtins.int
+    """Where this message's coverage ends; resume from here."""
+    resume_token: _builtins.str
+    """An opaque token that resumes the stream at `next_offset`."""
+    range_end: _builtins.int
+    """The end of the requested range."""
+    @_builtins.property
+    def offset_deltas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Column: the clean gap before each dirty range."""
+
+    @_builtins.property
+    def lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Column: the length of each dirty range in bytes (never 0)."""
+
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        next_offset: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
+        range_end: _builtins.int = ...,
+        offset_deltas: _abc.Iterable[_builtins.int] | None = ...,
+        lengths: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lengths", b"lengths", "next_offset", b"next_offset", "offset", b"offset", "offset_deltas", b"offset_deltas", "range_end", b"range_end", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRemainingDirtyResponse: _TypeAlias = StreamRemainingDirtyResponse  # noqa: Y015

@@ -65,6 +65,16 @@ class BitmapServiceStub:
                 request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeRequest.SerializeToString,
                 response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeResponse.FromString,
                 _registered_method=True)
+        self.SetExportGeneration = channel.unary_unary(
+                '/nbdgw.v1.BitmapService/SetExportGeneration',
+                request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationResponse.FromString,
+                _registered_method=True)
+        self.StreamRemainingDirty = channel.unary_stream(
+                '/nbdgw.v1.BitmapService/StreamRemainingDirty',
+                request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.FromString,
+                _registered_method=True)
 
 
 class BitmapServiceServicer:
@@ -121,10 +131,40 @@ class BitmapServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearRange(self, request, context):
-        """Clears (acknowledges) a range of a dirty bitmap and returns exactly which byte ranges were
-        cleared. Only whole granules inside the range are cleared, so the result may be smaller
-        than the request, or empty. A bitmap whose `clear_mode` is CLEAR_MODE_UNSUPPORTED fails with
-        FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message and PreconditionFailure say why).
+        """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
+        streams of the bitmap report the range clean until it is written again. Returns exactly
+        which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
+        is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
+        the host). How it is carried out depends on the export (`clear_mode`):
+        - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
+        result may be smaller than the request, or empty), atomically with respect to writes.
+        - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
+        generation and masked out of later streams of that bitmap, byte-exactly.
+        - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
+        and PreconditionFailure say why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetExportGeneration(self, request, context):
+        """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
+        (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
+        recorded under the current generation and mask only that generation: after a new snapshot
+        is exported, setting a new generation starts with nothing masked. Setting the current
+        generation again changes nothing. The generation is durable; a generation given in the
+        gateway's configuration replaces it only when the configuration changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamRemainingDirty(self, request, context):
+        """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
+        what was cleared (for CLEAR_MODE_LEDGER_MASK, minus the ledger's mask of the current
+        generation). This is what the management layer merges back into its bitmap at the end of a
+        backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
+        like a StreamExtents message (the same flow control, resume tokens and errors).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +197,16 @@ def add_BitmapServiceServicer_to_server(servicer, server):
                     servicer.ClearRange,
                     request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeRequest.FromString,
                     response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeResponse.SerializeToString,
+            ),
+            'SetExportGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetExportGeneration,
+                    request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationResponse.SerializeToString,
+            ),
+            'StreamRemainingDirty': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamRemainingDirty,
+                    request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +350,60 @@ class BitmapService:
             '/nbdgw.v1.BitmapService/ClearRange',
             nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeRequest.SerializeToString,
             nbdgw_dot_v1_dot_bitmap__service__pb2.ClearRangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetExportGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdgw.v1.BitmapService/SetExportGeneration',
+            nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationRequest.SerializeToString,
+            nbdgw_dot_v1_dot_bitmap__service__pb2.SetExportGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamRemainingDirty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nbdgw.v1.BitmapService/StreamRemainingDirty',
+            nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.SerializeToString,
+            nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.FromString,
             options,
             channel_credentials,
             insecure,

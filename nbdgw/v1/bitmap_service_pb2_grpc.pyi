@@ -88,10 +88,32 @@ class BitmapServiceStub:
     read-ahead, so memory per stream is bounded whatever the size of the export.
     """
     ClearRange: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.ClearRangeRequest, _bitmap_service_pb2.ClearRangeResponse]
-    """Clears (acknowledges) a range of a dirty bitmap and returns exactly which byte ranges were
-    cleared. Only whole granules inside the range are cleared, so the result may be smaller
-    than the request, or empty. A bitmap whose `clear_mode` is CLEAR_MODE_UNSUPPORTED fails with
-    FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message and PreconditionFailure say why).
+    """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
+    streams of the bitmap report the range clean until it is written again. Returns exactly
+    which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
+    is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
+    the host). How it is carried out depends on the export (`clear_mode`):
+    - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
+      result may be smaller than the request, or empty), atomically with respect to writes.
+    - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
+      generation and masked out of later streams of that bitmap, byte-exactly.
+    - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
+      and PreconditionFailure say why).
+    """
+    SetExportGeneration: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]
+    """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
+    (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
+    recorded under the current generation and mask only that generation: after a new snapshot
+    is exported, setting a new generation starts with nothing masked. Setting the current
+    generation again changes nothing. The generation is durable; a generation given in the
+    gateway's configuration replaces it only when the configuration changes.
+    """
+    StreamRemainingDirty: _grpc.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]
+    """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
+    what was cleared (for CLEAR_MODE_LEDGER_MASK, minus the ledger's mask of the current
+    generation). This is what the management layer merges back into its bitmap at the end of a
+    backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
+    like a StreamExtents message (the same flow control, resume tokens and errors).
     """
 
 @_typing.type_check_only
@@ -133,10 +155,32 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     read-ahead, so memory per stream is bounded whatever the size of the export.
     """
     ClearRange: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.ClearRangeRequest, _bitmap_service_pb2.ClearRangeResponse]  # type: ignore[assignment]
-    """Clears (acknowledges) a range of a dirty bitmap and returns exactly which byte ranges were
-    cleared. Only whole granules inside the range are cleared, so the result may be smaller
-    than the request, or empty. A bitmap whose `clear_mode` is CLEAR_MODE_UNSUPPORTED fails with
-    FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message and PreconditionFailure say why).
+    """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
+    streams of the bitmap report the range clean until it is written again. Returns exactly
+    which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
+    is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
+    the host). How it is carried out depends on the export (`clear_mode`):
+    - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
+      result may be smaller than the request, or empty), atomically with respect to writes.
+    - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
+      generation and masked out of later streams of that bitmap, byte-exactly.
+    - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
+      and PreconditionFailure say why).
+    """
+    SetExportGeneration: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]  # type: ignore[assignment]
+    """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
+    (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
+    recorded under the current generation and mask only that generation: after a new snapshot
+    is exported, setting a new generation starts with nothing masked. Setting the current
+    generation again changes nothing. The generation is durable; a generation given in the
+    gateway's configuration replaces it only when the configuration changes.
+    """
+    StreamRemainingDirty: _aio.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]  # type: ignore[assignment]
+    """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
+    what was cleared (for CLEAR_MODE_LEDGER_MASK, minus the ledger's mask of the current
+    generation). This is what the management layer merges back into its bitmap at the end of a
+    backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
+    like a StreamExtents message (the same flow control, resume tokens and errors).
     """
 
 class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -205,10 +249,44 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bitmap_service_pb2.ClearRangeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bitmap_service_pb2.ClearRangeResponse, _abc.Awaitable[_bitmap_service_pb2.ClearRangeResponse]]:
-        """Clears (acknowledges) a range of a dirty bitmap and returns exactly which byte ranges were
-        cleared. Only whole granules inside the range are cleared, so the result may be smaller
-        than the request, or empty. A bitmap whose `clear_mode` is CLEAR_MODE_UNSUPPORTED fails with
-        FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message and PreconditionFailure say why).
+        """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
+        streams of the bitmap report the range clean until it is written again. Returns exactly
+        which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
+        is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
+        the host). How it is carried out depends on the export (`clear_mode`):
+        - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
+          result may be smaller than the request, or empty), atomically with respect to writes.
+        - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
+          generation and masked out of later streams of that bitmap, byte-exactly.
+        - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
+          and PreconditionFailure say why).
+        """
+
+    @_abc_1.abstractmethod
+    def SetExportGeneration(
+        self,
+        request: _bitmap_service_pb2.SetExportGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bitmap_service_pb2.SetExportGenerationResponse, _abc.Awaitable[_bitmap_service_pb2.SetExportGenerationResponse]]:
+        """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
+        (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
+        recorded under the current generation and mask only that generation: after a new snapshot
+        is exported, setting a new generation starts with nothing masked. Setting the current
+        generation again changes nothing. The generation is durable; a generation given in the
+        gateway's configuration replaces it only when the configuration changes.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamRemainingDirty(
+        self,
+        request: _bitmap_service_pb2.StreamRemainingDirtyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bitmap_service_pb2.StreamRemainingDirtyResponse], _abc.AsyncIterator[_bitmap_service_pb2.StreamRemainingDirtyResponse]]:
+        """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
+        what was cleared (for CLEAR_MODE_LEDGER_MASK, minus the ledger's mask of the current
+        generation). This is what the management layer merges back into its bitmap at the end of a
+        backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
+        like a StreamExtents message (the same flow control, resume tokens and errors).
         """
 
 def add_BitmapServiceServicer_to_server(servicer: BitmapServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

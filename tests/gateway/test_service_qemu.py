@@ -255,7 +255,7 @@ async def test_list_bitmaps_and_clear_refused(qemu_nbd: QemuNBD, start_gateway) 
     assert b0.granularity_bytes == 0  # qemu-nbd does not say
     assert not b0.HasField("recording")
     assert b0.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
-    assert "embedded" in b0.clear_unsupported_reason
+    assert "generation" in b0.clear_unsupported_reason  # read-only: the ledger, once set
     export = await gw.stub.GetExport(pb.GetExportRequest(name="vm"))
     assert export.size_bytes == qemu_nbd.disk.size
     assert export.read_only and export.flags.can_flush is not None
@@ -273,7 +273,7 @@ async def test_list_bitmaps_and_clear_refused(qemu_nbd: QemuNBD, start_gateway) 
 
     violation = err.detail(error_details_pb2.PreconditionFailure).violations[0]
     assert violation.subject == "exports/vm/bitmaps/qemu:dirty-bitmap:b0"
-    assert "embedded" in err.message
+    assert "generation" in err.message
     # Nothing was cleared: the bitmap is unchanged.
     assert nbdinfo_map(qemu_nbd.uri, "qemu:dirty-bitmap:b0")[0][2] == 0
     still = await stream_all(gw.stub, export="vm", context="b0", filter=pb.EXTENT_FILTER_SET)

@@ -7,6 +7,7 @@ snapshot instant, leaving the live bitmap exactly the writes since."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -379,3 +380,27 @@ async def test_chain_of_backups_restores_every_snapshot_instant(
                 restored[offset : offset + length] = data[offset : offset + length]
         assert restored == instant, f"step {step}"
         assert not image.snapshots and dirty_of(image, "b") == granules(since)
+
+
+async def test_snapshots_commands(start_gateway: Any, tmp_path: Path) -> None:
+    make_disk(tmp_path / "disk.img")
+    run, _ = await start(start_gateway, tmp_path)
+    t = ("--target", run.target)
+
+    async def nbdgw(*args: str) -> Any:
+        return await asyncio.to_thread(cli, "snapshots", *args, *t)
+
+    made = await nbdgw("create", "disk", "--id", "n1", "--bitmap", "b", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["export"] == "exports/disk@n1"
+    listed = await nbdgw("list", "disk")
+    assert listed.stdout.split()[0] == "n1" and "qemu:dirty-bitmap:b(" in listed.stdout
+    again = await nbdgw("create", "disk", "--id", "n1")
+    assert again.returncode == 1
+    assert again.stderr.strip().endswith("[SNAPSHOT_EXISTS]") and "\n" not in again.stderr.strip()
+    released = await nbdgw("release", "disk", "n1")
+    assert released.returncode == 0 and "merged back: qemu:dirty-bitmap:b" in released.stdout
+    gone = await nbdgw("release", "disk", "n1")
+    assert gone.returncode == 1 and "[SNAPSHOT_NOT_FOUND]" in gone.stderr
+    none = await nbdgw("list", "disk")
+    assert none.stdout.strip() == "no snapshots of disk"

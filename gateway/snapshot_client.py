@@ -1,0 +1,142 @@
+"""``nbdgw snapshots list|create|release``: the SnapshotService of a running gateway.
+
+(``nbdgw snapshot`` without the s works on a local disk image: nbdcore.tools.snapshot_cmds.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from google.protobuf import json_format
+
+from gateway.commands import _one_line_errors, add_target_arguments, command, connect, parse_size
+from nbdcore.tools import subgroup
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+_ON_FULL = {
+    "break": spb.SNAPSHOT_ON_FULL_BREAK_SNAPSHOT,
+    "fail-write": spb.SNAPSHOT_ON_FULL_FAIL_WRITE,
+}
+
+
+def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
+    """Add ``snapshots list|create|release``."""
+    group = subgroup(groups, "snapshots", "point-in-time snapshots of an export (gRPC)")
+
+    p = _one_line_errors(group.add_parser("list", help="list the snapshots of an export"))
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_list))
+
+    p = _one_line_errors(
+        group.add_parser(
+            "create",
+            help="take a snapshot of an export, forking dirty bitmaps",
+            description="Take a point-in-time snapshot of EXPORT: it is served as the read-only"
+            " export EXPORT@ID, whose dirty bitmaps are the forks (clear them as you store what"
+            " you copied); the live bitmaps restart clean. Release it when done: what the forks"
+            " still hold merges back.",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("--id", default="", help="the snapshot's id (default: one from the time)")
+    p.add_argument(
+        "--bitmap",
+        action="append",
+        default=[],
+        metavar="CONTEXT",
+        help="fork this dirty bitmap (qemu:dirty-bitmap:NAME or NAME; repeatable)",
+    )
+    p.add_argument("--cluster-size", type=parse_size, default=0, help="copy-before-write unit")
+    p.add_argument("--max-size", type=parse_size, default=0, help="most old data to preserve")
+    p.add_argument("--on-full", choices=sorted(_ON_FULL), default="break")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_create))
+
+    p = _one_line_errors(
+        group.add_parser("release", help="merge a snapshot's forks back and delete it")
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("snapshot", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_release))
+
+
+def _print_json(msg: Any) -> None:
+    sys.stdout.write(json.dumps(json_format.MessageToDict(msg), indent=2) + "\n")
+
+
+def _line(s: spb.Snapshot) -> str:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.create_time.seconds))
+    state = "broken" if s.state == spb.SNAPSHOT_STATE_BROKEN else "ready"
+    forks = " ".join(f"{f.context}({f.dirty_bytes})" for f in s.forks) or "-"
+    return f"{s.name.rsplit('/', 1)[-1]}  {created}  {s.export}  {state}  {forks}"
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        stub = spb_grpc.SnapshotServiceStub(gw.channel)
+        snapshots: list[spb.Snapshot] = []
+        token = ""
+        while True:
+            resp = await stub.ListSnapshots(
+                spb.ListSnapshotsRequest(parent=args.export, page_token=token),
+                metadata=gw.metadata,
+                timeout=gw.timeout,
+            )
+            snapshots += resp.snapshots
+            token = resp.next_page_token
+            if not token:
+                break
+    if args.json:
+        _print_json(spb.ListSnapshotsResponse(snapshots=snapshots))
+    elif not snapshots:
+        print(f"no snapshots of {args.export}")
+    for s in [] if args.json else snapshots:
+        print(_line(s))
+    return 0
+
+
+async def cmd_create(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        snap = await spb_grpc.SnapshotServiceStub(gw.channel).CreateSnapshot(
+            spb.CreateSnapshotRequest(
+                parent=args.export,
+                snapshot_id=args.id,
+                bitmaps=args.bitmap,
+                cluster_size_bytes=args.cluster_size,
+                max_preserved_bytes=args.max_size,
+                on_full=_ON_FULL[args.on_full],
+            ),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        _print_json(snap)
+    else:
+        print(_line(snap))
+    return 0
+
+
+async def cmd_release(args: argparse.Namespace) -> int:
+    export = args.export.removeprefix("exports/")
+    async with connect(args) as gw:
+        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name=f"exports/{export}/snapshots/{args.snapshot}"),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        _print_json(resp)
+    else:
+        merged = ", ".join(f"{m.context} {m.dirty_bytes} bytes" for m in resp.merged) or "nothing"
+        print(f"released {args.snapshot}; merged back: {merged}")
+    return 0

@@ -1,0 +1,170 @@
+"""Support for the ClearRange tests: an ``nbdgw nbd serve`` host process (a remote nbdcore
+host, which offers the NBD clear extension), a writable qemu-nbd, and bitmap maps read
+straight from a host with nbdcore's client (never through the gateway under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nbdcore.aio.client import NBDClient
+from nbdcore.extents import iter_extents
+from nbdcore.storage import Image
+from tests.peers import tool
+
+KiB = 1024
+MiB = 1024 * KiB
+G = 64 * KiB  # granularity of every bitmap here
+ENV = {**os.environ, "no_proxy": "*", "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
+
+
+def make_image(path: Path, size: int, dirty: list[tuple[int, int]], bitmap: str = "b0") -> None:
+    """A raw image with ``bitmap`` (64 KiB granules) dirty over ``dirty``."""
+    image = Image.create(path, size)
+    try:
+        image.add_bitmap(bitmap, granularity=G)
+        for offset, length in dirty:
+            image.write(bytes([0x5A]) * length, offset)
+        image.flush()
+    finally:
+        image.close()
+
+
+class NbdcoreHost:
+    """``nbdgw nbd serve DISK`` on a unix socket, as a separate process."""
+
+    def __init__(self, disk: Path, socket: Path, export: str = "disk") -> None:
+        self.disk = disk
+        self.socket = socket
+        self.export = export
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.socket}"
+
+    def start(self) -> NbdcoreHost:
+        if self.socket.exists():
+            self.socket.unlink()
+        cmd = [sys.executable, "-m", "gateway", "nbd", "serve", str(self.disk)]
+        cmd += ["--socket", str(self.socket), "--export", self.export]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+        )
+        wait_ready(self.proc, self.socket, self.uri)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def wait_ready(proc: subprocess.Popen[bytes], socket: Path, uri: str) -> None:
+    deadline = time.monotonic() + 30
+    nbdinfo = tool("nbdinfo")
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"NBD host exited: {err}")
+        if socket.exists():
+            probe = subprocess.run([nbdinfo, "--size", uri], capture_output=True, timeout=10)
+            if probe.returncode == 0:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("the NBD host did not become ready")
+        time.sleep(0.05)
+
+
+class ReadOnlyQemu:
+    """qemu-nbd -r serving bitmap b0 of a qcow2 disk (may be killed with SIGKILL)."""
+
+    def __init__(self, disk: Path, socket: Path) -> None:
+        self.disk, self.socket = disk, socket
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///disk?socket={self.socket}"
+
+    def start(self) -> ReadOnlyQemu:
+        if self.socket.exists():
+            self.socket.unlink()
+        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-f", "qcow2", "-x", "disk", "-B", "b0"]
+        self.proc = subprocess.Popen(
+            [*cmd, "-k", str(self.socket), str(self.disk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_ready(self.proc, self.socket, self.uri)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+        self.proc = None
+
+
+class WritableQemuNBD:
+    """qemu-nbd serving a private copy of a qcow2 disk *writable* (no -r); stop it with
+    SIGTERM (SIGKILL would leave its bitmaps marked in use)."""
+
+    def __init__(self, disk: Path, socket: Path, export: str = "disk") -> None:
+        self.disk = disk
+        self.socket = socket
+        self.export = export
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.socket}"
+
+    def start(self) -> WritableQemuNBD:
+        cmd = [tool("qemu-nbd"), "-t", "-e", "8", "-f", "qcow2", "-x", self.export]
+        cmd += ["-B", "b0", "-k", str(self.socket), str(self.disk)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_ready(self.proc, self.socket, self.uri)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+        self.proc = None
+
+
+async def dirty_runs(uri: str, context: str) -> list[tuple[int, int]]:
+    """The dirty runs of ``context`` as the host itself reports them (merged)."""
+    out: list[tuple[int, int]] = []
+    async with await NBDClient.connect(uri, meta_contexts=[context]) as client:
+        async for batch in iter_extents(client, [context]):  # type: ignore[arg-type]
+            pos = batch.offset
+            for length, flags in zip(batch.lengths, batch.flags[0], strict=True):
+                if flags & 1:
+                    if out and out[-1][0] + out[-1][1] == pos:
+                        out[-1] = (out[-1][0], out[-1][1] + length)
+                    else:
+                        out.append((pos, length))
+                pos += length
+    return out
+
+
+def run_async(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]

@@ -1,0 +1,151 @@
+"""``nbdgw backup --clear`` killed at random points and resumed, against a remote nbdcore host
+(clears at the source) and a read-only qemu-nbd export (clears in the gateway's ledger): the
+backup equals the source and the bitmap ends clean."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gateway.clear_support import NbdcoreHost, ReadOnlyQemu, dirty_runs
+from tests.gateway.cli_support import (
+    ENV,
+    GatewayProcess,
+    check_incremental,
+    cli,
+    dirty_map,
+    granules,
+    make_embedded_disk,
+    make_qemu_disk,
+)
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".nbdgw-backup.json")
+
+
+def run_and_kill(args: list[str], spath: Path, threshold: int) -> dict[str, Any]:
+    """``nbdgw ARGS``, SIGKILLed once its recorded progress passes ``threshold``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise AssertionError(f"the backup ended before it was killed: {err}")
+            try:
+                state = json.loads(spath.read_text())
+            except (FileNotFoundError, ValueError):
+                state = None
+            if state is not None and state["next_offset"] >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return dict(state)
+            time.sleep(0.002)
+        raise AssertionError("the backup made no progress")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def backup_killed_twice_then_resumed(
+    target: str, export: str, bitmap: str, out: Path, dirty: list[tuple[int, int]], seed: int
+) -> dict[str, Any]:
+    args = ["backup", export, "--bitmap", bitmap, str(out), "--clear", "--target", target]
+    args += ["--checkpoint", "64k"]
+    rng = random.Random(seed)
+    first = rng.randrange(dirty[0][0] + 1, dirty[len(dirty) // 2][0] + 1)
+    killed = run_and_kill(args, state_path(out), first)
+    second = rng.randrange(killed["next_offset"] + 1, dirty[-1][0] + 1)
+    run_and_kill([*args, "--resume"], state_path(out), second)
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return dict(json.loads(state_path(out).read_text()))
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_backup_clear_resumed_at_the_source(tmp_path: Path, seed: int) -> None:
+    disk = make_embedded_disk(tmp_path / "disk.raw", seed=seed)
+    host = NbdcoreHost(disk.path, tmp_path / "host.sock").start()
+    try:
+        with GatewayProcess("--export", f"disk={host.uri}", data_dir=tmp_path / "gw") as gw:
+            dirty = dirty_map(gw.target, "disk", "backup")
+            assert dirty == granules(disk.dirty, disk.size)
+            out = tmp_path / "inc.img"
+            state = backup_killed_twice_then_resumed(gw.target, "disk", "backup", out, dirty, seed)
+            check_incremental(out, bytes(disk.content), dirty)
+            assert dirty_map(gw.target, "disk", "backup") == []
+            assert state["complete"] and state["pending_clear"] == [] and state["generation"] == ""
+    finally:
+        host.stop()
+
+
+@pytest.mark.parametrize("seed", [31])
+def test_backup_clear_resumed_in_the_ledger(tmp_path: Path, seed: int) -> None:
+    qdisk = make_qemu_disk(tmp_path)
+    host = ReadOnlyQemu(qdisk.path, tmp_path / "q.sock").start()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[[exports]]\nname = "vm"\nuri = "{host.uri}"\ngeneration = "snap-7"\n')
+    try:
+        with GatewayProcess("--config", str(config), data_dir=tmp_path / "gw") as gw:
+            dirty = dirty_map(gw.target, "vm", "b0")
+            assert dirty == granules(qdisk.b0_writes, qdisk.size)
+            out = tmp_path / "inc.img"
+            state = backup_killed_twice_then_resumed(gw.target, "vm", "b0", out, dirty, seed)
+            check_incremental(out, qdisk.raw.read_bytes(), dirty)
+            assert dirty_map(gw.target, "vm", "b0") == []
+            assert state["complete"] and state["generation"] == "snap-7"
+            # The host's bitmap is untouched: the clears live in the gateway's ledger.
+            assert asyncio.run(dirty_runs(host.uri, "qemu:dirty-bitmap:b0")) == dirty
+    finally:
+        host.stop()
+
+
+def test_resume_refused_after_a_generation_change(tmp_path: Path) -> None:
+    """The export now shows another point in time: what the interrupted run copied must not be
+    acknowledged under the new generation."""
+    import grpc
+
+    from nbdgw.v1 import bitmap_service_pb2 as pb
+    from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+
+    qdisk = make_qemu_disk(tmp_path)
+    host = ReadOnlyQemu(qdisk.path, tmp_path / "q.sock").start()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[[exports]]\nname = "vm"\nuri = "{host.uri}"\ngeneration = "snap-1"\n')
+    try:
+        with GatewayProcess("--config", str(config), data_dir=tmp_path / "gw") as gw:
+            dirty = dirty_map(gw.target, "vm", "b0")
+            out = tmp_path / "inc.img"
+            args = ["backup", "vm", "--bitmap", "b0", str(out), "--clear", "--target", gw.target]
+            args += ["--checkpoint", "64k"]
+            killed = run_and_kill(args, state_path(out), dirty[len(dirty) // 2][0])
+            assert killed["generation"] == "snap-1"
+            with grpc.insecure_channel(gw.target) as channel:
+                pb_grpc.BitmapServiceStub(channel).SetExportGeneration(
+                    pb.SetExportGenerationRequest(export="vm", generation="snap-2")
+                )
+            resumed = cli(*args, "--resume")
+            assert resumed.returncode == 1
+            assert "generation" in resumed.stderr and "snap-2" in resumed.stderr
+            # Nothing was cleared under the new generation.
+            assert dirty_map(gw.target, "vm", "b0") == dirty
+    finally:
+        host.stop()

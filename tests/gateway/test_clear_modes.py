@@ -1,0 +1,287 @@
+"""ClearRange on every kind of host, through an in-process gateway: a remote nbdcore host
+clears at the source (NBD clear extension), a read-only qemu-nbd export uses the ledger scoped
+to a generation, a writable qemu-nbd export is refused; and a write racing a clear."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from nbdcore.aio.client import NBDClient
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from tests.gateway.clear_support import (
+    G,
+    MiB,
+    NbdcoreHost,
+    WritableQemuNBD,
+    dirty_runs,
+    make_image,
+)
+from tests.gateway.conftest import (
+    QEMU_B0_DATA,
+    QEMU_B1_DATA,
+    QemuDisk,
+    QemuNBD,
+    call_error,
+    stream_all,
+)
+
+B0 = "qemu:dirty-bitmap:b0"
+B1 = "qemu:dirty-bitmap:b1"
+
+
+def dirty_of(streamed: Any) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length, flags, _ in streamed.rows:
+        if flags & 1:
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((start, length))
+    return out
+
+
+async def remaining(stub: Any, export: str, bitmap: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    request = pb.StreamRemainingDirtyRequest(export=export, bitmap=bitmap)
+    async for m in stub.StreamRemainingDirty(request):
+        pos = m.offset
+        for delta, length in zip(m.offset_deltas, m.lengths, strict=True):
+            start = pos + delta
+            out.append((start, length))
+            pos = start + length
+        assert pos <= m.next_offset
+    return out
+
+
+def minus(runs: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[int, int]]:
+    s, e = cut
+    out = []
+    for o, n in runs:
+        if o < s:
+            out.append((o, min(o + n, s) - o))
+        if o + n > e:
+            out.append((max(o, e), o + n - max(o, e)))
+    return [r for r in out if r[1] > 0]
+
+
+@pytest.fixture
+def nbdcore_host(tmp_path: Path) -> Any:
+    disk = tmp_path / "disk.raw"
+    make_image(disk, 8 * MiB, [(0, 4 * MiB), (6 * MiB + 100, 1000)])
+    host = NbdcoreHost(disk, tmp_path / "host.sock").start()
+    yield host
+    host.stop()
+
+
+async def test_remote_nbdcore_host_clears_at_the_source(
+    tmp_path: Path, nbdcore_host: NbdcoreHost, start_gateway: Any
+) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", nbdcore_host.uri)
+    gw = await start_gateway(cfg)
+    stub = gw.stub
+    listed = await stub.ListBitmaps(pb.ListBitmapsRequest(parent="exports/disk"))
+    modes = {b.context: b.clear_mode for b in listed.bitmaps}
+    assert modes == {"base:allocation": pb.CLEAR_MODE_UNSUPPORTED, B0: pb.CLEAR_MODE_AT_SOURCE}
+    export = await stub.GetExport(pb.GetExportRequest(name="exports/disk"))
+    assert export.clear_mode == pb.CLEAR_MODE_AT_SOURCE
+
+    req = pb.ClearRangeRequest(export="disk", bitmap="b0", offset=1000, length=3 * G)
+    for _ in range(2):  # repeating is harmless: the same answer
+        resp = await stub.ClearRange(req)
+        assert [(r.offset, r.length) for r in resp.cleared_ranges] == [(G, 2 * G)]
+        assert resp.cleared_bytes == 2 * G
+        assert resp.clear_mode == pb.CLEAR_MODE_AT_SOURCE
+        assert resp.granularity_bytes == G
+    # Nothing outside the whole granules of the range changed, at the source itself.
+    want = [(0, G), (3 * G, 4 * MiB - 3 * G), (6 * MiB, G)]
+    assert await dirty_runs(nbdcore_host.uri, B0) == want
+    assert dirty_of(await stream_all(stub, export="disk", context=B0)) == want
+    assert await remaining(stub, "disk", "b0") == want
+    # A range without a whole granule clears nothing.
+    resp = await stub.ClearRange(
+        pb.ClearRangeRequest(export="disk", bitmap="b0", offset=6 * MiB + 10, length=G)
+    )
+    assert list(resp.cleared_ranges) == [] and resp.cleared_bytes == 0
+    err = await call_error(
+        stub.ClearRange(pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=9 * MiB))
+    )
+    assert err.code == grpc.StatusCode.OUT_OF_RANGE
+    err = await call_error(
+        stub.ClearRange(pb.ClearRangeRequest(export="disk", bitmap="nope", offset=0, length=G))
+    )
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert await dirty_runs(nbdcore_host.uri, B0) == want
+
+
+async def test_read_only_qemu_export_uses_the_ledger_per_generation(
+    tmp_path: Path, qemu_nbd: QemuNBD, qemu_disk: QemuDisk, start_gateway: Any
+) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("qd", qemu_nbd.uri)
+    gw = await start_gateway(cfg)
+    stub = gw.stub
+    host_before = await dirty_runs(qemu_nbd.uri, B0)
+    original = dirty_of(await stream_all(stub, export="qd", context=B0))
+    assert original == host_before
+
+    # No generation yet: refused, and told how to get one.
+    listed = await stub.ListBitmaps(pb.ListBitmapsRequest(parent="qd"))
+    b0 = next(b for b in listed.bitmaps if b.context == B0)
+    assert b0.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+    assert "generation" in b0.clear_unsupported_reason
+    clear = pb.ClearRangeRequest(export="qd", bitmap="b0", offset=1 * MiB + 1000, length=50000)
+    err = await call_error(stub.ClearRange(clear))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "CLEAR_NOT_SUPPORTED"
+
+    got = await stub.SetExportGeneration(
+        pb.SetExportGenerationRequest(export="qd", generation="g1")
+    )
+    assert (got.generation, got.previous_generation) == ("g1", "")
+    listed = await stub.ListBitmaps(pb.ListBitmapsRequest(parent="qd"))
+    b0 = next(b for b in listed.bitmaps if b.context == B0)
+    assert (b0.clear_mode, b0.generation) == (pb.CLEAR_MODE_LEDGER_MASK, "g1")
+
+    resp = await stub.ClearRange(clear)
+    assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK and resp.generation == "g1"
+    # Byte-exact: a point-in-time bitmap cannot gain bits under the mask.
+    assert [(r.offset, r.length) for r in resp.cleared_ranges] == [(1 * MiB + 1000, 50000)]
+    masked = minus(original, (1 * MiB + 1000, 1 * MiB + 51000))
+    assert dirty_of(await stream_all(stub, export="qd", context=B0)) == masked
+    assert await remaining(stub, "qd", "b0") == masked
+    # Merged with allocation, too; and the other bitmap is untouched.
+    merged = await stream_all(stub, export="qd", context=B0, merge_allocation=True)
+    assert dirty_of(merged) == masked
+    b1 = dirty_of(await stream_all(stub, export="qd", context=B1))
+    assert b1 == [(o - o % G, G) for o, _, _ in QEMU_B1_DATA]
+    # The host's bitmap itself is unchanged.
+    assert await dirty_runs(qemu_nbd.uri, B0) == host_before
+
+    # A clear that names another generation is refused.
+    stale = pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=G, generation="g0")
+    err = await call_error(stub.ClearRange(stale))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "GENERATION_MISMATCH"
+    # A new generation starts with nothing masked; going back shows the old mask again.
+    got = await stub.SetExportGeneration(
+        pb.SetExportGenerationRequest(export="qd", generation="g2")
+    )
+    assert got.previous_generation == "g1"
+    assert dirty_of(await stream_all(stub, export="qd", context=B0)) == original
+    await stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation="g1"))
+    assert dirty_of(await stream_all(stub, export="qd", context=B0)) == masked
+    assert QEMU_B0_DATA[0][0] == 1 * MiB  # the range cleared above is dirty data in b0
+
+    err = await call_error(
+        stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation=""))
+    )
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_configured_generation_and_restart_keep_the_mask(
+    tmp_path: Path, qemu_nbd: QemuNBD, start_gateway: Any
+) -> None:
+    def config() -> GatewayConfig:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("qd", qemu_nbd.uri)
+        cfg.exports["qd"] = dataclasses.replace(cfg.exports["qd"], generation="snap-1")
+        return cfg
+
+    gw = await start_gateway(config())
+    original = dirty_of(await stream_all(gw.stub, export="qd", context=B0))
+    resp = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=4 * MiB)
+    )
+    assert resp.generation == "snap-1"
+    await gw.gateway.stop(grace=0)
+    again = await start_gateway(config())
+    masked = dirty_of(await stream_all(again.stub, export="qd", context=B0))
+    assert masked == minus(original, (0, 4 * MiB))
+
+
+async def test_writable_foreign_export_is_refused(
+    tmp_path: Path, qemu_disk: QemuDisk, start_gateway: Any
+) -> None:
+    disk = tmp_path / "rw.qcow2"
+    shutil.copyfile(qemu_disk.path, disk)
+    host = WritableQemuNBD(disk, tmp_path / "rw.sock").start()
+    try:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("rw", host.uri)
+        gw = await start_gateway(cfg)
+        listed = await gw.stub.ListBitmaps(pb.ListBitmapsRequest(parent="rw"))
+        b0 = next(b for b in listed.bitmaps if b.context == B0)
+        assert b0.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+        assert "writable" in b0.clear_unsupported_reason
+        # Even with a generation: a mask over a writable export would hide new writes.
+        await gw.stub.SetExportGeneration(
+            pb.SetExportGenerationRequest(export="rw", generation="g")
+        )
+        before = await dirty_runs(host.uri, B0)
+        err = await call_error(
+            gw.stub.ClearRange(pb.ClearRangeRequest(export="rw", bitmap="b0", offset=0, length=G))
+        )
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.info.reason == "CLEAR_NOT_SUPPORTED"
+        assert "writable" in err.message and "mask" in err.message
+        assert await dirty_runs(host.uri, B0) == before
+        assert dirty_of(await stream_all(gw.stub, export="rw", context=B0)) == before
+    finally:
+        host.stop()
+
+
+async def test_a_write_racing_a_clear_stays_dirty(
+    tmp_path: Path, nbdcore_host: NbdcoreHost, start_gateway: Any
+) -> None:
+    """Writers (straight to the host over NBD) and clears (through the gateway) race on the
+    same granules. Afterwards, a granule written after the last clear's reply must be dirty,
+    and one whose writes all completed before the last clear was sent must be clean."""
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", nbdcore_host.uri)
+    gw = await start_gateway(cfg)
+    n = 16  # granules raced over
+    rng = random.Random(5)
+    last_write_sent = [0.0] * n  # when the last write to each granule was sent
+    last_write_done = [0.0] * n
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        async with await NBDClient.connect(nbdcore_host.uri) as client:
+            while not stop.is_set():
+                g = rng.randrange(n)
+                last_write_sent[g] = time.monotonic()
+                await client.pwrite(bytes([g]) * 4096, g * G + rng.randrange(0, G - 4096))
+                last_write_done[g] = time.monotonic()
+
+    clear = pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=n * G)
+    writers = [asyncio.create_task(writer()) for _ in range(3)]
+    for _ in range(30):
+        await gw.stub.ClearRange(clear)
+    stop.set()
+    await asyncio.gather(*writers)
+    sent = time.monotonic()
+    await gw.stub.ClearRange(clear)
+    done = time.monotonic()
+    for _ in range(20):  # writes after the last clear: they must show
+        g = rng.randrange(n)
+        async with await NBDClient.connect(nbdcore_host.uri) as client:
+            last_write_sent[g] = time.monotonic()
+            await client.pwrite(b"\xff" * 512, g * G + 512)
+    runs = await dirty_runs(nbdcore_host.uri, B0)
+    dirty = {o // G + i for o, n_ in runs for i in range(n_ // G) if o // G + i < n}
+    for g in range(n):
+        if last_write_sent[g] > done:
+            assert g in dirty, f"granule {g} written after the clear is clean"
+        elif last_write_done[g] < sent and last_write_sent[g] < sent:
+            assert g not in dirty, f"granule {g} untouched since the clear is dirty"
