@@ -3,6 +3,9 @@
 Precedence: flags > environment > file > defaults. The TOML file::
 
     listen = "127.0.0.1:50051"      # gRPC address (HOST:PORT; port 0 picks one)
+    metrics_listen = "0.0.0.0:9090" # Prometheus /metrics (plaintext HTTP); unset: none
+    log_format = "json"             # text (default) or json: one JSON object per line
+    log_level = "info"              # debug, info, warning (default), error
     grace_period = 5.0              # seconds given to open RPCs on SIGTERM
     reflection = true
     data_dir = "./nbdgw-data"       # embedded host: images and its unix socket; the ledger
@@ -31,10 +34,9 @@ Precedence: flags > environment > file > defaults. The TOML file::
     name = "scratch"
     image = "/var/lib/nbdgw/scratch.img"
 
-Environment: ``NBDGW_CONFIG``, ``NBDGW_LISTEN``, ``NBDGW_DATA_DIR``, ``NBDGW_EXPORTS`` (``NAME=URI``
-items separated by spaces), ``NBDGW_GRACE_PERIOD``, ``NBDGW_TLS_CA_FILE``,
-``NBDGW_TLS_CERT_FILE``, ``NBDGW_TLS_KEY_FILE``, ``NBDGW_TLS_SERVER_HOSTNAME`` (TLS towards NBD
-hosts given by ``--export``/``NBDGW_EXPORTS``).
+Environment: every flag of ``nbdgw serve`` has a variable, ``NBDGW_`` and the flag's name
+(``--grace-period``: ``NBDGW_GRACE_PERIOD``); lists are plural (``NBDGW_EXPORTS``,
+``NBDGW_IMAGES``: items separated by spaces). docs/configuration.md has the table.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ class GatewayConfig:
     # A second, plaintext port serving only grpc.health.v1 (for the kubelet when the main port
     # uses TLS).
     health_listen: str | None = None
+    # Observability (gateway.observability): a plaintext HTTP port serving /metrics, and logs.
+    metrics_listen: str | None = None
+    log_format: str = "text"  # text | json
+    log_level: str = "warning"  # debug | info | warning | error
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     exports: dict[str, ExportConfig] = field(default_factory=dict)
     # Connection pool and reconnect tuning.
@@ -187,6 +193,17 @@ def host_label(uri: NBDURI) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}"
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` (case-insensitive) if it is one of ``allowed``."""
+    if value.lower() not in allowed:
+        raise ConfigError(f"{what} {value!r}: expected one of {', '.join(allowed)}")
+    return value.lower()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -271,6 +288,9 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 _TOP_KEYS = {
     "listen",
+    "metrics_listen",
+    "log_format",
+    "log_level",
     "grace_period",
     "reflection",
     "data_dir",
@@ -326,6 +346,12 @@ def apply_table(
     if "listen" in data:
         config.listen = str(data["listen"])
         parse_listen(config.listen)
+    if "metrics_listen" in data:
+        config.metrics_listen = str(data["metrics_listen"])
+        parse_listen(config.metrics_listen)
+    for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS)):
+        if key in data:
+            setattr(config, key, check_choice(key.replace("_", " "), str(data[key]), allowed))
     if "grace_period" in data:
         config.grace_period = float(data["grace_period"])
     if "reflection" in data:

@@ -60,6 +60,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from gateway.config import LOG_FORMATS, LOG_LEVELS
+
 log = logging.getLogger("nbdgw.observability")
 access_log = logging.getLogger("nbdgw.rpc")
 
@@ -560,8 +562,6 @@ def _wrap_streaming(
 
 # Attributes every LogRecord has: not "extra" fields.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

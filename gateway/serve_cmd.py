@@ -13,7 +13,6 @@ run qemu-nbd with ``-t -e N`` and give the gateway ``--max-connections N`` (or l
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -23,8 +22,11 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
+    LOG_FORMATS,
+    LOG_LEVELS,
     ConfigError,
     GatewayConfig,
+    check_choice,
     load_file,
     load_policy,
     load_tokens,
@@ -43,6 +45,22 @@ SAMPLE_BITMAP = "backup"
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"NBDGW_{name}", default)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _switch(value: bool | str | None, name: str) -> bool:
+    """A store_true flag whose default came from ``NBDGW_{name}``: True when given, else the
+    variable as a boolean."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"NBDGW_{name}={value!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
@@ -78,7 +96,8 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         metavar="NAME=PATH",
         action="append",
         default=None,
-        help="serve a raw image with the embedded nbdcore host (repeatable)",
+        help="serve a raw image with the embedded nbdcore host (repeatable; $NBDGW_IMAGES:"
+        " space-separated)",
     )
     p.add_argument(
         "--data-dir",
@@ -103,7 +122,10 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         " (qemu-nbd -e N) ($NBDGW_MAX_CONNECTIONS, default 16)",
     )
     p.add_argument(
-        "--no-reflection", action="store_true", help="do not serve gRPC server reflection"
+        "--no-reflection",
+        action="store_true",
+        default=_env("NO_REFLECTION"),
+        help="do not serve gRPC server reflection ($NBDGW_NO_REFLECTION)",
     )
     sec = p.add_argument_group("securing the gRPC port")
     sec.add_argument(
@@ -159,9 +181,41 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="name to verify in the host's certificate ($NBDGW_TLS_SERVER_HOSTNAME)",
     )
     tls.add_argument(
-        "--no-tls-verify", action="store_true", help="do not verify NBD hosts' certificates"
+        "--no-tls-verify",
+        action="store_true",
+        default=_env("NO_TLS_VERIFY"),
+        help="do not verify NBD hosts' certificates ($NBDGW_NO_TLS_VERIFY)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    obs = p.add_argument_group("metrics and logs")
+    obs.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=_env("METRICS_LISTEN"),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, in plaintext"
+        " ($NBDGW_METRICS_LISTEN)",
+    )
+    obs.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        metavar="FORMAT",
+        default=_env("LOG_FORMAT"),
+        help="text lines, or one JSON object per line ($NBDGW_LOG_FORMAT, default text)",
+    )
+    obs.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        default=_env("LOG_LEVEL"),
+        help="least severe records logged; info logs every call ($NBDGW_LOG_LEVEL,"
+        " default warning)",
+    )
+    obs.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=_env("VERBOSE"),
+        help="same as --log-level info ($NBDGW_VERBOSE)",
+    )
     p.set_defaults(func=run)
 
 
@@ -190,15 +244,26 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     if args.health_listen:
         parse_listen(args.health_listen)
         config.health_listen = args.health_listen
-    if args.no_reflection:
+    if _switch(args.no_reflection, "NO_REFLECTION"):
         config.reflection = False
+    if args.metrics_listen:
+        parse_listen(args.metrics_listen)
+        config.metrics_listen = args.metrics_listen
+    # Choices given by variables are checked here (argparse checks only the command line).
+    if args.log_format:
+        config.log_format = check_choice("log format", args.log_format, LOG_FORMATS)
+    if args.log_level:
+        config.log_level = check_choice("log level", args.log_level, LOG_LEVELS)
+    elif _switch(args.verbose, "VERBOSE"):
+        config.log_level = "info"
+    no_verify = _switch(args.no_tls_verify, "NO_TLS_VERIFY")
     tls = None
-    if args.tls_ca_file or args.tls_cert_file or args.tls_key_file or args.no_tls_verify:
+    if args.tls_ca_file or args.tls_cert_file or args.tls_key_file or no_verify:
         tls = TLSConfig(
             ca_file=args.tls_ca_file,
             cert_file=args.tls_cert_file,
             key_file=args.tls_key_file,
-            verify_peer=not args.no_tls_verify,
+            verify_peer=not no_verify,
             server_hostname=args.tls_server_hostname,
         )
     exports = args.export
@@ -207,7 +272,10 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     for item in exports:
         name, uri = parse_export_arg(item)
         config.add_uri_export(name, uri, tls)
-    for item in args.image or ():
+    images = args.image
+    if images is None:
+        images = shlex.split(_env("IMAGES") or "")
+    for item in images:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--image {item!r}: expected NAME=PATH")
@@ -231,6 +299,10 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
     lines = [f"nbdgw: gateway listening on {addr}"]
     if listening.health_port is not None:
         lines.append(f"nbdgw: health (plaintext) on port {listening.health_port}")
+    if listening.metrics_port is not None:
+        host = parse_listen(config.metrics_listen or "")[0]
+        host = f"[{host}]" if ":" in host else host
+        lines.append(f"nbdgw: metrics on http://{host}:{listening.metrics_port}/metrics")
     if config.tokens:
         target += " --token TOKEN"
     if config.grpc_tls_cert_file:
@@ -258,18 +330,16 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
 
 
 async def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         config, sample = build_config(args)
     except ConfigError as exc:
         print(f"nbdgw serve: {exc}", file=sys.stderr)
         return 2
     # Imported here: the rest of the CLI need not load grpc's server side.
+    from gateway.observability import configure_logging
     from gateway.server import Gateway
+
+    configure_logging(config.log_format, config.log_level, sys.stderr)
 
     gateway = Gateway(config)
     await gateway.serve(on_ready=lambda listening: _announce(listening, config, sample))

@@ -38,6 +38,7 @@ from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_list
 from gateway.hosts import ExportPool, Host
 from gateway.ledger import Ledger
 from gateway.limits import Limiter
+from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
 from gateway.snapshots import Snapshots, SnapshotServicer
@@ -132,6 +133,7 @@ class Listening:
     port: int
     nbd_socket: str | None
     health_port: int | None = None
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -156,6 +158,11 @@ class Gateway:
         self.certificates: CertificateReloader | None = None  # gRPC TLS files, reloaded
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
+        # Metrics read the hosts and the ledger when scraped (gateway.observability).
+        self.metrics = Metrics(process=True)
+        self.metrics.track_hosts(lambda: list(self.hosts.values()))
+        self.metrics.track_ledger(lambda: getattr(self.backend, "ledger", None))
+        self.metrics_server: MetricsServer | None = None
         self.snapshots = Snapshots(self)
 
     async def start(self) -> Listening:
@@ -186,12 +193,17 @@ class Gateway:
         await asyncio.gather(*(host.check() for host in self.hosts.values()))
         await self._update_health()
 
+        metrics_port = None
+        if cfg.metrics_listen:
+            metrics_port = await self._start_metrics_server(cfg.metrics_listen)
         access = AccessInterceptor(
             Authenticator(cfg.tokens, client_certificates=bool(cfg.grpc_tls_client_ca_file)),
             cfg.policy,
             Limiter(cfg.limits),
         )
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[access])
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics), access]
+        )
         pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
         spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -221,7 +233,7 @@ class Gateway:
             raise OSError(errno.EADDRINUSE, f"cannot listen on {cfg.listen}: {why}")
         await server.start()
         self.server = server
-        self.listening = Listening(host, bound, nbd_socket)
+        self.listening = Listening(host, bound, nbd_socket, metrics_port=metrics_port)
         if cfg.health_listen:
             self.listening.health_port = await self._start_health_server(cfg.health_listen)
         log.info("gateway listening on %s", self.listening.address)
@@ -305,7 +317,22 @@ class Gateway:
                     )
         return ledger
 
+    async def _start_metrics_server(self, listen: str) -> int:
+        """The plaintext /metrics port (before the gRPC port, so a failure stops nothing)."""
+        host, port = parse_listen(listen)
+        server = MetricsServer(self.metrics)
+        try:
+            bound = await server.start(host, port)
+        except OSError as exc:
+            await self._close_backends()
+            raise OSError(
+                exc.errno, f"cannot listen on {listen} (metrics): {exc.strerror}"
+            ) from None
+        self.metrics_server = server
+        return bound
+
     async def _host_changed(self, host: Host) -> None:
+        self.metrics.host_changed(host.name, host.up)
         await self._update_health()
 
     async def _update_health(self) -> None:
@@ -327,6 +354,8 @@ class Gateway:
                 await self.server.stop(grace)
             if self.health_server is not None:
                 await self.health_server.stop(0)
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             await self._close_backends()
         finally:
             self._stopped.set()
