@@ -288,7 +288,8 @@ class _FileBacking(_Backing):
                 bits.sync()
 
     def discard(self, how: str) -> None:
-        dead = self.path.with_name(f".{how}-{self.path.name}")
+        # Unique: the remains of an earlier snapshot of the same name may still be there.
+        dead = self.path.with_name(f".{how}-{self.path.name}-{time.time_ns()}")
         self.path.rename(dead)
         fsync_dir(self.path.parent)
         shutil.rmtree(dead, ignore_errors=True)
@@ -733,7 +734,7 @@ def load(image: Image, store: BitmapStore) -> dict[str, Snapshot]:
             for bitmap in image.bitmaps.values():
                 bitmap.mark_all()
             store.sync()
-            dead = root / f".corrupt-{path.name}"
+            dead = root / f".corrupt-{path.name}-{time.time_ns()}"
             path.rename(dead)
             fsync_dir(root)
             shutil.rmtree(dead, ignore_errors=True)

@@ -53,6 +53,7 @@ import json
 import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -119,7 +120,7 @@ def discard_snapshots(directory: Path) -> None:
         return
     for entry in root.iterdir():
         if not entry.name.startswith("."):
-            entry.rename(root / f".discarded-{entry.name}")
+            entry.rename(root / f".discarded-{entry.name}-{time.time_ns()}")
     fsync_dir(root)
     for entry in root.iterdir():
         shutil.rmtree(entry, ignore_errors=True)

@@ -366,3 +366,21 @@ def test_snapshot_create_is_cheap_for_a_huge_disk(tmp_path: Path) -> None:
         assert disk_usage < 1 << 20  # the 4 MiB map is a hole
         assert dirty(snap, "b") == {size // 65536 - 1}
         assert next(iter(snap.disk.allocation(0, size))) == (0, size - 4096, 3)
+
+
+def test_same_name_again_beside_remains(disk: Path) -> None:
+    """Remains of an earlier release (a removal that failed half way) never stop a new
+    snapshot of the same name from being released."""
+    with Image.open(disk) as image:
+        root = store_dir(disk) / SNAPSHOTS
+        for _ in range(3):
+            image.create_snapshot("s", bitmaps=["b"], cluster_size=C)
+            remains = root / ".released-s"
+            remains.mkdir(exist_ok=True)
+            (remains / "map").write_bytes(b"x")
+            image.write(b"y", 0)
+            image.release_snapshot("s")
+        assert dirty(image, "b") == {0}
+    with Image.open(disk) as image:  # a writable open deletes the remains
+        assert not image.snapshots
+        assert list(root.iterdir()) == []
