@@ -226,3 +226,23 @@ def test_make_disk_script_is_valid_shell(pod: dict[str, Any]) -> None:
     proc = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert shlex.split(containers(pod)["make-disk"]["command"][0]) == ["/bin/sh"]
+
+
+def test_gateway_checks_the_mounted_token(pod: dict[str, Any]) -> None:
+    """The API token Secret is required and the gateway reads it with --token-file (the
+    security helper's wiring): the API port never serves unauthenticated calls."""
+    gateway = containers(pod)["nbdgw"]
+    args = build_parser().parse_args(gateway["args"])
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = _mounts(gateway)
+    token_dir = str(Path(args.token_file).parent)
+    secret = volumes[mounts[token_dir]]["secret"]
+    assert secret["secretName"] == "nbdgw-api-token"
+    assert secret["optional"] is False
+    examples = {d["metadata"]["name"]: d for d in documents(KDIR / "secrets.example.yaml")}
+    assert Path(args.token_file).name in examples["nbdgw-api-token"]["stringData"]
+    # What the example Secret holds is a token file the gateway accepts.
+    from gateway.access import parse_tokens
+
+    (entry,) = parse_tokens(examples["nbdgw-api-token"]["stringData"]["token"])
+    assert entry[1] == "default"
