@@ -73,7 +73,7 @@ def _not_supported(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
-async def snapshot_exists(gw: Gateway, export: str, snapshot: str) -> bool:
+async def find_snapshot(gw: Gateway, export: str, snapshot: str) -> spb.Snapshot | None:
     stub = spb_grpc.SnapshotServiceStub(gw.channel)
     token = ""
     while True:
@@ -82,11 +82,12 @@ async def snapshot_exists(gw: Gateway, export: str, snapshot: str) -> bool:
             metadata=gw.metadata,
             timeout=gw.timeout,
         )
-        if any(s.name.rsplit("/", 1)[-1] == snapshot for s in resp.snapshots):
-            return True
+        for snap in resp.snapshots:
+            if snap.name.rsplit("/", 1)[-1] == snapshot:
+                return snap
         token = resp.next_page_token
         if not token:
-            return False
+            return None
 
 
 async def take_snapshot(
@@ -100,23 +101,36 @@ async def take_snapshot(
     again, or "" for the live export."""
     try:
         if state.snapshot:
-            if await snapshot_exists(gw, state.export, state.snapshot):
+            found = await find_snapshot(gw, state.export, state.snapshot)
+            if found is not None and found.state != spb.SNAPSHOT_STATE_BROKEN:
                 return
             if args.snapshot:
-                raise BackupError(f"snapshot {state.snapshot!r} of {state.export!r} is gone")
-            # Its fork went back into the live bitmap: a new snapshot holds it. Start over.
-            note(
-                f"snapshot {state.snapshot} is gone (released, or discarded by a host that"
-                " crashed); taking a new one and starting over"
-            )
+                why = "is gone" if found is None else "is broken (it ran out of space)"
+                raise BackupError(f"snapshot {state.snapshot!r} of {state.export!r} {why}")
+            if found is not None:
+                # Ours, and useless now: release it (its fork merges back) and start over.
+                await release_snapshot(gw, state)
+                note(f"snapshot {state.snapshot} ran out of space; taking a new one")
+            else:
+                # Its fork went back into the live bitmap: a new snapshot holds it.
+                note(
+                    f"snapshot {state.snapshot} is gone (released, or discarded by a host that"
+                    " crashed); taking a new one and starting over"
+                )
             state.next_offset = 0
             state.pending_clear = []
             state.complete = False
         elif args.resume:
             return  # it read the live export so far: a snapshot now would mix two instants
         elif args.snapshot:
-            if not await snapshot_exists(gw, state.export, args.snapshot):
+            found = await find_snapshot(gw, state.export, args.snapshot)
+            if found is None:
                 raise BackupError(f"export {state.export!r} has no snapshot {args.snapshot!r}")
+            if found.state == spb.SNAPSHOT_STATE_BROKEN:
+                raise BackupError(
+                    f"snapshot {args.snapshot!r} is broken (it ran out of space): release it"
+                    " (its forks merge back) and take a new one"
+                )
             state.snapshot = args.snapshot
             state.save(spath)
             return

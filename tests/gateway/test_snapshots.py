@@ -404,3 +404,31 @@ async def test_snapshots_commands(start_gateway: Any, tmp_path: Path) -> None:
     assert gone.returncode == 1 and "[SNAPSHOT_NOT_FOUND]" in gone.stderr
     none = await nbdgw("list", "disk")
     assert none.stdout.strip() == "no snapshots of disk"
+
+
+async def test_a_full_snapshot_breaks_and_says_so(start_gateway: Any, tmp_path: Path) -> None:
+    make_disk(tmp_path / "disk.img")
+    run, stub = await start(start_gateway, tmp_path)
+    image = run.gateway.images["disk"]
+    await stub.CreateSnapshot(
+        spb.CreateSnapshotRequest(
+            parent="disk", snapshot_id="small", bitmaps=["b"], max_preserved_bytes=4 * G
+        )
+    )
+    image.write(b"w" * 8 * G, 0)  # the live write goes on; the snapshot cannot keep up
+    listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+    snap = listed.snapshots[0]
+    assert snap.state == spb.SNAPSHOT_STATE_BROKEN and snap.max_preserved_bytes == 4 * G
+    assert image.read(0, 8 * G) == b"w" * 8 * G
+    out = tmp_path / "x.img"
+    proc = await asyncio.to_thread(
+        cli, "backup", "disk", str(out), "--bitmap", "b", "--snapshot", "small",
+        "--target", run.target,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "broken" in proc.stderr and "out of space" in proc.stderr, proc.stderr
+    released = await stub.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/small")
+    )
+    assert released.merged[0].dirty_bytes > 0  # nothing acknowledged: all merged back
+    assert {0, 1, 2} <= dirty_of(image, "b")
