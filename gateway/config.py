@@ -243,6 +243,24 @@ def parse_limits(table: Any, where: str) -> Limits:
     return limits
 
 
+_INT_LIMITS = ("max_streams", "max_streams_per_identity", "clear_burst")
+
+
+def parse_limit_args(items: list[str], base: Limits) -> Limits:
+    """``NAME=VALUE`` items (``--limit``) over ``base``."""
+    table: dict[str, Any] = dataclasses.asdict(base)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in table:
+            known = ", ".join(table)
+            raise ConfigError(f"--limit {item!r}: expected NAME=VALUE, NAME one of {known}")
+        try:
+            table[name] = int(value) if name in _INT_LIMITS else float(value)
+        except ValueError:
+            raise ConfigError(f"--limit {item!r}: {value!r} is not a number") from None
+    return parse_limits(table, "--limit")
+
+
 def parse_export_arg(text: str) -> tuple[str, str]:
     """``NAME=NBD_URI`` -> (name, uri)."""
     name, sep, uri = text.partition("=")
@@ -298,6 +316,7 @@ _TOP_KEYS = {
     "exports",
     "token_file",
     "policy_file",
+    "policy",
     "limits",
     "grpc_tls_cert_file",
     "grpc_tls_key_file",
@@ -362,6 +381,13 @@ def apply_table(
         config.tokens = load_tokens(base / str(data["token_file"]))
     if "policy_file" in data:
         config.policy = load_policy(base / str(data["policy_file"]))
+    if "policy" in data:  # the policy inline: [policy.identities.NAME]
+        if "policy_file" in data:
+            raise ConfigError(f"{where}: give 'policy' or 'policy_file', not both")
+        try:
+            config.policy = Policy.from_table(data["policy"], f"{where}: policy")
+        except AccessConfigError as exc:
+            raise ConfigError(str(exc)) from exc
     if "limits" in data:
         config.limits = parse_limits(data["limits"], f"{where}: limits")
     for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):

@@ -31,6 +31,7 @@ from gateway.config import (
     load_policy,
     load_tokens,
     parse_export_arg,
+    parse_limit_args,
     parse_listen,
 )
 from nbdcore.tls import TLSConfig
@@ -128,6 +129,15 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="do not serve gRPC server reflection ($NBDGW_NO_REFLECTION)",
     )
     sec = p.add_argument_group("securing the gRPC port")
+    sec.add_argument(
+        "--limit",
+        metavar="NAME=VALUE",
+        action="append",
+        default=None,
+        help="a per-caller limit of gateway.limits.Limits: max_streams,"
+        " max_streams_per_identity, clear_rate (ClearRange/s per identity, 0: none),"
+        " clear_burst, stall_timeout, unary_timeout (repeatable; $NBDGW_LIMITS: space-separated)",
+    )
     sec.add_argument(
         "--token-file",
         metavar="FILE",
@@ -238,6 +248,9 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         config.tokens = load_tokens(args.token_file)
     if args.policy_file:
         config.policy = load_policy(args.policy_file)
+    limits = args.limit if args.limit is not None else shlex.split(_env("LIMITS") or "")
+    if limits:
+        config.limits = parse_limit_args(limits, config.limits)
     for key in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tls_client_ca_file"):
         if getattr(args, key):
             setattr(config, key, getattr(args, key))
