@@ -105,8 +105,11 @@ class GatewayProcess:
             if time.monotonic() > deadline:
                 break
         if not self.target:
+            assert self.proc.stderr is not None
+            self.proc.kill()
+            err = self.proc.stderr.read()
             self.stop()
-            raise AssertionError("the gateway did not start")
+            raise AssertionError(f"the gateway did not start: {err[-2000:]}")
         return self
 
     def nbd_uri(self, export: str) -> str:
