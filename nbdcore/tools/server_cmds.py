@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "--tls-required", action="store_true", help="refuse clients that do not start TLS"
     )
     p.add_argument("--max-connections", type=int, default=64, metavar="N")
+    p.add_argument(
+        "--no-clear-extension",
+        dest="clear_extension",
+        action="store_false",
+        help="do not offer the NBD clear extension (docs/extension-clear.md), with which "
+        "clients clear ranges of the bitmaps",
+    )
     p.set_defaults(func=serve)
 
 
@@ -97,6 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
             tls=tls,
             tls_required=args.tls_required,
             limits=ServerLimits(max_connections=args.max_connections),
+            clear_extension=args.clear_extension,
         )
         if listen is not None:
             host, port = await server.start_tcp(*listen)

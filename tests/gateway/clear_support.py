@@ -38,10 +38,13 @@ def make_image(path: Path, size: int, dirty: list[tuple[int, int]], bitmap: str 
 class NbdcoreHost:
     """``nbdgw nbd serve DISK`` on a unix socket, as a separate process."""
 
-    def __init__(self, disk: Path, socket: Path, export: str = "disk") -> None:
+    def __init__(
+        self, disk: Path, socket: Path, export: str = "disk", extra: tuple[str, ...] = ()
+    ) -> None:
         self.disk = disk
         self.socket = socket
         self.export = export
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +55,7 @@ class NbdcoreHost:
         if self.socket.exists():
             self.socket.unlink()
         cmd = [sys.executable, "-m", "gateway", "nbd", "serve", str(self.disk)]
-        cmd += ["--socket", str(self.socket), "--export", self.export]
+        cmd += ["--socket", str(self.socket), "--export", self.export, *self.extra]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
         )

@@ -334,3 +334,44 @@ async def test_concurrent_clears_and_streams_stay_consistent(
         for k in range(n // G)
     }
     assert final == set(granules) - set(asked)
+
+
+async def test_nbdcore_host_without_the_extension_is_like_any_other(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    """``nbd serve --no-clear-extension``: the gateway cannot clear at the source, so a writable
+    export is refused and a read-only one goes to the ledger."""
+    disk = tmp_path / "disk.raw"
+    make_image(disk, 4 * MiB, [(0, MiB)])
+    hosts = {
+        "rw": NbdcoreHost(disk, tmp_path / "rw.sock", extra=("--no-clear-extension",)),
+        "ro": NbdcoreHost(
+            disk, tmp_path / "ro.sock", extra=("--no-clear-extension", "--read-only")
+        ),
+    }
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    try:
+        for name, host in hosts.items():
+            host.start()
+            cfg.add_uri_export(name, host.uri)
+        gw = await start_gateway(cfg)
+        await gw.stub.SetExportGeneration(
+            pb.SetExportGenerationRequest(export="ro", generation="g")
+        )
+        modes = {}
+        for name in hosts:
+            listed = await gw.stub.ListBitmaps(pb.ListBitmapsRequest(parent=name))
+            modes[name] = next(b.clear_mode for b in listed.bitmaps if b.context == B0)
+        assert modes == {"rw": pb.CLEAR_MODE_UNSUPPORTED, "ro": pb.CLEAR_MODE_LEDGER_MASK}
+        err = await call_error(
+            gw.stub.ClearRange(pb.ClearRangeRequest(export="rw", bitmap="b0", offset=0, length=G))
+        )
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION and "writable" in err.message
+        resp = await gw.stub.ClearRange(
+            pb.ClearRangeRequest(export="ro", bitmap="b0", offset=0, length=G)
+        )
+        assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK
+        assert await dirty_runs(hosts["ro"].uri, B0) == [(0, MiB)]  # the source is untouched
+    finally:
+        for host in hosts.values():
+            host.stop()
