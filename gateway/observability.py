@@ -17,7 +17,8 @@ go-grpc-prometheus, the names dashboards for gRPC services already use:
 - ``nbdgw_data_bytes_streamed_total{export}``: disk data carried by ``include_data`` streams;
 - ``nbdgw_nbd_host_up{host}`` (1 up, 0 down), ``nbdgw_nbd_connections{host}`` (open NBD
   connections), ``nbdgw_nbd_reconnects_total{host}`` (times a host came back after being down);
-- ``nbdgw_clear_ledger_entries{export}``: rows of the clear ledger (loaded scopes);
+- ``nbdgw_clear_ledger_entries{export}``: byte ranges (merged) recorded in the clear ledger, for
+  the scopes loaded since the start;
 - ``nbdgw_build_info{version}`` and the client library's ``process_*`` / ``python_*``.
 
 State (hosts, ledger) is read when scraped, from callables the gateway registers, so no code on
@@ -144,7 +145,7 @@ class _StateCollector(Collector):
         yield conns
         entries = GaugeMetricFamily(
             "nbdgw_clear_ledger_entries",
-            "Rows in the clear ledger, by export (scopes loaded since start).",
+            "Merged byte ranges in the clear ledger, by export (scopes loaded since start).",
             labels=["export"],
         )
         for export, count in sorted(self.metrics.ledger_entries().items()):
@@ -238,14 +239,15 @@ class Metrics:
         ledger = self._ledger()
         if ledger is None:
             return {}
-        rows = getattr(ledger, "_rows", None)  # scope -> rows, kept by the ledger's thread
-        if not isinstance(rows, Mapping):
+        # scope -> merged intervals (IntervalSet), published by the ledger's thread after each
+        # commit: what is durably recorded, and what the ledger holds in memory.
+        masks = getattr(ledger, "_masks", None)
+        if not isinstance(masks, Mapping):
             return {}
         out: dict[str, int] = {}
-        # A copy first: the ledger's thread may add a scope while we read.
-        for scope, count in list(rows.items()):
+        for scope, mask in list(masks.items()):  # a copy: the thread may add a scope meanwhile
             export = str(getattr(scope, "export", scope))
-            out[export] = out.get(export, 0) + int(count)
+            out[export] = out.get(export, 0) + len(mask)
         return out
 
     def host_changed(self, name: str, up: bool) -> None:

@@ -36,6 +36,9 @@ from gateway.config import (
 )
 from nbdcore.tls import TLSConfig
 
+# SQLite's synchronous modes the ledger accepts (gateway.ledger.Ledger).
+LEDGER_SYNCHRONOUS = ("full", "extra", "normal")
+
 if TYPE_CHECKING:
     from gateway.server import Listening
 
@@ -128,6 +131,22 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         default=_env("NO_REFLECTION"),
         help="do not serve gRPC server reflection ($NBDGW_NO_REFLECTION)",
     )
+    p.add_argument(
+        "--ledger-path",
+        metavar="FILE",
+        default=_env("LEDGER_PATH"),
+        help="the clear ledger, for exports whose host cannot clear ($NBDGW_LEDGER_PATH,"
+        " default DATA_DIR/ledger.sqlite)",
+    )
+    p.add_argument(
+        "--ledger-synchronous",
+        metavar="MODE",
+        choices=LEDGER_SYNCHRONOUS,
+        type=str.lower,
+        default=_env("LEDGER_SYNCHRONOUS"),
+        help="SQLite synchronous mode of the ledger: FULL survives power loss, NORMAL only a"
+        " crash of the process ($NBDGW_LEDGER_SYNCHRONOUS, default FULL)",
+    )
     sec = p.add_argument_group("securing the gRPC port")
     sec.add_argument(
         "--limit",
@@ -207,6 +226,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     obs.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
+        type=str.lower,
         metavar="FORMAT",
         default=_env("LOG_FORMAT"),
         help="text lines, or one JSON object per line ($NBDGW_LOG_FORMAT, default text)",
@@ -214,6 +234,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     obs.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
+        type=str.lower,
         metavar="LEVEL",
         default=_env("LOG_LEVEL"),
         help="least severe records logged; info logs every call ($NBDGW_LOG_LEVEL,"
@@ -244,6 +265,12 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         if int(args.max_connections) < 1:
             raise ConfigError("--max-connections must be at least 1")
         config.max_connections_per_host = int(args.max_connections)
+    if args.ledger_path:
+        config.ledger_path = Path(args.ledger_path)
+    if args.ledger_synchronous:
+        config.ledger_synchronous = check_choice(
+            "ledger synchronous mode", args.ledger_synchronous, LEDGER_SYNCHRONOUS
+        ).upper()
     if args.token_file:
         config.tokens = load_tokens(args.token_file)
     if args.policy_file:

@@ -240,7 +240,7 @@ class FakeScope:
 
 class FakeLedger:
     def __init__(self) -> None:
-        self._rows = {FakeScope("a"): 3, FakeScope("a"): 2, FakeScope("b"): 7}
+        self._masks = {FakeScope("a"): [1, 2, 3], FakeScope("a"): [1, 2], FakeScope("b"): [0] * 7}
 
 
 def test_state_read_at_scrape_time() -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -340,7 +341,7 @@ def test_bad_environment_is_a_clear_error(
 
 def test_generated_docs_are_current_and_complete() -> None:
     check = subprocess.run(
-        [str(ROOT / "scripts" / "gen-docs"), "--check"],
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -359,3 +360,31 @@ def test_generated_docs_are_current_and_complete() -> None:
         assert f"### BitmapService.{method.name}" in api
     for message in pb.DESCRIPTOR.message_types_by_name:
         assert f"### {message}" in api
+
+
+async def test_clear_ledger_entries(tmp_path: Path, qemu_nbd, start_gateway) -> None:
+    """A read-only qemu-nbd export clears into the ledger; the gauge counts its rows."""
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_uri_export("qd", qemu_nbd.uri)
+    config.metrics_listen = "127.0.0.1:0"
+    gw = await start_gateway(config)
+    port = gw.gateway.listening.metrics_port
+    assert get(await scrape(port), "nbdgw_clear_ledger_entries", export="qd") is None
+    await gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation="g1"))
+    for offset in (0, 4 * MiB, 8 * MiB):
+        resp = await gw.stub.ClearRange(
+            pb.ClearRangeRequest(export="qd", bitmap="b0", offset=offset, length=64 * 1024)
+        )
+        assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK
+    samples = await scrape(port)
+    assert get(samples, "nbdgw_clear_ledger_entries", export="qd") == 3
+    assert (
+        get(
+            samples,
+            "grpc_server_handled_total",
+            **BITMAP_SERVICE,
+            grpc_method="ClearRange",
+            grpc_code="OK",
+        )
+        == 3
+    )
