@@ -49,6 +49,7 @@ import grpc
 from gateway import errors
 from gateway.errors import GatewayError
 from gateway.limits import Limiter
+from nbdcore.tools.snapshot_cmds import SEPARATOR as SNAPSHOT_SEPARATOR
 
 log = logging.getLogger("nbdgw.access")
 
@@ -221,7 +222,10 @@ class Rule:
         return export is None or self.sees(export)
 
     def sees(self, export: str) -> bool:
-        return any(fnmatch.fnmatchcase(export, glob) for glob in self.exports)
+        # A snapshot's export (EXPORT@SNAPSHOT, gateway.snapshots) holds its export's data as
+        # it was: whoever may use the export may use its snapshots.
+        names = {export, export.split(SNAPSHOT_SEPARATOR, 1)[0]}
+        return any(fnmatch.fnmatchcase(n, glob) for n in names for glob in self.exports)
 
 
 @dataclass

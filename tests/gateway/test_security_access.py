@@ -229,5 +229,8 @@ def test_token_and_policy_files_checked(tmp_path: Path) -> None:
     policy = Policy.load(path)
     assert policy.allows("ops", "list", "vm-1") and not policy.allows("ops", "list", "db-1")
     assert not policy.allows("ops", "clear", "vm-1") and not policy.allows("nobody", "list", None)
+    # Snapshot exports (EXPORT@SNAPSHOT) follow their export.
+    assert policy.allows("ops", "list", "vm-1@daily")
+    assert not policy.allows("ops", "list", "db@vm-1")
     with pytest.raises(AccessConfigError, match="missing"):
         TokenFile(tmp_path / "missing")
