@@ -4,6 +4,7 @@ on the port it listens on, the NBD socket shared with qemu-nbd, every container 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import shlex
 import subprocess
@@ -114,8 +115,8 @@ def test_gateway_is_a_native_sidecar_with_flags_serve_accepts(pod: dict[str, Any
     assert args.command == "serve"
     host, port = args.listen.rsplit(":", 1)
     assert host == "0.0.0.0"  # reachable through the Service and by the kubelet's probes
-    (container_port,) = gateway["ports"]
-    assert container_port["containerPort"] == int(port)
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports["grpc"] == int(port)
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert gateway[probe]["grpc"]["port"] == int(port), probe
     # Startup and liveness must not depend on qemu-nbd, which waits for the startup probe.
@@ -198,9 +199,30 @@ def test_service_reaches_the_gateway_port(pod: dict[str, Any]) -> None:
     assert port["targetPort"] in {p["name"] for p in gateway["ports"]}
     (policy,) = documents(KDIR / "networkpolicy.yaml")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    assert [p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]] == [
-        gateway["ports"][0]["containerPort"]
-    ]
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    assert [p["port"] for p in grpc_rule["ports"]] == [ports["grpc"]]
+    assert [p["port"] for p in metrics_rule["ports"]] == [ports["metrics"]]
+    # Metrics only from the monitoring namespace, not from every client of the API.
+    (source,) = metrics_rule["from"]
+    assert source == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+
+
+def test_gateway_serves_metrics_on_the_declared_port(pod: dict[str, Any]) -> None:
+    from gateway.config import LOG_FORMATS, parse_listen
+
+    gateway = containers(pod)["nbdgw"]
+    env = {e["name"]: e["value"] for e in gateway["env"]}
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = " ".join(a.help or "" for a in sub.choices["serve"]._actions)
+    for name in env:
+        # Every variable set here is one the gateway reads (a typo would be silently ignored).
+        assert f"${name}" in helps, name
+    assert parse_listen(env["NBDGW_METRICS_LISTEN"]) == ("0.0.0.0", ports["metrics"])
+    assert env["NBDGW_LOG_FORMAT"] in LOG_FORMATS
 
 
 def test_kustomization_lists_every_resource_and_image(pod: dict[str, Any]) -> None:
