@@ -79,6 +79,11 @@ class Host:
         self._closed = False
         self.pools: list[ExportPool] = []
 
+    @property
+    def open_connections(self) -> int:
+        """NBD connections open to the host now: in use, idle or closing (for metrics)."""
+        return self._open
+
     def uri_for(self, nbd_export: str) -> str:
         if self.uri is None:
             raise RuntimeError(f"host {self.name} has no address yet")

@@ -218,8 +218,8 @@ class Metrics:
     # --- state sources ------------------------------------------------------------------------
 
     def track_hosts(self, hosts: Callable[[], Iterable[Any]]) -> None:
-        """Read NBD hosts (objects with ``name``, ``up`` and, optionally, ``open_connections``
-        or ``_open``) from ``hosts()`` at each scrape."""
+        """Read NBD hosts (objects with ``name``, ``up`` and ``open_connections``, like
+        gateway.hosts.Host) from ``hosts()`` at each scrape."""
         self._hosts = hosts
 
     def track_ledger(self, ledger: Callable[[], Any]) -> None:
@@ -229,10 +229,8 @@ class Metrics:
     def host_samples(self) -> list[HostSample]:
         samples = []
         for host in list(self._hosts()):
-            conns: Any = getattr(host, "open_connections", None)
-            if conns is None:
-                conns = getattr(host, "_open", 0)  # gateway.hosts.Host's count
-            samples.append(HostSample(str(host.name), bool(host.up), int(conns)))
+            conns = int(getattr(host, "open_connections", 0))
+            samples.append(HostSample(str(host.name), bool(host.up), conns))
         return sorted(samples, key=lambda s: s.name)
 
     def ledger_entries(self) -> dict[str, int]:

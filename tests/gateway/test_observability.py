@@ -230,7 +230,7 @@ async def test_unknown_method_adds_no_series(served) -> None:
 
 class FakeHost:
     def __init__(self, name: str, up: bool, open_: int) -> None:
-        self.name, self.up, self._open = name, up, open_
+        self.name, self.up, self.open_connections = name, up, open_
 
 
 class FakeScope:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import build_parser
-from gateway.config import _TOP_KEYS, ConfigError, GatewayConfig
+from gateway.config import _TOP_KEYS, ConfigError, GatewayConfig, load_tokens
 from gateway.serve_cmd import build_config
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB, call_error, stream_all
@@ -388,3 +389,35 @@ async def test_clear_ledger_entries(tmp_path: Path, qemu_nbd, start_gateway) -> 
         )
         == 3
     )
+
+
+async def test_refused_calls_are_counted_and_identity_logged(
+    tmp_path: Path, start_gateway, caplog
+) -> None:
+    """The observability interceptor runs before access control: refused calls are counted
+    with their code; allowed ones are logged with the caller's identity."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("backup s3cret-token-1\n")
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_image_export("disk", make_image(tmp_path / "disk.img"))
+    config.tokens = load_tokens(tokens)
+    config.metrics_listen = "127.0.0.1:0"
+    gw = await start_gateway(config)
+    port = gw.gateway.listening.metrics_port
+    caplog.set_level(logging.INFO, logger="nbdgw.rpc")
+
+    err = await call_error(gw.stub.GetExport(pb.GetExportRequest(name="exports/disk")))
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED
+    auth = (("authorization", "Bearer s3cret-token-1"),)
+    await gw.stub.GetExport(pb.GetExportRequest(name="exports/disk"), metadata=auth)
+
+    samples = await scrape(port)
+    handled = "grpc_server_handled_total"
+    labels = {**BITMAP_SERVICE, "grpc_method": "GetExport"}
+    assert get(samples, handled, **labels, grpc_code="UNAUTHENTICATED") == 1
+    assert get(samples, handled, **labels, grpc_code="OK") == 1
+    records = [r for r in caplog.records if r.name == "nbdgw.rpc"]
+    by_code = {r.__dict__["rpc.code"]: r for r in records}
+    assert by_code["OK"].__dict__["identity"] == "backup"
+    assert "identity" not in by_code["UNAUTHENTICATED"].__dict__
+    assert "s3cret" not in " ".join(str(r.__dict__) for r in records)  # never the token
