@@ -61,6 +61,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from gateway.access import CURRENT_IDENTITY
 from gateway.config import LOG_FORMATS, LOG_LEVELS
 
 log = logging.getLogger("nbdgw.observability")
@@ -412,10 +413,7 @@ def _details(context: Any) -> str:
 
 
 def _identity() -> str | None:
-    try:
-        from gateway.access import CURRENT_IDENTITY
-    except ImportError:  # pragma: no cover
-        return None
+    """The caller, once gateway.access authenticated it (in this call's context)."""
     identity = CURRENT_IDENTITY.get()
     return None if identity is None else identity.name
 

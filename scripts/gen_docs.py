@@ -380,17 +380,17 @@ class ApiWriter:
         for i, service in enumerate(f.service):
             self.render_service(service, (_FILE_SERVICE, i))
         if f.message_type:
-            self.out += ["", "## Messages"]
+            self.out += ["", "### Messages"]
         for i, message in enumerate(f.message_type):
             self.render_message(message, (_FILE_MESSAGE, i), "")
         if f.enum_type:
-            self.out += ["", "## Enums"]
+            self.out += ["", "### Enums"]
         for i, enum in enumerate(f.enum_type):
             self.render_enum(enum, (_FILE_ENUM, i), "")
         return self.out
 
     def render_service(self, service: Any, path: tuple[int, ...]) -> None:
-        self.out += ["", f"## {service.name}", ""]
+        self.out += ["", f"### {service.name}", ""]
         text = self.comment(path)
         if text:
             self.out += [text, ""]
@@ -401,14 +401,14 @@ class ApiWriter:
                 req = "stream " + req
             if method.server_streaming:
                 resp = "stream " + resp
-            self.out += [f"### {service.name}.{method.name}", "", f"{req} → {resp}", ""]
+            self.out += [f"#### {service.name}.{method.name}", "", f"{req} → {resp}", ""]
             text = self.comment((*path, _SERVICE_METHOD, j))
             if text:
                 self.out += [text, ""]
 
     def render_message(self, message: Any, path: tuple[int, ...], outer: str) -> None:
         name = f"{outer}{message.name}"
-        self.out += ["", f"### {name}", ""]
+        self.out += ["", f"#### {name}", ""]
         text = self.comment(path)
         if text:
             self.out += [text, ""]
@@ -429,7 +429,7 @@ class ApiWriter:
             self.render_enum(enum, (*path, _MSG_ENUM, k), f"{name}.")
 
     def render_enum(self, enum: Any, path: tuple[int, ...], outer: str) -> None:
-        self.out += ["", f"### {outer}{enum.name}", ""]
+        self.out += ["", f"#### {outer}{enum.name}", ""]
         text = self.comment(path)
         if text:
             self.out += [text, ""]
@@ -447,6 +447,13 @@ def render_api() -> str:
         "",
         GENERATED.format(source="the comments of proto/nbdgw/v1"),
         "",
+        "The gateway serves these services on its gRPC port, with server reflection, so tools",
+        "such as `buf curl` and `grpcurl` discover them. Python stubs are generated in",
+        "`nbdgw/v1/` (`from nbdgw.v1 import bitmap_service_pb2_grpc`); for other languages,",
+        "generate them from `proto/` (the Google protos it imports are in",
+        "`proto/third_party`). Every error carries a `google.rpc.Status` with an `ErrorInfo`",
+        "whose `reason` is one of [`ErrorReason`](#errorreason).",
+        "",
     ]
     for file in ours:
         detached = ""
@@ -455,6 +462,7 @@ def render_api() -> str:
                 detached = loc.leading_detached_comments[0]
             elif list(loc.path) == [12] and loc.leading_comments:
                 detached = loc.leading_comments
+        out += [f"## {file.name.rsplit('/', 1)[-1]}", ""]
         out += [f"Package `{file.package}`, file `proto/{file.name}`.", ""]
         if detached:
             lines = [ln[1:] if ln.startswith(" ") else ln for ln in detached.splitlines()]
