@@ -432,3 +432,58 @@ async def test_a_full_snapshot_breaks_and_says_so(start_gateway: Any, tmp_path: 
     )
     assert released.merged[0].dirty_bytes > 0  # nothing acknowledged: all merged back
     assert {0, 1, 2} <= dirty_of(image, "b")
+
+
+async def test_two_snapshots_at_once_each_with_its_fork(start_gateway: Any, tmp_path: Path) -> None:
+    make_disk(tmp_path / "disk.img")
+    run, stub = await start(start_gateway, tmp_path)
+    image = run.gateway.images["disk"]
+    first_fork = dirty_of(image, "b")
+    await stub.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="disk", snapshot_id="a", bitmaps=["b"])
+    )
+    image.write(b"1" * G, 3 * G)
+    middle = image.read(0, SIZE)
+    await stub.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="disk", snapshot_id="b", bitmaps=["b"])
+    )
+    image.write(b"2" * G, 3 * G)
+    image.write(b"2" * G, 7 * G)
+
+    for name, fork in (("a", first_fork), ("b", {3})):
+        bitmaps = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent=f"disk@{name}"))
+        dirty = {b.context: b.dirty_bytes for b in bitmaps.bitmaps}
+        assert dirty["qemu:dirty-bitmap:b"] == len(fork) * G
+    client = await NBDClient.connect(
+        f"nbd+unix:///disk@b?socket={run.gateway.listening.nbd_socket}"
+    )
+    try:
+        assert await client.pread(0, SIZE) == middle
+    finally:
+        await client.close()
+    # Clearing one fork leaves the other alone; releasing both merges what is left.
+    await run.stub.ClearRange(
+        pb.ClearRangeRequest(export="disk@b", bitmap="b", offset=0, length=SIZE)
+    )
+    listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+    assert [s.forks[0].dirty_bytes for s in listed.snapshots] == [len(first_fork) * G, 0]
+    for name in ("b", "a"):
+        await stub.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name=f"exports/disk/snapshots/{name}")
+        )
+    assert dirty_of(image, "b") == first_fork | {3, 7}
+
+
+async def test_reflection_lists_the_snapshot_service(start_gateway: Any, tmp_path: Path) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    make_disk(tmp_path / "disk.img")
+    run, _ = await start(start_gateway, tmp_path)
+    stub = reflection_pb2_grpc.ServerReflectionStub(run.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    names = [
+        s.name
+        async for r in stub.ServerReflectionInfo(iter([request]))
+        for s in r.list_services_response.service
+    ]
+    assert "nbdgw.v1.SnapshotService" in names
