@@ -336,7 +336,8 @@ class Gateway:
         await self._update_health()
 
     async def _update_health(self) -> None:
-        for name, pool in self.pools.items():
+        # A copy: snapshots add and remove exports while this awaits (gateway.snapshots).
+        for name, pool in list(self.pools.items()):
             await self.health.set(health_name(name), SERVING if pool.host.up else NOT_SERVING)
         ready = all(host.up for host in self.hosts.values())
         await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
