@@ -185,3 +185,56 @@ async def test_flood_of_bad_calls(tmp_path: Path, guard: Any) -> None:  # noqa: 
     assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
     assert all(n == reference for run in goods for n in run)
     assert gw.interceptor.denied == 800
+
+
+async def test_unary_calls_are_cut_at_the_gateway_deadline(
+    tmp_path: Path,
+    guard: Any,  # noqa: F811
+) -> None:
+    """A host that goes silent (a proxy in front of the embedded host stops passing bytes):
+    calls on its export end with DEADLINE_EXCEEDED at the gateway's unary_timeout, even without
+    a client deadline, and the other exports keep answering."""
+    sock = str(tmp_path / "proxy.sock")
+    upstream = str(tmp_path / "data" / "nbd.sock")  # the embedded host, once started
+    muted = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            if not muted.is_set():
+                dst.write(data)
+                await dst.drain()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        if muted.is_set():
+            return  # accept, say nothing
+        up_reader, up_writer = await asyncio.open_unix_connection(upstream)
+        writers.append(up_writer)
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    server = await asyncio.start_unix_server(proxy, sock)
+    try:
+        (tmp_path / "tokens").write_text(f"a {A}\n")
+        config = GatewayConfig(data_dir=tmp_path / "data")
+        config.add_image_export("disk", make_image(tmp_path / "disk.img"))
+        config.add_uri_export("mute", f"nbd+unix:///disk?socket={sock}", None)
+        interceptor = AccessInterceptor(
+            Authenticator(TokenFile(tmp_path / "tokens")),
+            limiter=Limiter(Limits(unary_timeout=1.0)),
+        )
+        gw = await guard(config, interceptor)
+        stub = gw.stub()
+        request = pb.ListBitmapsRequest(parent="mute")
+        assert (await stub.ListBitmaps(request, metadata=bearer(A))).bitmaps
+        muted.set()
+        f = await fails(stub.ListBitmaps(request, metadata=bearer(A)))
+        assert f.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert f.reason == "DEADLINE_EXCEEDED" and "1 s" in f.message
+        assert gw.interceptor.limiter.timed_out == 1
+        export = await stub.GetExport(pb.GetExportRequest(name="disk"), metadata=bearer(A))
+        assert export.name == "exports/disk"
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
