@@ -419,14 +419,16 @@ class Ledger:
             for op in writes:
                 if op.kind == "clear":
                     scope, start, stop = op.args
+                    mask = pending_masks.get(scope)
+                    if mask is None:
+                        # Loaded before this transaction writes the scope: what _load
+                        # publishes must be committed state only.
+                        mask = self._load(scope).copy()
+                        pending_masks[scope] = mask
                     db.execute(
                         "INSERT INTO clears VALUES (?, ?, ?, ?, ?)",
                         (scope.export, scope.bitmap, scope.generation, start, stop),
                     )
-                    mask = pending_masks.get(scope)
-                    if mask is None:
-                        mask = self._load(scope).copy()
-                        pending_masks[scope] = mask
                     mask.add(start, stop)
                     self._rows[scope] = self._rows.get(scope, 0) + 1
                     results.append(None)

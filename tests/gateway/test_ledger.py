@@ -228,3 +228,59 @@ def test_kill_9_loses_no_acknowledged_clear(tmp_path: Path) -> None:
         for b in range(s, e, 512):
             i, r = divmod(b, 3 * 512)
             assert r < 512 * (1 + i % 2)
+
+
+async def test_a_failed_commit_is_not_acknowledged_nor_masked(tmp_path: Path) -> None:
+    import sqlite3
+
+    ledger = await Ledger.open(tmp_path / "l.db")
+    await ledger.record_clear(S, 0, 100)
+    real = ledger._db
+
+    class FailingCommit:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    ledger._db = FailingCommit()  # type: ignore[assignment]
+    with pytest.raises(LedgerError, match="commit failed"):
+        await ledger.record_clear(S, 1000, 100)
+    ledger._db = real
+    assert list(await ledger.mask(S)) == [(0, 100)]  # the failed clear masks nothing
+    await ledger.record_clear(S, 2000, 100)
+    assert list(await ledger.mask(S)) == [(0, 100), (2000, 2100)]
+    await ledger.aclose()
+
+
+async def test_nothing_uncommitted_is_ever_published(tmp_path: Path) -> None:
+    """While a clear's transaction is open, no reader may see it masked."""
+    import threading
+
+    ledger = await Ledger.open(tmp_path / "l.db")
+    real = ledger._db
+    at_commit, release = threading.Event(), threading.Event()
+
+    class SlowCommit:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                at_commit.set()
+                release.wait(10)
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    ledger._db = SlowCommit()  # type: ignore[assignment]
+    task = asyncio.create_task(ledger.record_clear(S, 0, 4096))
+    assert await asyncio.to_thread(at_commit.wait, 10)
+    published = ledger._masks.get(S)
+    assert published is None or published.covered(0, 4096) == 0
+    release.set()
+    await task
+    assert (await ledger.mask(S)).covered(0, 4096) == 4096
+    ledger._db = real
+    await ledger.aclose()
