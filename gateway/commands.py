@@ -324,7 +324,8 @@ async def stream_extents(
                     if detail.metadata.get("resume_token"):
                         req.resume_token = detail.metadata["resume_token"]
                         req.ClearField("resume_offset")
-                    with contextlib.suppress(ValueError):
+                    # TypeError: no resume_offset before the first message (position None).
+                    with contextlib.suppress(ValueError, TypeError):
                         position = int(detail.metadata.get("resume_offset", position))
                 elif isinstance(detail, error_details_pb2.RetryInfo):
                     delay = max(delay, detail.retry_delay.ToTimedelta().total_seconds())

@@ -7,6 +7,12 @@ like any other (StreamExtents with data, ClearRange on a fork). Releasing remove
 it merges the forks back. Snapshots outlive a gateway restart (the image keeps them beside
 it); :meth:`Snapshots.restore` exports them again at start.
 
+Exports of other hosts are snapshotted through the host itself when it is an nbdcore host
+(``nbdgw nbd serve``): the NBD option NBD_OPT_X_NBDGW_SNAPSHOT (docs/extension-snapshot.md)
+creates, lists and releases them, and the host serves ``NBD_EXPORT@SNAP``; the gateway adds
+the export ``EXPORT@SNAP`` of the same host when it creates or lists one. A host without the
+option (qemu-nbd, nbdkit, nbd-server answer NBD_REP_ERR_UNSUP) has no snapshots.
+
 Errors are GatewayErrors like the BitmapService's; the snapshot-specific reasons
 (``SnapshotErrorReason`` in snapshot_service.proto) are built here, as gateway.access and
 gateway.limits build theirs.
@@ -30,8 +36,9 @@ from gateway.config import ExportConfig as GatewayExportConfig
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool
 from gateway.service import context_name, decode_page, encode_page, export_id, page_size
-from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
-from nbdcore.exceptions import NBDError
+from nbdcore.aio.client import nbdgw_snapshot
+from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, Rep
+from nbdcore.exceptions import NBDError, OptionError
 from nbdcore.storage import (
     NoSuchBitmapError,
     NoSuchSnapshotError,
@@ -143,18 +150,20 @@ class Snapshots:
         self.gateway = gateway
         self.lock = asyncio.Lock()  # one create or release at a time: exports come and go
 
-    def _image(self, export: str) -> Image:
-        """The writable embedded image of ``export`` (GatewayError otherwise)."""
+    def _pool(self, export: str) -> ExportPool:
         pool = self.gateway.pools.get(export)
         if pool is None:
             raise errors.export_not_found(export)
+        if SEPARATOR in export and pool.config.read_only:
+            raise snapshots_not_supported(export, "it is a snapshot itself")
+        return pool
+
+    def _image(self, export: str) -> Image | None:
+        """The writable embedded image of ``export``; None for an export of another host."""
+        pool = self._pool(export)
         image = self.gateway.images.get(export)
         if pool.host.name != EMBEDDED_HOST or image is None:
-            raise snapshots_not_supported(
-                export,
-                f"its host {pool.host.name} is not the gateway's embedded nbdcore host (NBD has"
-                " no command to take a snapshot; QEMU takes them only through its monitor)",
-            )
+            return None
         if isinstance(image, Snapshot):
             raise snapshots_not_supported(export, "it is a snapshot itself")
         if image.read_only:
@@ -191,6 +200,72 @@ class Snapshots:
         gw.pools[name] = ExportPool(pool_config, host)
         gw.images[name] = snap
 
+    def _add_remote_export(self, export: str, snap_id: str) -> None:
+        """The gateway export of a remote host's snapshot (the host serves it already)."""
+        gw = self.gateway
+        name = snapshot_export_id(export, snap_id)
+        if name in gw.pools:
+            return
+        pool = gw.pools[export]
+        config = GatewayExportConfig(
+            name=name,
+            host=pool.config.host,
+            nbd_export=f"{pool.config.nbd_export}{SEPARATOR}{snap_id}",
+            description=f"snapshot {snap_id} of {export}",
+            read_only=True,
+        )
+        gw.pools[name] = ExportPool(config, pool.host)
+
+    async def _remote(self, export: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One NBD_OPT_X_NBDGW_SNAPSHOT request to the export's host; its errors as
+        GatewayErrors."""
+        pool = self._pool(export)
+        host = pool.host
+        if not host.up:
+            raise host.unavailable(export)
+        request = {**request, "export": pool.config.nbd_export}
+        # A connection like any other: counted against the host's limit (qemu-nbd -e N makes
+        # one more client wait, it does not refuse it).
+        await host._reserve()
+        try:
+            result = await nbdgw_snapshot(
+                host.uri_for(pool.config.nbd_export),
+                request,
+                tls=host.config.tls,
+                timeout=host.settings.connect_timeout,
+            )
+        except OptionError as exc:
+            if exc.code in (Rep.ERR_UNSUP, Rep.ERR_POLICY):
+                raise snapshots_not_supported(
+                    export,
+                    f"its host {host.name} does not take snapshots (only nbdcore hosts answer"
+                    " NBD_OPT_X_NBDGW_SNAPSHOT; QEMU takes them only through its monitor)",
+                ) from None
+            raise
+        except Exception as exc:
+            host.report_failure(exc)
+            raise
+        finally:
+            host._release()
+        err = result.get("error")
+        if not isinstance(err, dict):
+            return result
+        reason, message = err.get("reason"), str(err.get("message", ""))
+        snap_id = str(request.get("snapshot", ""))
+        if reason == "BITMAP_NOT_FOUND":
+            ctx = CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + str(err.get("bitmap", ""))
+            raise errors.bitmap_not_found(export, ctx)
+        if reason == "SNAPSHOT_EXISTS":
+            raise snapshot_exists(export, snap_id)
+        if reason == "SNAPSHOT_NOT_FOUND":
+            raise snapshot_not_found(export, snap_id)
+        if reason in ("SNAPSHOTS_NOT_SUPPORTED", "EXPORT_NOT_FOUND"):
+            raise snapshots_not_supported(export, f"its host says: {message}")
+        if reason == "INVALID_FIELD":
+            field = "cluster_size_bytes" if "cluster" in message else "snapshot_id"
+            raise errors.invalid_field(field, message)
+        raise errors.internal(f"host {host.name}, snapshot of export {export!r}: {message}")
+
     async def _remove_exports(self, export: str, snap_name: str) -> None:
         gw = self.gateway
         name = snapshot_export_id(export, snap_name)
@@ -203,8 +278,9 @@ class Snapshots:
             if pool.config.nbd_export in host.exports:
                 host.exports.remove(pool.config.nbd_export)
             await pool.close()
-            if gw.nbd_server is not None and pool.config.nbd_export in gw.nbd_server.exports:
-                gw.nbd_server.remove_export(pool.config.nbd_export)
+            server = gw.nbd_server if pool.host.name == EMBEDDED_HOST else None
+            if server is not None and pool.config.nbd_export in server.exports:
+                server.remove_export(pool.config.nbd_export)
 
     # --- operations ---------------------------------------------------------------------------
 
@@ -234,6 +310,22 @@ class Snapshots:
             "snap-%Y%m%dT%H%M%SZ-", time.gmtime()
         ) + secrets.token_hex(2)
         image = self._image(export)
+        if image is None:
+            async with self.lock:
+                result = await self._remote(
+                    export,
+                    {
+                        "op": "create",
+                        "snapshot": snap_id,
+                        "bitmaps": forks,
+                        "cluster_size": request.cluster_size_bytes or 65536,
+                        "max_bytes": request.max_preserved_bytes or None,
+                        "on_full": _ON_FULL[request.on_full],
+                    },
+                )
+                self._add_remote_export(export, snap_id)
+            log.info("export %s: snapshot %s taken by its host", export, snap_id)
+            return snapshot_message(export, result["snapshot"])
         async with self.lock:
             try:
                 snap = await asyncio.to_thread(
@@ -262,13 +354,20 @@ class Snapshots:
                 await asyncio.to_thread(image.release_snapshot, snap_id)
                 raise
         log.info("export %s: snapshot %s taken (forks %s)", export, snap_id, forks)
-        return snapshot_message(export, snap)
+        return snapshot_message(export, snap.info())
 
-    def list(self, request: spb.ListSnapshotsRequest) -> spb.ListSnapshotsResponse:
+    async def list(self, request: spb.ListSnapshotsRequest) -> spb.ListSnapshotsResponse:
         export = export_id(request.parent, "parent")
         size = page_size(request.page_size)
         image = self._image(export)
-        snaps = sorted(image.snapshots.values(), key=lambda s: (s.created, s.name))
+        if image is None:
+            result = await self._remote(export, {"op": "list"})
+            infos = list(result.get("snapshots", []))
+            for info in infos:  # served by the host: make them exports here too
+                self._add_remote_export(export, info["name"])
+        else:
+            infos = [s.info() for s in image.snapshots.values()]
+        snaps = sorted(infos, key=lambda s: (s["created"], s["name"]))
         scope = f"snapshots/{export}"
         start = decode_page(request.page_token, scope, len(snaps))
         page = snaps[start : start + size]
@@ -283,6 +382,19 @@ class Snapshots:
             raise errors.invalid_field("name", "required: exports/EXPORT/snapshots/SNAPSHOT")
         export, snap_id = snapshot_name(request.name)
         image = self._image(export)
+        if image is None:
+            async with self.lock:
+                await self._remove_exports(export, snap_id)
+                result = await self._remote(export, {"op": "release", "snapshot": snap_id})
+            merged_bits = result.get("merged", {})
+            return spb.ReleaseSnapshotResponse(
+                merged=[
+                    spb.ForkedBitmap(
+                        context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name, dirty_bytes=int(n)
+                    )
+                    for name, n in merged_bits.items()
+                ]
+            )
         async with self.lock:
             snap = image.snapshots.get(snap_id)
             if snap is None:
@@ -321,20 +433,29 @@ def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:
     ]
 
 
-def snapshot_message(export: str, snap: Snapshot) -> spb.Snapshot:
+def snapshot_message(export: str, info: dict[str, Any]) -> spb.Snapshot:
+    """The API's Snapshot from ``Snapshot.info()`` (local, or sent by a remote host)."""
     created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(snap.created * 1e9))
+    created.FromNanoseconds(int(info["created"] * 1e9))
+    name = info["name"]
     return spb.Snapshot(
-        name=f"exports/{export}/snapshots/{snap.name}",
-        export=f"exports/{snapshot_export_id(export, snap.name)}",
+        name=f"exports/{export}/snapshots/{name}",
+        export=f"exports/{snapshot_export_id(export, name)}",
         create_time=created,
-        forks=_forks(snap),
-        size_bytes=snap.size,
-        cluster_size_bytes=snap.cluster_size,
-        preserved_bytes=snap.used_bytes,
-        max_preserved_bytes=snap.max_bytes or 0,
-        on_full=_ON_FULL_PB[snap.on_full],
-        state=spb.SNAPSHOT_STATE_BROKEN if snap.broken else spb.SNAPSHOT_STATE_READY,
+        forks=[
+            spb.ForkedBitmap(
+                context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + fork,
+                granularity_bytes=f["granularity"],
+                dirty_bytes=f["dirty_bytes"],
+            )
+            for fork, f in info["forks"].items()
+        ],
+        size_bytes=info["size"],
+        cluster_size_bytes=info["cluster_size"],
+        preserved_bytes=info["used_bytes"],
+        max_preserved_bytes=info["max_bytes"] or 0,
+        on_full=_ON_FULL_PB[info["on_full"]],
+        state=spb.SNAPSHOT_STATE_BROKEN if info["broken"] else spb.SNAPSHOT_STATE_READY,
     )
 
 
@@ -368,7 +489,7 @@ class SnapshotServicer(spb_grpc.SnapshotServiceServicer):
         self, request: spb.ListSnapshotsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.ListSnapshotsResponse:
         async def body() -> spb.ListSnapshotsResponse:
-            return self.snapshots.list(request)
+            return await self.snapshots.list(request)
 
         result: spb.ListSnapshotsResponse = await self._call(context, request.parent, body)
         return result

@@ -142,6 +142,14 @@ class OptionAcked:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotResult:
+    """The JSON result of NBD_OPT_X_NBDGW_SNAPSHOT (docs/extension-snapshot.md), undecoded."""
+
+    option: int
+    result: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class OptionFailed:
     """The server answered the option with an NBD_REP_ERR_* reply."""
 
@@ -236,6 +244,7 @@ Event = (
     | ExportReady
     | Reply
     | ConnectionClosed
+    | SnapshotResult
 )
 
 
@@ -272,6 +281,7 @@ class _PendingOption:
     export_info: tuple[int, int] | None = None
     block_size: BlockSize | None = None
     received: int = 0  # bytes of replies so far, capped by MAX_OPTION_REPLIES_TOTAL
+    results: list[bytes] = field(default_factory=list)  # NBD_REP_X_NBDGW_SNAPSHOT payloads
 
 
 _ZEROES: Final = bytes(1 << 20)
@@ -659,6 +669,10 @@ class ClientConnection:
                 if any(n == name for n, _ in pending.contexts):
                     raise ServerProtocolError(f"context {name!r} selected twice")
             pending.contexts.append((name, cid))
+        elif rtype == Rep.X_NBDGW_SNAPSHOT and option == Opt.X_NBDGW_SNAPSHOT:
+            if pending.results:
+                raise ServerProtocolError("two results to NBD_OPT_X_NBDGW_SNAPSHOT")
+            pending.results.append(payload)
         else:
             raise ServerProtocolError(
                 f"reply type {_rep_name(rtype)} is not a valid answer to option {option}"
@@ -700,6 +714,10 @@ class ClientConnection:
                 self.meta_contexts = dict(pending.contexts)
                 self._meta_export = pending.export
             self._events.append(MetaContextsListed(option, tuple(pending.contexts)))
+        elif option == Opt.X_NBDGW_SNAPSHOT:
+            if not pending.results:
+                raise ServerProtocolError("NBD_OPT_X_NBDGW_SNAPSHOT acknowledged without a result")
+            self._events.append(SnapshotResult(option, pending.results[0]))
         else:
             if option == Opt.STRUCTURED_REPLY:
                 self.structured_replies = True

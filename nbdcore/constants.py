@@ -75,6 +75,8 @@ class Opt(enum.IntEnum):
     # nbdgw extension (docs/extension-clear.md): negotiated by both sides, never
     # sent to a peer that did not advertise it. The number sits in the experimental range.
     X_NBDGW_CLEAR = 0x4E42_4701
+    # nbdgw extension (docs/extension-snapshot.md): snapshot management in the handshake.
+    X_NBDGW_SNAPSHOT = 0x4E42_4702
 
 
 NBD_REP_FLAG_ERROR: Final = 1 << 31
@@ -87,6 +89,8 @@ class Rep(enum.IntEnum):
     SERVER = 2
     INFO = 3
     META_CONTEXT = 4
+    # nbdgw extension (docs/extension-snapshot.md): the JSON result of NBD_OPT_X_NBDGW_SNAPSHOT.
+    X_NBDGW_SNAPSHOT = 0x4E42_4702
     ERR_UNSUP = NBD_REP_FLAG_ERROR + 1
     ERR_POLICY = NBD_REP_FLAG_ERROR + 2
     ERR_INVALID = NBD_REP_FLAG_ERROR + 3

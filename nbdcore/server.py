@@ -22,13 +22,14 @@ States (everything that changes them is in ``_TRANSITIONS`` and in the parser, t
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Final, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol, cast
 
 from nbdcore import clear_ext, wire
 from nbdcore.constants import (
@@ -52,7 +53,7 @@ from nbdcore.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from nbdcore.exceptions import ClientProtocolError, UsageError
+from nbdcore.exceptions import ClientProtocolError, OptionError, UsageError
 
 __all__ = [
     "Disconnect",
@@ -131,6 +132,14 @@ class ExportCatalog(Protocol):
 
     def exports(self) -> Sequence[ExportDescriptor]:
         """Every export, for NBD_OPT_LIST."""
+
+
+class SnapshotCatalog(ExportCatalog, Protocol):
+    """A catalog that also manages snapshots (NBD_OPT_X_NBDGW_SNAPSHOT,
+    docs/extension-snapshot.md): ``snapshot`` takes the decoded JSON request and returns the
+    JSON result (which may be ``{"error": {...}}``); OptionError refuses the option."""
+
+    def snapshot(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
 # --- Events -----------------------------------------------------------------------------------
@@ -594,6 +603,8 @@ class ServerConnection:
         }.get(option)
         if option == Opt.X_NBDGW_CLEAR and self.clear_extension:
             handler = self._opt_x_nbdgw_clear
+        if option == Opt.X_NBDGW_SNAPSHOT and hasattr(self.catalog, "snapshot"):
+            handler = self._opt_x_nbdgw_snapshot
         if handler is None:
             self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
             return
@@ -687,6 +698,22 @@ class ServerConnection:
         else:
             self.neg.clear = True
             self._reply(option, Rep.ACK)
+
+    def _opt_x_nbdgw_snapshot(self, option: int, payload: bytes) -> None:
+        try:
+            request = json.loads(payload.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._error(option, Rep.ERR_INVALID, f"NBD_OPT_X_NBDGW_SNAPSHOT: {exc}")
+            return
+        try:
+            result = cast("SnapshotCatalog", self.catalog).snapshot(request)
+        except OptionError as exc:
+            self._error(option, Rep(exc.code), exc.server_message)
+            return
+        self._reply(option, Rep.X_NBDGW_SNAPSHOT, json.dumps(result).encode())
+        self._reply(option, Rep.ACK)
 
     def _opt_info_go(self, option: int, payload: bytes) -> None:
         try:

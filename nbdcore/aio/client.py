@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -35,8 +36,9 @@ from nbdcore.client import (
     MetaContextsListed,
     OptionFailed,
     Reply,
+    SnapshotResult,
 )
-from nbdcore.constants import Rep, TransmissionFlag
+from nbdcore.constants import Opt, Rep, TransmissionFlag
 from nbdcore.exceptions import (
     ConnectionLostError,
     HandshakeError,
@@ -720,6 +722,32 @@ async def export_info(
     """NBD_OPT_INFO on the URI's export, without entering transmission."""
     async with _session(uri, tls, timeout) as (client, u):
         return await client._info(u.export)
+
+
+async def nbdgw_snapshot(
+    uri: str | NBDURI,
+    request: dict[str, Any],
+    *,
+    tls: TLSConfig | None = None,
+    timeout: float | None = 30.0,  # noqa: ASYNC109
+) -> dict[str, Any]:
+    """NBD_OPT_X_NBDGW_SNAPSHOT (docs/extension-snapshot.md): one snapshot management request
+    (``{"op": "create" | "list" | "release", "export": ...}``) and its JSON result, which may be
+    ``{"error": {"reason": ..., "message": ...}}``. A server without the extension fails with
+    OptionError (NBD_REP_ERR_UNSUP)."""
+    async with _session(uri, tls, timeout) as (client, _):
+        payload = json.dumps(request).encode()
+        ev = await client._option(lambda: client._conn.send_option(Opt.X_NBDGW_SNAPSHOT, payload))
+        if isinstance(ev, OptionFailed):
+            raise ev.error()
+        assert isinstance(ev, SnapshotResult)
+        try:
+            result = json.loads(ev.result.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ServerProtocolError(f"NBD_OPT_X_NBDGW_SNAPSHOT result: {exc}") from None
+        if not isinstance(result, dict):
+            raise ServerProtocolError("NBD_OPT_X_NBDGW_SNAPSHOT result is not a JSON object")
+        return result
 
 
 def _check_soft_failure(ev: OptionFailed) -> None:

@@ -49,9 +49,11 @@ from nbdcore.constants import (
     Cmd,
     CmdFlag,
     Errno,
+    Opt,
+    Rep,
     TransmissionFlag,
 )
-from nbdcore.exceptions import ClientProtocolError, UsageError
+from nbdcore.exceptions import ClientProtocolError, OptionError, UsageError
 from nbdcore.server import (
     Disconnect,
     ExportDescriptor,
@@ -177,6 +179,9 @@ class NBDServer:
     with ``tls_required`` nothing but STARTTLS and ABORT is accepted before TLS.
     ``clear_extension``: offer NBD_OPT_X_NBDGW_CLEAR, with which a client clears ranges of
     the exported bitmaps (docs/extension-clear.md); clients that do not ask never see it.
+    ``snapshot_management``: answer NBD_OPT_X_NBDGW_SNAPSHOT, with which a client creates,
+    lists and releases snapshots of the writable exports (docs/extension-snapshot.md); each
+    snapshot is served as the read-only export ``EXPORT@SNAPSHOT``.
     """
 
     def __init__(
@@ -187,6 +192,7 @@ class NBDServer:
         tls_required: bool = False,
         limits: ServerLimits | None = None,
         clear_extension: bool = True,
+        snapshot_management: bool = True,
     ) -> None:
         if tls_required and tls is None:
             raise UsageError("tls_required needs a TLS context")
@@ -194,6 +200,7 @@ class NBDServer:
         self.tls_required = tls_required
         self.limits = limits or ServerLimits()
         self.clear_extension = clear_extension
+        self.snapshot_management = snapshot_management
         self._exports: dict[str, _Export] = {}
         self._retired: list[_Export] = []
         self._listeners: list[tuple[socket.socket, asyncio.Task[None], str | None]] = []
@@ -218,6 +225,73 @@ class NBDServer:
             if missing:
                 raise UsageError(f"image has no bitmap named {', '.join(map(repr, missing))}")
         self._exports[export.name] = _Export(export)
+
+    def snapshot_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One NBD_OPT_X_NBDGW_SNAPSHOT request (docs/extension-snapshot.md). Runs on the event
+        loop: creating and releasing fsync a few small files (milliseconds), and wait for a
+        write in progress on the image (its write lock orders them)."""
+        from nbdcore.storage import (
+            NoSuchBitmapError,
+            NoSuchSnapshotError,
+            Snapshot,
+            SnapshotError,
+            SnapshotExistsError,
+        )
+
+        if not self.snapshot_management:
+            raise OptionError(Opt.X_NBDGW_SNAPSHOT, Rep.ERR_UNSUP, "snapshots are not offered")
+        op, name, snap_id = request.get("op"), request.get("export"), request.get("snapshot")
+        if op not in ("create", "list", "release") or not isinstance(name, str):
+            raise OptionError(
+                Opt.X_NBDGW_SNAPSHOT, Rep.ERR_INVALID, "need op create|list|release and export"
+            )
+        if op != "list" and not isinstance(snap_id, str):
+            raise OptionError(Opt.X_NBDGW_SNAPSHOT, Rep.ERR_INVALID, "need snapshot")
+        export = self._exports.get(name)
+        if export is None:
+            return _snapshot_error("EXPORT_NOT_FOUND", f"no export named {name!r}")
+        image = export.config.image
+        if isinstance(image, Snapshot):
+            return _snapshot_error("SNAPSHOTS_NOT_SUPPORTED", f"{name!r} is a snapshot itself")
+        if export.read_only:
+            return _snapshot_error("SNAPSHOTS_NOT_SUPPORTED", f"export {name!r} is read-only")
+        try:
+            if op == "list":
+                return {"snapshots": [_snapshot_info(name, s) for s in image.snapshots.values()]}
+            assert isinstance(snap_id, str)
+            if op == "create":
+                snap = image.create_snapshot(
+                    snap_id,
+                    bitmaps=list(request.get("bitmaps") or ()),
+                    cluster_size=int(request.get("cluster_size") or 65536),
+                    max_bytes=request.get("max_bytes") or None,
+                    on_full=str(request.get("on_full") or "break"),
+                )
+                self.add_export(
+                    ExportConfig(
+                        f"{name}@{snap_id}",
+                        snap,
+                        description=f"snapshot {snap_id} of {name}",
+                        read_only=True,
+                    )
+                )
+                return {"snapshot": _snapshot_info(name, snap)}
+            snap = image.snapshot(snap_id)
+            merged = {fork: bitmap.dirty_bytes() for fork, bitmap in snap.bitmaps.items()}
+            if f"{name}@{snap_id}" in self._exports:
+                self.remove_export(f"{name}@{snap_id}")
+            image.release_snapshot(snap_id)
+            return {"merged": merged}
+        except NoSuchBitmapError as exc:
+            return _snapshot_error("BITMAP_NOT_FOUND", str(exc), bitmap=exc.name)
+        except SnapshotExistsError as exc:
+            return _snapshot_error("SNAPSHOT_EXISTS", str(exc))
+        except NoSuchSnapshotError as exc:
+            return _snapshot_error("SNAPSHOT_NOT_FOUND", str(exc))
+        except (SnapshotError, ValueError, TypeError) as exc:
+            return _snapshot_error("INVALID_FIELD", str(exc))
+        except OSError as exc:
+            return _snapshot_error("FAILED", str(exc))
 
     def remove_export(self, name: str) -> None:
         """New clients no longer see the export; connected ones keep using it."""
@@ -351,6 +425,9 @@ class _Catalog:
 
     def exports(self) -> Sequence[ExportDescriptor]:
         return self.server.exports_list()
+
+    def snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.server.snapshot_request(request)
 
 
 # --- byte channels ---------------------------------------------------------------------------
@@ -911,6 +988,14 @@ class _Connection:
         else:  # pragma: no cover - the core only lets known commands through
             raise ValueError(f"unexpected command {cmd!r}")
         self.proto.reply_ok(req)
+
+
+def _snapshot_error(reason: str, message: str, **more: str) -> dict[str, Any]:
+    return {"error": {"reason": reason, "message": message, **more}}
+
+
+def _snapshot_info(export: str, snap: Any) -> dict[str, Any]:
+    return {**snap.info(), "export": f"{export}@{snap.name}"}
 
 
 def _write(image: Image, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:

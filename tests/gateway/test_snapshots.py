@@ -128,10 +128,10 @@ async def test_life_cycle_and_errors(start_gateway: Any, tmp_path: Path) -> None
             grpc.StatusCode.NOT_FOUND,
             "BITMAP_NOT_FOUND",
         ),
-        (
+        (  # another host is asked (NBD_OPT_X_NBDGW_SNAPSHOT); this one is down
             stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="remote")),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "SNAPSHOTS_NOT_SUPPORTED",
+            grpc.StatusCode.UNAVAILABLE,
+            "HOST_UNAVAILABLE",
         ),
         (
             stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk@s1")),

@@ -1,0 +1,222 @@
+"""Snapshots of exports of a separate nbdcore host (``nbdgw nbd serve`` in its own process),
+taken through NBD_OPT_X_NBDGW_SNAPSHOT; a qemu-nbd host has none (SNAPSHOTS_NOT_SUPPORTED) and
+``nbdgw backup`` reads it live, as before. The backup loop survives kill -9 of the host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from nbdcore.storage import Image
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+from tests.gateway.cli_support import ENV, QemuNBD, cli, make_qemu_disk
+from tests.gateway.test_snapshot_crash import WRITER
+
+pytestmark = pytest.mark.interop
+
+MiB = 1024 * 1024
+G = 64 * 1024
+SIZE = 16 * MiB
+
+
+class Host:
+    """``nbdgw nbd serve DISK --export disk`` on a unix socket, in its own process."""
+
+    def __init__(self, disk: Path, sock: Path) -> None:
+        self.disk, self.sock = disk, sock
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Host:
+        if self.sock.exists():
+            self.sock.unlink()  # left by a killed host
+        cmd = [sys.executable, "-m", "nbdcore.tools.server_cmds", str(self.disk)]
+        self.proc = subprocess.Popen(
+            [*cmd, "--socket", str(self.sock), "--export", "disk"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        deadline = time.monotonic() + 20
+        while not self.sock.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "host did not start"
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.communicate(timeout=20)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///disk?socket={self.sock}"
+
+
+def make_disk(path: Path) -> bytes:
+    rng = random.Random(3)
+    with Image.create(path, SIZE) as image:
+        image.write(rng.randbytes(SIZE).replace(b"\0", b"\1"), 0)
+        image.add_bitmap("b", granularity=G)
+        image.write(b"\2" * 3 * G, 5 * G)
+        return image.read(0, SIZE)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    make_disk(tmp_path / "disk.img")
+    h = Host(tmp_path / "disk.img", tmp_path / "host.sock").start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+def dirty(image: Image) -> set[int]:
+    b = image.bitmaps["b"]
+    return {g for o, n, f in b.extents(0, SIZE) if f for g in range(o // G, -(-(o + n) // G))}
+
+
+async def test_remote_nbdcore_host_takes_snapshots(
+    start_gateway: Any, tmp_path: Path, host: Host
+) -> None:
+    qemu = QemuNBD(make_qemu_disk(tmp_path), tmp_path / "qemu.sock").start()
+    try:
+        config = GatewayConfig(data_dir=tmp_path / "data")
+        config.add_uri_export("disk", host.uri)
+        config.add_uri_export("vm", qemu.uri)
+        run = await start_gateway(config)
+        stub = spb_grpc.SnapshotServiceStub(run.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="vm", bitmaps=["b0"]))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "does not take snapshots" in (info.value.details() or "")
+
+        snap = await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="r1", bitmaps=["b"])
+        )
+        assert snap.export == "exports/disk@r1"
+        assert [(f.context, f.dirty_bytes) for f in snap.forks] == [("qemu:dirty-bitmap:b", 3 * G)]
+        bitmaps = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="disk@r1"))
+        fork = {b.context: b for b in bitmaps.bitmaps}["qemu:dirty-bitmap:b"]
+        assert fork.clear_mode == pb.CLEAR_MODE_AT_SOURCE  # through the NBD clear extension
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk", snapshot_id="r1"))
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        # qemu-nbd: backup reads it live, silently; the nbdcore host: from a snapshot.
+        proc = await asyncio.to_thread(
+            cli, "backup", "vm", str(tmp_path / "vm.bak"), "--bitmap", "b0", "--target", run.target
+        )
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert "snapshot" not in proc.stdout
+        out = tmp_path / "disk.bak"
+        proc = await asyncio.to_thread(
+            cli, "backup", "disk", str(out), "--bitmap", "b", "--clear", "--snapshot", "r1",
+            "--target", run.target,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes()[5 * G : 8 * G] == b"\2" * 3 * G
+        listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+        assert list(listed.snapshots) == []  # the backup released it
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/r1"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        proc = await asyncio.to_thread(
+            cli, "backup", "disk", str(tmp_path / "auto.bak"), "--bitmap", "b",
+            "--target", run.target,
+        )  # fmt: skip
+        assert proc.returncode == 0 and "(snapshot backup-" in proc.stdout, proc.stderr
+    finally:
+        qemu.stop()
+    host.stop()
+    with Image.open(host.disk, read_only=True) as image:
+        assert not image.snapshots and dirty(image) == set()
+
+
+async def test_kill9_of_the_host_in_the_backup_loop(
+    start_gateway: Any, tmp_path: Path, host: Host
+) -> None:
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    config.add_uri_export("disk", host.uri)
+    run = await start_gateway(config)
+    with Image.open(host.disk, read_only=True) as image:
+        restored = bytearray(image.read(0, SIZE))  # the full backup
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, host.uri, "5", env=ENV
+    )
+    rng = random.Random(8)
+    midway = 0
+    try:
+        for round_ in range(3):
+            out = tmp_path / f"inc{round_}.img"
+            spath = out.with_name(out.name + ".nbdgw-backup.json")
+            args = ["backup", "disk", str(out), "--bitmap", "b", "--clear", "--retries", "1"]
+            args += ["--checkpoint", "128k", "--target", run.target]
+            backup = asyncio.create_task(asyncio.to_thread(cli, *args))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not backup.done():
+                if spath.exists() and '"snapshot": "backup-' in spath.read_text():
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(rng.uniform(0.0, 0.2))
+            midway += spath.exists() and '"complete": false' in spath.read_text()
+            host.kill()
+            await backup  # fails or completed
+            host.start()
+            for _ in range(50):  # the gateway notices the host is back
+                resumed = await asyncio.to_thread(
+                    cli, *args, *(["--resume"] if spath.exists() else [])
+                )
+                if resumed.returncode == 0:
+                    break
+                assert "UNAVAILABLE" in resumed.stderr, resumed.stderr
+                await asyncio.sleep(0.2)
+            assert resumed.returncode == 0, resumed.stderr
+            data = out.read_bytes()
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                pos = 0
+                while pos < SIZE:
+                    try:
+                        start = os.lseek(fd, pos, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    end = min(os.lseek(fd, start, os.SEEK_HOLE), SIZE)
+                    restored[start:end] = data[start:end]
+                    pos = end
+            finally:
+                os.close(fd)
+    finally:
+        writer.kill()
+        await writer.wait()
+    host.stop()
+    with Image.open(host.disk, read_only=True) as image:
+        assert not image.snapshots
+        live = image.read(0, SIZE)
+        marked = dirty(image)
+    print(f"{midway} of 3 kills hit a backup in progress")
+    differ = {
+        g for g in range(SIZE // G) if restored[g * G : (g + 1) * G] != live[g * G : (g + 1) * G]
+    }
+    assert differ <= marked, (
+        f"{len(differ - marked)} granules lost, e.g. {sorted(differ - marked)[:5]}"
+    )
