@@ -1,9 +1,9 @@
 """``nbdgw backup`` from a point-in-time snapshot (SnapshotService), so that a backup of a disk
 under live writes is consistent.
 
-By default a backup takes a snapshot where the gateway can (exports of its embedded nbdcore
-host: the gateway answers others with SNAPSHOTS_NOT_SUPPORTED, and an older gateway with
-UNIMPLEMENTED; the backup then reads the live export as before), reads and clears the
+By default a backup takes a snapshot where the gateway can (exports of nbdcore hosts: the
+embedded one and ``nbdgw nbd serve``; the gateway answers others with SNAPSHOTS_NOT_SUPPORTED,
+and an older gateway with UNIMPLEMENTED; the backup then reads the live export as before), reads and clears the
 snapshot's export ``EXPORT@SNAP`` and, once complete, releases the snapshot: what its fork still
 holds (nothing, with --clear) merges back into the live bitmap, which meanwhile recorded the
 writes made since.
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         const="never",
         default="auto",
         help="read the live export, not a point-in-time snapshot (by default a snapshot is "
-        "taken where the gateway can: exports of its embedded nbdcore host)",
+        "taken where the gateway can: exports of nbdcore hosts)",
     )
     group.add_argument(
         "--snapshot",
