@@ -3,9 +3,10 @@ under live writes is consistent.
 
 By default a backup takes a snapshot where the gateway can (exports of nbdcore hosts: the
 embedded one and ``nbdgw nbd serve``; the gateway answers others with SNAPSHOTS_NOT_SUPPORTED,
-and an older gateway with UNIMPLEMENTED; the backup then reads the live export as before), reads and clears the
-snapshot's export ``EXPORT@SNAP`` and, once complete, releases the snapshot: what its fork still
-holds (nothing, with --clear) merges back into the live bitmap, which meanwhile recorded the
+and an older gateway with UNIMPLEMENTED; the backup then reads the live export as before),
+reads and clears the snapshot's export ``EXPORT@SNAP`` and, once complete, releases the
+snapshot: what its fork still holds (nothing, with --clear) merges back into the live bitmap,
+which meanwhile recorded the
 writes made since.
 
 The snapshot's id is recorded in the state file *before* the snapshot is created, and is the
