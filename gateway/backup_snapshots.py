@@ -6,8 +6,7 @@ embedded one and ``nbdgw nbd serve``; the gateway answers others with SNAPSHOTS_
 and an older gateway with UNIMPLEMENTED; the backup then reads the live export as before),
 reads and clears the snapshot's export ``EXPORT@SNAP`` and, once complete, releases the
 snapshot: what its fork still holds (nothing, with --clear) merges back into the live bitmap,
-which meanwhile recorded the
-writes made since.
+which meanwhile recorded the writes made since.
 
 The snapshot's id is recorded in the state file *before* the snapshot is created, and is the
 state's own (made from its start time), so no crash can leave a snapshot that no state file
