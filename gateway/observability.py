@@ -117,6 +117,27 @@ def _package_version() -> str:
 # --- metrics ----------------------------------------------------------------------------------
 
 
+class _MethodSeries:
+    """One method's bound series: ``labels()`` costs more than the increment itself, so each
+    method resolves them once."""
+
+    __slots__ = ("handled", "handled_by_code", "received", "seconds", "sent", "started")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self.started = metrics.started.labels(*labels)
+        self.received = metrics.msg_received.labels(*labels)
+        self.sent = metrics.msg_sent.labels(*labels)
+        self.seconds = metrics.handling_seconds.labels(*labels)
+        self.handled = metrics.handled
+        self.handled_by_code: dict[grpc.StatusCode, Any] = {}
+
+    def handled_with(self, labels: tuple[str, str, str], code: grpc.StatusCode) -> Any:
+        child = self.handled_by_code.get(code)
+        if child is None:
+            child = self.handled_by_code[code] = self.handled.labels(*labels, code.name)
+        return child
+
+
 @dataclass(frozen=True)
 class HostSample:
     name: str
@@ -208,6 +229,8 @@ class Metrics:
             registry=r,
         )
         Info("nbdgw_build", "The nbdgw version.", registry=r).info({"version": _package_version()})
+        self._methods: dict[tuple[str, str, str], _MethodSeries] = {}
+        self._exports: dict[str, tuple[Any, Any, Any]] = {}
         self._hosts: Callable[[], Iterable[Any]] = tuple
         self._ledger: Callable[[], Any] = lambda: None
         self._host_up: dict[str, bool] = {}
@@ -260,16 +283,30 @@ class Metrics:
 
     # --- streamed extents ---------------------------------------------------------------------
 
+    def method_series(self, labels: tuple[str, str, str]) -> _MethodSeries:
+        series = self._methods.get(labels)
+        if series is None:
+            series = self._methods[labels] = _MethodSeries(self, labels)
+        return series
+
     def count_stream_message(self, export: str, message: Any) -> None:
         """A StreamExtentsResponse was sent."""
+        series = self._exports.get(export)
+        if series is None:
+            series = self._exports[export] = (
+                self.extents_streamed.labels(export),
+                self.bytes_streamed.labels(export),
+                self.data_bytes_streamed.labels(export),
+            )
+        extents, covered_bytes, data_bytes = series
         n = len(message.lengths)
         if n:
-            self.extents_streamed.labels(export).inc(n)
+            extents.inc(n)
         covered = message.next_offset - message.offset
         if covered > 0:
-            self.bytes_streamed.labels(export).inc(covered)
+            covered_bytes.inc(covered)
         if message.data:
-            self.data_bytes_streamed.labels(export).inc(len(message.data))
+            data_bytes.inc(len(message.data))
 
     # --- exposition ---------------------------------------------------------------------------
 
@@ -312,7 +349,16 @@ def _export_label(request: Any) -> str:
 class _Call:
     """One call being observed: labels, clock, message counts; ``finish`` records it."""
 
-    __slots__ = ("context", "labels", "method", "metrics", "sent", "start", "stream_export")
+    __slots__ = (
+        "context",
+        "labels",
+        "method",
+        "metrics",
+        "sent",
+        "series",
+        "start",
+        "stream_export",
+    )
 
     def __init__(self, metrics: Metrics | None, method: str, grpc_type: str, context: Any):
         self.metrics = metrics
@@ -322,28 +368,29 @@ class _Call:
         self.labels = (grpc_type, service, name)
         self.sent = 0
         self.stream_export: str | None = None
+        self.series = metrics.method_series(self.labels) if metrics is not None else None
         self.start = time.perf_counter()
-        if metrics is not None:
-            metrics.started.labels(*self.labels).inc()
+        if self.series is not None:
+            self.series.started.inc()
 
     def received(self, n: int = 1) -> None:
-        if self.metrics is not None:
-            self.metrics.msg_received.labels(*self.labels).inc(n)
+        if self.series is not None:
+            self.series.received.inc(n)
 
     def sent_message(self, message: Any) -> None:
         self.sent += 1
-        if self.metrics is None:
+        if self.series is None or self.metrics is None:
             return
-        self.metrics.msg_sent.labels(*self.labels).inc()
+        self.series.sent.inc()
         if self.stream_export is not None:
             self.metrics.count_stream_message(self.stream_export, message)
 
     def finish(self, exc: BaseException | None) -> None:
         code = self._code(exc)
         elapsed = time.perf_counter() - self.start
-        if self.metrics is not None:
-            self.metrics.handled.labels(*self.labels, code.name).inc()
-            self.metrics.handling_seconds.labels(*self.labels).observe(elapsed)
+        if self.series is not None:
+            self.series.handled_with(self.labels, code).inc()
+            self.series.seconds.observe(elapsed)
         self._log(code, elapsed, exc)
 
     def _code(self, exc: BaseException | None) -> grpc.StatusCode:
