@@ -421,3 +421,22 @@ async def test_refused_calls_are_counted_and_identity_logged(
     assert by_code["OK"].__dict__["identity"] == "backup"
     assert "identity" not in by_code["UNAUTHENTICATED"].__dict__
     assert "s3cret" not in " ".join(str(r.__dict__) for r in records)  # never the token
+
+
+async def test_metrics_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from gateway.server import Gateway
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = GatewayConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+        config.add_image_export("disk", make_image(tmp_path / "disk.img"))
+        config.metrics_listen = f"127.0.0.1:{port}"
+        gateway = Gateway(config)
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} \\(metrics\\)"):
+            await gateway.start()
+        assert gateway.server is None  # the API port was never opened
+        assert gateway.nbd_server is None and not gateway.images  # backends closed
