@@ -110,16 +110,17 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tls-server-name",
-        default=None,
+        default=env.get("NBDGW_TLS_SERVER_NAME") or None,
         metavar="NAME",
-        help="expect this name in the gateway's certificate instead of HOST",
+        help="expect this name in the gateway's certificate instead of HOST"
+        " (env NBDGW_TLS_SERVER_NAME)",
     )
     group.add_argument(
         "--timeout",
         type=float,
-        default=30.0,
+        default=env.get("NBDGW_TIMEOUT") or 30.0,
         metavar="SECONDS",
-        help="deadline of each unary call (default 30)",
+        help="deadline of each unary call (env NBDGW_TIMEOUT, default 30)",
     )
 
 

@@ -440,3 +440,23 @@ async def test_metrics_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             await gateway.start()
         assert gateway.server is None  # the API port was never opened
         assert gateway.nbd_server is None and not gateway.images  # backends closed
+
+
+def test_client_connection_options_have_environment_variables(monkeypatch) -> None:
+    """The gateway-connection options of the client commands (exports, extents, backup...)."""
+
+    def exports_parser() -> argparse.ArgumentParser:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return sub.choices["exports"]
+
+    group = next(g for g in exports_parser()._action_groups if g.title == "gateway connection")
+    assert len(group._group_actions) >= 7
+    for action in group._group_actions:
+        name = env_name(action)
+        monkeypatch.delenv(name, raising=False)
+        plain = exports_parser().parse_args([])
+        monkeypatch.setenv(name, sample_value(action))
+        assert getattr(exports_parser().parse_args([]), action.dest) != getattr(
+            plain, action.dest
+        ), name
+        monkeypatch.delenv(name)
