@@ -594,10 +594,14 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         )
         if request.HasField("length"):
             as_extents.length = request.length
-        if request.bitmap and not context_name(request.bitmap, "bitmap").startswith(
-            CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
-        ):
-            err = errors.invalid_fields([("bitmap", "not a dirty bitmap (qemu:dirty-bitmap:NAME)")])
+        # The bitmap is checked here, under its own field name; the rest as StreamExtents does.
+        try:
+            name = context_name(request.bitmap, "bitmap")
+            if not name.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+                raise errors.invalid_fields(
+                    [("bitmap", f"{name!r} is not a dirty bitmap (qemu:dirty-bitmap:NAME)")]
+                )
+        except GatewayError as err:
             await _abort(context, err)
             return
         await self._stream_extents(as_extents, context, remaining=True)

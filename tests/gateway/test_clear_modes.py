@@ -375,3 +375,36 @@ async def test_nbdcore_host_without_the_extension_is_like_any_other(
     finally:
         for host in hosts.values():
             host.stop()
+
+
+async def test_remaining_dirty_bad_fields(
+    tmp_path: Path, nbdcore_host: NbdcoreHost, start_gateway: Any
+) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", nbdcore_host.uri)
+    gw = await start_gateway(cfg)
+    for bitmap in ("", "base:allocation", "x" * 5000):
+        err = await call_error(
+            gw.stub.StreamRemainingDirty(
+                pb.StreamRemainingDirtyRequest(export="disk", bitmap=bitmap)
+            )
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bitmap" in err.fields()
+    err = await call_error(
+        gw.stub.StreamRemainingDirty(
+            pb.StreamRemainingDirtyRequest(export="disk", bitmap="b0", offset=9 * MiB)
+        )
+    )
+    assert err.code == grpc.StatusCode.OUT_OF_RANGE
+    for generation in ("", "g" * 300):
+        err = await call_error(
+            gw.stub.SetExportGeneration(
+                pb.SetExportGenerationRequest(export="disk", generation=generation)
+            )
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "generation" in err.fields()
+    err = await call_error(
+        gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="nope", generation="g"))
+    )
+    assert err.code == grpc.StatusCode.NOT_FOUND
