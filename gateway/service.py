@@ -30,7 +30,7 @@ from gateway import errors
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool, ExportSnapshot
-from gateway.ledger import Ledger, Scope, mask_table
+from gateway.ledger import Ledger, LedgerError, Scope, mask_table
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -517,9 +517,12 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         # Outside the lease: many clears wait for one group commit without holding connections.
         ledger = self.backend.ledger
         assert ledger is not None  # the generation came from it
-        cleared = await ledger.record_clear(
-            Scope(name, ctx, plan.generation), request.offset, request.length
-        )
+        try:
+            cleared = await ledger.record_clear(
+                Scope(name, ctx, plan.generation), request.offset, request.length
+            )
+        except LedgerError as exc:
+            raise errors.internal(f"nothing was cleared: {exc}") from exc
         return pb.ClearRangeResponse(
             cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
             cleared_bytes=sum(n for _, n in cleared),
@@ -572,7 +575,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                     "the export clears at the source: generations scope the ledger of exports"
                     " whose host cannot clear",
                 )
-            previous = await ledger.set_generation(name, gen)
+            try:
+                previous = await ledger.set_generation(name, gen)
+            except LedgerError as exc:
+                raise errors.internal(f"the generation was not changed: {exc}") from exc
             if previous != gen:
                 log.info("export %s: generation %r -> %r", name, previous, gen)
             return pb.SetExportGenerationResponse(
