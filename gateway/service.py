@@ -223,6 +223,10 @@ def _map(exc: BaseException, pool: ExportPool | None, name: str = "") -> Gateway
 class BitmapServicer(pb_grpc.BitmapServiceServicer):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        # ClearRange on a remote host: at most as many leases at once as the pool keeps idle
+        # connections, so that a burst of clears queues here instead of opening (and closing)
+        # a connection per call. Ledger clears leave the lease before their commit.
+        self._clear_slots: dict[str, asyncio.Semaphore] = {}
 
     # --- shared ----------------------------------------------------------------------------
 
@@ -502,7 +506,12 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
             return plan, True
 
-        plan, done = await pool.run([ctx], on_host)
+        slots = self._clear_slots.get(name)
+        if slots is None:
+            slots = asyncio.Semaphore(max(1, pool.host.settings.max_idle_per_export))
+            self._clear_slots[name] = slots
+        async with slots:
+            plan, done = await pool.run([ctx], on_host)
         if done is False:
             raise errors.bitmap_not_found(name, ctx, await self._offered(pool))
         if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
