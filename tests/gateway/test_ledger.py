@@ -14,7 +14,7 @@ from array import array
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.ledger import IntervalSet, Ledger, LedgerError, Scope, mask_table, subtract
@@ -284,3 +284,40 @@ async def test_nothing_uncommitted_is_ever_published(tmp_path: Path) -> None:
     assert (await ledger.mask(S)).covered(0, 4096) == 4096
     ledger._db = real
     await ledger.aclose()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("clear"), st.integers(0, 300), st.integers(1, 60), st.booleans()),
+            st.tuples(st.just("restart"), st.just(0), st.just(0), st.just(False)),
+        ),
+        max_size=20,
+    )
+)
+def test_ledger_against_a_model_with_restarts(steps: list[tuple[str, int, int, bool]]) -> None:
+    """Random clears in two generations and restarts: the mask of each generation is exactly the
+    union of its acknowledged clears, before and after every restart."""
+    import tempfile
+
+    async def main(db: Path) -> None:
+        model: dict[str, set[int]] = {"a": set(), "b": set()}
+        ledger = await Ledger.open(db)
+        try:
+            for op, offset, length, second in steps:
+                if op == "restart":
+                    await ledger.aclose()
+                    ledger = await Ledger.open(db)
+                else:
+                    gen = "b" if second else "a"
+                    await ledger.record_clear(Scope("e", "bm", gen), offset, length)
+                    model[gen] |= set(range(offset, offset + length))
+                for gen, want in model.items():
+                    mask = await ledger.mask(Scope("e", "bm", gen))
+                    assert {b for s, e in mask for b in range(s, e)} == want
+        finally:
+            await ledger.aclose()
+
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(main(Path(d) / "l.db"))
