@@ -408,3 +408,27 @@ async def test_remaining_dirty_bad_fields(
         gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="nope", generation="g"))
     )
     assert err.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_api_generation_and_its_clears_survive_a_restart(
+    tmp_path: Path, qemu_nbd: QemuNBD, start_gateway: Any
+) -> None:
+    def config() -> GatewayConfig:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("qd", qemu_nbd.uri)
+        return cfg
+
+    assert not (tmp_path / "gw" / "ledger.sqlite").exists()
+    gw = await start_gateway(config())
+    assert not (tmp_path / "gw" / "ledger.sqlite").exists()  # created on first need only
+    original = dirty_of(await stream_all(gw.stub, export="qd", context=B0))
+    await gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation="api"))
+    await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=2 * MiB)
+    )
+    await gw.gateway.stop(grace=0)
+    again = await start_gateway(config())
+    export = await again.stub.GetExport(pb.GetExportRequest(name="qd"))
+    assert (export.clear_mode, export.generation) == (pb.CLEAR_MODE_LEDGER_MASK, "api")
+    masked = dirty_of(await stream_all(again.stub, export="qd", context=B0))
+    assert masked == minus(original, (0, 2 * MiB))
