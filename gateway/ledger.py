@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS generations (
     export TEXT PRIMARY KEY, generation TEXT NOT NULL, config_generation TEXT,
     source TEXT NOT NULL, updated REAL NOT NULL
 );
+-- The export's size when its first clear of a generation was recorded: a point in time has one
+-- size, so a different size means another snapshot behind the same generation name.
+CREATE TABLE IF NOT EXISTS generation_sizes (
+    export TEXT NOT NULL, generation TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (export, generation)
+);
 """
 
 
@@ -248,6 +254,7 @@ class Ledger:
         self._masks: dict[Scope, IntervalSet] = {}
         self._rows: dict[Scope, int] = {}
         self._generations: dict[str, str] = {}
+        self._sizes: dict[tuple[str, str], int] = {}
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
         self._db = self._connect()
@@ -278,13 +285,20 @@ class Ledger:
 
     # --- writes (durable before they return) ------------------------------------------------
 
-    async def record_clear(self, scope: Scope, offset: int, length: int) -> list[tuple[int, int]]:
+    def export_size(self, export: str, generation: str) -> int | None:
+        """The export's size recorded with the first clear of this generation, if any."""
+        return self._sizes.get((export, generation))
+
+    async def record_clear(
+        self, scope: Scope, offset: int, length: int, *, export_size: int | None = None
+    ) -> list[tuple[int, int]]:
         """Record that ``[offset, offset + length)`` of the scope was safely stored; returns the
         byte runs now masked because of this call (the whole range: the mask is byte-exact).
-        Returns once the record is durable. Repeating a call is harmless."""
+        Returns once the record is durable. Repeating a call is harmless. ``export_size`` is
+        remembered with the generation's first clear (see :meth:`export_size`)."""
         if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
             raise LedgerError(f"cannot record the range [{offset}, {offset + length})")
-        await self._submit("clear", scope, offset, offset + length)
+        await self._submit("clear", scope, offset, offset + length, export_size)
         return [(offset, length)]
 
     async def set_generation(
@@ -345,6 +359,8 @@ class Ledger:
     def _load_generations(self) -> None:
         for export, generation in self._db.execute("SELECT export, generation FROM generations"):
             self._generations[export] = generation
+        for export, generation, size in self._db.execute("SELECT * FROM generation_sizes"):
+            self._sizes[export, generation] = size
 
     async def _submit(self, kind: str, *args: Any) -> Any:
         if self._closed:
@@ -413,12 +429,19 @@ class Ledger:
         db = self._db
         pending_masks: dict[Scope, IntervalSet] = {}
         pending_gens: dict[str, str] = {}
+        pending_sizes: dict[tuple[str, str], int] = {}
         results: list[Any] = []
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in writes:
                 if op.kind == "clear":
-                    scope, start, stop = op.args
+                    scope, start, stop, size = op.args
+                    key = (scope.export, scope.generation)
+                    if size is not None and key not in self._sizes and key not in pending_sizes:
+                        db.execute(
+                            "INSERT OR IGNORE INTO generation_sizes VALUES (?, ?, ?)", (*key, size)
+                        )
+                        pending_sizes[key] = size
                     mask = pending_masks.get(scope)
                     if mask is None:
                         # Loaded before this transaction writes the scope: what _load
@@ -457,6 +480,7 @@ class Ledger:
         # Durable: publish, then acknowledge.
         self._masks.update(pending_masks)
         self._generations.update(pending_gens)
+        self._sizes.update(pending_sizes)
         st = self.stats
         st.commits += 1
         st.clears += sum(1 for op in writes if op.kind == "clear")

@@ -318,6 +318,15 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             )
         ledger = self.backend.ledger
         generation = ledger.generation(pool.name) if ledger is not None else None
+        recorded = ledger.export_size(pool.name, generation) if ledger and generation else None
+        if recorded is not None and recorded != snap.size:
+            # A point in time has one size: another snapshot is exported under this name.
+            return ClearPlan(
+                unsupported,
+                f"the export's size is {snap.size} bytes, but {recorded} when generation"
+                f" {generation!r} was first cleared: it shows another point in time; set a new"
+                " generation (SetExportGeneration) for it",
+            )
         if generation is None:
             return ClearPlan(
                 unsupported,
@@ -528,7 +537,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         assert ledger is not None  # the generation came from it
         try:
             cleared = await ledger.record_clear(
-                Scope(name, ctx, plan.generation), request.offset, request.length
+                Scope(name, ctx, plan.generation),
+                request.offset,
+                request.length,
+                export_size=pool.snapshot.size if pool.snapshot is not None else None,
             )
         except LedgerError as exc:
             raise errors.internal(f"nothing was cleared: {exc}") from exc

@@ -432,3 +432,59 @@ async def test_api_generation_and_its_clears_survive_a_restart(
     assert (export.clear_mode, export.generation) == (pb.CLEAR_MODE_LEDGER_MASK, "api")
     masked = dirty_of(await stream_all(again.stub, export="qd", context=B0))
     assert masked == minus(original, (0, 2 * MiB))
+
+
+async def test_a_resized_export_under_the_same_generation_is_not_masked(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    """The operator exports another snapshot but forgets to set a new generation: if the size
+    differs, the gateway knows it is another point in time and neither masks nor records."""
+    from tests.gateway.clear_support import ReadOnlyQemu
+    from tests.gateway.conftest import run
+    from tests.peers import tool
+
+    disks = []
+    for name, size in (("a", 8 * MiB), ("b", 12 * MiB)):
+        path = tmp_path / f"{name}.qcow2"
+        run(tool("qemu-img"), "create", "-q", "-f", "qcow2", str(path), str(size))
+        run(tool("qemu-img"), "bitmap", "--add", "-g", str(G), str(path), "b0")
+        run(tool("qemu-io"), "-f", "qcow2", str(path), input=f"write -z 0 {4 * MiB}\n")
+        disks.append(path)
+    sock = tmp_path / "q.sock"
+    host = ReadOnlyQemu(disks[0], sock).start()
+    try:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("qd", host.uri)
+        gw = await start_gateway(cfg)
+        await gw.stub.SetExportGeneration(
+            pb.SetExportGenerationRequest(export="qd", generation="g")
+        )
+        clear = pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=2 * MiB)
+        await gw.stub.ClearRange(clear)
+        assert dirty_of(await stream_all(gw.stub, export="qd", context=B0)) == [(2 * MiB, 2 * MiB)]
+        host.stop()
+        host = ReadOnlyQemu(disks[1], sock).start()  # another snapshot, same generation
+        await asyncio.sleep(0.2)
+        # The first stream reconnects (the old connections died with the old host).
+        shown = None
+        for _ in range(20):
+            try:
+                shown = dirty_of(await stream_all(gw.stub, export="qd", context=B0))
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+        assert shown == [(0, 4 * MiB)]  # nothing masked
+        listed = await gw.stub.ListBitmaps(pb.ListBitmapsRequest(parent="qd"))
+        b0 = next(b for b in listed.bitmaps if b.context == B0)
+        assert b0.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+        assert "another point in time" in b0.clear_unsupported_reason
+        err = await call_error(gw.stub.ClearRange(clear))
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+        await gw.stub.SetExportGeneration(
+            pb.SetExportGenerationRequest(export="qd", generation="g2")
+        )
+        resp = await gw.stub.ClearRange(clear)
+        assert resp.generation == "g2"
+        assert dirty_of(await stream_all(gw.stub, export="qd", context=B0)) == [(2 * MiB, 2 * MiB)]
+    finally:
+        host.stop()
