@@ -23,7 +23,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterator
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Final
 
 from nbdcore.constants import NBD_STATE_DIRTY
@@ -37,6 +37,20 @@ MAX_NAME_BYTES: Final = 1023
 
 # Bytes of bits looked at per step: bounds the temporary big ints (512K granules a step).
 _WINDOW_BYTES: Final = 64 * 1024
+_ONE_U64: Final = (1).to_bytes(8, sys.byteorder)  # a 1 in one packed array("Q") element
+_ones_cache: tuple[int, int] = (0, 0)
+
+
+def _ones(n: int) -> int:
+    """The packed array("Q") of ``n`` ones as an int; the last one is kept, since answers
+    of the same length (a server's extent limit) come in a row."""
+    global _ones_cache
+    cached_n, value = _ones_cache
+    if cached_n != n:
+        value = int.from_bytes(_ONE_U64 * n, sys.byteorder)
+        _ones_cache = (n, value)
+    return value
+
 
 Buffer = bytearray | mmap.mmap
 
@@ -258,7 +272,8 @@ class DirtyBitmap:
         first = offset >> shift
         last = ((end - 1) >> shift) + 1
         bits = self._bits
-        # Run lengths in granules; `prev` is the granule where the open run started.
+        # Run lengths in granules, minus one (see below); `prev` is the granule where the
+        # open run started.
         counts = array("Q")
         prev = first
         start = first + 1
@@ -272,36 +287,33 @@ class DirtyBitmap:
             t = (x ^ (x >> 1)) & ((1 << (nbits - 1)) - 1)
             if t:
                 # Run lengths between set bits at C speed: the binary digits of t, lowest
-                # first, cut after each "1"; each piece is as long as the gap to the previous
-                # set bit. The first piece also holds the granules of the run still open.
-                pieces = bin(t)[:1:-1].replace("1", "1,").split(",")
-                pieces.pop()  # empty: the highest digit of bin() is always a "1"
-                counts.append(start - prev + len(pieces[0]) - 1)
-                del pieces[0]
-                counts.extend(map(len, pieces))
-                prev = start + t.bit_length() - 1
+                # first, split at each "1"; a gap of k zeros is a run of k + 1 granules.
+                # Splitting on the "1"s themselves makes no new string for the runs of one
+                # granule (the empty string is shared), the common case of a fragmented map.
+                gaps = bin(t)[:1:-1].split("1")
+                gaps.pop()  # empty: the highest digit of bin() is always a "1"
+                counts.append(lo + len(gaps[0]) - prev)  # the open run, closed here
+                counts.extend(map(len, islice(gaps, 1, None)))
+                prev = lo + t.bit_length()
             start = stop
         if limit is not None and len(counts) >= limit:
             del counts[limit:]
             closed = True
         else:
-            counts.append(last - prev)
+            counts.append(last - prev - 1)
             closed = False
-        # Granules to bytes for every element at once: one big-int shift of the packed array
-        # (no element can carry into its neighbour: sizes stay below 2**63).
+        # Plus one, then granules to bytes, for every element at once: big-int arithmetic on
+        # the packed array (no element can carry into its neighbour: sizes stay below 2**63).
+        n = len(counts)
+        big = int.from_bytes(counts.tobytes(), sys.byteorder)
+        big = (big + _ones(n)) << shift
         lengths = array("Q")
-        if shift and counts:
-            nbytes = len(counts) * counts.itemsize
-            big = int.from_bytes(counts.tobytes(), sys.byteorder) << shift
-            lengths.frombytes(big.to_bytes(nbytes, sys.byteorder))
-        else:
-            lengths = counts
+        lengths.frombytes(big.to_bytes(n * counts.itemsize, sys.byteorder))
         lengths[0] -= offset - (first << shift)
         if not closed:
             lengths[-1] -= (last << shift) - end
         bit = bits[first >> 3] >> (first & 7) & 1
         dirty = NBD_STATE_DIRTY if bit else 0
-        n = len(lengths)
         flags = array("L", [dirty, dirty ^ NBD_STATE_DIRTY]) * ((n + 1) // 2)
         del flags[n:]
         return lengths, flags
