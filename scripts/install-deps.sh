@@ -9,13 +9,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 QEMU10_DIR=${NBDGW_QEMU10_DIR:-$ROOT/.cache/qemu10}
 VENV=${NBDGW_VENV:-$ROOT/.venv}
-APT_PKGS=(qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server openssl)
 
 need_apt=0
 for p in qemu-img qemu-nbd qemu-io nbdinfo nbdcopy nbdkit nbd-server openssl; do
     command -v "$p" >/dev/null 2>&1 || need_apt=1
 done
 [ -f /usr/lib/python3/dist-packages/nbd.py ] || need_apt=1
+# Debian's python3 has no venv/ensurepip without python3-venv.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt=1
 need_node=0
 { command -v node && command -v npm; } >/dev/null 2>&1 || need_node=1
 
@@ -40,7 +41,7 @@ SRC
 fi
 if [ "$need_apt" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server openssl >/dev/null
+        qemu-utils libnbd-bin python3-libnbd python3-venv nbdkit nbd-server openssl >/dev/null
 fi
 if [ "$need_node" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
