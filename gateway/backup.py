@@ -2,11 +2,16 @@
 
 The output is a sparse raw image the size of the export. An incremental backup writes the
 ranges the bitmap marks dirty (dirty ranges that read as zeroes become holes, without moving
-their bytes) and leaves the rest a hole; ``--full`` writes every allocated range.
+their bytes) and leaves the rest a hole; ``--full`` writes every allocated range. Since a hole
+may mean "unchanged" or "now zero", the dirty ranges are recorded in the sidecar map
+``OUTPUT.nbdgw-dirty`` (:class:`DirtyMap`): an incremental is OUTPUT *and* its map, and
+``nbdgw restore BASE INCREMENTAL...`` lays it over a full image (:func:`apply_incremental`).
 
 Crash safety rests on one ordering, per checkpoint (a few MiB of stream at most):
 
-1. the data of every range up to ``next_offset`` is written and fsync'd;
+1. the data of every range up to ``next_offset`` is written and fsync'd, and so are the dirty
+   ranges behind it in the map (with --clear, every range the step 3 clears: once the bitmap
+   forgets a range, the map is the only record that it changed);
 2. the sidecar state file (``OUTPUT.nbdgw-backup.json``) is replaced atomically with the new
    ``next_offset`` and, with ``--clear``, the dirty runs behind it that are still to clear;
 3. with ``--clear``, those runs are cleared in the bitmap (ClearRange), read again and the
@@ -56,10 +61,21 @@ DESCRIPTION = """Copy the dirty data of an export (with --full: all of its alloc
 through the gateway into OUTPUT, a sparse raw image the size of the export: an incremental
 backup. Dirty ranges that read as zeroes become holes. Progress is fsync'd and recorded in
 OUTPUT.nbdgw-backup.json, so an interrupted backup continues exactly with --resume. With
---clear, each range is cleared in the bitmap (ClearRange) once it is safely on disk."""
+--clear, each range is cleared in the bitmap (ClearRange) once it is safely on disk. The dirty
+ranges are recorded in OUTPUT.nbdgw-dirty (fsync'd before they are cleared): 'nbdgw restore'
+uses it to lay the incremental over a full image, zero ranges included."""
+
+RESTORE_DESCRIPTION = """Apply backups made by 'nbdgw backup' onto BASE, a raw image (a copy of a
+full backup, or of the disk at the first backup), in place and in order: for each INCREMENTAL,
+every range its map (INCREMENTAL.nbdgw-dirty) records as dirty is copied from INCREMENTAL,
+holes and zeroes included (a dirty range that reads as zeroes is zeroed in BASE); the other
+ranges of BASE are left as they are. A full backup in the list replaces all of BASE."""
 
 STATE_SUFFIX = ".nbdgw-backup.json"
 STATE_VERSION = 1
+MAP_SUFFIX = ".nbdgw-dirty"
+MAP_FORMAT = "nbdgw-dirty-map"
+MAP_VERSION = 1
 
 # fallocate(2) flags (linux/falloc.h).
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -73,6 +89,112 @@ class BackupError(CommandFailed):
 
 def state_path(output: Path) -> Path:
     return output.with_name(output.name + STATE_SUFFIX)
+
+
+def map_path(output: Path) -> Path:
+    return output.with_name(output.name + MAP_SUFFIX)
+
+
+class DirtyMap:
+    """``OUTPUT.nbdgw-dirty``: which ranges of OUTPUT the backup holds (all others: unchanged).
+
+    A text file: one JSON header line (format, version, export, context, size, full), then
+    one ``OFFSET LENGTH`` line per dirty range, appended at each checkpoint and fsync'd before
+    any of them is cleared. Ranges may overlap or repeat (a resumed run records again what it
+    copies again): the map is their union. A crash in the middle of an append leaves a partial
+    last line, which the next open cuts off (it was never fsync'd, so nothing was cleared).
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._pending: list[str] = []
+        try:
+            raw = _read_all(self.fd)
+            if not raw:
+                self._pending.append(json.dumps(header, sort_keys=True))
+                if header["full"]:
+                    self._pending.append(f"0 {header['size']}")
+                self.sync()
+                _fsync_dir(path.parent)
+                return
+            found, _ = _parse_map(path, raw)
+            for key in ("export", "context", "size", "full"):
+                if found[key] != header[key]:
+                    raise BackupError(
+                        f"{path}: records {key} {found[key]!r}, not {header[key]!r}: it is "
+                        "not the map of this backup"
+                    )
+            os.ftruncate(self.fd, raw.rfind(b"\n") + 1)  # a partial last line, never synced
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def add(self, runs: list[list[int]]) -> None:
+        self._pending.extend(f"{offset} {length}" for offset, length in runs if length)
+
+    def sync(self) -> None:
+        if self._pending:
+            data = memoryview(("\n".join(self._pending) + "\n").encode())
+            while data:
+                data = data[os.write(self.fd, data) :]
+            self._pending.clear()
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+        """The header and the merged, sorted dirty ranges of a map file."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise BackupError(
+                f"{path} is missing: without it nothing says which ranges of the backup "
+                "changed (backups made before nbdgw recorded maps cannot be restored this way)"
+            ) from None
+        return _parse_map(path, raw)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_map(path: Path, raw: bytes) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    lines = raw.split(b"\n")[:-1]  # the text after the last newline: empty, or a partial line
+    try:
+        header = json.loads(lines[0]) if lines else None
+        if not isinstance(header, dict) or header.get("format") != MAP_FORMAT:
+            raise ValueError("no nbdgw-dirty-map header")
+        if header.get("version") != MAP_VERSION:
+            raise ValueError(f"unknown version {header.get('version')!r}")
+        size = header["size"]
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"bad size {size!r}")
+        runs = []
+        for number, line in enumerate(lines[1:], 2):
+            fields = line.split()
+            offset, length = int(fields[0]), int(fields[1])
+            if len(fields) != 2 or offset < 0 or length <= 0 or offset + length > size:
+                raise ValueError(f"line {number}: bad range {line.decode(errors='replace')!r}")
+            runs.append((offset, length))
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
+        raise BackupError(f"{path}: not a usable dirty map: {exc}") from None
+    runs.sort()
+    merged: list[tuple[int, int]] = []
+    for offset, length in runs:
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            start = merged[-1][0]
+            merged[-1] = (start, max(merged[-1][1], offset + length - start))
+        else:
+            merged.append((offset, length))
+    return header, merged
 
 
 @dataclass
@@ -383,12 +505,20 @@ class _Backup:
     """One run of a backup: the stream, the output file, the checkpoints."""
 
     def __init__(
-        self, gw: Gateway, state: BackupState, spath: Path, out: OutputImage, checkpoint: int
+        self,
+        gw: Gateway,
+        state: BackupState,
+        spath: Path,
+        out: OutputImage,
+        checkpoint: int,
+        dirty_map: DirtyMap,
     ) -> None:
         self.gw = gw
         self.state = state
         self.spath = spath
         self.out = out
+        self.map = dirty_map
+        self.mapped: list[list[int]] = []  # dirty runs copied since the last checkpoint
         self.checkpoint_bytes = max(checkpoint, 1)
         self.dirty: list[list[int]] = [list(r) for r in state.pending_clear]
         self.unsynced = 0
@@ -414,16 +544,24 @@ class _Backup:
             # A run that reaches the checkpoint may continue in the next message.
             if not final and sum(to_clear[-1]) == next_offset:
                 keep = [to_clear.pop()]
-        state.pending_clear = [list(r) for r in to_clear + keep]
+        # Many runs: one ClearRange per span of runs at most a granule apart, not per run,
+        # since the gateway limits the rate of calls. The clean gaps inside a span are
+        # cleared too: a no-op, unless a write dirtied them since the stream passed them;
+        # the recheck cannot tell, so it copies the gaps' current bytes (at most as much
+        # again as the runs) and no write is lost.
+        many = len(to_clear) > _PRECISE_CLEAR_RUNS
+        spans = _spans(to_clear, self.clear_gap) if many else to_clear
+        self.map.add(self.mapped)
+        self.mapped = []
+        if self.recheck:
+            # The recheck makes OUTPUT hold the current bytes of the whole spans, and the
+            # bitmap forgets them: the map must name them all (gaps included).
+            self.map.add(spans)
+        self.map.sync()  # before the state names runs to clear: see the module docstring
+        # The spans, not the runs: a resumed run clears and rechecks exactly them again.
+        state.pending_clear = [list(r) for r in spans + keep]
         state.save(self.spath)
         if to_clear:
-            # Many runs: one ClearRange per span of runs at most a granule apart, not per run,
-            # since the gateway limits the rate of calls. The clean gaps inside a span are
-            # cleared too: a no-op, unless a write dirtied them since the stream passed them;
-            # the recheck cannot tell, so it copies the gaps' current bytes (at most as much
-            # again as the runs) and no write is lost.
-            many = len(to_clear) > _PRECISE_CLEAR_RUNS
-            spans = _spans(to_clear, self.clear_gap) if many else to_clear
             await self._clear(spans)
             if self.recheck:
                 await self._recheck(spans, to_clear)
@@ -572,8 +710,11 @@ class _Backup:
                 self.out.zero(offset, length)
             else:
                 raise BackupError(f"the gateway did not say whether {offset}+{length} holds data")
-            if state.clear and flags & 1:
-                _merge_run(self.dirty, offset, length)
+            if flags & 1:
+                if state.clear:
+                    _merge_run(self.dirty, offset, length)
+                if not state.full:  # a full backup's map is the whole disk already
+                    _merge_run(self.mapped, offset, length)
         if pos != len(data):
             raise BackupError(f"the gateway sent {len(data) - pos} bytes of data too many")
         self.unsynced += len(data) + 16 * len(msg.lengths)
@@ -632,9 +773,22 @@ async def run(args: argparse.Namespace) -> int:
             state.save(spath)
         await snapshots.take_snapshot(gw, args, state, spath, warn(args))
 
-        out = OutputImage(output, size, create=create)
+        header = {
+            "format": MAP_FORMAT,
+            "version": MAP_VERSION,
+            "export": state.export,
+            "context": state.context,
+            "size": state.size,
+            "full": state.full,
+        }
+        dirty_map = DirtyMap(map_path(output), header)
         try:
-            backup = _Backup(gw, state, spath, out, args.checkpoint)
+            out = OutputImage(output, size, create=create)
+        except BaseException:
+            dirty_map.close()
+            raise
+        try:
+            backup = _Backup(gw, state, spath, out, args.checkpoint, dirty_map)
             backup._retries = args.retries
             backup.on_retry = warn(args)
             # A ledger-masked bitmap belongs to a point-in-time export: nothing writes to what
@@ -658,6 +812,7 @@ async def run(args: argparse.Namespace) -> int:
                 progress.done()
         finally:
             out.close()
+            dirty_map.close()
         if state.snapshot and not args.keep_snapshot:
             await snapshots.release_snapshot(gw, state)
 
@@ -715,7 +870,7 @@ def _prepare(
         if not create and not output.exists():
             raise BackupError(f"{output} is missing: the backup cannot be resumed")
     else:
-        for path in (spath, output):
+        for path in (spath, output, map_path(output)):
             if path.exists() or path.is_symlink():
                 raise BackupError(
                     f"{path} exists: use --resume to continue an interrupted backup, or "
@@ -732,3 +887,78 @@ def _prepare(
         state.save(spath)
         create = True
     return state, create
+
+
+def add_restore_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", metavar="BASE", type=Path, help="the raw image to update in place")
+    p.add_argument(
+        "incrementals",
+        metavar="INCREMENTAL",
+        type=Path,
+        nargs="+",
+        help="backups made by 'nbdgw backup', oldest first",
+    )
+
+
+def apply_incremental(base: OutputImage, incremental: Path, runs: list[tuple[int, int]]) -> int:
+    """Copy ``runs`` of ``incremental`` onto ``base``: data as data, holes and zeroes as zeroes
+    (punched where possible). Returns the number of data bytes copied."""
+    fd = os.open(incremental, os.O_RDONLY | os.O_CLOEXEC)
+    copied = 0
+    try:
+        for offset, length in runs:
+            pos, end = offset, offset + length
+            while pos < end:
+                try:
+                    data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: no data after pos at all
+                        raise
+                    data = end
+                if data > pos:
+                    base.zero(pos, data - pos)
+                if data >= end:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                while data < hole:
+                    chunk = os.pread(fd, min(_ZERO_CHUNK, hole - data), data)
+                    if not chunk:
+                        raise BackupError(f"{incremental}: ends before offset {data}")
+                    base.write(chunk, data)
+                    data += len(chunk)
+                    copied += len(chunk)
+                pos = hole
+    finally:
+        os.close(fd)
+    return copied
+
+
+def restore(args: argparse.Namespace) -> int:
+    """``nbdgw restore BASE INCREMENTAL...``."""
+    base_path: Path = args.base
+    size = base_path.stat().st_size
+    plans = []
+    # Check everything before changing anything: a bad argument leaves BASE as it was.
+    for path in args.incrementals:
+        try:
+            state = BackupState.load(state_path(path))
+        except FileNotFoundError:
+            raise BackupError(f"{state_path(path)} is missing: {path} is no nbdgw backup") from None
+        if not state.complete:
+            raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
+        header, runs = DirtyMap.load(map_path(path))
+        if header["size"] != size or path.stat().st_size != size:
+            raise BackupError(
+                f"{path} is a backup of a {header['size']}-byte disk, {base_path} has {size} bytes"
+            )
+        plans.append((path, runs))
+    base = OutputImage(base_path, size, create=False)
+    try:
+        for path, runs in plans:
+            copied = apply_incremental(base, path, runs)
+            dirty = sum(length for _, length in runs)
+            print(f"{path}: {dirty} dirty bytes applied ({copied} of data, the rest zeroes)")
+        base.sync()
+    finally:
+        base.close()
+    return 0

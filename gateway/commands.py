@@ -649,8 +649,14 @@ async def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _restore(args: argparse.Namespace) -> int:
+    from gateway import backup
+
+    return await asyncio.to_thread(backup.restore, args)
+
+
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add exports, bitmaps, extents, clear and backup."""
+    """Add exports, bitmaps, extents, clear, backup and restore."""
     from gateway import backup  # here, so that the two modules can share helpers
 
     p = _one_line_errors(
@@ -720,3 +726,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     backup.add_arguments(p)
     add_target_arguments(p)
     p.set_defaults(func=command(backup.run))
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "restore",
+            help="lay backups made by 'nbdgw backup' over a raw image, in place",
+            description=backup.RESTORE_DESCRIPTION,
+        )
+    )
+    backup.add_restore_arguments(p)
+    p.set_defaults(func=command(_restore))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.backup import BackupState, Progress, state_path
+from gateway.backup import BackupError, BackupState, DirtyMap, Progress, map_path, state_path
 from nbdcore.storage import Image
 from tests.gateway.cli_support import (
     ENV,
@@ -174,6 +174,22 @@ def test_killed_backup_with_clear_resumes_and_leaves_bitmap_clean(
     done = cli(*args, "--resume")
     assert done.returncode == 0 and "already complete" in done.stderr
 
+    # The bitmap is clean now: only the map says what changed. Laid over an older image (here
+    # 0xAA everywhere), it gives the disk in every dirty range, zeroed ranges included, and
+    # leaves the rest alone.
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\xaa" * disk.size)
+    restored = cli("restore", str(base), str(out))
+    assert restored.returncode == 0, restored.stderr
+    got, want = base.read_bytes(), bytes(disk.content)
+    pos = 0
+    for off, n in dirty:
+        assert got[pos:off] == b"\xaa" * (off - pos), pos
+        assert got[off : off + n] == want[off : off + n], off
+        pos = off + n
+    assert got[pos:] == b"\xaa" * (disk.size - pos)
+    assert want[4 * MiB + 128 * 1024 : 4 * MiB + 384 * 1024] == bytes(256 * 1024)
+
 
 def test_killed_full_backup_resumes_equal_to_source(
     qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
@@ -266,6 +282,39 @@ def test_clear_of_a_fragmented_bitmap(tmp_path: Path) -> None:
         f.seek(3 * GRANULARITY)
         assert f.read(len(gap_data)) == gap_data
     assert is_hole(out, 4 * GRANULARITY, 1 << 29)
+    # The gap's data is in OUTPUT: the map must say so, or a restore would skip it.
+    _, runs = DirtyMap.load(map_path(out))
+    assert any(o <= 3 * GRANULARITY and o + n >= 4 * GRANULARITY for o, n in runs)
+    assert not any(o < 600 * MiB + 4 * GRANULARITY <= o + n for o, n in runs if o > 300 * MiB)
+
+
+def test_dirty_map_file(tmp_path: Path) -> None:
+    """Appends survive reopening; a partial last line (a crash mid-append, never fsync'd) is
+    cut off; another backup's map and a damaged one are refused, naming the file."""
+    path = tmp_path / "out.img.nbdgw-dirty"
+    header = {"format": "nbdgw-dirty-map", "version": 1, "export": "e", "context": "c"}
+    header |= {"size": 1 << 20, "full": False}
+    m = DirtyMap(path, header)
+    m.add([[0, 4096], [8192, 4096]])
+    m.sync()
+    m.close()
+    with path.open("ab") as f:
+        f.write(b"65536 40")  # torn append
+    m = DirtyMap(path, header)
+    m.add([[4096, 4096], [65536, 4096]])
+    m.sync()
+    m.close()
+    assert DirtyMap.load(path) == (header, [(0, 12288), (65536, 4096)])
+    with pytest.raises(BackupError, match="records size"):
+        DirtyMap(path, header | {"size": 2 << 20})
+    path.write_text(path.read_text() + "1048576 1\n")
+    with pytest.raises(BackupError, match="line 6: bad range"):
+        DirtyMap.load(path)
+    with pytest.raises(BackupError, match="is missing"):
+        DirtyMap.load(tmp_path / "nosuch")
+    full = DirtyMap(tmp_path / "full", header | {"full": True})
+    full.close()
+    assert DirtyMap.load(tmp_path / "full")[1] == [(0, 1 << 20)]
 
 
 def test_full_backup_from_nbdkit(tmp_path: Path) -> None:
