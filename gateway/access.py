@@ -154,11 +154,6 @@ class TokenFile:
         self._entries = parse_tokens(text, f"token file {path}")
         self._stamp = self._stat()
 
-    @classmethod
-    def from_tokens(cls, tokens: Mapping[str, str]) -> StaticTokens:
-        """identity -> token, for tests and embedding."""
-        return StaticTokens(tokens)
-
     def _stat(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.path)
@@ -310,13 +305,6 @@ def permission_denied(identity: str, operation: str, export: str | None) -> Gate
 
 
 # --- authentication -----------------------------------------------------------------------
-
-
-class TokenLookup:
-    """What Authenticator needs of a token table."""
-
-    def lookup(self, token: str) -> str | None:  # pragma: no cover - protocol
-        raise NotImplementedError
 
 
 @dataclass

@@ -55,6 +55,7 @@ from gateway.commands import (
     stream_extents,
     warn,
 )
+from nbdcore.storage.store import fsync_dir, write_atomic
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
@@ -116,7 +117,7 @@ class DirtyMap:
                 if header["full"]:
                     self._pending.append(f"0 {header['size']}")
                 self.sync()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 return
             found, _ = _parse_map(path, raw)
             for key in ("export", "context", "size", "full"):
@@ -248,24 +249,7 @@ class BackupState:
     def save(self, path: Path) -> None:
         """Replace ``path`` atomically: a crash leaves the old or the new state, never half."""
         self.updated = time.time()
-        tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n")
 
 
 class OutputImage:

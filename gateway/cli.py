@@ -8,13 +8,11 @@ code, or a coroutine function, which is run with asyncio).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import inspect
 import sys
 from collections.abc import Sequence
 
-from nbdcore.exceptions import NBDError
+from nbdcore.tools import run
 
 # Order is the order of --help.
 COMMAND_MODULES = (
@@ -43,21 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(func(args)) if inspect.iscoroutinefunction(func) else func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (NBDError, OSError) as exc:
-        # A person gets one line, never a traceback, for anything the peer or the OS caused.
-        print(f"nbdgw: {exc}", file=sys.stderr)
-        return 1
-    return int(result or 0)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -214,13 +214,6 @@ def error_details(exc: grpc.aio.AioRpcError) -> list[Any]:
     return details
 
 
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    for detail in error_details(exc):
-        if isinstance(detail, error_details_pb2.ErrorInfo):
-            return detail
-    return None
-
-
 def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
     """How long the server asked us to wait (RetryInfo), if it did."""
     for detail in error_details(exc):

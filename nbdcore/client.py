@@ -42,6 +42,7 @@ from typing import Final
 from nbdcore import clear_ext, wire
 from nbdcore.constants import (
     CLISERV_MAGIC,
+    DEFAULT_MAX_PAYLOAD,
     IHAVEOPT,
     MAX_EXTENTS_PER_CHUNK,
     NBD_EXTENDED_REPLY_MAGIC,
@@ -94,8 +95,6 @@ MAX_ERROR_CHUNK: Final = 6 + NBD_MAX_STRING + 8
 MAX_COMPACT_STATUS_CHUNK: Final = 4 + 8 * MAX_EXTENTS_PER_CHUNK
 MAX_EXTENDED_STATUS_CHUNK: Final = 8 + 16 * MAX_EXTENTS_PER_CHUNK
 MAX_COMPACT_LENGTH: Final = 0xFFFFFFFF
-# Without NBD_INFO_BLOCK_SIZE, 32 MiB is the largest payload every server accepts.
-DEFAULT_MAX_PAYLOAD: Final = 32 * 1024 * 1024
 
 
 class ClientState(enum.Enum):

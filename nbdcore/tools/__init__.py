@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
+import sys
+from collections.abc import Sequence
 from typing import Any
+
+from nbdcore.exceptions import NBDError
 
 
 def subgroup(groups: dict[str, Any], name: str, help: str) -> Any:
@@ -14,3 +20,24 @@ def subgroup(groups: dict[str, Any], name: str, help: str) -> Any:
         groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
         parser.set_defaults(func=lambda _args, p=parser: (p.print_help(), 2)[1])
     return groups[name]
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command: the ``func`` its parser set (a callable
+    taking the namespace and returning an exit code, or a coroutine function, run with
+    asyncio). The one runner of ``nbdgw`` and of these tools run alone: no command prints
+    help (exit 2); an NBDError or OSError is one line on stderr, never a traceback, since a
+    person caused it or the peer or the OS did (exit 1); Ctrl-C is exit 130."""
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(func(args)) if inspect.iscoroutinefunction(func) else func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (NBDError, OSError) as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
+    return int(result or 0)

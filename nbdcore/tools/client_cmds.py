@@ -28,7 +28,7 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import UsageError
-from nbdcore.tools import subgroup
+from nbdcore.tools import run, subgroup
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
     from nbdcore.aio.client import ExportInfo, NBDClient
@@ -522,24 +522,10 @@ class _Writer:
 def main(argv: list[str] | None = None) -> int:
     """``python -m nbdcore.tools.client_cmds nbd map URI``: these commands alone, with the
     error handling of the ``nbdgw`` command (one line, exit code 1)."""
-    from nbdcore.exceptions import NBDError
-
     parser = argparse.ArgumentParser(prog="nbdgw")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register(sub, {"": sub})
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(func(args)) if asyncio.iscoroutinefunction(func) else func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (NBDError, OSError) as exc:
-        print(f"nbdgw: {exc}", file=sys.stderr)
-        return 1
-    return int(result or 0)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":
