@@ -46,6 +46,7 @@ from nbdcore.storage import (
     SnapshotError,
     SnapshotExistsError,
 )
+from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError
 from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
@@ -105,6 +106,26 @@ def snapshot_exists(export: str, snapshot: str) -> GatewayError:
                 resource_type=SNAPSHOT_TYPE,
                 resource_name=f"exports/{export}/snapshots/{snapshot}",
                 description="release it first, or choose another snapshot_id",
+            )
+        ],
+    )
+
+
+def too_many_snapshots(export: str, why: str) -> GatewayError:
+    """The export's image holds the most snapshots it may (``MAX_SNAPSHOTS``)."""
+    return GatewayError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.Reason.RESOURCE_EXHAUSTED,
+        f"export {export!r} cannot take another snapshot: {why}",
+        {"export": export, "limit": str(MAX_SNAPSHOTS)},
+        [
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"exports/{export}",
+                        description=f"at most {MAX_SNAPSHOTS} snapshots per export: release one",
+                    )
+                ]
             )
         ],
     )
@@ -261,6 +282,9 @@ class Snapshots:
             raise snapshot_not_found(export, snap_id)
         if reason in ("SNAPSHOTS_NOT_SUPPORTED", "EXPORT_NOT_FOUND"):
             raise snapshots_not_supported(export, f"its host says: {message}")
+        if reason == "INVALID_FIELD" and "snapshots already" in message:
+            # nbdcore hosts answer SnapshotLimitError with its message under INVALID_FIELD.
+            raise too_many_snapshots(export, f"its host says: {message}")
         if reason == "INVALID_FIELD":
             field = "cluster_size_bytes" if "cluster" in message else "snapshot_id"
             raise errors.invalid_field(field, message)
@@ -343,6 +367,8 @@ class Snapshots:
                 ) from None
             except SnapshotExistsError:
                 raise snapshot_exists(export, snap_id) from None
+            except SnapshotLimitError as exc:
+                raise too_many_snapshots(export, str(exc)) from None
             except SnapshotError as exc:
                 field = "cluster_size_bytes" if "cluster" in str(exc) else "snapshot_id"
                 raise errors.invalid_field(field, str(exc)) from None

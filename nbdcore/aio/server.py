@@ -192,7 +192,7 @@ class NBDServer:
         tls_required: bool = False,
         limits: ServerLimits | None = None,
         clear_extension: bool = True,
-        snapshot_management: bool = True,
+        snapshot_management: bool = False,
     ) -> None:
         if tls_required and tls is None:
             raise UsageError("tls_required needs a TLS context")

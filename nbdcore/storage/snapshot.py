@@ -52,7 +52,9 @@ The crash-safety scheme (the rule: when in doubt, a granule is dirty; see also s
    snapshot's reads fail from then on, ``broken`` is persisted in ``meta.json`` *before* the
    live data changes, and releasing it still merges its forks back) or refuses the live write
    with ENOSPC (``on_full="fail-write"``). A snapshot is a backup aid: by default it never
-   makes the guest's disk fail.
+   makes the guest's disk fail. Without an explicit ``max_bytes`` the limit is
+   :func:`default_max_bytes` (10% of the disk, at least 256 MiB), so that a forgotten snapshot
+   of a busy disk cannot fill the file system; and an image holds at most ``MAX_SNAPSHOTS``.
 5. Unreadable or inconsistent snapshot metadata found at open: the snapshot is deleted and
    every live bitmap is marked wholly dirty (we do not know what its forks held).
 
@@ -105,6 +107,21 @@ MAX_CLUSTER_SIZE: Final = 16 * 1024 * 1024
 
 OnFull = Literal["break", "fail-write"]
 ON_FULL: Final = ("break", "fail-write")
+# Limits of every snapshot, whoever asks (NBD clients of `nbdgw nbd serve`, the gateway, the
+# local command): what one snapshot may preserve unless told, and how many an image may hold.
+DEFAULT_MAX_PERCENT: Final = 10
+DEFAULT_MIN_MAX_BYTES: Final = 256 * 1024 * 1024
+MAX_SNAPSHOTS: Final = 8
+
+
+def default_max_bytes(size: int) -> int:
+    """The preserved-data limit of a snapshot of a ``size``-byte disk when none is given."""
+    return max(size * DEFAULT_MAX_PERCENT // 100, DEFAULT_MIN_MAX_BYTES)
+
+
+class SnapshotLimitError(SnapshotError):
+    """The image holds ``MAX_SNAPSHOTS`` snapshots already: release one first."""
+
 
 # Map entries (uint32 per cluster).
 SHARED: Final = 0  # still the live disk's
@@ -672,6 +689,13 @@ def create(
         raise SnapshotError(f"max_bytes must be a byte count, not {max_bytes!r}")
     if len(set(bitmaps)) != len(bitmaps):
         raise SnapshotError("a bitmap can be forked only once per snapshot")
+    if len(image.snapshots) >= MAX_SNAPSHOTS:
+        raise SnapshotLimitError(
+            f"the image has {len(image.snapshots)} snapshots already, the most it may hold:"
+            " release one first"
+        )
+    if max_bytes is None:
+        max_bytes = default_max_bytes(image.size)
     live = [image.bitmap(b) for b in bitmaps]  # NoSuchBitmapError for a missing one
     meta: dict[str, Any] = {
         "format": FORMAT,

@@ -44,6 +44,14 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="do not export the disk's snapshots (by default each snapshot SNAP of the disk is"
         " exported read-only as EXPORT@SNAP; see nbdgw snapshot)",
     )
+    p.add_argument(
+        "--allow-snapshots",
+        action="store_true",
+        help="let NBD clients create, list and release snapshots of the disk "
+        "(NBD_OPT_X_NBDGW_SNAPSHOT, docs/extension-snapshot.md; what a gateway in front of "
+        "this host needs for point-in-time backups); off by default, since any client that "
+        "can connect could then take snapshots",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA that client certificates must chain to")
@@ -105,6 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
             tls_required=args.tls_required,
             limits=ServerLimits(max_connections=args.max_connections),
             clear_extension=args.clear_extension,
+            snapshot_management=args.allow_snapshots and not args.read_only,
         )
         if listen is not None:
             host, port = await server.start_tcp(*listen)

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "--max-size",
         type=parse_size,
         metavar="SIZE",
-        help="most data the snapshot may preserve (default: no limit but the file system)",
+        help="most data the snapshot may preserve (default: a tenth of the disk, at least 256M)",
     )
     p.add_argument(
         "--on-full",

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway.config import GatewayConfig
 from nbdcore.aio.client import NBDClient
 from nbdcore.storage import Image
+from nbdcore.storage.snapshot import MAX_SNAPSHOTS, default_max_bytes
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
@@ -484,3 +485,27 @@ async def test_reflection_lists_the_snapshot_service(start_gateway: Any, tmp_pat
         for s in r.list_services_response.service
     ]
     assert "nbdgw.v1.SnapshotService" in names
+
+
+async def test_default_size_limit_and_count_limit(start_gateway: Any, tmp_path: Path) -> None:
+    """Review M6: a snapshot taken without a limit gets the default one (10% of the disk, at
+    least 256 MiB); an export holds at most MAX_SNAPSHOTS (RESOURCE_EXHAUSTED, nothing made)."""
+    make_disk(tmp_path / "disk.img")
+    run, stub = await start(start_gateway, tmp_path)
+    image = run.gateway.images["disk"]
+    for i in range(MAX_SNAPSHOTS):
+        snap = await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id=f"s{i}")
+        )
+        assert snap.max_preserved_bytes == default_max_bytes(SIZE) == 256 * MiB
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk", snapshot_id="more"))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "release one" in (info.value.details() or "")
+    assert sorted(image.snapshots) == [f"s{i}" for i in range(MAX_SNAPSHOTS)]
+    assert default_max_bytes(1 << 40) == (1 << 40) // 10
+    explicit = Image.create(tmp_path / "other.img", SIZE)
+    try:
+        assert explicit.create_snapshot("big", max_bytes=1 << 40).max_bytes == 1 << 40
+    finally:
+        explicit.close()

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.config import GatewayConfig
 from nbdcore.storage import Image
+from nbdcore.storage.snapshot import MAX_SNAPSHOTS, default_max_bytes
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
@@ -36,8 +37,10 @@ SIZE = 16 * MiB
 class Host:
     """``nbdgw nbd serve DISK --export disk`` on a unix socket, in its own process."""
 
-    def __init__(self, disk: Path, sock: Path) -> None:
-        self.disk, self.sock = disk, sock
+    def __init__(
+        self, disk: Path, sock: Path, extra: tuple[str, ...] = ("--allow-snapshots",)
+    ) -> None:
+        self.disk, self.sock, self.extra = disk, sock, extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Host:
@@ -45,7 +48,7 @@ class Host:
             self.sock.unlink()  # left by a killed host
         cmd = [sys.executable, "-m", "nbdcore.tools.server_cmds", str(self.disk)]
         self.proc = subprocess.Popen(
-            [*cmd, "--socket", str(self.sock), "--export", "disk"],
+            [*cmd, "--socket", str(self.sock), "--export", "disk", *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=ENV,
@@ -220,3 +223,52 @@ async def test_kill9_of_the_host_in_the_backup_loop(
     assert differ <= marked, (
         f"{len(differ - marked)} granules lost, e.g. {sorted(differ - marked)[:5]}"
     )
+
+
+async def test_snapshot_management_is_opt_in_and_limited(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """``nbd serve`` without --allow-snapshots answers no NBD client's snapshot request (the
+    gateway says SNAPSHOTS_NOT_SUPPORTED and backs up live); with it, a snapshot gets the default
+    size limit, and an export holds at most MAX_SNAPSHOTS (RESOURCE_EXHAUSTED)."""
+    make_disk(tmp_path / "disk.img")
+    closed = Host(tmp_path / "disk.img", tmp_path / "closed.sock", extra=()).start()
+    try:
+        config = GatewayConfig(data_dir=tmp_path / "data")
+        config.add_uri_export("disk", closed.uri)
+        run = await start_gateway(config)
+        stub = spb_grpc.SnapshotServiceStub(run.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk", bitmaps=["b"]))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "does not take snapshots" in (info.value.details() or "")
+        proc = await asyncio.to_thread(
+            cli, "backup", "disk", str(tmp_path / "live.bak"), "--bitmap", "b",
+            "--target", run.target,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "(snapshot " not in proc.stdout
+    finally:
+        closed.stop()
+    with Image.open(tmp_path / "disk.img", read_only=True) as image:
+        assert not image.snapshots
+
+    opened = Host(tmp_path / "disk.img", tmp_path / "open.sock").start()
+    try:
+        config = GatewayConfig(data_dir=tmp_path / "data2")
+        config.add_uri_export("disk", opened.uri)
+        run = await start_gateway(config)
+        stub = spb_grpc.SnapshotServiceStub(run.channel)
+        for i in range(MAX_SNAPSHOTS):
+            snap = await stub.CreateSnapshot(
+                spb.CreateSnapshotRequest(parent="disk", snapshot_id=f"s{i}")
+            )
+            assert snap.max_preserved_bytes == default_max_bytes(SIZE)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk", snapshot_id="x"))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "release one" in (info.value.details() or "")
+        await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/s0"))
+        await stub.CreateSnapshot(spb.CreateSnapshotRequest(parent="disk", snapshot_id="x"))
+    finally:
+        opened.stop()
