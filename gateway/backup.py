@@ -765,6 +765,12 @@ async def run(args: argparse.Namespace) -> int:
             "size": state.size,
             "full": state.full,
         }
+        if state.next_offset and not map_path(output).exists():
+            raise BackupError(
+                f"{map_path(output)} is missing: the backup was started without a dirty map "
+                "(by an older nbdgw, or the file was deleted), so nothing would record which "
+                "ranges it copied; start a new backup"
+            )
         dirty_map = DirtyMap(map_path(output), header)
         try:
             out = OutputImage(output, size, create=create)

@@ -221,6 +221,15 @@ def test_backup_refusals_are_one_line_and_touch_nothing(
     assert list(tmp_path.iterdir()) == []  # nothing written by any refusal
 
     assert cli("backup", "vm", "--bitmap", "b1", str(out), *t).returncode == 0
+    # Interrupted midway (by hand), and its map lost: resuming would leave a map without the
+    # ranges already copied.
+    saved = state_path(out).read_text()
+    partial = json.loads(saved) | {"complete": False, "next_offset": 1 << 20}
+    state_path(out).write_text(json.dumps(partial))
+    map_path(out).rename(tmp_path / "map.bak")
+    line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b1", str(out), "--resume", *t), 1)
+    assert "nbdgw-dirty is missing" in line and not map_path(out).exists()
+    state_path(out).write_text(saved)
     line = assert_one_line_error(cli("backup", "vm", "--bitmap", "b0", str(out), "--resume", *t), 1)
     assert "different settings" in line
     line = assert_one_line_error(
