@@ -9,8 +9,8 @@ import signal
 import sys
 from typing import Any
 
-from nbdcore.exceptions import NBDError, UsageError
-from nbdcore.tools import subgroup
+from nbdcore.exceptions import UsageError
+from nbdcore.tools import run, subgroup
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
@@ -148,14 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nbdgw-nbd")
     groups: dict[str, Any] = {"": parser.add_subparsers(dest="command", metavar="COMMAND")}
     register(groups[""], groups)
-    args = parser.parse_args(["nbd", "serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, NBDError) as exc:
-        print(f"nbdgw: {exc}", file=sys.stderr)
-        return 1
+    return run(parser, ["nbd", "serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
