@@ -7,7 +7,6 @@ is ever lost."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.backup import DirtyMap, OutputImage, apply_incremental, map_path
 from nbdcore.storage import Image
 from tests.gateway.cli_support import ENV, GatewayProcess
 
@@ -26,8 +26,9 @@ MiB = 1024 * 1024
 G = 64 * 1024
 SIZE = 24 * MiB
 
-# Writes random non-zero data (so a backup's data is never a hole) until killed; reconnects
-# whenever the gateway goes away.
+# Writes random non-zero data, and now and then zeroes a range (which may punch a hole: a dirty
+# range a backup holds as a hole, which only its dirty map tells from an unchanged one), until
+# killed; reconnects whenever the gateway goes away.
 WRITER = r"""
 import asyncio, random, sys
 from nbdcore.aio.client import NBDClient
@@ -44,7 +45,10 @@ async def main(uri, seed):
             while True:
                 length = rng.choice((4096, 65536, rng.randrange(1, 200_000)))
                 offset = rng.randrange(client.size - length)
-                await client.pwrite(bytes([rng.randrange(1, 256)]) * length, offset)
+                if rng.random() < 0.2:
+                    await client.zero(offset, length)
+                else:
+                    await client.pwrite(bytes([rng.randrange(1, 256)]) * length, offset)
                 await asyncio.sleep(0.002)
         except Exception:
             pass
@@ -66,22 +70,18 @@ def backup_cmd(target: str, out: Path, *extra: str) -> list[str]:
 
 
 def apply(restored: bytearray, out: Path) -> None:
-    """Lay an incremental backup over the restored disk: its data ranges (the dirty ones: the
-    disk never holds zeroes here, so a dirty range is never a hole)."""
-    data = out.read_bytes()
-    fd = os.open(out, os.O_RDONLY)
+    """Lay an incremental backup over the restored disk as ``nbdgw restore`` does: the ranges
+    its dirty map records, holes as zeroes (laying only its data ranges would keep old bytes
+    where the writer zeroed)."""
+    base = out.with_name("restored.img")
+    base.write_bytes(restored)
+    _, runs = DirtyMap.load(map_path(out))
+    image = OutputImage(base, len(restored), create=False)
     try:
-        pos = 0
-        while pos < SIZE:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), SIZE)
-            restored[start:end] = data[start:end]
-            pos = end
+        apply_incremental(image, out, runs)
     finally:
-        os.close(fd)
+        image.close()
+    restored[:] = base.read_bytes()
 
 
 def dirty_granules(image: Image) -> set[int]:

@@ -5,7 +5,6 @@ taken through NBD_OPT_X_NBDGW_SNAPSHOT; a qemu-nbd host has none (SNAPSHOTS_NOT_
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import ENV, QemuNBD, cli, make_qemu_disk
-from tests.gateway.test_snapshot_crash import WRITER
+from tests.gateway.test_snapshot_crash import WRITER, apply
 
 pytestmark = pytest.mark.interop
 
@@ -194,20 +193,7 @@ async def test_kill9_of_the_host_in_the_backup_loop(
                 assert "UNAVAILABLE" in resumed.stderr, resumed.stderr
                 await asyncio.sleep(0.2)
             assert resumed.returncode == 0, resumed.stderr
-            data = out.read_bytes()
-            fd = os.open(out, os.O_RDONLY)
-            try:
-                pos = 0
-                while pos < SIZE:
-                    try:
-                        start = os.lseek(fd, pos, os.SEEK_DATA)
-                    except OSError:
-                        break
-                    end = min(os.lseek(fd, start, os.SEEK_HOLE), SIZE)
-                    restored[start:end] = data[start:end]
-                    pos = end
-            finally:
-                os.close(fd)
+            apply(restored, out)  # from its dirty map: the writer zeroes ranges too
     finally:
         writer.kill()
         await writer.wait()
