@@ -121,9 +121,9 @@ class DirtyMap:
                 return
             found, _ = _parse_map(path, raw)
             for key in ("export", "context", "size", "full"):
-                if found[key] != header[key]:
+                if found.get(key) != header[key]:
                     raise BackupError(
-                        f"{path}: records {key} {found[key]!r}, not {header[key]!r}: it is "
+                        f"{path}: records {key} {found.get(key)!r}, not {header[key]!r}: it is "
                         "not the map of this backup"
                     )
             os.ftruncate(self.fd, raw.rfind(b"\n") + 1)  # a partial last line, never synced
@@ -437,6 +437,8 @@ async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
 _RECHECK_GAP = 1 << 20
 # Runs to clear are kept in memory and in the state file until a checkpoint: bound them.
 _MAX_PENDING_RUNS = 1024
+# Dirty runs copied since the last checkpoint (the map's next lines): bound them too.
+_MAX_MAPPED_RUNS = 1 << 16
 _CLEARS_IN_FLIGHT = 8
 # Up to this many runs per checkpoint are cleared one call each, exactly.
 _PRECISE_CLEAR_RUNS = 64
@@ -663,6 +665,7 @@ class _Backup:
                 if (
                     self.unsynced >= self.checkpoint_bytes
                     or len(self.dirty) >= _MAX_PENDING_RUNS
+                    or len(self.mapped) >= _MAX_MAPPED_RUNS
                     or time.monotonic() - self.last_sync >= 5.0
                 ):
                     await self.checkpoint(msg.next_offset, final=False)

@@ -316,6 +316,10 @@ def test_dirty_map_file(tmp_path: Path) -> None:
     assert DirtyMap.load(path) == (header, [(0, 12288), (65536, 4096)])
     with pytest.raises(BackupError, match="records size"):
         DirtyMap(path, header | {"size": 2 << 20})
+    other = tmp_path / "other.nbdgw-dirty"
+    other.write_text('{"format": "nbdgw-dirty-map", "version": 1, "size": 1048576}\n')
+    with pytest.raises(BackupError, match="records export None"):
+        DirtyMap(other, header)
     path.write_text(path.read_text() + "1048576 1\n")
     with pytest.raises(BackupError, match="line 6: bad range"):
         DirtyMap.load(path)
