@@ -362,3 +362,34 @@ def test_full_backup_from_nbdkit(tmp_path: Path) -> None:
     # nbdkit's data plugin allocates in 32 KiB pages: the 4 KiB in the middle is a 32 KiB extent.
     assert BackupState.load(state_path(out)).bytes_written == 65536 + 32768 + 131072
     assert is_hole(out, 65536, (1 << 20) - 65536) and is_hole(out, 5 << 20, 3 << 20)
+
+
+def test_restore_refusals_are_one_line_and_touch_nothing(
+    qemu_gateway: tuple[GatewayProcess, QemuDisk], tmp_path: Path
+) -> None:
+    gw, disk = qemu_gateway
+    out = tmp_path / "inc.img"
+    assert cli("backup", "vm", "--bitmap", "b0", str(out), "--target", gw.target).returncode == 0
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\x55" * disk.size)
+    small = tmp_path / "small.img"
+    small.write_bytes(b"\x55" * 4096)
+
+    line = assert_one_line_error(cli("restore", str(small), str(out)), 1)
+    assert "-byte disk" in line
+    line = assert_one_line_error(cli("restore", str(base), str(tmp_path / "nosuch.img")), 1)
+    assert "is no nbdgw backup" in line
+    state = json.loads(state_path(out).read_text())
+    state_path(out).write_text(json.dumps(state | {"complete": False}))
+    # The good one first: nothing is applied unless every backup named is usable.
+    line = assert_one_line_error(cli("restore", str(base), str(out), str(out)), 1)
+    assert "is incomplete" in line
+    state_path(out).write_text(json.dumps(state))
+    map_path(out).rename(tmp_path / "map")
+    line = assert_one_line_error(cli("restore", str(base), str(out)), 1)
+    assert "nbdgw-dirty is missing" in line
+    assert base.read_bytes() == b"\x55" * disk.size and small.read_bytes() == b"\x55" * 4096
+    (tmp_path / "map").rename(map_path(out))
+    done = cli("restore", str(base), str(out))
+    assert done.returncode == 0, done.stderr
+    assert base.read_bytes() != b"\x55" * disk.size
