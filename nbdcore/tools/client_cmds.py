@@ -32,6 +32,7 @@ from nbdcore.tools import run, subgroup
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
     from nbdcore.aio.client import ExportInfo, NBDClient
+    from nbdcore.aio.multiconn import MultiConnClient
     from nbdcore.tls import TLSConfig
 
 
@@ -76,6 +77,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     )
     p.add_argument("uri", metavar="URI")
     p.add_argument("file", metavar="FILE|-")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=4,
+        metavar="N",
+        help="connections to open when the export allows multi-conn (default 4, as nbdcopy)",
+    )
     p.add_argument(
         "--requests", type=int, default=8, metavar="N", help="reads in flight (default 8)"
     )
@@ -346,12 +354,20 @@ class Progress:
 
 
 async def copy_cmd(args: argparse.Namespace) -> int:
+    from nbdcore.aio.multiconn import MultiConnClient
     from nbdcore.extents import iter_extents
 
-    if args.requests < 1 or args.request_size < 4096:
-        raise UsageError("--requests must be >= 1 and --request-size >= 4096")
+    if args.requests < 1 or args.request_size < 4096 or args.connections < 1:
+        raise UsageError("--requests and --connections must be >= 1 and --request-size >= 4096")
     to_stdout = args.file == "-"
-    client = await _connect(args, [CONTEXT_BASE_ALLOCATION], max_in_flight=args.requests)
+    # Reads spread over several connections only when the export advertises CAN_MULTI_CONN.
+    client = await MultiConnClient.connect(
+        args.uri,
+        connections=args.connections,
+        meta_contexts=[CONTEXT_BASE_ALLOCATION],
+        tls=_tls(args),
+        max_in_flight=args.requests,
+    )
     try:
         size = client.size
         chunk = min(args.request_size, client.max_payload)
@@ -417,7 +433,7 @@ def _ready(fut: asyncio.Future[bytes] | None) -> bool:
     return fut is None or fut.done()
 
 
-async def _copy_plan(client: NBDClient, iter_extents: Any) -> Any:
+async def _copy_plan(client: MultiConnClient, iter_extents: Any) -> Any:
     """(offset, length, reads as zero) runs covering the export, from base:allocation when the
     server offers it, else one data run."""
     if CONTEXT_BASE_ALLOCATION in client.meta_contexts:
