@@ -37,7 +37,6 @@ from nbdcore.constants import (
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
     DEFAULT_MAX_PAYLOAD,
     IHAVEOPT,
-    MAX_EXTENTS_PER_CHUNK,
     NBD_EXTENDED_REQUEST_MAGIC,
     NBD_MAX_STRING,
     NBD_REPLY_FLAG_DONE,
@@ -56,6 +55,7 @@ from nbdcore.constants import (
 from nbdcore.exceptions import ClientProtocolError, OptionError, UsageError
 
 __all__ = [
+    "DEFAULT_MAX_EXTENTS",
     "Disconnect",
     "Event",
     "ExportCatalog",
@@ -85,6 +85,9 @@ _ALL_CMD_FLAGS: Final = int(
 )
 _DEFAULT_BLOCK_SIZE: Final = wire.BlockSize(1, 4096, DEFAULT_MAX_PAYLOAD)
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+# Extents per BLOCK_STATUS chunk: qemu's 1 MiB of compact extents. The spec only says SHOULD
+# NOT exceed 2^20, but 2^20 is 8 MiB (16 MiB extended) per context per reply (review H5).
+DEFAULT_MAX_EXTENTS: Final = 131072
 
 
 class State(enum.Enum):
@@ -238,7 +241,7 @@ class ServerConnection:
         tls_required: bool = False,
         max_option_length: int = 64 * 1024,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        max_extents: int = MAX_EXTENTS_PER_CHUNK,
+        max_extents: int = DEFAULT_MAX_EXTENTS,
         clear_extension: bool = False,
     ) -> None:
         if tls_required and not tls_available:

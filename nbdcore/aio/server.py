@@ -44,7 +44,6 @@ from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
     DEFAULT_MAX_PAYLOAD,
-    MAX_EXTENTS_PER_CHUNK,
     NBD_STATE_ZERO,
     Cmd,
     CmdFlag,
@@ -55,6 +54,7 @@ from nbdcore.constants import (
 )
 from nbdcore.exceptions import ClientProtocolError, OptionError, UsageError
 from nbdcore.server import (
+    DEFAULT_MAX_EXTENTS,
     Disconnect,
     ExportDescriptor,
     FileSpan,
@@ -78,6 +78,9 @@ _READ_SIZE: Final = 256 * 1024
 _IOV_MAX: Final = 1024
 _SNDBUF: Final = 4 * 1024 * 1024
 _T = TypeVar("_T")
+# Commands whose reply can be megabytes (BLOCK_STATUS: max_extents per context; the cleared
+# runs of X_NBDGW_CLEAR): built one at a time per connection, once the send queue drained.
+_LARGE_REPLIES: Final = frozenset({Cmd.BLOCK_STATUS, Cmd.X_NBDGW_CLEAR})
 
 
 @dataclass
@@ -98,7 +101,7 @@ class ServerLimits:
     max_option_length: int = 64 * 1024
     max_payload: int = DEFAULT_MAX_PAYLOAD
     handshake_timeout: float = 30.0
-    max_extents: int = MAX_EXTENTS_PER_CHUNK  # per BLOCK_STATUS chunk
+    max_extents: int = DEFAULT_MAX_EXTENTS  # per BLOCK_STATUS chunk (qemu's 131072)
     max_buffered_writes: int = 64 * 1024 * 1024  # WRITE payload bytes held per connection
     close_timeout: float = 10.0  # to finish in-flight requests when a connection ends
 
@@ -309,6 +312,12 @@ class NBDServer:
     def connections(self) -> int:
         """Clients connected right now."""
         return len(self._connections)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Reply bytes waiting to be sent (not yet taken by the kernel), all clients together:
+        at most about 2 * max_payload plus one reply per connection."""
+        return sum(conn.channel.backlog() for conn in self._connections)
 
     def lookup(self, name: str) -> ExportDescriptor | None:
         export = self._find(name)
@@ -731,6 +740,7 @@ class _Connection:
         self.sem = asyncio.Semaphore(limits.max_in_flight)
         self.write_bytes = 0
         self._write_done = asyncio.Event()
+        self._large_reply = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
         self.export: _Export | None = None
         self.negotiated: Negotiated | None = None
@@ -917,18 +927,29 @@ class _Connection:
 
     async def _serve(self, req: Request) -> None:
         try:
-            try:
-                await self._perform(req)
-            except Exception as exc:
-                self._fail_request(req, exc)
-            finally:
-                if req.command == Cmd.WRITE and req.data is not None:
-                    self.write_bytes -= len(req.data)
-                    self._write_done.set()
-            self._send()
+            if req.command in _LARGE_REPLIES:
+                # Wait for the backlog to drain BEFORE building the reply, one at a time:
+                # otherwise every request in flight queues its megabytes first and waits
+                # after, and a client that reads nothing holds 64 replies (review H5).
+                async with self._large_reply:
+                    await self._drain()
+                    await self._answer(req)
+            else:
+                await self._answer(req)
             await self._drain()
         finally:
             self.sem.release()
+
+    async def _answer(self, req: Request) -> None:
+        try:
+            await self._perform(req)
+        except Exception as exc:
+            self._fail_request(req, exc)
+        finally:
+            if req.command == Cmd.WRITE and req.data is not None:
+                self.write_bytes -= len(req.data)
+                self._write_done.set()
+        self._send()
 
     async def _perform(self, req: Request) -> None:
         assert self.export is not None

@@ -1,0 +1,142 @@
+"""Resource bounds of the asyncio NBD server over a real socket (review H5, M8, M7).
+
+Counters are the server's own (``NBDServer.queued_bytes``, ``NBDServer.retired_exports``),
+never RSS or timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nbdcore.aio.client import NBDClient
+from nbdcore.aio.server import ExportConfig, NBDServer, ServerLimits
+from nbdcore.constants import (
+    NBD_STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    ReplyType,
+)
+from nbdcore.server import DEFAULT_MAX_EXTENTS
+from nbdcore.storage.image import Image
+from tests.interop.test_server_hostile import Raw
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+GRANULE = 512
+# Alternating dirty/clean granules: twice as many runs as one reply may carry.
+FRAGMENTED = 4 * DEFAULT_MAX_EXTENTS * GRANULE
+BITMAP = "qemu:dirty-bitmap:b0"
+
+
+def fragmented_image() -> Image:
+    img = Image.memory(FRAGMENTED)
+    bitmap = img.add_bitmap("b0", granularity=GRANULE)
+    for off in range(0, FRAGMENTED, 2 * GRANULE):
+        bitmap.mark_dirty(off, GRANULE)
+    return img
+
+
+@pytest.fixture
+async def fragmented(tmp_path: Path) -> AsyncIterator[tuple[NBDServer, str]]:
+    img = fragmented_image()
+    # A small payload limit makes the send-queue mark (2 * max_payload) small next to the
+    # 1 MiB block status replies, so "bounded" and "one reply per request" differ by far.
+    srv = NBDServer(
+        [ExportConfig("disk", img)], limits=ServerLimits(max_payload=MiB, max_in_flight=64)
+    )
+    path = str(tmp_path / "nbd.sock")
+    await srv.start_unix(path)
+    try:
+        yield srv, path
+    finally:
+        await srv.close()
+        img.close()
+
+
+async def block_status_reply(raw: Raw) -> tuple[int, dict[int, int]]:
+    """One structured BLOCK_STATUS reply: (cookie, {context id: number of extents})."""
+    counts: dict[int, int] = {}
+    while True:
+        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", await raw.recv(20))
+        assert magic == NBD_STRUCTURED_REPLY_MAGIC
+        body = await raw.recv(length)
+        if rtype == ReplyType.BLOCK_STATUS:
+            (cid,) = struct.unpack_from(">I", body)
+            counts[cid] = (length - 4) // 8
+        else:
+            assert rtype == ReplyType.NONE, (rtype, body)
+        if flags & 1:
+            return cookie, counts
+
+
+def test_default_extent_cap_is_qemus() -> None:
+    assert DEFAULT_MAX_EXTENTS == 131072
+    assert ServerLimits().max_extents == DEFAULT_MAX_EXTENTS
+
+
+async def test_reply_carries_at_most_the_default_cap(tmp_path: Path) -> None:
+    img = fragmented_image()
+    async with NBDServer([ExportConfig("disk", img, read_only=True)]) as srv:
+        path = str(tmp_path / "s")
+        await srv.start_unix(path)
+        async with await NBDClient.connect(
+            f"nbd+unix:///disk?socket={path}", meta_contexts=[BITMAP], extended_headers=False
+        ) as client:
+            lengths, flags = (await client.block_status(0, FRAGMENTED))[BITMAP]
+    assert len(lengths) == DEFAULT_MAX_EXTENTS
+    assert set(lengths) == {GRANULE} and list(flags[:2]) == [1, 0]
+
+
+async def test_client_reading_nothing_keeps_queued_replies_bounded(
+    fragmented: tuple[NBDServer, str],
+) -> None:
+    """64 BLOCK_STATUS of the whole fragmented disk, nothing read back: the server waits for
+    the backlog to drain before it builds the next reply, and serves the other clients."""
+    srv, path = fragmented
+    count = 64
+    reply_bytes = 20 + 4 + 8 * DEFAULT_MAX_EXTENTS
+    bound = 2 * MiB + 2 * reply_bytes  # the drain mark, one reply, and slack for the other
+    idle = await Raw.open(path)
+    await idle.handshake(contexts=(BITMAP,))
+    for cookie in range(count):
+        idle.request(Cmd.BLOCK_STATUS, 0, FRAGMENTED, cookie=cookie)
+    await idle.writer.drain()
+
+    peak = 0
+    stop, backed_up = asyncio.Event(), asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, srv.queued_bytes)
+            if peak > 2 * MiB:
+                backed_up.set()  # more than the drain mark waits in the server
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(backed_up.wait(), 60)
+        async with await NBDClient.connect(
+            f"nbd+unix:///disk?socket={path}", meta_contexts=[BITMAP]
+        ) as good:
+            for _ in range(3):
+                lengths, _flags = (await good.block_status(0, 64 * GRANULE))[BITMAP]
+                assert list(lengths) == [GRANULE] * 64
+                assert await good.pread(0, 4096) == bytes(4096)
+    finally:
+        stop.set()
+        await watcher
+    assert 2 * MiB < peak <= bound, (peak, bound)
+    # Nothing was lost: every reply arrives once the client reads.
+    cookies = set()
+    for _ in range(count):
+        cookie, counts = await block_status_reply(idle)
+        assert list(counts.values()) == [DEFAULT_MAX_EXTENTS]
+        cookies.add(cookie)
+    assert cookies == set(range(count))
+    await idle.close()
