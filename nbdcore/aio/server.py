@@ -112,6 +112,7 @@ class _Export:
     worker: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="nbd-export")
     )
+    connections: int = 0  # in transmission on this export
 
     @property
     def read_only(self) -> bool:
@@ -302,7 +303,29 @@ class NBDServer:
             export = self._exports.pop(name)
         except KeyError:
             raise UsageError(f"no export named {name!r}") from None
-        self._retired.append(export)  # its worker thread still serves connected clients
+        if export.connections:
+            self._retired.append(export)  # its worker still serves them: freed by the last
+        else:
+            export.worker.shutdown(wait=False)
+
+    @property
+    def retired_exports(self) -> int:
+        """Removed exports still serving the clients connected to them."""
+        return len(self._retired)
+
+    def _attach(self, name: str) -> _Export | None:
+        export = self._find(name)
+        if export is not None:
+            export.connections += 1
+        return export
+
+    def _detach(self, export: _Export) -> None:
+        """A connection on ``export`` ended: the last one on a removed export frees it (its
+        worker thread and, for a snapshot export, the released snapshot's forks)."""
+        export.connections -= 1
+        if export.connections == 0 and any(e is export for e in self._retired):
+            self._retired = [e for e in self._retired if e is not export]
+            export.worker.shutdown(wait=False)
 
     @property
     def exports(self) -> list[str]:
@@ -752,6 +775,13 @@ class _Connection:
     # --- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._session()
+        finally:
+            if self.export is not None:
+                self.server._detach(self.export)
+
+    async def _session(self) -> None:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.server.limits.handshake_timeout, self._handshake_expired)
         try:
@@ -815,7 +845,7 @@ class _Connection:
                 elif isinstance(event, Negotiated):
                     timer.cancel()
                     self.negotiated = event
-                    self.export = self.server._find(event.export.name)
+                    self.export = self.server._attach(event.export.name)
                     if self.export is None:  # removed between lookup and now
                         raise ClientProtocolError("export was removed during the handshake")
                     log.info(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from nbdcore.constants import (
     Cmd,
     ReplyType,
 )
+from nbdcore.exceptions import RequestError
 from nbdcore.server import DEFAULT_MAX_EXTENTS
 from nbdcore.storage.image import Image
 from tests.interop.test_server_hostile import Raw
@@ -140,3 +142,67 @@ async def test_client_reading_nothing_keeps_queued_replies_bounded(
         cookies.add(cookie)
     assert cookies == set(range(count))
     await idle.close()
+
+
+def export_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("nbd-export")}
+
+
+async def settle(srv: NBDServer) -> None:
+    """Until the server has seen every client leave (it ends its side after ours)."""
+    for _ in range(1000):
+        if not srv.connections:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{srv.connections} connections still open")
+
+
+async def test_released_snapshot_exports_are_freed(tmp_path: Path) -> None:
+    """Create, use (a clear runs in the snapshot export's worker), release: whether the release
+    comes before or after the client leaves, nothing of the snapshot export stays behind."""
+    img = Image.create(tmp_path / "disk.raw", 4 * MiB)
+    img.add_bitmap("b0")
+    srv = NBDServer([ExportConfig("disk", img)], snapshot_management=True)
+    path = str(tmp_path / "s")
+    await srv.start_unix(path)
+    try:
+        async with await NBDClient.connect(f"nbd+unix:///disk?socket={path}") as live:
+            await live.pwrite(b"x" * 4096, 0)  # the live export's worker: it stays
+        before = export_threads()
+        workers: set[threading.Thread] = set()
+        for i in range(6):
+            snap = f"s{i}"
+            created = srv.snapshot_request(
+                {"op": "create", "export": "disk", "snapshot": snap, "bitmaps": ["b0"]}
+            )
+            assert "error" not in created, created
+            client = await NBDClient.connect(
+                f"nbd+unix:///disk@{snap}?socket={path}",
+                meta_contexts=[BITMAP],
+                clear_extension=True,
+            )
+            cleared = await client.clear(0, 65536, BITMAP)
+            assert cleared.runs  # the write above dirtied it
+            workers |= export_threads() - before
+            release = {"op": "release", "export": "disk", "snapshot": snap}
+            if i % 2:
+                assert "error" not in srv.snapshot_request(release)
+                assert srv.retired_exports == 1  # its client still reads it
+                # Still served: a clean answer, not a dropped connection.
+                with pytest.raises(RequestError, match="released"):
+                    await client.clear(0, 65536, BITMAP)
+                await client.close()
+                await settle(srv)
+            else:
+                await client.close()
+                await settle(srv)
+                assert "error" not in srv.snapshot_request(release)
+            assert srv.retired_exports == 0
+            assert srv.exports == ["disk"]
+        assert len(workers) == 6  # one per snapshot export, started by its first clear
+        for thread in workers:
+            thread.join(10)
+        assert not [t for t in workers if t.is_alive()]
+    finally:
+        await srv.close()
+        img.close()
