@@ -44,13 +44,36 @@ def _client() -> Any:
 
 async def client_read(args: argparse.Namespace) -> None:
     """Read the whole export: ``in_flight`` tasks, each with its own preallocated buffer, take
-    the next ``request_size`` slice until the end."""
+    the next ``request_size`` slice until the end. ``--connections N``: through
+    ``MultiConnClient`` (N connections when the export allows multi-conn), each read going to
+    the least busy one. ``--block-status``: one base:allocation BLOCK_STATUS first, as nbdcopy
+    does (it changes qemu-nbd's allocator regime, see docs/benchmarks.md)."""
     client_cls = _client()
+    contexts = ["base:allocation"] if args.block_status else []
     start = time.perf_counter()
-    client = await client_cls.connect(
-        args.uri, max_in_flight=args.in_flight, extended_headers=not args.compact
-    )
+    client: Any
+    if args.connections:
+        try:
+            from nbdcore.aio.multiconn import MultiConnClient
+        except ImportError as exc:
+            _not_available(f"nbdcore.aio.multiconn has not landed ({exc})")
+        client = await MultiConnClient.connect(
+            args.uri,
+            connections=args.connections,
+            meta_contexts=contexts,
+            max_in_flight=args.in_flight,
+            extended_headers=not args.compact,
+        )
+    else:
+        client = await client_cls.connect(
+            args.uri,
+            meta_contexts=contexts,
+            max_in_flight=args.in_flight,
+            extended_headers=not args.compact,
+        )
     size = client.size
+    if args.block_status and size:
+        await client.block_status(0, size)
     request = args.request_size
     next_offset = 0
 
@@ -72,7 +95,7 @@ async def client_read(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     if total != size:
         raise SystemExit(f"read {total} bytes of {size}")
-    _emit(seconds=elapsed, bytes=total)
+    _emit(seconds=elapsed, bytes=total, connections=getattr(client, "connections", 1))
 
 
 async def extents(args: argparse.Namespace) -> None:
@@ -250,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--request-size", type=int, default=2 << 20)
     s.add_argument("--in-flight", type=int, default=8)
     s.add_argument("--compact", action="store_true", help="no extended headers")
+    s.add_argument("--connections", type=int, default=0, help="MultiConnClient (0: NBDClient)")
+    s.add_argument("--block-status", action="store_true", help="one BLOCK_STATUS first")
     s = sub.add_parser("extents")
     s.add_argument("uri")
     s.add_argument("--context", action="append", required=True)
