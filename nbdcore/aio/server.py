@@ -5,12 +5,13 @@ moves bytes, runs the requests against the images and enforces the resource limi
 
 Where requests run:
 
-- READ is answered on the event loop: on a plain socket, data of a raw file is queued as a
+- READ of a raw file on a plain socket is answered on the event loop: its data is queued as a
   file span that the connection's sender thread passes to ``sendfile`` (page cache to socket,
-  never through Python); anything else is read into a fresh buffer. Replies leave with
-  ``os.writev`` of chunk headers and payloads, never joined (see _SocketChannel); after
-  STARTTLS, through an asyncio TLS transport. BLOCK_STATUS of a read-only export also runs
-  on the loop.
+  never through Python). Any other READ (snapshot, memory image, TLS) is read into a fresh
+  buffer by the export's reader threads, off the loop. Replies leave with ``os.writev`` of
+  chunk headers and payloads, never joined (see _SocketChannel); after STARTTLS, through an
+  asyncio TLS transport. BLOCK_STATUS of a read-only raw file also runs on the loop; of a
+  snapshot, in the reader threads.
 - Everything that changes an image or looks at its bitmaps (WRITE, WRITE_ZEROES, TRIM, FLUSH,
   BLOCK_STATUS of a writable export) runs on one worker thread per image. One thread per image
   serialises them, so a FLUSH covers every write that was answered before it, on any
@@ -77,10 +78,12 @@ log = logging.getLogger("nbdcore.server")
 _READ_SIZE: Final = 256 * 1024
 _IOV_MAX: Final = 1024
 _SNDBUF: Final = 4 * 1024 * 1024
+_READERS: Final = 2  # threads per export reading what sendfile cannot send
 _T = TypeVar("_T")
 # Commands whose reply can be megabytes (BLOCK_STATUS: max_extents per context; the cleared
-# runs of X_NBDGW_CLEAR): built one at a time per connection, once the send queue drained.
-_LARGE_REPLIES: Final = frozenset({Cmd.BLOCK_STATUS, Cmd.X_NBDGW_CLEAR})
+# runs of X_NBDGW_CLEAR; a READ that is not sendfile): built one at a time per connection,
+# once the send queue drained.
+_LARGE_REPLIES: Final = frozenset({Cmd.READ, Cmd.BLOCK_STATUS, Cmd.X_NBDGW_CLEAR})
 
 
 @dataclass
@@ -112,7 +115,15 @@ class _Export:
     worker: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="nbd-export")
     )
+    # Reads that cannot use sendfile (threads start on first use).
+    reader: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(_READERS, thread_name_prefix="nbd-read")
+    )
     connections: int = 0  # in transmission on this export
+
+    def shutdown(self, wait: bool) -> None:
+        self.worker.shutdown(wait=wait)
+        self.reader.shutdown(wait=wait)
 
     @property
     def read_only(self) -> bool:
@@ -306,7 +317,7 @@ class NBDServer:
         if export.connections:
             self._retired.append(export)  # its worker still serves them: freed by the last
         else:
-            export.worker.shutdown(wait=False)
+            export.shutdown(wait=False)
 
     @property
     def retired_exports(self) -> int:
@@ -325,7 +336,7 @@ class NBDServer:
         export.connections -= 1
         if export.connections == 0 and any(e is export for e in self._retired):
             self._retired = [e for e in self._retired if e is not export]
-            export.worker.shutdown(wait=False)
+            export.shutdown(wait=False)
 
     @property
     def exports(self) -> list[str]:
@@ -435,7 +446,7 @@ class NBDServer:
         if self._connections:
             await asyncio.gather(*self._connections.values(), return_exceptions=True)
         for export in [*self._exports.values(), *self._retired]:
-            export.worker.shutdown(wait=True)
+            export.shutdown(wait=True)
         self._retired.clear()
 
     async def __aenter__(self) -> NBDServer:
@@ -898,8 +909,17 @@ class _Connection:
 
     # --- requests -----------------------------------------------------------------------------
 
+    def _sendfile_fd(self) -> int | None:
+        """The image's file descriptor when READ data can go out with sendfile: a raw file
+        on a plain socket (TLS encrypts in user space; snapshots and memory have no fd)."""
+        assert self.export is not None
+        if not isinstance(self.channel, _SocketChannel):
+            return None
+        fd: int | None = getattr(self.export.config.image.disk, "fd", None)
+        return fd
+
     def _dispatch(self, req: Request) -> None:
-        if req.command == Cmd.READ:
+        if req.command == Cmd.READ and self._sendfile_fd() is not None:
             # Inline: see the module docstring. The semaphore slot is released right away.
             try:
                 self._read_request(req)
@@ -911,38 +931,18 @@ class _Connection:
         task.add_done_callback(self.tasks.discard)
 
     def _read_request(self, req: Request) -> None:
+        """A READ of a raw file on a plain socket: the data goes from the page cache to the
+        socket with sendfile and never enters Python, so it is answered on the loop."""
         assert self.export is not None
-        image = self.export.config.image
-        # A raw file on a plain socket: the data goes from the page cache to the socket with
-        # sendfile and never enters Python. Otherwise it is read into a fresh buffer (fresh
-        # because the channel may still hold the previous one).
-        fd: int | None = getattr(image.disk, "fd", None)
-        if not isinstance(self.channel, _SocketChannel):
-            fd = None
         try:
-            pieces: list[Payload | int] = []
-            if self.proto.structured_replies and CmdFlag.DF not in req.flags and req.length:
-                # Holes become OFFSET_HOLE chunks: nothing to read, nothing to send.
-                for off, length, flags in image.disk.allocation(req.offset, req.length):
-                    if flags & NBD_STATE_ZERO:
-                        pieces.append(length)
-                    else:
-                        pieces.append(self._data(image, fd, off, length))
-            elif req.length:
-                pieces.append(self._data(image, fd, req.offset, req.length))
+            pieces = _read_pieces(
+                self.export.config.image, self._sendfile_fd(), req, self.proto.structured_replies
+            )
         except Exception as exc:
             self._fail_request(req, exc)
         else:
             self.proto.reply_read(req, pieces)
         self._send()
-
-    @staticmethod
-    def _data(image: Image, fd: int | None, offset: int, length: int) -> Payload:
-        if fd is not None:
-            return FileSpan(fd, offset, length)
-        buf = memoryview(bytearray(length))
-        image.readinto(buf, offset)
-        return buf
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         code = nbd_errno(exc)
@@ -986,6 +986,16 @@ class _Connection:
         image = self.export.config.image
         fua = CmdFlag.FUA in req.flags
         cmd = req.command
+        if cmd == Cmd.READ:
+            # No sendfile (snapshot, memory image, TLS): the data is read into a buffer in the
+            # export's reader threads, never on the loop that every client (and, embedded, the
+            # gateway's gRPC) shares: a 32 MiB snapshot read stalled it for 300 ms (review M7).
+            loop = asyncio.get_running_loop()
+            pieces = await loop.run_in_executor(
+                self.export.reader, _read_pieces, image, None, req, self.proto.structured_replies
+            )
+            self.proto.reply_read(req, pieces)
+            return
         if cmd == Cmd.WRITE:
             assert req.data is not None
             await self._in_worker(_write, image, req.data, req.offset, fua)
@@ -1016,10 +1026,15 @@ class _Connection:
                 req.length,
                 1 if CmdFlag.REQ_ONE in req.flags else self.server.limits.max_extents,
             )
-            if self.export.read_only:
+            if self.export.read_only and getattr(image.disk, "fd", None) is not None:
                 # Nothing writes this export: no need to order it after writes, and the
                 # thread hop costs more latency than the work itself (one run per request).
                 answers = _block_status(*args)
+            elif self.export.read_only:
+                # A snapshot: its base:allocation walks under the snapshot's lock, which a
+                # live write's copy-before-write holds: not on the loop (review M7).
+                loop = asyncio.get_running_loop()
+                answers = await loop.run_in_executor(self.export.reader, _block_status, *args)
             else:
                 answers = await self._in_worker(_block_status, *args)
             self.proto.reply_block_status(req, answers)
@@ -1063,6 +1078,32 @@ def _clear(
     if fua:
         image.flush()  # the bits (and the data) on stable storage before the reply
     return bitmap.granularity, runs
+
+
+def _read_pieces(
+    image: Image, fd: int | None, req: Request, structured: bool
+) -> list[Payload | int]:
+    """The pieces of a READ reply: data (a file span for sendfile when ``fd`` is given, else a
+    fresh buffer, fresh because the channel may still hold the previous one) and, with
+    structured replies, hole lengths (OFFSET_HOLE chunks: nothing to read, nothing to send)."""
+    pieces: list[Payload | int] = []
+    if structured and CmdFlag.DF not in req.flags and req.length:
+        for off, length, flags in image.disk.allocation(req.offset, req.length):
+            if flags & NBD_STATE_ZERO:
+                pieces.append(length)
+            else:
+                pieces.append(_data(image, fd, off, length))
+    elif req.length:
+        pieces.append(_data(image, fd, req.offset, req.length))
+    return pieces
+
+
+def _data(image: Image, fd: int | None, offset: int, length: int) -> Payload:
+    if fd is not None:
+        return FileSpan(fd, offset, length)
+    buf = memoryview(bytearray(length))
+    image.readinto(buf, offset)
+    return buf
 
 
 def _trim(image: Image, offset: int, length: int, fua: bool) -> None:

@@ -9,20 +9,23 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import pytest
 
 from nbdcore.aio.client import NBDClient
 from nbdcore.aio.server import ExportConfig, NBDServer, ServerLimits
 from nbdcore.constants import (
+    CONTEXT_BASE_ALLOCATION,
     NBD_STRUCTURED_REPLY_MAGIC,
     Cmd,
     ReplyType,
 )
 from nbdcore.exceptions import RequestError
 from nbdcore.server import DEFAULT_MAX_EXTENTS
+from nbdcore.storage.disk import MemoryDisk
 from nbdcore.storage.image import Image
 from tests.interop.test_server_hostile import Raw
 
@@ -33,6 +36,8 @@ GRANULE = 512
 # Alternating dirty/clean granules: twice as many runs as one reply may carry.
 FRAGMENTED = 4 * DEFAULT_MAX_EXTENTS * GRANULE
 BITMAP = "qemu:dirty-bitmap:b0"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def fragmented_image() -> Image:
@@ -206,3 +211,99 @@ async def test_released_snapshot_exports_are_freed(tmp_path: Path) -> None:
     finally:
         await srv.close()
         img.close()
+
+
+class GatedDisk(MemoryDisk):
+    """A memory disk whose reads wait until the test opens the gate (at most 10 s)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = threading.Event()
+        self.readers: list[str] = []
+        self.timed_out = False
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        self.readers.append(threading.current_thread().name)
+        if not self.gate.wait(10):
+            self.timed_out = True
+        super().preadinto(buf, offset)
+
+
+def recording(func: Callable[P, R], threads: list[str]) -> Callable[P, R]:
+    def wrapper(*args: P.args, **kw: P.kwargs) -> R:
+        threads.append(threading.current_thread().name)
+        return func(*args, **kw)
+
+    return wrapper
+
+
+async def test_read_without_sendfile_does_not_stall_the_loop(tmp_path: Path) -> None:
+    """A READ that blocks in the disk (a snapshot waiting for a writer's copy-before-write,
+    say) blocks its own request only: another client is served meanwhile."""
+    slow = GatedDisk(MiB)
+    srv = NBDServer([ExportConfig("slow", Image(slow)), ExportConfig("other", Image.memory(MiB))])
+    path = str(tmp_path / "s")
+    await srv.start_unix(path)
+    try:
+        async with await NBDClient.connect(f"nbd+unix:///slow?socket={path}") as a:
+            await a.pwrite(b"s" * 4096, 0)
+            pending = asyncio.create_task(a.pread(0, 4096))
+            for _ in range(1000):
+                if slow.readers:
+                    break
+                await asyncio.sleep(0.01)
+            async with await NBDClient.connect(
+                f"nbd+unix:///other?socket={path}", meta_contexts=[CONTEXT_BASE_ALLOCATION]
+            ) as b:
+                await b.pwrite(b"o" * 512, 0)
+                assert await b.pread(0, 512) == b"o" * 512
+                assert CONTEXT_BASE_ALLOCATION in await b.block_status(0, MiB)
+            assert not pending.done()  # the slow read is still waiting for its disk
+            slow.gate.set()
+            assert await pending == b"s" * 4096
+        assert not slow.timed_out  # the gate opened: nothing waited for the slow read
+        assert slow.readers and all(n.startswith("nbd-read") for n in slow.readers)
+    finally:
+        slow.gate.set()
+        await srv.close()
+
+
+async def test_snapshot_reads_and_allocation_run_off_the_loop(tmp_path: Path) -> None:
+    img = Image.create(tmp_path / "disk.raw", 4 * MiB)
+    img.add_bitmap("b0")
+    img.write(b"d" * 65536, 0)
+    snap = img.create_snapshot("s", bitmaps=["b0"])
+    threads: list[str] = []
+    disk = snap.disk
+    disk.preadinto = recording(disk.preadinto, threads)  # type: ignore[method-assign]
+    disk.allocation = recording(disk.allocation, threads)  # type: ignore[method-assign]
+    srv = NBDServer([ExportConfig("disk", img), ExportConfig("disk@s", snap, read_only=True)])
+    path = str(tmp_path / "s.sock")
+    await srv.start_unix(path)
+    try:
+        async with await NBDClient.connect(
+            f"nbd+unix:///disk@s?socket={path}", meta_contexts=[CONTEXT_BASE_ALLOCATION]
+        ) as client:
+            img.write(b"L" * 4096, 0)  # the live disk moves on; the snapshot does not
+            assert await client.pread(0, 8192) == b"d" * 8192
+            lengths, flags = (await client.block_status(0, 4 * MiB))[CONTEXT_BASE_ALLOCATION]
+            assert sum(lengths) == 4 * MiB and flags[0] == 0
+        assert threads and all(n.startswith("nbd-read") for n in threads), threads
+    finally:
+        await srv.close()
+        img.release_snapshot("s")
+        img.close()
+
+
+async def test_raw_file_reads_keep_the_sendfile_path(tmp_path: Path) -> None:
+    img = Image.create(tmp_path / "disk.raw", MiB)
+    img.write(b"f" * 8192, 4096)
+    threads: list[str] = []
+    img.disk.preadinto = recording(img.disk.preadinto, threads)  # type: ignore[method-assign]
+    async with NBDServer([ExportConfig("disk", img)]) as srv:
+        path = str(tmp_path / "s")
+        await srv.start_unix(path)
+        async with await NBDClient.connect(f"nbd+unix:///disk?socket={path}") as client:
+            assert await client.pread(0, 16384) == bytes(4096) + b"f" * 8192 + bytes(4096)
+    img.close()
+    assert threads == []  # sendfile: the data never entered Python
