@@ -48,6 +48,8 @@ class MultiConnClient:
         self._next = 0  # round-robin among equally busy connections
         # Data-changing commands not yet answered, for flush (see the module docstring).
         self._writes: set[asyncio.Future[None]] = set()
+        #: Why additional connections could not be opened (empty when all were).
+        self.connect_errors: tuple[BaseException, ...] = ()
 
     @classmethod
     async def connect(
@@ -61,9 +63,12 @@ class MultiConnClient:
         structured_replies: bool = True,
         max_in_flight: int = 16,
         timeout: float | None = 30.0,  # noqa: ASYNC109 (NBDClient's API; applies per request)
+        extra_timeout: float = 5.0,
     ) -> MultiConnClient:
         """Connect once; when the export advertises CAN_MULTI_CONN, open ``connections - 1``
-        more (concurrently). ``max_in_flight`` is per connection."""
+        more (concurrently). ``max_in_flight`` is per connection. An additional connection
+        that fails or is not ready within ``extra_timeout`` seconds is left out (see
+        :attr:`connections` and :attr:`connect_errors`); only the first one must succeed."""
         if connections < 1:
             raise UsageError("connections must be at least 1")
         u = NBDURI.parse(uri) if isinstance(uri, str) else uri
@@ -79,22 +84,34 @@ class MultiConnClient:
                 timeout=timeout,
             )
 
+        async def extra() -> NBDClient:
+            # A server that limits its clients (qemu-nbd -e 2) leaves the surplus connections
+            # without a greeting: give up on them soon and go on with fewer.
+            async with asyncio.timeout(extra_timeout):
+                return await one()
+
         first = await one()
         clients = [first]
+        errors: list[BaseException] = []
         try:
             if first.can_multi_conn and connections > 1:
-                tasks = [asyncio.ensure_future(one()) for _ in range(connections - 1)]
+                tasks = [asyncio.ensure_future(extra()) for _ in range(connections - 1)]
                 results = await asyncio.gather(*tasks, return_exceptions=True)
-                clients += [r for r in results if isinstance(r, NBDClient)]
                 for r in results:
-                    if isinstance(r, BaseException):
+                    if isinstance(r, NBDClient):
+                        clients.append(r)
+                    elif isinstance(r, NBDError | OSError | TimeoutError):
+                        errors.append(r)
+                    else:
                         raise r
                 for c in clients[1:]:
                     _check_same(first, c)
         except BaseException:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
             raise
-        return cls(clients)
+        self = cls(clients)
+        self.connect_errors = tuple(errors)
+        return self
 
     # --- attributes (those of the first connection; the others were checked to agree) ------------
 

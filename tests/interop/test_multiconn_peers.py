@@ -108,6 +108,28 @@ async def test_qemu_e1_one_connection(image: Path, source: bytes, tmp_path: Path
         srv.stop()
 
 
+async def test_qemu_e2_fewer_connections_than_asked(
+    image: Path, source: bytes, tmp_path: Path
+) -> None:
+    """qemu-nbd -e 2 leaves the 3rd and 4th connections without a greeting: they are given up
+    after extra_timeout, and the two that opened do the work."""
+    sock = tmp_path / "q2.sock"
+    srv = qemu_nbd(image, sock, "-e", "2")
+    try:
+        uri = uri_of(sock)
+        assert can_multi_conn(uri)
+        mc = await MultiConnClient.connect(uri, connections=4, extra_timeout=1.0)
+        async with mc:
+            assert mc.connections == 2
+            assert len(mc.connect_errors) == 2
+            assert all(isinstance(e, TimeoutError) for e in mc.connect_errors)
+            buf = bytearray(mc.size)
+            await mc.read_range(buf, 0)
+            assert buf == source
+    finally:
+        srv.stop()
+
+
 async def test_nbdkit_without_multi_conn_one_connection(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     srv = nbdkit(sock, "--filter=multi-conn", "memory", "16M", "multi-conn-mode=disable")
