@@ -90,11 +90,12 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument(
         "--request-size",
         type=int,
-        # 1 MiB: against qemu-nbd, larger reads land in fresh mmap memory on its side and
-        # page-fault (docs/benchmarks.md); 4 MiB copied 2 GiB 1.3-1.5x slower here.
-        default=1 << 20,
+        # 512 KiB: qemu-nbd serves reads of 1 MiB and more from fresh mmap memory that it
+        # page-faults (docs/benchmarks.md). 2 GiB to /dev/null from a fresh qemu-nbd, 4
+        # connections: 2.4-2.6 s, 1 MiB 2.6-3.3 s (526K faults), 4 MiB 2.3-3.2 s.
+        default=512 << 10,
         metavar="BYTES",
-        help="bytes per read (default 1 MiB, capped at the server's maximum)",
+        help="bytes per read (default 512 KiB, capped at the server's maximum)",
     )
     p.add_argument(
         "--progress",
