@@ -316,7 +316,7 @@ def _size(n: int) -> str:
 
 
 def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
-    from bench import gateway_suites
+    from bench import clear_suites, gateway_suites
 
     return [
         client_read(fx, opts),
@@ -325,4 +325,5 @@ def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
         server_read(fx),
         server_extents(fx),
         *gateway_suites.benchmarks(fx, opts),
+        *clear_suites.benchmarks(fx),
     ]
