@@ -9,7 +9,11 @@ new dirty bits under it, since the export is a fixed point in time).
 Scope: every clear belongs to ``(export, bitmap, generation)``. The generation names the point in
 time the export shows; the operator sets it in the configuration and an orchestrator may change it
 through the API when it re-exports a new snapshot. The clears of one generation never mask
-another, so a new snapshot starts with nothing masked.
+another, so a new snapshot starts with nothing masked. A generation is a point in time that, once
+the export moved on, never comes back: changing an export's generation deletes the clears of all
+its other generations (in the database and in memory), so a reused name starts clean and the
+ledger holds the clears of one generation per export. A clear for a generation that is no longer
+current when it commits is refused (:class:`GenerationChangedError`).
 
 Durability: SQLite in WAL mode with ``synchronous=FULL``, so a committed transaction survives the
 death of the process and of the machine. A clear is acknowledged only after the transaction that
@@ -76,6 +80,18 @@ CREATE TABLE IF NOT EXISTS generation_sizes (
 
 class LedgerError(Exception):
     """The ledger cannot do what was asked (closed, bad range, unreadable database)."""
+
+
+class GenerationChangedError(LedgerError):
+    """A clear names a generation that is not the export's current one (it changed since)."""
+
+    def __init__(self, scope: Scope, current: str) -> None:
+        super().__init__(
+            f"generation {scope.generation!r} of export {scope.export!r} is no longer current"
+            f" ({current!r} is): nothing was recorded"
+        )
+        self.scope = scope
+        self.current = current
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +295,7 @@ class Ledger:
         keep it without copying, and must not change it."""
         current = self._masks.get(scope)
         if current is None:
-            await self._submit("load", scope)
-            current = self._masks[scope]
+            current = await self._submit("load", scope)
         return current
 
     # --- writes (durable before they return) ------------------------------------------------
@@ -419,8 +434,7 @@ class Ledger:
         writes = [op for op in batch if op.kind != "load"]
         for op in loads:
             try:
-                self._load(op.args[0])
-                op.done(None, None)
+                op.done(None, self._load(op.args[0]))
             except Exception as exc:
                 op.done(LedgerError(f"ledger read failed: {exc}"), None)
         if not writes:
@@ -431,11 +445,19 @@ class Ledger:
         pending_gens: dict[str, str] = {}
         pending_sizes: dict[tuple[str, str], int] = {}
         results: list[Any] = []
+        # Exports whose generation changed in this batch: their other generations' clears go.
+        moved: dict[str, str] = {}
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in writes:
                 if op.kind == "clear":
                     scope, start, stop, size = op.args
+                    current = pending_gens.get(scope.export, self._generations.get(scope.export))
+                    if current is not None and current != scope.generation:
+                        # The generation changed after the caller checked it: recording the
+                        # clear would resurrect it if the name came back.
+                        results.append(GenerationChangedError(scope, current))
+                        continue
                     key = (scope.export, scope.generation)
                     if size is not None and key not in self._sizes and key not in pending_sizes:
                         db.execute(
@@ -457,10 +479,19 @@ class Ledger:
                     results.append(None)
                 else:
                     export, generation, config_generation, source = op.args
-                    results.append(
-                        self._set_generation(export, generation, config_generation, source)
-                    )
-                    pending_gens[export] = results[-1]
+                    before = pending_gens.get(export, self._generations.get(export))
+                    now = self._set_generation(export, generation, config_generation, source)
+                    results.append(now)
+                    pending_gens[export] = now
+                    if now != before:
+                        self._forget_others(export, now)
+                        moved[export] = now
+                        for scope in [s for s in pending_masks if s.export == export]:
+                            if scope.generation != now:
+                                del pending_masks[scope]
+                        for key in [k for k in pending_sizes if k[0] == export]:
+                            if key[1] != now:
+                                del pending_sizes[key]
             for scope, mask in pending_masks.items():
                 if self._rows.get(scope, 0) > len(mask) + COMPACT_SLACK:
                     self._compact(scope, mask)
@@ -478,16 +509,31 @@ class Ledger:
                 op.done(err, None)
             return
         # Durable: publish, then acknowledge.
+        for export, now in moved.items():
+            for scope in [s for s in self._masks if s.export == export]:
+                if scope.generation != now:
+                    self._masks.pop(scope, None)
+                    self._rows.pop(scope, None)
+            for key in [k for k in self._sizes if k[0] == export]:
+                if key[1] != now:
+                    del self._sizes[key]
         self._masks.update(pending_masks)
         self._generations.update(pending_gens)
         self._sizes.update(pending_sizes)
         st = self.stats
         st.commits += 1
-        st.clears += sum(1 for op in writes if op.kind == "clear")
+        st.clears += sum(
+            1
+            for op, value in zip(writes, results, strict=True)
+            if op.kind == "clear" and not isinstance(value, BaseException)
+        )
         st.largest_batch = max(st.largest_batch, len(writes))
         st.commit_seconds += time.perf_counter() - t0
         for op, value in zip(writes, results, strict=True):
-            op.done(None, value)
+            if isinstance(value, BaseException):
+                op.done(value, None)
+            else:
+                op.done(None, value)
 
     def _load(self, scope: Scope) -> IntervalSet:
         mask = self._masks.get(scope)
@@ -499,9 +545,24 @@ class Ledger:
             (scope.export, scope.bitmap, scope.generation),
         ).fetchall()
         mask = IntervalSet(rows)
-        self._rows[scope] = len(rows)
-        self._masks[scope] = mask
+        current = self._generations.get(scope.export)
+        if current is None or current == scope.generation:
+            # Only current scopes stay in memory: a past generation's mask is empty and
+            # would never be dropped.
+            self._rows[scope] = len(rows)
+            self._masks[scope] = mask
         return mask
+
+    def _forget_others(self, export: str, generation: str) -> None:
+        """Delete the clears of every generation of ``export`` but ``generation``: a
+        generation is a point in time, and once the export moved on it never shows it again."""
+        self._db.execute(
+            "DELETE FROM clears WHERE export = ? AND generation != ?", (export, generation)
+        )
+        self._db.execute(
+            "DELETE FROM generation_sizes WHERE export = ? AND generation != ?",
+            (export, generation),
+        )
 
     def _compact(self, scope: Scope, mask: IntervalSet) -> None:
         key = (scope.export, scope.bitmap, scope.generation)

@@ -30,7 +30,7 @@ from gateway import errors
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool, ExportSnapshot
-from gateway.ledger import Ledger, LedgerError, Scope, mask_table
+from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -542,6 +542,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 request.length,
                 export_size=pool.snapshot.size if pool.snapshot is not None else None,
             )
+        except GenerationChangedError as exc:
+            # SetExportGeneration committed between the check above and this record.
+            raise errors.generation_mismatch(name, ctx, plan.generation, exc.current) from exc
         except LedgerError as exc:
             raise errors.internal(f"nothing was cleared: {exc}") from exc
         return pb.ClearRangeResponse(

@@ -150,10 +150,13 @@ class BitmapServiceServicer:
     def SetExportGeneration(self, request, context):
         """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
         (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
-        recorded under the current generation and mask only that generation: after a new snapshot
-        is exported, setting a new generation starts with nothing masked. Setting the current
-        generation again changes nothing. The generation is durable; a generation given in the
-        gateway's configuration replaces it only when the configuration changes.
+        recorded under the current generation and mask only that generation. Set a new generation
+        *before* a new snapshot is exported (streams between the re-export and the new generation
+        would be masked by the old generation's clears); it starts with nothing masked. A
+        generation is a point in time: changing it deletes the clears of every other generation of
+        the export, so a name used again later starts clean too. Setting the current generation
+        again changes nothing. The generation is durable; a generation given in the gateway's
+        configuration replaces it only when the configuration changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -103,10 +103,13 @@ class BitmapServiceStub:
     SetExportGeneration: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]
     """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
     (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
-    recorded under the current generation and mask only that generation: after a new snapshot
-    is exported, setting a new generation starts with nothing masked. Setting the current
-    generation again changes nothing. The generation is durable; a generation given in the
-    gateway's configuration replaces it only when the configuration changes.
+    recorded under the current generation and mask only that generation. Set a new generation
+    *before* a new snapshot is exported (streams between the re-export and the new generation
+    would be masked by the old generation's clears); it starts with nothing masked. A
+    generation is a point in time: changing it deletes the clears of every other generation of
+    the export, so a name used again later starts clean too. Setting the current generation
+    again changes nothing. The generation is durable; a generation given in the gateway's
+    configuration replaces it only when the configuration changes.
     """
     StreamRemainingDirty: _grpc.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]
     """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
@@ -170,10 +173,13 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     SetExportGeneration: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]  # type: ignore[assignment]
     """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
     (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
-    recorded under the current generation and mask only that generation: after a new snapshot
-    is exported, setting a new generation starts with nothing masked. Setting the current
-    generation again changes nothing. The generation is durable; a generation given in the
-    gateway's configuration replaces it only when the configuration changes.
+    recorded under the current generation and mask only that generation. Set a new generation
+    *before* a new snapshot is exported (streams between the re-export and the new generation
+    would be masked by the old generation's clears); it starts with nothing masked. A
+    generation is a point in time: changing it deletes the clears of every other generation of
+    the export, so a name used again later starts clean too. Setting the current generation
+    again changes nothing. The generation is durable; a generation given in the gateway's
+    configuration replaces it only when the configuration changes.
     """
     StreamRemainingDirty: _aio.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]  # type: ignore[assignment]
     """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
@@ -270,10 +276,13 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_bitmap_service_pb2.SetExportGenerationResponse, _abc.Awaitable[_bitmap_service_pb2.SetExportGenerationResponse]]:
         """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
         (CLEAR_MODE_LEDGER_MASK): the name of the point in time the export shows. Clears are
-        recorded under the current generation and mask only that generation: after a new snapshot
-        is exported, setting a new generation starts with nothing masked. Setting the current
-        generation again changes nothing. The generation is durable; a generation given in the
-        gateway's configuration replaces it only when the configuration changes.
+        recorded under the current generation and mask only that generation. Set a new generation
+        *before* a new snapshot is exported (streams between the re-export and the new generation
+        would be masked by the old generation's clears); it starts with nothing masked. A
+        generation is a point in time: changing it deletes the clears of every other generation of
+        the export, so a name used again later starts clean too. Setting the current generation
+        again changes nothing. The generation is durable; a generation given in the gateway's
+        configuration replaces it only when the configuration changes.
         """
 
     @_abc_1.abstractmethod

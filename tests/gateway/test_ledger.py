@@ -17,7 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.ledger import IntervalSet, Ledger, LedgerError, Scope, mask_table, subtract
+from gateway.ledger import (
+    GenerationChangedError,
+    IntervalSet,
+    Ledger,
+    LedgerError,
+    Scope,
+    mask_table,
+    subtract,
+)
 
 S = Scope("disk", "qemu:dirty-bitmap:b0", "gen-1")
 
@@ -321,3 +329,43 @@ def test_ledger_against_a_model_with_restarts(steps: list[tuple[str, int, int, b
 
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(main(Path(d) / "l.db"))
+
+
+async def test_a_reused_generation_name_starts_clean(tmp_path: Path) -> None:
+    """A generation is a point in time: switching away deletes its clears (review H3, M12), so
+    coming back to the same name (a new snapshot) masks nothing, even after a restart."""
+    db = tmp_path / "l.db"
+    ledger = await Ledger.open(db)
+    night = Scope("disk", "qemu:dirty-bitmap:b0", "nightly")
+    await ledger.set_generation("disk", "nightly")
+    await ledger.record_clear(night, 0, 1 << 20, export_size=1 << 30)
+    await ledger.record_clear(Scope("other", "qemu:dirty-bitmap:b0", "x"), 0, 10)
+    assert list(await ledger.mask(night)) == [(0, 1 << 20)]
+    await ledger.set_generation("disk", "other")
+    assert ledger.export_size("disk", "nightly") is None
+    assert not any(s.generation == "nightly" for s in ledger._masks)
+    await ledger.set_generation("disk", "nightly")
+    assert list(await ledger.mask(night)) == []
+    await ledger.aclose()
+    ledger = await Ledger.open(db)
+    assert list(await ledger.mask(night)) == []
+    # Another export's clears are untouched; the database holds only those.
+    assert list(await ledger.mask(Scope("other", "qemu:dirty-bitmap:b0", "x"))) == [(0, 10)]
+    assert ledger._db.execute("SELECT count(*) FROM clears").fetchone()[0] == 1
+    await ledger.aclose()
+
+
+async def test_a_clear_for_a_generation_no_longer_current_is_refused(tmp_path: Path) -> None:
+    """The generation can change between the service's check and the commit: such a clear is
+    refused, not recorded under a name that may come back."""
+    ledger = await Ledger.open(tmp_path / "l.db")
+    await ledger.set_generation("disk", "g1")
+    g1 = Scope("disk", "qemu:dirty-bitmap:b0", "g1")
+    switch = asyncio.create_task(ledger.set_generation("disk", "g2"))
+    late = asyncio.create_task(ledger.record_clear(g1, 0, 4096))
+    assert await switch == "g1"
+    with pytest.raises(GenerationChangedError, match="'g2'"):
+        await late
+    await ledger.set_generation("disk", "g1")
+    assert list(await ledger.mask(g1)) == []
+    await ledger.aclose()
