@@ -49,8 +49,14 @@ def _clear_burst(target: str, calls: int, in_flight: int, first: int) -> tuple[f
 
             async def worker() -> None:
                 for g in todo:
+                    # The generation the ledger host is configured with (ignored at the
+                    # source); ledger mode refuses a clear without one.
                     request = pb.ClearRangeRequest(
-                        export="disk", bitmap="b0", offset=(g % (SIZE // G)) * G, length=G
+                        export="disk",
+                        bitmap="b0",
+                        offset=(g % (SIZE // G)) * G,
+                        length=G,
+                        generation="bench",
                     )
                     t0 = time.perf_counter()
                     resp = await stub.ClearRange(request, timeout=60)

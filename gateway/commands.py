@@ -617,7 +617,11 @@ async def cmd_clear(args: argparse.Namespace) -> int:
     async with connect(args) as gw:
         resp = await gw.stub.ClearRange(
             pb.ClearRangeRequest(
-                export=args.export, bitmap=bitmap, offset=args.offset, length=args.length
+                export=args.export,
+                bitmap=bitmap,
+                offset=args.offset,
+                length=args.length,
+                generation=args.generation or "",
             ),
             metadata=gw.metadata,
             timeout=gw.timeout,
@@ -642,6 +646,63 @@ async def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+async def cmd_generation(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        resp = await gw.stub.SetExportGeneration(
+            pb.SetExportGenerationRequest(export=args.export, generation=args.generation),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(_to_dict(resp), indent=2) + "\n")
+        return 0
+    export = resp.export.removeprefix("exports/")
+    if resp.previous_generation == resp.generation:
+        print(f"export {export}: generation {resp.generation!r} (unchanged)")
+    else:
+        before = repr(resp.previous_generation) if resp.previous_generation else "none"
+        print(f"export {export}: generation {before} -> {resp.generation!r}")
+    return 0
+
+
+@command
+async def cmd_remaining(args: argparse.Namespace) -> int:
+    bitmap = full_context_name(args.bitmap)
+    request = pb.StreamRemainingDirtyRequest(
+        export=args.export, bitmap=bitmap, **_range_request(args)
+    )
+    ranges: list[tuple[int, int]] = []
+    end = None
+    async with connect(args) as gw:
+        async for msg in gw.stub.StreamRemainingDirty(request, metadata=gw.metadata):
+            pos = msg.offset
+            for delta, length in zip(msg.offset_deltas, msg.lengths, strict=True):
+                start = pos + delta
+                if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+                else:
+                    ranges.append((start, length))
+                pos = start + length
+            end = msg.range_end or msg.next_offset
+    total = sum(n for _, n in ranges)
+    if args.json:
+        out = {
+            "export": args.export,
+            "bitmap": bitmap,
+            "end": end,
+            "dirty_bytes": total,
+            "ranges": [{"offset": o, "length": n} for o, n in ranges],
+        }
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        return 0
+    n = len(ranges)
+    print(f"{total} bytes still dirty in {n} range{'s' if n != 1 else ''} of {bitmap}")
+    for o, length in ranges:
+        print(f"{o:10d}  {length:10d}")
+    return 0
+
+
 async def _restore(args: argparse.Namespace) -> int:
     from gateway import backup
 
@@ -649,7 +710,7 @@ async def _restore(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add exports, bitmaps, extents, clear, backup and restore."""
+    """Add exports, bitmaps, extents, clear, generation, remaining, backup and restore."""
     from gateway import backup  # here, so that the two modules can share helpers
 
     p = _one_line_errors(
@@ -705,9 +766,46 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("--bitmap", required=True, metavar="CONTEXT", help="dirty bitmap context")
     p.add_argument("--offset", type=parse_size, required=True, help="start of the range")
     p.add_argument("--length", type=parse_size, required=True, help="length of the range")
+    p.add_argument(
+        "--generation",
+        metavar="NAME",
+        help="the generation the range was copied from (required by exports cleared through "
+        "the ledger; see 'nbdgw bitmaps --json' and 'nbdgw generation')",
+    )
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)
     p.set_defaults(func=cmd_clear)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "generation",
+            help="set the generation (point in time) of an export cleared through the ledger",
+            description="Set the generation of an export whose bitmaps are cleared through the "
+            "gateway's ledger (SetExportGeneration). Set a new generation before a new snapshot "
+            "is exported: changing it deletes the clears of every other generation.",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("generation", metavar="NAME", help="the new generation")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_generation)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "remaining",
+            help="print the ranges of a dirty bitmap still dirty (not cleared)",
+            description="Print what is still dirty in a bitmap: the host's dirty extents minus "
+            "what was cleared (StreamRemainingDirty), merged into ranges.",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("--bitmap", required=True, metavar="CONTEXT", help="dirty bitmap context")
+    p.add_argument("--offset", type=parse_size, default=None, help="start of the range")
+    p.add_argument("--length", type=parse_size, default=None, help="length of the range")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_remaining)
 
     p = _one_line_errors(
         sub.add_parser(

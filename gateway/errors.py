@@ -257,6 +257,29 @@ def generation_mismatch(export: str, context: str, given: str, current: str) -> 
     )
 
 
+def generation_required(export: str, context: str, current: str) -> GatewayError:
+    why = (
+        f"the export's bitmaps are cleared through the ledger, under its current generation"
+        f" {current!r}: name the generation the range was copied from in 'generation' (the"
+        " generation can change between the copy and the clear)"
+    )
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.GENERATION_MISMATCH,
+        f"cannot clear {context!r} of export {export!r}: {why}",
+        {"export": export, "context": context, "generation": "", "current_generation": current},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="GENERATION", subject=f"exports/{export}", description=why
+                    )
+                ]
+            )
+        ],
+    )
+
+
 def read_only(export: str, context: str, why: str) -> GatewayError:
     return GatewayError(
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -511,7 +511,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             _check_range(request.offset, request.length, client.size)
             if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
                 return plan, await client.clear(request.offset, request.length, ctx)
-            if request.generation and request.generation != plan.generation:
+            # A clear without a generation would be recorded under whatever generation is
+            # current when it arrives, which may be a newer point in time than the one copied.
+            if not request.generation:
+                raise errors.generation_required(name, ctx, plan.generation)
+            if request.generation != plan.generation:
                 raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
             return plan, True
 

@@ -936,10 +936,11 @@ class ClearRangeRequest(_message.Message):
     export.
     """
     generation: _builtins.str
-    """The generation the consumer copied the range from (CLEAR_MODE_LEDGER_MASK). When set and
-    not the export's current generation, the clear is refused with FAILED_PRECONDITION
-    (reason GENERATION_MISMATCH): data copied from an older point in time must not mask a newer
-    one. Ignored by the other modes.
+    """The generation the consumer copied the range from (`Bitmap.generation` when it streamed).
+    Required with CLEAR_MODE_LEDGER_MASK: when empty or not the export's current generation,
+    the clear is refused with FAILED_PRECONDITION (reason GENERATION_MISMATCH, the message names
+    the current generation), because the generation may change between the copy and the clear
+    and data copied from one point in time must not mask another. Ignored by the other modes.
     """
     def __init__(
         self,

@@ -60,8 +60,13 @@ async def clear_until_killed(
                 offset, length = request_range(i)
                 try:
                     await stub.ClearRange(
+                        # The ledger host's configured generation (ignored at the source).
                         pb.ClearRangeRequest(
-                            export="disk", bitmap="b0", offset=offset, length=length
+                            export="disk",
+                            bitmap="b0",
+                            offset=offset,
+                            length=length,
+                            generation="snap-1",
                         ),
                         timeout=10,
                     )

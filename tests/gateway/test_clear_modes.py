@@ -153,6 +153,13 @@ async def test_read_only_qemu_export_uses_the_ledger_per_generation(
     b0 = next(b for b in listed.bitmaps if b.context == B0)
     assert (b0.clear_mode, b0.generation) == (pb.CLEAR_MODE_LEDGER_MASK, "g1")
 
+    # In ledger mode a clear must name the generation it copied from (review H4): without
+    # one it is refused, and the message says which generation is current.
+    err = await call_error(stub.ClearRange(clear))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "GENERATION_MISMATCH" and "'g1'" in err.message
+    assert dirty_of(await stream_all(stub, export="qd", context=B0)) == original
+    clear.generation = "g1"
     resp = await stub.ClearRange(clear)
     assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK and resp.generation == "g1"
     # Byte-exact: a point-in-time bitmap cannot gain bits under the mask.
@@ -203,7 +210,9 @@ async def test_configured_generation_and_restart_keep_the_mask(
     gw = await start_gateway(config())
     original = dirty_of(await stream_all(gw.stub, export="qd", context=B0))
     resp = await gw.stub.ClearRange(
-        pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=4 * MiB)
+        pb.ClearRangeRequest(
+            export="qd", bitmap="b0", offset=0, length=4 * MiB, generation="snap-1"
+        )
     )
     assert resp.generation == "snap-1"
     await gw.gateway.stop(grace=0)
@@ -313,7 +322,8 @@ async def test_concurrent_clears_and_streams_stay_consistent(
     async def clearer(mine: list[int]) -> None:
         for g in mine:
             await gw.stub.ClearRange(
-                pb.ClearRangeRequest(export="x", bitmap="b0", offset=g, length=G)
+                # "g" is the ledger's generation; the source ignores it.
+                pb.ClearRangeRequest(export="x", bitmap="b0", offset=g, length=G, generation="g")
             )
             acked[g] = time.monotonic()
 
@@ -370,7 +380,7 @@ async def test_nbdcore_host_without_the_extension_is_like_any_other(
         )
         assert err.code == grpc.StatusCode.FAILED_PRECONDITION and "writable" in err.message
         resp = await gw.stub.ClearRange(
-            pb.ClearRangeRequest(export="ro", bitmap="b0", offset=0, length=G)
+            pb.ClearRangeRequest(export="ro", bitmap="b0", offset=0, length=G, generation="g")
         )
         assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK
         assert await dirty_runs(hosts["ro"].uri, B0) == [(0, MiB)]  # the source is untouched
@@ -426,7 +436,7 @@ async def test_api_generation_and_its_clears_survive_a_restart(
     original = dirty_of(await stream_all(gw.stub, export="qd", context=B0))
     await gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation="api"))
     await gw.stub.ClearRange(
-        pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=2 * MiB)
+        pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=2 * MiB, generation="api")
     )
     await gw.gateway.stop(grace=0)
     again = await start_gateway(config())
@@ -461,7 +471,9 @@ async def test_a_resized_export_under_the_same_generation_is_not_masked(
         await gw.stub.SetExportGeneration(
             pb.SetExportGenerationRequest(export="qd", generation="g")
         )
-        clear = pb.ClearRangeRequest(export="qd", bitmap="b0", offset=0, length=2 * MiB)
+        clear = pb.ClearRangeRequest(
+            export="qd", bitmap="b0", offset=0, length=2 * MiB, generation="g"
+        )
         await gw.stub.ClearRange(clear)
         assert dirty_of(await stream_all(gw.stub, export="qd", context=B0)) == [(2 * MiB, 2 * MiB)]
         host.stop()
@@ -485,6 +497,7 @@ async def test_a_resized_export_under_the_same_generation_is_not_masked(
         await gw.stub.SetExportGeneration(
             pb.SetExportGenerationRequest(export="qd", generation="g2")
         )
+        clear.generation = "g2"
         resp = await gw.stub.ClearRange(clear)
         assert resp.generation == "g2"
         assert dirty_of(await stream_all(gw.stub, export="qd", context=B0)) == [(2 * MiB, 2 * MiB)]

@@ -374,7 +374,9 @@ async def test_clear_ledger_entries(tmp_path: Path, qemu_nbd, start_gateway) -> 
     await gw.stub.SetExportGeneration(pb.SetExportGenerationRequest(export="qd", generation="g1"))
     for offset in (0, 4 * MiB, 8 * MiB):
         resp = await gw.stub.ClearRange(
-            pb.ClearRangeRequest(export="qd", bitmap="b0", offset=offset, length=64 * 1024)
+            pb.ClearRangeRequest(
+                export="qd", bitmap="b0", offset=offset, length=64 * 1024, generation="g1"
+            )
         )
         assert resp.clear_mode == pb.CLEAR_MODE_LEDGER_MASK
     samples = await scrape(port)
