@@ -1,0 +1,38 @@
+"""The gateway process's allocator tuning for data streams (gateway.server.keep_freed_memory)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, sys
+from gateway.server import keep_freed_memory
+ok = keep_freed_memory() if sys.argv[1] == "tune" else None
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+print(ok, libc.malloc_usable_size(libc.malloc(2 << 20)))
+"""
+
+
+def _usable(mode: str) -> tuple[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_serves_megabyte_buffers_from_the_heap() -> None:
+    # In child processes: the thresholds are process-wide. A 2 MiB block from mmap is
+    # page-rounded (usable size 2 MiB + 4080); from the heap it is 2 MiB + 8.
+    page = 4096
+    ok, tuned = _usable("tune")
+    assert ok == "True"
+    assert 2 << 20 <= tuned < (2 << 20) + page - 16
+    _, default = _usable("default")
+    assert default >= (2 << 20) + page - 16  # glibc's default: such a block is a fresh mmap
