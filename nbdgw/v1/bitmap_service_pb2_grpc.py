@@ -142,6 +142,12 @@ class BitmapServiceServicer:
         generation and masked out of later streams of that bitmap, byte-exactly.
         - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
         and PreconditionFailure say why).
+        Safety on a live writable export: a clear has no "unless written since I read it"
+        condition, so a write that lands on a granule between the consumer's copy and its clear is
+        erased with the bit, and the copy is stale without any bitmap saying so. Clear a live
+        writable export only if the cleared ranges are read again after the clear (and the copy
+        fixed where they changed), as `nbdgw backup --clear` does; or read and clear a snapshot
+        export (`exports/{export}@{snapshot}`, SnapshotService), whose data nothing writes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
