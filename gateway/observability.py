@@ -305,8 +305,10 @@ class Metrics:
         covered = message.next_offset - message.offset
         if covered > 0:
             covered_bytes.inc(covered)
-        if message.data:
-            data_bytes.inc(len(message.data))
+        # Read once: each read of a bytes field copies it (up to 1 MiB per data message).
+        data = len(message.data)
+        if data:
+            data_bytes.inc(data)
 
     # --- exposition ---------------------------------------------------------------------------
 
