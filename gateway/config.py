@@ -7,6 +7,7 @@ Precedence: flags > environment > file > defaults. The TOML file::
     log_format = "json"             # text (default) or json: one JSON object per line
     log_level = "info"              # debug, info, warning (default), error
     grace_period = 5.0              # seconds given to open RPCs on SIGTERM
+    host_check_interval = 5.0       # check a host idle this long, for readiness (0: never)
     reflection = true
     data_dir = "./nbdgw-data"       # embedded host: images and its unix socket; the ledger
     ledger_path = "ledger.sqlite"   # clear ledger (default DATA_DIR/ledger.sqlite)
@@ -97,6 +98,12 @@ class ExportConfig:
     generation: str | None = None
 
 
+def check_interval(seconds: float) -> float:
+    if not seconds >= 0:  # also refuses NaN
+        raise ConfigError(f"host check interval {seconds}: must be 0 (never) or more seconds")
+    return seconds
+
+
 @dataclass
 class GatewayConfig:
     listen: str = DEFAULT_LISTEN
@@ -130,6 +137,9 @@ class GatewayConfig:
     max_idle_per_export: int = 4
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    # A host without traffic for this long is checked (connect, handshake, close) so that
+    # readiness follows a dead host even when no RPC uses it; 0 disables the check.
+    host_check_interval: float = 5.0
     # The clear ledger (gateway.ledger): None means DATA_DIR/ledger.sqlite.
     ledger_path: Path | None = None
     ledger_synchronous: str = "FULL"
@@ -310,6 +320,7 @@ _TOP_KEYS = {
     "log_format",
     "log_level",
     "grace_period",
+    "host_check_interval",
     "reflection",
     "data_dir",
     "hosts",
@@ -373,6 +384,8 @@ def apply_table(
             setattr(config, key, check_choice(key.replace("_", " "), str(data[key]), allowed))
     if "grace_period" in data:
         config.grace_period = float(data["grace_period"])
+    if "host_check_interval" in data:
+        config.host_check_interval = check_interval(float(data["host_check_interval"]))
     if "reflection" in data:
         config.reflection = bool(data["reflection"])
     if "data_dir" in data:

@@ -78,6 +78,9 @@ class Host:
         self._next_attempt = 0.0  # monotonic time of the next probe while down
         self._closed = False
         self.pools: list[ExportPool] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self.last_used = time.monotonic()  # when a lease last ended (for the liveness check)
+        self._busy = 0  # leases held now: traffic in progress proves the host alive
 
     @property
     def open_connections(self) -> int:
@@ -197,7 +200,14 @@ class Host:
             )
 
     async def check(self) -> bool:
-        """Probe the host once now (used at start-up); returns whether it is up."""
+        """Probe the host once now (used at start-up); returns whether it is up.
+
+        Also starts the liveness watch: readiness must follow a dead host without any RPC.
+        """
+        if self._watch_task is None and self.settings.host_check_interval > 0:
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self._watch(), name=f"nbdgw-watch-{self.name}"
+            )
         try:
             await self._probe_once()
         except Exception as exc:
@@ -243,6 +253,48 @@ class Host:
         if not self._closed:
             await self._set_up(True)
 
+    def _drop_closed_idle(self) -> bool:
+        """Discard idle connections the host hung up on; returns whether there were any."""
+        found = False
+        for pool in self.pools:
+            found = pool.drop_closed_idle() or found
+        return found
+
+    async def _watch(self) -> None:
+        """Every interval: an idle connection the host closed (EOF/reset), or no traffic for
+        the whole interval, triggers one probe; a failed probe marks the host down and starts
+        the reconnect loop, which marks it up again (readiness follows both ways)."""
+        interval = self.settings.host_check_interval
+        # Polling idle connections often is cheap (no I/O): the client reads all the time,
+        # so a peer's EOF is already recorded in its ``closed`` state.
+        tick = min(interval, 0.5)
+        last_check = time.monotonic()
+        while not self._closed:
+            await asyncio.sleep(tick)
+            if not self.up or (self._probe_task is not None and not self._probe_task.done()):
+                last_check = time.monotonic()
+                continue  # the reconnect loop owns the host while it is down
+            if self._busy:
+                # Traffic in progress: a failure there reports itself, and a probe could
+                # wait behind the host's client limit (qemu-nbd -e) and time out wrongly.
+                last_check = time.monotonic()
+                continue
+            hung_up = self._drop_closed_idle()
+            now = time.monotonic()
+            idle_for = now - max(self.last_used, last_check)
+            if not hung_up and idle_for < interval:
+                continue
+            last_check = now
+            try:
+                await self._probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Only a connection failure means down: a refusal is an answer.
+                if errors.is_connection_failure(exc):
+                    log.warning("host %s: liveness check failed: %s", self.name, exc)
+                    self.report_failure(exc)
+
     async def _set_up(self, up: bool) -> None:
         if up == self.up:
             return
@@ -255,6 +307,10 @@ class Host:
 
     async def close(self) -> None:
         self._closed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self._probe_task is not None:
             self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -284,6 +340,16 @@ class ExportPool:
         for clients in idle.values():
             for client in clients:
                 self.host.discard(client)
+
+    def drop_closed_idle(self) -> bool:
+        """Discard the idle connections the host has closed; returns whether there were any."""
+        found = False
+        for clients in self._idle.values():
+            for client in [c for c in clients if c.closed]:
+                clients.remove(client)
+                self.host.discard(client)
+                found = True
+        return found
 
     def pop_idle(self) -> NBDClient | None:
         """Any idle connection (the host needs room for another)."""
@@ -325,12 +391,16 @@ class ExportPool:
                     self.host.report_failure(exc)
                     raise
             self._remember(client)
+            self.host._busy += 1
             try:
                 yield client
             except BaseException as exc:
                 self.host.report_failure(exc)
                 self.host.discard(client)
                 raise
+            finally:
+                self.host._busy -= 1
+            self.host.last_used = time.monotonic()
             if len(self._idle.setdefault(key, [])) < self.host.settings.max_idle_per_export:
                 self._idle[key].append(client)
             else:

@@ -27,6 +27,7 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     check_choice,
+    check_interval,
     load_file,
     load_policy,
     load_tokens,
@@ -116,6 +117,15 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         type=float,
         default=_env("GRACE_PERIOD"),
         help="time open calls get on SIGTERM ($NBDGW_GRACE_PERIOD, default 5)",
+    )
+    p.add_argument(
+        "--host-check-interval",
+        metavar="SECONDS",
+        type=float,
+        default=_env("HOST_CHECK_INTERVAL"),
+        help="check an NBD host that had no traffic for this long (connect, close), so"
+        " readiness follows a dead host without any call; 0 never ($NBDGW_HOST_CHECK_INTERVAL,"
+        " default 5)",
     )
     p.add_argument(
         "--max-connections",
@@ -261,6 +271,8 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         config.data_dir = Path(args.data_dir)
     if args.grace_period is not None:
         config.grace_period = float(args.grace_period)
+    if args.host_check_interval is not None:
+        config.host_check_interval = check_interval(float(args.host_check_interval))
     if args.max_connections is not None:
         if int(args.max_connections) < 1:
             raise ConfigError("--max-connections must be at least 1")

@@ -197,6 +197,7 @@ def serve_settings() -> dict[str, tuple[str, str]]:
         "image": ("[[exports]] image", "none"),
         "data_dir": ("data_dir", DEFAULT_DATA_DIR),
         "grace_period": ("grace_period", f"{d.grace_period:g}"),
+        "host_check_interval": ("host_check_interval", f"{d.host_check_interval:g}"),
         "max_connections": ("[[hosts]] max_connections", str(d.max_connections_per_host)),
         "no_reflection": ("reflection = false", "reflection on"),
         "limit": ("[limits] NAME = VALUE", "see [limits]"),
