@@ -91,8 +91,10 @@ class BitmapServiceStub:
     """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
     streams of the bitmap report the range clean until it is written again. Returns exactly
     which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
-    is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
-    the host). How it is carried out depends on the export (`clear_mode`):
+    is harmless. An acknowledged clear is durable: it survives the death of the gateway and of
+    the host process. After a crash of the host's machine an nbdcore host marks its bitmaps
+    wholly dirty, undoing clears in the safe direction (the next backup copies everything once).
+    How it is carried out depends on the export (`clear_mode`):
     - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
       result may be smaller than the request, or empty), atomically with respect to writes.
     - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
@@ -167,8 +169,10 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
     streams of the bitmap report the range clean until it is written again. Returns exactly
     which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
-    is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
-    the host). How it is carried out depends on the export (`clear_mode`):
+    is harmless. An acknowledged clear is durable: it survives the death of the gateway and of
+    the host process. After a crash of the host's machine an nbdcore host marks its bitmaps
+    wholly dirty, undoing clears in the safe direction (the next backup copies everything once).
+    How it is carried out depends on the export (`clear_mode`):
     - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
       result may be smaller than the request, or empty), atomically with respect to writes.
     - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current
@@ -270,8 +274,10 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         """Clears (acknowledges) a range of a dirty bitmap: the consumer has safely stored it. Later
         streams of the bitmap report the range clean until it is written again. Returns exactly
         which byte ranges were cleared; nothing outside the range is ever cleared. Repeating a call
-        is harmless. An acknowledged clear is durable (it survives the death of the gateway and of
-        the host). How it is carried out depends on the export (`clear_mode`):
+        is harmless. An acknowledged clear is durable: it survives the death of the gateway and of
+        the host process. After a crash of the host's machine an nbdcore host marks its bitmaps
+        wholly dirty, undoing clears in the safe direction (the next backup copies everything once).
+        How it is carried out depends on the export (`clear_mode`):
         - CLEAR_MODE_AT_SOURCE: in the host's bitmap, only whole granules inside the range (the
           result may be smaller than the request, or empty), atomically with respect to writes.
         - CLEAR_MODE_LEDGER_MASK: recorded in the gateway's ledger under the export's current

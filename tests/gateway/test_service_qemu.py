@@ -258,7 +258,8 @@ async def test_list_bitmaps_and_clear_refused(qemu_nbd: QemuNBD, start_gateway) 
     assert "generation" in b0.clear_unsupported_reason  # read-only: the ledger, once set
     export = await gw.stub.GetExport(pb.GetExportRequest(name="vm"))
     assert export.size_bytes == qemu_nbd.disk.size
-    assert export.read_only and export.flags.can_flush is not None
+    # qemu-nbd -r advertises SEND_FLUSH (flags 0x048f on 7.2).
+    assert export.read_only and export.flags.can_flush
     assert export.clear_mode == pb.CLEAR_MODE_UNSUPPORTED
     assert export.host.startswith("nbd+unix:")
 
