@@ -92,7 +92,14 @@ from nbdcore.storage.errors import (
     read_only_error,
 )
 from nbdcore.storage.image import Image
-from nbdcore.storage.store import SNAPSHOTS, _Bits, bitmap_key, fsync_dir, write_atomic
+from nbdcore.storage.store import (
+    SNAPSHOTS,
+    _Bits,
+    bitmap_key,
+    fsync_dir,
+    write_atomic,
+    write_file,
+)
 
 if TYPE_CHECKING:
     from nbdcore.storage.store import BitmapStore
@@ -253,15 +260,15 @@ class _FileBacking(_Backing):
         tmp.mkdir()
         try:
             for fork, bits in forks.items():
-                _write_file(tmp / f"{bitmap_key(fork)}.bits", bits)
+                write_file(tmp / f"{bitmap_key(fork)}.bits", bits, exclusive=True)
             fd = os.open(tmp / "map", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 os.ftruncate(fd, max(clusters * 4, 1))  # sparse: O(1) whatever the disk size
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _write_file(tmp / "data", b"")
-            _write_file(tmp / "meta.json", _meta_bytes(meta))
+            write_file(tmp / "data", b"", exclusive=True)
+            write_file(tmp / "meta.json", _meta_bytes(meta), exclusive=True)
             fsync_dir(tmp)
             final = root / name
             if final.exists():
@@ -318,17 +325,6 @@ class _FileBacking(_Backing):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _meta_bytes(meta: dict[str, Any]) -> bytes:
