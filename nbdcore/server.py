@@ -954,6 +954,14 @@ class ServerConnection:
         if command == Cmd.TRIM and TransmissionFlag.SEND_TRIM not in tflags:
             reject(Errno.EINVAL, "trim not supported")
             return None
+        if CmdFlag.FAST_ZERO in fl and CmdFlag.NO_HOLE in fl:
+            # Zeroing without a hole may mean writing zeroes, no faster than the client
+            # writing them: the spec has a FAST_ZERO that cannot be fast fail with ENOTSUP,
+            # before anything is changed. (Whether a hole is fast is the export's to say:
+            # SEND_FAST_ZERO is only in its flags when it is, and the I/O layer refuses one
+            # that turns out not to be, e.g. after a failed punch.)
+            reject(Errno.ENOTSUP, "zeroing without a hole would not be fast")
+            return None
         return Request(cookie, command, fl, offset, length, data, contexts)
 
     def _validate_clear(
@@ -988,6 +996,11 @@ class ServerConnection:
             return None
         if not name.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
             reject(Errno.EINVAL, f"{name} is not a dirty bitmap")
+            return None
+        if name not in export.contexts:
+            # Negotiated contexts come from the export, so only a catalog that changed under
+            # a connection gets here; the export's list is the one that counts.
+            reject(Errno.EINVAL, f"{name} is not exported")
             return None
         if offset > export.size or clear.length > export.size - offset:
             reject(Errno.EINVAL, f"range {offset}+{clear.length} is outside the export")

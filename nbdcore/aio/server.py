@@ -146,11 +146,11 @@ class _Export:
         if self.read_only:
             flags |= TransmissionFlag.READ_ONLY
         else:
-            flags |= (
-                TransmissionFlag.SEND_TRIM
-                | TransmissionFlag.SEND_WRITE_ZEROES
-                | TransmissionFlag.SEND_FAST_ZERO
-            )
+            flags |= TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+            if self.config.image.can_zero_fast:
+                # Never on a block device or a file system that cannot punch holes: there a
+                # fast zero could only ever fail (spec: SHOULD NOT advertise it then).
+                flags |= TransmissionFlag.SEND_FAST_ZERO
         bitmaps = [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name for name in self.bitmap_names()]
         contexts = (CONTEXT_BASE_ALLOCATION, *bitmaps)
         return ExportDescriptor(
@@ -1007,14 +1007,11 @@ class _Connection:
             if req.length:
                 await self._in_worker(_trim, image, req.offset, req.length, fua)
         elif cmd == Cmd.WRITE_ZEROES:
-            no_hole = CmdFlag.NO_HOLE in req.flags
-            if CmdFlag.FAST_ZERO in req.flags and no_hole:
-                # Zeroing without a hole may mean writing zeros, which is no faster than the
-                # client writing them: FAST_ZERO asks us to say so instead (spec: ENOTSUP).
-                self.proto.reply_error(req, Errno.ENOTSUP, "zeroing would not be fast")
-                return
+            # FAST_ZERO: the image refuses (ENOTSUP, nothing written) if it cannot be fast.
+            may_trim = CmdFlag.NO_HOLE not in req.flags
+            fast = CmdFlag.FAST_ZERO in req.flags
             if req.length:
-                await self._in_worker(_zero, image, req.offset, req.length, not no_hole, fua)
+                await self._in_worker(_zero, image, req.offset, req.length, may_trim, fua, fast)
         elif cmd == Cmd.CACHE:
             # Advisory: ask the kernel to read ahead; a memory image has nothing to do.
             fd = getattr(image.disk, "fd", None)
@@ -1046,8 +1043,6 @@ class _Connection:
             # lock orders it with everything else (see nbdcore.storage.image).
             ((_cid, context),) = req.contexts
             name = context[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) :]
-            if self.export.config.bitmaps is not None and name not in self.export.bitmap_names():
-                raise OSError(errno.EINVAL, f"bitmap {name!r} is not exported")
             granularity, runs = await self._in_worker(
                 _clear, image, name, req.offset, req.length, fua
             )
@@ -1114,8 +1109,8 @@ def _trim(image: Image, offset: int, length: int, fua: bool) -> None:
     image.trim(offset, length, fua=fua)
 
 
-def _zero(image: Image, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-    image.write_zeroes(offset, length, may_trim=may_trim, fua=fua)
+def _zero(image: Image, offset: int, length: int, may_trim: bool, fua: bool, fast: bool) -> None:
+    image.write_zeroes(offset, length, may_trim=may_trim, fua=fua, fast=fast)
 
 
 def _block_status(

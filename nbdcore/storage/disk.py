@@ -61,6 +61,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _probe_punch(fd: int) -> bool:
+    """Whether the file system punches holes: a punch past the end of the file with
+    KEEP_SIZE changes nothing where it is supported and fails with EOPNOTSUPP where not."""
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, end, 4096)
+    except OSError as exc:
+        return exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+    return True
+
+
+def _not_fast() -> OSError:
+    return OSError(errno.ENOTSUP, "zeroing this range would not be fast (it writes zeroes)")
+
+
 class Disk(ABC):
     """A fixed-size disk. Ranges outside ``[0, size)`` raise RangeError (an OSError, EINVAL);
     writes to a read-only disk raise OSError(EPERM)."""
@@ -89,7 +104,18 @@ class Disk(ABC):
         """Discard the range: it reads as zeroes afterwards (a hole where possible)."""
 
     @abstractmethod
-    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True) -> None: ...
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False
+    ) -> None:
+        """Make the range read as zeroes. ``fast`` (NBD_CMD_FLAG_FAST_ZERO): only if that
+        is faster than writing zeroes; otherwise raise OSError(ENOTSUP) having changed
+        nothing."""
+
+    @property
+    def can_zero_fast(self) -> bool:
+        """Whether ``write_zeroes(..., fast=True)`` can succeed at all (what
+        NBD_FLAG_SEND_FAST_ZERO advertises)."""
+        return False
 
     @abstractmethod
     def allocation(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -135,7 +161,9 @@ class RawFileDisk(Disk):
             raise
         # Whether SEEK_DATA works here; cleared on the first EINVAL/EOPNOTSUPP.
         self._seek_data = hasattr(os, "SEEK_DATA") and not self._block_device
-        self._can_punch = not self._block_device
+        # Block devices: no PUNCH_HOLE through fallocate on a bdev here (BLKDISCARD may not
+        # read back as zeroes), so zeroing one writes zeroes: never fast.
+        self._can_punch = not self._block_device and not read_only and _probe_punch(self._fd)
         self._can_zero_range = True
         self._closed = False
         self._lock = threading.Lock()
@@ -189,13 +217,22 @@ class RawFileDisk(Disk):
         if length:
             self._zero(offset, length, punch=True)
 
-    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True) -> None:
+    @property
+    def can_zero_fast(self) -> bool:
+        # Only a punched hole is fast for sure; ZERO_RANGE may write zeroes (NO_HOLE).
+        return self._can_punch and not self.read_only
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False
+    ) -> None:
         self.check_writable()
         self.check_range(offset, length)
+        if fast and not (may_trim and self._can_punch):
+            raise _not_fast()
         if length:
-            self._zero(offset, length, punch=may_trim)
+            self._zero(offset, length, punch=may_trim, fast=fast)
 
-    def _zero(self, offset: int, length: int, *, punch: bool) -> None:
+    def _zero(self, offset: int, length: int, *, punch: bool, fast: bool = False) -> None:
         if punch and self._can_punch:
             try:
                 fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
@@ -204,6 +241,10 @@ class RawFileDisk(Disk):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 self._can_punch = False
+                if fast:
+                    # The punch changed nothing; the fallback would be the slow write the
+                    # client asked us to refuse (spec: NBD_CMD_FLAG_FAST_ZERO).
+                    raise _not_fast() from exc
         if not punch and self._can_zero_range and not self._block_device:
             try:
                 fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
@@ -315,7 +356,13 @@ class MemoryDisk(Disk):
     def trim(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length, may_trim=True)
 
-    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True) -> None:
+    @property
+    def can_zero_fast(self) -> bool:
+        return not self.read_only  # dropping or clearing chunks in memory
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False
+    ) -> None:
         self.check_writable()
         self.check_range(offset, length)
         for index, start, n, _pos in self._pieces(offset, length):

@@ -293,15 +293,31 @@ class Image:
         if fua:
             self._sync_fua()
 
+    @property
+    def can_zero_fast(self) -> bool:
+        """Whether a fast zero (NBD_CMD_FLAG_FAST_ZERO) can ever succeed here."""
+        return not self.read_only and self.disk.can_zero_fast
+
     def write_zeroes(
-        self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = True,
+        fua: bool = False,
+        fast: bool = False,
     ) -> None:
+        """``fast``: refuse with OSError(ENOTSUP), having changed no data, unless the disk
+        zeroes the range without writing zeroes and no snapshot must first copy it (a pre-zero
+        pass would otherwise copy the whole disk into the snapshot store)."""
         self._check_writable()
         self.disk.check_range(offset, length)
         with self._io_lock:
+            if fast and (self._snapshots or not self.disk.can_zero_fast):
+                raise OSError(errno.ENOTSUP, "zeroing this range would not be fast")
             self._preserve(offset, length)
             self._mark(offset, length)
-            self.disk.write_zeroes(offset, length, may_trim=may_trim)
+            self.disk.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
             self._mark(offset, length)
         if fua:
             self._sync_fua()

@@ -355,7 +355,9 @@ class SnapshotDisk(Disk):
     def trim(self, offset: int, length: int) -> None:
         raise read_only_error("a snapshot")
 
-    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True) -> None:
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False
+    ) -> None:
         raise read_only_error("a snapshot")
 
     def allocation(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
