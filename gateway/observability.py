@@ -63,6 +63,7 @@ from prometheus_client.registry import Collector
 
 from gateway.access import CURRENT_IDENTITY
 from gateway.config import LOG_FORMATS, LOG_LEVELS
+from gateway.prepared import PreparedMessage
 
 log = logging.getLogger("nbdgw.observability")
 access_log = logging.getLogger("nbdgw.rpc")
@@ -299,14 +300,18 @@ class Metrics:
                 self.data_bytes_streamed.labels(export),
             )
         extents, covered_bytes, data_bytes = series
-        n = len(message.lengths)
+        if isinstance(message, PreparedMessage):
+            # Serialized by the service, which says what it holds: never parsed back.
+            n, covered, data = message.extents, message.covered, message.data_bytes
+        else:
+            n = len(message.lengths)
+            covered = message.next_offset - message.offset
+            # Read once: each read of a bytes field copies it (up to 1 MiB per data message).
+            data = len(message.data)
         if n:
             extents.inc(n)
-        covered = message.next_offset - message.offset
         if covered > 0:
             covered_bytes.inc(covered)
-        # Read once: each read of a bytes field copies it (up to 1 MiB per data message).
-        data = len(message.data)
         if data:
             data_bytes.inc(data)
 

@@ -40,6 +40,7 @@ from gateway.hosts import ExportPool, Host
 from gateway.ledger import Ledger
 from gateway.limits import Limiter
 from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
+from gateway.prepared import add_bitmap_service
 from gateway.serve_cmd import SAMPLE_BITMAP
 from gateway.service import Backend, BitmapServicer
 from gateway.snapshots import Snapshots, SnapshotServicer
@@ -49,7 +50,6 @@ from nbdcore.storage.image import Image
 from nbdcore.storage.store import store_dir
 from nbdcore.uri import NBDURI
 from nbdgw.v1 import bitmap_service_pb2 as pb
-from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
@@ -230,7 +230,8 @@ class Gateway:
         server = grpc.aio.server(
             options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics), access]
         )
-        pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(self.backend), server)
+        # StreamExtents sends data messages it serialized itself (gateway.prepared).
+        add_bitmap_service(BitmapServicer(self.backend), server)
         spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:

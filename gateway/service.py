@@ -31,6 +31,7 @@ from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool, ExportSnapshot
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
+from gateway.prepared import DataMessageBuffer, PreparedMessage
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -864,7 +865,8 @@ class _ExtentStream:
         self.messages = 0
         self._last_send = time.monotonic()
         self._made = 0  # messages made (written or queued)
-        self._queued: tuple[_Message, asyncio.Future[list[bytes]] | None] | None = None
+        self._queued: tuple[_Message, _Reads | None] | None = None
+        self._spare: bytearray | None = None  # the buffer of the last data message sent
 
     async def run(self) -> None:
         plan = self.plan
@@ -1032,9 +1034,18 @@ class _ExtentStream:
             raise errors.shutting_down()
         reads = None
         if msg.reads:
-            reads = asyncio.ensure_future(
-                asyncio.gather(*(client.pread(o, n) for o, n in msg.reads))
+            # The data goes straight into the buffer the message is sent from, each read at
+            # its place in the message (a message may cut several extents).
+            buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare)
+            self._spare = None
+            places = accumulate((n for _, n in msg.reads[:-1]), initial=0)
+            landing = asyncio.gather(
+                *(
+                    client.pread_into(buf.data[p : p + n], o)
+                    for (o, n), p in zip(msg.reads, places, strict=True)
+                )
             )
+            reads = _Reads(buf, asyncio.ensure_future(landing))
         queued, self._queued = self._queued, (msg, reads)
         self._made += 1
         if queued is not None:
@@ -1051,11 +1062,28 @@ class _ExtentStream:
     def _drop_queued(self) -> None:
         queued, self._queued = self._queued, None
         if queued is not None and queued[1] is not None:
-            queued[1].cancel()
+            # Its buffer is dropped with it: a cancelled read may still land there.
+            landing = queued[1].landing
+            landing.cancel()
             # Retrieve its outcome so that a failed read is not reported as never retrieved.
-            queued[1].add_done_callback(lambda t: t.cancelled() or t.exception())
+            landing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _write(self, msg: _Message, reads: asyncio.Future[list[bytes]] | None) -> None:
+    def _head(self, msg: _Message) -> pb.StreamExtentsResponse:
+        """The StreamExtentsResponse of ``msg``, without its data."""
+        resp = pb.StreamExtentsResponse(
+            offset=msg.offset,
+            next_offset=msg.end,
+            resume_token=self.plan.token(msg.end),
+            range_end=self.range_end,
+        )
+        resp.offset_deltas.extend(msg.deltas)
+        resp.lengths.extend(msg.lengths)
+        resp.flags.extend(msg.flags)
+        if self.plan.merge_allocation:
+            resp.allocation.extend(msg.kinds)  # type: ignore[arg-type]  # proto enum values
+        return resp
+
+    async def _write(self, msg: _Message, reads: _Reads | None) -> None:
         if self.remaining:
             rest = pb.StreamRemainingDirtyResponse(
                 offset=msg.offset,
@@ -1071,24 +1099,26 @@ class _ExtentStream:
             self.messages += 1
             self.sent_offset = msg.end
             return
-        resp = pb.StreamExtentsResponse(
-            offset=msg.offset,
-            next_offset=msg.end,
-            resume_token=self.plan.token(msg.end),
-            range_end=self.range_end,
-        )
-        resp.offset_deltas.extend(msg.deltas)
-        resp.lengths.extend(msg.lengths)
-        resp.flags.extend(msg.flags)
-        if self.plan.merge_allocation:
-            resp.allocation.extend(msg.kinds)  # type: ignore[arg-type]  # proto enum values
-        if reads is not None:
-            resp.data = b"".join(await reads)
+        message: pb.StreamExtentsResponse | PreparedMessage
+        if reads is None:
+            message = self._head(msg)
+        else:
+            await reads.landing
+            message = reads.buf.message(extents=len(msg), covered=msg.end - msg.offset)
+            self._spare = reads.buf.reuse()
         if self.shutdown.is_set():
             raise errors.shutting_down()
-        await self.context.write(resp)
+        await self.context.write(message)
         self.messages += 1
         self.sent_offset = msg.end
+
+
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """The NBD reads of a queued data message, landing in its buffer."""
+
+    buf: DataMessageBuffer
+    landing: asyncio.Future[list[None]]
 
 
 # base:allocation flags (HOLE 1, ZERO 2) -> the proto's Allocation: a hole that does not read as

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.access import AccessInterceptor
+from gateway.prepared import add_bitmap_service
 from gateway.server import HEALTH_SERVICE_NAME, SERVICE_NAME, Gateway
 from gateway.service import BitmapServicer
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -58,7 +59,7 @@ async def guard(start_gateway: Any) -> AsyncIterator[Callable[..., Any]]:
         running = await start_gateway(config)
         gw = running.gateway
         server = grpc.aio.server(interceptors=[interceptor])
-        pb_grpc.add_BitmapServiceServicer_to_server(BitmapServicer(gw.backend), server)
+        add_bitmap_service(BitmapServicer(gw.backend), server)
         health_pb2_grpc.add_HealthServicer_to_server(gw.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,0 +1,180 @@
+"""StreamExtents data messages serialized by the gateway (gateway.prepared): byte for byte what
+protobuf writes for the same message, parsed by the generated class into the same message, and
+counted by the metrics without being parsed back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.prepared import (
+    DataMessageBuffer,
+    PreparedMessage,
+    add_bitmap_service,
+    data_field_header,
+    serializer,
+)
+from gateway.service import BitmapServicer
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+from tests.gateway.conftest import KiB, MiB, QemuNBD, nbdinfo_map, rows_of
+from tests.gateway.test_observability import value
+from tests.gateway.test_service_qemu import config_for
+
+U64 = st.integers(0, (1 << 64) - 1)
+ROWS = st.integers(0, 40)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
+    """The fields of a StreamExtentsResponse (without data), and its data."""
+    n = draw(ROWS)
+    fields: dict[str, Any] = {
+        "offset": draw(U64),
+        "next_offset": draw(U64),
+        "resume_token": draw(st.text(max_size=80)),
+        "range_end": draw(U64),
+        "offset_deltas": draw(st.lists(U64, min_size=n, max_size=n)),
+        "lengths": draw(st.lists(U64, min_size=n, max_size=n)),
+        "flags": draw(st.lists(st.integers(0, (1 << 32) - 1), min_size=n, max_size=n)),
+    }
+    if draw(st.booleans()):
+        kinds = st.sampled_from(list(pb.Allocation.values()))
+        fields["allocation"] = draw(st.lists(kinds, min_size=n, max_size=n))
+    # Lengths on both sides of each varint size boundary (1, 2 and 3 bytes).
+    size = draw(st.sampled_from([1, 127, 128, 16383, 16384, 100_000]) | st.integers(1, 3000))
+    data = draw(st.binary(min_size=1, max_size=min(size, 3000))).ljust(size, b"\xa5")
+    return fields, data
+
+
+def prepare(fields: dict[str, Any], data: bytes, spare: bytearray | None) -> PreparedMessage:
+    buf = DataMessageBuffer(pb.StreamExtentsResponse(**fields), len(data), spare)
+    # As the NBD reads do: each piece written at its place in the message.
+    cut = len(data) // 3
+    buf.data[:cut] = data[:cut]
+    buf.data[cut:] = data[cut:]
+    return buf.message(extents=len(fields["lengths"]), covered=7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages(), st.none() | st.integers(0, 200_000))
+def test_prepared_message_is_what_protobuf_writes(
+    msg: tuple[dict[str, Any], bytes], spare_size: int | None
+) -> None:
+    fields, data = msg
+    # A spare buffer from an earlier message, bigger or smaller, full of other bytes.
+    spare = None if spare_size is None else bytearray(b"\xee" * spare_size)
+    prepared = prepare(fields, data, spare)
+    old = pb.StreamExtentsResponse(**fields, data=data)  # the message built the old way
+    assert prepared.payload == old.SerializeToString()
+    parsed = pb.StreamExtentsResponse.FromString(prepared.payload)
+    assert parsed == old
+    assert parsed.ListFields() == old.ListFields()  # every field, not only equality's view
+    assert parsed.data == data
+    assert prepared.data_bytes == len(data)
+    assert prepared.extents == len(fields["lengths"])
+
+
+def test_buffer_is_reused_only_when_it_fits() -> None:
+    head = pb.StreamExtentsResponse(offset=1, next_offset=2, resume_token="t")
+    first = DataMessageBuffer(head, 100, None)
+    first.data[:] = b"x" * 100
+    one = first.message(extents=0, covered=1)
+    spare = first.reuse()
+    assert spare is not None
+    second = DataMessageBuffer(head, 50, spare)
+    second.data[:] = b"y" * 50
+    two = second.message(extents=0, covered=1)
+    assert second.reuse() is spare  # it fit
+    assert pb.StreamExtentsResponse.FromString(two.payload).data == b"y" * 50
+    assert pb.StreamExtentsResponse.FromString(one.payload).data == b"x" * 100  # a copy
+    third = DataMessageBuffer(head, 10_000, spare)
+    assert third.reuse() is not spare  # too small: a new one
+
+
+def test_data_field_header() -> None:
+    for n in (1, 127, 128, 300, 16384, MiB):
+        m = pb.StreamExtentsResponse(data=bytes(n)).SerializeToString()
+        assert m == data_field_header(n) + bytes(n)
+
+
+def test_serializer_passes_other_messages_to_protobuf() -> None:
+    ser = serializer(pb.StreamExtentsResponse.SerializeToString)
+    m = pb.StreamExtentsResponse(offset=5, lengths=[1, 2], data=b"abc")
+    assert ser(m) == m.SerializeToString()
+    assert ser(PreparedMessage(b"\x08\x05", extents=0, covered=0, data_bytes=0)) == b"\x08\x05"
+
+
+def test_add_bitmap_service_changes_only_stream_extents_serializer() -> None:
+    class Keep:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.generic = handlers
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            self.service, self.handlers = service, handlers
+
+    servicer = BitmapServicer(None)  # type: ignore[arg-type]  # never called here
+    generated, ours = Keep(), Keep()
+    pb_grpc.add_BitmapServiceServicer_to_server(servicer, generated)  # type: ignore[arg-type]
+    add_bitmap_service(servicer, ours)
+    assert ours.service == generated.service == "nbdgw.v1.BitmapService"
+    assert ours.handlers.keys() == generated.handlers.keys()
+    for name, handler in generated.handlers.items():
+        mine = ours.handlers[name]
+        assert mine.request_deserializer == handler.request_deserializer
+        assert mine.unary_stream == handler.unary_stream
+        assert mine.unary_unary == handler.unary_unary
+        if name == "StreamExtents":
+            assert mine.response_serializer != handler.response_serializer
+            payload = mine.response_serializer(
+                PreparedMessage(b"\x10\x07", extents=0, covered=0, data_bytes=0)
+            )
+            assert payload == b"\x10\x07"
+        else:
+            assert mine.response_serializer == handler.response_serializer
+    # The generic handler serves the same table (what grpc uses for unregistered lookups).
+    (generic,) = ours.generic
+    details = type("D", (), {"method": "/nbdgw.v1.BitmapService/StreamExtents"})()
+    assert generic.service(details) is ours.handlers["StreamExtents"]
+
+
+async def test_stream_over_qemu_nbd_is_canonical_and_counted(
+    qemu_nbd: QemuNBD, start_gateway: Any
+) -> None:
+    """Messages of a real stream, taken as bytes off the wire: each is the canonical
+    serialization of what the generated class parses; the data is the disk's; a message whose
+    data comes from several extents has each at its place; the metrics count it all."""
+    gw = await start_gateway(config_for(("vm", qemu_nbd.uri)))
+    raw_disk = qemu_nbd.disk.raw.read_bytes()
+    method = gw.channel.unary_stream("/nbdgw.v1.BitmapService/StreamExtents")
+    request = pb.StreamExtentsRequest(export="vm", context="base:allocation", include_data=True)
+    wire = [m async for m in method(request.SerializeToString())]
+    messages = [pb.StreamExtentsResponse.FromString(w) for w in wire]
+    for w, m in zip(wire, messages, strict=True):
+        assert w == m.SerializeToString()
+    rows = [r for m in messages for r in rows_of(m)]
+    several = 0
+    for m in messages:
+        pos = 0
+        data_rows = 0
+        for start, length, _flags, kind in rows_of(m):
+            if kind == pb.ALLOCATION_DATA:
+                assert m.data[pos : pos + length] == raw_disk[start : start + length]
+                pos += length
+                data_rows += 1
+            else:
+                assert raw_disk[start : start + length] == bytes(length)
+        assert pos == len(m.data) <= MiB
+        several += data_rows >= 3
+    assert several, "no message carried data from several extents"
+    data_bytes = sum(n for _, n, _, kind in rows if kind == pb.ALLOCATION_DATA)
+    assert data_bytes >= 8 * MiB + 64 * KiB
+    # The host's own map, allocated ranges: what the stream carried data for.
+    allocated = sum(n for _, n, f, _ in nbdinfo_map(qemu_nbd.uri, "base:allocation") if not f & 1)
+    assert data_bytes >= allocated
+    metrics = gw.gateway.metrics
+    assert value(metrics, "nbdgw_data_bytes_streamed_total", export="vm") == data_bytes
+    assert value(metrics, "nbdgw_extents_streamed_total", export="vm") == len(rows)
+    assert value(metrics, "nbdgw_bytes_streamed_total", export="vm") == messages[-1].range_end
