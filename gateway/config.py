@@ -12,6 +12,7 @@ Precedence: flags > environment > file > defaults. The TOML file::
     data_dir = "./nbdgw-data"       # embedded host: images and its unix socket; the ledger
     ledger_path = "ledger.sqlite"   # clear ledger (default DATA_DIR/ledger.sqlite)
     ledger_synchronous = "FULL"     # SQLite synchronous: FULL, EXTRA or NORMAL
+    ledger_max_intervals = 1000000  # disjoint cleared ranges per (export, bitmap, generation)
 
     [[hosts]]                       # optional: named NBD hosts, with TLS options
     name = "qemu1"
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.access import AccessConfigError, Policy, TokenFile
+from gateway.ledger import DEFAULT_MAX_INTERVALS
 from gateway.limits import Limits
 from nbdcore.exceptions import URIError
 from nbdcore.tls import TLSConfig
@@ -98,6 +100,16 @@ class ExportConfig:
     generation: str | None = None
 
 
+def check_max_intervals(value: object, what: str = "ledger max intervals") -> int:
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise ConfigError(f"{what} {value!r}: not an integer") from None
+    if n < 1:
+        raise ConfigError(f"{what} {n}: must be at least 1")
+    return n
+
+
 def check_interval(seconds: float) -> float:
     if not seconds >= 0:  # also refuses NaN
         raise ConfigError(f"host check interval {seconds}: must be 0 (never) or more seconds")
@@ -143,6 +155,9 @@ class GatewayConfig:
     # The clear ledger (gateway.ledger): None means DATA_DIR/ledger.sqlite.
     ledger_path: Path | None = None
     ledger_synchronous: str = "FULL"
+    # Merged intervals one ledger scope may hold; a clear that would leave more is refused
+    # (RESOURCE_EXHAUSTED): byte-exact disjoint clears would otherwise grow it without bound.
+    ledger_max_intervals: int = DEFAULT_MAX_INTERVALS
 
     @property
     def ledger_file(self) -> Path:
@@ -335,6 +350,7 @@ _TOP_KEYS = {
     "health_listen",
     "ledger_path",
     "ledger_synchronous",
+    "ledger_max_intervals",
 }
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
 _HOST_KEYS = {"name", "uri", "max_connections"} | _TLS_KEYS
@@ -416,6 +432,10 @@ def apply_table(
         if sync not in ("FULL", "EXTRA", "NORMAL"):
             raise ConfigError(f"{where}: ledger_synchronous must be FULL, EXTRA or NORMAL")
         config.ledger_synchronous = sync
+    if "ledger_max_intervals" in data:
+        config.ledger_max_intervals = check_max_intervals(
+            data["ledger_max_intervals"], f"{where}: ledger_max_intervals"
+        )
     for i, host in enumerate(_tables(data, "hosts", where)):
         here = f"{where}: hosts[{i}]"
         _check_keys(host, _HOST_KEYS, here)

@@ -22,6 +22,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+from gateway.ledger import ScopeFullError
 from nbdcore.constants import Errno, Rep
 from nbdcore.exceptions import (
     ConnectionLostError,
@@ -62,7 +63,8 @@ class Reason:
     READ_ONLY = "READ_ONLY"
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
-    # Raised by gateway.access and gateway.limits (they name them themselves).
+    # Raised by gateway.access and gateway.limits (they name them themselves), and for a full
+    # ledger scope (ledger_full).
     PERMISSION_DENIED = "PERMISSION_DENIED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -333,6 +335,35 @@ def unauthenticated(why: str) -> GatewayError:
     )
 
 
+def ledger_full(exc: ScopeFullError) -> GatewayError:
+    """A clear the ledger refused because its scope holds ``max_intervals`` intervals."""
+    scope = exc.scope
+    subject = f"exports/{scope.export}/bitmaps/{scope.bitmap}"
+    return GatewayError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.RESOURCE_EXHAUSTED,
+        exc.strerror or str(exc),
+        {
+            "export": scope.export,
+            "context": scope.bitmap,
+            "generation": scope.generation,
+            "limit": str(exc.limit),
+            "intervals": str(exc.intervals),
+        },
+        [
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=subject,
+                        description=f"at most {exc.limit} disjoint cleared ranges per generation"
+                        " (ledger_max_intervals)",
+                    )
+                ]
+            )
+        ],
+    )
+
+
 def internal(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, message)
 
@@ -435,6 +466,8 @@ def from_exception(
             f"export {export!r}: {exc}",
             {"export": export, "host": host},
         )
+    if isinstance(exc, ScopeFullError):
+        return ledger_full(exc)
     if isinstance(exc, OSError):
         code = {
             errno_mod.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,

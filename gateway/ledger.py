@@ -22,6 +22,9 @@ previous commit was syncing (group commit): N concurrent clears cost one fsync, 
 
 Memory: each scope's mask is kept as merged intervals (a backup clearing in order makes one
 interval); rows in the database are rewritten as the merged intervals when they outnumber them.
+A scope holds at most ``max_intervals`` of them: a clear that would leave more (byte-exact
+disjoint clears, which a client may send on purpose) is refused whole with
+:class:`ScopeFullError`, and nothing of it is recorded.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import logging
 import queue
 import sqlite3
@@ -57,6 +61,11 @@ GATHER_FRACTION: Final = 0.5
 GATHER_MAX: Final = 0.005
 # Rows of one scope are rewritten as its merged intervals once they outnumber them by this.
 COMPACT_SLACK: Final = 1024
+# IntervalSet block size (intervals); blocks split at twice this.
+INTERVAL_BLOCK: Final = 512
+# Merged intervals one scope may hold (about 100 MB of Python ints at the cap); gateway.config's
+# ledger_max_intervals.
+DEFAULT_MAX_INTERVALS: Final = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,6 +103,24 @@ class GenerationChangedError(LedgerError):
         self.current = current
 
 
+class ScopeFullError(OSError):
+    """A clear would leave more than the ledger's ``max_intervals`` intervals in its scope:
+    refused whole, nothing recorded. An OSError (ENOSPC), not a :class:`LedgerError`: the ledger
+    is fine, the request asks for more room than a scope has (gateway.errors maps it to
+    RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, scope: Scope, limit: int, intervals: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"the ledger of {scope.bitmap!r} of export {scope.export!r} (generation"
+            f" {scope.generation!r}) holds {intervals} disjoint cleared ranges, its limit is"
+            f" {limit}: clear adjacent or larger ranges; nothing was recorded",
+        )
+        self.scope = scope
+        self.limit = limit
+        self.intervals = intervals
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """What one set of clears applies to."""
@@ -104,42 +131,147 @@ class Scope:
 
 
 class IntervalSet:
-    """Disjoint, non-adjacent ``[start, stop)`` intervals in order (adjacent ones merge)."""
+    """Disjoint, non-adjacent ``[start, stop)`` intervals in order (adjacent ones merge).
 
-    __slots__ = ("starts", "stops")
+    Kept in blocks of at most ``2 * INTERVAL_BLOCK`` intervals (two lists each), with every
+    block's first start and last stop alongside for bisecting: an add moves at most a block's
+    worth of list items, not the whole set (a million disjoint clears made each add move 16 MB).
+    :meth:`copy` shares the blocks and each set copies a shared block the first time it changes
+    it (copy-on-write), so the ledger's copy of a scope per transaction costs O(blocks).
+    """
+
+    __slots__ = ("_firsts", "_lasts", "_len", "_owned", "_starts", "_stops")
 
     def __init__(self, intervals: Iterable[tuple[int, int]] = ()) -> None:
-        self.starts: list[int] = []
-        self.stops: list[int] = []
+        self._starts: list[list[int]] = []
+        self._stops: list[list[int]] = []
+        self._firsts: list[int] = []  # _starts[b][0] of every block
+        self._lasts: list[int] = []  # _stops[b][-1] of every block
+        self._len = 0
+        self._owned: set[int] = set()  # ids of the blocks only this set holds
         for start, stop in intervals:
             self.add(start, stop)
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self._len
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.starts, self.stops, strict=True)
+        for starts, stops in zip(self._starts, self._stops, strict=True):
+            yield from zip(starts, stops, strict=True)
 
     def __repr__(self) -> str:
         return f"IntervalSet({list(self)!r})"
 
     def copy(self) -> IntervalSet:
         out = IntervalSet()
-        out.starts = self.starts.copy()
-        out.stops = self.stops.copy()
+        out._starts = self._starts.copy()
+        out._stops = self._stops.copy()
+        out._firsts = self._firsts.copy()
+        out._lasts = self._lasts.copy()
+        out._len = self._len
+        self._owned = set()  # every block is shared now
         return out
+
+    def _span(self, start: int, stop: int) -> tuple[int, int, int, int, int]:
+        """Where ``[start, stop)`` goes: the first interval it touches or precedes (block bi,
+        index i), the end of the ones it touches (block bj, index j, exclusive), and how many
+        it touches."""
+        bi = bisect.bisect_left(self._lasts, start)  # first block with an interval stop >= start
+        if bi == len(self._lasts):
+            return bi, 0, bi, 0, 0
+        i = bisect.bisect_left(self._stops[bi], start)
+        bj = bisect.bisect_right(self._firsts, stop) - 1  # last block with a start <= stop
+        if bj < bi:
+            return bi, i, bi, i, 0
+        j = bisect.bisect_right(self._starts[bj], stop)
+        if bi == bj:
+            return bi, i, bj, j, max(0, j - i)
+        middle = sum(len(self._starts[b]) for b in range(bi + 1, bj))
+        return bi, i, bj, j, len(self._starts[bi]) - i + middle + j
+
+    def length_after_add(self, start: int, stop: int) -> int:
+        """``len(self)`` once ``add(start, stop)`` is done (nothing changes)."""
+        if start >= stop:
+            return self._len
+        return self._len - self._span(start, stop)[4] + 1
 
     def add(self, start: int, stop: int) -> None:
         if start >= stop:
             return
-        # Every interval touching or overlapping [start, stop) merges with it.
-        i = bisect.bisect_left(self.stops, start)
-        j = bisect.bisect_right(self.starts, stop)
-        if i < j:
-            start = min(start, self.starts[i])
-            stop = max(stop, self.stops[j - 1])
-        self.starts[i:j] = [start]
-        self.stops[i:j] = [stop]
+        bi, i, bj, j, touched = self._span(start, stop)
+        if not self._starts:
+            self._new_block(0, [start], [stop])
+        elif bi == len(self._starts):
+            b = bi - 1  # after everything: the last block takes it
+            self._own(b)
+            self._starts[b].append(start)
+            self._stops[b].append(stop)
+            self._fix(b)
+        elif not touched:
+            self._own(bi)
+            self._starts[bi].insert(i, start)
+            self._stops[bi].insert(i, stop)
+            self._fix(bi)
+        else:
+            start = min(start, self._starts[bi][i])
+            stop = max(stop, self._stops[bj][j - 1])
+            self._own(bi)
+            if bi == bj:
+                self._starts[bi][i:j] = [start]
+                self._stops[bi][i:j] = [stop]
+            else:
+                # bi keeps its head and the merged interval; bj loses what merged; the
+                # blocks between merged whole.
+                self._own(bj)
+                self._starts[bi][i:] = [start]
+                self._stops[bi][i:] = [stop]
+                del self._starts[bj][:j]
+                del self._stops[bj][:j]
+                drop = bj + 1 if not self._starts[bj] else bj
+                for b in range(bi + 1, drop):
+                    self._owned.discard(id(self._starts[b]))
+                del self._starts[bi + 1 : drop]
+                del self._stops[bi + 1 : drop]
+                del self._firsts[bi + 1 : drop]
+                del self._lasts[bi + 1 : drop]
+                nxt = bi + 1
+                if nxt < len(self._starts):
+                    if len(self._starts[bi]) + len(self._starts[nxt]) <= INTERVAL_BLOCK:
+                        # Two short blocks left by the merge become one (blocks never get
+                        # shorter otherwise, so this keeps them from piling up).
+                        self._starts[bi] += self._starts[nxt]
+                        self._stops[bi] += self._stops[nxt]
+                        self._owned.discard(id(self._starts[nxt]))
+                        del self._starts[nxt], self._stops[nxt], self._firsts[nxt]
+                        del self._lasts[nxt]
+                    else:
+                        self._firsts[nxt] = self._starts[nxt][0]
+            self._fix(bi)
+        self._len += 1 - touched
+
+    def _own(self, b: int) -> None:
+        if id(self._starts[b]) not in self._owned:
+            self._starts[b] = self._starts[b].copy()
+            self._stops[b] = self._stops[b].copy()
+            self._owned.add(id(self._starts[b]))
+
+    def _new_block(self, b: int, starts: list[int], stops: list[int]) -> None:
+        self._starts.insert(b, starts)
+        self._stops.insert(b, stops)
+        self._firsts.insert(b, starts[0])
+        self._lasts.insert(b, stops[-1])
+        self._owned.add(id(starts))
+
+    def _fix(self, b: int) -> None:
+        """Block ``b`` changed: split it when too long, refresh its bounds."""
+        starts, stops = self._starts[b], self._stops[b]
+        if len(starts) > 2 * INTERVAL_BLOCK:
+            half = len(starts) // 2
+            self._new_block(b + 1, starts[half:], stops[half:])
+            del starts[half:]
+            del stops[half:]
+        self._firsts[b] = starts[0]
+        self._lasts[b] = stops[-1]
 
     def covered(self, start: int, stop: int) -> int:
         """Bytes of ``[start, stop)`` inside the set."""
@@ -150,11 +282,19 @@ class IntervalSet:
 
     def window(self, start: int, stop: int) -> list[tuple[int, int]]:
         """The intervals meeting ``[start, stop)``, clipped to it."""
-        i = bisect.bisect_right(self.stops, start)
-        out = []
-        while i < len(self.starts) and self.starts[i] < stop:
-            out.append((max(self.starts[i], start), min(self.stops[i], stop)))
-            i += 1
+        out: list[tuple[int, int]] = []
+        b = bisect.bisect_right(self._lasts, start)
+        if b == len(self._lasts):
+            return out
+        i = bisect.bisect_right(self._stops[b], start)
+        while b < len(self._starts):
+            starts, stops = self._starts[b], self._stops[b]
+            while i < len(starts):
+                if starts[i] >= stop:
+                    return out
+                out.append((max(starts[i], start), min(stops[i], stop)))
+                i += 1
+            b, i = b + 1, 0
         return out
 
 
@@ -257,13 +397,23 @@ class Ledger:
     """The ledger of one gateway, in the SQLite database at ``path`` (created if missing).
 
     ``synchronous``: SQLite's setting; FULL (the default) makes every acknowledged clear
-    survive a machine crash, NORMAL only a process crash (WAL). Use :meth:`open` from async code
+    survive a machine crash, NORMAL only a process crash (WAL). ``max_intervals``: the merged
+    intervals one scope may hold (see :class:`ScopeFullError`). Use :meth:`open` from async code
     (the first read of the database runs off the event loop).
     """
 
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        max_intervals: int = DEFAULT_MAX_INTERVALS,
+    ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        if max_intervals < 1:
+            raise ValueError(f"max_intervals must be at least 1, not {max_intervals}")
+        self.max_intervals = max_intervals
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.stats = LedgerStats()
@@ -279,8 +429,16 @@ class Ledger:
         self._thread.start()
 
     @classmethod
-    async def open(cls, path: str | Path, *, synchronous: str = "FULL") -> Ledger:
-        return await asyncio.to_thread(cls, path, synchronous=synchronous)
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        max_intervals: int = DEFAULT_MAX_INTERVALS,
+    ) -> Ledger:
+        return await asyncio.to_thread(
+            cls, path, synchronous=synchronous, max_intervals=max_intervals
+        )
 
     # --- reads (in memory, any thread) ------------------------------------------------------
 
@@ -310,7 +468,9 @@ class Ledger:
         """Record that ``[offset, offset + length)`` of the scope was safely stored; returns the
         byte runs now masked because of this call (the whole range: the mask is byte-exact).
         Returns once the record is durable. Repeating a call is harmless. ``export_size`` is
-        remembered with the generation's first clear (see :meth:`export_size`)."""
+        remembered with the generation's first clear (see :meth:`export_size`). Raises
+        :class:`ScopeFullError` (nothing recorded) when the scope would exceed
+        ``max_intervals``."""
         if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
             raise LedgerError(f"cannot record the range [{offset}, {offset + length})")
         await self._submit("clear", scope, offset, offset + length, export_size)
@@ -458,18 +618,26 @@ class Ledger:
                         # clear would resurrect it if the name came back.
                         results.append(GenerationChangedError(scope, current))
                         continue
+                    mask = pending_masks.get(scope)
+                    if mask is None:
+                        # Loaded before this transaction writes the scope: what _load
+                        # publishes must be committed state only. (A copy costs O(blocks):
+                        # IntervalSet copies on write.)
+                        mask = self._load(scope).copy()
+                        pending_masks[scope] = mask
+                    after = mask.length_after_add(start, stop)
+                    if after > self.max_intervals and after > len(mask):
+                        # Checked before anything of this clear is written: refused whole. A
+                        # clear that merges intervals (no more of them) always passes, so a
+                        # scope over a lowered cap can still be cleared towards one interval.
+                        results.append(ScopeFullError(scope, self.max_intervals, len(mask)))
+                        continue
                     key = (scope.export, scope.generation)
                     if size is not None and key not in self._sizes and key not in pending_sizes:
                         db.execute(
                             "INSERT OR IGNORE INTO generation_sizes VALUES (?, ?, ?)", (*key, size)
                         )
                         pending_sizes[key] = size
-                    mask = pending_masks.get(scope)
-                    if mask is None:
-                        # Loaded before this transaction writes the scope: what _load
-                        # publishes must be committed state only.
-                        mask = self._load(scope).copy()
-                        pending_masks[scope] = mask
                     db.execute(
                         "INSERT INTO clears VALUES (?, ?, ?, ?, ?)",
                         (scope.export, scope.bitmap, scope.generation, start, stop),

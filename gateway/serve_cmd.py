@@ -28,6 +28,7 @@ from gateway.config import (
     GatewayConfig,
     check_choice,
     check_interval,
+    check_max_intervals,
     load_file,
     load_policy,
     load_tokens,
@@ -157,6 +158,14 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="SQLite synchronous mode of the ledger: FULL survives power loss, NORMAL only a"
         " crash of the process ($NBDGW_LEDGER_SYNCHRONOUS, default FULL)",
     )
+    p.add_argument(
+        "--ledger-max-intervals",
+        metavar="N",
+        default=_env("LEDGER_MAX_INTERVALS"),
+        help="disjoint cleared ranges the ledger keeps per export, bitmap and generation; a"
+        " clear that would leave more fails with RESOURCE_EXHAUSTED"
+        " ($NBDGW_LEDGER_MAX_INTERVALS, default 1000000)",
+    )
     sec = p.add_argument_group("securing the gRPC port")
     sec.add_argument(
         "--limit",
@@ -283,6 +292,10 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         config.ledger_synchronous = check_choice(
             "ledger synchronous mode", args.ledger_synchronous, LEDGER_SYNCHRONOUS
         ).upper()
+    if args.ledger_max_intervals is not None:
+        config.ledger_max_intervals = check_max_intervals(
+            args.ledger_max_intervals, "--ledger-max-intervals"
+        )
     if args.token_file:
         config.tokens = load_tokens(args.token_file)
     if args.policy_file:

@@ -326,7 +326,11 @@ class Gateway:
         if self.backend.ledger is not None:
             return self.backend.ledger
         cfg = self.config
-        ledger = await Ledger.open(cfg.ledger_file, synchronous=cfg.ledger_synchronous)
+        ledger = await Ledger.open(
+            cfg.ledger_file,
+            synchronous=cfg.ledger_synchronous,
+            max_intervals=cfg.ledger_max_intervals,
+        )
         if self.backend.ledger is not None:  # opened meanwhile by a concurrent call
             await ledger.aclose()
             return self.backend.ledger

@@ -209,6 +209,7 @@ def serve_settings() -> dict[str, tuple[str, str]]:
         "health_listen": ("health_listen", "none"),
         "ledger_path": ("ledger_path", "DATA_DIR/ledger.sqlite"),
         "ledger_synchronous": ("ledger_synchronous", "FULL"),
+        "ledger_max_intervals": ("ledger_max_intervals", "1000000"),
         "metrics_listen": ("metrics_listen", "none (no metrics endpoint)"),
         "tls_ca_file": ("[[hosts]] tls_ca_file", "system CAs"),
         "tls_cert_file": ("[[hosts]] tls_cert_file", "none"),

@@ -95,6 +95,7 @@ _DETAIL_TYPES = (
     error_details_pb2.ResourceInfo,
     error_details_pb2.PreconditionFailure,
     error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
 )
 
 
