@@ -80,6 +80,10 @@ DEFAULT_MAX_EXTENTS = 65536
 # Requests in flight per walk: measured against qemu-nbd 7.2, 4 beat 1 by ~30% and 8 added
 # nothing; each holds at most one answer (qemu: <= 131072 extents).
 DEFAULT_DEPTH = 4
+# Extents one answer should carry (qemu's chunk: 1 MiB of compact extents). The spec lets a
+# server send up to 2^20 per context: with ``depth`` answers in flight that held ~140 MiB per
+# walk. Requests are sized from the density seen so far so that answers stay near this.
+DEFAULT_ANSWER_EXTENTS = 131072
 
 
 # --- Batches ----------------------------------------------------------------------------------
@@ -536,8 +540,12 @@ class ExtentWalker:
     (one more when the awaited follow-up needs it). A short answer leaves the rest of its
     segment as the next one to ask for, and shrinks ``step`` to what the server covered (the
     segments in flight are cut to it as well), so that later requests are answered whole
-    instead of in chains of follow-ups; complete answers let it grow again. Memory is bounded
-    by ``depth + 1`` answers plus one batch, whatever the size of the range.
+    instead of in chains of follow-ups; complete answers let it grow again. ``step`` is also
+    kept to what, at the density of the last answer, holds ``answer_extents`` extents, and
+    starts at ``answer_extents`` blocks of ``align`` bytes (nothing is known of the density
+    yet), so that a server allowed to answer 2^20 extents per context does not make the walk
+    hold ``depth`` such answers. Memory is bounded by ``depth + 1`` answers of about
+    ``answer_extents`` extents per context plus one batch, whatever the range or the server.
     """
 
     def __init__(
@@ -552,6 +560,7 @@ class ExtentWalker:
         depth: int = DEFAULT_DEPTH,
         block: int = 1,
         size: int | None = None,
+        answer_extents: int = DEFAULT_ANSWER_EXTENTS,
     ) -> None:
         if isinstance(contexts, str):
             raise UsageError(f"contexts must be a sequence of names, not the string {contexts!r}")
@@ -561,8 +570,10 @@ class ExtentWalker:
             raise UsageError("a metadata context is named twice")
         if offset < 0 or length < 0:
             raise UsageError("negative offset or length")
-        if max_extents < 1 or depth < 1 or align < 1 or max_step < align:
-            raise UsageError("max_extents, depth, align must be positive and max_step >= align")
+        if max_extents < 1 or depth < 1 or align < 1 or max_step < align or answer_extents < 1:
+            raise UsageError(
+                "max_extents, depth, align, answer_extents must be positive and max_step >= align"
+            )
         if block < 1 or align % block:
             raise UsageError("block must be positive and divide align")
         self.contexts = tuple(contexts)
@@ -578,7 +589,10 @@ class ExtentWalker:
         # Start with the range shared among the first ``depth`` requests, so that even a
         # range one request could ask for (extended headers) is walked in parallel.
         share = -(-length // depth)
-        self.step = min(self.max_step, max(align, share + (-share) % align))
+        self.answer_extents = answer_extents
+        # The densest map (one extent per aligned block) answers answer_extents extents here.
+        self._dense_step = min(self.max_step, answer_extents * align)
+        self.step = min(self._dense_step, max(align, share + (-share) % align))
         self.depth = depth
         self._segments: list[_Segment] = []
         self._next = offset  # first byte not yet in any segment
@@ -686,6 +700,11 @@ class ExtentWalker:
                 "inside the first block"
             )
         covered = min(covered, want)
+        # The density of this answer caps the next steps (the densest context counts).
+        answered = min(f[2] for f in fitted)
+        dense = max(len(f[0]) for f in fitted)
+        cap = answered * self.answer_extents // dense
+        self._dense_step = min(self.max_step, max(self.align, cap - cap % self.align))
         offset = seg.start
         tables = []
         for lengths, flags, got in fitted:
@@ -704,9 +723,10 @@ class ExtentWalker:
             if step < self.step:
                 self.step = step
                 self._resplit()
+            self.step = min(self.step, self._dense_step)
         else:
             del self._segments[0]
-            self.step = min(self.step * 2, self.max_step)
+            self.step = min(self.step * 2, self.max_step, self._dense_step)
         self._emit(self._joiner.push(offset, lengths, columns, covered))
         if not self._segments and self._next >= self.end:
             self._emit(self._joiner.flush())
