@@ -9,9 +9,13 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -57,3 +61,83 @@ def qemu10(name: str) -> str:
     if not path.exists():
         _missing(f"qemu 10 {name} ({path})")
     return str(path)
+
+
+# --- peers we start ------------------------------------------------------------------------------
+
+
+def _unix_accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _tcp_listening(port: int) -> bool:
+    """Whether something LISTENs on ``port``, read from /proc/net/tcp{,6} without connecting:
+    a server that serves one client (nbd-server, qemu-nbd without -t) would spend its only
+    connection on the probe."""
+    needle = f":{port:04X} "
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # header
+                for line in f:
+                    fields = line.split()
+                    if fields[1].endswith(needle.rstrip()) and fields[3] == "0A":  # LISTEN
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def wait_listening(
+    proc: subprocess.Popen[Any],
+    *,
+    sock: str | os.PathLike[str] | None = None,
+    port: int | None = None,
+    uri: str | None = None,
+    timeout: float = 20.0,
+) -> None:
+    """Wait until the peer we started in ``proc`` listens: its unix socket ``sock`` accepts a
+    connection, or TCP ``port`` is in LISTEN state; with ``uri`` also until an NBD handshake
+    there works (``nbdinfo --size``: qemu-nbd accepts before its export is ready). Raises
+    AssertionError, with what the peer wrote on stderr, if it exits or the time runs out."""
+    if sock is None and port is None and uri is None:
+        raise ValueError("wait_listening needs sock, port or uri")
+    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+    nbdinfo = tool("nbdinfo") if uri is not None else ""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else b""
+            text = err.decode(errors="replace") if isinstance(err, bytes) else str(err)
+            raise AssertionError(f"{name} exited with {proc.returncode}: {text}")
+        ready = (sock is None or _unix_accepts(os.fspath(sock))) and (
+            port is None or _tcp_listening(port)
+        )
+        if ready and uri is not None:
+            probe = subprocess.run([nbdinfo, "--size", uri], capture_output=True, timeout=10)
+            ready = probe.returncode == 0
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} did not start listening within {timeout} s")
+        time.sleep(0.05)
+
+
+def stop_peer(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Stop a peer we started: ``sig`` (SIGTERM: qemu-nbd then releases its bitmaps cleanly),
+    SIGKILL if it has not exited after ``timeout`` seconds; closes its pipes."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from nbdcore.aio.client import NBDClient
 from nbdcore.extents import iter_extents
 from nbdcore.storage import Image
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -59,7 +58,7 @@ class NbdcoreHost:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
         )
-        wait_ready(self.proc, self.socket, self.uri)
+        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
         return self
 
     def kill(self) -> None:
@@ -77,22 +76,6 @@ class NbdcoreHost:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-def wait_ready(proc: subprocess.Popen[bytes], socket: Path, uri: str) -> None:
-    deadline = time.monotonic() + 30
-    nbdinfo = tool("nbdinfo")
-    while True:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"NBD host exited: {err}")
-        if socket.exists():
-            probe = subprocess.run([nbdinfo, "--size", uri], capture_output=True, timeout=10)
-            if probe.returncode == 0:
-                return
-        if time.monotonic() > deadline:
-            raise AssertionError("the NBD host did not become ready")
-        time.sleep(0.05)
 
 
 class ReadOnlyQemu:
@@ -115,7 +98,7 @@ class ReadOnlyQemu:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        wait_ready(self.proc, self.socket, self.uri)
+        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
         return self
 
     def stop(self) -> None:
@@ -143,7 +126,7 @@ class WritableQemuNBD:
         cmd = [tool("qemu-nbd"), "-t", "-e", "8", "-f", "qcow2", "-x", self.export]
         cmd += ["-B", "b0", "-k", str(self.socket), str(self.disk)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_ready(self.proc, self.socket, self.uri)
+        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
         return self
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbdcore.storage import Image
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -323,18 +323,8 @@ class QemuNBD:
         ]
         cmd += ["-B", "b0", "-B", "b1", "-k", str(self.socket), str(self.disk.path)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        nbdinfo = tool("nbdinfo")
-        deadline = time.monotonic() + 20
-        while True:  # poll for readiness instead of sleeping
-            if self.proc.poll() is not None:
-                raise AssertionError("qemu-nbd exited")
-            if self.socket.exists():
-                probe = subprocess.run([nbdinfo, "--size", self.uri], capture_output=True)
-                if probe.returncode == 0:
-                    return self
-            if time.monotonic() > deadline:
-                raise AssertionError("qemu-nbd did not become ready")
-            time.sleep(0.05)
+        wait_listening(self.proc, sock=self.socket, uri=self.uri)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -24,7 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -303,21 +303,8 @@ class QemuNBD:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 20
-        nbdinfo = tool("nbdinfo")
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AssertionError(f"qemu-nbd exited: {err}")
-            if self.socket.exists():
-                probe = subprocess.run(
-                    [nbdinfo, "--size", self.uri], capture_output=True, timeout=10
-                )
-                if probe.returncode == 0:
-                    return self
-            if time.monotonic() > deadline:
-                raise AssertionError("qemu-nbd did not become ready")
-            time.sleep(0.05)
+        wait_listening(self.proc, sock=self.socket, uri=self.uri)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

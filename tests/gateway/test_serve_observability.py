@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB, call_error, stream_all
 from tests.gateway.test_serve_cmd import serve
 from tests.gateway.test_service_embedded import make_image
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -137,11 +136,7 @@ def nbdkit_host(tmp_path: Path) -> Iterator[Any]:
                 stderr=subprocess.DEVNULL,
             )
             procs.append(proc)
-            deadline = time.monotonic() + 15
-            while not sock.exists():
-                assert proc.poll() is None, "nbdkit exited"
-                assert time.monotonic() < deadline, "nbdkit did not start"
-                time.sleep(0.05)
+            wait_listening(proc, sock=sock, timeout=15)
 
         def stop(self) -> None:
             proc = procs[-1]

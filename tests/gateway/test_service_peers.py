@@ -4,7 +4,6 @@ structured replies (no metadata contexts at all)."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from gateway.config import GatewayConfig
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import call_error, merged, nbdinfo_map, stream_all
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -33,11 +32,7 @@ def nbdkit(tmp_path: Path) -> Iterator[Callable[..., str]]:
             stderr=subprocess.DEVNULL,
         )
         procs.append(proc)
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, "nbdkit exited"
-            assert time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.05)
+        wait_listening(proc, sock=sock, timeout=15)
         return f"nbd+unix:///?socket={sock}"
 
     yield start

@@ -4,7 +4,6 @@ by a TOML host entry; plaintext and a wrong CA fail with clear statuses."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from gateway.config import GatewayConfig, load_file
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import QemuDisk, call_error, merged, run, stream_all
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -55,11 +54,7 @@ def tls_host(qemu_disk: QemuDisk, tmp_path_factory: pytest.TempPathFactory) -> I
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None, "qemu-nbd exited"
-            assert time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.05)
+        wait_listening(proc, sock=sock)
         yield d
     finally:
         proc.terminate()

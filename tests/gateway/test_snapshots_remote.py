@@ -25,6 +25,7 @@ from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import ENV, QemuNBD, cli, make_qemu_disk
 from tests.gateway.test_snapshot_crash import WRITER, apply
+from tests.peers import wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -52,10 +53,7 @@ class Host:
             stderr=subprocess.PIPE,
             env=ENV,
         )
-        deadline = time.monotonic() + 20
-        while not self.sock.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "host did not start"
-            time.sleep(0.02)
+        wait_listening(self.proc, sock=self.sock)
         return self
 
     def kill(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from nbdcore.aio.client import NBDClient, export_info, list_exports
 from nbdcore.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, TransmissionFlag
 from nbdcore.exceptions import OptionError, UsageError
-from tests.peers import tool
+from tests.peers import stop_peer, tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -66,43 +65,11 @@ class Peer:
 
     def __init__(self, args: list[str], *, sock: str | None = None, port: int | None = None):
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else b""
-                raise AssertionError(f"{args[0]} exited: {err.decode(errors='replace')}")
-            if self._listening(sock, port):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{args[0]} did not start")
-            time.sleep(0.05)
-
-    @staticmethod
-    def _listening(sock: str | None, port: int | None) -> bool:
-        if sock:
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(sock)
-                    return True
-                except OSError:
-                    return False
-        # Probe TCP without connecting: nbd-server -d serves one client, so a probe would
-        # use up the connection meant for the test.
-        assert port is not None
-        needle = f":{port:04X} 00000000:0000 0A"  # local port, no peer, state LISTEN
-        with open("/proc/net/tcp") as f:
-            return needle in f.read()
+        # TCP is probed without connecting: nbd-server -d serves one client only.
+        wait_listening(self.proc, sock=sock, port=port, timeout=15)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        stop_peer(self.proc)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from nbdcore.aio.client import NBDClient, export_info, list_exports, list_meta_c
 from nbdcore.constants import NBD_STATE_DIRTY, TransmissionFlag
 from nbdcore.exceptions import HandshakeError, OptionError, RequestError, UsageError
 from nbdcore.tls import TLSConfig
-from tests.peers import qemu10, tool
+from tests.peers import qemu10, stop_peer, tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -39,38 +38,6 @@ def run(*args: str, stdin: str | None = None) -> str:
     return proc.stdout
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"server exited early: {proc.stderr.read() if proc.stderr else ''}"
-            )
-        if os.path.exists(path):
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(path)
-                    return
-                except OSError:
-                    pass
-        time.sleep(0.05)
-    raise AssertionError(f"server did not listen on {path}")
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("server exited early")
-        with socket.socket() as s:
-            try:
-                s.connect(("127.0.0.1", port))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise AssertionError(f"server did not listen on port {port}")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,20 +47,10 @@ def free_port() -> int:
 class Server:
     def __init__(self, args: list[str], sock: str | None = None, port: int | None = None) -> None:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if sock:
-            wait_for_socket(sock, self.proc)
-        elif port:
-            wait_for_port(port, self.proc)
+        wait_listening(self.proc, sock=sock, port=port, timeout=15)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        stop_peer(self.proc)
 
 
 def merge(extents: list[Extent]) -> list[Extent]:

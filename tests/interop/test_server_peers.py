@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nbdcore.storage.image import Image
-from tests.peers import LIBNBD_PYTHONPATH, ROOT, qemu10, tool
+from tests.peers import LIBNBD_PYTHONPATH, ROOT, qemu10, tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -44,11 +43,7 @@ class Served:
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy()
         )
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {self.stop()}")
-            time.sleep(0.02)
+        wait_listening(self.proc, sock=self.sock)
 
     def stop(self) -> str:
         if self.proc.poll() is None:

@@ -6,14 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
 from nbdcore.storage import Image
-from tests.peers import tool
+from tests.peers import tool, wait_listening
 
 
 @pytest.fixture
@@ -84,10 +83,7 @@ def test_nbd_serve_exports_snapshots_while_qemu_io_writes(disk: Path, tmp_path: 
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr
-            time.sleep(0.02)
+        wait_listening(server, sock=sock)
         uri = f"nbd+unix:///disk?socket={sock}"
         listed = json.loads(
             subprocess.run(

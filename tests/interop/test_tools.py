@@ -24,7 +24,7 @@ import pytest
 from nbdcore.aio.client import NBDClient
 from nbdcore.extents import Allocation, allocation_of, iter_allocation, iter_extents
 from nbdcore.tools import client_cmds
-from tests.peers import ROOT, qemu10, tool
+from tests.peers import ROOT, qemu10, stop_peer, tool, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -47,33 +47,14 @@ B1_WRITES = [
 ]
 
 
-def _wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}: {err}")
-        if path.exists():
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.args!r} did not listen on {path}")
-
-
 @contextlib.contextmanager
 def _serve(cmd: list[str], sock: Path) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_socket(sock, proc)
+        wait_listening(proc, sock=sock)
         yield f"nbd+unix:///{'disk' if '-x' in cmd else ''}?socket={sock}"
     finally:
-        proc.terminate()  # SIGTERM: qemu-nbd releases its bitmaps cleanly
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_peer(proc)  # SIGTERM: qemu-nbd releases its bitmaps cleanly
 
 
 @pytest.fixture(scope="module")
