@@ -57,6 +57,10 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_EXTENTS_PER_MESSAGE = 4096
 MAX_EXTENTS_PER_MESSAGE = 65536
 MAX_DATA_PER_MESSAGE = 1 << 20
+# NBD READs of a data message are at most this long: qemu-nbd 7.2 allocates a buffer per READ,
+# and glibc gives it 1 MiB or more from fresh mmap memory that it page-faults in and unmaps for
+# every request (2.4-2.8 s of qemu-nbd CPU per 2 GiB with 1 MiB reads; docs/benchmarks.md).
+MAX_READ_REQUEST = 512 << 10
 # A filtered stream over a long run of unselected extents still reports progress this often,
 # so that its resume position advances and the client sees it is alive.
 PROGRESS_INTERVAL = 1.0
@@ -1038,13 +1042,13 @@ class _ExtentStream:
             # its place in the message (a message may cut several extents).
             buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare)
             self._spare = None
-            places = accumulate((n for _, n in msg.reads[:-1]), initial=0)
-            landing = asyncio.gather(
-                *(
-                    client.pread_into(buf.data[p : p + n], o)
-                    for (o, n), p in zip(msg.reads, places, strict=True)
-                )
-            )
+            pieces, pos = [], 0
+            for o, n in msg.reads:
+                for at in range(0, n, MAX_READ_REQUEST):
+                    size = min(MAX_READ_REQUEST, n - at)
+                    pieces.append(client.pread_into(buf.data[pos + at : pos + at + size], o + at))
+                pos += n
+            landing = asyncio.gather(*pieces)
             reads = _Reads(buf, asyncio.ensure_future(landing))
         queued, self._queued = self._queued, (msg, reads)
         self._made += 1
