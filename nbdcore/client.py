@@ -96,6 +96,8 @@ MAX_COMPACT_STATUS_CHUNK: Final = 4 + 8 * MAX_EXTENTS_PER_CHUNK
 MAX_EXTENDED_STATUS_CHUNK: Final = 8 + 16 * MAX_EXTENTS_PER_CHUNK
 MAX_COMPACT_LENGTH: Final = 0xFFFFFFFF
 MIN_CONTENT_CHUNKS: Final = 64  # what any READ may be split into, however short
+# Plain ints for the per-chunk paths: ``int & IntFlag`` goes through enum's __rand__.
+_FLAG_DF: Final = int(CmdFlag.DF)
 
 
 def max_content_chunks(length: int) -> int:
@@ -1140,7 +1142,7 @@ class ClientConnection:
                 f"chunk [{offset}, {offset + size}) outside the read "
                 f"[{req.offset}, {req.offset + req.length})"
             )
-        if req.flags & CmdFlag.DF and req.starts:
+        if req.flags & _FLAG_DF and req.starts:
             raise ServerProtocolError("more than one content chunk despite NBD_CMD_FLAG_DF")
         # Bounded and O(1) per chunk (review M9): a sorted insert per chunk let a server
         # sending 1-byte chunks in reverse order stall the event loop for minutes.

@@ -18,12 +18,12 @@ import os
 import socket
 import ssl
 from array import array
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from nbdcore import clear_ext
+from nbdcore import clear_ext, negotiate
 from nbdcore.client import (
     ClientConnection,
     ClientState,
@@ -38,7 +38,7 @@ from nbdcore.client import (
     Reply,
     SnapshotResult,
 )
-from nbdcore.constants import Opt, Rep, TransmissionFlag
+from nbdcore.constants import Opt, TransmissionFlag
 from nbdcore.exceptions import (
     ConnectionLostError,
     HandshakeError,
@@ -118,6 +118,10 @@ class _Protocol(asyncio.BufferedProtocol):
                     return
             else:
                 conn.receive_data(self._scratch[:nbytes])
+                if conn.get_buffer() is not None:
+                    # A READ payload started: take what the kernel already holds now rather
+                    # than after another trip through the event loop.
+                    self._drain()
         except NBDError as exc:
             self._client._fail(exc)
             return
@@ -179,6 +183,10 @@ class NBDClient:
         self._transport: asyncio.Transport | None = None
         self._protocol = _Protocol(self)
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        # When each request in flight was sent (loop time), oldest first: one timer watches the
+        # oldest instead of a timeout context per request (a tenth of a small read's cost).
+        self._sent_at: dict[int, float] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
         self._option_waiter: asyncio.Future[Event] | None = None
         self._greeting: asyncio.Future[Event] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -254,10 +262,7 @@ class NBDClient:
         try:
             async with _deadline(timeout, f"connecting to {u}"):
                 await self._start(u, tls, extended_headers, structured_replies)
-                if clear_extension and self.structured_replies:
-                    # Any refusal (ERR_UNSUP from every other server) just means "without".
-                    await self._option(self._conn.send_x_nbdgw_clear)
-                await self._go(u.export, list(meta_contexts))
+                await self._go(u.export, list(meta_contexts), clear_extension)
         except BaseException:
             self._abort()
             raise
@@ -285,24 +290,35 @@ class NBDClient:
         await self._wait(self._greeting)
         if tls is None and uri.tls:
             tls = TLSConfig.from_uri(uri)
-        if tls is not None:
-            await self._starttls(tls, uri)
-        if extended and structured:  # as libnbd: no structured replies means neither
-            ev = await self._option(self._conn.send_extended_headers)
-            if isinstance(ev, OptionFailed):
-                _check_soft_failure(ev)
-        if structured and not self._conn.extended_headers:  # (extended implies structured)
-            ev = await self._option(self._conn.send_structured_reply)
-            if isinstance(ev, OptionFailed):
-                _check_soft_failure(ev)
+        strategy = negotiate.start(
+            self._conn, tls=tls is not None, extended=extended, structured=structured
+        )
+        await self._drive(strategy, lambda: self._starttls(tls, uri))
 
-    async def _starttls(self, tls: TLSConfig, uri: NBDURI) -> None:
+    async def _drive(
+        self,
+        strategy: negotiate.Strategy,
+        start_tls: Callable[[], Awaitable[None]] | None = None,
+    ) -> ExportReady | None:
+        """Run an option strategy of :mod:`nbdcore.negotiate` over this connection."""
+        ev: Event | None = None
+        try:
+            while True:
+                step = strategy.send(ev)
+                if step is negotiate.START_TLS:
+                    assert start_tls is not None
+                    await start_tls()
+                    ev = None
+                else:
+                    ev = await self._next_option_event()
+        except StopIteration as stop:
+            result: ExportReady | None = stop.value
+            return result
+
+    async def _starttls(self, tls: TLSConfig | None, uri: NBDURI) -> None:
+        """The server acknowledged STARTTLS: wrap the connection in TLS."""
+        assert tls is not None and self._transport is not None
         self._protocol.stop_fast_path()  # bytes on the socket are TLS records from now on
-        ev = await self._option(self._conn.send_starttls)
-        if isinstance(ev, OptionFailed):
-            # A client that wants TLS must not carry on in plain text.
-            raise HandshakeError(f"the server refused TLS: {ev.error()}")
-        assert self._transport is not None
         hostname = tls.server_hostname or (None if uri.is_unix else uri.host)
         try:
             ctx = tls.client_context()
@@ -321,22 +337,12 @@ class NBDClient:
         self._transport = transport
         self._conn.tls_established()
 
-    async def _go(self, export: str, queries: list[str]) -> None:
+    async def _go(self, export: str, queries: list[str], clear_extension: bool = False) -> None:
         conn = self._conn
-        if queries and self.structured_replies:
-            ev = await self._option(lambda: conn.send_set_meta_context(export, queries))
-            # A server without metadata contexts (ERR_UNSUP) still serves data: connect, and
-            # let block_status say that nothing was negotiated. Anything else is an error.
-            if isinstance(ev, OptionFailed) and ev.code != Rep.ERR_UNSUP:
-                raise ev.error()
-        ev = await self._option(lambda: conn.send_go(export))
-        if isinstance(ev, OptionFailed) and ev.code == Rep.ERR_UNSUP and not conn.extended_headers:
-            # A server older than NBD_OPT_GO (nbd-server before 3.13...): the spec's fallback.
-            ev = await self._option(lambda: conn.send_export_name(export))
-        if isinstance(ev, OptionFailed):
-            raise ev.error()
-        if not isinstance(ev, ExportReady):
-            raise ServerProtocolError(f"unexpected answer to NBD_OPT_GO: {ev}")
+        ev = await self._drive(
+            negotiate.select_export(conn, export, queries, clear_extension=clear_extension)
+        )
+        assert ev is not None
         self.export_name = ev.name if ev.name is not None else export
         self.description = ev.description or None
         self.size = ev.size
@@ -350,6 +356,7 @@ class NBDClient:
     def _dispatch(self) -> None:
         for ev in self._conn.events_received():
             if isinstance(ev, Reply):
+                self._sent_at.pop(ev.cookie, None)
                 fut = self._waiters.pop(ev.cookie, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ev)
@@ -381,7 +388,11 @@ class NBDClient:
                 fut.set_exception(exc)
                 fut.exception()  # mark retrieved: a waiter that was cancelled won't look
         self._waiters.clear()
+        self._sent_at.clear()
         self._option_waiter = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._abort()
 
     def _abort(self) -> None:
@@ -417,9 +428,14 @@ class NBDClient:
 
     async def _option(self, send: Callable[[], None]) -> Event:
         self._check_open()
+        send()
+        return await self._next_option_event()
+
+    async def _next_option_event(self) -> Event:
+        """Send what the connection queued and wait for its answer to the pending option."""
+        self._check_open()
         fut: asyncio.Future[Event] = self._loop.create_future()
         self._option_waiter = fut
-        send()
         self._flush()
         return await self._wait(fut)
 
@@ -430,13 +446,31 @@ class NBDClient:
         cookie = send()
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._waiters[cookie] = fut
+        if self._timeout is not None:
+            self._sent_at[cookie] = self._loop.time()
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_later(self._timeout, self._check_deadline)
         self._flush()
         if not self._writable.is_set():
             await self._writable.wait()
-        reply = await self._wait(fut)
+        reply = await fut
         if reply.error is not None:
             raise reply.error
         return reply
+
+    def _check_deadline(self) -> None:
+        """The watchdog: fail the connection when its oldest request has waited longer than
+        the timeout, else look again when that one would be due. (A request whose caller was
+        cancelled still counts: the server owes its reply.)"""
+        self._watchdog = None
+        if not self._sent_at or self._failure is not None:
+            return
+        assert self._timeout is not None
+        due = next(iter(self._sent_at.values())) + self._timeout
+        if self._loop.time() >= due:
+            self._fail(NBDTimeoutError(f"no answer from the server within {self._timeout} s"))
+        else:
+            self._watchdog = self._loop.call_at(due, self._check_deadline)
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -748,12 +782,6 @@ async def nbdgw_snapshot(
         if not isinstance(result, dict):
             raise ServerProtocolError("NBD_OPT_X_NBDGW_SNAPSHOT result is not a JSON object")
         return result
-
-
-def _check_soft_failure(ev: OptionFailed) -> None:
-    """Failures of optional features that mean "not supported": anything but TLS_REQD."""
-    if ev.code == Rep.ERR_TLS_REQD:
-        raise ev.error()
 
 
 @contextlib.asynccontextmanager
