@@ -31,6 +31,16 @@ def _emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def _client_malloc(args: argparse.Namespace) -> None:
+    """``--keep-freed-memory``: the gateway's glibc tuning in a draining client too (each
+    1 MiB message is otherwise a fresh mmap that the client page-faults in; see
+    docs/benchmarks.md, gateway-data)."""
+    if args.keep_freed_memory:
+        from gateway.server import keep_freed_memory
+
+        keep_freed_memory()
+
+
 # --- client -------------------------------------------------------------------------------------
 
 
@@ -206,8 +216,10 @@ async def bare_grpc_server(args: argparse.Namespace) -> None:
 async def bare_grpc_drain(args: argparse.Namespace) -> None:
     import grpc
 
+    _client_malloc(args)
+
     limit = args.message_size + (1 << 20)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     async with grpc.aio.insecure_channel(
         args.target, options=[("grpc.max_receive_message_length", limit)]
     ) as channel:
@@ -216,7 +228,7 @@ async def bare_grpc_drain(args: argparse.Namespace) -> None:
         total = 0
         async for msg in call:
             total += len(msg)
-    _emit(seconds=time.perf_counter() - start, bytes=total)
+    _emit(seconds=time.perf_counter() - start, bytes=total, cpu=time.process_time() - cpu)
 
 
 async def stream_extents(args: argparse.Namespace) -> None:
@@ -228,6 +240,7 @@ async def stream_extents(args: argparse.Namespace) -> None:
         from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
     except ImportError as exc:
         _not_available(f"nbdgw.v1 generated code is missing ({exc})")
+    _client_malloc(args)
     request = pb.StreamExtentsRequest(
         export=f"exports/{args.export}",
         context=args.context,
@@ -235,7 +248,7 @@ async def stream_extents(args: argparse.Namespace) -> None:
         max_extents_per_message=args.max_extents,
     )
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         stub = pb_grpc.BitmapServiceStub(channel)
         extents = data = messages = 0
@@ -245,12 +258,12 @@ async def stream_extents(args: argparse.Namespace) -> None:
             extents += len(msg.lengths)
             data += len(msg.data)
             next_offset, range_end = msg.next_offset, msg.range_end
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if next_offset != range_end or range_end == 0:
         raise SystemExit(f"stream ended at {next_offset} of {range_end}")
     if args.expect is not None and extents < args.expect:
         raise SystemExit(f"{extents} extents, expected at least {args.expect}")
-    _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end)
+    _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end, cpu=cpu)
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -290,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bare-grpc-drain")
     s.add_argument("target")
     s.add_argument("--message-size", type=int, required=True)
+    s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
     s = sub.add_parser("stream-extents")
     s.add_argument("target", help="HOST:PORT of the gateway")
     s.add_argument("--export", default="disk")
@@ -297,6 +311,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--include-data", action="store_true")
     s.add_argument("--max-extents", type=int, default=0, help="per message (0: the default)")
     s.add_argument("--expect", type=int, help="at least this many extents")
+    s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
     return p
 
 
