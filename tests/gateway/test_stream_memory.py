@@ -13,6 +13,7 @@ below what the walk held before, so it fails if the walk goes back to holding wh
 from __future__ import annotations
 
 import asyncio
+from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from nbdcore.aio.server import ExportConfig, NBDServer, ServerLimits
 from nbdcore.constants import MAX_EXTENTS_PER_CHUNK
+from nbdcore.extents import DEFAULT_ANSWER_EXTENTS, ExtentWalker
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.test_serve_cmd import serve
@@ -83,3 +85,45 @@ async def test_one_stream_over_a_fragmented_bitmap_is_bounded(
     assert rows == EXTENTS and dirty == EXTENTS // 2
     grown = peak - ready
     assert grown < BOUND_MIB, f"gateway peak RSS grew by {grown:.1f} MiB for one stream"
+
+
+def walk(walker: ExtentWalker, granule: int, cap: int) -> tuple[list[int], list[int], int]:
+    """Drive the sans-I/O walker against a map alternating every ``granule`` bytes (one big
+    extent when granule is 0), the server answering up to ``cap`` extents: the request
+    lengths, the extents of each answer, the rows."""
+    asked: dict[int, int] = {}
+    lengths, answers, rows = [], [], 0
+    while not walker.done:
+        for start, n in walker.requests():
+            asked[start] = n
+            lengths.append(n)
+        start = walker.head
+        n = asked.pop(start)
+        if granule:
+            count = min(n // granule, cap)
+            ext = array("Q", [granule]) * count
+            flags = array("Q", [(start // granule + i) & 1 for i in range(count)])
+        else:
+            ext, flags = array("Q", [n]), array("Q", [0])
+        answers.append(len(ext))
+        walker.receive(start, {"ctx:a": (ext, flags)})
+        rows += sum(len(b.lengths) for b in walker.batches())
+    return lengths, answers, rows
+
+
+def test_walker_requests_about_answer_extents_from_a_dense_map() -> None:
+    walker = ExtentWalker(["ctx:a"], 0, SIZE, align=GRANULE, max_step=(1 << 32) - GRANULE)
+    lengths, answers, rows = walk(walker, GRANULE, MAX_EXTENTS_PER_CHUNK)
+    assert rows == EXTENTS
+    # Without the sizing the first four requests asked 256 MiB each: 524288 extents.
+    assert max(answers) <= DEFAULT_ANSWER_EXTENTS
+    assert max(lengths) <= DEFAULT_ANSWER_EXTENTS * GRANULE
+
+
+def test_walker_still_grows_its_requests_over_a_sparse_map() -> None:
+    size = 64 << 30
+    walker = ExtentWalker(["ctx:a"], 0, size, align=GRANULE, max_step=(1 << 32) - GRANULE)
+    lengths, _, rows = walk(walker, 0, MAX_EXTENTS_PER_CHUNK)
+    assert rows == 1
+    assert max(lengths) == (1 << 32) - GRANULE  # the compact limit, reached by doubling
+    assert len(lengths) < 40
