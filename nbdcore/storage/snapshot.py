@@ -38,11 +38,14 @@ The crash-safety scheme (the rule: when in doubt, a granule is dirty; see also s
 2. Copy-before-write, before the live bitmaps are marked and the data changes: the old data is
    written to ``data``, then the map entry is stored (the map is a ``MAP_SHARED`` mapping, like
    the bitmaps); a cluster whose map entry is 0 has never been changed. A ``kill -9`` leaves all
-   of it in the page cache, in that order, so after it the snapshot is exactly as it was. The
-   page cache does not outlive the machine: an open that finds the machine crashed (store.py,
-   rule 2) discards every snapshot before it trusts anything, the live bitmaps being wholly
-   dirty by then. A clean close fsyncs ``data`` and msyncs the map and forks before the image
-   is marked cleanly closed, so snapshots outlive clean restarts.
+   of it in the page cache, in that order, so after it the snapshot is exactly as it was.
+   ``data`` grows into blocks reserved ahead with ``FALLOC_FL_KEEP_SIZE``: its size still
+   counts only what was written (the next slot is taken from it at open), and the reserved
+   blocks past it are never read. The page cache does not outlive the machine: an open that
+   finds the machine crashed (store.py, rule 2) discards every snapshot before it trusts
+   anything, the live bitmaps being wholly dirty by then. A clean close fsyncs ``data`` and
+   msyncs the map and forks before the image is marked cleanly closed, so snapshots outlive
+   clean restarts.
 3. Release, under the write lock: merge each fork into its live bitmap, msync the live
    bitmaps, rename the directory to ``.released-NAME``, fsync, delete it. A crash before the
    rename keeps the snapshot (releasing it again merges again: harmless); after it, the merge
@@ -82,7 +85,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdcore.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 from nbdcore.storage.bitmap import DirtyBitmap, bits_length, validate_granularity
-from nbdcore.storage.disk import Disk, MemoryDisk
+from nbdcore.storage.disk import FALLOC_FL_KEEP_SIZE, Disk, MemoryDisk, fallocate
 from nbdcore.storage.errors import (
     BitmapError,
     NoSuchBitmapError,
@@ -135,11 +138,18 @@ SHARED: Final = 0  # still the live disk's
 HOLE: Final = 0xFFFFFFFF  # was a hole: reads as zeroes, costs nothing
 _SLOT: Final = -1  # a run kind of _runs(): preserved data
 MAX_SLOTS: Final = 0xFFFFFFF0
+MAX_RESERVED: Final = 1 << 62  # "reserve nothing more": fallocate does not work here
 
 # Snapshot names become export names (EXPORT@NAME) and directory names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NONZERO = re.compile(rb"[^\x00]")
-_COPY_CLUSTERS: Final = 128  # clusters copied per step: bounds the memory of a big trim
+# Bytes copied per step (at least one cluster): bounds the memory of a big trim; the buffer is
+# kept by the snapshot, so a stream of writes does not allocate (and page-fault) a fresh one each.
+_COPY_BYTES: Final = 8 * 1024 * 1024
+# The data file grows into space reserved this far ahead (FALLOC_FL_KEEP_SIZE): appending into
+# reserved blocks skips the file system's block allocation on every write (1 MiB appends on ext4
+# here: 3.5 GB/s, 5.3 GB/s into reserved space).
+_RESERVE_STEP: Final = 64 * 1024 * 1024
 _ALLOCATION_STEP: Final = 1 << 30  # bytes of allocation computed per lock hold
 
 
@@ -182,11 +192,16 @@ class _Backing:
     def read_data(self, buf: memoryview, offset: int) -> None:
         raise NotImplementedError
 
-    def write_data(self, data: bytes, offset: int) -> None:
+    def write_data(self, data: bytes | memoryview, offset: int) -> None:
         raise NotImplementedError
 
     def data_end(self) -> int:
         raise NotImplementedError
+
+    def reserve(self, need: int, limit: int | None) -> None:
+        """Data is about to be written up to ``need``: reserve space ahead (never past
+        ``limit``) if that makes writing it cheaper. Never fails, and never changes what
+        :meth:`data_end` says."""
 
     def fork_bits(self, name: str, nbytes: int) -> tuple[bytearray | mmap.mmap, bool]:
         """The bits buffer of fork ``name`` and whether it was complete."""
@@ -215,7 +230,7 @@ class _MemoryBacking(_Backing):
     def read_data(self, buf: memoryview, offset: int) -> None:
         self._data.preadinto(buf, offset)
 
-    def write_data(self, data: bytes, offset: int) -> None:
+    def write_data(self, data: bytes | memoryview, offset: int) -> None:
         self._data.pwrite(data, offset)
         self._end = max(self._end, offset + len(data))
 
@@ -235,6 +250,7 @@ class _FileBacking(_Backing):
         self.writable = writable
         self._maps: list[_Bits] = []
         self._fd = -1
+        self._reserved = 0  # data file blocks reserved up to here (beyond its size)
         try:
             map_bits = _Bits(path / "map", clusters * 4, writable=writable)
             self._maps.append(map_bits)
@@ -288,7 +304,7 @@ class _FileBacking(_Backing):
                 raise OSError(errno.EIO, f"snapshot data {self.path} is short at {offset}")
             done += n
 
-    def write_data(self, data: bytes, offset: int) -> None:
+    def write_data(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -296,6 +312,28 @@ class _FileBacking(_Backing):
 
     def data_end(self) -> int:
         return os.fstat(self._fd).st_size
+
+    def reserve(self, need: int, limit: int | None) -> None:
+        if need <= self._reserved or not self.writable:
+            return
+        # One fallocate per step, not per write: a stream of 64 KiB clusters would otherwise
+        # pay a system call each.
+        end = need + _RESERVE_STEP
+        if limit is not None:
+            end = max(need, min(end, limit))
+        start = max(self._reserved, self.data_end())
+        try:
+            # KEEP_SIZE: the file's size still says how much data was written (slots are
+            # handed out from it at open, rule 2); the reserved blocks past it hold nothing
+            # anyone reads, and go with the directory at release.
+            fallocate(self._fd, FALLOC_FL_KEEP_SIZE, start, end - start)
+        except OSError as exc:
+            # Only an optimisation: without it (no fallocate, or no room for a whole step)
+            # the writes allocate as they go, and meet ENOSPC themselves if it comes to it.
+            log.debug("snapshot %s: no space reserved (%s)", self.path.name, exc)
+            self._reserved = MAX_RESERVED if exc.errno != errno.ENOSPC else end
+            return
+        self._reserved = end
 
     def fork_bits(self, name: str, nbytes: int) -> tuple[bytearray | mmap.mmap, bool]:
         bits = _Bits(self.path / f"{bitmap_key(name)}.bits", nbytes, writable=self.writable)
@@ -389,6 +427,7 @@ class Snapshot(Image):
         self._meta = meta
         self._backing = backing
         self._lock = threading.Lock()
+        self._copy_buf = bytearray()  # see _buffer
         self._shift = self.cluster_size.bit_length() - 1
         self._clusters = -(-self.size // self.cluster_size)
         # Slots are handed out from the end of the data file: a slot written but not yet
@@ -576,6 +615,7 @@ class Snapshot(Image):
         cs = self.cluster_size
         size = self.size
         live = self.live.disk
+        per_step = max(1, _COPY_BYTES // cs)
         start, stop = first << shift, min(end << shift, size)
         holes = [
             (o, o + n) for o, n, f in live.allocation(start, stop - start) if f & NBD_STATE_HOLE
@@ -590,7 +630,7 @@ class Snapshot(Image):
                 h += 1
             if h < len(holes) and holes[h][0] <= a and b <= holes[h][1]:
                 hole_clusters.append(c)
-            elif data_runs and data_runs[-1][1] == c and c - data_runs[-1][0] < _COPY_CLUSTERS:
+            elif data_runs and data_runs[-1][1] == c and c - data_runs[-1][0] < per_step:
                 data_runs[-1] = (data_runs[-1][0], c + 1)
             else:
                 data_runs.append((c, c + 1))
@@ -607,7 +647,9 @@ class Snapshot(Image):
                 self._full(f"preserving {n * cs} more bytes would exceed the limit")
                 return
             a, b = c0 << shift, min(c1 << shift, size)
-            data = live.pread(a, b - a)
+            data = self._buffer(b - a)
+            live.preadinto(data, a)
+            self._backing.reserve((slot + n) * cs, self.max_bytes)
             try:
                 # Data first, map entry after: a map entry never points at unwritten data.
                 self._backing.write_data(data, slot * cs)
@@ -618,6 +660,12 @@ class Snapshot(Image):
                 return
             self._next_slot = slot + n
             m[c0 * 4 : c1 * 4] = _pack(range(slot + 1, slot + n + 1))
+
+    def _buffer(self, n: int) -> memoryview:
+        """``n`` bytes of the snapshot's copy buffer (callers hold ``_lock``)."""
+        if len(self._copy_buf) < n:
+            self._copy_buf = bytearray(n)
+        return memoryview(self._copy_buf)[:n]
 
     def _full(self, why: str) -> None:
         message = f"snapshot {self.name!r} is full: {why} ({self.used_bytes} bytes preserved" + (
