@@ -129,3 +129,42 @@ async def test_qemu_img_convert_onto_block_device(served: tuple[str, str], tmp_p
     await run(tool("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", str(src), block)
     out = await run(tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", block, str(src))
     assert "identical" in out
+
+
+async def test_fast_zero_after_a_refused_punch_over_nbd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file system refuses a punch after the export was advertised fast (the probe at
+    open said yes): the fast zero fails with ENOTSUP and nothing is written, instead of the
+    old fallback to writing zeroes; a plain zero still works."""
+    import ctypes
+    import errno
+
+    from nbdcore.aio.client import NBDClient
+    from nbdcore.constants import Errno
+    from nbdcore.exceptions import RequestError
+    from nbdcore.storage import disk as disk_mod
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(PATTERN + bytes(SIZE - MiB))
+    image = Image(RawFileDisk(path))
+    srv = NBDServer([ExportConfig("disk", image)])
+    sock = str(tmp_path / "nbd.sock")
+    await srv.start_unix(sock)
+    try:
+        async with await NBDClient.connect(f"nbd+unix:///disk?socket={sock}") as client:
+
+            def refuse(fd: int, mode: int, offset: int, length: int) -> int:
+                ctypes.set_errno(errno.EOPNOTSUPP)
+                return -1
+
+            monkeypatch.setattr(disk_mod, "_fallocate", refuse)
+            with pytest.raises(RequestError) as info:
+                await client.zero(0, 65536, fast_zero=True)
+            assert info.value.errno == Errno.ENOTSUP
+            assert await client.pread(0, 65536) == PATTERN[:65536]
+            await client.zero(0, 65536)
+            assert await client.pread(0, 65536) == bytes(65536)
+    finally:
+        await srv.close()
+        image.close()
