@@ -52,11 +52,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request-size",
         type=int,
-        default=2 << 20,
-        help="client-read: bytes per request (default 2 MiB)",
+        default=512 << 10,
+        help="client-read, one connection: bytes per request (default 512 KiB)",
     )
     p.add_argument(
-        "--in-flight", type=int, default=8, help="client-read: requests in flight (default 8)"
+        "--in-flight",
+        type=int,
+        default=4,
+        help="client-read, one connection: requests in flight (default 4)",
     )
     p.add_argument(
         "--max-extents",

@@ -86,13 +86,14 @@ def our_server(image: Fixture, workdir: Path, name: str = "nbdcore") -> Iterator
 
 # --- 1. client ------------------------------------------------------------------------------------
 
-# client-read through MultiConnClient, as nbdcopy reads (4 connections, base:allocation first).
-# 512 KiB requests, 4 per connection: after a BLOCK_STATUS qemu-nbd serves them from heap
-# memory; 1 MiB reads page-fault on its side (fresh qemu-nbd, 2 GiB: 985K faults and half the
-# speed, against 10-19K for 512 KiB; 03:43 UTC).
-MULTICONN_CONNECTIONS = 4
-MULTICONN_REQUEST_SIZE = 512 << 10
-MULTICONN_IN_FLIGHT = 16
+# Reads of 512 KiB, everywhere: qemu-nbd 7.2 allocates each READ's buffer with glibc, and from
+# 1 MiB up (above its mmap threshold, which its 1 MiB BLOCK_STATUS answer array raises to just
+# about 1 MiB) every READ is a fresh mmap that it page-faults in: 2 GiB of 1 MiB reads cost it
+# 380-530K minor faults, 512 KiB reads none (measured 2026-11-27, docs/benchmarks.md).
+READ_SIZE = 512 << 10
+COPY_CONNECTIONS = 4
+COPY_WINDOW = 2  # per connection
+MULTICONN_IN_FLIGHT = 8
 
 
 def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
@@ -100,33 +101,44 @@ def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
     def setup() -> Iterator[Sides]:
         data = fx.data_raw()
         with procs.tempdir() as work, procs.qemu_nbd(data.file, "raw", work) as uri:
-            args = ["client-read", uri]
-            args += ["--request-size", str(opts["request_size"])]
-            args += ["--in-flight", str(opts["in_flight"])]
 
-            def ours() -> float:
-                r = procs.run_worker(*args)
-                return gib_s(r["bytes"], r["seconds"])
+            def side(*args: str, connections: int = 1) -> Callable[[], float]:
+                def run() -> float:
+                    r = procs.run_worker(*args)
+                    if r["connections"] != connections:
+                        raise RuntimeError(f"{args[0]} used {r['connections']} connections")
+                    return gib_s(r["bytes"], r["seconds"])
 
-            mc_args = ["client-read", uri, "--connections", str(MULTICONN_CONNECTIONS)]
-            mc_args += ["--request-size", str(MULTICONN_REQUEST_SIZE), "--block-status"]
-            mc_args += ["--in-flight", str(MULTICONN_IN_FLIGHT)]
+                return run
 
-            def ours_multiconn() -> float:
-                r = procs.run_worker(*mc_args)
-                if r["connections"] != MULTICONN_CONNECTIONS:
-                    raise RuntimeError(f"MultiConnClient opened {r['connections']} connections")
-                return gib_s(r["bytes"], r["seconds"])
-
+            size = ["--request-size", str(opts["request_size"])]
             yield {
-                "ours": ours,
-                "ours, multi-conn": ours_multiconn,
+                "copy_export": side(
+                    "client-copy", uri, "--connections", str(COPY_CONNECTIONS),
+                    "--request-size", str(READ_SIZE), "--window", str(COPY_WINDOW),
+                    connections=COPY_CONNECTIONS,
+                ),
+                "sync NBDClient": side(
+                    "client-read-sync", uri, *size, "--in-flight", str(opts["in_flight"]),
+                    "--block-status",
+                ),
+                "asyncio NBDClient": side(
+                    "client-read", uri, *size, "--in-flight", str(opts["in_flight"]),
+                    "--block-status",
+                ),
+                "MultiConnClient": side(
+                    "client-read", uri, "--connections", str(COPY_CONNECTIONS),
+                    "--request-size", str(READ_SIZE), "--block-status",
+                    "--in-flight", str(MULTICONN_IN_FLIGHT),
+                    connections=COPY_CONNECTIONS,
+                ),
                 "nbdcopy": nbdcopy_side(uri, data.size),
                 # nbdcopy opens 4 connections when the export allows multi-conn (qemu-nbd -r
-                # does): one connection, as ours uses, tells how much of the gap that is.
+                # does): one connection, as the single-connection rows use.
                 "nbdcopy --connections=1": nbdcopy_side(uri, data.size, connections=1),
-            }
+            }  # fmt: skip
 
+    one = f"{opts['in_flight']} x {opts['request_size'] >> 10} KiB in flight, BLOCK_STATUS first"
     return Benchmark(
         name="client-read",
         title=f"read a {_size(fx.sizes.data_bytes)} raw image from qemu-nbd 7.2 (unix socket)",
@@ -134,22 +146,35 @@ def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
         setup=setup,
         rows=[
             Row(
-                f"NBDClient pread_into, {opts['in_flight']} x {opts['request_size'] >> 20} MiB"
-                " in flight / nbdcopy URI null:",
-                "ours",
+                f"nbdcore.sync.copy.copy_export to a NullSink ({COPY_CONNECTIONS} connections,"
+                f" {COPY_WINDOW} x {READ_SIZE >> 10} KiB each) / nbdcopy URI null:",
+                "copy_export",
                 "nbdcopy",
                 Target(">=", 1.2),
             ),
-            Row("same / nbdcopy --connections=1 URI null:", "ours", "nbdcopy --connections=1"),
             Row(
-                f"MultiConnClient, {MULTICONN_CONNECTIONS} connections, BLOCK_STATUS first,"
-                f" {MULTICONN_IN_FLIGHT} x {MULTICONN_REQUEST_SIZE >> 10} KiB in flight"
-                " / nbdcopy URI null: (4 connections)",
-                "ours, multi-conn",
-                "nbdcopy",
-                Target(">=", 1.2),
+                f"sync NBDClient.iter_reads, one connection, {one}"
+                " / nbdcopy --connections=1 URI null:",
+                "sync NBDClient",
+                "nbdcopy --connections=1",
             ),
-            Row("MultiConnClient / NBDClient (the row above)", "ours, multi-conn", "ours"),
+            Row(
+                f"asyncio NBDClient.pread_into, one connection, {one}"
+                " / nbdcopy --connections=1 URI null:",
+                "asyncio NBDClient",
+                "nbdcopy --connections=1",
+            ),
+            Row(
+                f"MultiConnClient (asyncio), {COPY_CONNECTIONS} connections,"
+                f" {MULTICONN_IN_FLIGHT} x {READ_SIZE >> 10} KiB in flight / nbdcopy URI null:",
+                "MultiConnClient",
+                "nbdcopy",
+            ),
+            Row(
+                "asyncio NBDClient / sync NBDClient (one connection each)",
+                "asyncio NBDClient",
+                "sync NBDClient",
+            ),
         ],
     )
 

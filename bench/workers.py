@@ -108,6 +108,52 @@ async def client_read(args: argparse.Namespace) -> None:
     _emit(seconds=elapsed, bytes=total, connections=getattr(client, "connections", 1))
 
 
+def client_copy(args: argparse.Namespace) -> None:
+    """``nbdcore.sync.copy.copy_export`` into a NullSink: the library's equivalent of
+    ``nbdcopy URI null:`` (base:allocation per stripe, then the reads; blocking connections,
+    one thread each)."""
+    try:
+        from nbdcore.sync.copy import NullSink, copy_export
+    except ImportError as exc:
+        _not_available(f"nbdcore.sync.copy has not landed ({exc})")
+    start = time.perf_counter()
+    result = copy_export(
+        args.uri,
+        NullSink(),
+        connections=args.connections,
+        request_size=args.request_size,
+        window=args.window,
+    )
+    elapsed = time.perf_counter() - start
+    if result.bytes_read != result.size:
+        raise SystemExit(f"read {result.bytes_read} bytes of {result.size}")
+    _emit(seconds=elapsed, bytes=result.bytes_read, connections=result.connections)
+
+
+def client_read_sync(args: argparse.Namespace) -> None:
+    """The blocking client alone: one connection, ``NBDClient.iter_reads`` over the export."""
+    try:
+        from nbdcore.sync.client import NBDClient
+    except ImportError as exc:
+        _not_available(f"nbdcore.sync.client has not landed ({exc})")
+    start = time.perf_counter()
+    contexts = ["base:allocation"] if args.block_status else []
+    with NBDClient.connect(args.uri, meta_contexts=contexts) as client:
+        if args.block_status:
+            client.block_status(0, client.size)
+        total = 0
+        ranges = [(0, client.size)]
+        for _, data in client.iter_reads(
+            ranges, request_size=args.request_size, window=args.in_flight
+        ):
+            total += len(data)
+        size = client.size
+    elapsed = time.perf_counter() - start
+    if total != size:
+        raise SystemExit(f"read {total} bytes of {size}")
+    _emit(seconds=elapsed, bytes=total, connections=1)
+
+
 async def extents(args: argparse.Namespace) -> None:
     """Walk the export's extents with ``nbdcore.extents.iter_extents``, counting rows."""
     client_cls = _client()
@@ -270,6 +316,8 @@ async def stream_extents(args: argparse.Namespace) -> None:
 
 WORKERS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "client-read": client_read,
+    "client-copy": client_copy,
+    "client-read-sync": client_read_sync,
     "extents": extents,
     "serve": serve,
     "bare-grpc-server": bare_grpc_server,
@@ -287,6 +335,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--in-flight", type=int, default=8)
     s.add_argument("--compact", action="store_true", help="no extended headers")
     s.add_argument("--connections", type=int, default=0, help="MultiConnClient (0: NBDClient)")
+    s.add_argument("--block-status", action="store_true", help="one BLOCK_STATUS first")
+    s = sub.add_parser("client-copy")
+    s.add_argument("uri")
+    s.add_argument("--connections", type=int, default=4)
+    s.add_argument("--request-size", type=int, default=512 << 10)
+    s.add_argument("--window", type=int, default=2, help="reads in flight per connection")
+    s = sub.add_parser("client-read-sync")
+    s.add_argument("uri")
+    s.add_argument("--request-size", type=int, default=512 << 10)
+    s.add_argument("--in-flight", type=int, default=4)
     s.add_argument("--block-status", action="store_true", help="one BLOCK_STATUS first")
     s = sub.add_parser("extents")
     s.add_argument("uri")
@@ -317,7 +375,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    asyncio.run(WORKERS[args.worker](args))
+    result = WORKERS[args.worker](args)
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ or without ``--totals``, so that scripts written for nbdinfo keep working; ``lis
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import json
@@ -24,7 +23,6 @@ from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_ALLOCATION_DEPTH,
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
-    NBD_STATE_ZERO,
     TransmissionFlag,
 )
 from nbdcore.exceptions import UsageError
@@ -32,7 +30,6 @@ from nbdcore.tools import run, subgroup
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
     from nbdcore.aio.client import ExportInfo, NBDClient
-    from nbdcore.aio.multiconn import MultiConnClient
     from nbdcore.tls import TLSConfig
 
 
@@ -356,198 +353,51 @@ class Progress:
             sys.stderr.write("\n")
 
 
-async def copy_cmd(args: argparse.Namespace) -> int:
-    from nbdcore.aio.multiconn import MultiConnClient
-    from nbdcore.extents import iter_extents
+def copy_cmd(args: argparse.Namespace) -> int:
+    """Through :func:`nbdcore.sync.copy.copy_export`: blocking connections in threads."""
+    from nbdcore.sync.copy import FileSink, NullSink, Sink, copy_export
 
     if args.requests < 1 or args.request_size < 4096 or args.connections < 1:
         raise UsageError("--requests and --connections must be >= 1 and --request-size >= 4096")
     to_stdout = args.file == "-"
-    # Reads spread over several connections only when the export advertises CAN_MULTI_CONN.
-    client = await MultiConnClient.connect(
-        args.uri,
-        connections=args.connections,
-        meta_contexts=[CONTEXT_BASE_ALLOCATION],
-        tls=_tls(args),
-        max_in_flight=args.requests,
-    )
+    fd = -1
+    sink: Sink
+    if args.file == "null:":
+        sink = NullSink()
+    elif to_stdout:
+        sys.stdout.flush()
+        sink = FileSink(sys.stdout.buffer.fileno(), sequential=True, sparse=False)
+    else:
+        # A regular file is truncated to 0 first so that ranges we skip read back as zeroes
+        # (holes); a device (or /dev/null) is written in full, zeroes included.
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o644)
+        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
+        if sparse:
+            os.ftruncate(fd, 0)
+        sink = FileSink(fd, sequential=False, sparse=sparse)
+    show = sys.stderr.isatty() if args.progress is None else bool(args.progress)
+    progress = Progress(0, show)
+
+    def advance(n: int, size: int) -> None:
+        progress.total = size
+        progress.advance(n)
+
     try:
-        size = client.size
-        chunk = min(args.request_size, client.max_payload)
-        block = client.block_size.minimum if client.block_size is not None else 1
-        unit = max(block, 4096)
-        chunk = max(chunk - chunk % unit, unit)
-        if to_stdout:
-            fd = sys.stdout.buffer.fileno()
-            sys.stdout.flush()
-        else:
-            # A regular file is truncated to 0 first so that ranges we skip read back as
-            # zeroes (holes); a device (or /dev/null) is written in full, zeroes included.
-            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o644)
-        progress = Progress(
-            size, sys.stderr.isatty() if args.progress is None else bool(args.progress)
+        copy_export(
+            args.uri,
+            sink,
+            connections=args.connections,
+            request_size=args.request_size,
+            # --requests counts the reads in flight in all; each connection gets its share.
+            window=max(1, args.requests // args.connections),
+            tls=_tls(args),
+            progress=advance if show else None,
         )
-        try:
-            sparse = not to_stdout and stat.S_ISREG(os.fstat(fd).st_mode)
-            if sparse:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-            writer = _Writer(fd, sequential=to_stdout, sparse=sparse)
-            pending: collections.deque[tuple[int, int, asyncio.Future[None] | None]] = (
-                collections.deque()
-            )
-            # Reads land in reused buffers (a fresh multi-MiB bytes per read costs its page
-            # faults twice: measured as most of the copy's CPU). At most ``requests`` reads
-            # wait in ``pending`` when one more is queued, so requests + 1 buffers suffice.
-            free = [bytearray(chunk) for _ in range(args.requests + 1)]
-            held: dict[int, bytearray] = {}  # read offset -> its buffer
-
-            async def drain(limit: int) -> None:
-                while len(pending) > limit or (pending and _ready(pending[0][2])):
-                    offset, length, fut = pending.popleft()
-                    data = None
-                    if fut is not None:
-                        await fut
-                        data = memoryview(held[offset])[:length]
-                    # In a thread: reads keep arriving while the page cache takes the data.
-                    await asyncio.to_thread(writer.write, offset, length, data)
-                    if fut is not None:
-                        free.append(held.pop(offset))
-                    progress.advance(length)
-
-            plan = _block_aligned(_copy_plan(client, iter_extents), block, size)
-            async with contextlib.aclosing(plan):  # stops the walk's requests on errors
-                async for offset, length, is_zero in plan:
-                    if is_zero:
-                        pending.append((offset, length, None))
-                    else:
-                        for o in range(offset, offset + length, chunk):
-                            n = min(chunk, offset + length - o)
-                            buf = held[o] = free.pop()
-                            read = client.pread_into(memoryview(buf)[:n], o)
-                            pending.append((o, n, asyncio.ensure_future(read)))
-                            await drain(args.requests)
-                    await drain(args.requests)
-            await drain(0)
-            writer.finish(size)
-        finally:
-            for _, _, fut in pending:
-                if fut is not None:
-                    fut.cancel()
-            if pending:
-                await asyncio.gather(*(f for _, _, f in pending if f), return_exceptions=True)
-            progress.close()
-            if not to_stdout:
-                os.close(fd)
     finally:
-        await client.close()
+        progress.close()
+        if fd >= 0:
+            os.close(fd)
     return 0
-
-
-def _ready(fut: asyncio.Future[None] | None) -> bool:
-    return fut is None or fut.done()
-
-
-async def _copy_plan(client: MultiConnClient, iter_extents: Any) -> Any:
-    """(offset, length, reads as zero) runs covering the export, from base:allocation when the
-    server offers it, else one data run."""
-    if CONTEXT_BASE_ALLOCATION in client.meta_contexts:
-        async for batch in iter_extents(client, [CONTEXT_BASE_ALLOCATION]):
-            offset = batch.offset
-            for n, f in zip(batch.lengths, batch.flags[0], strict=True):
-                yield offset, n, bool(f & NBD_STATE_ZERO)
-                offset += n
-    elif client.size:
-        yield 0, client.size, False
-
-
-async def _block_aligned(runs: Any, block: int, size: int) -> Any:
-    """The runs with every data run widened to whole blocks (reads MUST be block multiples
-    once the server told its minimum block size), overlapping data runs joined and the zero
-    runs shrunk to what is left."""
-    done = 0  # everything before this was yielded
-    cur: list[int] | None = None  # the data run being built: [start, end)
-    async for offset, length, is_zero in runs:
-        if is_zero:
-            continue
-        start = offset - offset % block
-        end = min(-(-(offset + length) // block) * block, size)
-        if cur is not None and start <= cur[1]:
-            cur[1] = max(cur[1], end)
-            continue
-        if cur is not None:
-            if cur[0] > done:
-                yield done, cur[0] - done, True
-            yield cur[0], cur[1] - cur[0], False
-            done = cur[1]
-        cur = [start, end]
-    if cur is not None:
-        if cur[0] > done:
-            yield done, cur[0] - done, True
-        yield cur[0], cur[1] - cur[0], False
-        done = cur[1]
-    if size > done:
-        yield done, size - done, True
-
-
-SPARSE_UNIT = 65536  # zero detection granularity of copies into regular files
-
-
-class _Writer:
-    """Writes the copy: sparse into a regular file (zero runs and all-zero reads are skipped:
-    the file was truncated, so they are holes already), in full at each offset into anything
-    else (a device), or as a plain stream (stdout, pipes). Zeroes are written out unless
-    sparse."""
-
-    _ZEROES = bytes(1 << 20)
-
-    def __init__(self, fd: int, sequential: bool, sparse: bool) -> None:
-        self.fd = fd
-        self.sequential = sequential
-        self.sparse = sparse
-
-    def write(self, offset: int, length: int, data: bytes | memoryview | None) -> None:
-        if data is not None and len(data) != length:
-            raise UsageError(f"short read at {offset}: {len(data)} of {length} bytes")
-        if self.sparse:
-            if data is not None:
-                self._put_sparse(memoryview(data), offset)
-            return
-        if data is not None:
-            self._put(memoryview(data), offset)
-            return
-        zeroes = memoryview(self._ZEROES)
-        while length:
-            n = min(length, len(zeroes))
-            self._put(zeroes[:n], offset)
-            offset += n
-            length -= n
-
-    def _put_sparse(self, view: memoryview, offset: int) -> None:
-        """Write the data but leave out all-zero pieces of ``SPARSE_UNIT`` bytes, which stay
-        holes (a server without base:allocation sends its holes as zeroes)."""
-        unit = SPARSE_UNIT
-        zeroes = self._ZEROES
-        start = -1  # start of the current run of non-zero pieces
-        for i in range(0, len(view), unit):
-            if zeroes.startswith(view[i : i + unit]):  # memcmp, no copy
-                if start >= 0:
-                    self._put(view[start:i], offset + start)
-                    start = -1
-            elif start < 0:
-                start = i
-        if start >= 0:
-            self._put(view[start:], offset + start)
-
-    def _put(self, view: memoryview, offset: int) -> None:
-        while view:
-            n = os.write(self.fd, view) if self.sequential else os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def finish(self, size: int) -> None:
-        if self.sparse:
-            os.ftruncate(self.fd, size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,6 +228,10 @@ def test_tiny_real_sides(tmp_path: Path) -> None:
     with procs.tempdir() as work, procs.qemu_nbd(image, "raw", work) as uri:
         r = procs.run_worker("client-read", uri, "--request-size", "65536", "--in-flight", "3")
         assert r["bytes"] == 1 << 20 and r["seconds"] > 0
+        r = procs.run_worker("client-read-sync", uri, "--request-size", "65536", "--block-status")
+        assert r["bytes"] == 1 << 20 and r["seconds"] > 0
+        r = procs.run_worker("client-copy", uri, "--connections", "2", "--request-size", "65536")
+        assert r["bytes"] == 1 << 20 and r["connections"] == 2
         r = procs.run_worker("extents", uri, "--context", "base:allocation")
         assert r["bytes"] == 1 << 20 and r["extents"] >= 1
         with pytest.raises(RuntimeError, match="expected 999"):

@@ -1,0 +1,1 @@
+"""Blocking I/O layers over the sans-I/O protocol core (see nbdcore.sync.client)."""
