@@ -70,10 +70,11 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "copy",
         help="copy a whole export to a file or stdout (sparse-aware)",
         description="Copy the export at URI to FILE (created or truncated; holes and zeroes "
-        "are left as holes) or to standard output ('-').",
+        "are left as holes), to standard output ('-'), or nowhere ('null:', as nbdcopy: "
+        "reads everything, keeps nothing). Blocking connections, one thread each.",
     )
     p.add_argument("uri", metavar="URI")
-    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("file", metavar="FILE|-|null:")
     p.add_argument(
         "--connections",
         type=int,
