@@ -71,6 +71,7 @@ class NBDClient:
         self._done: dict[int, Reply] = {}  # replies received while waiting for another
         self._failure: NBDError | None = None
         self._closed = False
+        self._head = 16  # bytes to read at the start of a reply, set once negotiated
         self.export_name = ""
         self.description = None
         self.size = 0
@@ -160,6 +161,8 @@ class NBDClient:
         self.block_size = ready.block_size
         self.meta_contexts = dict(conn.meta_contexts)
         self._ids_to_names = {cid: name for name, cid in self.meta_contexts.items()}
+        # A reply header plus a data chunk's offset: 32 + 8 extended, 20 + 8 structured.
+        self._head = 40 if conn.extended_headers else 28 if conn.structured_replies else 16
 
     def _drive(
         self, strategy: negotiate.Strategy, u: NBDURI, tls: TLSConfig | None
@@ -248,10 +251,11 @@ class NBDClient:
                 if n:
                     conn.buffer_filled(n)
             else:
-                # With READs in flight, read no further than the parser asked for, so that
-                # their data is not copied through the scratch buffer.
-                want = conn.bytes_wanted if conn.reads_in_flight else _SCRATCH_SIZE
-                view = self._scratch[: max(want, 4)]
+                # With READs in flight, read little (what the parser asked for, or a reply
+                # header and a data chunk's offset), so that READ data is not copied through
+                # the scratch buffer; what overshoots is parsed all the same.
+                want = conn.bytes_wanted or self._head if conn.reads_in_flight else _SCRATCH_SIZE
+                view = self._scratch[:want]
                 n = sock.recv_into(view)
                 if n:
                     conn.receive_data(view[:n])

@@ -207,7 +207,9 @@ class _Job:
 
     def _take(self) -> tuple[int, int] | None:
         with self._lock:
-            if self.error is not None or self._next >= self.size:
+            if self.error is not None:
+                raise _Stopped
+            if self._next >= self.size:
                 return None
             offset = self._next
             self._next = min(offset + self.stripe, self.size)
@@ -215,51 +217,58 @@ class _Job:
 
     def _done(self, n: int, read: int) -> None:
         with self._lock:
+            if self.error is not None:
+                raise _Stopped
             self.bytes_read += read
             if self.progress is not None:
                 self.progress(n, self.size)
 
     def work(self, client: NBDClient) -> None:
         try:
-            while (stripe := self._take()) is not None:
-                self._copy_stripe(client, *stripe)
+            if self.sink.sequential:
+                self._work_in_order(client)
+            else:
+                # One pipeline over all the stripes this worker takes: its reads stay in
+                # flight across stripe boundaries and its buffers are allocated once. The
+                # BLOCK_STATUS of the next stripe goes out while reads are in flight (the
+                # client keeps their replies for the pipeline).
+                reads = client.iter_reads(
+                    self._data_ranges(client), request_size=self.request_size, window=self.window
+                )
+                for o, view in reads:
+                    self.sink.write(o, view)
+                    self._done(len(view), len(view))
         except BaseException as exc:
             with self._lock:
                 if self.error is None:
                     self.error = exc
 
-    def _copy_stripe(self, client: NBDClient, offset: int, length: int) -> None:
-        sink = self.sink
-        runs = _runs(client, offset, length, self.block)
-        if sink.sequential:
-            # In order: each zero run waits for the data before it.
-            for o, n, is_zero in runs:
+    def _data_ranges(self, client: NBDClient) -> Iterator[tuple[int, int]]:
+        """The data runs of the stripes this worker takes; zero runs go to the sink here."""
+        while (stripe := self._take()) is not None:
+            for o, n, is_zero in _runs(client, *stripe, self.block):
                 if is_zero:
                     self._zero(o, n)
                 else:
-                    self._read(client, [(o, n)], ordered=True)
-            return
-        data: list[tuple[int, int]] = []
-        for o, n, is_zero in runs:
-            if is_zero:
-                self._zero(o, n)
-            else:
-                data.append((o, n))
-        self._read(client, data, ordered=False)
+                    yield o, n
+
+    def _work_in_order(self, client: NBDClient) -> None:
+        """For a sequential sink (one worker): each zero run waits for the data before it."""
+        while (stripe := self._take()) is not None:
+            for o, n, is_zero in _runs(client, *stripe, self.block):
+                if is_zero:
+                    self._zero(o, n)
+                    continue
+                reads = client.iter_reads(
+                    [(o, n)], request_size=self.request_size, window=self.window, ordered=True
+                )
+                for offset, view in reads:
+                    self.sink.write(offset, view)
+                    self._done(len(view), len(view))
 
     def _zero(self, offset: int, length: int) -> None:
         self.sink.zero(offset, length)
         self._done(length, 0)
-
-    def _read(self, client: NBDClient, ranges: list[tuple[int, int]], *, ordered: bool) -> None:
-        reads = client.iter_reads(
-            ranges, request_size=self.request_size, window=self.window, ordered=ordered
-        )
-        for o, view in reads:
-            if self.error is not None:
-                raise _Stopped
-            self.sink.write(o, view)
-            self._done(len(view), len(view))
 
 
 class _Stopped(NBDError):
