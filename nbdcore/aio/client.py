@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import ssl
-from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +24,6 @@ from typing import Any, Final, TypeVar
 
 from nbdcore import clear_ext, negotiate
 from nbdcore.client import (
-    ClientConnection,
     ClientState,
     ConnectionClosed,
     Event,
@@ -48,6 +46,7 @@ from nbdcore.exceptions import (
     ServerProtocolError,
     UsageError,
 )
+from nbdcore.session import ClientSession, StatusAnswer
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
 from nbdcore.wire import BlockSize
@@ -164,20 +163,13 @@ class _Protocol(asyncio.BufferedProtocol):
         self._client._writable.set()
 
 
-class NBDClient:
+class NBDClient(ClientSession):
     """One NBD connection in transmission phase. Use :meth:`connect`."""
-
-    export_name: str
-    description: str | None
-    size: int
-    flags: TransmissionFlag
-    block_size: BlockSize | None
-    meta_contexts: dict[str, int]
 
     def __init__(self, *, max_in_flight: int = 16, timeout: float | None = 30.0) -> None:
         if max_in_flight < 1:
             raise UsageError("max_in_flight must be at least 1")
-        self._conn = ClientConnection()
+        super().__init__()
         self._loop = asyncio.get_running_loop()
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
@@ -194,41 +186,13 @@ class NBDClient:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._writable = asyncio.Event()
         self._writable.set()
-        self.export_name = ""
-        self.description = None
-        self.size = 0
-        self.flags = TransmissionFlag(0)
-        self.block_size = None
-        self.meta_contexts = {}
-        self._ids_to_names: dict[int, str] = {}
 
     # --- public attributes ----------------------------------------------------------------------
-
-    @property
-    def structured_replies(self) -> bool:
-        return self._conn.structured_replies or self._conn.extended_headers
-
-    @property
-    def extended_headers(self) -> bool:
-        return self._conn.extended_headers
 
     @property
     def clear_extension(self) -> bool:
         """The server acknowledged NBD_OPT_X_NBDGW_CLEAR: :meth:`clear` works."""
         return self._conn.clear_extension
-
-    @property
-    def read_only(self) -> bool:
-        return bool(self.flags & TransmissionFlag.READ_ONLY)
-
-    @property
-    def can_multi_conn(self) -> bool:
-        return bool(self.flags & TransmissionFlag.CAN_MULTI_CONN)
-
-    @property
-    def max_payload(self) -> int:
-        """Largest READ/WRITE this client sends in one request (larger ones are split)."""
-        return self._conn.max_payload
 
     @property
     def closed(self) -> bool:
@@ -343,13 +307,7 @@ class NBDClient:
             negotiate.select_export(conn, export, queries, clear_extension=clear_extension)
         )
         assert ev is not None
-        self.export_name = ev.name if ev.name is not None else export
-        self.description = ev.description or None
-        self.size = ev.size
-        self.flags = ev.flags
-        self.block_size = ev.block_size
-        self.meta_contexts = dict(conn.meta_contexts)
-        self._ids_to_names = {cid: name for name, cid in self.meta_contexts.items()}
+        self._entered(ev, export)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -562,44 +520,15 @@ class NBDClient:
         *,
         contexts: Sequence[str] | None = None,
         req_one: bool = False,
-    ) -> dict[str, tuple[array[int], array[int]]]:
+    ) -> StatusAnswer:
         """One BLOCK_STATUS round trip: context name -> (lengths, flags) arrays (typecode
         ``Q``), consecutive from ``offset``; the server may cover less than ``length`` and the
         last extent may run past it. ``contexts`` restricts the answer (with the server-side
         filter when the server offers BLOCK_STATUS_PAYLOAD)."""
-        if not self.meta_contexts:
-            if not self.structured_replies:
-                raise UsageError(
-                    "block status is unavailable: the server does not support structured replies"
-                )
-            raise UsageError("block status is unavailable: no metadata context was negotiated")
-        ids: list[int] | None = None
-        if contexts is not None:
-            unknown = [c for c in contexts if c not in self.meta_contexts]
-            if unknown:
-                raise UsageError(f"contexts {unknown} were not negotiated")
-            ids = [self.meta_contexts[c] for c in dict.fromkeys(contexts)]
-            if len(ids) == len(self.meta_contexts):
-                ids = None
-        if not self.extended_headers:
-            # The length is only a hint: clip what a 32-bit request cannot say.
-            limit = 0xFFFFFFFF - 0xFFFFFFFF % self._conn.min_block
-            length = min(length, limit)
-        use_filter = ids is not None and bool(self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD)
+        call = self._status_request(offset, length, contexts, req_one)
         async with self._slots:
-            reply = await self._submit(
-                lambda: self._conn.send_block_status(
-                    offset, length, req_one=req_one, context_ids=ids if use_filter else None
-                )
-            )
-        assert reply.extents is not None
-        names = self._ids_to_names
-        wanted = None if ids is None else set(ids)
-        return {
-            names[cid]: (r.lengths, r.flags)
-            for cid, r in reply.extents.items()
-            if wanted is None or cid in wanted
-        }
+            reply = await self._submit(call.send)
+        return call.answer(reply)
 
     async def clear(
         self, offset: int, length: int, context: str, *, fua: bool = False

@@ -17,14 +17,12 @@ import contextlib
 import socket
 import ssl
 import struct
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Final
 
 from nbdcore import negotiate
 from nbdcore.client import (
-    ClientConnection,
     ClientState,
     ConnectionClosed,
     Event,
@@ -32,7 +30,6 @@ from nbdcore.client import (
     Greeting,
     Reply,
 )
-from nbdcore.constants import TransmissionFlag
 from nbdcore.exceptions import (
     ConnectionLostError,
     HandshakeError,
@@ -40,9 +37,9 @@ from nbdcore.exceptions import (
     NBDTimeoutError,
     UsageError,
 )
+from nbdcore.session import ClientSession, StatusAnswer
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
-from nbdcore.wire import BlockSize
 
 __all__ = ["NBDClient"]
 
@@ -53,32 +50,18 @@ DEFAULT_WINDOW: Final = 4
 _TIMED_OUT: Final = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-class NBDClient:
+class NBDClient(ClientSession):
     """One NBD connection in transmission phase, blocking. Use :meth:`connect`."""
 
-    export_name: str
-    description: str | None
-    size: int
-    flags: TransmissionFlag
-    block_size: BlockSize | None
-    meta_contexts: dict[str, int]
-
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        super().__init__()
         self._sock: socket.socket | ssl.SSLSocket = sock
-        self._conn = ClientConnection()
         self._timeout = timeout
         self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
         self._done: dict[int, Reply] = {}  # replies received while waiting for another
         self._failure: NBDError | None = None
         self._closed = False
         self._head = 16  # bytes to read at the start of a reply, set once negotiated
-        self.export_name = ""
-        self.description = None
-        self.size = 0
-        self.flags = TransmissionFlag(0)
-        self.block_size = None
-        self.meta_contexts = {}
-        self._ids_to_names: dict[int, str] = {}
 
     # --- connecting -------------------------------------------------------------------------------
 
@@ -154,13 +137,7 @@ class NBDClient:
             tls,
         )
         assert ready is not None
-        self.export_name = ready.name if ready.name is not None else u.export
-        self.description = ready.description or None
-        self.size = ready.size
-        self.flags = ready.flags
-        self.block_size = ready.block_size
-        self.meta_contexts = dict(conn.meta_contexts)
-        self._ids_to_names = {cid: name for name, cid in self.meta_contexts.items()}
+        self._entered(ready, u.export)
         # A reply header plus a data chunk's offset: 32 + 8 extended, 20 + 8 structured.
         self._head = 40 if conn.extended_headers else 28 if conn.structured_replies else 16
 
@@ -197,27 +174,6 @@ class NBDClient:
         self._conn.tls_established()
 
     # --- public attributes ----------------------------------------------------------------------
-
-    @property
-    def structured_replies(self) -> bool:
-        return self._conn.structured_replies or self._conn.extended_headers
-
-    @property
-    def extended_headers(self) -> bool:
-        return self._conn.extended_headers
-
-    @property
-    def read_only(self) -> bool:
-        return bool(self.flags & TransmissionFlag.READ_ONLY)
-
-    @property
-    def can_multi_conn(self) -> bool:
-        return bool(self.flags & TransmissionFlag.CAN_MULTI_CONN)
-
-    @property
-    def max_payload(self) -> int:
-        """Largest READ/WRITE this client sends in one request (larger ones are split)."""
-        return self._conn.max_payload
 
     @property
     def closed(self) -> bool:
@@ -471,38 +427,12 @@ class NBDClient:
         *,
         contexts: Sequence[str] | None = None,
         req_one: bool = False,
-    ) -> dict[str, tuple[array[int], array[int]]]:
+    ) -> StatusAnswer:
         """One BLOCK_STATUS round trip: context name -> (lengths, flags), as
         :meth:`nbdcore.aio.client.NBDClient.block_status`."""
-        if not self.meta_contexts:
-            raise UsageError("block status is unavailable: no metadata context was negotiated")
-        ids: list[int] | None = None
-        if contexts is not None:
-            unknown = [c for c in contexts if c not in self.meta_contexts]
-            if unknown:
-                raise UsageError(f"contexts {unknown} were not negotiated")
-            ids = [self.meta_contexts[c] for c in dict.fromkeys(contexts)]
-        if not self.extended_headers:
-            limit = 0xFFFFFFFF - 0xFFFFFFFF % self._conn.min_block
-            length = min(length, limit)
-        use_filter = (
-            ids is not None
-            and len(ids) < len(self.meta_contexts)
-            and bool(self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD)
-        )
+        call = self._status_request(offset, length, contexts, req_one)
         self._check_open()
-        reply = self._call(
-            self._conn.send_block_status(
-                offset, length, req_one=req_one, context_ids=ids if use_filter else None
-            )
-        )
-        assert reply.extents is not None
-        wanted = None if ids is None else set(ids)
-        return {
-            self._ids_to_names[cid]: (r.lengths, r.flags)
-            for cid, r in reply.extents.items()
-            if wanted is None or cid in wanted
-        }
+        return call.answer(self._call(call.send()))
 
     # --- closing ----------------------------------------------------------------------------------
 
