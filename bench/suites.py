@@ -17,6 +17,7 @@ from typing import TypeVar
 from bench import procs
 from bench.fixtures import BITMAP, Fixture, Fixtures
 from bench.harness import GIB_S, MEXT_S, Benchmark, NotAvailable, Row, Side, Target
+from nbdcore.sync.copy import DEFAULT_CONNECTIONS
 
 Sides = dict[str, Side]
 T = TypeVar("T")
@@ -91,8 +92,9 @@ def our_server(image: Fixture, workdir: Path, name: str = "nbdcore") -> Iterator
 # about 1 MiB) every READ is a fresh mmap that it page-faults in: 2 GiB of 1 MiB reads cost it
 # 380-530K minor faults, 512 KiB reads none (measured 2026-11-27, docs/benchmarks.md).
 READ_SIZE = 512 << 10
-COPY_CONNECTIONS = 4
+COPY_CONNECTIONS = DEFAULT_CONNECTIONS  # the library's default: the CPUs, at most 4
 COPY_WINDOW = 2  # per connection
+MULTICONN_CONNECTIONS = 4
 MULTICONN_IN_FLIGHT = 8
 
 
@@ -127,10 +129,10 @@ def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                     "--block-status",
                 ),
                 "MultiConnClient": side(
-                    "client-read", uri, "--connections", str(COPY_CONNECTIONS),
+                    "client-read", uri, "--connections", str(MULTICONN_CONNECTIONS),
                     "--request-size", str(READ_SIZE), "--block-status",
                     "--in-flight", str(MULTICONN_IN_FLIGHT),
-                    connections=COPY_CONNECTIONS,
+                    connections=MULTICONN_CONNECTIONS,
                 ),
                 "nbdcopy": nbdcopy_side(uri, data.size),
                 # nbdcopy opens 4 connections when the export allows multi-conn (qemu-nbd -r
@@ -165,7 +167,7 @@ def client_read(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 "nbdcopy --connections=1",
             ),
             Row(
-                f"MultiConnClient (asyncio), {COPY_CONNECTIONS} connections,"
+                f"MultiConnClient (asyncio), {MULTICONN_CONNECTIONS} connections,"
                 f" {MULTICONN_IN_FLIGHT} x {READ_SIZE >> 10} KiB in flight / nbdcopy URI null:",
                 "MultiConnClient",
                 "nbdcopy",

@@ -26,6 +26,7 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import UsageError
+from nbdcore.sync.copy import DEFAULT_CONNECTIONS
 from nbdcore.tools import run, subgroup
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
@@ -78,9 +79,10 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument(
         "--connections",
         type=int,
-        default=4,
+        default=DEFAULT_CONNECTIONS,
         metavar="N",
-        help="connections to open when the export allows multi-conn (default 4, as nbdcopy)",
+        help="connections (one thread each) when the export allows multi-conn (default: the "
+        "number of CPUs, at most 4 as nbdcopy)",
     )
     p.add_argument(
         "--requests", type=int, default=8, metavar="N", help="reads in flight (default 8)"
