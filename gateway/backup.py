@@ -581,11 +581,16 @@ class _Backup:
                         )
                     break
                 except grpc.aio.AioRpcError as exc:
-                    # Over the gateway's rate limit: wait as long as its RetryInfo says.
-                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= 100:
+                    # Over the gateway's rate limit: wait as long as its RetryInfo says. A
+                    # RESOURCE_EXHAUSTED without RetryInfo (the ledger's interval cap) does not
+                    # pass with time: report it at once.
+                    delay = None
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        delay = retry_delay(exc)
+                    if delay is None or attempt >= 100:
                         raise
                     attempt += 1
-                    await asyncio.sleep(retry_delay(exc) or 0.05 * 2 ** min(attempt, 5))
+                    await asyncio.sleep(delay)
             state.bytes_cleared += resp.cleared_bytes
 
         # Not a TaskGroup: its ExceptionGroup would hide the gRPC error from the one-line report.
