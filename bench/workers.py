@@ -225,12 +225,52 @@ def _file_chunks(path: str, message_size: int) -> Iterator[bytes]:
 BARE_METHOD = "/bench.Bare/Stream"
 
 
+NBD_READ = 512 << 10  # as the gateway's StreamExtents (MAX_READ_REQUEST)
+
+
+async def _nbd_chunks(uri: str, message_size: int) -> AsyncIterator[bytes]:
+    """The export's bytes in ``message_size`` pieces, as a minimal relay moves them: reads of
+    512 KiB straight into the message's buffer, the next message's reads in flight while the
+    current one is written (the gateway's read-ahead), one copy to ``bytes`` for grpc."""
+    from nbdcore.aio.client import NBDClient
+
+    async def fill(client: NBDClient, offset: int) -> bytes:
+        n = min(message_size, client.size - offset)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        await asyncio.gather(
+            *(client.pread_into(view[p : p + NBD_READ], offset + p) for p in range(0, n, NBD_READ))
+        )
+        return bytes(buf)
+
+    async with await NBDClient.connect(uri) as client:
+        offsets = range(0, client.size, message_size)
+        nxt = asyncio.ensure_future(fill(client, offsets[0])) if offsets else None
+        for i in range(len(offsets)):
+            assert nxt is not None
+            chunk = await nxt
+            if i + 1 < len(offsets):
+                nxt = asyncio.ensure_future(fill(client, offsets[i + 1]))
+            yield chunk
+
+
 async def bare_grpc_server(args: argparse.Namespace) -> None:
     """A bare grpcio server: one server-streaming method sending the bytes of ``--file`` in
-    ``--message-size`` messages (no protobuf: the ceiling of a gRPC byte stream)."""
+    ``--message-size`` messages (no protobuf: the ceiling of a gRPC byte stream). With ``--nbd
+    URI`` it relays the export's bytes from that NBD host instead: everything the gateway does
+    to move data, without the gateway (no protobuf, extents, tokens, metrics or auth)."""
     import grpc
 
+    if args.keep_freed_memory:
+        from gateway.server import keep_freed_memory
+
+        keep_freed_memory()
+
     async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        if args.nbd:
+            async for chunk in _nbd_chunks(args.nbd, args.message_size):
+                yield chunk
+            return
         for chunk in _file_chunks(args.file, args.message_size):
             yield chunk
 
@@ -355,7 +395,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", required=True)
     s.add_argument("--image", required=True)
     s = sub.add_parser("bare-grpc-server")
-    s.add_argument("--file", required=True)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file")
+    src.add_argument("--nbd", metavar="URI", help="relay the export's bytes from this NBD host")
+    s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
     s.add_argument("--message-size", type=int, required=True)
     s.add_argument("--port-file", required=True)
     s = sub.add_parser("bare-grpc-drain")
