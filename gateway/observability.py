@@ -64,6 +64,7 @@ from prometheus_client.registry import Collector
 from gateway.access import CURRENT_IDENTITY
 from gateway.config import LOG_FORMATS, LOG_LEVELS
 from gateway.prepared import PreparedMessage
+from nbdcore.tools.snapshot_cmds import SEPARATOR as SNAPSHOT_SEPARATOR
 
 log = logging.getLogger("nbdgw.observability")
 access_log = logging.getLogger("nbdgw.rpc")
@@ -291,7 +292,10 @@ class Metrics:
         return series
 
     def count_stream_message(self, export: str, message: Any) -> None:
-        """A StreamExtentsResponse was sent."""
+        """A StreamExtentsResponse was sent. Reads of a snapshot (``EXPORT@SNAP``) count under
+        their export: every backup takes a new snapshot, and a series per snapshot would grow
+        the metrics without end (review L17)."""
+        export = export.split(SNAPSHOT_SEPARATOR, 1)[0]
         series = self._exports.get(export)
         if series is None:
             series = self._exports[export] = (

@@ -270,6 +270,23 @@ def test_reconnects_count_comebacks_only() -> None:
     assert value(metrics, "nbdgw_nbd_reconnects_total", host="h") == 2
 
 
+def test_snapshot_reads_count_under_their_export() -> None:
+    """Every backup reads a new snapshot export (``vm@<id>``): its messages count under ``vm``,
+    and no series per snapshot is ever made (review L17)."""
+    from nbdgw.v1 import bitmap_service_pb2 as pb
+
+    metrics = Metrics()
+    for snap in ("vm@s1", "vm@s2", "vm"):
+        message = pb.StreamExtentsResponse(offset=0, next_offset=4096, data=b"x" * 10)
+        message.lengths.extend([4096])
+        metrics.count_stream_message(snap, message)
+    assert value(metrics, "nbdgw_extents_streamed_total", export="vm") == 3
+    assert value(metrics, "nbdgw_bytes_streamed_total", export="vm") == 3 * 4096
+    assert value(metrics, "nbdgw_data_bytes_streamed_total", export="vm") == 30
+    text = metrics.exposition()[0].decode()
+    assert "vm@" not in text
+
+
 def test_metrics_are_per_instance() -> None:
     a, b = Metrics(), Metrics()
     a.extents_streamed.labels("x").inc(5)
