@@ -75,18 +75,22 @@ class NBDClient(ClientSession):
         extended_headers: bool = True,
         structured_replies: bool = True,
         timeout: float | None = 30.0,
-        clear_extension: bool = False,
     ) -> NBDClient:
         """Connect, negotiate and enter transmission on the URI's export (the arguments are
-        those of :meth:`nbdcore.aio.client.NBDClient.connect`). ``timeout`` bounds connecting
-        and every wait for the server: no byte for that long fails the connection."""
+        those of :meth:`nbdcore.aio.client.NBDClient.connect`; the clear extension is the
+        asyncio client's alone). ``timeout`` bounds connecting and every wait for the server:
+        no byte for that long fails the connection."""
         u = NBDURI.parse(uri) if isinstance(uri, str) else uri
         try:
             if u.is_unix:
                 assert u.socket is not None
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(timeout)
-                sock.connect(u.socket)
+                try:
+                    sock.settimeout(timeout)
+                    sock.connect(u.socket)
+                except BaseException:
+                    sock.close()
+                    raise
             else:
                 sock = socket.create_connection(u.address, timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -103,9 +107,7 @@ class NBDClient(ClientSession):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self = cls(sock, timeout)
         try:
-            self._negotiate(
-                u, tls, meta_contexts, extended_headers, structured_replies, clear_extension
-            )
+            self._negotiate(u, tls, meta_contexts, extended_headers, structured_replies)
         except BaseException:
             self._abort()
             raise
@@ -118,7 +120,6 @@ class NBDClient(ClientSession):
         queries: Sequence[str],
         extended: bool,
         structured: bool,
-        clear_extension: bool,
     ) -> None:
         ev = self._next_event()
         if not isinstance(ev, Greeting):
@@ -132,7 +133,7 @@ class NBDClient(ClientSession):
             tls,
         )
         ready = self._drive(
-            negotiate.select_export(conn, u.export, queries, clear_extension=clear_extension),
+            negotiate.select_export(conn, u.export, queries),
             u,
             tls,
         )
@@ -343,40 +344,50 @@ class NBDClient(ClientSession):
         finished: dict[int, None] = {}  # arrival order
         error: NBDError | None = None
         exhausted = False
-        while True:
-            while not exhausted and error is None and len(in_flight) < window:
-                item = next(reads, None)
-                if item is None:
-                    exhausted = True
+        try:
+            while True:
+                while not exhausted and error is None and len(in_flight) < window:
+                    item = next(reads, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    offset, view = item
+                    in_flight[conn.send_read(offset, len(view), buffer=view)] = item
+                if not in_flight:
                     break
-                offset, view = item
-                in_flight[conn.send_read(offset, len(view), buffer=view)] = item
-            if not in_flight:
-                break
-            self._flush()
-            ready: list[int] = []
-            while not ready:
-                self._check_open()
-                for cookie in [c for c in in_flight if c in self._done]:
-                    reply = self._done.pop(cookie)
-                    if reply.error is not None:
-                        error = error or reply.error
-                    finished[cookie] = None
-                if ordered:
-                    for cookie in in_flight:
-                        if cookie not in finished:
-                            break
-                        ready.append(cookie)
-                else:
-                    ready = list(finished)
-                if not ready:
-                    self._receive()
-                    self._collect()
-            for cookie in ready:
-                finished.pop(cookie, None)
-                item = in_flight.pop(cookie)
-                if error is None:
-                    yield item
+                self._flush()
+                ready: list[int] = []
+                while not ready:
+                    self._check_open()
+                    for cookie in [c for c in in_flight if c in self._done]:
+                        reply = self._done.pop(cookie)
+                        if reply.error is not None:
+                            error = error or reply.error
+                        finished[cookie] = None
+                    if ordered:
+                        for cookie in in_flight:
+                            if cookie not in finished:
+                                break
+                            ready.append(cookie)
+                    else:
+                        ready = list(finished)
+                    if not ready:
+                        self._receive()
+                        self._collect()
+                for cookie in ready:
+                    finished.pop(cookie, None)
+                    item = in_flight.pop(cookie)
+                    if error is None:
+                        yield item
+        finally:
+            # Left early (the caller stopped iterating, or raised): let the reads still in
+            # flight land before their buffers go back to the caller, so that nothing
+            # writes into them later and the connection stays in step.
+            if self._failure is None:
+                with contextlib.suppress(NBDError):
+                    self._flush()
+                    for cookie in [c for c in in_flight if c not in finished]:
+                        self._wait(cookie)
         if error is not None:
             raise error
 

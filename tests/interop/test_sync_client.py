@@ -111,6 +111,13 @@ def test_qemu72_reads_match_qemu_io(qemu72: str, qcow2: Path, tmp_path: Path) ->
             o for o, _ in client.iter_reads(ranges, request_size=MiB, window=4, ordered=True)
         ]
         assert offsets == sorted(offsets) and len(offsets) == 6
+        # Stopping early: the reads in flight land before the generator lets go of their
+        # buffers, and the next call finds the connection in step.
+        for offset, data in client.iter_reads([(0, 8 * MiB)], request_size=MiB, window=4):
+            assert offset == 0 and bytes(data[:4]) == b"\x11" * 4
+            break
+        assert client.pread(MiB, 8) == b"\x22" * 8
+        assert client._done == {}  # no reply of the abandoned reads was left behind
         # An error chunk from qemu is a RequestError; the connection carries on.
         client._conn.size *= 2  # fool our own bounds check
         with pytest.raises(RequestError, match="EINVAL"):
