@@ -113,9 +113,11 @@ def test_qemu72_reads_match_qemu_io(qemu72: str, qcow2: Path, tmp_path: Path) ->
         assert offsets == sorted(offsets) and len(offsets) == 6
         # Stopping early: the reads in flight land before the generator lets go of their
         # buffers, and the next call finds the connection in step.
-        for offset, data in client.iter_reads([(0, 8 * MiB)], request_size=MiB, window=4):
+        reads = client.iter_reads([(0, 8 * MiB)], request_size=MiB, window=4, ordered=True)
+        for offset, data in reads:
             assert offset == 0 and bytes(data[:4]) == b"\x11" * 4
             break
+        reads.close()  # what leaving the loop does once the generator is collected
         assert client.pread(MiB, 8) == b"\x22" * 8
         assert client._done == {}  # no reply of the abandoned reads was left behind
         # An error chunk from qemu is a RequestError; the connection carries on.
