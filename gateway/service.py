@@ -32,7 +32,7 @@ from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts import ExportPool, ExportSnapshot
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
-from gateway.prepared import DataMessageBuffer, PreparedMessage
+from gateway.prepared import DataMessageBuffer, PreparedMessage, extents_message
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -958,21 +958,25 @@ class _ExtentStream:
         """Add one batch of rows to the messages; send every message that fills up."""
         plan = self.plan
         n = len(lengths)
-        # bounds[i] is where row i starts, bounds[i + 1] where it ends.
-        bounds = array("Q", accumulate(lengths, initial=offset))
         sel: list[int] | None = None
         if plan.filter == pb.EXTENT_FILTER_SET:
             sel = list(compress(range(n), flags))
         elif plan.filter == pb.EXTENT_FILTER_CLEAR:
             sel = list(compress(range(n), map(operator.not_, flags)))
         if plan.include_data:
+            # bounds[i] is where row i starts, bounds[i + 1] where it ends.
+            bounds = array("Q", accumulate(lengths, initial=offset))
             msg = await self._shape_with_data(client, msg, bounds, lengths, flags, kinds, sel)
+            batch_end = bounds[-1]
         else:
             # Whole columns at a time: this is the path of maps with millions of extents.
+            ends: array[int] | None = None
             if sel is None:
                 deltas = array("Q", bytes(8 * n))
-                ends = bounds[1:]
+                batch_end = -1  # the running end below, once every row is placed
             else:
+                bounds = array("Q", accumulate(lengths, initial=offset))
+                batch_end = bounds[-1]
                 ends = array("Q", map(bounds.__getitem__, [i + 1 for i in sel]))
                 starts = map(bounds.__getitem__, sel)
                 deltas = array("Q", map(operator.sub, starts, [msg.last, *ends[:-1]]))
@@ -980,21 +984,27 @@ class _ExtentStream:
                 flags = array("Q", map(flags.__getitem__, sel))
                 if kinds is not None:
                     kinds = array("B", map(kinds.__getitem__, sel))
-            i, m = 0, len(lengths)
+            i, m, end = 0, len(lengths), offset
             while i < m:
                 # A delta is relative to the end of the previous row, which is also where the
                 # next message starts: cutting the columns anywhere keeps them right.
                 take = min(plan.max_extents - len(msg), m - i)
+                piece = lengths[i : i + take]
                 msg.deltas.extend(deltas[i : i + take])
-                msg.lengths.extend(lengths[i : i + take])
+                msg.lengths.extend(piece)
                 msg.flags.extend(flags[i : i + take])
                 if kinds is not None:
                     msg.kinds.extend(kinds[i : i + take])
                 i += take
-                msg.last = msg.end = ends[i - 1]
+                # Unfiltered rows touch: a message ends where the sum of its slice says (no
+                # per-row bounds for millions of rows).
+                end = ends[i - 1] if ends is not None else end + sum(piece)
+                msg.last = msg.end = end
                 if len(msg) >= plan.max_extents:
                     msg = await self._send(client, msg)
-        msg.end = bounds[-1]
+            if batch_end < 0:
+                batch_end = end
+        msg.end = batch_end
         if not len(msg) and time.monotonic() - self._last_send > PROGRESS_INTERVAL:
             msg = await self._send(client, msg)
         return msg
@@ -1075,14 +1085,18 @@ class _ExtentStream:
             # Retrieve its outcome so that a failed read is not reported as never retrieved.
             landing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _head(self, msg: _Message) -> pb.StreamExtentsResponse:
-        """The StreamExtentsResponse of ``msg``, without its data."""
-        resp = pb.StreamExtentsResponse(
+    def _head_fields(self, msg: _Message) -> pb.StreamExtentsResponse:
+        """The StreamExtentsResponse of ``msg`` without its columns and data (fields 1-4)."""
+        return pb.StreamExtentsResponse(
             offset=msg.offset,
             next_offset=msg.end,
             resume_token=self.plan.token(msg.end),
             range_end=self.range_end,
         )
+
+    def _head(self, msg: _Message) -> pb.StreamExtentsResponse:
+        """The StreamExtentsResponse of ``msg``, without its data."""
+        resp = self._head_fields(msg)
         resp.offset_deltas.extend(msg.deltas)
         resp.lengths.extend(msg.lengths)
         resp.flags.extend(msg.flags)
@@ -1106,9 +1120,15 @@ class _ExtentStream:
             self.messages += 1
             self.sent_offset = msg.end
             return
-        message: pb.StreamExtentsResponse | PreparedMessage
+        message: PreparedMessage
         if reads is None:
-            message = self._head(msg)
+            message = extents_message(
+                self._head_fields(msg),
+                msg.deltas,
+                msg.lengths,
+                msg.flags,
+                msg.kinds if self.plan.merge_allocation else None,
+            )
         else:
             await reads.landing
             message = reads.buf.message(extents=len(msg), covered=msg.end - msg.offset)

@@ -1178,7 +1178,7 @@ class ClientConnection:
             raise ServerProtocolError(f"block status for context id {cid}, which was not asked")
         if cid in req.extents:
             raise ServerProtocolError(f"two block status chunks for context id {cid}")
-        if min(lengths) == 0:
+        if 0 in lengths:  # (a C scan, a little faster than min over 131072 extents)
             raise ServerProtocolError(f"zero-length extent for context id {cid}")
         if req.flags & CmdFlag.REQ_ONE and len(lengths) != 1:
             raise ServerProtocolError(f"{len(lengths)} extents despite REQ_ONE")

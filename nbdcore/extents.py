@@ -523,7 +523,8 @@ class _Joiner:
         for i in range(0, n, self.limit):
             part = lengths[i : i + self.limit]
             out += [offset, (part, tuple(col[i : i + self.limit] for col in columns))]
-            offset += sum(part)
+            if i + self.limit < n:  # (no sum over the last part: nothing follows it)
+                offset += sum(part)
         return out
 
 

@@ -4,6 +4,7 @@ counted by the metrics without being parsed back."""
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from gateway.prepared import (
     PreparedMessage,
     add_bitmap_service,
     data_field_header,
+    extents_message,
+    packed_small,
     serializer,
 )
 from gateway.service import BitmapServicer
@@ -75,6 +78,70 @@ def test_prepared_message_is_what_protobuf_writes(
     assert parsed.data == data
     assert prepared.data_bytes == len(data)
     assert prepared.extents == len(fields["lengths"])
+
+
+SMALL = st.integers(0, 0x7F)
+
+
+@st.composite
+def columns(draw: st.DrawFn) -> dict[str, Any]:
+    """The fields of an extents message: columns that are all small (one byte per value, the
+    fast path), all zero (offset_deltas of an unfiltered stream), or anything (protobuf's)."""
+    n = draw(ROWS)
+
+    def column(big: st.SearchStrategy[int]) -> list[int]:
+        kind = draw(st.sampled_from(["zero", "small", "big"]))
+        if kind == "zero":
+            return [0] * n
+        return draw(st.lists(SMALL if kind == "small" else big, min_size=n, max_size=n))
+
+    fields: dict[str, Any] = {
+        "offset": draw(U64),
+        "next_offset": draw(U64),
+        "resume_token": draw(st.text(max_size=80)),
+        "range_end": draw(U64),
+        "offset_deltas": column(U64),
+        "lengths": column(st.integers(1, (1 << 64) - 1)),
+        "flags": column(st.integers(0, (1 << 32) - 1)),
+    }
+    if draw(st.booleans()):
+        fields["allocation"] = draw(
+            st.lists(st.sampled_from(list(pb.Allocation.values())), min_size=n, max_size=n)
+        )
+    return fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(columns())
+def test_extents_message_is_what_protobuf_writes(fields: dict[str, Any]) -> None:
+    """Extent messages (no data) are serialized by the gateway, small columns packed by hand:
+    byte for byte what protobuf writes, and parsed back as the same message."""
+    head = pb.StreamExtentsResponse(
+        offset=fields["offset"],
+        next_offset=fields["next_offset"],
+        resume_token=fields["resume_token"],
+        range_end=fields["range_end"],
+    )
+    as_arrays = {k: array("Q", fields[k]) for k in ("offset_deltas", "lengths", "flags")}
+    kinds = array("B", fields["allocation"]) if "allocation" in fields else None
+    prepared = extents_message(
+        head, as_arrays["offset_deltas"], as_arrays["lengths"], as_arrays["flags"], kinds
+    )
+    old = pb.StreamExtentsResponse(**fields)
+    assert prepared.payload == old.SerializeToString()
+    assert pb.StreamExtentsResponse.FromString(prepared.payload) == old
+    assert prepared.extents == len(fields["lengths"]) and prepared.data_bytes == 0
+
+
+def test_packed_small_takes_only_small_values() -> None:
+    assert packed_small(5, array("Q")) == b""
+    assert packed_small(5, array("Q", [0, 0, 0])) == bytes([5 << 3 | 2, 3, 0, 0, 0])
+    assert packed_small(7, array("Q", [1, 127])) == bytes([7 << 3 | 2, 2, 1, 127])
+    assert packed_small(7, array("Q", [1, 128])) is None
+    # A small low byte with something above it is not small.
+    for big in (256, 1 << 32, 1 << 63, 0x7F | 1 << 40):
+        assert packed_small(6, array("Q", [3, big, 0])) is None
+    assert packed_small(8, array("B", [0, 1, 2, 3])) == bytes([8 << 3 | 2, 4, 0, 1, 2, 3])
 
 
 def test_buffer_is_reused_only_when_it_fits() -> None:
