@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import os
 import stat
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -62,14 +63,23 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _probe_punch(fd: int) -> bool:
-    """Whether the file system punches holes: a punch past the end of the file with
-    KEEP_SIZE changes nothing where it is supported and fails with EOPNOTSUPP where not."""
+def _probe_punch(directory: Path) -> bool:
+    """Whether the file system under ``directory`` punches holes, tried on a scratch file
+    there, never on the disk itself: even a punch past its end updates the image's mtime, and
+    an unchanged image must look unchanged (a restart reuses the sample disk as it is). Where
+    no scratch file can be made, assume yes: a punch that fails later turns it off."""
     try:
-        end = os.lseek(fd, 0, os.SEEK_END)
-        fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, end, 4096)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".nbdgw-punch-probe-")
+    except OSError:
+        return True
+    try:
+        os.unlink(name)
+        os.ftruncate(fd, 8192)
+        fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, 4096)
     except OSError as exc:
         return exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+    finally:
+        os.close(fd)
     return True
 
 
@@ -164,7 +174,9 @@ class RawFileDisk(Disk):
         self._seek_data = hasattr(os, "SEEK_DATA") and not self._block_device
         # Block devices: no PUNCH_HOLE through fallocate on a bdev here (BLKDISCARD may not
         # read back as zeroes), so zeroing one writes zeroes: never fast.
-        self._can_punch = not self._block_device and not read_only and _probe_punch(self._fd)
+        self._can_punch = (
+            not self._block_device and not read_only and _probe_punch(self.path.parent)
+        )
         self._can_zero_range = True
         self._closed = False
         self._lock = threading.Lock()
