@@ -44,8 +44,8 @@ def test_no_hole_is_never_fast(raw: RawFileDisk) -> None:
 
 def test_file_system_without_punch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fallocate(PUNCH_HOLE) failing with EOPNOTSUPP, as on vfat: known at open (a probe on a
-    scratch file in the disk's directory), so the disk never claims fast zeroes, and a fast zero fails while a
-    plain one still writes zeroes."""
+    scratch file in the disk's directory), so the disk never claims fast zeroes, and a fast
+    zero fails while a plain one still writes zeroes."""
 
     def no_punch(fd: int, mode: int, offset: int, length: int) -> int:
         import ctypes
