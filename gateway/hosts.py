@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class ExportSnapshot:
+class KnownExport:
     """What the host said about an export on the last connection."""
 
     nbd_export_name: str
@@ -325,7 +325,7 @@ class ExportPool:
     def __init__(self, config: ExportConfig, host: Host) -> None:
         self.config = config
         self.host = host
-        self.snapshot: ExportSnapshot | None = None
+        self.known: KnownExport | None = None
         self._idle: dict[frozenset[str], list[NBDClient]] = {}
         host.pools.append(self)
         if config.nbd_export not in host.exports:
@@ -421,7 +421,7 @@ class ExportPool:
             return await fn(client)
 
     def _remember(self, client: NBDClient) -> None:
-        self.snapshot = ExportSnapshot(
+        self.known = KnownExport(
             nbd_export_name=client.export_name,
             description=client.description,
             size=client.size,

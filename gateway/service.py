@@ -30,7 +30,7 @@ import grpc
 from gateway import errors
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
-from gateway.hosts import ExportPool, ExportSnapshot
+from gateway.hosts import ExportPool, KnownExport
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
 from gateway.prepared import DataMessageBuffer, PreparedMessage, extents_message
 from nbdcore.aio.client import NBDClient
@@ -254,36 +254,36 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             await _abort(context, _map(exc, pool()))
         raise AssertionError("abort returned")  # pragma: no cover
 
-    def _export_message(self, pool: ExportPool, snap: ExportSnapshot | None) -> pb.Export:
+    def _export_message(self, pool: ExportPool, known: KnownExport | None) -> pb.Export:
         cfg = pool.config
         msg = pb.Export(
             name=f"exports/{cfg.name}",
             nbd_export_name=cfg.nbd_export,
             description=cfg.description,
             host=pool.host.name,
-            state=pb.EXPORT_STATE_AVAILABLE if snap is not None else pb.EXPORT_STATE_UNAVAILABLE,
+            state=pb.EXPORT_STATE_AVAILABLE if known is not None else pb.EXPORT_STATE_UNAVAILABLE,
             read_only=cfg.read_only,
         )
-        plan = self._clear_plan(pool, snap, None)
+        plan = self._clear_plan(pool, known, None)
         msg.clear_mode = plan.mode
         msg.generation = plan.generation
-        if snap is None:
+        if known is None:
             return msg
-        if snap.description and not cfg.description:
-            msg.description = snap.description
-        msg.nbd_export_name = snap.nbd_export_name or cfg.nbd_export
-        msg.size_bytes = snap.size
-        msg.transmission_flags = int(snap.flags)
-        msg.read_only = cfg.read_only or snap.read_only
-        if snap.block_size is not None:
-            bs = snap.block_size
+        if known.description and not cfg.description:
+            msg.description = known.description
+        msg.nbd_export_name = known.nbd_export_name or cfg.nbd_export
+        msg.size_bytes = known.size
+        msg.transmission_flags = int(known.flags)
+        msg.read_only = cfg.read_only or known.read_only
+        if known.block_size is not None:
+            bs = known.block_size
             msg.block_sizes.CopyFrom(
                 pb.BlockSizes(
                     minimum_bytes=bs.minimum, preferred_bytes=bs.preferred, maximum_bytes=bs.maximum
                 )
             )
         for flag, attr in _FLAG_FIELDS.items():
-            setattr(msg.flags, attr, bool(snap.flags & flag))
+            setattr(msg.flags, attr, bool(known.flags & flag))
         return msg
 
     def _image(self, pool: ExportPool) -> Image | None:
@@ -292,10 +292,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         return self.backend.images.get(pool.name)
 
     def _clear_plan(
-        self, pool: ExportPool, snap: ExportSnapshot | None, context: str | None
+        self, pool: ExportPool, known: KnownExport | None, context: str | None
     ) -> ClearPlan:
         """How ClearRange works on ``context`` (None: the export's dirty bitmaps in general),
-        decided per export from what its host said on the last connection (``snap``).
+        decided per export from what its host said on the last connection (``known``).
 
         - the embedded host, or a host that acknowledged the NBD clear extension: at the source;
         - a read-only export of any other host, with a generation set: the ledger's mask;
@@ -310,12 +310,12 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             if not image.can_clear_bitmaps:
                 return ClearPlan(unsupported, "the image is open read-only")
             return ClearPlan(pb.CLEAR_MODE_AT_SOURCE)
-        if snap is None:
+        if known is None:
             return ClearPlan(pb.CLEAR_MODE_UNSPECIFIED, "the host has not been reached yet")
-        if snap.clear_extension:
+        if known.clear_extension:
             return ClearPlan(pb.CLEAR_MODE_AT_SOURCE)
         host = pool.host.name
-        if not snap.read_only:
+        if not known.read_only:
             return ClearPlan(
                 unsupported,
                 f"host {host} cannot clear bitmaps (it lacks the NBD clear extension) and the"
@@ -325,11 +325,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         ledger = self.backend.ledger
         generation = ledger.generation(pool.name) if ledger is not None else None
         recorded = ledger.export_size(pool.name, generation) if ledger and generation else None
-        if recorded is not None and recorded != snap.size:
+        if recorded is not None and recorded != known.size:
             # A point in time has one size: another snapshot is exported under this name.
             return ClearPlan(
                 unsupported,
-                f"the export's size is {snap.size} bytes, but {recorded} when generation"
+                f"the export's size is {known.size} bytes, but {recorded} when generation"
                 f" {generation!r} was first cleared: it shows another point in time; set a new"
                 " generation (SetExportGeneration) for it",
             )
@@ -342,10 +342,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             )
         return ClearPlan(pb.CLEAR_MODE_LEDGER_MASK, generation=generation)
 
-    async def _snapshot(self, pool: ExportPool) -> ExportSnapshot:
-        async def fetch(client: NBDClient) -> ExportSnapshot:
-            assert pool.snapshot is not None  # set by every lease
-            return pool.snapshot
+    async def _known(self, pool: ExportPool) -> KnownExport:
+        async def fetch(client: NBDClient) -> KnownExport:
+            assert pool.known is not None  # set by every lease
+            return pool.known
 
         return await pool.run((), fetch)
 
@@ -362,13 +362,13 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
 
             async def describe(name: str) -> pb.Export:
                 pool = self.backend.pools[name]
-                snap: ExportSnapshot | None = None
+                known: KnownExport | None = None
                 if pool.host.up:
                     try:
-                        snap = await asyncio.wait_for(self._snapshot(pool), timeout=5)
+                        known = await asyncio.wait_for(self._known(pool), timeout=5)
                     except Exception as exc:
                         log.info("export %s: %s", name, exc)
-                return self._export_message(pool, snap)
+                return self._export_message(pool, known)
 
             exports = await asyncio.gather(*(describe(n) for n in page))
             end = start + len(page)
@@ -385,7 +385,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         async def body() -> pb.Export:
             nonlocal pool
             pool = self.backend.pool(export_id(request.name, "name"))
-            return self._export_message(pool, await self._snapshot(pool))
+            return self._export_message(pool, await self._known(pool))
 
         return await self._unary(context, body, lambda: pool)
 
@@ -403,7 +403,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             decode_page(request.page_token, scope, 1 << 62)  # malformed or foreign: fail early
             if not pool.host.up:
                 raise pool.host.unavailable(name)
-            snap = await self._snapshot(pool)
+            known = await self._known(pool)
             try:
                 contexts = await pool.host.list_contexts(pool.config.nbd_export)
             except Exception as exc:
@@ -414,12 +414,12 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             image = self._image(pool)
             bitmaps = []
             for ctx in page:
-                plan = self._clear_plan(pool, snap, ctx)
+                plan = self._clear_plan(pool, known, ctx)
                 bm = pb.Bitmap(
                     name=f"exports/{name}/bitmaps/{ctx}",
                     context=ctx,
                     kind=bitmap_kind(ctx),
-                    export_size_bytes=snap.size,
+                    export_size_bytes=known.size,
                     clear_mode=plan.mode,
                     clear_unsupported_reason=plan.why,
                     generation=plan.generation,
@@ -508,8 +508,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         name = pool.name
 
         async def on_host(client: NBDClient) -> tuple[ClearPlan, Any]:
-            # The lease just described this connection's export in pool.snapshot.
-            plan = self._clear_plan(pool, pool.snapshot, ctx)
+            # The lease just described this connection's export in pool.known.
+            plan = self._clear_plan(pool, pool.known, ctx)
             if plan.mode not in (pb.CLEAR_MODE_AT_SOURCE, pb.CLEAR_MODE_LEDGER_MASK):
                 return plan, None
             if ctx not in client.meta_contexts:
@@ -550,7 +550,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 Scope(name, ctx, plan.generation),
                 request.offset,
                 request.length,
-                export_size=pool.snapshot.size if pool.snapshot is not None else None,
+                export_size=pool.known.size if pool.known is not None else None,
             )
         except GenerationChangedError as exc:
             # SetExportGeneration committed between the check above and this record.
@@ -566,8 +566,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
 
     def _mask_scope(self, pool: ExportPool, ctx: str) -> Scope | None:
         """The ledger scope whose mask applies to streams of ``ctx``, if any (decided from the
-        connection just leased, which ``pool.snapshot`` describes)."""
-        plan = self._clear_plan(pool, pool.snapshot, ctx)
+        connection just leased, which ``pool.known`` describes)."""
+        plan = self._clear_plan(pool, pool.known, ctx)
         if plan.mode == pb.CLEAR_MODE_LEDGER_MASK:
             return Scope(pool.name, ctx, plan.generation)
         return None

@@ -26,7 +26,11 @@ _ON_FULL = {
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
     """Add ``snapshots list|create|release``."""
-    group = subgroup(groups, "snapshots", "point-in-time snapshots of an export (gRPC)")
+    group = subgroup(
+        groups,
+        "snapshots",
+        "snapshots of an export, through a running gateway (--target; see also: snapshot)",
+    )
 
     p = _one_line_errors(group.add_parser("list", help="list the snapshots of an export"))
     p.add_argument("export", metavar="EXPORT")

@@ -52,7 +52,9 @@ def snapshot_exports(export: str, image: Image) -> list[ExportConfig]:
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
     """Add ``snapshot create|list|release``."""
-    group = subgroup(groups, "snapshot", "point-in-time snapshots of a raw disk (forked bitmaps)")
+    group = subgroup(
+        groups, "snapshot", "snapshots of a local raw disk image, no gateway (see also: snapshots)"
+    )
 
     p = group.add_parser(
         "create",
