@@ -282,9 +282,13 @@ class Gateway:
         return self.certificates.credentials()
 
     async def _start_health_server(self, listen: str) -> int:
-        """A plaintext port with only grpc.health.v1 (the same statuses as the main port)."""
+        """A plaintext port with only grpc.health.v1 (the same statuses as the main port).
+        Its calls are counted in the same metrics (and logged at DEBUG, as health checks on
+        the main port are): the kubelet's probes show up in grpc_server_handled_total."""
         host, port = parse_listen(listen)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:

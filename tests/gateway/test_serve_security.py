@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig, load_file
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.conftest import call_error, stream_all
+from tests.gateway.test_observability import value
 from tests.gateway.test_service_embedded import make_image
 from tests.peers import tool
 
@@ -118,11 +119,19 @@ async def test_mutual_tls_and_plaintext_health_port(tmp_path: Path, start_gatewa
     # Plaintext to the TLS port fails too.
     with pytest.raises(grpc.aio.AioRpcError):
         await gw.stub.ListExports(pb.ListExportsRequest(), timeout=10)
-    # The health port answers in plaintext, and only health.
+    # The health port answers in plaintext, and only health; its calls are counted too.
+    checks = {
+        "grpc_type": "unary",
+        "grpc_service": "grpc.health.v1.Health",
+        "grpc_method": "Check",
+        "grpc_code": "OK",
+    }
+    counted = value(gw.gateway.metrics, "grpc_server_handled_total", **checks) or 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{listening.health_port}") as ch:
         health = health_pb2_grpc.HealthStub(ch)
         resp = await health.Check(health_pb2.HealthCheckRequest(service="exports/disk"))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        assert value(gw.gateway.metrics, "grpc_server_handled_total", **checks) == counted + 1
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.BitmapServiceStub(ch).ListExports(pb.ListExportsRequest())
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
