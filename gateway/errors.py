@@ -149,6 +149,16 @@ def invalid_fields(violations: Sequence[tuple[str, str]]) -> GatewayError:
     )
 
 
+def field_violations(err: GatewayError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of ``err``'s BadRequest details: the inverse of
+    :func:`invalid_fields`, so that a request's checks can gather several errors into one."""
+    out = []
+    for detail in err.details:
+        if isinstance(detail, error_details_pb2.BadRequest):
+            out += [(v.field, v.description) for v in detail.field_violations]
+    return out
+
+
 def export_not_found(export: str) -> GatewayError:
     return GatewayError(
         grpc.StatusCode.NOT_FOUND,

@@ -449,11 +449,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             try:
                 name = export_id(request.export, "export")
             except GatewayError as err:
-                violations += _violations(err)
+                violations += errors.field_violations(err)
             try:
                 ctx = context_name(request.bitmap, "bitmap")
             except GatewayError as err:
-                violations += _violations(err)
+                violations += errors.field_violations(err)
             if request.length == 0:
                 violations.append(("length", "must not be 0"))
             elif request.offset + request.length > U64_MAX:
@@ -590,7 +590,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             try:
                 name = export_id(request.export, "export")
             except GatewayError as err:
-                violations += _violations(err)
+                violations += errors.field_violations(err)
             gen = request.generation
             if not gen:
                 violations.append(("generation", "required: the point in time the export shows"))
@@ -694,16 +694,6 @@ def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
     return err
 
 
-def _violations(err: GatewayError) -> list[tuple[str, str]]:
-    from google.rpc import error_details_pb2
-
-    out = []
-    for detail in err.details:
-        if isinstance(detail, error_details_pb2.BadRequest):
-            out += [(v.field, v.description) for v in detail.field_violations]
-    return out
-
-
 def _check_range(offset: int, length: int | None, size: int) -> int:
     """Check ``[offset, offset + length)`` against the export; returns the end."""
     if offset >= size:
@@ -739,11 +729,11 @@ class _StreamPlan:
         try:
             export = export_id(r.export, "export")
         except GatewayError as err:
-            violations += _violations(err)
+            violations += errors.field_violations(err)
         try:
             ctx = context_name(r.context, "context")
         except GatewayError as err:
-            violations += _violations(err)
+            violations += errors.field_violations(err)
         length = r.length if r.HasField("length") else None
         if length == 0:
             violations.append(("length", "must not be 0 (leave it unset for the whole export)"))

@@ -314,13 +314,13 @@ class Snapshots:
         try:
             export = export_id(request.parent, "parent")
         except GatewayError as err:
-            violations += _violations(err)
+            violations += errors.field_violations(err)
         forks: list[str] = []
         for i, value in enumerate(request.bitmaps):
             try:
                 ctx = context_name(value, f"bitmaps[{i}]")
             except GatewayError as err:
-                violations += _violations(err)
+                violations += errors.field_violations(err)
                 continue
             if not ctx.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
                 violations.append((f"bitmaps[{i}]", f"{ctx!r}: only dirty bitmaps fork"))
@@ -438,14 +438,6 @@ class Snapshots:
                 raise
         log.info("export %s: snapshot %s released", export, snap_id)
         return spb.ReleaseSnapshotResponse(merged=merged)
-
-
-def _violations(err: GatewayError) -> list[tuple[str, str]]:
-    out = []
-    for detail in err.details:
-        if isinstance(detail, error_details_pb2.BadRequest):
-            out += [(v.field, v.description) for v in detail.field_violations]
-    return out
 
 
 def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:
