@@ -141,3 +141,42 @@ def stop_peer(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+class UnixPeer:
+    """An NBD server a test runs on a unix socket: subclasses say how (:meth:`command`); this
+    starts it, waits until it serves the export, and stops it (SIGTERM first: qemu-nbd then
+    stores its bitmaps cleanly; SIGKILL only for :meth:`kill` or a peer that will not exit)."""
+
+    env: dict[str, str] | None = None  # the environment of the process (None: ours)
+    start_timeout: float = 20.0
+    stop_timeout: float = 20.0
+
+    def __init__(self, socket: Path, export: str = "disk") -> None:
+        self.socket = socket
+        self.export = export
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.socket}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        if self.socket.exists():  # left by a peer killed before
+            self.socket.unlink()
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env
+        )
+        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=self.start_timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop_peer(self.proc, sig, self.stop_timeout)
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)

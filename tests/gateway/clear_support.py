@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from nbdcore.aio.client import NBDClient
 from nbdcore.extents import iter_extents
 from nbdcore.storage import Image
-from tests.peers import tool, wait_listening
+from tests.peers import UnixPeer, tool
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -34,106 +32,51 @@ def make_image(path: Path, size: int, dirty: list[tuple[int, int]], bitmap: str 
         image.close()
 
 
-class NbdcoreHost:
+class NbdcoreHost(UnixPeer):
     """``nbdgw nbd serve DISK`` on a unix socket, as a separate process."""
+
+    env = ENV
+    start_timeout = 30.0
 
     def __init__(
         self, disk: Path, socket: Path, export: str = "disk", extra: tuple[str, ...] = ()
     ) -> None:
+        super().__init__(socket, export)
         self.disk = disk
-        self.socket = socket
-        self.export = export
         self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.socket}"
-
-    def start(self) -> NbdcoreHost:
-        if self.socket.exists():
-            self.socket.unlink()
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "gateway", "nbd", "serve", str(self.disk)]
-        cmd += ["--socket", str(self.socket), "--export", self.export, *self.extra]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
-        )
-        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        return [*cmd, "--socket", str(self.socket), "--export", self.export, *self.extra]
 
 
-class ReadOnlyQemu:
+class ReadOnlyQemu(UnixPeer):
     """qemu-nbd -r serving bitmap b0 of a qcow2 disk (may be killed with SIGKILL)."""
 
+    start_timeout = 30.0
+
     def __init__(self, disk: Path, socket: Path) -> None:
-        self.disk, self.socket = disk, socket
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(socket)
+        self.disk = disk
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///disk?socket={self.socket}"
-
-    def start(self) -> ReadOnlyQemu:
-        if self.socket.exists():
-            self.socket.unlink()
-        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-f", "qcow2", "-x", "disk", "-B", "b0"]
-        self.proc = subprocess.Popen(
-            [*cmd, "-k", str(self.socket), str(self.disk)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-        self.proc = None
+    def command(self) -> list[str]:
+        cmd = [tool("qemu-nbd"), "-r", "-t", "-e", "16", "-f", "qcow2", "-x", self.export]
+        return [*cmd, "-B", "b0", "-k", str(self.socket), str(self.disk)]
 
 
-class WritableQemuNBD:
+class WritableQemuNBD(UnixPeer):
     """qemu-nbd serving a private copy of a qcow2 disk *writable* (no -r); stop it with
     SIGTERM (SIGKILL would leave its bitmaps marked in use)."""
 
+    start_timeout = 30.0
+
     def __init__(self, disk: Path, socket: Path, export: str = "disk") -> None:
+        super().__init__(socket, export)
         self.disk = disk
-        self.socket = socket
-        self.export = export
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.socket}"
-
-    def start(self) -> WritableQemuNBD:
+    def command(self) -> list[str]:
         cmd = [tool("qemu-nbd"), "-t", "-e", "8", "-f", "qcow2", "-x", self.export]
-        cmd += ["-B", "b0", "-k", str(self.socket), str(self.disk)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_listening(self.proc, sock=self.socket, uri=self.uri, timeout=30)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-        self.proc = None
+        return [*cmd, "-B", "b0", "-k", str(self.socket), str(self.disk)]
 
 
 async def dirty_runs(uri: str, context: str) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbdcore.storage import Image
-from tests.peers import tool, wait_listening
+from tests.peers import UnixPeer, tool
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -291,46 +291,18 @@ def make_qemu_disk(directory: Path, size: int = 32 * MiB) -> QemuDisk:
     return QemuDisk(path, raw, size, [(o, n) for o, n, _ in data] + zeroes)
 
 
-class QemuNBD:
+class QemuNBD(UnixPeer):
     """A read-only qemu-nbd serving a qcow2 disk with bitmaps b0 and b1 (and, with ``-A``,
     qemu:allocation-depth) on a unix socket."""
 
     def __init__(
         self, disk: QemuDisk, socket: Path, export: str = "disk", binary: str | None = None
     ) -> None:
+        super().__init__(socket, export)
         self.binary = binary
         self.disk = disk
-        self.socket = socket
-        self.export = export
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.socket}"
-
-    def start(self) -> QemuNBD:
-        cmd = [
-            self.binary or tool("qemu-nbd"),
-            "-r",
-            "-t",
-            "-e",
-            "16",
-            "-A",
-            "-f",
-            "qcow2",
-            "-x",
-            self.export,
-        ]
-        cmd += ["-B", "b0", "-B", "b1", "-k", str(self.socket), str(self.disk.path)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_listening(self.proc, sock=self.socket, uri=self.uri)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)  # never SIGKILL: it would taint bitmaps
-                self.proc.wait(20)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
-        self.proc = None
+    def command(self) -> list[str]:
+        cmd = [self.binary or tool("qemu-nbd"), "-r", "-t", "-e", "16", "-A", "-f", "qcow2"]
+        cmd += ["-x", self.export, "-B", "b0", "-B", "b1", "-k", str(self.socket)]
+        return [*cmd, str(self.disk.path)]

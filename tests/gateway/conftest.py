@@ -24,7 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
-from tests.peers import tool, wait_listening
+from tests.peers import UnixPeer, tool
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -263,58 +263,27 @@ def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> QemuDisk:
     return make_qemu_disk(tmp_path_factory.mktemp("qemu"))
 
 
-class QemuNBD:
+class QemuNBD(UnixPeer):
     """A read-only qemu-nbd serving a qcow2 disk with its bitmaps, on a unix socket."""
+
+    stop_timeout = 10.0
 
     def __init__(
         self, binary: str, disk: QemuDisk, socket: Path, export: str = "disk", clients: int = 16
     ) -> None:
+        super().__init__(socket, export)
         self.clients = clients
         self.binary = binary
         self.disk = disk
-        self.socket = socket
-        self.export = export
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.socket}"
-
-    def start(self) -> QemuNBD:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "-r",
-                "-t",
-                "-e",
-                str(self.clients),
-                "-f",
-                "qcow2",
-                "-x",
-                self.export,
-                "-B",
-                "b0",
-                "-B",
-                "b1",
-                "-k",
-                str(self.socket),
-                str(self.disk.path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_listening(self.proc, sock=self.socket, uri=self.uri)
-        return self
+    def command(self) -> list[str]:
+        return [
+            self.binary, "-r", "-t", "-e", str(self.clients), "-f", "qcow2", "-x", self.export,
+            "-B", "b0", "-B", "b1", "-k", str(self.socket), str(self.disk.path),
+        ]  # fmt: skip
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        super().stop(sig)
         if self.socket.exists():
             self.socket.unlink()
 
