@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nbdcore.storage import Image
 from tests.peers import UnixPeer, tool
@@ -289,6 +290,44 @@ def make_qemu_disk(directory: Path, size: int = 32 * MiB) -> QemuDisk:
     raw = directory / "disk.raw"
     run(qemu_img, "convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
     return QemuDisk(path, raw, size, [(o, n) for o, n, _ in data] + zeroes)
+
+
+def run_and_kill(
+    args: list[str], spath: Path, threshold: int, size: int | None = None
+) -> dict[str, Any]:
+    """Start ``nbdgw ARGS`` (a backup) and SIGKILL it once its recorded progress passes
+    ``threshold``; returns the state recorded at the time of the kill, which is not complete
+    (and, with ``size``, short of it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise AssertionError(f"the backup ended before it was killed: {err}")
+            try:
+                state = json.loads(spath.read_text())
+            except (FileNotFoundError, ValueError):
+                state = None
+            if state is not None and state["next_offset"] >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                assert not state["complete"]
+                assert size is None or state["next_offset"] < size
+                return dict(state)
+            time.sleep(0.002)
+        raise AssertionError("the backup made no progress")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 class QemuNBD(UnixPeer):

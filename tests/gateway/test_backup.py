@@ -6,20 +6,16 @@ from __future__ import annotations
 import io
 import json
 import random
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway.backup import BackupError, BackupState, DirtyMap, Progress, map_path, state_path
 from nbdcore.storage import Image
 from tests.gateway.cli_support import (
-    ENV,
     GRANULARITY,
     EmbeddedDisk,
     GatewayProcess,
@@ -35,6 +31,7 @@ from tests.gateway.cli_support import (
     make_embedded_disk,
     make_qemu_disk,
     run,
+    run_and_kill,
 )
 from tests.peers import tool
 
@@ -95,40 +92,6 @@ def test_full_backup_from_qemu_nbd(
     )
     assert compare.returncode == 0
     assert out.stat().st_blocks * 512 < disk.size // 2  # sparse: holes stay holes
-
-
-def run_and_kill(args: list[str], spath: Path, threshold: int, size: int) -> dict[str, Any]:
-    """Start ``nbdgw ARGS`` and SIGKILL it once its recorded progress passes ``threshold``;
-    returns the state recorded at the time of the kill."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise AssertionError(f"the backup ended before it was killed: {err}")
-            try:
-                state = json.loads(spath.read_text())
-            except (FileNotFoundError, ValueError):
-                state = None
-            if state is not None and state["next_offset"] >= threshold:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                assert not state["complete"] and state["next_offset"] < size
-                return state
-            time.sleep(0.002)
-        raise AssertionError("the backup made no progress")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.mark.parametrize("seed", [11, 12])

@@ -7,18 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.backup import state_path
 from tests.gateway.clear_support import NbdcoreHost, ReadOnlyQemu, dirty_runs
 from tests.gateway.cli_support import (
-    ENV,
     GatewayProcess,
     check_incremental,
     cli,
@@ -26,43 +23,8 @@ from tests.gateway.cli_support import (
     granules,
     make_embedded_disk,
     make_qemu_disk,
+    run_and_kill,
 )
-
-
-def state_path(out: Path) -> Path:
-    return out.with_name(out.name + ".nbdgw-backup.json")
-
-
-def run_and_kill(args: list[str], spath: Path, threshold: int) -> dict[str, Any]:
-    """``nbdgw ARGS``, SIGKILLed once its recorded progress passes ``threshold``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise AssertionError(f"the backup ended before it was killed: {err}")
-            try:
-                state = json.loads(spath.read_text())
-            except (FileNotFoundError, ValueError):
-                state = None
-            if state is not None and state["next_offset"] >= threshold:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return dict(state)
-            time.sleep(0.002)
-        raise AssertionError("the backup made no progress")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def backup_killed_twice_then_resumed(
