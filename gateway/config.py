@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.access import AccessConfigError, Policy, TokenFile
 from gateway.ledger import DEFAULT_MAX_INTERVALS
-from gateway.limits import Limits
+from gateway.security.access import AccessConfigError, Policy, TokenFile
+from gateway.security.limits import Limits
 from nbdcore.exceptions import URIError
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
@@ -122,8 +122,8 @@ class GatewayConfig:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     grace_period: float = 5.0
     reflection: bool = True
-    # Who may call and what for (gateway.access): bearer tokens (a file, reloaded when it
-    # changes), a per-identity policy; and per-caller limits (gateway.limits).
+    # Who may call and what for (gateway.security.access): bearer tokens (a file, reloaded when it
+    # changes), a per-identity policy; and per-caller limits (gateway.security.limits).
     tokens: TokenFile | None = None
     policy: Policy | None = None
     # No ClearRange rate limit unless configured: a backup of a fragmented bitmap clears
@@ -241,7 +241,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def load_tokens(path: str | Path) -> TokenFile:
-    """Bearer tokens (``IDENTITY TOKEN`` lines, or a lone token), see gateway.access."""
+    """Bearer tokens (``IDENTITY TOKEN`` lines, or a lone token), see gateway.security.access."""
     try:
         return TokenFile(path)
     except AccessConfigError as exc:

@@ -63,8 +63,8 @@ class Reason:
     READ_ONLY = "READ_ONLY"
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
-    # Raised by gateway.access and gateway.limits (they name them themselves), and for a full
-    # ledger scope (ledger_full).
+    # Raised by gateway.security.access and gateway.security.limits (they name them themselves),
+    # and for a full ledger scope (ledger_full).
     PERMISSION_DENIED = "PERMISSION_DENIED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"

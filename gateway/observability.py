@@ -61,9 +61,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from gateway.access import CURRENT_IDENTITY
+from gateway.api.framing import PreparedMessage
 from gateway.config import LOG_FORMATS, LOG_LEVELS
-from gateway.prepared import PreparedMessage
+from gateway.security.access import CURRENT_IDENTITY
 from nbdcore.tools.snapshot_cmds import SEPARATOR as SNAPSHOT_SEPARATOR
 
 log = logging.getLogger("nbdgw.observability")
@@ -245,7 +245,7 @@ class Metrics:
 
     def track_hosts(self, hosts: Callable[[], Iterable[Any]]) -> None:
         """Read NBD hosts (objects with ``name``, ``up`` and ``open_connections``, like
-        gateway.hosts.Host) from ``hosts()`` at each scrape."""
+        gateway.hosts.pool.Host) from ``hosts()`` at each scrape."""
         self._hosts = hosts
 
     def track_ledger(self, ledger: Callable[[], Any]) -> None:
@@ -471,7 +471,7 @@ def _details(context: Any) -> str:
 
 
 def _identity() -> str | None:
-    """The caller, once gateway.access authenticated it (in this call's context)."""
+    """The caller, once gateway.security.access authenticated it (in this call's context)."""
     identity = CURRENT_IDENTITY.get()
     return None if identity is None else identity.name
 

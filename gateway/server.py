@@ -21,10 +21,8 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,21 +31,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_reflection.v1alpha import reflection
 
-from gateway.access import AccessInterceptor, Authenticator
-from gateway.certs import CertificateError, CertificateReloader
+from gateway.api.bitmaps import Backend, BitmapServicer
+from gateway.api.framing import add_bitmap_service
+from gateway.api.snapshots import SnapshotServicer
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
-from gateway.hosts import ExportPool, Host
+from gateway.hosts.pool import ExportPool, Host
+from gateway.hosts.snapshots import Snapshots
 from gateway.ledger import Ledger
-from gateway.limits import Limiter
 from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
-from gateway.prepared import add_bitmap_service
-from gateway.serve_cmd import SAMPLE_BITMAP
-from gateway.service import Backend, BitmapServicer
-from gateway.snapshots import Snapshots, SnapshotServicer
+from gateway.security.access import AccessInterceptor, Authenticator
+from gateway.security.certs import CertificateError, CertificateReloader
+from gateway.security.limits import Limiter
 from nbdcore.aio.server import ExportConfig as NBDExportConfig
 from nbdcore.aio.server import NBDServer
 from nbdcore.storage.image import Image
-from nbdcore.storage.store import store_dir
 from nbdcore.uri import NBDURI
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
@@ -60,12 +57,7 @@ SNAPSHOT_SERVICE_NAME: str = spb.DESCRIPTOR.services_by_name["SnapshotService"].
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-SAMPLE_SIZE = 64 * 1024 * 1024
 MiB = 1024 * 1024
-# Ranges written into the sample disk after its bitmap was added (so they are dirty).
-SAMPLE_DIRTY_WRITES = ((0, 1 * MiB), (8 * MiB, 64 * 1024), (32 * MiB, 4 * MiB), (60 * MiB, 4096))
-SAMPLE_CLEAN_WRITE = (16 * MiB, 2 * MiB)  # written before the bitmap: data, but clean
-SAMPLE_DIRTY_ZEROES = (48 * MiB, 1 * MiB)  # dirty, reads as zeros
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -107,48 +99,6 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
 
 def health_name(export: str) -> str:
     return f"exports/{export}"
-
-
-def sample_pattern(offset: int, length: int) -> bytes:
-    """The sample disk's data: each 4 KiB block says where it is (recognisable in hexdumps)."""
-    out = bytearray()
-    block = 4096
-    for pos in range(offset - offset % block, offset + length, block):
-        out += f"nbdgw sample block at {pos:#x}\n".encode().ljust(block, b".")
-    start = offset % block
-    return bytes(out[start : start + length])
-
-
-def ensure_sample(data_dir: Path) -> Path:
-    """Create the sample image in ``data_dir`` unless it exists; returns its path."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "sample.img"
-    if path.exists():
-        return path
-    # Build it under a temporary name, so an interrupted run never leaves half a sample.
-    tmp = data_dir / "sample.img.partial"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(store_dir(tmp))
-    image = Image.create(tmp, SAMPLE_SIZE)
-    try:
-        offset, length = SAMPLE_CLEAN_WRITE
-        image.write(sample_pattern(offset, length), offset)
-        image.add_bitmap(SAMPLE_BITMAP)
-        for offset, length in SAMPLE_DIRTY_WRITES:
-            image.write(sample_pattern(offset, length), offset)
-        offset, length = SAMPLE_DIRTY_ZEROES
-        image.write_zeroes(offset, length)
-        image.flush()
-    finally:
-        image.close()
-    # The image keeps its bitmaps beside it (PATH.nbdgw/): move them first, the image last, so
-    # that sample.img exists only when complete.
-    if store_dir(tmp).exists():
-        store_dir(tmp).rename(store_dir(path))
-    tmp.rename(path)
-    return path
 
 
 @dataclass
@@ -230,7 +180,7 @@ class Gateway:
         server = grpc.aio.server(
             options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics), access]
         )
-        # StreamExtents sends data messages it serialized itself (gateway.prepared).
+        # StreamExtents sends data messages it serialized itself (gateway.api.framing).
         add_bitmap_service(BitmapServicer(self.backend), server)
         spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -371,7 +321,7 @@ class Gateway:
         await self._update_health()
 
     async def _update_health(self) -> None:
-        # A copy: snapshots add and remove exports while this awaits (gateway.snapshots).
+        # A copy: snapshots add and remove exports while this awaits (gateway.hosts.snapshots).
         for name, pool in list(self.pools.items()):
             await self.health.set(health_name(name), SERVING if pool.host.up else NOT_SERVING)
         ready = all(host.up for host in self.hosts.values())

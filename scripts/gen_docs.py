@@ -109,7 +109,7 @@ def render_cli() -> str:
     out = [
         "# Command-line reference",
         "",
-        GENERATED.format(source="the argparse tree (gateway/cli.py)"),
+        GENERATED.format(source="the argparse tree (gateway/cli/__init__.py)"),
         "",
         "`nbdgw COMMAND [OPTIONS]`. Every command has `--help`. Options of `nbdgw serve` can also",
         "be set with the `NBDGW_*` environment variables named below (a flag wins over its",

@@ -264,7 +264,7 @@ def test_gateway_checks_the_mounted_token(pod: dict[str, Any]) -> None:
     examples = {d["metadata"]["name"]: d for d in documents(KDIR / "secrets.example.yaml")}
     assert Path(args.token_file).name in examples["nbdgw-api-token"]["stringData"]
     # What the example Secret holds is a token file the gateway accepts.
-    from gateway.access import parse_tokens
+    from gateway.security.access import parse_tokens
 
     (entry,) = parse_tokens(examples["nbdgw-api-token"]["stringData"]["token"])
     assert entry[1] == "default"

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import render
-from gateway.cli import main
+from gateway.cli import main, render
 from tests.peers import tool
 
 pytestmark = pytest.mark.interop
@@ -247,7 +246,7 @@ def test_cli_errors_without_traceback(served: str, tmp_path: Path) -> None:
 
 
 def test_export_names_default_to_the_socket_of_nbdgw_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import map_cmd
+    from gateway.cli import map as map_cmd
 
     monkeypatch.delenv("NBDGW_NBD_SOCKET", raising=False)
     monkeypatch.delenv("NBDGW_DATA_DIR", raising=False)

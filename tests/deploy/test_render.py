@@ -1,4 +1,4 @@
-"""gateway/render.py: exact per-pixel coverage, and SVG/HTML that parse and carry the numbers."""
+"""gateway/cli/render.py: exact pixel coverage, and SVG/HTML that parse and carry the numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import render
+from gateway.cli import render
 from nbdcore.constants import NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -18,8 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import config as gwconfig
-from gateway import service
-from gateway.access import (
+from gateway.api import bitmaps as service
+from gateway.errors import GatewayError
+from gateway.security.access import (
     AccessConfigError,
     Authenticator,
     Policy,
@@ -27,7 +28,6 @@ from gateway.access import (
     export_of,
     parse_tokens,
 )
-from gateway.errors import GatewayError
 from nbdcore.exceptions import URIError
 from nbdcore.uri import NBDURI
 from tests.fuzz.support import FUZZ, tried

@@ -14,10 +14,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.access import AccessInterceptor
-from gateway.prepared import add_bitmap_service
+from gateway.api.bitmaps import BitmapServicer
+from gateway.api.framing import add_bitmap_service
+from gateway.security.access import AccessInterceptor
 from gateway.server import HEALTH_SERVICE_NAME, SERVICE_NAME, Gateway
-from gateway.service import BitmapServicer
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.conftest import MiB, run
 from tests.peers import tool

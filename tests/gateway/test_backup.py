@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.backup import BackupError, BackupState, DirtyMap, Progress, map_path, state_path
+from gateway.cli.backup import BackupError, BackupState, DirtyMap, Progress, map_path, state_path
 from nbdcore.storage import Image
 from tests.gateway.cli_support import (
     GRANULARITY,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.backup import BackupState, state_path
+from gateway.cli.backup import BackupState, state_path
 from nbdcore.aio.client import NBDClient
 from tests.gateway.cli_support import (
     ENV,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.backup import state_path
+from gateway.cli.backup import state_path
 from tests.gateway.clear_support import NbdcoreHost, ReadOnlyQemu, dirty_runs
 from tests.gateway.cli_support import (
     GatewayProcess,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.commands import MapPrinter, extent_description, full_context_name, parse_size
+from gateway.cli.common import MapPrinter, extent_description, full_context_name, parse_size
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 CONTEXTS = ["base:allocation", "qemu:dirty-bitmap:b0", "qemu:allocation-depth", "x-vendor:thing"]

@@ -1,4 +1,4 @@
-"""StreamExtents data messages serialized by the gateway (gateway.prepared): byte for byte what
+"""StreamExtents data messages serialized by the gateway (gateway.api.framing): byte for byte what
 protobuf writes for the same message, parsed by the generated class into the same message, and
 counted by the metrics without being parsed back."""
 
@@ -10,7 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.prepared import (
+from gateway.api.bitmaps import BitmapServicer
+from gateway.api.framing import (
     DataMessageBuffer,
     PreparedMessage,
     add_bitmap_service,
@@ -19,7 +20,6 @@ from gateway.prepared import (
     packed_small,
     serializer,
 )
-from gateway.service import BitmapServicer
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.conftest import KiB, MiB, QemuNBD, nbdinfo_map, rows_of

@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.cli import build_parser
+from gateway.cli.serve import build_config
 from gateway.config import ConfigError, GatewayConfig, load_file
-from gateway.serve_cmd import build_config
 from gateway.server import SERVICE_NAME
 from nbdcore.storage.image import Image
 from tests.gateway.conftest import MiB, QemuNBD, stream_all, wait_health

@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway.access import (
+from gateway.config import GatewayConfig
+from gateway.security.access import (
     AccessConfigError,
     AccessInterceptor,
     Authenticator,
@@ -20,7 +21,6 @@ from gateway.access import (
     TokenFile,
     parse_tokens,
 )
-from gateway.config import GatewayConfig
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.security_support import bearer, fails, guard  # noqa: F401
 from tests.gateway.test_service_embedded import make_image

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.server import sample_pattern
+from gateway.sample import sample_pattern
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc

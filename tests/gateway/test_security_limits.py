@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.access import AccessInterceptor, Authenticator, TokenFile
 from gateway.config import GatewayConfig
-from gateway.limits import Limiter, Limits, TokenBucket
+from gateway.security.access import AccessInterceptor, Authenticator, TokenFile
+from gateway.security.limits import Limiter, Limits, TokenBucket
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.cli import build_parser
+from gateway.cli.serve import build_config
 from gateway.config import ConfigError, load_file
-from gateway.serve_cmd import build_config
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.cli_support import GatewayProcess

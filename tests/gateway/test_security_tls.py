@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.access import AccessInterceptor, Authenticator, Policy, StaticTokens
-from gateway.certs import CertificateError, CertificateReloader
 from gateway.config import GatewayConfig
+from gateway.security.access import AccessInterceptor, Authenticator, Policy, StaticTokens
+from gateway.security.certs import CertificateError, CertificateReloader
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from tests.gateway.security_support import bearer, fails, guard, make_pki  # noqa: F401

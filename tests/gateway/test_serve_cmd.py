@@ -18,7 +18,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.server import SAMPLE_CLEAN_WRITE, SAMPLE_DIRTY_WRITES, SAMPLE_DIRTY_ZEROES
+from gateway.sample import SAMPLE_CLEAN_WRITE, SAMPLE_DIRTY_WRITES, SAMPLE_DIRTY_ZEROES
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import build_parser
+from gateway.cli.serve import build_config
 from gateway.config import (
     EMBEDDED_HOST,
     ConfigError,
@@ -17,7 +18,6 @@ from gateway.config import (
     parse_export_arg,
     parse_listen,
 )
-from gateway.serve_cmd import build_config
 from nbdcore.uri import NBDURI
 
 

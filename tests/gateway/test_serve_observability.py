@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import build_parser
+from gateway.cli.serve import build_config
 from gateway.config import _TOP_KEYS, ConfigError, GatewayConfig, load_tokens
-from gateway.serve_cmd import build_config
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB, call_error, stream_all
 from tests.gateway.test_serve_cmd import serve

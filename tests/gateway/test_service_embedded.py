@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from gateway.config import GatewayConfig
-from gateway.server import sample_pattern
+from gateway.sample import sample_pattern
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.backup import DirtyMap, OutputImage, apply_incremental, map_path
+from gateway.cli.backup import DirtyMap, OutputImage, apply_incremental, map_path
 from nbdcore.storage import Image
 from tests.gateway.cli_support import ENV, GatewayProcess
 

@@ -1,5 +1,5 @@
 """nbdcore.tools.run: the one runner of ``nbdgw`` and of the nbdcore tools run alone (review
-L15: gateway/cli.py and nbdcore/tools/client_cmds.py had a copy each)."""
+L15: gateway/cli/__init__.py and nbdcore/tools/client_cmds.py had a copy each)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway import backup, cli
+from gateway import cli
+from gateway.cli import backup
 from nbdcore import tools
 from nbdcore.exceptions import RequestError
 from nbdcore.tools import client_cmds

@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from gateway.commands import _one_line_errors, add_target_arguments, command, connect, parse_size
+from gateway.cli.common import _one_line_errors, add_target_arguments, command, connect, parse_size
 from nbdcore.tools import subgroup
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc

@@ -1,4 +1,4 @@
-"""SnapshotService: point-in-time snapshots of the embedded host's exports, with forked bitmaps.
+"""Point-in-time snapshots of the embedded host's exports, with forked bitmaps.
 
 A snapshot of export ``EXPORT`` (see ``nbdcore.storage.snapshot``) becomes two exports at once:
 ``NBD_EXPORT@SNAP`` on the embedded NBD server (read-only, its forks as
@@ -14,8 +14,8 @@ the export ``EXPORT@SNAP`` of the same host when it creates or lists one. A host
 option (qemu-nbd, nbdkit, nbd-server answer NBD_REP_ERR_UNSUP) has no snapshots.
 
 Errors are GatewayErrors like the BitmapService's; the snapshot-specific reasons
-(``SnapshotErrorReason`` in snapshot_service.proto) are built here, as gateway.access and
-gateway.limits build theirs.
+(``SnapshotErrorReason`` in snapshot_service.proto) are built here, as gateway.security.access and
+gateway.security.limits build theirs.
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 
 from gateway import errors
+from gateway.api.names import context_name, decode_page, encode_page, export_id, page_size
 from gateway.config import EMBEDDED_HOST
 from gateway.config import ExportConfig as GatewayExportConfig
 from gateway.errors import GatewayError
-from gateway.hosts import ExportPool
-from gateway.service import context_name, decode_page, encode_page, export_id, page_size
+from gateway.hosts.pool import ExportPool
 from nbdcore.aio.client import nbdgw_snapshot
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, Rep
-from nbdcore.exceptions import NBDError, OptionError
+from nbdcore.exceptions import OptionError
 from nbdcore.storage import (
     NoSuchBitmapError,
     NoSuchSnapshotError,
@@ -49,7 +49,6 @@ from nbdcore.storage import (
 from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError
 from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
-from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -475,47 +474,3 @@ def snapshot_message(export: str, info: dict[str, Any]) -> spb.Snapshot:
         on_full=_ON_FULL_PB[info["on_full"]],
         state=spb.SNAPSHOT_STATE_BROKEN if info["broken"] else spb.SNAPSHOT_STATE_READY,
     )
-
-
-class SnapshotServicer(spb_grpc.SnapshotServiceServicer):
-    def __init__(self, snapshots: Snapshots) -> None:
-        self.snapshots = snapshots
-
-    async def _call(
-        self, context: grpc.aio.ServicerContext[Any, Any], export: str, body: Any
-    ) -> Any:
-        try:
-            return await body()
-        except GatewayError as err:
-            await cast(Any, context).abort_with_status(err.grpc_status())
-        except Exception as exc:
-            if not isinstance(exc, (OSError, NBDError)):
-                log.exception("unexpected failure")
-            mapped = errors.from_exception(exc, export=export, host=EMBEDDED_HOST)
-            await cast(Any, context).abort_with_status(mapped.grpc_status())
-        raise AssertionError("abort returned")  # pragma: no cover
-
-    async def CreateSnapshot(
-        self, request: spb.CreateSnapshotRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> spb.Snapshot:
-        result: spb.Snapshot = await self._call(
-            context, request.parent, lambda: self.snapshots.create(request)
-        )
-        return result
-
-    async def ListSnapshots(
-        self, request: spb.ListSnapshotsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> spb.ListSnapshotsResponse:
-        async def body() -> spb.ListSnapshotsResponse:
-            return await self.snapshots.list(request)
-
-        result: spb.ListSnapshotsResponse = await self._call(context, request.parent, body)
-        return result
-
-    async def ReleaseSnapshot(
-        self, request: spb.ReleaseSnapshotRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> spb.ReleaseSnapshotResponse:
-        result: spb.ReleaseSnapshotResponse = await self._call(
-            context, request.name, lambda: self.snapshots.release(request)
-        )
-        return result

@@ -36,16 +36,23 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
 
-from gateway.commands import (
+from gateway.cli import backup_snapshots
+from gateway.cli.backup_state import (
+    BackupError,
+    BackupState,
+    state_path,
+)
+from gateway.cli.common import (
     CommandError,
-    CommandFailed,
     Gateway,
+    _one_line_errors,
+    add_target_arguments,
+    command,
     connect,
     describe_rpc_error,
     full_context_name,
@@ -55,7 +62,7 @@ from gateway.commands import (
     stream_extents,
     warn,
 )
-from nbdcore.storage.store import fsync_dir, write_atomic
+from nbdcore.storage.store import fsync_dir
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
@@ -72,8 +79,6 @@ every range its map (INCREMENTAL.nbdgw-dirty) records as dirty is copied from IN
 holes and zeroes included (a dirty range that reads as zeroes is zeroed in BASE); the other
 ranges of BASE are left as they are. A full backup in the list replaces all of BASE."""
 
-STATE_SUFFIX = ".nbdgw-backup.json"
-STATE_VERSION = 1
 MAP_SUFFIX = ".nbdgw-dirty"
 MAP_FORMAT = "nbdgw-dirty-map"
 MAP_VERSION = 1
@@ -82,14 +87,6 @@ MAP_VERSION = 1
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = 1 << 20
-
-
-class BackupError(CommandFailed):
-    """A backup cannot start or go on; the message says why and what to do."""
-
-
-def state_path(output: Path) -> Path:
-    return output.with_name(output.name + STATE_SUFFIX)
 
 
 def map_path(output: Path) -> Path:
@@ -196,60 +193,6 @@ def _parse_map(path: Path, raw: bytes) -> tuple[dict[str, Any], list[tuple[int, 
         else:
             merged.append((offset, length))
     return header, merged
-
-
-@dataclass
-class BackupState:
-    """What a resumed run must know, and must check, to continue exactly where one stopped."""
-
-    export: str
-    context: str
-    size: int
-    full: bool
-    clear: bool
-    next_offset: int = 0
-    # Dirty runs [offset, length] already on disk but not yet cleared: a run reaching a
-    # checkpoint may go on past it, and ClearRange clears only whole granules, so it is
-    # cleared once its end is known (after a resume too).
-    pending_clear: list[list[int]] = field(default_factory=list)
-    complete: bool = False
-    bytes_written: int = 0
-    bytes_cleared: int = 0
-    bytes_rechecked: int = 0  # re-read after clearing (see _Backup._recheck)
-    bytes_rewritten: int = 0  # of which had changed since they were copied
-    bytes_gap_copied: int = 0  # clean bytes between runs cleared together (see checkpoint)
-    # With --clear on an export cleared through the gateway's ledger: the generation (point in
-    # time) copied. Every ClearRange names it, so a clear never masks another snapshot.
-    generation: str = ""
-    started: float = field(default_factory=time.time)
-    snapshot: str = ""  # the snapshot read, "" for the live export (gateway.backup_snapshots)
-    updated: float = 0.0
-    version: int = STATE_VERSION
-
-    @classmethod
-    def load(cls, path: Path) -> BackupState:
-        try:
-            raw = json.loads(path.read_text())
-            if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
-                raise ValueError(f"unknown state version {raw.get('version')!r}")
-            state = cls(**raw)
-            for name in ("size", "next_offset", "bytes_written", "bytes_cleared"):
-                value = getattr(state, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"bad {name} {value!r}")
-            if state.next_offset > state.size:
-                raise ValueError("next_offset is past the end")
-            state.pending_clear = [[int(o), int(n)] for o, n in state.pending_clear]
-        except FileNotFoundError:
-            raise
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise BackupError(f"{path}: not a usable backup state file: {exc}") from None
-        return state
-
-    def save(self, path: Path) -> None:
-        """Replace ``path`` atomically: a crash leaves the old or the new state, never half."""
-        self.updated = time.time()
-        write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n")
 
 
 class OutputImage:
@@ -401,8 +344,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --clear, do not read the cleared ranges again (only safe when nothing "
         "writes to the disk during the backup)",
     )
-    from gateway import backup_snapshots
-
     backup_snapshots.add_arguments(p)
     p.add_argument(
         "--checkpoint",
@@ -513,7 +454,7 @@ class _Backup:
         self.on_retry: Callable[[str], None] | None = None
         self.recheck = True
         self.clear_gap = 64 << 10
-        # What it reads and clears: the export, or its snapshot (gateway.backup_snapshots).
+        # What it reads and clears: the export, or its snapshot (gateway.cli.backup_snapshots).
         self.source = state.export
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
@@ -743,8 +684,7 @@ async def run(args: argparse.Namespace) -> int:
             why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
             raise BackupError(f"{context} cannot be cleared: {why}")
 
-        from gateway import backup_snapshots as snapshots
-
+        snapshots = backup_snapshots
         prepared = _prepare(args, spath, export_name, context, size)
         if prepared is None:
             done = BackupState.load(spath)  # complete; its snapshot may still need releasing
@@ -960,3 +900,31 @@ def restore(args: argparse.Namespace) -> int:
     finally:
         base.close()
     return 0
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    return await asyncio.to_thread(restore, args)
+
+
+def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
+    """Add backup and restore."""
+    p = _one_line_errors(
+        sub.add_parser(
+            "backup",
+            help="copy the dirty (or all) data of an export into a local sparse image",
+            description=DESCRIPTION,
+        )
+    )
+    add_arguments(p)
+    add_target_arguments(p)
+    p.set_defaults(func=command(run))
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "restore",
+            help="lay backups made by 'nbdgw backup' over a raw image, in place",
+            description=RESTORE_DESCRIPTION,
+        )
+    )
+    add_restore_arguments(p)
+    p.set_defaults(func=command(_restore))

@@ -16,14 +16,15 @@ from nbdcore.tools import run
 
 # Order is the order of --help.
 COMMAND_MODULES = (
-    "gateway.serve_cmd",  # serve
-    "gateway.commands",  # exports, bitmaps, extents, clear, backup (gRPC client side)
-    "gateway.snapshot_client",  # snapshots list|create|release (gRPC client side)
+    "gateway.cli.serve",  # serve
+    "gateway.cli.bitmaps",  # exports, bitmaps, extents, clear, generation, remaining
+    "gateway.cli.backup",  # backup, restore
+    "gateway.cli.snapshots",  # snapshots list|create|release (gRPC client side)
     "nbdcore.tools.client_cmds",  # nbd list|map|copy
     "nbdcore.tools.server_cmds",  # nbd serve
     "nbdcore.tools.bitmap_cmds",  # bitmap add|remove|list|enable|disable|clear|merge
     "nbdcore.tools.snapshot_cmds",  # snapshot create|list|release
-    "gateway.map_cmd",  # map (a picture of the dirty/allocated/zero extents)
+    "gateway.cli.map",  # map (a picture of the dirty/allocated/zero extents)
 )
 
 

@@ -1,7 +1,7 @@
 """The ``nbdgw.v1.BitmapService`` servicer (grpc.aio).
 
 Each RPC validates its request completely before touching NBD, leases a connection from the
-export's pool (:mod:`gateway.hosts`), and turns every failure into a status through
+export's pool (:mod:`gateway.hosts.pool`), and turns every failure into a status through
 :mod:`gateway.errors`. StreamExtents reads extents with ``nbdcore.extents.iter_extents`` and writes
 each message with ``await context.write``, so it reads from NBD no faster than the client
 consumes (HTTP/2 flow control) and holds at most one batch plus one message per stream.
@@ -13,8 +13,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import hashlib
-import json
 import logging
 import operator
 import struct
@@ -28,17 +26,24 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from gateway import errors
+from gateway.api.framing import DataMessageBuffer, PreparedMessage, extents_message
+from gateway.api.names import (
+    context_name,
+    decode_page,
+    encode_page,
+    export_id,
+    page_size,
+)
+from gateway.api.names import fingerprint as _fingerprint
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
-from gateway.hosts import ExportPool, KnownExport
+from gateway.hosts.pool import ExportPool, KnownExport
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
-from gateway.prepared import DataMessageBuffer, PreparedMessage, extents_message
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_ALLOCATION_DEPTH,
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
-    NBD_MAX_STRING,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     TransmissionFlag,
@@ -53,8 +58,6 @@ log = logging.getLogger("nbdgw.service")
 T = TypeVar("T")
 
 U64_MAX = (1 << 64) - 1
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 DEFAULT_EXTENTS_PER_MESSAGE = 4096
 MAX_EXTENTS_PER_MESSAGE = 65536
 MAX_DATA_PER_MESSAGE = 1 << 20
@@ -83,32 +86,6 @@ _FLAG_FIELDS = {
 # --- request fields -----------------------------------------------------------------------
 
 
-def export_id(value: str, field_name: str) -> str:
-    """``exports/{export}`` or the bare ``{export}`` -> ``{export}``."""
-    if not value:
-        raise errors.invalid_field(field_name, "required: the export, as exports/{export}")
-    name = value.removeprefix("exports/")
-    if not name or "/" in name:
-        raise errors.invalid_field(field_name, f"{value!r} is not an export name (exports/NAME)")
-    return name
-
-
-def context_name(value: str, field_name: str) -> str:
-    """A metadata context name; ``NAME`` alone is short for ``qemu:dirty-bitmap:NAME``."""
-    if not value:
-        raise errors.invalid_field(field_name, "required: a metadata context name")
-    name = value if ":" in value else CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + value
-    if len(name.encode()) > NBD_MAX_STRING:
-        raise errors.invalid_field(field_name, f"longer than {NBD_MAX_STRING} bytes")
-    return name
-
-
-def page_size(value: int, field_name: str = "page_size") -> int:
-    if value < 0:
-        raise errors.invalid_field(field_name, f"must not be negative (got {value})")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
     if context == CONTEXT_BASE_ALLOCATION:
         return pb.BITMAP_KIND_ALLOCATION
@@ -127,10 +104,6 @@ def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
 
 _RESUME = struct.Struct(">BQ16s")
 _RESUME_VERSION = 1
-
-
-def _fingerprint(*parts: object) -> bytes:
-    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()[:16]
 
 
 def encode_resume(fingerprint: bytes, offset: int) -> str:
@@ -154,26 +127,6 @@ def decode_resume(token: str, fingerprint: bytes) -> int:
             " merge_allocation and include_data must be the same as when it was issued)",
         )
     return int(offset)
-
-
-def encode_page(scope: str, index: int) -> str:
-    raw = json.dumps({"s": _fingerprint(scope).hex(), "i": index}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page(token: str, scope: str, total: int) -> int:
-    if not token:
-        return 0
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        index, fp = data["i"], data["s"]
-    except (ValueError, KeyError, TypeError):
-        raise errors.invalid_token("page", "page_token", "malformed token") from None
-    if fp != _fingerprint(scope).hex():
-        raise errors.invalid_token("page", "page_token", "the token belongs to a different request")
-    if not isinstance(index, int) or not 0 <= index <= total:
-        raise errors.invalid_token("page", "page_token", "the token is out of date")
-    return index
 
 
 # --- the servicer ---------------------------------------------------------------------------

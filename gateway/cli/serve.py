@@ -36,6 +36,7 @@ from gateway.config import (
     parse_limit_args,
     parse_listen,
 )
+from gateway.sample import SAMPLE_BITMAP, SAMPLE_EXPORT
 from nbdcore.tls import TLSConfig
 
 # SQLite's synchronous modes the ledger accepts (gateway.ledger.Ledger).
@@ -43,10 +44,6 @@ LEDGER_SYNCHRONOUS = ("full", "extra", "normal")
 
 if TYPE_CHECKING:
     from gateway.server import Listening
-
-# The sample the gateway creates when nothing is configured (see gateway.server.ensure_sample).
-SAMPLE_EXPORT = "sample"
-SAMPLE_BITMAP = "backup"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -172,7 +169,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         metavar="NAME=VALUE",
         action="append",
         default=None,
-        help="a per-caller limit of gateway.limits.Limits: max_streams,"
+        help="a per-caller limit of gateway.security.limits.Limits: max_streams,"
         " max_streams_per_identity, clear_rate (ClearRange/s per identity, 0: none),"
         " clear_burst, stall_timeout, unary_timeout (repeatable; $NBDGW_LIMITS: space-separated)",
     )
@@ -188,7 +185,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "--policy-file",
         metavar="FILE",
         default=_env("POLICY_FILE"),
-        help="which identity may do what on which exports (TOML, see gateway.access)"
+        help="which identity may do what on which exports (TOML, see gateway.security.access)"
         " ($NBDGW_POLICY_FILE)",
     )
     sec.add_argument(
@@ -347,7 +344,7 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
         config.add_image_export(name, Path(path))
     sample = not config.exports
     if sample:
-        from gateway.server import ensure_sample
+        from gateway.sample import ensure_sample
 
         path = ensure_sample(config.data_dir)
         config.add_image_export(

@@ -22,7 +22,7 @@ exports (the interceptor pages over the visible ones itself).
 gRPC interceptors see only the method name and metadata, not the request nor the peer's
 certificate; so :class:`AccessInterceptor` wraps the method handler: the wrapper authenticates
 with the call's context, reads the export from the request, authorizes, takes the limits
-(:mod:`gateway.limits`), then runs the servicer's own behaviour. Health
+(:mod:`gateway.security.limits`), then runs the servicer's own behaviour. Health
 (``grpc.health.v1``) stays open to everyone; everything else, reflection included, needs an
 identity.
 """
@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from gateway import errors
+from gateway.api import names
 from gateway.errors import GatewayError
-from gateway.limits import Limiter
+from gateway.security.limits import Limiter
 from nbdcore.tools.snapshot_cmds import SEPARATOR as SNAPSHOT_SEPARATOR
 
 log = logging.getLogger("nbdgw.access")
@@ -217,7 +218,7 @@ class Rule:
         return export is None or self.sees(export)
 
     def sees(self, export: str) -> bool:
-        # A snapshot's export (EXPORT@SNAPSHOT, gateway.snapshots) holds its export's data as
+        # A snapshot's export (EXPORT@SNAPSHOT, gateway.hosts.snapshots) holds its export's data as
         # it was: whoever may use the export may use its snapshots.
         names = {export, export.split(SNAPSHOT_SEPARATOR, 1)[0]}
         return any(fnmatch.fnmatchcase(n, glob) for n in names for glob in self.exports)
@@ -542,13 +543,12 @@ class AccessInterceptor(_Interceptor):
     def _list_exports(self, inner: Behaviour) -> Behaviour:
         """ListExports restricted to the caller's exports: page over the visible ones here,
         so pages are full and nothing (not even a count) hints at the others."""
-        from gateway import service  # the servicer's page tokens and sizes
 
         async def list_exports(request: Any, context: Any) -> Any:
             identity = CURRENT_IDENTITY.get()
             if self.policy is None or identity is None:
                 return await inner(request, context)
-            size = service.page_size(request.page_size)
+            size = names.page_size(request.page_size)
             everything: list[Any] = []
             token = ""
             while True:
@@ -561,12 +561,12 @@ class AccessInterceptor(_Interceptor):
                     break
             visible = [e for e in everything if self.policy.sees(identity.name, _bare(e.name))]
             scope = f"exports:{identity.name}"
-            start = service.decode_page(request.page_token, scope, len(visible))
+            start = names.decode_page(request.page_token, scope, len(visible))
             chosen = visible[start : start + size]
             end = start + len(chosen)
             response = type(page)(exports=chosen)
             if end < len(visible):
-                response.next_page_token = service.encode_page(scope, end)
+                response.next_page_token = names.encode_page(scope, end)
             return response
 
         async def guarded(request: Any, context: Any) -> Any:

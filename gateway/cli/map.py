@@ -2,7 +2,7 @@
 
 Reads the extents straight from the NBD host (no gateway needed) with one pipelined walk over
 every chosen metadata context, and downsamples them to the picture's width with exact per-pixel
-coverage (see gateway/render.py). Memory stays bounded by the width, whatever the disk's size or
+coverage (see gateway/cli/render.py). Memory stays bounded by the width, whatever the disk's size or
 fragmentation.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import render
+from gateway.cli import render
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
 from nbdcore.exceptions import UsageError
 from nbdcore.tools.bitmap_cmds import parse_size

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 
-from gateway.backup import BackupError, BackupState
-from gateway.commands import DIRTY_BITMAP_PREFIX, Gateway, describe_rpc_error, error_details
+from gateway.cli.backup_state import BackupError, BackupState
+from gateway.cli.common import DIRTY_BITMAP_PREFIX, Gateway, describe_rpc_error, error_details
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
