@@ -44,7 +44,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import IO, TYPE_CHECKING, Any
 
 import grpc
@@ -61,6 +60,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from gateway import __version__
 from gateway.api.framing import PreparedMessage
 from gateway.config import LOG_FORMATS, LOG_LEVELS
 from gateway.security.access import CURRENT_IDENTITY
@@ -107,13 +107,6 @@ SERVER_FAULT_CODES = frozenset(
 QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _package_version() -> str:
-    try:
-        return version("nbdgw")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "unknown"
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -230,7 +223,7 @@ class Metrics:
             ["host"],
             registry=r,
         )
-        Info("nbdgw_build", "The nbdgw version.", registry=r).info({"version": _package_version()})
+        Info("nbdgw_build", "The nbdgw version.", registry=r).info({"version": __version__})
         self._methods: dict[tuple[str, str, str], _MethodSeries] = {}
         self._exports: dict[str, tuple[Any, Any, Any]] = {}
         self._hosts: Callable[[], Iterable[Any]] = tuple

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +27,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     help (exit 2); an NBDError or OSError is one line on stderr, never a traceback, since a
     person caused it or the peer or the OS did (exit 1); Ctrl-C is exit 130."""
     args = parser.parse_args(argv)
+    # asyncio and inspect only now: --help and argument errors should not pay their import.
+    import asyncio
+    import inspect
+
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -26,7 +26,6 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import UsageError
-from nbdcore.sync.copy import DEFAULT_CONNECTIONS
 from nbdcore.tools import run, subgroup
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
@@ -79,7 +78,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument(
         "--connections",
         type=int,
-        default=DEFAULT_CONNECTIONS,
+        default=None,
         metavar="N",
         help="connections (one thread each) when the export allows multi-conn (default: the "
         "number of CPUs, at most 4 as nbdcopy)",
@@ -358,7 +357,10 @@ class Progress:
 
 def copy_cmd(args: argparse.Namespace) -> int:
     """Through :func:`nbdcore.sync.copy.copy_export`: blocking connections in threads."""
-    from nbdcore.sync.copy import FileSink, NullSink, Sink, copy_export
+    from nbdcore.sync.copy import DEFAULT_CONNECTIONS, FileSink, NullSink, Sink, copy_export
+
+    if args.connections is None:
+        args.connections = DEFAULT_CONNECTIONS
 
     if args.requests < 1 or args.request_size < 4096 or args.connections < 1:
         raise UsageError("--requests and --connections must be >= 1 and --request-size >= 4096")

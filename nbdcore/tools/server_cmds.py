@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import sys
@@ -122,6 +121,8 @@ async def serve(args: argparse.Namespace) -> int:
             await server.start_unix(args.socket)
             where = f"nbd+unix:///{args.export}?socket={args.socket}"
         print(f"serving {args.disk} at {where}", flush=True)
+        import asyncio  # here: `nbdgw nbd ... --help` need not import it
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
