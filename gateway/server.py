@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,29 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     # share it (and half the calls). Fail instead.
     ("grpc.so_reuseport", 0),
 ]
+
+
+def check_bindable(host: str, port: int, listen: str) -> None:
+    """Fail with one clear OSError if ``host:port`` cannot be bound, before grpc tries: grpc's C
+    core would print a line of its own to stderr and raise a RuntimeError with no errno."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return  # grpc resolves names its own way: let it report them
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = "; another process has it: stop it or choose another port"
+            raise OSError(
+                exc.errno,
+                f"cannot listen on {listen}: {exc.strerror}"
+                + (hint if exc.errno == errno.EADDRINUSE else ""),
+            ) from None
 
 
 def health_name(export: str) -> str:
@@ -192,6 +216,11 @@ class Gateway:
         host, port = parse_listen(cfg.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
+            check_bindable(host, port, cfg.listen)
+        except OSError:
+            await self._close_backends()
+            raise
+        try:
             credentials = self._server_credentials()
             if credentials is None:
                 bound = server.add_insecure_port(address)
@@ -241,6 +270,7 @@ class Gateway:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        check_bindable(host, port, listen)
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as exc:

@@ -116,3 +116,11 @@ def option_name(option: int) -> str:
         return "NBD_OPT_" + Opt(option).name
     except ValueError:
         return f"option {option}"
+
+
+def os_reason(exc: OSError) -> str:
+    """What an OSError means, without its ``[Errno N]`` (asyncio's "Connect call failed
+    (host, port)" becomes the errno's own words, "Connection refused")."""
+    import os
+
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -61,6 +61,37 @@ def parse_size(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, > 0 (a deadline of 0 would fail every call at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r} (seconds, e.g. 30 or 2.5)"
+        ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"the duration must be more than 0 seconds, not {text}")
+    return value
+
+
+def parse_target(text: str) -> tuple[str, bool]:
+    """``HOST:PORT`` (or ``http://HOST:PORT``, ``https://HOST:PORT``) -> (HOST:PORT, TLS?)."""
+    tls = False
+    for scheme, secure in (("http://", False), ("https://", True)):
+        if text.startswith(scheme):
+            text, tls = text.removeprefix(scheme).rstrip("/"), secure
+    if "://" in text or "/" in text:
+        raise CommandError(
+            f"--target must be HOST:PORT (for example {DEFAULT_TARGET}), not {text!r}"
+        )
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(
+            f"--target must be HOST:PORT (for example {DEFAULT_TARGET}), not {text!r}"
+        )
+    return text, tls
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make argparse report a usage error as one line (no usage dump), exit code 2."""
 
@@ -78,7 +109,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--target",
         default=env.get("NBDGW_TARGET", DEFAULT_TARGET),
         metavar="HOST:PORT",
-        help=f"the gateway's address (env NBDGW_TARGET, default {DEFAULT_TARGET})",
+        help=f"the gateway's address (env NBDGW_TARGET, default {DEFAULT_TARGET}); "
+        "https://HOST:PORT means TLS with the system's CAs unless --tls-ca is given",
     )
     group.add_argument(
         "--token",
@@ -112,7 +144,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=env.get("NBDGW_TIMEOUT") or 30.0,
         metavar="SECONDS",
         help="deadline of each unary call (env NBDGW_TIMEOUT, default 30)",
@@ -149,16 +181,14 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 def connect(args: argparse.Namespace) -> Gateway:
     """Open a channel as the connection arguments say (the channel connects lazily)."""
-    target: str = args.target
-    if not target or ":" not in target.rsplit("]", 1)[-1]:
-        raise CommandError(f"--target must be HOST:PORT, not {target!r}")
+    target, tls = parse_target(args.target or "")
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
         ("grpc.enable_http_proxy", 0),
     ]
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandError("--tls-cert and --tls-key go together")
-    if args.tls_ca or args.tls_cert:
+    if tls or args.tls_ca or args.tls_cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=_read(args.tls_ca, "CA bundle"),
             private_key=_read(args.tls_key, "private key"),

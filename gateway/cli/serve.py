@@ -38,6 +38,7 @@ from gateway.config import (
 )
 from gateway.sample import SAMPLE_BITMAP, SAMPLE_EXPORT
 from nbdcore.tls import TLSConfig
+from nbdcore.tools import DocstringFormatter
 
 # SQLite's synchronous modes the ledger accepts (gateway.ledger.Ledger).
 LEDGER_SYNCHRONOUS = ("full", "extra", "normal")
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "serve",
         help="run the gRPC gateway",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DocstringFormatter,
     )
     p.add_argument(
         "--config",

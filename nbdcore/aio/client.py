@@ -45,6 +45,7 @@ from nbdcore.exceptions import (
     OptionError,
     ServerProtocolError,
     UsageError,
+    os_reason,
 )
 from nbdcore.session import ClientSession, StatusAnswer
 from nbdcore.tls import TLSConfig
@@ -248,7 +249,7 @@ class NBDClient(ClientSession):
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {uri}: {exc}") from exc
+            raise ConnectionLostError(f"cannot connect to {uri}: {os_reason(exc)}") from exc
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         await self._wait(self._greeting)

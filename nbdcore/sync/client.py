@@ -36,6 +36,7 @@ from nbdcore.exceptions import (
     NBDError,
     NBDTimeoutError,
     UsageError,
+    os_reason,
 )
 from nbdcore.session import ClientSession, StatusAnswer
 from nbdcore.tls import TLSConfig
@@ -97,7 +98,7 @@ class NBDClient(ClientSession):
         except TimeoutError:
             raise NBDTimeoutError(f"timed out after {timeout} s connecting to {u}") from None
         except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {u}: {exc}") from exc
+            raise ConnectionLostError(f"cannot connect to {u}: {os_reason(exc)}") from exc
         # Blocking from now on, with kernel timeouts: a socket with a Python timeout is
         # non-blocking underneath, and MSG_WAITALL would return early.
         sock.settimeout(None)

@@ -20,6 +20,42 @@ def subgroup(groups: dict[str, Any], name: str, help: str) -> Any:
     return groups[name]
 
 
+def help_text(doc: str | None) -> str:
+    """A docstring as a terminal shows it: ``x`` (reST) becomes 'x' and :role:`x` x."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc or "")
+    return re.sub(r"``([^`]+)``", r"'\1'", text)
+
+
+class DocstringFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps a docstring description's lines, shown without its reST markup (the parser keeps
+    the docstring itself, for scripts/gen-docs, which turns it into Markdown)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(help_text(text))
+
+
+def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``nbdgw nbd copy`` from the parsed words (``command``, then ``GROUP_command``)."""
+    words = [parser.prog]
+    command = getattr(args, "command", None)
+    if command:
+        words.append(command)
+        sub = getattr(args, f"{command}_command", None)
+        if sub:
+            words.append(sub)
+    return " ".join(words)
+
+
+def describe(exc: BaseException) -> str:
+    """An error as a person reads it: an OSError without its ``[Errno N]``, with its file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return str(exc)
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command: the ``func`` its parser set (a callable
     taking the namespace and returning an exit code, or a coroutine function, run with
@@ -40,6 +76,6 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     except KeyboardInterrupt:
         return 130
     except (NBDError, OSError) as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        print(f"{command_name(parser, args)}: {describe(exc)}", file=sys.stderr)
         return 1
     return int(result or 0)

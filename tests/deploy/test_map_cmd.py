@@ -318,7 +318,7 @@ def test_map_over_tls(served: str, tmp_path: Path, capsys: pytest.CaptureFixture
         capsys.readouterr()
         assert main(["map", f"nbd://localhost:{port}/disk", "-o", str(tmp_path / "p.svg")]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("nbdgw: ") and err.count("\n") == 1 and "TLS" in err.upper()
+        assert err.startswith("nbdgw map: ") and err.count("\n") == 1 and "TLS" in err.upper()
         assert not (tmp_path / "p.svg").exists()
     finally:
         proc.terminate()

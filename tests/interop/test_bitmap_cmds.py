@@ -60,7 +60,7 @@ def fails(*args: str | Path) -> str:
     result = nbdgw(*args, check=False)
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nbdgw: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"nbdgw {args[0]}"), result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
 
@@ -222,7 +222,7 @@ def test_as_subprocesses(disk: Path) -> None:
     assert (cleared.returncode, cleared.stdout) == (0, f"0 {1024 * 1024}\n")
     dup = run_subprocess("bitmap", "add", disk, "b")
     assert dup.returncode == 1
-    assert dup.stderr == "nbdgw: bitmap 'b' already exists\n"
+    assert dup.stderr == "nbdgw bitmap add: bitmap 'b' already exists\n"
     usage = run_subprocess("bitmap", "add", "-g", "lots", disk, "c")
     assert usage.returncode == 2 and "not a size" in usage.stderr
 

@@ -50,7 +50,10 @@ def test_create_list_release(disk: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["snapshot", "release", str(disk), "s1"]) == 0
     assert main(["snapshot", "release", str(disk), "s1"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "nbdgw: no snapshot named 's1' (never created, or released already)"
+    assert (
+        err.strip()
+        == "nbdgw snapshot release: no snapshot named 's1' (never created, or released already)"
+    )
     with Image.open(disk, read_only=True) as image:
         assert sorted(image.snapshots) == ["s2"]
         # s1's fork (the first 128 KiB) merged back, plus the write since.
@@ -59,7 +62,7 @@ def test_create_list_release(disk: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_errors_are_one_line(disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["snapshot", "create", str(disk), "s", "--bitmap", "nope"]) == 1
-    assert capsys.readouterr().err == "nbdgw: no bitmap named 'nope'\n"
+    assert capsys.readouterr().err == "nbdgw snapshot create: no bitmap named 'nope'\n"
     assert main(["snapshot", "create", str(disk), "bad/name"]) == 1
     assert "snapshot name" in capsys.readouterr().err
     assert main(["snapshot", "list", str(disk)]) == 0

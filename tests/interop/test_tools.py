@@ -395,7 +395,7 @@ def test_bad_input(qemu_uri: str, args: list[str], message: str) -> None:
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nbdgw: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("nbdgw nbd "), proc.stderr
     assert message in lines[0]
     assert proc.stdout == ""
 
@@ -491,7 +491,7 @@ def test_tools_against_nbd_server(
     # No base:allocation: map fails in one line, copy reads everything (sparse all the same).
     assert client_cmds.main(["nbd", "map", nbd_server_uri]) == 1
     err = capsys.readouterr().err
-    assert err == 'nbdgw: server does not support metadata context "base:allocation"\n'
+    assert err == 'nbdgw nbd map: server does not support metadata context "base:allocation"\n'
     out = tmp_path / "out"
     _copy(nbd_server_uri, str(out))
     assert out.read_bytes() == (tmp_path / "disk.img").read_bytes()
