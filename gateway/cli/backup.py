@@ -77,7 +77,9 @@ RESTORE_DESCRIPTION = """Apply backups made by 'nbdgw backup' onto BASE, a raw i
 full backup, or of the disk at the first backup), in place and in order: for each INCREMENTAL,
 every range its map (INCREMENTAL.nbdgw-dirty) records as dirty is copied from INCREMENTAL,
 holes and zeroes included (a dirty range that reads as zeroes is zeroed in BASE); the other
-ranges of BASE are left as they are. A full backup in the list replaces all of BASE."""
+ranges of BASE are left as they are. A full backup in the list replaces all of BASE. A missing
+BASE is created from the first backup, which must then be a full one. The backups must be of one
+export and listed oldest first: a list out of order is refused before anything is written."""
 
 MAP_SUFFIX = ".nbdgw-dirty"
 MAP_FORMAT = "nbdgw-dirty-map"
@@ -828,13 +830,19 @@ def _prepare(
 
 
 def add_restore_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", metavar="BASE", type=Path, help="the raw image to update in place")
+    p.add_argument(
+        "base",
+        metavar="BASE",
+        type=Path,
+        help="the raw image to update in place; created (sparse) when missing, from the full "
+        "backup that must then come first",
+    )
     p.add_argument(
         "incrementals",
         metavar="INCREMENTAL",
         type=Path,
         nargs="+",
-        help="backups made by 'nbdgw backup', oldest first",
+        help="backups made by 'nbdgw backup', oldest first (checked)",
     )
 
 
@@ -872,10 +880,12 @@ def apply_incremental(base: OutputImage, incremental: Path, runs: list[tuple[int
 
 
 def restore(args: argparse.Namespace) -> int:
-    """``nbdgw restore BASE INCREMENTAL...``."""
+    """``nbdgw restore BASE BACKUP...``: BASE is created from a full backup when it is missing."""
     base_path: Path = args.base
-    size = base_path.stat().st_size
+    create = not base_path.exists()
+    size = -1 if create else base_path.stat().st_size
     plans = []
+    previous: tuple[Path, BackupState] | None = None
     # Check everything before changing anything: a bad argument leaves BASE as it was.
     for path in args.incrementals:
         try:
@@ -885,12 +895,22 @@ def restore(args: argparse.Namespace) -> int:
         if not state.complete:
             raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
         header, runs = DirtyMap.load(map_path(path))
+        if create and previous is None:
+            if not state.full:
+                raise BackupError(
+                    f"{base_path} does not exist and {path} is an incremental backup: a new "
+                    "disk starts from a full backup (nbdgw backup --full), listed first"
+                )
+            size = header["size"]
         if header["size"] != size or path.stat().st_size != size:
             raise BackupError(
                 f"{path} is a backup of a {header['size']}-byte disk, {base_path} has {size} bytes"
             )
+        if previous is not None:
+            _check_chain(previous, (path, state))
+        previous = (path, state)
         plans.append((path, runs))
-    base = OutputImage(base_path, size, create=False)
+    base = OutputImage(base_path, size, create=create)
     try:
         for path, runs in plans:
             copied = apply_incremental(base, path, runs)
@@ -900,6 +920,22 @@ def restore(args: argparse.Namespace) -> int:
     finally:
         base.close()
     return 0
+
+
+def _check_chain(earlier: tuple[Path, BackupState], later: tuple[Path, BackupState]) -> None:
+    """Backups are laid oldest first, all of one disk: an older backup after a newer one would
+    roll the ranges it holds back in time, silently."""
+    (before, a), (after, b) = earlier, later
+    if a.export != b.export:
+        raise BackupError(
+            f"{after} is a backup of export {b.export!r} and {before} of {a.export!r}: "
+            "a chain is of one disk"
+        )
+    if b.started <= a.started:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.started))
+        raise BackupError(
+            f"{after} was taken ({when} UTC) before {before}: list the backups oldest first"
+        )
 
 
 async def _restore(args: argparse.Namespace) -> int:

@@ -356,3 +356,31 @@ def test_restore_refusals_are_one_line_and_touch_nothing(
     done = cli("restore", str(base), str(out))
     assert done.returncode == 0, done.stderr
     assert base.read_bytes() != b"\x55" * disk.size
+
+
+def test_restore_creates_a_new_disk_and_checks_the_chain(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path
+) -> None:
+    """A full backup and an incremental laid into a disk that did not exist: the disk as it
+    was; the same backups out of order, or starting with the incremental, are refused before
+    anything is written."""
+    gw, disk = embedded_gateway
+    t = ["--target", gw.target]
+    full, inc = tmp_path / "full.img", tmp_path / "inc.img"
+    assert cli("backup", "disk", "--full", str(full), "--no-snapshot", *t).returncode == 0
+    assert (
+        cli("backup", "disk", "--bitmap", "backup", str(inc), "--no-snapshot", *t).returncode == 0
+    )
+
+    new = tmp_path / "new.img"
+    line = assert_one_line_error(cli("restore", str(new), str(inc), str(full)), 1)
+    assert "a new disk starts from a full backup" in line and not new.exists()
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\x55" * disk.size)
+    line = assert_one_line_error(cli("restore", str(base), str(inc), str(full)), 1)
+    assert f"{full} was taken" in line and "list the backups oldest first" in line
+    assert base.read_bytes() == b"\x55" * disk.size
+
+    restored = cli("restore", str(new), str(full), str(inc))
+    assert restored.returncode == 0, restored.stderr
+    assert new.read_bytes() == bytes(disk.content)
