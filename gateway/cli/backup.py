@@ -337,7 +337,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted backup recorded in OUTPUT.nbdgw-backup.json",
+        help="continue the interrupted backup recorded in OUTPUT.nbdgw-backup.json, as it was "
+        "started (its bitmap, --full and --clear are recorded there)",
     )
     p.add_argument(
         "--no-recheck",
@@ -663,9 +664,16 @@ async def run(args: argparse.Namespace) -> int:
         context = full_context_name(args.bitmap)
     elif args.full:
         context = "base:allocation"
+    elif args.resume:
+        # The state file records what the backup reads, whether it is full and whether it
+        # clears: --resume alone continues it as it was started.
+        recorded = _load_state(spath)
+        context = recorded.context
+        args.full = recorded.full if args.full is None else args.full
+        args.clear = recorded.clear if args.clear is None else args.clear
     else:
         raise CommandError("--bitmap is required (or --full for a full backup)")
-    if args.clear and not args.bitmap:
+    if args.clear and context == "base:allocation":
         raise CommandError("--clear needs --bitmap (the bitmap to clear)")
     if args.checkpoint <= 0:
         raise CommandError("--checkpoint must be positive")
@@ -791,18 +799,22 @@ def _check_resume(
         )
 
 
+def _load_state(spath: Path) -> BackupState:
+    try:
+        return BackupState.load(spath)
+    except FileNotFoundError:
+        raise BackupError(
+            f"nothing to resume: {spath} does not exist (start without --resume)"
+        ) from None
+
+
 def _prepare(
     args: argparse.Namespace, spath: Path, export_name: str, context: str, size: int
 ) -> tuple[BackupState, bool] | None:
     """The state to run from, and whether OUTPUT must be created; None when already done."""
     output: Path = args.output
     if args.resume:
-        try:
-            state = BackupState.load(spath)
-        except FileNotFoundError:
-            raise BackupError(
-                f"nothing to resume: {spath} does not exist (start without --resume)"
-            ) from None
+        state = _load_state(spath)
         _check_resume(state, args, export_name, context, size)
         if state.complete:
             return None
