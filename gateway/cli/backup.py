@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import grpc
 
@@ -63,6 +63,7 @@ from gateway.cli.common import (
     warn,
 )
 from nbdcore.storage.store import fsync_dir
+from nbdcore.tools.progress import Progress
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
@@ -284,38 +285,6 @@ class OutputImage:
         os.close(self.fd)
 
 
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty()
-        self.total = max(total, 1)
-        self.start = start
-        self.t0 = time.monotonic()
-        self.last = 0.0
-
-    def update(self, offset: int, copied: int, *, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < 0.2:
-            return
-        self.last = now
-        pct = 100.0 * offset / self.total
-        width = 30
-        filled = int(width * offset / self.total)
-        rate = copied / max(now - self.t0, 1e-6) / (1 << 20)
-        bar = "#" * filled + "-" * (width - filled)
-        self.stream.write(f"\r[{bar}] {pct:5.1f}%  {copied >> 20} MiB copied  {rate:.1f} MiB/s")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export", metavar="EXPORT")
     p.add_argument("output", metavar="OUTPUT", type=Path, help="the backup image to write")
@@ -334,6 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="clear each dirty range in the bitmap once it is safely on disk",
     )
+    add_progress_argument(p)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -454,6 +424,7 @@ class _Backup:
         self.unsynced = 0
         self.last_sync = time.monotonic()
         self.copied = 0
+        self.processed = 0  # bytes of the extents streamed (data, zeroes, holes)
         self.on_retry: Callable[[str], None] | None = None
         self.recheck = True
         self.clear_gap = 64 << 10
@@ -608,7 +579,7 @@ class _Backup:
                 self.gw, request, retries=self._retries, on_retry=self.on_retry
             ):
                 self._apply(msg)
-                progress.update(msg.next_offset, self.copied)
+                progress.update(self.processed, position=msg.next_offset / state.size)
                 if msg.next_offset >= state.size:
                     break
                 if (
@@ -620,7 +591,7 @@ class _Backup:
                     await self.checkpoint(msg.next_offset, final=False)
         # A stream that ends with OK covered the whole range.
         await self.checkpoint(state.size, final=True)
-        progress.update(state.size, self.copied, force=True)
+        progress.update(self.processed, position=1.0, force=True)
 
     _retries = 5
 
@@ -631,6 +602,7 @@ class _Backup:
         for offset, length, flags, allocation in iter_rows(msg):
             if offset + length > state.size:
                 raise BackupError(f"the gateway sent an extent past the end ({offset}+{length})")
+            self.processed += length
             if allocation == pb.ALLOCATION_DATA:
                 chunk = data[pos : pos + length]
                 if len(chunk) != length:
@@ -748,7 +720,11 @@ async def run(args: argparse.Namespace) -> int:
                 backup.source = snapshots.source_export(state)
                 backup.recheck = False
             backup.clear_gap = max(bitmaps[context].granularity_bytes, 64 << 10)
-            progress = Progress(size)
+            # To do: the dirty bytes of an incremental started now (ListBitmaps counts them);
+            # a full backup or a resumed one shows how far through the disk it is instead.
+            dirty = bitmaps[context].dirty_bytes
+            fresh = not state.full and state.next_offset == 0 and dirty > 0
+            progress = Progress(dirty if fresh else None, enabled=args.progress)
             try:
                 await backup.run(progress)
             except grpc.aio.AioRpcError as exc:
@@ -756,8 +732,15 @@ async def run(args: argparse.Namespace) -> int:
                     f"{describe_rpc_error(exc)}; the progress up to {state.next_offset} is "
                     "saved: run the same command with --resume to continue"
                 ) from None
-            finally:
-                progress.done()
+            except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C
+                progress.close()
+                print(
+                    f"nbdgw backup: interrupted; the progress up to {state.next_offset} is saved:"
+                    " run the same command with --resume to continue",
+                    file=sys.stderr,
+                )
+                raise
+            progress.close()
         finally:
             out.close()
             dirty_map.close()
@@ -841,7 +824,18 @@ def _prepare(
     return state, create
 
 
+def add_progress_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr: bytes done of bytes to do, rate, time left "
+        "(default: when stderr is a terminal)",
+    )
+
+
 def add_restore_arguments(p: argparse.ArgumentParser) -> None:
+    add_progress_argument(p)
     p.add_argument(
         "base",
         metavar="BASE",
@@ -858,9 +852,15 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_incremental(base: OutputImage, incremental: Path, runs: list[tuple[int, int]]) -> int:
+def apply_incremental(
+    base: OutputImage,
+    incremental: Path,
+    runs: list[tuple[int, int]],
+    progress: Progress | None = None,
+) -> int:
     """Copy ``runs`` of ``incremental`` onto ``base``: data as data, holes and zeroes as zeroes
-    (punched where possible). Returns the number of data bytes copied."""
+    (punched where possible). Returns the number of data bytes copied; ``progress`` advances
+    by every byte of the runs laid."""
     fd = os.open(incremental, os.O_RDONLY | os.O_CLOEXEC)
     copied = 0
     try:
@@ -875,6 +875,8 @@ def apply_incremental(base: OutputImage, incremental: Path, runs: list[tuple[int
                     data = end
                 if data > pos:
                     base.zero(pos, data - pos)
+                    if progress is not None:
+                        progress.advance(data - pos)
                 if data >= end:
                     break
                 hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
@@ -885,6 +887,8 @@ def apply_incremental(base: OutputImage, incremental: Path, runs: list[tuple[int
                     base.write(chunk, data)
                     data += len(chunk)
                     copied += len(chunk)
+                    if progress is not None:
+                        progress.advance(len(chunk))
                 pos = hole
     finally:
         os.close(fd)
@@ -922,11 +926,14 @@ def restore(args: argparse.Namespace) -> int:
             _check_chain(previous, (path, state))
         previous = (path, state)
         plans.append((path, runs))
+    total = sum(length for _, runs in plans for _, length in runs)
+    progress = Progress(total, verb="laid", enabled=args.progress)
     base = OutputImage(base_path, size, create=create)
     try:
         for path, runs in plans:
-            copied = apply_incremental(base, path, runs)
+            copied = apply_incremental(base, path, runs, progress)
             dirty = sum(length for _, length in runs)
+            progress.close()
             print(f"{path}: {dirty} dirty bytes applied ({copied} of data, the rest zeroes)")
         base.sync()
     finally:

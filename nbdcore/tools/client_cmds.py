@@ -14,7 +14,6 @@ import json
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, compress
 from typing import IO, TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from nbdcore.constants import (
 )
 from nbdcore.exceptions import UsageError
 from nbdcore.tools import run, subgroup
+from nbdcore.tools.progress import Progress
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
     from nbdcore.aio.client import ExportInfo, NBDClient
@@ -331,30 +331,6 @@ async def map_cmd(args: argparse.Namespace) -> int:
 # --- nbd copy ---------------------------------------------------------------------------------
 
 
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.done = 0
-        self.enabled = enabled
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last >= 0.1 or self.done >= self.total):
-            self._last = now
-            pct = 100.0 * self.done / self.total if self.total else 100.0
-            bar = "#" * int(pct / 2.5)
-            sys.stderr.write(f"\r[{bar:<40}] {pct:5.1f}%")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def copy_cmd(args: argparse.Namespace) -> int:
     """Through :func:`nbdcore.sync.copy.copy_export`: blocking connections in threads."""
     from nbdcore.sync.copy import DEFAULT_CONNECTIONS, FileSink, NullSink, Sink, copy_export
@@ -380,11 +356,10 @@ def copy_cmd(args: argparse.Namespace) -> int:
         if sparse:
             os.ftruncate(fd, 0)
         sink = FileSink(fd, sequential=False, sparse=sparse)
-    show = sys.stderr.isatty() if args.progress is None else bool(args.progress)
-    progress = Progress(0, show)
+    progress = Progress(None, enabled=args.progress)
 
     def advance(n: int, size: int) -> None:
-        progress.total = size
+        progress.total = size  # the export's: copy_export reports every byte, holes included
         progress.advance(n)
 
     try:
@@ -396,7 +371,7 @@ def copy_cmd(args: argparse.Namespace) -> int:
             # --requests counts the reads in flight in all; each connection gets its share.
             window=max(1, args.requests // args.connections),
             tls=_tls(args),
-            progress=advance if show else None,
+            progress=advance if progress.enabled else None,
         )
     finally:
         progress.close()

@@ -3,19 +3,24 @@ a backup killed at a random point resumes exactly, and with --clear the bitmap e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.cli.backup import BackupError, BackupState, DirtyMap, Progress, map_path, state_path
+from gateway.cli.backup import BackupError, BackupState, DirtyMap, map_path, state_path
 from nbdcore.storage import Image
+from nbdcore.tools.progress import Progress, human_bytes
 from tests.gateway.cli_support import (
+    ENV,
     GRANULARITY,
     EmbeddedDisk,
     GatewayProcess,
@@ -213,10 +218,14 @@ def test_progress_bar_only_on_a_terminal() -> None:
     tty, pipe = Terminal(), io.StringIO()
     for stream in (tty, pipe):
         progress = Progress(4 * MiB, stream=stream)
-        progress.update(2 * MiB, 1 * MiB, force=True)
-        progress.done()
+        progress.update(2 * MiB, force=True)
+        progress.close()
     assert pipe.getvalue() == ""
-    assert "50.0%" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert "2.0 MiB of 4.0 MiB copied   50.0%" in tty.getvalue()
+    assert "ETA" in tty.getvalue() and tty.getvalue().endswith("\n")
+    forced = io.StringIO()
+    Progress(None, stream=forced, enabled=True).close()
+    assert forced.getvalue().startswith("\r0 B copied")
 
 
 def test_clear_of_a_fragmented_bitmap(tmp_path: Path) -> None:
@@ -385,3 +394,66 @@ def test_restore_creates_a_new_disk_and_checks_the_chain(
     restored = cli("restore", str(new), str(full), str(inc))
     assert restored.returncode == 0, restored.stderr
     assert new.read_bytes() == bytes(disk.content)
+
+
+def test_progress_counts_the_data_to_copy(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path
+) -> None:
+    """--progress on a pipe: an incremental counts up to the bitmap's dirty bytes (not the
+    disk's size), a restore up to what it lays; --no-progress draws nothing."""
+    gw, disk = embedded_gateway
+    t = ["--target", gw.target]
+    dirty = sum(n for _, n in granules(disk.dirty, disk.size))
+    out = tmp_path / "inc.img"
+    done = cli("backup", "disk", "--bitmap", "backup", str(out), "--progress", *t)
+    assert done.returncode == 0, done.stderr
+    last = done.stderr.split("\r")[-1].splitlines()[0]
+    assert last.startswith(f"{human_bytes(dirty)} of {human_bytes(dirty)} copied  100.0%"), last
+    quiet = cli(
+        "backup", "disk", "--bitmap", "backup", str(tmp_path / "q.img"), "--no-progress", *t
+    )
+    assert quiet.returncode == 0 and "\r" not in quiet.stderr
+
+    full = tmp_path / "full.img"
+    assert cli("backup", "disk", "--full", str(full), *t).returncode == 0
+    laid = cli("restore", str(tmp_path / "new.img"), str(full), "--progress")
+    assert laid.returncode == 0, laid.stderr
+    assert f"of {human_bytes(disk.size)} laid  100.0%" in laid.stderr
+
+
+def test_ctrl_c_says_how_to_resume(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path
+) -> None:
+    """SIGINT in the middle of a backup: exit 130, one line saying what is saved and how to
+    go on; the same command with --resume then completes it."""
+    gw, _ = embedded_gateway
+    out = tmp_path / "inc.img"
+    args = ["backup", "disk", "--bitmap", "backup", str(out), "--target", gw.target]
+    args += ["--no-snapshot", "--checkpoint", "64k"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if json.loads(state_path(out).read_text())["next_offset"] > 0:
+                    break
+            time.sleep(0.002)
+        assert proc.poll() is None, "the backup ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "nbdgw backup: interrupted; the progress up to" in err
+    assert "run the same command with --resume to continue" in err
+    assert "Traceback" not in err
+    resumed = cli("backup", "disk", str(out), "--resume", "--target", gw.target)
+    assert resumed.returncode == 0, resumed.stderr

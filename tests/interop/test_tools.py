@@ -416,7 +416,9 @@ def test_copy_progress_bar(qemu_uri: str, tmp_path: Path) -> None:
          qemu_uri, str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, check=True,
     )  # fmt: skip
-    assert proc.stderr.startswith(b"\r[") and proc.stderr.endswith(b"100.0%\n")
+    last = proc.stderr.split(b"\r")[-1]
+    assert proc.stderr.startswith(b"\r") and last.endswith(b"\x1b[K\n")
+    assert b" copied  100.0%  " in last
     assert proc.stdout == b""
 
 
