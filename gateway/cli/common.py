@@ -262,6 +262,30 @@ def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     return " ".join(text.split())  # one line, whatever the server put in its message
 
 
+def unreachable(exc: grpc.aio.AioRpcError, target: str) -> str | None:
+    """For a call that never reached a gateway (grpc's own UNAVAILABLE, no ErrorInfo): what
+    went wrong in a few words and what to check, instead of grpc's resolver or C-core text."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or error_details(exc):
+        return None
+    details = exc.details() or ""
+    why = "no answer"
+    for words, meaning in (
+        ("Connection refused", "connection refused"),
+        ("lookup", "its host name does not resolve"),
+        ("Network is unreachable", "network unreachable"),
+        ("No route to host", "no route to host"),
+        ("handshake", "the TLS handshake failed (check --tls-ca and --tls-server-name)"),
+        ("Socket closed", "it closed the connection (TLS to a plaintext port, or the reverse?)"),
+    ):
+        if words in details:
+            why = meaning
+            break
+    return (
+        f"UNAVAILABLE: cannot reach the gateway at {target or DEFAULT_TARGET}: {why}; is "
+        "'nbdgw serve' running there? (--target or $NBDGW_TARGET)"
+    )
+
+
 def command(
     func: Callable[[argparse.Namespace], Awaitable[int]],
 ) -> Callable[[argparse.Namespace], Awaitable[int]]:
@@ -272,7 +296,8 @@ def command(
         try:
             return await func(args)
         except grpc.aio.AioRpcError as exc:
-            print(f"nbdgw {args.command}: {describe_rpc_error(exc)}", file=sys.stderr)
+            text = unreachable(exc, getattr(args, "target", "")) or describe_rpc_error(exc)
+            print(f"nbdgw {args.command}: {text}", file=sys.stderr)
             return 1
         except CommandError as exc:
             print(f"nbdgw {args.command}: error: {exc}", file=sys.stderr)

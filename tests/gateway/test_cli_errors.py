@@ -53,3 +53,16 @@ def test_serve_help_shows_no_rest_markup() -> None:
     text = cli("serve", "--help").stdout
     assert "'nbdgw serve': run the gateway." in text
     assert "``" not in text and ":mod:" not in text
+
+
+def test_a_gateway_that_is_not_there() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nobody listens there
+    line = assert_one_line_error(cli("exports", "--target", f"127.0.0.1:{port}"), 1)
+    assert line == (
+        f"nbdgw exports: UNAVAILABLE: cannot reach the gateway at 127.0.0.1:{port}: connection"
+        " refused; is 'nbdgw serve' running there? (--target or $NBDGW_TARGET)"
+    )
+    line = assert_one_line_error(cli("exports", "--target", "nbdgw.invalid:50051"), 1)
+    assert "cannot reach the gateway at nbdgw.invalid:50051: its host name does not resolve" in line
