@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import build_parser
+from gateway.cli.common import positive_seconds
 from gateway.cli.serve import build_config
 from gateway.config import _TOP_KEYS, ConfigError, GatewayConfig, load_tokens
 from nbdgw.v1 import bitmap_service_pb2 as pb
@@ -266,7 +267,7 @@ def sample_value(action: argparse.Action) -> str:
         return "yes"
     if action.choices:
         return str(list(action.choices)[-1])
-    if action.type in (int, float):
+    if action.type in (int, float, positive_seconds):
         return "7"
     return "/some/where"
 
