@@ -30,10 +30,10 @@ import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
-from grpc_reflection.v1alpha import reflection
 
 from gateway.api.bitmaps import Backend, BitmapServicer
 from gateway.api.framing import add_bitmap_service
+from gateway.api.reflection import enable_server_reflection
 from gateway.api.snapshots import SnapshotServicer
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts.pool import ExportPool, Host
@@ -209,9 +209,9 @@ class Gateway:
         spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, SNAPSHOT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-                server,
+            # grpc.reflection.v1 and v1alpha (gateway.api.reflection).
+            enable_server_reflection(
+                (SERVICE_NAME, SNAPSHOT_SERVICE_NAME, HEALTH_SERVICE_NAME), server
             )
         host, port = parse_listen(cfg.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
