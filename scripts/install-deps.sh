@@ -2,7 +2,8 @@
 # Installs everything the tests and benchmarks need on a fresh Debian 12 machine (run as root):
 # the reference NBD peers from Debian, qemu 10 from bookworm-backports unpacked beside them
 # (extended headers), a virtualenv with the project and its test extras, and the Node client's
-# packages (tests/clients/node, from its package-lock.json; node and npm from Debian if missing).
+# packages (tests/clients/node, from its package-lock.json; node and npm from Debian if missing),
+# and Go with the gRPC sources and protoc plugins the Go client is built with.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,5 +68,20 @@ NODE_DIR=$ROOT/tests/clients/node
 if ! cmp -s "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.nbdgw-lock-stamp"; then
     (cd "$NODE_DIR" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
     cp "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.nbdgw-lock-stamp"
+fi
+# The Go client (scripts/gen-clients, tests/clients/go): Debian's Go, the sources of its gRPC
+# and protobuf libraries (built in GOPATH mode, offline) and the protoc plugins. protobuf 1.5
+# replaces the 1.3 that grpc's package pulls in by default: 1.3's codec cannot marshal the
+# messages protoc-gen-go 1.28 generates.
+GO_PACKAGES=(golang-go golang-google-grpc-dev golang-google-genproto-dev golang-google-protobuf-dev
+    golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc)
+need_go=0
+for p in "${GO_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -qx 'install ok installed' || need_go=1
+done
+if [ "$need_go" = 1 ]; then
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${GO_PACKAGES[@]}" >/dev/null
 fi
 echo "install-deps: ok"

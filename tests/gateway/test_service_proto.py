@@ -44,6 +44,32 @@ def test_every_error_reason_is_documented_in_the_service() -> None:
     assert reasons == names - {"UNSPECIFIED"}
 
 
+# proto/buf.yaml turns off buf's FILE_SAME_*_PACKAGE/NAMESPACE rules (the options were added
+# after v1 froze); this pins them instead. Every value but go_package is what protoc chose
+# without the option, so the Java, C#, PHP and Ruby code generated before keeps its names.
+LANGUAGE_OPTIONS = {
+    "csharp_namespace": "Nbdgw.V1",
+    "go_package": "nbdgw.dev/gen/go/nbdgw/v1;nbdgwv1",
+    "java_package": "nbdgw.v1",
+    "php_namespace": "Nbdgw\\V1",
+    "ruby_package": "Nbdgw::V1",
+}
+
+
+def test_language_options_are_pinned() -> None:
+    from nbdgw.v1 import snapshot_service_pb2 as spb
+
+    for module, service in ((pb, "BitmapService"), (spb, "SnapshotService")):
+        options = module.DESCRIPTOR.GetOptions()
+        got = {name: getattr(options, name) for name in LANGUAGE_OPTIONS}
+        assert got == LANGUAGE_OPTIONS, module.DESCRIPTOR.name
+        # protoc's Java default: the file's name in CamelCase, plus OuterClass when a service
+        # or message has that name; one class per file, as before.
+        assert options.java_outer_classname == f"{service}OuterClass"
+        assert service in module.DESCRIPTOR.services_by_name
+        assert not options.HasField("java_multiple_files")
+
+
 def test_breaking_change_is_refused_once_frozen(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "proto", repo / "proto")
