@@ -38,6 +38,7 @@ from nbdcore.exceptions import (
 DOMAIN = "nbdgw.dev"
 EXPORT_TYPE = "nbdgw.dev/Export"
 BITMAP_TYPE = "nbdgw.dev/Bitmap"
+HEALTH_SERVICE_TYPE = "grpc.health.v1/Service"
 
 # Trailing metadata keys that repeat a stream's resume position outside the status details, for
 # clients that cannot decode grpc-status-details-bin (grpc-js).
@@ -62,6 +63,10 @@ class Reason:
     NBD_PROTOCOL_ERROR = "NBD_PROTOCOL_ERROR"
     READ_ONLY = "READ_ONLY"
     INTERNAL = "INTERNAL"
+    # SetExportGeneration on an export whose bitmaps clear at the source (no ledger).
+    GENERATIONS_NOT_SUPPORTED = "GENERATIONS_NOT_SUPPORTED"
+    # A health check of a name that is neither "", the BitmapService nor exports/{export}.
+    HEALTH_SERVICE_NOT_FOUND = "HEALTH_SERVICE_NOT_FOUND"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     # Raised by gateway.security.access and gateway.security.limits (they name them themselves),
     # and for a full ledger scope (ledger_full).
@@ -170,6 +175,23 @@ def export_not_found(export: str) -> GatewayError:
                 resource_type=EXPORT_TYPE,
                 resource_name=f"exports/{export}",
                 description="no export of this name is configured in the gateway",
+            )
+        ],
+    )
+
+
+def health_service_not_found(service: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        Reason.HEALTH_SERVICE_NOT_FOUND,
+        f"no health status for {service!r}: ask for '' (liveness), 'nbdgw.v1.BitmapService'"
+        " (readiness) or 'exports/{export}'",
+        {"service": service},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type=HEALTH_SERVICE_TYPE,
+                resource_name=service,
+                description="the gateway reports the health of no service of this name",
             )
         ],
     )
@@ -303,6 +325,28 @@ def read_only(export: str, context: str, why: str) -> GatewayError:
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(
                         type="READ_ONLY", subject=f"exports/{export}", description=why
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def generations_not_supported(export: str) -> GatewayError:
+    why = (
+        "the export's bitmaps clear at the source (CLEAR_MODE_AT_SOURCE): a generation scopes"
+        " only the ledger of exports whose host cannot clear"
+    )
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.GENERATIONS_NOT_SUPPORTED,
+        f"export {export!r} has no generation: {why}",
+        {"export": export},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="CLEAR_MODE", subject=f"exports/{export}", description=why
                     )
                 ]
             )

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 
 from gateway.api.bitmaps import Backend, BitmapServicer
 from gateway.api.framing import add_bitmap_service
+from gateway.api.health import HealthServicer
 from gateway.api.reflection import enable_server_reflection
 from gateway.api.snapshots import SnapshotServicer
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
@@ -150,7 +150,7 @@ class Gateway:
         self.hosts: dict[str, Host] = {}
         self.pools: dict[str, ExportPool] = {}
         self.nbd_server: NBDServer | None = None
-        self.health = health_aio.HealthServicer()
+        self.health = HealthServicer(self._export_health)
         self.shutdown = asyncio.Event()
         self.backend = Backend(self.pools, self.images, self.shutdown)
         self.server: grpc.aio.Server | None = None
@@ -349,6 +349,14 @@ class Gateway:
     async def _host_changed(self, host: Host) -> None:
         self.metrics.host_changed(host.name, host.up)
         await self._update_health()
+
+    def _export_health(self, export: str) -> health_pb2.HealthCheckResponse.ServingStatus | None:
+        """What health says of ``exports/{export}`` before it has a status of its own (a
+        snapshot's export, until the next change); None: no such export."""
+        pool = self.pools.get(export)
+        if pool is None:
+            return None
+        return SERVING if pool.host.up and not self.shutdown.is_set() else NOT_SERVING
 
     async def _update_health(self) -> None:
         # A copy: snapshots add and remove exports while this awaits (gateway.hosts.snapshots).

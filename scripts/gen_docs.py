@@ -469,9 +469,10 @@ def render_api() -> str:
         "(`from nbdgw.v1 import bitmap_service_pb2_grpc`); `scripts/gen-clients DIR` generates",
         "Go (package `nbdgw.dev/gen/go/nbdgw/v1`) and TypeScript (protoc-gen-es) clients with",
         "`proto/buf.gen.yaml`; for other languages, generate them from `proto/` (the Google",
-        "protos it imports are in `proto/third_party`). Every error carries a",
-        "`google.rpc.Status` with an `ErrorInfo` whose `reason` is one of",
-        "[`ErrorReason`](#errorreason).",
+        "protos it imports are in `proto/third_party`). Every error of these services and of",
+        "health checks carries a `google.rpc.Status` with an `ErrorInfo` whose `reason` is one",
+        "of [`ErrorReason`](#errorreason) or [`SnapshotErrorReason`](#snapshoterrorreason),",
+        "one reason per cause; only the statuses gRPC makes itself carry none.",
         "",
     ]
     for file in ours:

@@ -169,6 +169,8 @@ class ClearPlan:
     mode: pb.ClearMode.ValueType
     why: str = ""
     generation: str = ""  # CLEAR_MODE_LEDGER_MASK: the scope of the clears
+    # Refused because the image is open read-only: reason READ_ONLY, not CLEAR_NOT_SUPPORTED.
+    read_only: bool = False
 
 
 def _map(exc: BaseException, pool: ExportPool | None, name: str = "") -> GatewayError:
@@ -261,7 +263,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         image = self._image(pool)
         if image is not None:
             if not image.can_clear_bitmaps:
-                return ClearPlan(unsupported, "the image is open read-only")
+                return ClearPlan(unsupported, "the image is open read-only", read_only=True)
             return ClearPlan(pb.CLEAR_MODE_AT_SOURCE)
         if known is None:
             return ClearPlan(pb.CLEAR_MODE_UNSPECIFIED, "the host has not been reached yet")
@@ -431,7 +433,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         name = pool.name
         plan = self._clear_plan(pool, None, ctx)
         if plan.mode != pb.CLEAR_MODE_AT_SOURCE:
-            if image.read_only:
+            if plan.read_only:
                 raise errors.read_only(name, ctx, plan.why)
             raise errors.clear_not_supported(name, ctx, plan.why)
         short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
@@ -555,13 +557,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             ledger = self.backend.ledger
             if ledger is None and self.backend.open_ledger is not None:
                 ledger = await self.backend.open_ledger()
-            if ledger is None or self._image(pool) is not None:
-                raise errors.clear_not_supported(
-                    name,
-                    "*",
-                    "the export clears at the source: generations scope the ledger of exports"
-                    " whose host cannot clear",
-                )
+            # Generations scope the ledger; an export that clears at the source has none.
+            at_source = pool.known is not None and pool.known.clear_extension
+            if ledger is None or self._image(pool) is not None or at_source:
+                raise errors.generations_not_supported(name)
             try:
                 previous = await ledger.set_generation(name, gen)
             except LedgerError as exc:

@@ -17,11 +17,15 @@ Vocabulary:
 - An *extent* is a run of bytes `[offset, offset + length)` over which a context's flags are
   constant. Offsets and lengths are in bytes.
 
-Errors follow AIP-193: every error carries a `google.rpc.Status` (in the
-`grpc-status-details-bin` trailer) whose details hold a `google.rpc.ErrorInfo` with domain
-`nbdgw.dev` and a stable `reason` (see `ErrorReason`), plus `BadRequest` for bad fields,
-`ResourceInfo` for an unknown export or bitmap, `PreconditionFailure` for an operation the
-bitmap does not allow, and `RetryInfo` with UNAVAILABLE.
+Errors follow AIP-193: every error of the gateway's services (these, SnapshotService and
+health) carries a `google.rpc.Status` (in the `grpc-status-details-bin` trailer) whose
+details hold a `google.rpc.ErrorInfo` with domain `nbdgw.dev` and a stable `reason` (see
+`ErrorReason`; one reason per cause), plus `BadRequest` for bad fields, `ResourceInfo` for
+an unknown export or bitmap, `PreconditionFailure` for an operation the bitmap does not
+allow, `QuotaFailure` for a limit that waiting does not lift, and `RetryInfo` with
+UNAVAILABLE and per-caller limits. Only the statuses gRPC makes itself carry none:
+UNIMPLEMENTED for a method the gateway does not serve, and the client's own cancellations
+and deadlines.
 """
 
 from collections import abc as _abc
@@ -241,7 +245,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT: the page token is malformed or belongs to a different request."""
     ERROR_REASON_CLEAR_NOT_SUPPORTED: _ErrorReason.ValueType  # 7
-    """FAILED_PRECONDITION: ClearRange is not possible on this bitmap (PreconditionFailure)."""
+    """FAILED_PRECONDITION: ClearRange is not possible on this bitmap (PreconditionFailure says
+    why): it is not a dirty bitmap (on any export, a snapshot's included), or neither its host
+    nor the gateway's ledger can clear it (a writable export of a host without the clear
+    extension; a read-only one without a generation, or whose size changed under it).
+    """
     ERROR_REASON_HOST_UNAVAILABLE: _ErrorReason.ValueType  # 8
     """UNAVAILABLE: the export's NBD host cannot be reached (RetryInfo; for a stream, the resume
     position in metadata).
@@ -257,7 +265,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_NBD_PROTOCOL_ERROR: _ErrorReason.ValueType  # 12
     """INTERNAL: the NBD host broke the protocol."""
     ERROR_REASON_READ_ONLY: _ErrorReason.ValueType  # 13
-    """FAILED_PRECONDITION: the export or bitmap is read-only."""
+    """FAILED_PRECONDITION: ClearRange of a dirty bitmap of an embedded export whose image is
+    open read-only (`read_only` in the gateway's configuration).
+    """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 14
     """INTERNAL: anything else; the message says what."""
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 15
@@ -269,8 +279,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     access policy).
     """
     ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 17
-    """RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate); RetryInfo
-    says when to try again.
+    """RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate), with
+    RetryInfo saying when to try again; or a limit that waiting does not lift, with
+    QuotaFailure and no RetryInfo: the ledger's cleared ranges per generation
+    (`ledger_max_intervals`; set a new generation), or the 8 snapshots an export may hold
+    (CreateSnapshot; release one, metadata `limit`).
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 18
     """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
@@ -279,6 +292,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_GENERATION_MISMATCH: _ErrorReason.ValueType  # 19
     """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
     (metadata `generation`, `current_generation`).
+    """
+    ERROR_REASON_GENERATIONS_NOT_SUPPORTED: _ErrorReason.ValueType  # 32
+    """FAILED_PRECONDITION: SetExportGeneration on an export whose bitmaps clear at the source
+    (CLEAR_MODE_AT_SOURCE): generations scope only the gateway's ledger.
+    """
+    ERROR_REASON_HEALTH_SERVICE_NOT_FOUND: _ErrorReason.ValueType  # 33
+    """NOT_FOUND: a health check (grpc.health.v1) of a name that is neither `""`,
+    `nbdgw.v1.BitmapService` nor `exports/{export}` (metadata `service`).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -302,7 +323,11 @@ ERROR_REASON_INVALID_RESUME_TOKEN: ErrorReason.ValueType  # 5
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT: the page token is malformed or belongs to a different request."""
 ERROR_REASON_CLEAR_NOT_SUPPORTED: ErrorReason.ValueType  # 7
-"""FAILED_PRECONDITION: ClearRange is not possible on this bitmap (PreconditionFailure)."""
+"""FAILED_PRECONDITION: ClearRange is not possible on this bitmap (PreconditionFailure says
+why): it is not a dirty bitmap (on any export, a snapshot's included), or neither its host
+nor the gateway's ledger can clear it (a writable export of a host without the clear
+extension; a read-only one without a generation, or whose size changed under it).
+"""
 ERROR_REASON_HOST_UNAVAILABLE: ErrorReason.ValueType  # 8
 """UNAVAILABLE: the export's NBD host cannot be reached (RetryInfo; for a stream, the resume
 position in metadata).
@@ -318,7 +343,9 @@ ERROR_REASON_NBD_REQUEST_FAILED: ErrorReason.ValueType  # 11
 ERROR_REASON_NBD_PROTOCOL_ERROR: ErrorReason.ValueType  # 12
 """INTERNAL: the NBD host broke the protocol."""
 ERROR_REASON_READ_ONLY: ErrorReason.ValueType  # 13
-"""FAILED_PRECONDITION: the export or bitmap is read-only."""
+"""FAILED_PRECONDITION: ClearRange of a dirty bitmap of an embedded export whose image is
+open read-only (`read_only` in the gateway's configuration).
+"""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """INTERNAL: anything else; the message says what."""
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 15
@@ -330,8 +357,11 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 access policy).
 """
 ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 17
-"""RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate); RetryInfo
-says when to try again.
+"""RESOURCE_EXHAUSTED: a per-caller limit (concurrent streams, ClearRange rate), with
+RetryInfo saying when to try again; or a limit that waiting does not lift, with
+QuotaFailure and no RetryInfo: the ledger's cleared ranges per generation
+(`ledger_max_intervals`; set a new generation), or the 8 snapshots an export may hold
+(CreateSnapshot; release one, metadata `limit`).
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 18
 """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
@@ -340,6 +370,14 @@ client stopped reading).
 ERROR_REASON_GENERATION_MISMATCH: ErrorReason.ValueType  # 19
 """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
 (metadata `generation`, `current_generation`).
+"""
+ERROR_REASON_GENERATIONS_NOT_SUPPORTED: ErrorReason.ValueType  # 32
+"""FAILED_PRECONDITION: SetExportGeneration on an export whose bitmaps clear at the source
+(CLEAR_MODE_AT_SOURCE): generations scope only the gateway's ledger.
+"""
+ERROR_REASON_HEALTH_SERVICE_NOT_FOUND: ErrorReason.ValueType  # 33
+"""NOT_FOUND: a health check (grpc.health.v1) of a name that is neither `""`,
+`nbdgw.v1.BitmapService` nor `exports/{export}` (metadata `service`).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

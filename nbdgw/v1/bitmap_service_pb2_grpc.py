@@ -31,7 +31,10 @@ class BitmapServiceStub:
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     def __init__(self, channel):
@@ -83,7 +86,10 @@ class BitmapServiceServicer:
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     def ListExports(self, request, context):
@@ -164,7 +170,9 @@ class BitmapServiceServicer:
         generation is a point in time: changing it deletes the clears of every other generation of
         the export, so a name used again later starts clean too. Setting the current generation
         again changes nothing. The generation is durable; a generation given in the gateway's
-        configuration replaces it only when the configuration changes.
+        configuration replaces it only when the configuration changes. An export whose bitmaps
+        clear at the source (CLEAR_MODE_AT_SOURCE) has no generation: FAILED_PRECONDITION, reason
+        GENERATIONS_NOT_SUPPORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,7 +241,10 @@ class BitmapService:
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     @staticmethod

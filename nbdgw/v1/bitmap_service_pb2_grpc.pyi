@@ -17,11 +17,15 @@ Vocabulary:
 - An *extent* is a run of bytes `[offset, offset + length)` over which a context's flags are
   constant. Offsets and lengths are in bytes.
 
-Errors follow AIP-193: every error carries a `google.rpc.Status` (in the
-`grpc-status-details-bin` trailer) whose details hold a `google.rpc.ErrorInfo` with domain
-`nbdgw.dev` and a stable `reason` (see `ErrorReason`), plus `BadRequest` for bad fields,
-`ResourceInfo` for an unknown export or bitmap, `PreconditionFailure` for an operation the
-bitmap does not allow, and `RetryInfo` with UNAVAILABLE.
+Errors follow AIP-193: every error of the gateway's services (these, SnapshotService and
+health) carries a `google.rpc.Status` (in the `grpc-status-details-bin` trailer) whose
+details hold a `google.rpc.ErrorInfo` with domain `nbdgw.dev` and a stable `reason` (see
+`ErrorReason`; one reason per cause), plus `BadRequest` for bad fields, `ResourceInfo` for
+an unknown export or bitmap, `PreconditionFailure` for an operation the bitmap does not
+allow, `QuotaFailure` for a limit that waiting does not lift, and `RetryInfo` with
+UNAVAILABLE and per-caller limits. Only the statuses gRPC makes itself carry none:
+UNIMPLEMENTED for a method the gateway does not serve, and the client's own cancellations
+and deadlines.
 """
 
 from collections import abc as _abc
@@ -53,7 +57,10 @@ class BitmapServiceStub:
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     @_typing.overload
@@ -117,7 +124,9 @@ class BitmapServiceStub:
     generation is a point in time: changing it deletes the clears of every other generation of
     the export, so a name used again later starts clean too. Setting the current generation
     again changes nothing. The generation is durable; a generation given in the gateway's
-    configuration replaces it only when the configuration changes.
+    configuration replaces it only when the configuration changes. An export whose bitmaps
+    clear at the source (CLEAR_MODE_AT_SOURCE) has no generation: FAILED_PRECONDITION, reason
+    GENERATIONS_NOT_SUPPORTED.
     """
     StreamRemainingDirty: _grpc.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]
     """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
@@ -134,7 +143,10 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -195,7 +207,9 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     generation is a point in time: changing it deletes the clears of every other generation of
     the export, so a name used again later starts clean too. Setting the current generation
     again changes nothing. The generation is durable; a generation given in the gateway's
-    configuration replaces it only when the configuration changes.
+    configuration replaces it only when the configuration changes. An export whose bitmaps
+    clear at the source (CLEAR_MODE_AT_SOURCE) has no generation: FAILED_PRECONDITION, reason
+    GENERATIONS_NOT_SUPPORTED.
     """
     StreamRemainingDirty: _aio.UnaryStreamMultiCallable[_bitmap_service_pb2.StreamRemainingDirtyRequest, _bitmap_service_pb2.StreamRemainingDirtyResponse]  # type: ignore[assignment]
     """Streams the ranges of a dirty bitmap that are still dirty: the host's dirty extents minus
@@ -211,7 +225,10 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The gateway also serves grpc.health.v1.Health, with the service names `""` (liveness: the
     process runs), `nbdgw.v1.BitmapService` (readiness: every NBD host is reachable) and
-    `exports/{export}` (that export's host is reachable); and server reflection.
+    `exports/{export}` (that export's host is reachable); a Check of another name fails with
+    NOT_FOUND, reason EXPORT_NOT_FOUND for an export the gateway does not serve and
+    HEALTH_SERVICE_NOT_FOUND for anything else. And server reflection (grpc.reflection.v1 and
+    v1alpha).
     """
 
     @_abc_1.abstractmethod
@@ -306,7 +323,9 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         generation is a point in time: changing it deletes the clears of every other generation of
         the export, so a name used again later starts clean too. Setting the current generation
         again changes nothing. The generation is durable; a generation given in the gateway's
-        configuration replaces it only when the configuration changes.
+        configuration replaces it only when the configuration changes. An export whose bitmaps
+        clear at the source (CLEAR_MODE_AT_SOURCE) has no generation: FAILED_PRECONDITION, reason
+        GENERATIONS_NOT_SUPPORTED.
         """
 
     @_abc_1.abstractmethod

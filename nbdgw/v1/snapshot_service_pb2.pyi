@@ -162,7 +162,9 @@ class Snapshot(_message.Message):
     preserved_bytes: _builtins.int
     """Bytes of old data preserved so far (holes cost nothing)."""
     max_preserved_bytes: _builtins.int
-    """The most old data the snapshot may preserve; 0: no limit but the host's disk."""
+    """The most old data the snapshot may preserve, in bytes: the limit asked for, or the default
+    it got (see CreateSnapshotRequest).
+    """
     on_full: Global___SnapshotOnFull.ValueType
     """What happens when the limit is reached."""
     state: Global___SnapshotState.ValueType
@@ -250,7 +252,10 @@ class CreateSnapshotRequest(_message.Message):
     cluster_size_bytes: _builtins.int
     """The copy-before-write unit, a power of two from 4 KiB to 16 MiB; 0: 64 KiB."""
     max_preserved_bytes: _builtins.int
-    """The most old data the snapshot may preserve; 0: no limit but the host's disk."""
+    """The most old data the snapshot may preserve, in bytes; 0: the default, 10% of the export's
+    size but at least 256 MiB. There is no unlimited snapshot: a forgotten one must not fill
+    the host's file system.
+    """
     on_full: Global___SnapshotOnFull.ValueType
     """What happens when that limit is reached."""
     @_builtins.property

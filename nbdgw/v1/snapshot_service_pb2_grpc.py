@@ -59,7 +59,8 @@ class SnapshotServiceServicer:
     def CreateSnapshot(self, request, context):
         """Takes a snapshot of an export now, forking the given dirty bitmaps. ALREADY_EXISTS
         (SNAPSHOT_EXISTS) when the id is taken; NOT_FOUND (BITMAP_NOT_FOUND) for a bitmap the
-        export does not have.
+        export does not have; RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED, with a QuotaFailure) when
+        the export holds 8 snapshots already: release one first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

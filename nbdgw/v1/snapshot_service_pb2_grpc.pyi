@@ -58,7 +58,8 @@ class SnapshotServiceStub:
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.CreateSnapshotRequest, _snapshot_service_pb2.Snapshot]
     """Takes a snapshot of an export now, forking the given dirty bitmaps. ALREADY_EXISTS
     (SNAPSHOT_EXISTS) when the id is taken; NOT_FOUND (BITMAP_NOT_FOUND) for a bitmap the
-    export does not have.
+    export does not have; RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED, with a QuotaFailure) when
+    the export holds 8 snapshots already: release one first.
     """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListSnapshotsRequest, _snapshot_service_pb2.ListSnapshotsResponse]
     """Lists the snapshots of an export, oldest first."""
@@ -75,7 +76,8 @@ class SnapshotServiceAsyncStub(SnapshotServiceStub):
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.CreateSnapshotRequest, _snapshot_service_pb2.Snapshot]  # type: ignore[assignment]
     """Takes a snapshot of an export now, forking the given dirty bitmaps. ALREADY_EXISTS
     (SNAPSHOT_EXISTS) when the id is taken; NOT_FOUND (BITMAP_NOT_FOUND) for a bitmap the
-    export does not have.
+    export does not have; RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED, with a QuotaFailure) when
+    the export holds 8 snapshots already: release one first.
     """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListSnapshotsRequest, _snapshot_service_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """Lists the snapshots of an export, oldest first."""
@@ -95,7 +97,8 @@ class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_snapshot_service_pb2.Snapshot, _abc.Awaitable[_snapshot_service_pb2.Snapshot]]:
         """Takes a snapshot of an export now, forking the given dirty bitmaps. ALREADY_EXISTS
         (SNAPSHOT_EXISTS) when the id is taken; NOT_FOUND (BITMAP_NOT_FOUND) for a bitmap the
-        export does not have.
+        export does not have; RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED, with a QuotaFailure) when
+        the export holds 8 snapshots already: release one first.
         """
 
     @_abc_1.abstractmethod
