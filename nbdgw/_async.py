@@ -1,0 +1,289 @@
+"""The asyncio client, over grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from nbdgw import _core
+from nbdgw._models import (
+    Bitmap,
+    ByteRange,
+    ClearResult,
+    DataChunk,
+    Export,
+    Extent,
+    ExtentBatch,
+    ExtentFilter,
+    ForkedBitmap,
+    GenerationChange,
+    Snapshot,
+    SnapshotOnFull,
+)
+from nbdgw._options import DEFAULT_TARGET, DEFAULT_TIMEOUT, TLS, Retry, channel_spec
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+
+class AsyncClient:
+    """An asyncio client of an nbdgw gateway: :class:`nbdgw.Client`'s surface, with
+    coroutines for calls and async iterators for streams.
+
+    Create it inside the running event loop (``async with AsyncClient(...) as client:``).
+    An async iterator left early releases its stream when it is closed: wrap it in
+    ``contextlib.aclosing`` to do that at once rather than at garbage collection.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: TLS | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: Retry | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        spec = channel_spec(target, token=token, tls=tls, options=tuple(channel_options))
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or Retry()
+        self._metadata = spec.metadata
+        if spec.credentials is None:
+            self._channel = grpc.aio.insecure_channel(spec.target, options=spec.options)
+        else:
+            self._channel = grpc.aio.secure_channel(spec.target, spec.credentials, spec.options)
+        self._bitmaps: Any = pb_grpc.BitmapServiceStub(self._channel)
+        self._snapshots: Any = spb_grpc.SnapshotServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def _unary(self, method: Any, request: Any, *, retry: bool = True) -> Any:
+        state = _core.RetryState(self.retry if retry else Retry(attempts=0), _core.RETRYABLE_UNARY)
+        while True:
+            try:
+                return await method(request, metadata=self._metadata, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                delay = state.next_delay(_core.error_from_rpc(exc))
+            await asyncio.sleep(delay)
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        resume = _core.StreamResume(request, self.retry)
+        while True:
+            call = method(resume.request, metadata=self._metadata)
+            try:
+                async for msg in call:
+                    resume.accept(msg)
+                    yield msg
+                return
+            except grpc.RpcError as exc:
+                delay = resume.failed(exc)
+            finally:
+                call.cancel()  # a consumer that stops early frees the stream now
+            await asyncio.sleep(delay)
+
+    async def list_exports(self) -> list[Export]:
+        """Every export of the gateway, in configuration order (all pages)."""
+        out: list[Export] = []
+        token = ""
+        while True:
+            resp = await self._unary(
+                self._bitmaps.ListExports, pb.ListExportsRequest(page_token=token)
+            )
+            out += map(_core.export_from, resp.exports)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def get_export(self, export: str) -> Export:
+        """One export, as its host describes it now (``disk`` or ``exports/disk``)."""
+        return _core.export_from(
+            await self._unary(self._bitmaps.GetExport, pb.GetExportRequest(name=export))
+        )
+
+    async def list_bitmaps(self, export: str) -> list[Bitmap]:
+        """Every metadata context the export's host offers (all pages)."""
+        out: list[Bitmap] = []
+        token = ""
+        while True:
+            req = pb.ListBitmapsRequest(parent=export, page_token=token)
+            resp = await self._unary(self._bitmaps.ListBitmaps, req)
+            out += map(_core.bitmap_from, resp.bitmaps)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def stream_extents(self, request: pb.StreamExtentsRequest) -> AsyncIterator[ExtentBatch]:
+        """StreamExtents for a request built by hand (fields this client does not know pass
+        through untouched), resumed like :meth:`iter_batches`."""
+        async for msg in self._stream(self._bitmaps.StreamExtents, request):
+            batch = _core.batch_from(msg)
+            if msg.data:
+                _core.check_data(batch)
+            yield batch
+
+    def iter_batches(
+        self,
+        export: str,
+        context: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        filter: ExtentFilter = ExtentFilter.ALL,
+        merge_allocation: bool = False,
+        include_data: bool = False,
+        max_extents_per_message: int = 0,
+        resume_token: str = "",
+    ) -> AsyncIterator[ExtentBatch]:
+        """The stream's messages as they come: packed extents, their data, and where to
+        resume. The other iterators are built on this one."""
+        req = _core.stream_request(
+            export,
+            context,
+            offset=offset,
+            length=length,
+            filter=filter,
+            merge_allocation=merge_allocation,
+            include_data=include_data,
+            max_extents_per_message=max_extents_per_message,
+            resume_token=resume_token,
+        )
+        return self.stream_extents(req)
+
+    async def iter_extents(
+        self,
+        export: str,
+        context: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        filter: ExtentFilter = ExtentFilter.ALL,
+        merge_allocation: bool = False,
+        resume_token: str = "",
+    ) -> AsyncIterator[Extent]:
+        """The extents of ``context`` (a name without ``:`` is ``qemu:dirty-bitmap:NAME``)
+        over ``[offset, offset + length)`` in order, each exactly once, whatever restarts."""
+        async for batch in self.iter_batches(
+            export,
+            context,
+            offset=offset,
+            length=length,
+            filter=filter,
+            merge_allocation=merge_allocation,
+            resume_token=resume_token,
+        ):
+            for extent in batch.extents():
+                yield extent
+
+    async def iter_data(
+        self,
+        export: str,
+        context: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        filter: ExtentFilter = ExtentFilter.ALL,
+        resume_token: str = "",
+    ) -> AsyncIterator[DataChunk]:
+        """The extents with their bytes (``filter=ExtentFilter.SET``: only the dirty ones);
+        extents that read as zeroes come with ``data=None``."""
+        async for batch in self.iter_batches(
+            export,
+            context,
+            offset=offset,
+            length=length,
+            filter=filter,
+            include_data=True,
+            resume_token=resume_token,
+        ):
+            for chunk in batch.chunks():
+                yield chunk
+
+    async def iter_remaining_dirty(
+        self,
+        export: str,
+        bitmap: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        resume_token: str = "",
+    ) -> AsyncIterator[ByteRange]:
+        """The ranges of a dirty bitmap still dirty: the host's minus what was cleared."""
+        req = _core.remaining_request(
+            export, bitmap, offset=offset, length=length, resume_token=resume_token
+        )
+        async for msg in self._stream(self._bitmaps.StreamRemainingDirty, req):
+            for r in _core.remaining_ranges(msg):
+                yield r
+
+    async def clear_range(
+        self, export: str, bitmap: str, offset: int, length: int, *, generation: str = ""
+    ) -> ClearResult:
+        """Acknowledge ``[offset, offset + length)`` of a dirty bitmap (see ClearRange)."""
+        req = pb.ClearRangeRequest(
+            export=export, bitmap=bitmap, offset=offset, length=length, generation=generation
+        )
+        return _core.clear_result_from(await self._unary(self._bitmaps.ClearRange, req))
+
+    async def set_generation(self, export: str, generation: str) -> GenerationChange:
+        """Set the export's generation (the point in time its ledger clears belong to)."""
+        req = pb.SetExportGenerationRequest(export=export, generation=generation)
+        return _core.generation_from(await self._unary(self._bitmaps.SetExportGeneration, req))
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self,
+        export: str,
+        *,
+        snapshot_id: str = "",
+        bitmaps: Sequence[str] = (),
+        cluster_size: int = 0,
+        max_preserved_bytes: int = 0,
+        on_full: SnapshotOnFull = SnapshotOnFull.UNSPECIFIED,
+    ) -> Snapshot:
+        """A point-in-time snapshot of ``export``, forking ``bitmaps``. Not retried: a retry
+        after a lost answer could make a second snapshot."""
+        req = spb.CreateSnapshotRequest(
+            parent=export,
+            snapshot_id=snapshot_id,
+            bitmaps=list(bitmaps),
+            cluster_size_bytes=cluster_size,
+            max_preserved_bytes=max_preserved_bytes,
+            on_full=int(on_full),  # type: ignore[arg-type]
+        )
+        return _core.snapshot_from(
+            await self._unary(self._snapshots.CreateSnapshot, req, retry=False)
+        )
+
+    async def list_snapshots(self, export: str) -> list[Snapshot]:
+        out: list[Snapshot] = []
+        token = ""
+        while True:
+            req = spb.ListSnapshotsRequest(parent=export, page_token=token)
+            resp = await self._unary(self._snapshots.ListSnapshots, req)
+            out += map(_core.snapshot_from, resp.snapshots)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def release_snapshot(self, export: str, snapshot: str) -> tuple[ForkedBitmap, ...]:
+        """Release a snapshot; returns its bitmaps as merged back into the export's. Not
+        retried (a second release would find nothing)."""
+        req = spb.ReleaseSnapshotRequest(name=_core.snapshot_name(export, snapshot))
+        resp = await self._unary(self._snapshots.ReleaseSnapshot, req, retry=False)
+        return _core.forks_from(resp.merged)

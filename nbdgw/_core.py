@@ -1,0 +1,350 @@
+"""The part of the client that does no I/O, shared by the blocking and the asyncio flavour:
+requests, models from responses, errors from statuses, and the resume logic of streams.
+
+The flavours only send calls, iterate and sleep: every decision (what to send next, whether
+an error is worth a retry and after how long, whether a message continues the stream) is
+made here, so both behave the same by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from nbdgw import errors
+from nbdgw._models import (
+    Allocation,
+    Bitmap,
+    BitmapKind,
+    BlockSizes,
+    ByteRange,
+    ClearMode,
+    ClearResult,
+    Export,
+    ExportFlags,
+    ExportState,
+    ExtentBatch,
+    ExtentFilter,
+    ForkedBitmap,
+    GenerationChange,
+    Snapshot,
+    SnapshotOnFull,
+    SnapshotState,
+)
+from nbdgw._options import Retry
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import snapshot_service_pb2 as spb
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+EXPORTS_PREFIX = "exports/"
+
+# The detail types the gateway sends (AIP-193); others are ignored, not fatal.
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.DebugInfo,
+)
+
+# Unary calls that change nothing, or whose repetition is harmless (ClearRange, and
+# SetExportGeneration with the same generation), are retried after UNAVAILABLE.
+RETRYABLE_UNARY = frozenset({"UNAVAILABLE"})
+# A stream ends early and is resumed when the gateway or its host went away (UNAVAILABLE),
+# the gateway cut a stream it found stalled (DEADLINE_EXCEEDED: the client sets no deadline
+# on streams), or it refused one stream too many for now (RESOURCE_EXHAUSTED).
+RETRYABLE_STREAM = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def decode_details(trailers: Iterable[tuple[str, Any]] | None) -> tuple[Any, ...]:
+    """The decoded ``google.rpc.Status`` details of a failed call's trailers."""
+    raw = None
+    for key, value in trailers or ():
+        if key == STATUS_DETAILS_KEY:
+            raw = value
+    if not isinstance(raw, bytes):
+        return ()
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except Exception:  # a malformed trailer must not hide the error itself
+        return ()
+    details = []
+    for packed in status.details:
+        for cls in _DETAIL_TYPES:
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                details.append(message)
+                break
+    return tuple(details)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.CallError:
+    """The library's exception for a failed gRPC call (blocking or asyncio)."""
+    call: Any = exc
+    code = call.code() if hasattr(call, "code") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    message = " ".join(((call.details() if hasattr(call, "details") else "") or "").split())
+    trailers = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    details = decode_details(trailers)
+    reason, metadata = "", {}
+    for d in details:
+        if isinstance(d, error_details_pb2.ErrorInfo):
+            reason, metadata = d.reason, dict(d.metadata)
+            break
+    cls = errors.error_class(name, reason)
+    return cls(message, code=name, reason=reason, metadata=metadata, details=details)
+
+
+class RetryState:
+    """Counts the attempts of one call and says whether and when to try again."""
+
+    def __init__(self, retry: Retry, retryable: frozenset[str]) -> None:
+        self.retry = retry
+        self.retryable = retryable
+        self.attempt = 0
+
+    def progressed(self) -> None:
+        self.attempt = 0
+
+    def next_delay(self, error: errors.CallError) -> float:
+        """The wait before the next attempt; raises ``error`` when it is not worth one."""
+        self.attempt += 1
+        error.attempts = self.attempt
+        if error.code not in self.retryable or self.attempt > self.retry.attempts:
+            raise error
+        return self.retry.delay(self.attempt, error.retry_after)
+
+
+# --- names and requests ------------------------------------------------------------------------
+
+
+def export_id(name: str) -> str:
+    return name.removeprefix(EXPORTS_PREFIX)
+
+
+def stream_request(
+    export: str,
+    context: str,
+    *,
+    offset: int,
+    length: int | None,
+    filter: ExtentFilter,
+    merge_allocation: bool,
+    include_data: bool,
+    max_extents_per_message: int,
+    resume_token: str,
+) -> pb.StreamExtentsRequest:
+    req = pb.StreamExtentsRequest(
+        export=export,
+        context=context,
+        offset=offset,
+        filter=int(filter),  # type: ignore[arg-type]
+        merge_allocation=merge_allocation,
+        include_data=include_data,
+        max_extents_per_message=max_extents_per_message,
+        resume_token=resume_token,
+    )
+    if length is not None:
+        req.length = length
+    return req
+
+
+def remaining_request(
+    export: str, bitmap: str, *, offset: int, length: int | None, resume_token: str
+) -> pb.StreamRemainingDirtyRequest:
+    req = pb.StreamRemainingDirtyRequest(
+        export=export, bitmap=bitmap, offset=offset, resume_token=resume_token
+    )
+    if length is not None:
+        req.length = length
+    return req
+
+
+def snapshot_name(export: str, snapshot: str) -> str:
+    """``exports/{export}/snapshots/{snapshot}``; a full name is taken as it is."""
+    if snapshot.startswith(EXPORTS_PREFIX):
+        return snapshot
+    return f"{EXPORTS_PREFIX}{export_id(export)}/snapshots/{snapshot}"
+
+
+# --- models from responses ---------------------------------------------------------------------
+
+
+def export_from(m: pb.Export) -> Export:
+    f = m.flags
+    return Export(
+        name=m.name,
+        id=export_id(m.name),
+        size=m.size_bytes,
+        state=ExportState(m.state),
+        host=m.host,
+        description=m.description,
+        nbd_export_name=m.nbd_export_name,
+        read_only=m.read_only,
+        clear_mode=ClearMode(m.clear_mode),
+        generation=m.generation,
+        block_sizes=(
+            BlockSizes(
+                m.block_sizes.minimum_bytes,
+                m.block_sizes.preferred_bytes,
+                m.block_sizes.maximum_bytes,
+            )
+            if m.HasField("block_sizes")
+            else None
+        ),
+        flags=ExportFlags(
+            f.can_flush,
+            f.can_fua,
+            f.rotational,
+            f.can_trim,
+            f.can_write_zeroes,
+            f.can_df,
+            f.can_multi_conn,
+            f.can_cache,
+            f.can_fast_zero,
+            f.can_block_status_payload,
+        ),
+        transmission_flags=m.transmission_flags,
+    )
+
+
+def bitmap_from(m: pb.Bitmap) -> Bitmap:
+    export = export_id(m.name.split("/bitmaps/", 1)[0])
+    return Bitmap(
+        name=m.name,
+        export=export,
+        context=m.context,
+        kind=BitmapKind(m.kind),
+        export_size=m.export_size_bytes,
+        granularity=m.granularity_bytes,
+        clear_mode=ClearMode(m.clear_mode),
+        clear_unsupported_reason=m.clear_unsupported_reason,
+        recording=m.recording if m.HasField("recording") else None,
+        dirty_bytes=m.dirty_bytes if m.HasField("dirty_bytes") else None,
+        generation=m.generation,
+    )
+
+
+def clear_result_from(m: pb.ClearRangeResponse) -> ClearResult:
+    return ClearResult(
+        cleared=tuple(ByteRange(r.offset, r.length) for r in m.cleared_ranges),
+        cleared_bytes=m.cleared_bytes,
+        clear_mode=ClearMode(m.clear_mode),
+        granularity=m.granularity_bytes,
+        generation=m.generation,
+        raw=m,
+    )
+
+
+def generation_from(m: pb.SetExportGenerationResponse) -> GenerationChange:
+    return GenerationChange(export_id(m.export), m.generation, m.previous_generation)
+
+
+def forks_from(forks: Iterable[spb.ForkedBitmap]) -> tuple[ForkedBitmap, ...]:
+    return tuple(ForkedBitmap(f.context, f.granularity_bytes, f.dirty_bytes) for f in forks)
+
+
+def snapshot_from(m: spb.Snapshot) -> Snapshot:
+    parent, _, snap_id = m.name.removeprefix(EXPORTS_PREFIX).partition("/snapshots/")
+    return Snapshot(
+        name=m.name,
+        id=snap_id,
+        export=export_id(m.export),
+        parent=parent,
+        create_time=m.create_time.ToDatetime(tzinfo=UTC),
+        forks=forks_from(m.forks),
+        size=m.size_bytes,
+        cluster_size=m.cluster_size_bytes,
+        preserved_bytes=m.preserved_bytes,
+        max_preserved_bytes=m.max_preserved_bytes,
+        on_full=SnapshotOnFull(m.on_full),
+        state=SnapshotState(m.state),
+    )
+
+
+def remaining_ranges(m: pb.StreamRemainingDirtyResponse) -> Iterator[ByteRange]:
+    pos = m.offset
+    for delta, length in zip(m.offset_deltas, m.lengths, strict=True):
+        pos += delta
+        yield ByteRange(pos, length)
+        pos += length
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+class StreamResume:
+    """The resume logic of one server stream (StreamExtents, StreamRemainingDirty).
+
+    Each message says where the stream stands (``next_offset``) and carries a token that
+    resumes it there. After a resumable error the same request is sent again with the token
+    of the last message received (the error's own token only before any message), so the
+    consumer sees no gap and no repeat; a message that does not start where the previous one
+    ended is refused (StreamError) rather than passed on.
+    """
+
+    def __init__(self, request: Any, retry: Retry) -> None:
+        self.request = type(request)()
+        self.request.CopyFrom(request)  # unknown fields too: they pass through untouched
+        self.retries = RetryState(retry, RETRYABLE_STREAM)
+        self.position: int | None = None
+        self.done = False
+        if not request.resume_token:
+            has_offset = "resume_offset" in request.DESCRIPTOR.fields_by_name
+            if has_offset and request.HasField("resume_offset"):
+                self.position = request.resume_offset
+            else:
+                self.position = request.offset
+
+    def accept(self, msg: Any) -> None:
+        """Check that ``msg`` continues the stream, and move the resume point past it."""
+        if self.position is not None and msg.offset != self.position:
+            what = "a gap" if msg.offset > self.position else "a repeat"
+            raise errors.StreamError(
+                f"the gateway resumed the stream at {msg.offset}, not at {self.position}"
+                f" where it stopped ({what})"
+            )
+        if msg.next_offset < msg.offset or not msg.resume_token:
+            raise errors.StreamError(
+                f"a stream message without a resume position ({msg.offset}-{msg.next_offset})"
+            )
+        self.position = msg.next_offset
+        self.request.resume_token = msg.resume_token
+        if "resume_offset" in self.request.DESCRIPTOR.fields_by_name:
+            self.request.ClearField("resume_offset")
+        self.retries.progressed()
+        self.done = msg.next_offset >= msg.range_end
+
+    def failed(self, exc: grpc.RpcError) -> float:
+        """The wait before resuming after ``exc``; raises the mapped error when it is fatal."""
+        error = error_from_rpc(exc)
+        # Before any message: the gateway's own resume point, if it gave one.
+        if self.position is None and isinstance(error, errors.Unavailable) and error.resume_token:
+            self.request.resume_token = error.resume_token
+            self.position = error.resume_offset
+        return self.retries.next_delay(error)
+
+
+def batch_from(msg: pb.StreamExtentsResponse) -> ExtentBatch:
+    return ExtentBatch(msg.offset, msg.next_offset, msg.range_end, msg.resume_token, msg)
+
+
+def check_data(batch: ExtentBatch) -> None:
+    """The data of a message is exactly the bytes of its DATA extents."""
+    need = sum(e.length for e in batch.extents() if e.allocation == Allocation.DATA)
+    if need != len(batch.raw.data):
+        raise errors.StreamError(
+            f"the message at {batch.offset} carries {len(batch.raw.data)} bytes of data for"
+            f" {need} bytes of DATA extents"
+        )

@@ -1,0 +1,273 @@
+"""What the client returns: frozen, slotted dataclasses and enums with the API's values.
+
+The models are plain values, shared by :class:`nbdgw.Client` and :class:`nbdgw.AsyncClient`;
+``_convert`` builds them from the protobuf messages. Sizes are in bytes, as in the API.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class ExportState(enum.IntEnum):
+    """Whether an export's host is reachable (``nbdgw.v1.ExportState``)."""
+
+    UNSPECIFIED = 0
+    AVAILABLE = 1
+    UNAVAILABLE = 2
+
+
+class ClearMode(enum.IntEnum):
+    """How ClearRange acknowledges a bitmap (``nbdgw.v1.ClearMode``)."""
+
+    UNSPECIFIED = 0
+    AT_SOURCE = 1
+    LEDGER_MASK = 2
+    UNSUPPORTED = 3
+
+
+class BitmapKind(enum.IntEnum):
+    """What a metadata context describes (``nbdgw.v1.BitmapKind``)."""
+
+    UNSPECIFIED = 0
+    ALLOCATION = 1
+    DIRTY_BITMAP = 2
+    ALLOCATION_DEPTH = 3
+    OTHER = 4
+
+
+class ExtentFilter(enum.IntEnum):
+    """Which extents a stream sends (``nbdgw.v1.ExtentFilter``): every extent, only those
+    whose flags are set (dirty), or only those whose flags are 0 (clean)."""
+
+    UNSPECIFIED = 0
+    ALL = 1
+    SET = 2
+    CLEAR = 3
+
+
+class Allocation(enum.IntEnum):
+    """Whether an extent's bytes must be read (``nbdgw.v1.Allocation``); UNSPECIFIED when the
+    stream did not merge the allocation map."""
+
+    UNSPECIFIED = 0
+    DATA = 1
+    ZERO = 2
+    HOLE = 3
+
+
+class SnapshotState(enum.IntEnum):
+    UNSPECIFIED = 0
+    READY = 1
+    BROKEN = 2
+
+
+class SnapshotOnFull(enum.IntEnum):
+    """What a snapshot does when its preserved data would pass its limit."""
+
+    UNSPECIFIED = 0
+    BREAK_SNAPSHOT = 1
+    FAIL_WRITE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """The host's block size constraints (NBD_INFO_BLOCK_SIZE)."""
+
+    minimum: int
+    preferred: int
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFlags:
+    """The export's transmission flags (NBD_FLAG_*), decoded."""
+
+    can_flush: bool = False
+    can_fua: bool = False
+    rotational: bool = False
+    can_trim: bool = False
+    can_write_zeroes: bool = False
+    can_df: bool = False
+    can_multi_conn: bool = False
+    can_cache: bool = False
+    can_fast_zero: bool = False
+    can_block_status_payload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """A disk the gateway serves. ``id`` is what the calls take (``name`` works too)."""
+
+    name: str  # exports/{id}
+    id: str
+    size: int
+    state: ExportState
+    host: str
+    description: str = ""
+    nbd_export_name: str = ""
+    read_only: bool = False
+    clear_mode: ClearMode = ClearMode.UNSPECIFIED
+    generation: str = ""
+    block_sizes: BlockSizes | None = None
+    flags: ExportFlags = ExportFlags()
+    transmission_flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Bitmap:
+    """One NBD metadata context of an export (a dirty bitmap, the allocation map...)."""
+
+    name: str  # exports/{export}/bitmaps/{context}
+    export: str  # the export's id
+    context: str  # as the host names it: qemu:dirty-bitmap:backup, base:allocation
+    kind: BitmapKind
+    export_size: int
+    granularity: int = 0  # 0: not known
+    clear_mode: ClearMode = ClearMode.UNSPECIFIED
+    clear_unsupported_reason: str = ""
+    recording: bool | None = None  # None: not known
+    dirty_bytes: int | None = None  # None: not known
+    generation: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run ``[offset, offset + length)`` over which the context's flags are constant.
+    ``allocation`` is UNSPECIFIED unless the stream merged the allocation map."""
+
+    offset: int
+    length: int
+    flags: int
+    allocation: Allocation = Allocation.UNSPECIFIED
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """An extent of a data stream and its bytes. ``data`` is None when the extent reads as
+    zeroes (allocation ZERO or HOLE: nothing to read); otherwise exactly ``length`` bytes, a
+    read-only view into the message that carried them (``bytes(chunk.data)`` to copy)."""
+
+    offset: int
+    length: int
+    flags: int
+    allocation: Allocation
+    data: memoryview | None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentBatch:
+    """One StreamExtents message: the extents (and data) found in ``[offset, next_offset)``.
+
+    ``raw`` is the protobuf message itself, with any field this version of the client does
+    not know. ``resume_token`` continues a stream after this batch (``resume_token=`` of the
+    iterators), even in another process.
+    """
+
+    offset: int
+    next_offset: int
+    range_end: int
+    resume_token: str
+    raw: Any = field(repr=False, compare=False)
+
+    def extents(self) -> Iterator[Extent]:
+        msg = self.raw
+        pos = msg.offset
+        allocation = msg.allocation
+        for i, (delta, length, flags) in enumerate(
+            zip(msg.offset_deltas, msg.lengths, msg.flags, strict=True)
+        ):
+            pos += delta
+            kind = Allocation(allocation[i]) if allocation else Allocation.UNSPECIFIED
+            yield Extent(pos, length, flags, kind)
+            pos += length
+
+    def chunks(self) -> Iterator[DataChunk]:
+        """The extents with their data (the stream must have been asked for data)."""
+        data = memoryview(self.raw.data).toreadonly()
+        pos = 0
+        for e in self.extents():
+            if e.allocation == Allocation.DATA:
+                yield DataChunk(
+                    e.offset, e.length, e.flags, e.allocation, data[pos : pos + e.length]
+                )
+                pos += e.length
+            else:
+                yield DataChunk(e.offset, e.length, e.flags, e.allocation, None)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream has covered its whole range with this batch."""
+        return self.next_offset >= self.range_end
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class ClearResult:
+    """What ClearRange cleared: only whole granules inside the range (AT_SOURCE), or the range
+    byte-exactly under ``generation`` (LEDGER_MASK)."""
+
+    cleared: tuple[ByteRange, ...]
+    cleared_bytes: int
+    clear_mode: ClearMode
+    granularity: int
+    generation: str
+    raw: Any = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChange:
+    """The result of SetExportGeneration."""
+
+    export: str  # the export's id
+    generation: str
+    previous_generation: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForkedBitmap:
+    """A dirty bitmap a snapshot forked: its copy on the snapshot export."""
+
+    context: str
+    granularity: int
+    dirty_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A point-in-time snapshot of an export. Read it through the export ``export`` (the
+    form ``{export}@{id}``), which nothing writes, and clear its bitmaps there safely."""
+
+    name: str  # exports/{export}/snapshots/{id}
+    id: str
+    export: str  # the snapshot's own export id, {export}@{id}
+    parent: str  # the export it was taken of
+    create_time: datetime
+    forks: tuple[ForkedBitmap, ...]
+    size: int
+    cluster_size: int
+    preserved_bytes: int
+    max_preserved_bytes: int
+    on_full: SnapshotOnFull
+    state: SnapshotState
