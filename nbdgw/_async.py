@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from nbdgw._models import (
     ExtentFilter,
     ForkedBitmap,
     GenerationChange,
+    RetryEvent,
     Snapshot,
     SnapshotOnFull,
 )
@@ -28,6 +30,9 @@ from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+# Retries are logged here (WARNING), and passed to on_retry.
+_log = logging.getLogger("nbdgw")
 
 
 class AsyncClient:
@@ -47,12 +52,14 @@ class AsyncClient:
         tls: TLS | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: Retry | None = None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         spec = channel_spec(target, token=token, tls=tls, options=tuple(channel_options))
         self.target = target
         self.timeout = timeout
         self.retry = retry or Retry()
+        self._on_retry = on_retry
         self._metadata = spec.metadata
         if spec.credentials is None:
             self._channel = grpc.aio.insecure_channel(spec.target, options=spec.options)
@@ -72,38 +79,47 @@ class AsyncClient:
 
     # --- calls ---------------------------------------------------------------------------------
 
-    async def _unary(self, method: Any, request: Any, *, retry: bool = True) -> Any:
-        state = _core.RetryState(self.retry if retry else Retry(attempts=0), _core.RETRYABLE_UNARY)
+    async def _unary(self, stub: Any, method: str, request: Any, *, retry: bool = True) -> Any:
+        policy = self.retry if retry else Retry(attempts=0)
+        state = _core.RetryState(policy, _core.RETRYABLE_UNARY, method)
         while True:
             try:
-                return await method(request, metadata=self._metadata, timeout=self.timeout)
+                return await getattr(stub, method)(
+                    request, metadata=self._metadata, timeout=self.timeout
+                )
             except grpc.RpcError as exc:
-                delay = state.next_delay(_core.error_from_rpc(exc))
-            await asyncio.sleep(delay)
+                event = state.next_delay(_core.error_from_rpc(exc))
+            self._retrying(event)
+            await asyncio.sleep(event.delay)
 
-    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
-        resume = _core.StreamResume(request, self.retry)
+    async def _stream(self, method: str, request: Any) -> AsyncIterator[Any]:
+        resume = _core.StreamResume(method, request, self.retry)
         while True:
-            call = method(resume.request, metadata=self._metadata)
+            call = getattr(self._bitmaps, method)(resume.request, metadata=self._metadata)
             try:
                 async for msg in call:
                     resume.accept(msg)
                     yield msg
                 return
             except grpc.RpcError as exc:
-                delay = resume.failed(exc)
+                event = resume.failed(exc)
             finally:
                 call.cancel()  # a consumer that stops early frees the stream now
-            await asyncio.sleep(delay)
+            self._retrying(event)
+            await asyncio.sleep(event.delay)
+
+    def _retrying(self, event: RetryEvent) -> None:
+        _log.warning("%s", event)
+        if self._on_retry is not None:
+            self._on_retry(event)
 
     async def list_exports(self) -> list[Export]:
         """Every export of the gateway, in configuration order (all pages)."""
         out: list[Export] = []
         token = ""
         while True:
-            resp = await self._unary(
-                self._bitmaps.ListExports, pb.ListExportsRequest(page_token=token)
-            )
+            req = pb.ListExportsRequest(page_token=token)
+            resp = await self._unary(self._bitmaps, "ListExports", req)
             out += map(_core.export_from, resp.exports)
             token = resp.next_page_token
             if not token:
@@ -112,7 +128,7 @@ class AsyncClient:
     async def get_export(self, export: str) -> Export:
         """One export, as its host describes it now (``disk`` or ``exports/disk``)."""
         return _core.export_from(
-            await self._unary(self._bitmaps.GetExport, pb.GetExportRequest(name=export))
+            await self._unary(self._bitmaps, "GetExport", pb.GetExportRequest(name=export))
         )
 
     async def list_bitmaps(self, export: str) -> list[Bitmap]:
@@ -121,7 +137,7 @@ class AsyncClient:
         token = ""
         while True:
             req = pb.ListBitmapsRequest(parent=export, page_token=token)
-            resp = await self._unary(self._bitmaps.ListBitmaps, req)
+            resp = await self._unary(self._bitmaps, "ListBitmaps", req)
             out += map(_core.bitmap_from, resp.bitmaps)
             token = resp.next_page_token
             if not token:
@@ -130,7 +146,7 @@ class AsyncClient:
     async def stream_extents(self, request: pb.StreamExtentsRequest) -> AsyncIterator[ExtentBatch]:
         """StreamExtents for a request built by hand (fields this client does not know pass
         through untouched), resumed like :meth:`iter_batches`."""
-        async for msg in self._stream(self._bitmaps.StreamExtents, request):
+        async for msg in self._stream("StreamExtents", request):
             batch = _core.batch_from(msg)
             if msg.data:
                 _core.check_data(batch)
@@ -173,6 +189,7 @@ class AsyncClient:
         length: int | None = None,
         filter: ExtentFilter = ExtentFilter.ALL,
         merge_allocation: bool = False,
+        max_extents_per_message: int = 0,
         resume_token: str = "",
     ) -> AsyncIterator[Extent]:
         """The extents of ``context`` (a name without ``:`` is ``qemu:dirty-bitmap:NAME``)
@@ -184,6 +201,7 @@ class AsyncClient:
             length=length,
             filter=filter,
             merge_allocation=merge_allocation,
+            max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
         ):
             for extent in batch.extents():
@@ -197,6 +215,7 @@ class AsyncClient:
         offset: int = 0,
         length: int | None = None,
         filter: ExtentFilter = ExtentFilter.ALL,
+        max_extents_per_message: int = 0,
         resume_token: str = "",
     ) -> AsyncIterator[DataChunk]:
         """The extents with their bytes (``filter=ExtentFilter.SET``: only the dirty ones);
@@ -208,6 +227,7 @@ class AsyncClient:
             length=length,
             filter=filter,
             include_data=True,
+            max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
         ):
             for chunk in batch.chunks():
@@ -226,7 +246,7 @@ class AsyncClient:
         req = _core.remaining_request(
             export, bitmap, offset=offset, length=length, resume_token=resume_token
         )
-        async for msg in self._stream(self._bitmaps.StreamRemainingDirty, req):
+        async for msg in self._stream("StreamRemainingDirty", req):
             for r in _core.remaining_ranges(msg):
                 yield r
 
@@ -237,12 +257,12 @@ class AsyncClient:
         req = pb.ClearRangeRequest(
             export=export, bitmap=bitmap, offset=offset, length=length, generation=generation
         )
-        return _core.clear_result_from(await self._unary(self._bitmaps.ClearRange, req))
+        return _core.clear_result_from(await self._unary(self._bitmaps, "ClearRange", req))
 
     async def set_generation(self, export: str, generation: str) -> GenerationChange:
         """Set the export's generation (the point in time its ledger clears belong to)."""
         req = pb.SetExportGenerationRequest(export=export, generation=generation)
-        return _core.generation_from(await self._unary(self._bitmaps.SetExportGeneration, req))
+        return _core.generation_from(await self._unary(self._bitmaps, "SetExportGeneration", req))
 
     # --- snapshots -----------------------------------------------------------------------------
 
@@ -267,7 +287,7 @@ class AsyncClient:
             on_full=int(on_full),  # type: ignore[arg-type]
         )
         return _core.snapshot_from(
-            await self._unary(self._snapshots.CreateSnapshot, req, retry=False)
+            await self._unary(self._snapshots, "CreateSnapshot", req, retry=False)
         )
 
     async def list_snapshots(self, export: str) -> list[Snapshot]:
@@ -275,7 +295,7 @@ class AsyncClient:
         token = ""
         while True:
             req = spb.ListSnapshotsRequest(parent=export, page_token=token)
-            resp = await self._unary(self._snapshots.ListSnapshots, req)
+            resp = await self._unary(self._snapshots, "ListSnapshots", req)
             out += map(_core.snapshot_from, resp.snapshots)
             token = resp.next_page_token
             if not token:
@@ -285,5 +305,5 @@ class AsyncClient:
         """Release a snapshot; returns its bitmaps as merged back into the export's. Not
         retried (a second release would find nothing)."""
         req = spb.ReleaseSnapshotRequest(name=_core.snapshot_name(export, snapshot))
-        resp = await self._unary(self._snapshots.ReleaseSnapshot, req, retry=False)
+        resp = await self._unary(self._snapshots, "ReleaseSnapshot", req, retry=False)
         return _core.forks_from(resp.merged)

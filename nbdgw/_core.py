@@ -31,6 +31,7 @@ from nbdgw._models import (
     ExtentFilter,
     ForkedBitmap,
     GenerationChange,
+    RetryEvent,
     Snapshot,
     SnapshotOnFull,
     SnapshotState,
@@ -109,21 +110,23 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.CallError:
 class RetryState:
     """Counts the attempts of one call and says whether and when to try again."""
 
-    def __init__(self, retry: Retry, retryable: frozenset[str]) -> None:
+    def __init__(self, retry: Retry, retryable: frozenset[str], method: str) -> None:
         self.retry = retry
         self.retryable = retryable
+        self.method = method
         self.attempt = 0
 
     def progressed(self) -> None:
         self.attempt = 0
 
-    def next_delay(self, error: errors.CallError) -> float:
-        """The wait before the next attempt; raises ``error`` when it is not worth one."""
+    def next_delay(self, error: errors.CallError, position: int | None = None) -> RetryEvent:
+        """When to try again; raises ``error`` when it is not worth another attempt."""
         self.attempt += 1
         error.attempts = self.attempt
         if error.code not in self.retryable or self.attempt > self.retry.attempts:
             raise error
-        return self.retry.delay(self.attempt, error.retry_after)
+        delay = self.retry.delay(self.attempt, error.retry_after)
+        return RetryEvent(self.method, self.attempt, self.retry.attempts, delay, error, position)
 
 
 # --- names and requests ------------------------------------------------------------------------
@@ -294,10 +297,10 @@ class StreamResume:
     ended is refused (StreamError) rather than passed on.
     """
 
-    def __init__(self, request: Any, retry: Retry) -> None:
+    def __init__(self, method: str, request: Any, retry: Retry) -> None:
         self.request = type(request)()
         self.request.CopyFrom(request)  # unknown fields too: they pass through untouched
-        self.retries = RetryState(retry, RETRYABLE_STREAM)
+        self.retries = RetryState(retry, RETRYABLE_STREAM, method)
         self.position: int | None = None
         self.done = False
         if not request.resume_token:
@@ -326,14 +329,14 @@ class StreamResume:
         self.retries.progressed()
         self.done = msg.next_offset >= msg.range_end
 
-    def failed(self, exc: grpc.RpcError) -> float:
-        """The wait before resuming after ``exc``; raises the mapped error when it is fatal."""
+    def failed(self, exc: grpc.RpcError) -> RetryEvent:
+        """When to resume after ``exc``; raises the mapped error when it is fatal."""
         error = error_from_rpc(exc)
         # Before any message: the gateway's own resume point, if it gave one.
         if self.position is None and isinstance(error, errors.Unavailable) and error.resume_token:
             self.request.resume_token = error.resume_token
             self.position = error.resume_offset
-        return self.retries.next_delay(error)
+        return self.retries.next_delay(error, self.position)
 
 
 def batch_from(msg: pb.StreamExtentsResponse) -> ExtentBatch:

@@ -10,7 +10,10 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nbdgw.errors import CallError
 
 
 class ExportState(enum.IntEnum):
@@ -211,6 +214,28 @@ class ExtentBatch:
     def complete(self) -> bool:
         """Whether the stream has covered its whole range with this batch."""
         return self.next_offset >= self.range_end
+
+
+@dataclass(frozen=True, slots=True)
+class RetryEvent:
+    """A call about to be tried again (the client's ``on_retry`` gets one before each wait):
+    ``method`` (``StreamExtents``...), retry number ``attempt`` of at most ``attempts``, the
+    ``delay`` before it, the ``error`` that ended the previous attempt, and for a stream the
+    ``position`` it resumes from (None before its first message)."""
+
+    method: str
+    attempt: int
+    attempts: int
+    delay: float
+    error: CallError
+    position: int | None = None
+
+    def __str__(self) -> str:
+        where = "" if self.position is None else f" at {self.position}"
+        return (
+            f"{self.method} interrupted{where} ({self.error}); retrying in {self.delay:.1f}s"
+            f" (attempt {self.attempt} of {self.attempts})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

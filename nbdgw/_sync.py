@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from nbdgw._models import (
     ExtentFilter,
     ForkedBitmap,
     GenerationChange,
+    RetryEvent,
     Snapshot,
     SnapshotOnFull,
 )
@@ -28,6 +30,9 @@ from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+# Retries are logged here (WARNING), and passed to on_retry.
+_log = logging.getLogger("nbdgw")
 
 
 class Client:
@@ -48,12 +53,14 @@ class Client:
         tls: TLS | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: Retry | None = None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         spec = channel_spec(target, token=token, tls=tls, options=tuple(channel_options))
         self.target = target
         self.timeout = timeout
         self.retry = retry or Retry()
+        self._on_retry = on_retry
         self._metadata = spec.metadata
         if spec.credentials is None:
             self._channel = grpc.insecure_channel(spec.target, options=spec.options)
@@ -73,36 +80,45 @@ class Client:
 
     # --- calls ---------------------------------------------------------------------------------
 
-    def _unary(self, method: Any, request: Any, *, retry: bool = True) -> Any:
-        state = _core.RetryState(self.retry if retry else Retry(attempts=0), _core.RETRYABLE_UNARY)
+    def _unary(self, stub: Any, method: str, request: Any, *, retry: bool = True) -> Any:
+        policy = self.retry if retry else Retry(attempts=0)
+        state = _core.RetryState(policy, _core.RETRYABLE_UNARY, method)
         while True:
             try:
-                return method(request, metadata=self._metadata, timeout=self.timeout)
+                return getattr(stub, method)(request, metadata=self._metadata, timeout=self.timeout)
             except grpc.RpcError as exc:
-                delay = state.next_delay(_core.error_from_rpc(exc))
-            time.sleep(delay)
+                event = state.next_delay(_core.error_from_rpc(exc))
+            self._retrying(event)
+            time.sleep(event.delay)
 
-    def _stream(self, method: Any, request: Any) -> Iterator[Any]:
-        resume = _core.StreamResume(request, self.retry)
+    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+        resume = _core.StreamResume(method, request, self.retry)
         while True:
-            call = method(resume.request, metadata=self._metadata)
+            call = getattr(self._bitmaps, method)(resume.request, metadata=self._metadata)
             try:
                 for msg in call:
                     resume.accept(msg)
                     yield msg
                 return
             except grpc.RpcError as exc:
-                delay = resume.failed(exc)
+                event = resume.failed(exc)
             finally:
                 call.cancel()  # a consumer that stops early frees the stream now
-            time.sleep(delay)
+            self._retrying(event)
+            time.sleep(event.delay)
+
+    def _retrying(self, event: RetryEvent) -> None:
+        _log.warning("%s", event)
+        if self._on_retry is not None:
+            self._on_retry(event)
 
     def list_exports(self) -> list[Export]:
         """Every export of the gateway, in configuration order (all pages)."""
         out: list[Export] = []
         token = ""
         while True:
-            resp = self._unary(self._bitmaps.ListExports, pb.ListExportsRequest(page_token=token))
+            req = pb.ListExportsRequest(page_token=token)
+            resp = self._unary(self._bitmaps, "ListExports", req)
             out += map(_core.export_from, resp.exports)
             token = resp.next_page_token
             if not token:
@@ -111,7 +127,7 @@ class Client:
     def get_export(self, export: str) -> Export:
         """One export, as its host describes it now (``disk`` or ``exports/disk``)."""
         return _core.export_from(
-            self._unary(self._bitmaps.GetExport, pb.GetExportRequest(name=export))
+            self._unary(self._bitmaps, "GetExport", pb.GetExportRequest(name=export))
         )
 
     def list_bitmaps(self, export: str) -> list[Bitmap]:
@@ -120,7 +136,7 @@ class Client:
         token = ""
         while True:
             req = pb.ListBitmapsRequest(parent=export, page_token=token)
-            resp = self._unary(self._bitmaps.ListBitmaps, req)
+            resp = self._unary(self._bitmaps, "ListBitmaps", req)
             out += map(_core.bitmap_from, resp.bitmaps)
             token = resp.next_page_token
             if not token:
@@ -129,7 +145,7 @@ class Client:
     def stream_extents(self, request: pb.StreamExtentsRequest) -> Iterator[ExtentBatch]:
         """StreamExtents for a request built by hand (fields this client does not know pass
         through untouched), resumed like :meth:`iter_batches`."""
-        for msg in self._stream(self._bitmaps.StreamExtents, request):
+        for msg in self._stream("StreamExtents", request):
             batch = _core.batch_from(msg)
             if msg.data:
                 _core.check_data(batch)
@@ -172,6 +188,7 @@ class Client:
         length: int | None = None,
         filter: ExtentFilter = ExtentFilter.ALL,
         merge_allocation: bool = False,
+        max_extents_per_message: int = 0,
         resume_token: str = "",
     ) -> Iterator[Extent]:
         """The extents of ``context`` (a name without ``:`` is ``qemu:dirty-bitmap:NAME``)
@@ -183,6 +200,7 @@ class Client:
             length=length,
             filter=filter,
             merge_allocation=merge_allocation,
+            max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
         ):
             yield from batch.extents()
@@ -195,6 +213,7 @@ class Client:
         offset: int = 0,
         length: int | None = None,
         filter: ExtentFilter = ExtentFilter.ALL,
+        max_extents_per_message: int = 0,
         resume_token: str = "",
     ) -> Iterator[DataChunk]:
         """The extents with their bytes (``filter=ExtentFilter.SET``: only the dirty ones);
@@ -206,6 +225,7 @@ class Client:
             length=length,
             filter=filter,
             include_data=True,
+            max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
         ):
             yield from batch.chunks()
@@ -223,7 +243,7 @@ class Client:
         req = _core.remaining_request(
             export, bitmap, offset=offset, length=length, resume_token=resume_token
         )
-        for msg in self._stream(self._bitmaps.StreamRemainingDirty, req):
+        for msg in self._stream("StreamRemainingDirty", req):
             yield from _core.remaining_ranges(msg)
 
     def clear_range(
@@ -233,12 +253,12 @@ class Client:
         req = pb.ClearRangeRequest(
             export=export, bitmap=bitmap, offset=offset, length=length, generation=generation
         )
-        return _core.clear_result_from(self._unary(self._bitmaps.ClearRange, req))
+        return _core.clear_result_from(self._unary(self._bitmaps, "ClearRange", req))
 
     def set_generation(self, export: str, generation: str) -> GenerationChange:
         """Set the export's generation (the point in time its ledger clears belong to)."""
         req = pb.SetExportGenerationRequest(export=export, generation=generation)
-        return _core.generation_from(self._unary(self._bitmaps.SetExportGeneration, req))
+        return _core.generation_from(self._unary(self._bitmaps, "SetExportGeneration", req))
 
     # --- snapshots -----------------------------------------------------------------------------
 
@@ -262,14 +282,14 @@ class Client:
             max_preserved_bytes=max_preserved_bytes,
             on_full=int(on_full),  # type: ignore[arg-type]
         )
-        return _core.snapshot_from(self._unary(self._snapshots.CreateSnapshot, req, retry=False))
+        return _core.snapshot_from(self._unary(self._snapshots, "CreateSnapshot", req, retry=False))
 
     def list_snapshots(self, export: str) -> list[Snapshot]:
         out: list[Snapshot] = []
         token = ""
         while True:
             req = spb.ListSnapshotsRequest(parent=export, page_token=token)
-            resp = self._unary(self._snapshots.ListSnapshots, req)
+            resp = self._unary(self._snapshots, "ListSnapshots", req)
             out += map(_core.snapshot_from, resp.snapshots)
             token = resp.next_page_token
             if not token:
@@ -279,5 +299,5 @@ class Client:
         """Release a snapshot; returns its bitmaps as merged back into the export's. Not
         retried (a second release would find nothing)."""
         req = spb.ReleaseSnapshotRequest(name=_core.snapshot_name(export, snapshot))
-        resp = self._unary(self._snapshots.ReleaseSnapshot, req, retry=False)
+        resp = self._unary(self._snapshots, "ReleaseSnapshot", req, retry=False)
         return _core.forks_from(resp.merged)
