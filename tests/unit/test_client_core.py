@@ -1,0 +1,224 @@
+"""The nbdgw client's core without a network: statuses in, exceptions out; stream messages
+and failures in, resume decisions out. (The client against a real gateway is tested in
+tests/gateway/test_client_*.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+import nbdgw
+from nbdgw import _core, errors
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from tests.unit.test_layout import graph
+
+
+class FailedCall(grpc.RpcError):
+    """What grpc raises for a failed call: a code, a message and trailers (as bytes)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *details: Any) -> None:
+        self._code, self._message = code, message
+        status = status_pb2.Status(code=code.value[0], message=message)
+        for d in details:
+            packed = any_pb2.Any()
+            packed.Pack(d)
+            status.details.append(packed)
+        self._trailers = (("grpc-status-details-bin", status.SerializeToString()),)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> Any:
+        return self._trailers
+
+
+def info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain="nbdgw.dev", metadata=metadata)
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(seconds)))
+
+
+def test_errors_by_code_and_reason() -> None:
+    e = _core.error_from_rpc(
+        FailedCall(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "cannot clear",
+            info("GENERATION_MISMATCH", generation="g0", current_generation="g1"),
+            error_details_pb2.PreconditionFailure(
+                violations=[{"type": "GENERATION", "subject": "exports/d", "description": "why"}]
+            ),
+        )
+    )
+    assert type(e) is errors.GenerationMismatch
+    assert (e.generation, e.current_generation) == ("g0", "g1")
+    assert e.violations == (errors.PreconditionViolation("GENERATION", "exports/d", "why"),)
+    assert str(e) == "FAILED_PRECONDITION: cannot clear [GENERATION_MISMATCH]"
+    # A reason of another code does not change the class; an unknown reason keeps the code's.
+    other = FailedCall(grpc.StatusCode.INTERNAL, "x", info("GENERATION_MISMATCH"))
+    assert type(_core.error_from_rpc(other)) is errors.Internal
+    new = FailedCall(grpc.StatusCode.NOT_FOUND, "x", info("NEW"))
+    assert type(_core.error_from_rpc(new)) is errors.NotFound
+    # No details at all (a proxy, a dead connection): the code alone.
+    bare = _core.error_from_rpc(FailedCall(grpc.StatusCode.UNAVAILABLE, "down"))
+    assert type(bare) is errors.Unavailable and bare.reason == "" and bare.retry_after is None
+
+
+def test_every_code_has_a_class() -> None:
+    for code in grpc.StatusCode:
+        if code is not grpc.StatusCode.OK:
+            cls = errors.error_class(code.name)
+            assert issubclass(cls, errors.CallError)
+            assert code.name in cls.codes, code
+
+
+def test_every_reason_of_the_api_is_caught_by_its_code() -> None:
+    """Every ErrorReason the proto names lands on a class of the code it documents."""
+    documented = {
+        "EXPORT_NOT_FOUND": errors.ExportNotFound,
+        "BITMAP_NOT_FOUND": errors.BitmapNotFound,
+        "RANGE_PAST_END": errors.OutOfRange,
+        "INVALID_FIELD": errors.InvalidArgument,
+        "CLEAR_NOT_SUPPORTED": errors.ClearNotSupported,
+        "READ_ONLY": errors.ReadOnly,
+        "GENERATION_MISMATCH": errors.GenerationMismatch,
+        "HOST_UNAVAILABLE": errors.Unavailable,
+        "UNAUTHENTICATED": errors.Unauthenticated,
+        "PERMISSION_DENIED": errors.PermissionDenied,
+        "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
+    }
+    for reason, cls in documented.items():
+        assert errors.error_class(cls.codes[0], reason) is cls
+    names = {n.removeprefix("ERROR_REASON_") for n in pb.ErrorReason.keys()}  # noqa: SIM118
+    assert set(documented) <= names
+
+
+def test_retry_details() -> None:
+    e = _core.error_from_rpc(
+        FailedCall(
+            grpc.StatusCode.UNAVAILABLE,
+            "shutting down",
+            info("GATEWAY_SHUTTING_DOWN", resume_offset="4096", resume_token="t4096"),
+            retry_info(3),
+        )
+    )
+    assert isinstance(e, errors.Unavailable)
+    assert (e.retry_after, e.resume_offset, e.resume_token) == (3.0, 4096, "t4096")
+    policy = nbdgw.Retry(attempts=3, backoff=0.5, max_backoff=1.5)
+    assert [policy.delay(n, None) for n in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
+    assert policy.delay(1, 3.0) == 3.0  # the gateway's RetryInfo wins when longer
+
+
+def msg(offset: int, next_offset: int, end: int = 100) -> pb.StreamExtentsResponse:
+    return pb.StreamExtentsResponse(
+        offset=offset, next_offset=next_offset, range_end=end, resume_token=f"t{next_offset}"
+    )
+
+
+def unavailable(**metadata: str) -> FailedCall:
+    return FailedCall(grpc.StatusCode.UNAVAILABLE, "gone", info("HOST_UNAVAILABLE", **metadata))
+
+
+def test_resume_uses_the_last_message_token() -> None:
+    req = pb.StreamExtentsRequest(export="d", context="c", offset=10)
+    resume = _core.StreamResume("StreamExtents", req, nbdgw.Retry(attempts=2, backoff=0.01))
+    resume.accept(msg(10, 20))
+    resume.accept(msg(20, 30))
+    # The error's own token (say, of a message lost on the way) never replaces ours.
+    event = resume.failed(unavailable(resume_offset="50", resume_token="t50"))
+    assert (event.attempt, event.position, event.method) == (1, 30, "StreamExtents")
+    assert resume.request.resume_token == "t30"
+    assert req.resume_token == ""  # the caller's request is left alone
+    resume.accept(msg(30, 40))  # progress: the count starts again
+    resume.failed(unavailable())
+    resume.failed(unavailable())
+    with pytest.raises(errors.Unavailable) as exhausted:
+        resume.failed(unavailable())
+    assert exhausted.value.attempts == 3
+
+
+def test_resume_before_the_first_message_takes_the_gateway_token() -> None:
+    req = pb.StreamExtentsRequest(export="d", context="c", resume_token="mine")
+    resume = _core.StreamResume("StreamExtents", req, nbdgw.Retry())
+    assert resume.position is None  # a token given: the position is the gateway's to say
+    resume.failed(unavailable(resume_offset="64", resume_token="t64"))
+    assert (resume.request.resume_token, resume.position) == ("t64", 64)
+    with pytest.raises(errors.StreamError, match="gap"):
+        resume.accept(msg(80, 90))
+
+
+def test_a_gap_or_a_repeat_is_refused() -> None:
+    req = pb.StreamExtentsRequest(export="d", context="c", resume_offset=40)
+    resume = _core.StreamResume("StreamExtents", req, nbdgw.Retry())
+    with pytest.raises(errors.StreamError, match="repeat"):
+        resume.accept(msg(30, 50))
+    resume.accept(msg(40, 50))
+    assert resume.request.resume_token == "t50" and not resume.request.HasField("resume_offset")
+    with pytest.raises(errors.StreamError, match="without a resume position"):
+        resume.accept(pb.StreamExtentsResponse(offset=50, next_offset=60))
+
+
+def test_fatal_errors_are_not_retried() -> None:
+    resume = _core.StreamResume("StreamExtents", pb.StreamExtentsRequest(), nbdgw.Retry())
+    with pytest.raises(errors.InvalidArgument) as bad:
+        resume.failed(FailedCall(grpc.StatusCode.INVALID_ARGUMENT, "bad", info("INVALID_FIELD")))
+    assert bad.value.attempts == 1
+
+
+def test_batches_rows_and_data() -> None:
+    m = pb.StreamExtentsResponse(
+        offset=0, next_offset=300, range_end=300, resume_token="t",
+        offset_deltas=[0, 50, 0], lengths=[10, 20, 30], flags=[1, 1, 0],
+        allocation=[pb.ALLOCATION_DATA, pb.ALLOCATION_ZERO, pb.ALLOCATION_DATA],
+        data=b"a" * 10 + b"b" * 30,
+    )  # fmt: skip
+    batch = _core.batch_from(m)
+    assert [(e.offset, e.length, e.flags, e.allocation.name) for e in batch.extents()] == [
+        (0, 10, 1, "DATA"), (60, 20, 1, "ZERO"), (80, 30, 0, "DATA"),
+    ]  # fmt: skip
+    chunks = list(batch.chunks())
+    assert [None if c.data is None else bytes(c.data) for c in chunks] == [
+        b"a" * 10, None, b"b" * 30,
+    ]  # fmt: skip
+    assert chunks[0].data is not None and chunks[0].data.readonly
+    _core.check_data(batch)
+    m.data = m.data[:-1]
+    with pytest.raises(errors.StreamError, match="39 bytes of data for 40"):
+        _core.check_data(_core.batch_from(m))
+
+
+def test_importing_the_generated_code_stays_cheap() -> None:
+    """The server imports nbdgw.v1; that must not load the client (PEP 562 lazy names)."""
+    code = (
+        "import sys, nbdgw.v1.bitmap_service_pb2, nbdgw;"
+        "print(sorted(m for m in sys.modules if m.startswith('nbdgw.') and 'v1' not in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert nbdgw.Client.__module__ == "nbdgw._sync"
+    assert set(nbdgw.__all__) <= set(dir(nbdgw))
+    with pytest.raises(AttributeError):
+        nbdgw.NoSuchThing  # noqa: B018
+
+
+def test_the_client_stands_alone() -> None:
+    """The client library needs nothing of the gateway or nbdcore, and they need nothing of
+    it: it can ship alone, and the CLI can be built on it."""
+    wrong = sorted(
+        (name, target)
+        for name, targets in graph().items()
+        for target in targets
+        if name.startswith("nbdgw") != target.startswith("nbdgw")
+        and not name.startswith("gateway.cli")
+    )
+    assert wrong == []
