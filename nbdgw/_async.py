@@ -148,7 +148,7 @@ class AsyncClient:
         through untouched), resumed like :meth:`iter_batches`."""
         async for msg in self._stream("StreamExtents", request):
             batch = _core.batch_from(msg)
-            if msg.data:
+            if request.include_data:
                 _core.check_data(batch)
             yield batch
 

@@ -16,7 +16,21 @@ if TYPE_CHECKING:
     from nbdgw.errors import CallError
 
 
-class ExportState(enum.IntEnum):
+class _OpenEnum(enum.IntEnum):
+    """A proto3 enum: a value newer than this client becomes a member named ``UNKNOWN_<n>``
+    rather than an error, so a new gateway's answers still decode."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        if not isinstance(value, int):
+            return None
+        member = int.__new__(cls, value)
+        member._name_ = f"UNKNOWN_{value}"
+        member._value_ = value
+        return member
+
+
+class ExportState(_OpenEnum):
     """Whether an export's host is reachable (``nbdgw.v1.ExportState``)."""
 
     UNSPECIFIED = 0
@@ -24,7 +38,7 @@ class ExportState(enum.IntEnum):
     UNAVAILABLE = 2
 
 
-class ClearMode(enum.IntEnum):
+class ClearMode(_OpenEnum):
     """How ClearRange acknowledges a bitmap (``nbdgw.v1.ClearMode``)."""
 
     UNSPECIFIED = 0
@@ -33,7 +47,7 @@ class ClearMode(enum.IntEnum):
     UNSUPPORTED = 3
 
 
-class BitmapKind(enum.IntEnum):
+class BitmapKind(_OpenEnum):
     """What a metadata context describes (``nbdgw.v1.BitmapKind``)."""
 
     UNSPECIFIED = 0
@@ -43,7 +57,7 @@ class BitmapKind(enum.IntEnum):
     OTHER = 4
 
 
-class ExtentFilter(enum.IntEnum):
+class ExtentFilter(_OpenEnum):
     """Which extents a stream sends (``nbdgw.v1.ExtentFilter``): every extent, only those
     whose flags are set (dirty), or only those whose flags are 0 (clean)."""
 
@@ -53,7 +67,7 @@ class ExtentFilter(enum.IntEnum):
     CLEAR = 3
 
 
-class Allocation(enum.IntEnum):
+class Allocation(_OpenEnum):
     """Whether an extent's bytes must be read (``nbdgw.v1.Allocation``); UNSPECIFIED when the
     stream did not merge the allocation map."""
 
@@ -63,13 +77,13 @@ class Allocation(enum.IntEnum):
     HOLE = 3
 
 
-class SnapshotState(enum.IntEnum):
+class SnapshotState(_OpenEnum):
     UNSPECIFIED = 0
     READY = 1
     BROKEN = 2
 
 
-class SnapshotOnFull(enum.IntEnum):
+class SnapshotOnFull(_OpenEnum):
     """What a snapshot does when its preserved data would pass its limit."""
 
     UNSPECIFIED = 0

@@ -147,7 +147,7 @@ class Client:
         through untouched), resumed like :meth:`iter_batches`."""
         for msg in self._stream("StreamExtents", request):
             batch = _core.batch_from(msg)
-            if msg.data:
+            if request.include_data:
                 _core.check_data(batch)
             yield batch
 

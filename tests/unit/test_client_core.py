@@ -222,3 +222,11 @@ def test_the_client_stands_alone() -> None:
         and not name.startswith("gateway.cli")
     )
     assert wrong == []
+
+
+def test_enum_values_newer_than_the_client_still_decode() -> None:
+    """A newer gateway may answer with an enum value this client does not know."""
+    export = _core.export_from(pb.Export(name="exports/d", state=1, clear_mode=9))
+    assert export.clear_mode == 9 and export.clear_mode.name == "UNKNOWN_9"
+    assert isinstance(export.clear_mode, nbdgw.ClearMode)
+    assert export.state is nbdgw.ExportState.AVAILABLE
