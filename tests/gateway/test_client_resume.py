@@ -1,10 +1,12 @@
-"""The client resumes a stream across a gateway killed (SIGKILL) mid-stream and restarted on
-the same address: the consumer sees every extent and every byte exactly once, as nbdinfo and
-the image itself say. The disk is served by a real qemu-nbd, which outlives the gateway."""
+"""The client resumes a stream across a gateway killed (SIGKILL) or stopped (SIGTERM) mid-stream
+and restarted on the same address: the consumer sees every extent and every byte exactly once,
+as nbdinfo and the image itself say. The disk is served by a real qemu-nbd, which outlives the
+gateway."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -41,21 +43,25 @@ def make_disk(d: Path) -> QemuDisk:
 
 
 class Restarter:
-    """Kills the gateway and starts another on the same address a moment later, from a
-    thread, so that the client meets a dead gateway first and a live one after."""
+    """Signals the gateway, and once it is gone starts another on the same address half a
+    second later, from a thread: the consumer goes on reading meanwhile, so that the client
+    meets the end of the stream, then a dead address, then a live gateway."""
 
-    def __init__(self, first: GatewayProcess, second: GatewayProcess) -> None:
-        self.first, self.second = first, second
+    def __init__(self, first: GatewayProcess, second: GatewayProcess, sig: int) -> None:
+        self.first, self.second, self.sig = first, second, sig
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def kill_and_restart(self) -> None:
-        assert self.first.proc is not None and self.thread is None
-        self.first.proc.kill()  # SIGKILL: no goodbye, no resume token in a status
-        self.first.proc.wait()
+        proc = self.first.proc
+        assert proc is not None and self.thread is None
+        # SIGKILL: no goodbye, no resume token in a status. SIGTERM: the stream ends at a
+        # message boundary with UNAVAILABLE, RetryInfo and the resume position.
+        proc.send_signal(self.sig)
 
         def restart() -> None:
             try:
+                proc.wait(30)
                 threading.Event().wait(0.5)
                 self.second.start()
             except BaseException as exc:
@@ -71,18 +77,19 @@ class Restarter:
             raise self.error
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_stream_survives_a_killed_gateway(tmp_path: Path, flavour: str) -> None:
+def test_stream_survives_a_killed_gateway(tmp_path: Path, flavour: str, sig: int) -> None:
     disk = make_disk(tmp_path)
     host = QemuNBD(disk, tmp_path / "qemu.sock").start()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{probe.getsockname()[1]}"
-    args = ["--export", f"qd={host.uri}"]
+    args = ["--export", f"qd={host.uri}", "--grace-period", "1"]
     first = GatewayProcess(*args, data_dir=tmp_path / "data")
     second = GatewayProcess(*args, data_dir=tmp_path / "data")
     first.args[2] = second.args[2] = listen  # --listen: the same address both times
-    restarter = Restarter(first, second)
+    restarter = Restarter(first, second, sig)
     events: list[nbdgw.RetryEvent] = []
     chunks: list[nbdgw.DataChunk] = []
     options: dict[str, Any] = {
@@ -125,6 +132,10 @@ def test_stream_survives_a_killed_gateway(tmp_path: Path, flavour: str) -> None:
     assert events, "no retry: the gateway died after the stream was over"
     assert all(e.method == "StreamExtents" for e in events)
     assert all(isinstance(e.error, nbdgw.errors.Unavailable) for e in events)
+    if sig == signal.SIGTERM:  # the gateway said goodbye, with where to resume
+        assert events[0].error.reason == "GATEWAY_SHUTTING_DOWN"
+        assert events[0].error.resume_offset == events[0].position
+        assert events[0].delay >= (events[0].error.retry_after or 0)
     assert events[0].position is not None and KILL_AT <= events[0].position < SIZE
 
     # Every byte exactly once, in order: the extents tile the disk...
