@@ -55,11 +55,12 @@ _DETAIL_TYPES = (
 )
 
 # Unary calls that change nothing, or whose repetition is harmless (ClearRange, and
-# SetExportGeneration with the same generation), are retried after UNAVAILABLE.
-RETRYABLE_UNARY = frozenset({"UNAVAILABLE"})
+# SetExportGeneration with the same generation), are retried after UNAVAILABLE, and after a
+# per-caller limit that says when to come back (see RetryState).
+RETRYABLE_UNARY = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 # A stream ends early and is resumed when the gateway or its host went away (UNAVAILABLE),
 # the gateway cut a stream it found stalled (DEADLINE_EXCEEDED: the client sets no deadline
-# on streams), or it refused one stream too many for now (RESOURCE_EXHAUSTED).
+# on streams), or it refused one stream too many for now (RESOURCE_EXHAUSTED with RetryInfo).
 RETRYABLE_STREAM = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 
 
@@ -123,7 +124,10 @@ class RetryState:
         """When to try again; raises ``error`` when it is not worth another attempt."""
         self.attempt += 1
         error.attempts = self.attempt
-        if error.code not in self.retryable or self.attempt > self.retry.attempts:
+        # RESOURCE_EXHAUSTED with RetryInfo is a rate or concurrency limit that passes; without,
+        # a limit that waiting does not lift (the ledger's intervals of a generation).
+        lasting = error.code == "RESOURCE_EXHAUSTED" and error.retry_after is None
+        if error.code not in self.retryable or lasting or self.attempt > self.retry.attempts:
             raise error
         delay = self.retry.delay(self.attempt, error.retry_after)
         return RetryEvent(self.method, self.attempt, self.retry.attempts, delay, error, position)

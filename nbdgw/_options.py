@@ -37,10 +37,11 @@ class TLS:
 @dataclass(frozen=True, slots=True)
 class Retry:
     """How hard the client tries again after UNAVAILABLE (a restarting gateway, a host that
-    went away, a dropped connection), and after RESOURCE_EXHAUSTED and the gateway's own
-    DEADLINE_EXCEEDED on streams. ``attempts`` retries in a row without progress (0: never
-    retry), waiting ``backoff`` seconds, doubled each time up to ``max_backoff``, or longer if
-    the gateway asks (RetryInfo). A stream that makes progress starts counting again."""
+    went away, a dropped connection), RESOURCE_EXHAUSTED with RetryInfo (a limit that
+    passes), and the gateway's own DEADLINE_EXCEEDED on streams: ``attempts`` retries in a
+    row without progress (0: never retry), waiting ``backoff`` seconds, doubled each time up
+    to ``max_backoff``, or longer if the gateway asks (RetryInfo). A stream that makes
+    progress starts counting again."""
 
     attempts: int = 6
     backoff: float = 0.25

@@ -125,8 +125,15 @@ class CallError(NbdgwError):
         self.attempts = 1
 
     def __str__(self) -> str:
+        """One line: ``CODE: message [REASON]``, and the first bad field if the message does
+        not name it (the form the ``nbdgw`` command prints)."""
         text = f"{self.code}: {self.message or 'no message'}"
-        return f"{text} [{self.reason}]" if self.reason else text
+        if self.reason:
+            text += f" [{self.reason}]"
+        for v in self.field_violations[:1]:
+            if v.field and v.field not in text:
+                text += f" (field {v.field})"
+        return text
 
     def detail(self, kind: type[Any]) -> Any | None:
         """The first decoded detail of this protobuf type, or None."""

@@ -230,3 +230,28 @@ def test_enum_values_newer_than_the_client_still_decode() -> None:
     assert export.clear_mode == 9 and export.clear_mode.name == "UNKNOWN_9"
     assert isinstance(export.clear_mode, nbdgw.ClearMode)
     assert export.state is nbdgw.ExportState.AVAILABLE
+
+
+def test_limits_are_retried_only_when_they_pass() -> None:
+    """RESOURCE_EXHAUSTED with RetryInfo (a rate limit) is waited out; without (the ledger's
+    cap on a generation's intervals) it is not."""
+    state = _core.RetryState(nbdgw.Retry(), _core.RETRYABLE_UNARY, "ClearRange")
+    limited = FailedCall(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", info("RESOURCE_EXHAUSTED"), retry_info(2)
+    )
+    event = state.next_delay(_core.error_from_rpc(limited))
+    assert (event.delay, event.method) == (2.0, "ClearRange")
+    assert "ClearRange interrupted (RESOURCE_EXHAUSTED: slow down" in str(event)
+    full = FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", info("RESOURCE_EXHAUSTED"))
+    with pytest.raises(errors.ResourceExhausted):
+        state.next_delay(_core.error_from_rpc(full))
+
+
+def test_one_line_with_the_first_bad_field() -> None:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[{"field": "length", "description": "must not be 0"}]
+    )
+    e = _core.error_from_rpc(
+        FailedCall(grpc.StatusCode.INVALID_ARGUMENT, "bad\n request", info("INVALID_FIELD"), bad)
+    )
+    assert str(e) == "INVALID_ARGUMENT: bad request [INVALID_FIELD] (field length)"
