@@ -62,6 +62,24 @@ def _read(source: Source | None, what: str) -> bytes | None:
         raise ConfigurationError(f"cannot read the {what} {source}: {exc.strerror}") from None
 
 
+def parse_target(text: str) -> tuple[str, bool]:
+    """``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT`` (TLS) or ``unix:PATH`` ->
+    (what gRPC dials, whether the scheme asks for TLS); the forms the ``nbdgw`` command takes."""
+    if text.startswith("unix:"):
+        return text, False
+    secure = False
+    for scheme, tls in (("http://", False), ("https://", True)):
+        if text.startswith(scheme):
+            text, secure = text.removeprefix(scheme).rstrip("/"), tls
+    host, sep, port = text.rpartition(":")
+    if "/" in text or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(
+            f"the target must be HOST:PORT (for example {DEFAULT_TARGET}), https://HOST:PORT"
+            f" or unix:PATH, not {text!r}"
+        )
+    return text, secure
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelSpec:
     """What both flavours need to open a channel and send a call."""
@@ -79,8 +97,9 @@ def channel_spec(
     tls: TLS | None,
     options: tuple[tuple[str, Any], ...] = (),
 ) -> ChannelSpec:
-    if not target.startswith("unix:") and ":" not in target.rsplit("]", 1)[-1]:
-        raise ConfigurationError(f"the target must be HOST:PORT or unix:PATH, not {target!r}")
+    target, secure = parse_target(target)
+    if secure and tls is None:
+        tls = TLS()  # https://: the system's CAs
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
         # A proxy from the environment must not see the gateway's traffic (or its token).

@@ -255,3 +255,19 @@ def test_one_line_with_the_first_bad_field() -> None:
         FailedCall(grpc.StatusCode.INVALID_ARGUMENT, "bad\n request", info("INVALID_FIELD"), bad)
     )
     assert str(e) == "INVALID_ARGUMENT: bad request [INVALID_FIELD] (field length)"
+
+
+def test_targets() -> None:
+    """The forms the nbdgw command takes: HOST:PORT, http(s)://HOST:PORT; and unix:PATH."""
+    from nbdgw._options import channel_spec, parse_target
+
+    assert parse_target("127.0.0.1:50051") == ("127.0.0.1:50051", False)
+    assert parse_target("[::1]:50051") == ("[::1]:50051", False)
+    assert parse_target("http://gw:80/") == ("gw:80", False)
+    assert parse_target("https://gw.example:443") == ("gw.example:443", True)
+    assert parse_target("unix:/run/nbdgw.sock") == ("unix:/run/nbdgw.sock", False)
+    for bad in ("gw", "gw:", ":50051", "gw:0", "gw:99999", "gw:x", "ftp://gw:1", "gw:1/x"):
+        with pytest.raises(errors.ConfigurationError, match="HOST:PORT"):
+            parse_target(bad)
+    assert channel_spec("https://gw:443", token=None, tls=None).credentials is not None
+    assert channel_spec("gw:443", token="t", tls=None).metadata == (("authorization", "Bearer t"),)
