@@ -100,6 +100,7 @@ class AsyncClient:
                 async for msg in call:
                     resume.accept(msg)
                     yield msg
+                resume.ended()
                 return
             except grpc.RpcError as exc:
                 event = resume.failed(exc)

@@ -105,7 +105,9 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.CallError:
             reason, metadata = d.reason, dict(d.metadata)
             break
     cls = errors.error_class(name, reason)
-    return cls(message, code=name, reason=reason, metadata=metadata, details=details)
+    error = cls(message, code=name, reason=reason, metadata=metadata, details=details)
+    error.__cause__ = exc  # tracebacks show the gRPC error underneath
+    return error
 
 
 class RetryState:
@@ -306,6 +308,7 @@ class StreamResume:
         self.request.CopyFrom(request)  # unknown fields too: they pass through untouched
         self.retries = RetryState(retry, RETRYABLE_STREAM, method)
         self.position: int | None = None
+        self.received = False
         self.done = False
         if not request.resume_token:
             has_offset = "resume_offset" in request.DESCRIPTOR.fields_by_name
@@ -331,7 +334,15 @@ class StreamResume:
         if "resume_offset" in self.request.DESCRIPTOR.fields_by_name:
             self.request.ClearField("resume_offset")
         self.retries.progressed()
+        self.received = True
         self.done = msg.next_offset >= msg.range_end
+
+    def ended(self) -> None:
+        """The stream ended with OK: that promises the whole range was covered."""
+        if self.received and not self.done:
+            raise errors.StreamError(
+                f"the stream ended at {self.position}, before the end of its range"
+            )
 
     def failed(self, exc: grpc.RpcError) -> RetryEvent:
         """When to resume after ``exc``; raises the mapped error when it is fatal."""

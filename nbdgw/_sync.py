@@ -99,6 +99,7 @@ class Client:
                 for msg in call:
                     resume.accept(msg)
                     yield msg
+                resume.ended()
                 return
             except grpc.RpcError as exc:
                 event = resume.failed(exc)

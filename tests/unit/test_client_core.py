@@ -271,3 +271,13 @@ def test_targets() -> None:
             parse_target(bad)
     assert channel_spec("https://gw:443", token=None, tls=None).credentials is not None
     assert channel_spec("gw:443", token="t", tls=None).metadata == (("authorization", "Bearer t"),)
+
+
+def test_a_stream_that_ends_early_with_ok_is_refused() -> None:
+    resume = _core.StreamResume("StreamExtents", pb.StreamExtentsRequest(), nbdgw.Retry())
+    resume.ended()  # nothing received: nothing to hold against the gateway
+    resume.accept(msg(0, 50))
+    with pytest.raises(errors.StreamError, match="ended at 50, before the end"):
+        resume.ended()
+    resume.accept(msg(50, 100))
+    resume.ended()
