@@ -14,7 +14,7 @@
           ├── OutOfRange          OUT_OF_RANGE: a range past the end of the export
           ├── FailedPrecondition  FAILED_PRECONDITION: ``violations``
           │    ├── GenerationMismatch   ``generation``, ``current_generation``
-          │    ├── ClearNotSupported
+          │    ├── ClearNotSupported, GenerationsNotSupported, SnapshotsNotSupported
           │    └── ReadOnly
           ├── Unavailable         UNAVAILABLE (host or gateway down): ``retry_after`` and, for a
           │                       stream, ``resume_offset`` / ``resume_token``
@@ -50,6 +50,7 @@ __all__ = [
     "FailedPrecondition",
     "FieldViolation",
     "GenerationMismatch",
+    "GenerationsNotSupported",
     "Internal",
     "InvalidArgument",
     "NbdgwError",
@@ -60,6 +61,7 @@ __all__ = [
     "ReadOnly",
     "ResourceExhausted",
     "SnapshotNotFound",
+    "SnapshotsNotSupported",
     "StreamError",
     "Unauthenticated",
     "Unavailable",
@@ -228,6 +230,16 @@ class GenerationMismatch(FailedPrecondition):
 
 class ClearNotSupported(FailedPrecondition):
     reasons = ("CLEAR_NOT_SUPPORTED",)
+
+
+class GenerationsNotSupported(FailedPrecondition):
+    """SetExportGeneration on an export whose bitmaps clear at the source."""
+
+    reasons = ("GENERATIONS_NOT_SUPPORTED",)
+
+
+class SnapshotsNotSupported(FailedPrecondition):
+    reasons = ("SNAPSHOTS_NOT_SUPPORTED",)
 
 
 class ReadOnly(FailedPrecondition):

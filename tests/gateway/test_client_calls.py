@@ -197,6 +197,8 @@ def test_clear_remaining_and_snapshots(
         assert [(r.offset, r.length) for r in left] == dirty[1:]
         again = c.call("clear_range", "disk", "backup", first[0], first[1])  # harmless
         assert again.cleared_bytes == first[1]
+        with pytest.raises(nbdgw.errors.GenerationsNotSupported):  # it clears at the source
+            c.call("set_generation", "disk", "g1")
 
         snap = c.call("create_snapshot", "disk", snapshot_id="s1", bitmaps=["backup"])
         assert isinstance(snap, nbdgw.Snapshot)

@@ -92,6 +92,7 @@ def test_every_reason_of_the_api_is_caught_by_its_code() -> None:
         "CLEAR_NOT_SUPPORTED": errors.ClearNotSupported,
         "READ_ONLY": errors.ReadOnly,
         "GENERATION_MISMATCH": errors.GenerationMismatch,
+        "GENERATIONS_NOT_SUPPORTED": errors.GenerationsNotSupported,
         "HOST_UNAVAILABLE": errors.Unavailable,
         "UNAUTHENTICATED": errors.Unauthenticated,
         "PERMISSION_DENIED": errors.PermissionDenied,
