@@ -225,6 +225,7 @@ def export_from(m: pb.Export) -> Export:
             f.can_block_status_payload,
         ),
         transmission_flags=m.transmission_flags,
+        raw=m,
     )
 
 
@@ -242,6 +243,7 @@ def bitmap_from(m: pb.Bitmap) -> Bitmap:
         recording=m.recording if m.HasField("recording") else None,
         dirty_bytes=m.dirty_bytes if m.HasField("dirty_bytes") else None,
         generation=m.generation,
+        raw=m,
     )
 
 
@@ -257,7 +259,7 @@ def clear_result_from(m: pb.ClearRangeResponse) -> ClearResult:
 
 
 def generation_from(m: pb.SetExportGenerationResponse) -> GenerationChange:
-    return GenerationChange(export_id(m.export), m.generation, m.previous_generation)
+    return GenerationChange(export_id(m.export), m.generation, m.previous_generation, raw=m)
 
 
 def forks_from(forks: Iterable[spb.ForkedBitmap]) -> tuple[ForkedBitmap, ...]:
@@ -279,6 +281,7 @@ def snapshot_from(m: spb.Snapshot) -> Snapshot:
         max_preserved_bytes=m.max_preserved_bytes,
         on_full=SnapshotOnFull(m.on_full),
         state=SnapshotState(m.state),
+        raw=m,
     )
 
 

@@ -1,7 +1,9 @@
 """What the client returns: frozen, slotted dataclasses and enums with the API's values.
 
 The models are plain values, shared by :class:`nbdgw.Client` and :class:`nbdgw.AsyncClient`;
-``_convert`` builds them from the protobuf messages. Sizes are in bytes, as in the API.
+``_core`` builds them from the protobuf messages. Sizes are in bytes, as in the API. The
+models of whole messages keep the message as ``raw`` (left out of ``==`` and ``repr``), so
+that fields newer than this client are still at hand.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Export:
     block_sizes: BlockSizes | None = None
     flags: ExportFlags = ExportFlags()
     transmission_flags: int = 0
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,7 @@ class Bitmap:
     recording: bool | None = None  # None: not known
     dirty_bytes: int | None = None  # None: not known
     generation: str = ""
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +286,7 @@ class GenerationChange:
     export: str  # the export's id
     generation: str
     previous_generation: str
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,3 +315,4 @@ class Snapshot:
     max_preserved_bytes: int
     on_full: SnapshotOnFull
     state: SnapshotState
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message

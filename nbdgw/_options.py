@@ -90,6 +90,13 @@ class ChannelSpec:
     metadata: tuple[tuple[str, str], ...]
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """A deadline in seconds, > 0 (a deadline of 0 would fail every call at once), or None."""
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise ConfigurationError(f"the timeout must be more than 0 seconds, not {timeout}")
+    return timeout
+
+
 def channel_spec(
     target: str,
     *,

@@ -25,7 +25,14 @@ from nbdgw._models import (
     Snapshot,
     SnapshotOnFull,
 )
-from nbdgw._options import DEFAULT_TARGET, DEFAULT_TIMEOUT, TLS, Retry, channel_spec
+from nbdgw._options import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    TLS,
+    Retry,
+    channel_spec,
+    check_timeout,
+)
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
@@ -58,7 +65,7 @@ class Client:
     ) -> None:
         spec = channel_spec(target, token=token, tls=tls, options=tuple(channel_options))
         self.target = target
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.retry = retry or Retry()
         self._on_retry = on_retry
         self._metadata = spec.metadata

@@ -282,3 +282,17 @@ def test_a_stream_that_ends_early_with_ok_is_refused() -> None:
         resume.ended()
     resume.accept(msg(50, 100))
     resume.ended()
+
+
+def test_models_keep_their_message() -> None:
+    m = pb.Export(name="exports/d", size_bytes=5, state=1)
+    export = _core.export_from(m)
+    assert export.raw is m and "raw" not in repr(export)
+    assert export == _core.export_from(pb.Export(name="exports/d", size_bytes=5, state=1))
+
+
+def test_timeouts() -> None:
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(errors.ConfigurationError, match="timeout"):
+            nbdgw.Client("127.0.0.1:1", timeout=bad)
+    nbdgw.Client("127.0.0.1:1", timeout=None).close()  # no deadline: on purpose
