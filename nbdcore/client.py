@@ -42,6 +42,7 @@ from typing import Final
 from nbdcore import clear_ext, wire
 from nbdcore.constants import (
     CLISERV_MAGIC,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
     DEFAULT_MAX_PAYLOAD,
     IHAVEOPT,
     MAX_EXTENTS_PER_CHUNK,
@@ -223,7 +224,8 @@ class Reply:
 
     ``error`` is set when the server reported a failure. ``data`` is the buffer a READ filled;
     ``extents`` maps context id to its answer for BLOCK_STATUS; ``cleared`` is the answer to
-    X_NBDGW_CLEAR (checked: only whole granules inside the request).
+    X_NBDGW_CLEAR (checked: only whole granules inside the request), and ``kept`` that of a
+    conditional one; ``positions`` is the answer to X_NBDGW_POSITION, by context id.
     """
 
     cookie: int
@@ -232,6 +234,8 @@ class Reply:
     data: memoryview | None = None
     extents: dict[int, BlockStatusResult] | None = None
     cleared: clear_ext.Cleared | None = None
+    kept: clear_ext.Cleared | None = None
+    positions: dict[int, clear_ext.Position] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +282,9 @@ class _Request:
     extents: dict[int, BlockStatusResult] = field(default_factory=dict)
     chunks: int = 0
     cleared: clear_ext.Cleared | None = None  # X_NBDGW_CLEAR answer
+    since: bool = False  # a conditional X_NBDGW_CLEAR: a kept chunk must follow
+    kept: clear_ext.Cleared | None = None
+    positions: dict[int, clear_ext.Position] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -292,6 +299,7 @@ class _PendingOption:
     block_size: BlockSize | None = None
     received: int = 0  # bytes of replies so far, capped by MAX_OPTION_REPLIES_TOTAL
     results: list[bytes] = field(default_factory=list)  # NBD_REP_X_NBDGW_SNAPSHOT payloads
+    features: int = 0  # NBD_OPT_X_NBDGW_CLEAR: the features asked for
 
 
 _ZEROES: Final = bytes(1 << 20)
@@ -314,8 +322,9 @@ class ClientConnection:
         self.handshake_flags = HandshakeFlag(0)
         self.structured_replies = False
         self.extended_headers = False
-        # NBD_OPT_X_NBDGW_CLEAR acknowledged (docs/extension-clear.md).
+        # NBD_OPT_X_NBDGW_CLEAR acknowledged (docs/extension-clear.md), with F_SINCE.
         self.clear_extension = False
+        self.clear_since = False
         # After SET_META_CONTEXT: name -> id; valid for the export the SET named.
         self.meta_contexts: dict[str, int] = {}
         self._meta_export: str | None = None
@@ -441,6 +450,7 @@ class ClientConnection:
         self.structured_replies = False
         self.extended_headers = False
         self.clear_extension = False
+        self.clear_since = False
         self.meta_contexts = {}
         self._meta_export = None
 
@@ -566,12 +576,15 @@ class ClientConnection:
     def send_extended_headers(self) -> None:
         self.send_option(Opt.EXTENDED_HEADERS)
 
-    def send_x_nbdgw_clear(self) -> None:
+    def send_x_nbdgw_clear(self, features: int = 0) -> None:
         """NBD_OPT_X_NBDGW_CLEAR (after structured replies or extended headers): ACK turns on
-        ``clear_extension``; servers without the extension answer ERR_UNSUP."""
+        ``clear_extension`` (and ``clear_since`` when ``features`` has F_SINCE); servers
+        without the extension answer ERR_UNSUP, servers without a feature ERR_INVALID."""
         if not (self.structured_replies or self.extended_headers):
             raise UsageError("NBD_OPT_X_NBDGW_CLEAR needs structured replies first")
-        self.send_option(Opt.X_NBDGW_CLEAR)
+        self.send_option(Opt.X_NBDGW_CLEAR, clear_ext.encode_features(features))
+        assert self._pending is not None
+        self._pending.features = features
 
     def send_abort(self) -> None:
         self.send_option(Opt.ABORT)
@@ -735,6 +748,7 @@ class ClientConnection:
                 self.extended_headers = True
             elif option == Opt.X_NBDGW_CLEAR:
                 self.clear_extension = True
+                self.clear_since = bool(pending.features & clear_ext.NBD_X_NBDGW_CLEAR_F_SINCE)
             self._events.append(OptionAcked(option))
 
     def _enter_transmission(self, pending: _PendingOption) -> None:
@@ -932,11 +946,39 @@ class ClientConnection:
             self._out.append(self._header(req))
         return req.cookie
 
-    def send_clear(self, offset: int, length: int, context_id: int, *, fua: bool = False) -> int:
+    def send_position(self) -> int:
+        """Queue NBD_CMD_X_NBDGW_POSITION: the write-history position of every negotiated dirty
+        bitmap (F_SINCE only)."""
+        if not self.clear_since:
+            raise UsageError("the server did not acknowledge NBD_X_NBDGW_CLEAR_F_SINCE")
+        ids = [
+            cid
+            for name, cid in self.meta_contexts.items()
+            if name.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+        ]
+        if not ids:
+            raise UsageError("no dirty bitmap context was negotiated")
+        req = self._new_request(Cmd.X_NBDGW_POSITION, 0, 0, 0)
+        req.context_ids = frozenset(ids)
+        self._out.append(self._header(req))
+        return req.cookie
+
+    def send_clear(
+        self,
+        offset: int,
+        length: int,
+        context_id: int,
+        *,
+        fua: bool = False,
+        since: tuple[int, int] | None = None,
+    ) -> int:
         """Queue NBD_CMD_X_NBDGW_CLEAR: clear the whole granules of ``[offset, offset +
-        length)`` in the dirty bitmap negotiated as ``context_id``."""
+        length)`` in the dirty bitmap negotiated as ``context_id``; with ``since`` (a position:
+        history id, sequence) only those not written after it (F_SINCE only)."""
         if not self.clear_extension:
             raise UsageError("the server did not acknowledge NBD_OPT_X_NBDGW_CLEAR")
+        if since is not None and not self.clear_since:
+            raise UsageError("the server did not acknowledge NBD_X_NBDGW_CLEAR_F_SINCE")
         if context_id not in self.meta_contexts.values():
             raise UsageError(f"context id {context_id} was not negotiated")
         if length <= 0 or offset < 0 or offset > self.size or length > self.size - offset:
@@ -945,7 +987,7 @@ class ClientConnection:
                 f" (size {self.size})"
             )
         flags = self._fua(fua)
-        payload = clear_ext.encode_clear_payload(length, context_id)
+        payload = clear_ext.encode_clear_payload(length, context_id, since)
         if self.extended_headers:
             flags |= CmdFlag.PAYLOAD_LEN
         # The effect length travels in the payload (64 bits in both modes); the header's length
@@ -953,6 +995,7 @@ class ClientConnection:
         req = self._new_request(Cmd.X_NBDGW_CLEAR, flags, offset, 0)
         req.length = length
         req.context_ids = frozenset((context_id,))
+        req.since = since is not None
         self._out.append(self._header(req, length=len(payload)))
         self._out.append(payload)
         return req.cookie
@@ -1002,8 +1045,8 @@ class ClientConnection:
             raise ServerProtocolError("simple reply to READ after structured replies")
         if req.command == Cmd.BLOCK_STATUS and errno == 0:
             raise ServerProtocolError("simple success reply to BLOCK_STATUS")
-        if req.command == Cmd.X_NBDGW_CLEAR and errno == 0:
-            raise ServerProtocolError("simple success reply to X_NBDGW_CLEAR")
+        if req.command in (Cmd.X_NBDGW_CLEAR, Cmd.X_NBDGW_POSITION) and errno == 0:
+            raise ServerProtocolError(f"simple success reply to {req.command.name}")
         if req.chunks:
             raise ServerProtocolError(f"simple reply after chunks for cookie {cookie:#x}")
         if errno:
@@ -1031,12 +1074,24 @@ class ClientConnection:
                     )
             if req.command == Cmd.X_NBDGW_CLEAR and req.cleared is None:
                 raise ServerProtocolError("X_NBDGW_CLEAR succeeded without a cleared chunk")
+            if req.command == Cmd.X_NBDGW_CLEAR and req.since:
+                if req.kept is None:
+                    raise ServerProtocolError("a conditional X_NBDGW_CLEAR without a kept chunk")
+                assert req.cleared is not None
+                try:
+                    clear_ext.check_disjoint(req.cleared, req.kept)
+                except WireError as exc:
+                    raise ServerProtocolError(str(exc)) from None
+            if req.command == Cmd.X_NBDGW_POSITION and req.positions.keys() != req.context_ids:
+                raise ServerProtocolError("X_NBDGW_POSITION reply lacks a bitmap's position")
         if req.command == Cmd.READ and req.error is None:
             self._events.append(Reply(req.cookie, req.command, None, req.buffer))
         elif req.command == Cmd.BLOCK_STATUS and req.error is None:
             self._events.append(Reply(req.cookie, req.command, None, None, req.extents))
         elif req.command == Cmd.X_NBDGW_CLEAR and req.error is None:
-            self._events.append(Reply(req.cookie, req.command, cleared=req.cleared))
+            self._events.append(Reply(req.cookie, req.command, cleared=req.cleared, kept=req.kept))
+        elif req.command == Cmd.X_NBDGW_POSITION and req.error is None:
+            self._events.append(Reply(req.cookie, req.command, positions=req.positions))
         else:
             self._events.append(Reply(req.cookie, req.command, req.error))
 
@@ -1112,6 +1167,29 @@ class ClientConnection:
             except WireError as exc:
                 raise ServerProtocolError(str(exc)) from None
             req.cleared = cleared
+        elif rtype == ReplyType.X_NBDGW_KEPT and cmd == Cmd.X_NBDGW_CLEAR and req.since:
+            if length > clear_ext.MAX_CLEARED_CHUNK:
+                raise ServerProtocolError(f"kept chunk of {length} bytes is too long")
+            if req.kept is not None:
+                raise ServerProtocolError("two kept chunks for one X_NBDGW_CLEAR")
+            payload = yield from self._read_exact(length)
+            try:
+                kept = clear_ext.decode_cleared(payload)
+                if kept.context_id not in req.context_ids:
+                    raise WireError(f"kept chunk for context id {kept.context_id}")
+                clear_ext.check_cleared(kept, req.offset, req.length, self.size)
+            except WireError as exc:
+                raise ServerProtocolError(str(exc)) from None
+            req.kept = kept
+        elif rtype == ReplyType.X_NBDGW_POSITION and cmd == Cmd.X_NBDGW_POSITION:
+            if length != clear_ext.POSITION_CHUNK.size:
+                raise ServerProtocolError(f"position chunk of {length} bytes")
+            position = clear_ext.decode_position((yield from self._read_exact(length)))
+            if position.context_id not in req.context_ids:
+                raise ServerProtocolError(f"position for context id {position.context_id}")
+            if position.context_id in req.positions:
+                raise ServerProtocolError(f"two positions for context id {position.context_id}")
+            req.positions[position.context_id] = position
         elif rtype & NBD_REPLY_TYPE_ERROR_BIT:
             # ERROR, ERROR_OFFSET, and unknown error types (which fail only this request).
             if length > MAX_ERROR_CHUNK:

@@ -126,6 +126,8 @@ class Cmd(enum.IntEnum):
     RESIZE = 8
     # nbdgw extension (docs/extension-clear.md): only valid after NBD_OPT_X_NBDGW_CLEAR.
     X_NBDGW_CLEAR = 0x4E47
+    # nbdgw extension: only after NBD_OPT_X_NBDGW_CLEAR with NBD_X_NBDGW_CLEAR_F_SINCE.
+    X_NBDGW_POSITION = 0x4E48
 
 
 class CmdFlag(enum.IntFlag):
@@ -152,6 +154,9 @@ class ReplyType(enum.IntEnum):
     BLOCK_STATUS_EXT = 6
     # nbdgw extension (docs/extension-clear.md): only after NBD_OPT_X_NBDGW_CLEAR.
     X_NBDGW_CLEARED = 0x4E47
+    # nbdgw extension: only after NBD_OPT_X_NBDGW_CLEAR with NBD_X_NBDGW_CLEAR_F_SINCE.
+    X_NBDGW_KEPT = 0x4E48
+    X_NBDGW_POSITION = 0x4E49
     ERROR = 0x8001
     ERROR_OFFSET = 0x8002
 

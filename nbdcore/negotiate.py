@@ -14,6 +14,7 @@ import enum
 from collections.abc import Generator, Sequence
 from typing import Final
 
+from nbdcore import clear_ext
 from nbdcore.client import (
     ClientConnection,
     Event,
@@ -62,12 +63,17 @@ def select_export(
     *,
     clear_extension: bool = False,
 ) -> Strategy:
-    """NBD_OPT_X_NBDGW_CLEAR when asked (any refusal means "without"), SET_META_CONTEXT when
-    there are queries, then GO, falling back to EXPORT_NAME on a server older than GO."""
+    """NBD_OPT_X_NBDGW_CLEAR when asked, with conditional clears (F_SINCE), asked again
+    without them when the server refuses the data (a server older than the feature); any
+    other refusal means "without". Then SET_META_CONTEXT when there are queries, then GO,
+    falling back to EXPORT_NAME on a server older than GO."""
     structured = conn.structured_replies or conn.extended_headers
     if clear_extension and structured:
-        conn.send_x_nbdgw_clear()
-        yield NEXT_EVENT
+        conn.send_x_nbdgw_clear(clear_ext.NBD_X_NBDGW_CLEAR_F_SINCE)
+        ev = yield NEXT_EVENT
+        if isinstance(ev, OptionFailed) and ev.code == Rep.ERR_INVALID:
+            conn.send_x_nbdgw_clear()
+            yield NEXT_EVENT
     if queries and structured:
         conn.send_set_meta_context(export, list(queries))
         ev = yield NEXT_EVENT

@@ -164,6 +164,7 @@ class Negotiated:
     extended_headers: bool
     meta_contexts: dict[int, str]
     clear_extension: bool = False  # NBD_OPT_X_NBDGW_CLEAR was acknowledged
+    clear_since: bool = False  # ... with NBD_X_NBDGW_CLEAR_F_SINCE (conditional clears)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +173,11 @@ class Request:
 
     ``data`` is the WRITE payload. For BLOCK_STATUS, ``contexts`` holds the (id, name) pairs to
     answer (all selected ones, or the filter's), and ``length`` the effect length. For
-    X_NBDGW_CLEAR, ``contexts`` holds the one bitmap context to clear and ``length`` the effect
-    length (answer with :meth:`ServerConnection.reply_cleared`).
+    X_NBDGW_CLEAR, ``contexts`` holds the one bitmap context to clear, ``length`` the effect
+    length and ``since`` the position of a conditional clear (answer with
+    :meth:`ServerConnection.reply_cleared`, with the kept runs when ``since`` is set). For
+    X_NBDGW_POSITION, ``contexts`` holds the negotiated dirty bitmaps (answer with
+    :meth:`ServerConnection.reply_positions`).
     """
 
     cookie: int
@@ -183,6 +187,7 @@ class Request:
     length: int
     data: bytes | bytearray | memoryview | None = None
     contexts: tuple[tuple[int, str], ...] = ()
+    since: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +209,7 @@ class _Negotiation:
     meta_export: str | None = None  # export the last SET_META_CONTEXT named
     meta_contexts: dict[int, str] = field(default_factory=dict)
     clear: bool = False  # NBD_OPT_X_NBDGW_CLEAR acknowledged
+    clear_since: bool = False  # ... with NBD_X_NBDGW_CLEAR_F_SINCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,18 +450,50 @@ class ServerConnection:
             self._out.append(body)
 
     def reply_cleared(
-        self, request: Request, granularity: int, runs: Sequence[tuple[int, int]]
+        self,
+        request: Request,
+        granularity: int,
+        runs: Sequence[tuple[int, int]],
+        kept: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """Success for X_NBDGW_CLEAR: the byte runs cleared (whole granules inside the
-        request), in one NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk."""
+        request), in one NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk; for a conditional clear
+        (``request.since``) followed by the NBD_REPLY_TYPE_X_NBDGW_KEPT chunk of ``kept``."""
+        if (kept is None) != (request.since is None):
+            raise UsageError("kept runs answer a conditional clear, and only one")
         self._done(request)
         (cid, _name), *_ = request.contexts
         body = clear_ext.encode_cleared(cid, granularity, list(runs))
+        last = kept is None
         header = self._chunk_header(
-            NBD_REPLY_FLAG_DONE, ReplyType.X_NBDGW_CLEARED, request, len(body)
+            NBD_REPLY_FLAG_DONE if last else 0, ReplyType.X_NBDGW_CLEARED, request, len(body)
         )
         self._out.append(header)
         self._out.append(body)
+        if kept is not None:
+            body = clear_ext.encode_cleared(cid, granularity, list(kept))
+            header = self._chunk_header(
+                NBD_REPLY_FLAG_DONE, ReplyType.X_NBDGW_KEPT, request, len(body)
+            )
+            self._out.append(header)
+            self._out.append(body)
+
+    def reply_positions(self, request: Request, positions: Sequence[tuple[int, int]]) -> None:
+        """Success for X_NBDGW_POSITION: the ``(history id, sequence)`` of each context of
+        ``request.contexts``, in that order, one NBD_REPLY_TYPE_X_NBDGW_POSITION chunk each."""
+        if len(positions) != len(request.contexts):
+            raise UsageError("one position per context of the request")
+        self._done(request)
+        last = len(positions) - 1
+        for i, ((cid, _name), (history_id, sequence)) in enumerate(
+            zip(request.contexts, positions, strict=True)
+        ):
+            body = clear_ext.encode_position(cid, history_id, sequence)
+            flags = NBD_REPLY_FLAG_DONE if i == last else 0
+            self._out.append(
+                self._chunk_header(flags, ReplyType.X_NBDGW_POSITION, request, len(body))
+            )
+            self._out.append(body)
 
     # --- internals: output --------------------------------------------------------------------
 
@@ -693,13 +731,18 @@ class ServerConnection:
             self._reply(option, Rep.ACK)
 
     def _opt_x_nbdgw_clear(self, option: int, payload: bytes) -> None:
-        if payload:
-            self._error(option, Rep.ERR_INVALID, "NBD_OPT_X_NBDGW_CLEAR carries no data")
-        elif not self.neg.structured:
+        try:
+            # Every feature asked for is implemented, or the option fails as a whole.
+            features = clear_ext.decode_features(payload)
+        except wire.WireError as exc:
+            self._error(option, Rep.ERR_INVALID, str(exc))
+            return
+        if not self.neg.structured:
             # The reply to the command is a chunk.
             self._error(option, Rep.ERR_INVALID, "negotiate structured replies first")
         else:
             self.neg.clear = True
+            self.neg.clear_since = bool(features & clear_ext.NBD_X_NBDGW_CLEAR_F_SINCE)
             self._reply(option, Rep.ACK)
 
     def _opt_x_nbdgw_snapshot(self, option: int, payload: bytes) -> None:
@@ -759,6 +802,7 @@ class ServerConnection:
                 self.neg.extended,
                 dict(self.neg.meta_contexts),
                 self.neg.clear,
+                self.neg.clear_since,
             )
         )
 
@@ -882,6 +926,8 @@ class ServerConnection:
             return None
         if command == Cmd.X_NBDGW_CLEAR:
             return self._validate_clear(cookie, flags, offset, data, reject)
+        if command == Cmd.X_NBDGW_POSITION:
+            return self._validate_position(cookie, flags, offset, length, data, reject)
         if flags & ~_ALL_CMD_FLAGS:
             reject(Errno.EINVAL, f"unknown command flags {flags:#x}")
             return None
@@ -986,7 +1032,9 @@ class ServerConnection:
             reject(Errno.EINVAL, f"flags {flags:#x} not valid for NBD_CMD_X_NBDGW_CLEAR")
             return None
         try:
-            clear = clear_ext.decode_clear_payload(data if data is not None else b"")
+            clear = clear_ext.decode_clear_payload(
+                data if data is not None else b"", since=self.neg.clear_since
+            )
         except wire.WireError as exc:
             reject(Errno.EINVAL, str(exc))
             return None
@@ -1007,7 +1055,34 @@ class ServerConnection:
             return None
         fl = CmdFlag(flags & ~CmdFlag.PAYLOAD_LEN)
         ctx = ((clear.context_id, name),)
-        return Request(cookie, Cmd.X_NBDGW_CLEAR, fl, offset, clear.length, None, ctx)
+        return Request(cookie, Cmd.X_NBDGW_CLEAR, fl, offset, clear.length, None, ctx, clear.since)
+
+    def _validate_position(
+        self,
+        cookie: int,
+        flags: int,
+        offset: int,
+        length: int,
+        data: bytearray | None,
+        reject: Callable[[Errno, str], None],
+    ) -> Request | None:
+        """NBD_CMD_X_NBDGW_POSITION: only with F_SINCE, no flags, offset and length 0, no
+        payload; it answers for every negotiated dirty bitmap, of which there must be one."""
+        if not self.neg.clear_since:
+            reject(Errno.EINVAL, "NBD_CMD_X_NBDGW_POSITION without NBD_X_NBDGW_CLEAR_F_SINCE")
+            return None
+        if flags or offset or length or data is not None:
+            reject(Errno.EINVAL, "NBD_CMD_X_NBDGW_POSITION takes no flags, range or payload")
+            return None
+        contexts = tuple(
+            (cid, name)
+            for cid, name in self.neg.meta_contexts.items()
+            if name.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+        )
+        if not contexts:
+            reject(Errno.EINVAL, "no dirty bitmap context was negotiated")
+            return None
+        return Request(cookie, Cmd.X_NBDGW_POSITION, CmdFlag(0), 0, 0, None, contexts)
 
 
 def _u64(values: Sequence[int] | array[int]) -> array[int]:

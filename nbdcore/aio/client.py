@@ -196,6 +196,12 @@ class NBDClient(ClientSession):
         return self._conn.clear_extension
 
     @property
+    def conditional_clears(self) -> bool:
+        """The server acknowledged conditional clears (NBD_X_NBDGW_CLEAR_F_SINCE):
+        :meth:`positions` and :meth:`clear_since` work."""
+        return self._conn.clear_since
+
+    @property
     def closed(self) -> bool:
         return self._closed.done()
 
@@ -547,6 +553,43 @@ class NBDClient(ClientSession):
             reply = await self._submit(lambda: self._conn.send_clear(offset, length, cid, fua=fua))
         assert reply.cleared is not None
         return reply.cleared
+
+    async def positions(self) -> dict[str, tuple[int, int]]:
+        """NBD_CMD_X_NBDGW_POSITION: the current write-history position (history id, sequence)
+        of every negotiated dirty bitmap, by context name. Take it *before* reading what will
+        be cleared with :meth:`clear_since`: every write the reads may have missed is after
+        it."""
+        if not self.conditional_clears:
+            raise UsageError("the server does not offer conditional clears")
+        async with self._slots:
+            reply = await self._submit(self._conn.send_position)
+        assert reply.positions is not None
+        names = {cid: name for name, cid in self.meta_contexts.items()}
+        return {names[p.context_id]: (p.history_id, p.sequence) for p in reply.positions.values()}
+
+    async def clear_since(
+        self,
+        offset: int,
+        length: int,
+        context: str,
+        since: tuple[int, int],
+        *,
+        fua: bool = False,
+    ) -> tuple[clear_ext.Cleared, clear_ext.Cleared]:
+        """A conditional NBD_CMD_X_NBDGW_CLEAR: as :meth:`clear`, but only the granules not
+        written after position ``since`` (from :meth:`positions`). Returns ``(cleared, kept)``:
+        the kept runs may have changed after ``since``; read them again before clearing."""
+        if not self.conditional_clears:
+            raise UsageError("the server does not offer conditional clears")
+        cid = self.meta_contexts.get(context)
+        if cid is None:
+            raise UsageError(f"context {context!r} was not negotiated")
+        async with self._slots:
+            reply = await self._submit(
+                lambda: self._conn.send_clear(offset, length, cid, fua=fua, since=since)
+            )
+        assert reply.cleared is not None and reply.kept is not None
+        return reply.cleared, reply.kept
 
     # --- closing ----------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ from nbdcore.server import (
 if TYPE_CHECKING:
     from array import array
 
+    from nbdcore.storage.bitmap import DirtyBitmap
     from nbdcore.storage.image import Image
 
 __all__ = ["ExportConfig", "NBDServer", "ServerLimits"]
@@ -1043,10 +1044,27 @@ class _Connection:
             # lock orders it with everything else (see nbdcore.storage.image).
             ((_cid, context),) = req.contexts
             name = context[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) :]
+            if req.since is not None:
+                granularity, runs, kept = await self._in_worker(
+                    _clear_since, image, name, req.offset, req.length, req.since, fua
+                )
+                self.proto.reply_cleared(req, granularity, runs, kept)
+                return
             granularity, runs = await self._in_worker(
                 _clear, image, name, req.offset, req.length, fua
             )
             self.proto.reply_cleared(req, granularity, runs)
+            return
+        elif cmd == Cmd.X_NBDGW_POSITION:
+            # On the loop: a position is read under the bitmap's lock, which a write holds
+            # only while it stamps a few bits. Any write that completed before this request
+            # arrived is at or before the position; a reader that waits for this reply before
+            # reading sees the data of every such write.
+            positions = [
+                _bitmap(image, context[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) :]).position
+                for _cid, context in req.contexts
+            ]
+            self.proto.reply_positions(req, positions)
             return
         else:  # pragma: no cover - the core only lets known commands through
             raise ValueError(f"unexpected command {cmd!r}")
@@ -1065,12 +1083,27 @@ def _write(image: Image, data: bytes | bytearray | memoryview, offset: int, fua:
     image.write(memoryview(data), offset, fua=fua)
 
 
-def _clear(
-    image: Image, name: str, offset: int, length: int, fua: bool
-) -> tuple[int, list[tuple[int, int]]]:
+def _bitmap(image: Image, name: str) -> DirtyBitmap:
     bitmap = image.bitmaps.get(name)
     if bitmap is None:
         raise OSError(errno.EINVAL, f"bitmap {name!r} no longer exists")
+    return bitmap
+
+
+def _clear_since(
+    image: Image, name: str, offset: int, length: int, since: tuple[int, int], fua: bool
+) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+    bitmap = _bitmap(image, name)
+    runs, kept = image.clear_bitmap_range_since(name, offset, length, since)
+    if fua:
+        image.flush()
+    return bitmap.granularity, runs, kept
+
+
+def _clear(
+    image: Image, name: str, offset: int, length: int, fua: bool
+) -> tuple[int, list[tuple[int, int]]]:
+    bitmap = _bitmap(image, name)
     runs = image.clear_bitmap_range(name, offset, length)
     if fua:
         image.flush()  # the bits (and the data) on stable storage before the reply

@@ -14,11 +14,24 @@ of a second.
 The buffer is any writable buffer: a ``bytearray`` for memory images, or a shared ``mmap`` of
 the bits file for persistent ones (see ``nbdcore.storage.store``), so that a bit set here is in
 the kernel's page cache, and survives the death of the process, as soon as the store returns.
+
+Write history (conditional clears, docs/extension-clear.md): every mark takes the next number
+of a per-bitmap write *sequence* and stamps it on the regions it touches (a region is one
+granule, or 2**k granules on disks of more than ``MAX_HISTORY_REGIONS`` granules, so the
+history stays within 2 MiB). A *position* ``(history_id, sequence)`` names a point of that
+history; ``clear_range_since(position)`` clears only granules whose region is stamped at or
+before it, and reports the others as kept: a write that lands after a reader took its
+position can never be cleared by that reader. The history lives in its own buffer (a shared
+mapping for persistent bitmaps, like the bits), and ``history_id`` is drawn at random whenever
+the history cannot be trusted to have kept every stamp (new file, crash of the machine): a
+position of an older history then clears nothing.
 """
 
 from __future__ import annotations
 
 import mmap
+import secrets
+import struct
 import sys
 import threading
 from array import array
@@ -34,6 +47,13 @@ MAX_GRANULARITY: Final = 1 << 31  # qemu's limit for persistent bitmaps
 DEFAULT_GRANULARITY: Final = 65536
 # qemu: BDRV_BITMAP_MAX_NAME_SIZE
 MAX_NAME_BYTES: Final = 1023
+
+# The write history: header (magic, history id, sequence, log2 granules per region), then one
+# native u64 sequence stamp per region. 2**18 regions: 2 MiB, exact up to 16 GiB at 64 KiB.
+HISTORY_MAGIC: Final = b"NBDGWHS1"
+_HISTORY_HEADER: Final = struct.Struct("=8sQQQ")
+_STAMP: Final = struct.Struct("=Q")
+MAX_HISTORY_REGIONS: Final = 1 << 18
 
 # Bytes of bits looked at per step: bounds the temporary big ints (512K granules a step).
 _WINDOW_BYTES: Final = 64 * 1024
@@ -92,6 +112,87 @@ def bits_length(size: int, granularity: int) -> int:
     return (granule_count(size, granularity) + 7) // 8
 
 
+def history_shift(size: int, granularity: int) -> int:
+    """log2 of the granules per history region: 0 (exact) unless the disk has more than
+    ``MAX_HISTORY_REGIONS`` granules."""
+    granules = granule_count(size, granularity)
+    return max(0, (max(granules, 1) - 1).bit_length() - MAX_HISTORY_REGIONS.bit_length() + 1)
+
+
+def history_length(size: int, granularity: int) -> int:
+    """Bytes of the write history of a bitmap over a disk of ``size`` bytes."""
+    shift = history_shift(size, granularity)
+    regions = (granule_count(size, granularity) + (1 << shift) - 1) >> shift
+    return _HISTORY_HEADER.size + _STAMP.size * regions
+
+
+Position = tuple[int, int]  # (history id, sequence): a point in a bitmap's write history
+
+
+class _History:
+    """The write history of one bitmap over ``buffer`` (see the module docstring). Every
+    method but ``__init__`` runs under the bitmap's lock."""
+
+    def __init__(self, buffer: Buffer, size: int, granularity: int, *, trusted: bool) -> None:
+        self.shift = history_shift(size, granularity)
+        self.regions = (granule_count(size, granularity) + (1 << self.shift) - 1) >> self.shift
+        need = _HISTORY_HEADER.size + _STAMP.size * self.regions
+        if len(buffer) < need:
+            raise BitmapError(f"write history of {len(buffer)} bytes, {need} needed")
+        self.buffer = buffer
+        magic, history_id, sequence, shift = _HISTORY_HEADER.unpack_from(buffer, 0)
+        if trusted and magic == HISTORY_MAGIC and shift == self.shift and history_id:
+            # The header is stored after the stamps: a process killed in between left a
+            # stamp ahead of it, and a sequence must never be handed out twice.
+            self.id = history_id
+            self.sequence = max(sequence, max(self._stamps(0, self.regions), default=0))
+        else:
+            # A history we cannot vouch for: a new id, so that no older position matches.
+            self.id = secrets.randbits(64) | 1
+            self.sequence = 0
+            buffer[_HISTORY_HEADER.size : need] = bytes(need - _HISTORY_HEADER.size)
+        self._store_header()
+
+    def _stamps(self, lo: int, hi: int) -> array[int]:
+        out = array("Q")
+        out.frombytes(self.buffer[_HISTORY_HEADER.size + 8 * lo : _HISTORY_HEADER.size + 8 * hi])
+        return out
+
+    def _store_header(self) -> None:
+        _HISTORY_HEADER.pack_into(self.buffer, 0, HISTORY_MAGIC, self.id, self.sequence, self.shift)
+
+    def record(self, first: int, end: int) -> None:
+        """Stamp the regions of granules ``[first, end)`` with the next sequence number."""
+        if first >= end:
+            return
+        self.sequence += 1
+        lo, hi = first >> self.shift, ((end - 1) >> self.shift) + 1
+        base = _HISTORY_HEADER.size
+        if hi - lo == 1:
+            _STAMP.pack_into(self.buffer, base + 8 * lo, self.sequence)
+        else:
+            self.buffer[base + 8 * lo : base + 8 * hi] = (
+                array("Q", [self.sequence]) * (hi - lo)
+            ).tobytes()
+        self._store_header()
+
+    def changed_since(self, sequence: int, first: int, end: int) -> list[tuple[int, int]]:
+        """Granule runs ``[a, b)`` within ``[first, end)`` whose region was stamped after
+        ``sequence``, in order, merged."""
+        lo, hi = first >> self.shift, ((end - 1) >> self.shift) + 1
+        runs: list[tuple[int, int]] = []
+        for i, stamp in enumerate(self._stamps(lo, hi), lo):
+            if stamp <= sequence:
+                continue
+            a = max(i << self.shift, first)
+            b = min((i + 1) << self.shift, end)
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        return runs
+
+
 class DirtyBitmap:
     """A named dirty bitmap over a disk of ``size`` bytes.
 
@@ -108,6 +209,8 @@ class DirtyBitmap:
         *,
         enabled: bool = True,
         bits: Buffer | None = None,
+        history: Buffer | None = None,
+        history_trusted: bool = False,
     ) -> None:
         validate_name(name)
         validate_granularity(granularity)
@@ -125,6 +228,11 @@ class DirtyBitmap:
         elif len(bits) < nbytes:
             raise BitmapError(f"bitmap {name!r}: {len(bits)} bytes of bits, {nbytes} needed")
         self._bits: Buffer = bits
+        if history is None:
+            history = bytearray(history_length(size, granularity))
+        # ``history_trusted``: the buffer holds a history kept by an earlier owner, every stamp
+        # of which survived (the store knows; a fresh buffer never is).
+        self._history = _History(history, size, granularity, trusted=history_trusted)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -139,19 +247,31 @@ class DirtyBitmap:
 
     # --- mutation ------------------------------------------------------------------------
 
+    @property
+    def position(self) -> Position:
+        """The current point of the write history: a clear since it keeps every granule
+        marked after this call returns."""
+        with self._lock:
+            return self._history.id, self._history.sequence
+
     def mark_dirty(self, offset: int, length: int) -> None:
-        """Mark every granule touching ``[offset, offset + length)``; a no-op when disabled."""
+        """Mark every granule touching ``[offset, offset + length)``; only the write history
+        when disabled (a disabled bitmap keeps no bits, but a clear since an older position
+        must still not clear what was written after it)."""
         self._check_range(offset, length)
-        if not self.enabled or length == 0:
+        if length == 0:
             return
         first = offset >> self._shift
         end = ((offset + length - 1) >> self._shift) + 1
         with self._lock:
-            self._set(first, end, True)
+            self._history.record(first, end)
+            if self.enabled:
+                self._set(first, end, True)
 
     def mark_all(self) -> None:
         """Mark every granule dirty, enabled or not (used when in doubt)."""
         with self._lock:
+            self._history.record(0, self._granules)
             self._set(0, self._granules, True)
 
     def clear_range(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -170,6 +290,44 @@ class DirtyBitmap:
             self._set(first, end, False)
         start = first << self._shift
         return [(start, min(end << self._shift, self.size) - start)]
+
+    def clear_range_since(
+        self, offset: int, length: int, since: Position
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Clear the granules wholly inside ``[offset, offset + length)`` that were not marked
+        after position ``since``; returns ``(cleared, kept)`` byte runs (in order, whole
+        granules, together the granule-aligned part of the range).
+
+        Kept granules may have been written after the reader took ``since`` (exactly so on
+        disks of at most ``MAX_HISTORY_REGIONS`` granules; a whole region beyond): their bits
+        stay as they are. A position of another history, or from the future, keeps the whole
+        range: a clear is never blind.
+        """
+        self._check_range(offset, length)
+        first, end = self._inner_granules(offset, length)
+        if first >= end:
+            return [], []
+        history_id, sequence = since
+        with self._lock:
+            if history_id != self._history.id or sequence > self._history.sequence:
+                kept = [(first, end)]
+            else:
+                kept = self._history.changed_since(sequence, first, end)
+            cleared: list[tuple[int, int]] = []
+            at = first
+            for a, b in [*kept, (end, end)]:
+                if at < a:
+                    self._set(at, a, False)
+                    cleared.append((at, a))
+                at = b
+        return self._byte_runs(cleared), self._byte_runs(kept)
+
+    def _byte_runs(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out = []
+        for a, b in runs:
+            start = a << self._shift
+            out.append((start, min(b << self._shift, self.size) - start))
+        return out
 
     def clear(self) -> None:
         """Clear every granule."""
@@ -195,6 +353,8 @@ class DirtyBitmap:
                 with self._lock:
                     ours = int.from_bytes(self._bits[lo:hi], "little")
                     if ours | theirs != ours:
+                        # Merged bits count as written now (a snapshot's release).
+                        self._history.record(lo * 8, min(hi * 8, self._granules))
                         self._bits[lo:hi] = (ours | theirs).to_bytes(hi - lo, "little")
             return
         for start, length, flags in other.extents(0, other.size):
@@ -202,6 +362,7 @@ class DirtyBitmap:
                 first = start >> self._shift
                 end = ((start + length - 1) >> self._shift) + 1
                 with self._lock:
+                    self._history.record(first, end)
                     self._set(first, end, True)
 
     def copy_bits(self) -> bytes:
@@ -215,6 +376,7 @@ class DirtyBitmap:
         while a racing write still marks this (removed) bitmap."""
         with self._lock:
             self._bits = bytearray(self._bits[:])
+            self._history.buffer = bytearray(self._history.buffer[:])
 
     # --- queries -------------------------------------------------------------------------
 

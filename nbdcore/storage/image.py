@@ -27,7 +27,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from nbdcore.storage.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, validate_granularity
+from nbdcore.storage.bitmap import (
+    DEFAULT_GRANULARITY,
+    DirtyBitmap,
+    Position,
+    validate_granularity,
+)
 from nbdcore.storage.bitmap import validate_name as validate_bitmap_name
 from nbdcore.storage.disk import Disk, MemoryDisk, RawFileDisk
 from nbdcore.storage.errors import (
@@ -217,6 +222,19 @@ class Image:
         byte runs now clean (see ``DirtyBitmap.clear_range``)."""
         self._check_writable()
         return self.bitmap(name).clear_range(offset, length)
+
+    def clear_bitmap_range_since(
+        self, name: str, offset: int, length: int, since: Position
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Clear the granules of bitmap ``name`` wholly inside the range and not written after
+        position ``since``; returns the ``(cleared, kept)`` byte runs (see
+        ``DirtyBitmap.clear_range_since``)."""
+        self._check_writable()
+        return self.bitmap(name).clear_range_since(offset, length, since)
+
+    def bitmap_position(self, name: str) -> Position:
+        """The current point of bitmap ``name``'s write history."""
+        return self.bitmap(name).position
 
     def clear_bitmap(self, name: str) -> None:
         self._check_writable()

@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdcore.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
-from nbdcore.storage.bitmap import DirtyBitmap, bits_length, validate_granularity
+from nbdcore.storage.bitmap import DirtyBitmap, Position, bits_length, validate_granularity
 from nbdcore.storage.disk import FALLOC_FL_KEEP_SIZE, Disk, MemoryDisk, fallocate
 from nbdcore.storage.errors import (
     BitmapError,
@@ -484,6 +484,17 @@ class Snapshot(Image):
         what they held); returns the byte runs now clean."""
         self._check_present()
         return self.bitmap(name).clear_range(offset, length)
+
+    def clear_bitmap_range_since(
+        self, name: str, offset: int, length: int, since: Position
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """As ``Image.clear_bitmap_range_since``: nothing writes a fork, so only a position of
+        another history keeps anything."""
+        self._check_present()
+        return self.bitmap(name).clear_range_since(offset, length, since)
+
+    def bitmap_position(self, name: str) -> Position:
+        return self.bitmap(name).position
 
     def clear_bitmap(self, name: str) -> None:
         self._check_present()

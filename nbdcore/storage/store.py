@@ -9,6 +9,8 @@ valid name makes a safe file name)::
         KEY.json      {"format": "nbdgw-bitmap", "version": 1, "name", "granularity",
                        "enabled", "size"}
         KEY.bits      the bits (see nbdcore.storage.bitmap), mapped MAP_SHARED by the writer
+        KEY.hist      the bitmap's write history (positions for conditional clears), mapped
+                      MAP_SHARED by the writer like the bits
 
 The crash-safety scheme, and why it is safe (the rule: when in doubt a granule is dirty):
 
@@ -38,7 +40,12 @@ The crash-safety scheme, and why it is safe (the rule: when in doubt a granule i
    (rename to a dot name, fsync, delete) *before* ``in-use`` is rewritten, so that a later open
    in this boot can never trust a snapshot whose preserved data the crash may have lost. The
    bitmaps, wholly dirty by then, cover whatever the discarded forks held.
-5. One writer at a time (``flock`` on ``lock``); readers (``read_only=True``) take no lock and
+5. The write history (``KEY.hist``) is stamped in the same shared mapping as the bits, so it
+   survives the death of the process with them: a position handed out before a restart still
+   names the same point. It is trusted only when the bits are: a machine crash, a resize, or a
+   missing or short file draws a new history id (every older position then clears nothing),
+   since a history that lost stamps could hand out a sequence number twice.
+6. One writer at a time (``flock`` on ``lock``); readers (``read_only=True``) take no lock and
    copy the bits into memory; a reader that finds ``in-use`` from another boot reports every
    granule dirty without writing anything.
 """
@@ -60,6 +67,7 @@ from typing import Any, Final
 from nbdcore.storage.bitmap import (
     DirtyBitmap,
     bits_length,
+    history_length,
     validate_granularity,
     validate_name,
 )
@@ -180,6 +188,7 @@ class BitmapStore:
         self.read_only = read_only
         self.bitmaps: dict[str, DirtyBitmap] = {}
         self._bits: dict[str, _Bits] = {}
+        self._history: dict[str, _Bits] = {}
         self._lock_fd: int | None = None
         self.recovered = False  # True when an unclean shutdown made every bitmap dirty
         self.machine_crashed = False  # True when the last writer's machine went down
@@ -214,7 +223,7 @@ class BitmapStore:
             self._load(key, meta, machine_crashed)
         if not self.read_only:
             for path in self.dir.iterdir():
-                if path.suffix == ".bits" and path.stem not in keys:
+                if path.suffix in (".bits", ".hist") and path.stem not in keys:
                     path.unlink()  # orphan of an interrupted add or remove
                 elif path.name.endswith(".tmp"):
                     path.unlink()
@@ -267,8 +276,21 @@ class BitmapStore:
         resized = meta["size"] != self.size
         bits = _Bits(self.dir / f"{key}.bits", nbytes, writable=not self.read_only)
         self._bits[name] = bits
+        history = _Bits(
+            self.dir / f"{key}.hist",
+            history_length(self.size, granularity),
+            writable=not self.read_only,
+        )
+        self._history[name] = history
+        trusted = history.complete and bits.complete and not (machine_crashed or resized)
         bitmap = DirtyBitmap(
-            name, self.size, granularity, enabled=meta["enabled"], bits=bits.buffer
+            name,
+            self.size,
+            granularity,
+            enabled=meta["enabled"],
+            bits=bits.buffer,
+            history=history.buffer,
+            history_trusted=trusted,
         )
         self.bitmaps[name] = bitmap
         if machine_crashed or resized or not bits.complete:
@@ -282,6 +304,8 @@ class BitmapStore:
         """msync every bitmap: the bits set so far survive a power loss."""
         for bits in self._bits.values():
             bits.sync()
+        for history in self._history.values():
+            history.sync()
 
     def close(self, *, clean: bool = True) -> None:
         """Sync, mark the image cleanly closed, release the lock. Idempotent."""
@@ -292,9 +316,10 @@ class BitmapStore:
                     (self.dir / IN_USE).unlink()
                 fsync_dir(self.dir)
         finally:
-            for bits in self._bits.values():
+            for bits in [*self._bits.values(), *self._history.values()]:
                 bits.close()
             self._bits.clear()
+            self._history.clear()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -316,18 +341,30 @@ class BitmapStore:
     def add(self, name: str, granularity: int, enabled: bool) -> DirtyBitmap:
         key = bitmap_key(name)
         bits_path = self.dir / f"{key}.bits"
-        with contextlib.suppress(FileNotFoundError):
-            bits_path.unlink()  # an orphan: its metadata is gone, so is the bitmap
+        history_path = self.dir / f"{key}.hist"
+        for path in (bits_path, history_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # an orphan: its metadata is gone, so is the bitmap
         nbytes = bits_length(self.size, granularity)
         bits = _Bits(bits_path, nbytes, writable=True)
+        history = _Bits(history_path, history_length(self.size, granularity), writable=True)
         try:
-            bitmap = DirtyBitmap(name, self.size, granularity, enabled=enabled, bits=bits.buffer)
+            bitmap = DirtyBitmap(
+                name,
+                self.size,
+                granularity,
+                enabled=enabled,
+                bits=bits.buffer,
+                history=history.buffer,
+            )
             fsync_dir(self.dir)
             self._write_meta(bitmap)
         except BaseException:
             bits.close()
+            history.close()
             raise
         self._bits[name] = bits
+        self._history[name] = history
         self.bitmaps[name] = bitmap
         return bitmap
 
@@ -337,8 +374,10 @@ class BitmapStore:
         fsync_dir(self.dir)
         self.bitmaps.pop(name).detach()
         self._bits.pop(name).close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.dir / f"{key}.bits").unlink()
+        self._history.pop(name).close()
+        for suffix in (".bits", ".hist"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / f"{key}{suffix}").unlink()
 
     def update(self, bitmap: DirtyBitmap) -> None:
         """Persist a change of ``bitmap.enabled``."""

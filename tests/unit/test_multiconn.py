@@ -170,6 +170,9 @@ async def test_nbdclient_api_covered() -> None:
         "connect",
         "clear",
         "clear_extension",
+        "clear_since",
+        "conditional_clears",
+        "positions",
     }
     assert {"pread", "pwrite", "flush", "block_status", "close"} <= commands
     for name in commands:

@@ -104,6 +104,7 @@ def test_remove_then_add_is_clean(disk: Path) -> None:
         assert dirty_runs(image, "b") == []
     assert sorted(p.suffix for p in store_dir(disk).iterdir() if p.name != "lock") == [
         ".bits",
+        ".hist",
         ".json",
     ]
 
