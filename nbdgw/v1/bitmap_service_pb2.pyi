@@ -293,6 +293,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
     (metadata `generation`, `current_generation`).
     """
+    ERROR_REASON_CLEAR_TOKEN_REQUIRED: _ErrorReason.ValueType  # 20
+    """FAILED_PRECONDITION: ClearRange on a writable export without a `clear_token` (and without
+    `unconditional`): such a clear could erase a write the caller never read.
+    """
+    ERROR_REASON_CLEAR_TOKEN_INVALID: _ErrorReason.ValueType  # 21
+    """INVALID_ARGUMENT: the `clear_token` is malformed, belongs to another export or bitmap, or
+    the export's host cannot clear conditionally.
+    """
     ERROR_REASON_GENERATIONS_NOT_SUPPORTED: _ErrorReason.ValueType  # 32
     """FAILED_PRECONDITION: SetExportGeneration on an export whose bitmaps clear at the source
     (CLEAR_MODE_AT_SOURCE): generations scope only the gateway's ledger.
@@ -370,6 +378,14 @@ client stopped reading).
 ERROR_REASON_GENERATION_MISMATCH: ErrorReason.ValueType  # 19
 """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
 (metadata `generation`, `current_generation`).
+"""
+ERROR_REASON_CLEAR_TOKEN_REQUIRED: ErrorReason.ValueType  # 20
+"""FAILED_PRECONDITION: ClearRange on a writable export without a `clear_token` (and without
+`unconditional`): such a clear could erase a write the caller never read.
+"""
+ERROR_REASON_CLEAR_TOKEN_INVALID: ErrorReason.ValueType  # 21
+"""INVALID_ARGUMENT: the `clear_token` is malformed, belongs to another export or bitmap, or
+the export's host cannot clear conditionally.
 """
 ERROR_REASON_GENERATIONS_NOT_SUPPORTED: ErrorReason.ValueType  # 32
 """FAILED_PRECONDITION: SetExportGeneration on an export whose bitmaps clear at the source
@@ -863,6 +879,7 @@ class StreamExtentsResponse(_message.Message):
     FLAGS_FIELD_NUMBER: _builtins.int
     ALLOCATION_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CLEAR_TOKEN_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Where this message's coverage starts: the `next_offset` of the previous message, or the
     start of the (resumed) range.
@@ -882,6 +899,15 @@ class StreamExtentsResponse(_message.Message):
     data: _builtins.bytes
     """With `include_data`: the bytes of the extents of this message whose allocation is
     ALLOCATION_DATA, concatenated in order (at most 1 MiB).
+    """
+    clear_token: _builtins.str
+    """An opaque token naming the point in the bitmap's write history before which this message
+    was read: pass it as `ClearRangeRequest.clear_token` to clear ranges this message carried,
+    and only the granules not written since are cleared. Set on the messages of a dirty bitmap
+    of a writable export whose host keeps a write history (the embedded host, `nbdgw nbd
+    serve`); empty otherwise. A token stays valid across restarts of the gateway and of the
+    host process; one that the host can no longer vouch for (its machine crashed) keeps every
+    granule dirty.
     """
     @_builtins.property
     def offset_deltas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -915,10 +941,11 @@ class StreamExtentsResponse(_message.Message):
         flags: _abc.Iterable[_builtins.int] | None = ...,
         allocation: _abc.Iterable[Global___Allocation.ValueType] | None = ...,
         data: _builtins.bytes = ...,
+        clear_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "data", b"data", "flags", b"flags", "lengths", b"lengths", "next_offset", b"next_offset", "offset", b"offset", "offset_deltas", b"offset_deltas", "range_end", b"range_end", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "clear_token", b"clear_token", "data", b"data", "flags", b"flags", "lengths", b"lengths", "next_offset", b"next_offset", "offset", b"offset", "offset_deltas", b"offset_deltas", "range_end", b"range_end", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -961,6 +988,8 @@ class ClearRangeRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    CLEAR_TOKEN_FIELD_NUMBER: _builtins.int
+    UNCONDITIONAL_FIELD_NUMBER: _builtins.int
     export: _builtins.str
     """The export, `exports/{export}`. The bare `{export}` is accepted too."""
     bitmap: _builtins.str
@@ -980,6 +1009,18 @@ class ClearRangeRequest(_message.Message):
     the current generation), because the generation may change between the copy and the clear
     and data copied from one point in time must not mask another. Ignored by the other modes.
     """
+    clear_token: _builtins.str
+    """The `clear_token` of the StreamExtents message that carried the range (or of an earlier
+    message of the same bitmap). Required to clear a writable export with CLEAR_MODE_AT_SOURCE:
+    only the granules not written since the token's message was read are cleared, and the
+    others are returned in `kept_ranges`. A token of another bitmap is INVALID_ARGUMENT
+    (reason CLEAR_TOKEN_INVALID). Ignored on read-only exports, which nothing writes.
+    """
+    unconditional: _builtins.bool
+    """Clear a writable export without a token: the caller knows that nothing writes it (a
+    stopped VM). With writes landing, this can clear a write the caller never read; it is
+    never needed with a token.
+    """
     def __init__(
         self,
         *,
@@ -988,10 +1029,12 @@ class ClearRangeRequest(_message.Message):
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
         generation: _builtins.str = ...,
+        clear_token: _builtins.str = ...,
+        unconditional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmap", b"bitmap", "export", b"export", "generation", b"generation", "length", b"length", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmap", b"bitmap", "clear_token", b"clear_token", "export", b"export", "generation", b"generation", "length", b"length", "offset", b"offset", "unconditional", b"unconditional"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1008,6 +1051,9 @@ class ClearRangeResponse(_message.Message):
     CLEAR_MODE_FIELD_NUMBER: _builtins.int
     GRANULARITY_BYTES_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    KEPT_RANGES_FIELD_NUMBER: _builtins.int
+    KEPT_BYTES_FIELD_NUMBER: _builtins.int
+    CONDITIONAL_FIELD_NUMBER: _builtins.int
     cleared_bytes: _builtins.int
     """The sum of the lengths of `cleared_ranges`."""
     clear_mode: Global___ClearMode.ValueType
@@ -1018,10 +1064,22 @@ class ClearRangeResponse(_message.Message):
     """
     generation: _builtins.str
     """With CLEAR_MODE_LEDGER_MASK: the generation the clear was recorded under."""
+    kept_bytes: _builtins.int
+    """The sum of the lengths of `kept_ranges`."""
+    conditional: _builtins.bool
+    """The clear was conditional (made with a `clear_token`): `kept_ranges` is meaningful."""
     @_builtins.property
     def cleared_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
         """The byte ranges that were cleared, in order, not overlapping: only whole granules inside
         the requested range. Empty when no whole granule fits in it.
+        """
+
+    @_builtins.property
+    def kept_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
+        """With a `clear_token`: the whole granules inside the range that were not cleared because
+        they may have been written since the token's message was read (on very large disks, a
+        written granule keeps a few neighbours with it). In order, not overlapping, disjoint from
+        `cleared_ranges`. Copy them again and clear them with the new copy's token.
         """
 
     def __init__(
@@ -1032,10 +1090,13 @@ class ClearRangeResponse(_message.Message):
         clear_mode: Global___ClearMode.ValueType = ...,
         granularity_bytes: _builtins.int = ...,
         generation: _builtins.str = ...,
+        kept_ranges: _abc.Iterable[Global___ByteRange] | None = ...,
+        kept_bytes: _builtins.int = ...,
+        conditional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_mode", b"clear_mode", "cleared_bytes", b"cleared_bytes", "cleared_ranges", b"cleared_ranges", "generation", b"generation", "granularity_bytes", b"granularity_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_mode", b"clear_mode", "cleared_bytes", b"cleared_bytes", "cleared_ranges", b"cleared_ranges", "conditional", b"conditional", "generation", b"generation", "granularity_bytes", b"granularity_bytes", "kept_bytes", b"kept_bytes", "kept_ranges", b"kept_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,12 +108,15 @@ class BitmapServiceStub:
       generation and masked out of later streams of that bitmap, byte-exactly.
     - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
       and PreconditionFailure say why).
-    Safety on a live writable export: a clear has no "unless written since I read it"
-    condition, so a write that lands on a granule between the consumer's copy and its clear is
-    erased with the bit, and the copy is stale without any bitmap saying so. Clear a live
-    writable export only if the cleared ranges are read again after the clear (and the copy
-    fixed where they changed), as `nbdgw backup --clear` does; or read and clear a snapshot
-    export (`exports/{export}@{snapshot}`, SnapshotService), whose data nothing writes.
+    Safety on a live writable export: a write that lands on a granule between the consumer's
+    copy and its clear must not be cleared with it. So a clear of a writable export is
+    *conditional*: it carries the `clear_token` of the StreamExtents message that carried the
+    range, clears only the granules not written since that message was read, and returns the
+    others in `kept_ranges` (copy them again, then clear them with a newer token). A clear of a
+    writable export without a token fails with FAILED_PRECONDITION (reason
+    CLEAR_TOKEN_REQUIRED) unless `unconditional` says that nothing writes the export. Read-only
+    exports (snapshot exports `exports/{export}@{snapshot}`, whose data nothing writes) need no
+    token.
     """
     SetExportGeneration: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]
     """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
@@ -191,12 +194,15 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
       generation and masked out of later streams of that bitmap, byte-exactly.
     - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
       and PreconditionFailure say why).
-    Safety on a live writable export: a clear has no "unless written since I read it"
-    condition, so a write that lands on a granule between the consumer's copy and its clear is
-    erased with the bit, and the copy is stale without any bitmap saying so. Clear a live
-    writable export only if the cleared ranges are read again after the clear (and the copy
-    fixed where they changed), as `nbdgw backup --clear` does; or read and clear a snapshot
-    export (`exports/{export}@{snapshot}`, SnapshotService), whose data nothing writes.
+    Safety on a live writable export: a write that lands on a granule between the consumer's
+    copy and its clear must not be cleared with it. So a clear of a writable export is
+    *conditional*: it carries the `clear_token` of the StreamExtents message that carried the
+    range, clears only the granules not written since that message was read, and returns the
+    others in `kept_ranges` (copy them again, then clear them with a newer token). A clear of a
+    writable export without a token fails with FAILED_PRECONDITION (reason
+    CLEAR_TOKEN_REQUIRED) unless `unconditional` says that nothing writes the export. Read-only
+    exports (snapshot exports `exports/{export}@{snapshot}`, whose data nothing writes) need no
+    token.
     """
     SetExportGeneration: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.SetExportGenerationRequest, _bitmap_service_pb2.SetExportGenerationResponse]  # type: ignore[assignment]
     """Sets the generation of an export whose bitmaps are cleared through the gateway's ledger
@@ -301,12 +307,15 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
           generation and masked out of later streams of that bitmap, byte-exactly.
         - CLEAR_MODE_UNSUPPORTED: fails with FAILED_PRECONDITION (reason CLEAR_NOT_SUPPORTED, message
           and PreconditionFailure say why).
-        Safety on a live writable export: a clear has no "unless written since I read it"
-        condition, so a write that lands on a granule between the consumer's copy and its clear is
-        erased with the bit, and the copy is stale without any bitmap saying so. Clear a live
-        writable export only if the cleared ranges are read again after the clear (and the copy
-        fixed where they changed), as `nbdgw backup --clear` does; or read and clear a snapshot
-        export (`exports/{export}@{snapshot}`, SnapshotService), whose data nothing writes.
+        Safety on a live writable export: a write that lands on a granule between the consumer's
+        copy and its clear must not be cleared with it. So a clear of a writable export is
+        *conditional*: it carries the `clear_token` of the StreamExtents message that carried the
+        range, clears only the granules not written since that message was read, and returns the
+        others in `kept_ranges` (copy them again, then clear them with a newer token). A clear of a
+        writable export without a token fails with FAILED_PRECONDITION (reason
+        CLEAR_TOKEN_REQUIRED) unless `unconditional` says that nothing writes the export. Read-only
+        exports (snapshot exports `exports/{export}@{snapshot}`, whose data nothing writes) need no
+        token.
         """
 
     @_abc_1.abstractmethod
