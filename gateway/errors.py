@@ -75,6 +75,9 @@ class Reason:
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     # ClearRange named a generation that is not the export's current one (gateway.ledger).
     GENERATION_MISMATCH = "GENERATION_MISMATCH"
+    # ClearRange on a writable export without a clear_token (nor unconditional).
+    CLEAR_TOKEN_REQUIRED = "CLEAR_TOKEN_REQUIRED"
+    CLEAR_TOKEN_INVALID = "CLEAR_TOKEN_INVALID"
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,10 @@ def range_past_end(field_name: str, value: int, size: int, what: str) -> Gateway
 
 
 def invalid_token(kind: str, field_name: str, why: str) -> GatewayError:
-    reason = Reason.INVALID_RESUME_TOKEN if kind == "resume" else Reason.INVALID_PAGE_TOKEN
+    reason = {
+        "resume": Reason.INVALID_RESUME_TOKEN,
+        "clear": Reason.CLEAR_TOKEN_INVALID,
+    }.get(kind, Reason.INVALID_PAGE_TOKEN)
     return GatewayError(
         grpc.StatusCode.INVALID_ARGUMENT,
         reason,
@@ -307,6 +313,26 @@ def generation_required(export: str, context: str, current: str) -> GatewayError
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(
                         type="GENERATION", subject=f"exports/{export}", description=why
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def clear_token_required(export: str, context: str, why: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.CLEAR_TOKEN_REQUIRED,
+        f"cannot clear {context!r} of export {export!r}: {why}",
+        {"export": export, "context": context},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="CLEAR_TOKEN",
+                        subject=f"exports/{export}/bitmaps/{context}",
+                        description=why,
                     )
                 ]
             )

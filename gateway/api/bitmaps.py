@@ -29,7 +29,9 @@ from gateway import errors
 from gateway.api.framing import DataMessageBuffer, PreparedMessage, extents_message
 from gateway.api.names import (
     context_name,
+    decode_clear_token,
     decode_page,
+    encode_clear_token,
     encode_page,
     export_id,
     page_size,
@@ -419,16 +421,37 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 raise errors.invalid_fields(
                     [("generation", f"longer than {MAX_GENERATION_BYTES} bytes")]
                 )
+            # The position the consumer's copy was read at (None: no token).
+            since = (
+                decode_clear_token(request.clear_token, name, ctx) if request.clear_token else None
+            )
             pool = self.backend.pool(name)
             image = self._image(pool)
             if image is not None:
-                return await self._clear_embedded(pool, image, ctx, request)
-            return await self._clear_remote(pool, ctx, request)
+                return await self._clear_embedded(pool, image, ctx, request, since)
+            return await self._clear_remote(pool, ctx, request, since)
 
         return await self._unary(context, body, lambda: pool)
 
+    @staticmethod
+    def _token_required(name: str, ctx: str, why: str = "") -> GatewayError:
+        return errors.clear_token_required(
+            name,
+            ctx,
+            why
+            or "the export is writable, and a clear without a token could erase a write that"
+            " landed after the range was read: pass the clear_token of the StreamExtents"
+            " message that carried the range (or set unconditional if nothing writes the"
+            " export)",
+        )
+
     async def _clear_embedded(
-        self, pool: ExportPool, image: Image, ctx: str, request: pb.ClearRangeRequest
+        self,
+        pool: ExportPool,
+        image: Image,
+        ctx: str,
+        request: pb.ClearRangeRequest,
+        since: tuple[int, int] | None,
     ) -> pb.ClearRangeResponse:
         name = pool.name
         plan = self._clear_plan(pool, None, ctx)
@@ -442,20 +465,28 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 name, ctx, [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
             )
         _check_range(request.offset, request.length, image.size)
+        granularity = image.bitmaps[short].granularity
         # The image is shared with the embedded NBD server's worker thread; Image locks
-        # its bitmaps, and the clear may fsync, so it runs off the event loop.
+        # its bitmaps, and the clear may fsync, so it runs off the event loop. A snapshot
+        # (read-only data) needs no token: nothing writes it.
+        if not image.read_only and since is not None:
+            cleared, kept = await asyncio.to_thread(
+                image.clear_bitmap_range_since, short, request.offset, request.length, since
+            )
+            return _at_source(cleared, granularity, kept)
+        if not image.read_only and not request.unconditional:
+            raise self._token_required(name, ctx)
         cleared = await asyncio.to_thread(
             image.clear_bitmap_range, short, request.offset, request.length
         )
-        return pb.ClearRangeResponse(
-            cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
-            cleared_bytes=sum(n for _, n in cleared),
-            clear_mode=pb.CLEAR_MODE_AT_SOURCE,
-            granularity_bytes=image.bitmaps[short].granularity,
-        )
+        return _at_source(cleared, granularity)
 
     async def _clear_remote(
-        self, pool: ExportPool, ctx: str, request: pb.ClearRangeRequest
+        self,
+        pool: ExportPool,
+        ctx: str,
+        request: pb.ClearRangeRequest,
+        since: tuple[int, int] | None,
     ) -> pb.ClearRangeResponse:
         """A clear on a remote host, decided and (at the source) done on one leased connection:
         at the source through the host's NBD clear extension (NBD_CMD_X_NBDGW_CLEAR), or in the
@@ -471,7 +502,22 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 return plan, False
             _check_range(request.offset, request.length, client.size)
             if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
-                return plan, await client.clear(request.offset, request.length, ctx)
+                if client.read_only or (since is None and request.unconditional):
+                    cleared = await client.clear(request.offset, request.length, ctx)
+                    return plan, _at_source(list(cleared.runs), cleared.granularity)
+                if not client.conditional_clears:
+                    raise self._token_required(
+                        name,
+                        ctx,
+                        f"the export is writable and host {pool.host.name} cannot clear"
+                        " conditionally (its NBD clear extension lacks positions): a clear"
+                        " could erase a write that landed after the range was read; set"
+                        " unconditional only if nothing writes the export",
+                    )
+                if since is None:
+                    raise self._token_required(name, ctx)
+                cleared, kept = await client.clear_since(request.offset, request.length, ctx, since)
+                return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
             # A clear without a generation would be recorded under whatever generation is
             # current when it arrives, which may be a newer point in time than the one copied.
             if not request.generation:
@@ -489,12 +535,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         if done is False:
             raise errors.bitmap_not_found(name, ctx, await self._offered(pool))
         if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
-            return pb.ClearRangeResponse(
-                cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in done.runs],
-                cleared_bytes=done.cleared_bytes,
-                clear_mode=pb.CLEAR_MODE_AT_SOURCE,
-                granularity_bytes=done.granularity,
-            )
+            assert isinstance(done, pb.ClearRangeResponse)
+            return done
         if plan.mode != pb.CLEAR_MODE_LEDGER_MASK:
             raise errors.clear_not_supported(name, ctx, plan.why)
         # Outside the lease: many clears wait for one group commit without holding connections.
@@ -636,6 +678,25 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure in StreamExtents")
             await _abort(context, _resumable(_map(exc, pool), stream))
+
+
+def _at_source(
+    cleared: list[tuple[int, int]],
+    granularity: int,
+    kept: list[tuple[int, int]] | None = None,
+) -> pb.ClearRangeResponse:
+    """The response of a clear at the source; ``kept`` for a conditional one."""
+    resp = pb.ClearRangeResponse(
+        cleared_ranges=[pb.ByteRange(offset=o, length=n) for o, n in cleared],
+        cleared_bytes=sum(n for _, n in cleared),
+        clear_mode=pb.CLEAR_MODE_AT_SOURCE,
+        granularity_bytes=granularity,
+    )
+    if kept is not None:
+        resp.conditional = True
+        resp.kept_ranges.extend(pb.ByteRange(offset=o, length=n) for o, n in kept)
+        resp.kept_bytes = sum(n for _, n in kept)
+    return resp
 
 
 def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
@@ -816,6 +877,8 @@ class _ExtentStream:
         self._made = 0  # messages made (written or queued)
         self._queued: tuple[_Message, _Reads | None] | None = None
         self._spare: bytearray | None = None  # the buffer of the last data message sent
+        # The serialized fields above ``data``: the clear token, when the stream hands one out.
+        self._tail = b""
 
     async def run(self) -> None:
         plan = self.plan
@@ -846,6 +909,7 @@ class _ExtentStream:
         scope = None
         if self.ledger is not None and self.mask_scope is not None:
             scope = self.mask_scope(self.pool, plan.context)
+        await self._take_position(client)
         msg = _Message(start)
         if start < self.range_end:
             # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
@@ -881,6 +945,23 @@ class _ExtentStream:
         if len(msg) or msg.end > msg.offset or self._made == 0:
             msg.end = self.range_end
             await self._send(client, msg)
+
+    async def _take_position(self, client: NBDClient) -> None:
+        """The clear token of a live writable export's dirty bitmap: its host's write-history
+        position, taken (and answered) before the first read of this stream, so that any
+        write this stream may miss is after it and a clear with the token keeps it."""
+        plan = self.plan
+        if (
+            self.remaining
+            or client.read_only  # a snapshot: nothing writes it, nothing to condition on
+            or not client.conditional_clears
+            or not plan.context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+        ):
+            return
+        position = (await client.positions()).get(plan.context)
+        if position is not None:
+            token = encode_clear_token(plan.export, plan.context, position)
+            self._tail = pb.StreamExtentsResponse(clear_token=token).SerializeToString()
 
     async def _offered(self) -> list[str]:
         try:
@@ -995,7 +1076,7 @@ class _ExtentStream:
         if msg.reads:
             # The data goes straight into the buffer the message is sent from, each read at
             # its place in the message (a message may cut several extents).
-            buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare)
+            buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare, self._tail)
             self._spare = None
             pieces, pos = [], 0
             for o, n in msg.reads:
@@ -1070,6 +1151,7 @@ class _ExtentStream:
                 msg.lengths,
                 msg.flags,
                 msg.kinds if self.plan.merge_allocation else None,
+                self._tail,
             )
         else:
             await reads.landing

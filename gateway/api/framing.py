@@ -5,12 +5,12 @@ copied five times in user space: out of the NBD reply, into the protobuf field, 
 ``SerializeToString``, into grpc's slice, and once more when the interceptor read ``data`` to
 count it. Here the NBD reads land straight in the buffer the message is sent from:
 
-    [every other field, serialized by protobuf][tag of ``data`` (9), length varint][data...]
+    [fields 1-8, serialized by protobuf][tag of ``data`` (9), length varint][data...][tail]
 
-``data`` is the message's highest field number, so this is byte for byte what
-``SerializeToString`` writes for the same message (protobuf serializes known fields in field
-number order); any parser reads it as that message. The one copy left is the ``bytes`` grpc
-insists on (its aio ``write`` refuses a bytearray or a memoryview).
+where the tail holds the fields numbered above ``data`` (``clear_token``, 10), so this is byte
+for byte what ``SerializeToString`` writes for the same message (protobuf serializes known
+fields in field number order); any parser reads it as that message. The one copy left is
+the ``bytes`` grpc insists on (its aio ``write`` refuses a bytearray or a memoryview).
 
 grpc only passes ``PreparedMessage`` through when the method's response serializer knows it:
 :func:`add_bitmap_service` registers the generated BitmapService handlers with StreamExtents'
@@ -71,11 +71,12 @@ def extents_message(
     lengths: array[int],
     flags: array[int],
     kinds: array[int] | None,
+    tail: bytes = b"",
 ) -> PreparedMessage:
     """A StreamExtentsResponse without data, serialized byte for byte as ``SerializeToString``
-    would (fields in number order: the head's 1-4, then the columns 5-8): the columns of small
-    values are packed here, the others by protobuf (the fields of a message that holds only
-    that column)."""
+    would (fields in number order: the head's 1-4, then the columns 5-8, then ``tail``, the
+    serialized fields above 9): the columns of small values are packed here, the others by
+    protobuf (the fields of a message that holds only that column)."""
     parts = [head.SerializeToString()]
     for field, name, values in (
         (5, "offset_deltas", deltas),
@@ -91,6 +92,7 @@ def extents_message(
             getattr(column, name).extend(values)
             packed = column.SerializeToString()
         parts.append(packed)
+    parts.append(tail)
     return PreparedMessage(
         b"".join(parts),
         extents=len(lengths),
@@ -118,7 +120,8 @@ class PreparedMessage:
 
 
 class DataMessageBuffer:
-    """The buffer of one data message: the serialized head, then room for the data.
+    """The buffer of one data message: the serialized head, room for the data, then ``tail``
+    (the serialized fields numbered above ``data``).
 
     ``data`` is the writable view the NBD reads go into (at their offsets within the message);
     :meth:`message` hands the whole thing to grpc. The bytearray is kept for the next message
@@ -126,25 +129,37 @@ class DataMessageBuffer:
     it (a cancelled read's late reply does, see NBDClient.pread_into).
     """
 
-    __slots__ = ("_buf", "_head", "_total", "_view", "data")
+    __slots__ = ("_buf", "_head", "_tail", "_total", "_view", "data")
 
-    def __init__(self, head: pb.StreamExtentsResponse, data_len: int, spare: bytearray | None):
+    def __init__(
+        self,
+        head: pb.StreamExtentsResponse,
+        data_len: int,
+        spare: bytearray | None,
+        tail: bytes = b"",
+    ):
         prefix = head.SerializeToString() + data_field_header(data_len)
-        total = len(prefix) + data_len
+        end = len(prefix) + data_len
+        total = end + len(tail)
         buf = spare if spare is not None and len(spare) >= total else bytearray(total)
         buf[: len(prefix)] = prefix
+        buf[end:total] = tail
         self._buf: bytearray | None = buf
         self._view = memoryview(buf)
         self._head = len(prefix)
+        self._tail = len(tail)
         self._total = total
-        self.data = self._view[len(prefix) : total]
+        self.data = self._view[len(prefix) : end]
 
     def message(self, *, extents: int, covered: int) -> PreparedMessage:
         """The message, once every read has landed."""
         assert self._buf is not None, "message() after reuse()"
         payload = bytes(self._view[: self._total])
         return PreparedMessage(
-            payload, extents=extents, covered=covered, data_bytes=self._total - self._head
+            payload,
+            extents=extents,
+            covered=covered,
+            data_bytes=self._total - self._head - self._tail,
         )
 
     def reuse(self) -> bytearray | None:

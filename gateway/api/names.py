@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
+import struct
 
 from gateway import errors
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, NBD_MAX_STRING
@@ -62,3 +64,36 @@ def decode_page(token: str, scope: str, total: int) -> int:
     if not isinstance(index, int) or not 0 <= index <= total:
         raise errors.invalid_token("page", "page_token", "the token is out of date")
     return index
+
+
+# A clear token: version, the bitmap it was read from (a hash of export and context), and the
+# host's write-history position (history id, sequence) taken before the message was read.
+_CLEAR_TOKEN = struct.Struct(">B8sQQ")
+_CLEAR_TOKEN_VERSION = 1
+
+
+def _bitmap_tag(export: str, context: str) -> bytes:
+    return fingerprint("clear", export, context)[:8]
+
+
+def encode_clear_token(export: str, context: str, position: tuple[int, int]) -> str:
+    raw = _CLEAR_TOKEN.pack(_CLEAR_TOKEN_VERSION, _bitmap_tag(export, context), *position)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_clear_token(token: str, export: str, context: str) -> tuple[int, int]:
+    """The position a clear token names; INVALID_ARGUMENT (CLEAR_TOKEN_INVALID) when it is
+    malformed or was read from another export or bitmap. Not forgeable into anything unsafe
+    by accident: a position the host does not know keeps every granule dirty."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, tag, history_id, sequence = _CLEAR_TOKEN.unpack(raw)
+    except (ValueError, binascii.Error, struct.error):
+        raise errors.invalid_token("clear", "clear_token", "malformed token") from None
+    if version != _CLEAR_TOKEN_VERSION:
+        raise errors.invalid_token("clear", "clear_token", f"unknown token version {version}")
+    if tag != _bitmap_tag(export, context):
+        raise errors.invalid_token(
+            "clear", "clear_token", "the token was read from another export or bitmap"
+        )
+    return history_id, sequence

@@ -14,8 +14,13 @@ Crash safety rests on one ordering, per checkpoint (a few MiB of stream at most)
    forgets a range, the map is the only record that it changed);
 2. the sidecar state file (``OUTPUT.nbdgw-backup.json``) is replaced atomically with the new
    ``next_offset`` and, with ``--clear``, the dirty runs behind it that are still to clear;
-3. with ``--clear``, those runs are cleared in the bitmap (ClearRange), read again and the
-   output fixed where they changed since they were copied (see ``_Backup._recheck``), fsync'd;
+3. with ``--clear``, those runs are cleared in the bitmap (ClearRange). On a live writable
+   export the clears are conditional on the stream's ``clear_token``: the gateway keeps (does
+   not clear) every granule written since the copy and says which; those are copied again,
+   fsync'd and cleared with the new copy's token (a few rounds; what is still kept stays
+   dirty for the next backup). Without tokens (a host without write history) the clears are
+   unconditional, and the runs are read again after them and the output fixed where they
+   changed (see ``_Backup._recheck``), fsync'd;
 4. the state file is replaced again, without those runs.
 
 A crash before 2 leaves the range dirty: the resumed run copies it again (harmless). A crash
@@ -356,6 +361,9 @@ _MAX_MAPPED_RUNS = 1 << 16
 _CLEARS_IN_FLIGHT = 8
 # Up to this many runs per checkpoint are cleared one call each, exactly.
 _PRECISE_CLEAR_RUNS = 64
+# Rounds of copying again what conditional clears kept (written meanwhile); what a busy disk
+# still rewrites after that stays dirty, for the next backup.
+_KEPT_ROUNDS = 3
 
 
 def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -394,6 +402,17 @@ def _split(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, i
         yield pos, end, False
 
 
+def _groups(runs: list[list[int]]) -> list[list[list[int]]]:
+    """The sorted runs in groups of neighbours, each read again with one stream."""
+    groups: list[list[list[int]]] = []
+    for run in runs:
+        if groups and run[0] - sum(groups[-1][-1]) <= _RECHECK_GAP:
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    return groups
+
+
 def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
     if runs and runs[-1][0] + runs[-1][1] == offset:
         runs[-1][1] += length
@@ -421,6 +440,9 @@ class _Backup:
         self.mapped: list[list[int]] = []  # dirty runs copied since the last checkpoint
         self.checkpoint_bytes = max(checkpoint, 1)
         self.dirty: list[list[int]] = [list(r) for r in state.pending_clear]
+        # The clear token of the oldest message that carried a run of ``dirty`` ("" when the
+        # stream hands none out): an older position is always safe, it only keeps more.
+        self.token = state.pending_token
         self.unsynced = 0
         self.last_sync = time.monotonic()
         self.copied = 0
@@ -450,34 +472,46 @@ class _Backup:
         # cleared too: a no-op, unless a write dirtied them since the stream passed them;
         # the recheck cannot tell, so it copies the gaps' current bytes (at most as much
         # again as the runs) and no write is lost.
+        # With a token, a gap written since the copy is kept, not cleared: nothing to recheck.
         many = len(to_clear) > _PRECISE_CLEAR_RUNS
         spans = _spans(to_clear, self.clear_gap) if many else to_clear
+        conditional = bool(self.token)
         self.map.add(self.mapped)
         self.mapped = []
-        if self.recheck:
+        if self.recheck and not conditional:
             # The recheck makes OUTPUT hold the current bytes of the whole spans, and the
             # bitmap forgets them: the map must name them all (gaps included).
             self.map.add(spans)
         self.map.sync()  # before the state names runs to clear: see the module docstring
         # The spans, not the runs: a resumed run clears and rechecks exactly them again.
         state.pending_clear = [list(r) for r in spans + keep]
+        state.pending_token = self.token
         state.save(self.spath)
         if to_clear:
-            await self._clear(spans)
-            if self.recheck:
+            kept = await self._clear(spans, self.token)
+            if conditional:
+                await self._copy_kept(kept)
+            elif self.recheck:
                 await self._recheck(spans, to_clear)
                 self.out.sync()
             self.dirty = keep
+            if not keep:
+                self.token = ""
             state.pending_clear = [list(r) for r in keep]
+            state.pending_token = self.token
             state.complete = final
             state.save(self.spath)
         self.unsynced = 0
         self.last_sync = time.monotonic()
 
-    async def _clear(self, runs: list[list[int]]) -> None:
-        """ClearRange every run, a few calls in flight (a fragmented bitmap has many runs)."""
+    async def _clear(self, runs: list[list[int]], token: str) -> list[list[int]]:
+        """ClearRange every run, a few calls in flight (a fragmented bitmap has many runs);
+        conditional on ``token`` when there is one, and then returns the kept ranges (written
+        since the copy), in order. Without a token the clear is unconditional: the recheck
+        that follows (or --no-recheck's promise that nothing writes) makes it safe."""
         state = self.state
         slots = asyncio.Semaphore(_CLEARS_IN_FLIGHT)
+        kept: list[list[int]] = []
 
         async def clear(offset: int, length: int) -> None:
             request = pb.ClearRangeRequest(
@@ -487,6 +521,10 @@ class _Backup:
                 length=length,
                 generation=state.generation,
             )
+            if token:
+                request.clear_token = token
+            else:
+                request.unconditional = True
             attempt = 0
             while True:
                 try:
@@ -507,6 +545,7 @@ class _Backup:
                     attempt += 1
                     await asyncio.sleep(delay)
             state.bytes_cleared += resp.cleared_bytes
+            kept.extend([r.offset, r.length] for r in resp.kept_ranges)
 
         # Not a TaskGroup: its ExceptionGroup would hide the gRPC error from the one-line report.
         tasks = [asyncio.ensure_future(clear(offset, length)) for offset, length in runs]
@@ -517,6 +556,58 @@ class _Backup:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        return sorted(kept)
+
+    async def _copy_kept(self, kept: list[list[int]]) -> None:
+        """Copy again the ranges conditional clears kept (written after they were copied),
+        then clear them conditionally on the new copy's token; a few rounds. The map names
+        them before they are cleared (a kept gap between runs was not in it). What a busy
+        disk keeps rewriting stays dirty: the next backup copies it."""
+        state = self.state
+        for _round in range(_KEPT_ROUNDS):
+            if not kept:
+                return
+            state.bytes_kept += sum(n for _, n in kept)
+            self.map.add(kept)
+            self.map.sync()
+            again: list[list[int]] = []
+            for group in _groups(kept):
+                start, end = group[0][0], sum(group[-1])
+                token = await self._copy_range(start, end - start, group)
+                self.out.sync()  # on disk before the bitmap forgets it
+                again += await self._clear(group, token)
+            kept = again
+        state.bytes_left_dirty += sum(n for _, n in kept)
+
+    async def _copy_range(self, offset: int, length: int, runs: list[list[int]]) -> str:
+        """Write the current bytes of ``runs`` (inside ``[offset, offset + length)``) to the
+        output; returns the stream's clear token."""
+        request = pb.StreamExtentsRequest(
+            export=self.source,
+            context=self.state.context,
+            offset=offset,
+            length=length,
+            filter=pb.EXTENT_FILTER_ALL,
+            include_data=True,
+        )
+        token = ""
+        async for msg in stream_extents(
+            self.gw, request, retries=self._retries, on_retry=self.on_retry
+        ):
+            # Every message of one stream carries the same token; a resumed stream's is newer,
+            # so the first is the one that covers every byte written to the output here.
+            token = token or msg.clear_token
+            data = memoryview(msg.data)
+            pos = 0
+            for start, n, _flags, allocation in iter_rows(msg):
+                chunk = None
+                if allocation == pb.ALLOCATION_DATA:
+                    chunk = data[pos : pos + n]
+                    pos += n
+                for lo, hi in _intersections(runs, start, start + n):
+                    piece = None if chunk is None else chunk[lo - start : hi - start]
+                    self.state.bytes_written += self.out.update(piece, lo, hi - lo)
+        return token
 
     async def _recheck(self, spans: list[list[int]], runs: list[list[int]]) -> None:
         """Read the runs just cleared again and fix the output where they changed.
@@ -528,13 +619,7 @@ class _Backup:
         erased is complete, and this read, which starts after the clear, sees its bytes.
         """
         state = self.state
-        groups: list[list[list[int]]] = []
-        for run in spans:  # neighbouring spans share one stream
-            if groups and run[0] - sum(groups[-1][-1]) <= _RECHECK_GAP:
-                groups[-1].append(run)
-            else:
-                groups.append([run])
-        for group in groups:
+        for group in _groups(spans):
             start, end = group[0][0], sum(group[-1])
             request = pb.StreamExtentsRequest(
                 export=self.source,
@@ -620,6 +705,8 @@ class _Backup:
                 raise BackupError(f"the gateway did not say whether {offset}+{length} holds data")
             if flags & 1:
                 if state.clear:
+                    if not self.dirty:
+                        self.token = msg.clear_token
                     _merge_run(self.dirty, offset, length)
                 if not state.full:  # a full backup's map is the whole disk already
                     _merge_run(self.mapped, offset, length)

@@ -38,12 +38,17 @@ class BackupState:
     # checkpoint may go on past it, and ClearRange clears only whole granules, so it is
     # cleared once its end is known (after a resume too).
     pending_clear: list[list[int]] = field(default_factory=list)
+    # The clear token of the oldest message that carried a pending run (a live writable export
+    # hands them out): the clears are conditional on it, so a write after the copy is kept.
+    pending_token: str = ""
     complete: bool = False
     bytes_written: int = 0
     bytes_cleared: int = 0
     bytes_rechecked: int = 0  # re-read after clearing (see _Backup._recheck)
     bytes_rewritten: int = 0  # of which had changed since they were copied
     bytes_gap_copied: int = 0  # clean bytes between runs cleared together (see checkpoint)
+    bytes_kept: int = 0  # kept by conditional clears: written after their copy, copied again
+    bytes_left_dirty: int = 0  # still kept after the last copy: left for the next backup
     # With --clear on an export cleared through the gateway's ledger: the generation (point in
     # time) copied. Every ClearRange names it, so a clear never masks another snapshot.
     generation: str = ""

@@ -167,14 +167,20 @@ async def cmd_extents(args: argparse.Namespace) -> int:
         )
         stream = stream_extents(gw, request, retries=args.retries, on_retry=warn(args))
         first = True
+        token = ""
         async for msg in stream:
             if first:  # print nothing before the gateway accepted the request
                 printer.begin()
                 first = False
+            # The first message's token: a resumed stream's is newer and would not cover
+            # what the first attempt printed.
+            token = token or msg.clear_token
             printer.add_message(msg)
         if first:
             printer.begin()
         printer.end()
+    if args.show_clear_token:
+        print(f"clear token: {token or '(none: the export needs none)'}", file=sys.stderr)
     return 0
 
 
@@ -191,6 +197,8 @@ async def cmd_clear(args: argparse.Namespace) -> int:
                 offset=args.offset,
                 length=args.length,
                 generation=args.generation or "",
+                clear_token=args.clear_token or "",
+                unconditional=args.unconditional,
             ),
             metadata=gw.metadata,
             timeout=gw.timeout,
@@ -207,7 +215,15 @@ async def cmd_clear(args: argparse.Namespace) -> int:
     )
     for r in resp.cleared_ranges:
         print(f"{r.offset:10d}  {r.length:10d}")
-    if n == 0 and args.length:
+    if resp.conditional:
+        k = len(resp.kept_ranges)
+        print(
+            f"kept {resp.kept_bytes} bytes in {k} range{'s' if k != 1 else ''} written since the"
+            " token's read (copy them again)"
+        )
+        for r in resp.kept_ranges:
+            print(f"{r.offset:10d}  {r.length:10d}  kept")
+    if n == 0 and args.length and not resp.kept_ranges:
         print(
             "nothing cleared: no whole granule lies inside the range",
             file=sys.stderr,
@@ -312,6 +328,11 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("--length", type=parse_size, default=None, help="length of the range")
     p.add_argument("--json", action="store_true", help="nbdinfo --map --json format")
     p.add_argument(
+        "--show-clear-token",
+        action="store_true",
+        help="print the stream's clear token on stderr, for 'nbdgw clear --clear-token'",
+    )
+    p.add_argument(
         "--retries",
         type=int,
         default=5,
@@ -332,6 +353,19 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         metavar="NAME",
         help="the generation the range was copied from (required by exports cleared through "
         "the ledger; see 'nbdgw bitmaps --json' and 'nbdgw generation')",
+    )
+    p.add_argument(
+        "--clear-token",
+        metavar="TOKEN",
+        help="the clear token of the stream the range was read with ('nbdgw extents "
+        "--show-clear-token'): clear only what was not written since (required on a writable "
+        "export)",
+    )
+    p.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="clear a writable export without a token: only when nothing writes it (a write "
+        "after your read would be cleared with it)",
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)

@@ -86,6 +86,7 @@ def consume_round(
     result: RaceResult,
     *,
     unconditional: bool,
+    store_delay: float = 0.003,
 ) -> None:
     """One backup round: stream the dirty extents with data into ``copy``, and clear each
     message's dirty runs as soon as it is stored."""
@@ -106,6 +107,9 @@ def consume_round(
                 runs[-1][1] += length
             else:
                 runs.append([start, length])
+        # Storing takes time (a real consumer writes to its backup target): writes land
+        # between the read and the clear.
+        time.sleep(store_delay)
         for start, length in runs:
             clear = pb.ClearRangeRequest(export=export, bitmap=bitmap, offset=start, length=length)
             if unconditional:

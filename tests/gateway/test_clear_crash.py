@@ -67,6 +67,8 @@ async def clear_until_killed(
                             offset=offset,
                             length=length,
                             generation="snap-1",
+                            # Nothing writes (the source's clears race only the kills).
+                            unconditional=True,
                         ),
                         timeout=10,
                     )

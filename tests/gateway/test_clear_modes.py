@@ -96,7 +96,16 @@ async def test_remote_nbdcore_host_clears_at_the_source(
     export = await stub.GetExport(pb.GetExportRequest(name="exports/disk"))
     assert export.clear_mode == pb.CLEAR_MODE_AT_SOURCE
 
-    req = pb.ClearRangeRequest(export="disk", bitmap="b0", offset=1000, length=3 * G)
+    # The disk is writable: a clear needs a token, or the caller's word that nothing writes
+    # (tests/gateway/test_clear_conditional.py covers the tokens).
+    err = await call_error(
+        stub.ClearRange(pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=G))
+    )
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "CLEAR_TOKEN_REQUIRED"
+    req = pb.ClearRangeRequest(
+        export="disk", bitmap="b0", offset=1000, length=3 * G, unconditional=True
+    )
     for _ in range(2):  # repeating is harmless: the same answer
         resp = await stub.ClearRange(req)
         assert [(r.offset, r.length) for r in resp.cleared_ranges] == [(G, 2 * G)]
@@ -110,11 +119,17 @@ async def test_remote_nbdcore_host_clears_at_the_source(
     assert await remaining(stub, "disk", "b0") == want
     # A range without a whole granule clears nothing.
     resp = await stub.ClearRange(
-        pb.ClearRangeRequest(export="disk", bitmap="b0", offset=6 * MiB + 10, length=G)
+        pb.ClearRangeRequest(
+            export="disk", bitmap="b0", offset=6 * MiB + 10, length=G, unconditional=True
+        )
     )
     assert list(resp.cleared_ranges) == [] and resp.cleared_bytes == 0
     err = await call_error(
-        stub.ClearRange(pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=9 * MiB))
+        stub.ClearRange(
+            pb.ClearRangeRequest(
+                export="disk", bitmap="b0", offset=0, length=9 * MiB, unconditional=True
+            )
+        )
     )
     assert err.code == grpc.StatusCode.OUT_OF_RANGE
     err = await call_error(
@@ -275,7 +290,10 @@ async def test_a_write_racing_a_clear_stays_dirty(
                 await client.pwrite(bytes([g]) * 4096, g * G + rng.randrange(0, G - 4096))
                 last_write_done[g] = time.monotonic()
 
-    clear = pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=n * G)
+    # Unconditional: what is tested here is the host's atomicity of a clear with the writes.
+    clear = pb.ClearRangeRequest(
+        export="disk", bitmap="b0", offset=0, length=n * G, unconditional=True
+    )
     writers = [asyncio.create_task(writer()) for _ in range(3)]
     for _ in range(30):
         await gw.stub.ClearRange(clear)
@@ -322,8 +340,10 @@ async def test_concurrent_clears_and_streams_stay_consistent(
     async def clearer(mine: list[int]) -> None:
         for g in mine:
             await gw.stub.ClearRange(
-                # "g" is the ledger's generation; the source ignores it.
-                pb.ClearRangeRequest(export="x", bitmap="b0", offset=g, length=G, generation="g")
+                # "g" is the ledger's generation; the source ignores it. Nothing writes.
+                pb.ClearRangeRequest(
+                    export="x", bitmap="b0", offset=g, length=G, generation="g", unconditional=True
+                )
             )
             acked[g] = time.monotonic()
 

@@ -158,17 +158,28 @@ def test_extents_and_clear_on_embedded_host(
             assert ours == nbdinfo(uri, context, json_output=json_output)
 
     dirty = granules(disk.dirty, disk.size)
+    # The export is writable: a clear carries the token of the stream that read the range.
+    listed = cli(
+        "extents", "disk", "--bitmap", "backup", "--show-clear-token", "--target", gw.target
+    )
+    token = listed.stderr.strip().removeprefix("clear token: ")
+    assert listed.returncode == 0 and token and " " not in token, listed.stderr
+    refused = cli("clear", "disk", "--bitmap", "backup", "--offset", "0", "--length", "1M",
+                  "--target", gw.target)  # fmt: skip
+    assert "[CLEAR_TOKEN_REQUIRED]" in assert_one_line_error(refused, 1)
     # Clear the second dirty run plus half a granule on each side: only whole granules go.
     off, length = dirty[1]
     proc = cli(
         "clear", "disk", "--bitmap", "backup", "--json", "--target", gw.target,
         "--offset", str(off - GRANULARITY // 2), "--length", str(length + GRANULARITY),
+        "--clear-token", token,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     resp = json.loads(proc.stdout)
     assert [(int(r["offset"]), int(r["length"])) for r in resp["cleared_ranges"]] == [(off, length)]
     assert int(resp["cleared_bytes"]) == length
     assert int(resp["granularity_bytes"]) == GRANULARITY
+    assert resp["conditional"] and resp["kept_ranges"] == []  # nothing wrote since
 
     after = cli("extents", "disk", "--bitmap", "backup", "--dirty", "--json", "--target", gw.target)
     assert [(e["offset"], e["length"]) for e in json.loads(after.stdout)] == dirty[:1] + dirty[2:]
@@ -180,7 +191,7 @@ def test_extents_and_clear_on_embedded_host(
     off, length = dirty[0]
     proc = cli(
         "clear", "disk", "--bitmap", "qemu:dirty-bitmap:backup", "--target", gw.target,
-        "--offset", str(off), "--length", str(length),
+        "--offset", str(off), "--length", str(length), "--unconditional",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

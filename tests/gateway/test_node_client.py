@@ -155,6 +155,9 @@ def test_node_client_calls_every_rpc(
     # ClearRange of the first dirty run: Node saw it go, and so does the Python side.
     cleared = got["clear"]["response"]["cleared_ranges"]
     assert [(int(r["offset"]), int(r["length"])) for r in cleared] == dirty[:1]
+    # Conditional on the token Node's stream carried; nothing wrote since, nothing kept.
+    assert got["clear_token"] and got["clear"]["response"]["conditional"]
+    assert got["clear"]["response"]["kept_ranges"] == []
     after = [(o, n) for o, n, f in python_map(gw.target, "--dirty")]
     assert after == dirty[1:]
     assert [(o, n) for o, n, _ in merged(got["dirty_after_clear"])] == after

@@ -70,7 +70,9 @@ async def test_tokens_missing_wrong_malformed(gw: Any) -> None:
                 pb.StreamExtentsRequest(export="disk", context="backup"), metadata=metadata
             ),
             stub.ClearRange(
-                pb.ClearRangeRequest(export="disk", bitmap="backup", offset=0, length=65536),
+                pb.ClearRangeRequest(
+                    export="disk", bitmap="backup", offset=0, length=65536, unconditional=True
+                ),
                 metadata=metadata,
             ),
         ):
@@ -148,7 +150,9 @@ async def test_policy_exports_and_operations(gw: Any) -> None:
     assert f.code == grpc.StatusCode.PERMISSION_DENIED and "may not data" in f.message
     f = await fails(
         stub.ClearRange(
-            pb.ClearRangeRequest(export="disk", bitmap="backup", offset=0, length=65536),
+            pb.ClearRangeRequest(
+                export="disk", bitmap="backup", offset=0, length=65536, unconditional=True
+            ),
             metadata=alice,
         )
     )
@@ -157,7 +161,9 @@ async def test_policy_exports_and_operations(gw: Any) -> None:
 
     # bob may do all of it, on both.
     resp = await stub.ClearRange(
-        pb.ClearRangeRequest(export="secret-vm", bitmap="backup", offset=0, length=65536),
+        pb.ClearRangeRequest(
+            export="secret-vm", bitmap="backup", offset=0, length=65536, unconditional=True
+        ),
         metadata=bob,
     )
     assert resp.cleared_bytes == 65536

@@ -71,7 +71,11 @@ async def fault_mid_stream_and_clear(
                 try:
                     resp = await stub.ClearRange(
                         pb.ClearRangeRequest(
-                            export="disk", bitmap="b1", offset=offset, length=length
+                            export="disk",
+                            bitmap="b1",
+                            offset=offset,
+                            length=length,
+                            unconditional=True,  # nothing writes
                         ),
                         metadata=metadata,
                         timeout=10,

@@ -118,7 +118,9 @@ async def test_clear_rate(tmp_path: Path, guard: Any) -> None:  # noqa: F811
 
     def clear(token: str, offset: int) -> Any:
         return stub.ClearRange(
-            pb.ClearRangeRequest(export="disk", bitmap="backup", offset=offset, length=65536),
+            pb.ClearRangeRequest(
+                export="disk", bitmap="backup", offset=offset, length=65536, unconditional=True
+            ),
             metadata=bearer(token),
         )
 

@@ -124,7 +124,9 @@ async def test_sample_with_nothing_configured(tmp_path: Path) -> None:
     async with serve(["--listen", "127.0.0.1:0"], cwd=tmp_path) as served:
         assert (tmp_path / "nbdgw-data" / "sample.img").stat().st_mtime_ns == before
         await served.stub.ClearRange(
-            pb.ClearRangeRequest(export="sample", bitmap="backup", offset=0, length=MiB)
+            pb.ClearRangeRequest(
+                export="sample", bitmap="backup", offset=0, length=MiB, unconditional=True
+            )
         )
     async with serve(["--listen", "127.0.0.1:0"], cwd=tmp_path) as served:
         got = await stream_all(

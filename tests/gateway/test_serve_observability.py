@@ -92,7 +92,9 @@ async def test_metrics_after_real_calls(tmp_path: Path, start_gateway) -> None:
     data_bytes = sum(len(m.data) for m in dirty.messages)
     assert data_bytes > 0
     cleared = await gw.stub.ClearRange(
-        pb.ClearRangeRequest(export="exports/disk", bitmap="backup", offset=0, length=1 * MiB)
+        pb.ClearRangeRequest(
+            export="exports/disk", bitmap="backup", offset=0, length=1 * MiB, unconditional=True
+        )
     )
     assert cleared.cleared_bytes > 0
 

@@ -147,12 +147,23 @@ async def test_clear_range_at_source(embedded_config: GatewayConfig, start_gatew
     gw = await start_gateway(embedded_config)
     uri = socket_uri(embedded_config, "disk")
 
+    # The export is writable: clears carry the token of the stream that read the bitmap.
+    read = await stream_all(gw.stub, export="disk", context="backup", filter=pb.EXTENT_FILTER_SET)
+    token = read.messages[0].clear_token
+    assert token and all(m.clear_token == token for m in read.messages)
+
     async def clear(offset: int, length: int) -> pb.ClearRangeResponse:
-        return await gw.stub.ClearRange(
+        resp = await gw.stub.ClearRange(
             pb.ClearRangeRequest(
-                export="exports/disk", bitmap="backup", offset=offset, length=length
+                export="exports/disk",
+                bitmap="backup",
+                offset=offset,
+                length=length,
+                clear_token=token,
             )
         )
+        assert resp.conditional and list(resp.kept_ranges) == []  # nothing writes
+        return resp
 
     # No whole granule inside: nothing cleared.
     nothing = await clear(1000, G)
@@ -177,7 +188,11 @@ async def test_clear_range_at_source(embedded_config: GatewayConfig, start_gatew
     # Full context name works too, and clearing clean granules reports them (they are clean).
     again = await gw.stub.ClearRange(
         pb.ClearRangeRequest(
-            export="disk", bitmap="qemu:dirty-bitmap:backup", offset=0, length=SIZE
+            export="disk",
+            bitmap="qemu:dirty-bitmap:backup",
+            offset=0,
+            length=SIZE,
+            clear_token=token,
         )
     )
     assert again.cleared_bytes == SIZE

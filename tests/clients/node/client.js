@@ -257,6 +257,8 @@ async function main() {
       rows: rows(withData),
       data_bytes: withData.reduce((n, m) => n + m.data.length, 0),
     };
+    // What a clear of the ranges this stream carried names (empty for a read-only export).
+    result.clear_token = withData.length ? withData[0].clear_token : "";
 
     // Resume: take two small messages, drop the call, continue with the last resume token.
     const small = { ...base, filter: "EXTENT_FILTER_ALL", max_extents_per_message: 1 };
@@ -295,7 +297,8 @@ async function main() {
 
     if (args.clear) {
       const firstDirty = result.dirty_with_data.rows[0];
-      const req = { export: args.export, bitmap: args.bitmap };
+      // The export is writable: clear with the token of the stream that read the range.
+      const req = { export: args.export, bitmap: args.bitmap, clear_token: result.clear_token };
       if (firstDirty) Object.assign(req, { offset: firstDirty[0], length: firstDirty[1] });
       else Object.assign(req, { offset: "0", length: "1" });
       result.clear = { request: req, response: await unary(client, "ClearRange", req, md) };

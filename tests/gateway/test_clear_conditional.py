@@ -1,0 +1,148 @@
+"""Conditional ClearRange through the gateway (issue 15, part 1): StreamExtents hands out a
+clear token on a live writable export, a clear with it keeps (and reports) what was written
+since, a clear without it is refused, a token of another bitmap is refused, and tokens stay
+valid across a restart of the gateway and of a remote ``nbdgw nbd serve`` host. Snapshot
+exports need no token. Writes go straight to the host over NBD, never through the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from nbdcore.aio.client import NBDClient
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+from tests.gateway.clear_support import G, NbdcoreHost, dirty_runs, make_image
+from tests.gateway.conftest import call_error, stream_all
+
+MiB = 1 << 20
+B0 = "qemu:dirty-bitmap:b0"
+SIZE = 8 * MiB
+
+
+def ranges(rs: Any) -> list[tuple[int, int]]:
+    return [(r.offset, r.length) for r in rs]
+
+
+async def token_of(stub: Any, export: str = "disk") -> str:
+    got = await stream_all(stub, export=export, context="b0", filter=pb.EXTENT_FILTER_SET)
+    tokens = {m.clear_token for m in got.messages}
+    assert len(tokens) == 1, "every message of one stream carries the same token"
+    return tokens.pop()
+
+
+async def write(uri: str, offset: int, data: bytes) -> None:
+    async with await NBDClient.connect(uri) as client:
+        await client.pwrite(data, offset)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Any:
+    make_image(tmp_path / "disk.raw", SIZE, [(0, 4 * MiB)])
+    peer = NbdcoreHost(tmp_path / "disk.raw", tmp_path / "host.sock").start()
+    yield peer
+    peer.stop()
+
+
+@pytest.mark.parametrize("where", ["remote", "embedded"])
+async def test_a_write_after_the_read_is_kept(
+    tmp_path: Path, start_gateway: Any, where: str, request: Any
+) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    if where == "remote":
+        uri = request.getfixturevalue("host").uri
+        cfg.add_uri_export("disk", uri)
+    else:
+        make_image(tmp_path / "e.raw", SIZE, [(0, 4 * MiB)])
+        cfg.add_image_export("disk", tmp_path / "e.raw")
+    gw = await start_gateway(cfg)
+    if where == "embedded":
+        uri = f"nbd+unix:///disk?socket={(tmp_path / 'gw' / 'nbd.sock').absolute()}"
+    token = await token_of(gw.stub)
+    assert token
+    # Written after the read: granules 3 and 40 (the second one clean before).
+    await write(uri, 3 * G + 100, b"x" * 10)
+    await write(uri, 40 * G, b"y" * 4096)
+    resp = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=SIZE, clear_token=token)
+    )
+    assert resp.conditional
+    assert ranges(resp.kept_ranges) == [(3 * G, G), (40 * G, G)]
+    assert resp.kept_bytes == 2 * G
+    assert ranges(resp.cleared_ranges) == [(0, 3 * G), (4 * G, 36 * G), (41 * G, SIZE - 41 * G)]
+    assert await dirty_runs(uri, B0) == [(3 * G, G), (40 * G, G)]
+    # Copy them again (a new stream, a new token), and they clear.
+    token2 = await token_of(gw.stub)
+    assert token2 != token
+    resp = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=SIZE, clear_token=token2)
+    )
+    assert ranges(resp.kept_ranges) == [] and resp.cleared_bytes == SIZE
+    assert await dirty_runs(uri, B0) == []
+
+
+async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", host.uri)
+    cfg.add_uri_export("other", host.uri)  # the same bitmap under another name
+    gw = await start_gateway(cfg)
+    base = {"export": "disk", "bitmap": "b0", "offset": 0, "length": G}
+    err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(**base)))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.info.reason == "CLEAR_TOKEN_REQUIRED"
+    assert "clear_token" in err.message
+    for bad in ("!!", "AAAA", "x" * 40):
+        err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(**base, clear_token=bad)))
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.info.reason == "CLEAR_TOKEN_INVALID"
+    other = await token_of(gw.stub, "other")
+    err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(**base, clear_token=other)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "another" in err.message
+    # Nothing was cleared by any of them.
+    assert await dirty_runs(host.uri, B0) == [(0, 4 * MiB)]
+    # The caller's word that nothing writes still clears.
+    resp = await gw.stub.ClearRange(pb.ClearRangeRequest(**base, unconditional=True))
+    assert resp.cleared_bytes == G and not resp.conditional
+
+
+async def test_tokens_survive_restarts_of_the_gateway_and_the_host(
+    tmp_path: Path, start_gateway: Any, host: NbdcoreHost
+) -> None:
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", host.uri)
+    gw = await start_gateway(cfg)
+    token = await token_of(gw.stub)
+    await gw.gateway.stop(grace=0)
+    host.stop()
+    host.start()
+    await write(host.uri, 5 * G, b"z")  # after the read, across both restarts
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_uri_export("disk", host.uri)
+    gw = await start_gateway(cfg)
+    resp = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="disk", bitmap="b0", offset=0, length=SIZE, clear_token=token)
+    )
+    assert ranges(resp.kept_ranges) == [(5 * G, G)]
+    assert await dirty_runs(host.uri, B0) == [(5 * G, G)]
+
+
+async def test_snapshot_exports_need_no_token(tmp_path: Path, start_gateway: Any) -> None:
+    make_image(tmp_path / "e.raw", SIZE, [(0, 2 * MiB)])
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_image_export("disk", tmp_path / "e.raw")
+    gw = await start_gateway(cfg)
+    snaps = spb_grpc.SnapshotServiceStub(gw.channel)
+    await snaps.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="exports/disk", snapshot_id="s1", bitmaps=["b0"])
+    )
+    got = await stream_all(gw.stub, export="disk@s1", context="b0", filter=pb.EXTENT_FILTER_SET)
+    assert all(not m.clear_token for m in got.messages)
+    resp = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(export="disk@s1", bitmap="b0", offset=0, length=2 * MiB)
+    )
+    assert resp.cleared_bytes == 2 * MiB and not resp.conditional
