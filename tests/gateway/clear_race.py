@@ -135,6 +135,7 @@ def run_race(
     min_clears: int,
     seed: int = 15,
     unconditional: bool = False,
+    store_delay: float = 0.003,
 ) -> RaceResult:
     """Run the race for ``seconds`` (and at least ``min_clears`` clears), then compare: every
     granule clean in the host's bitmap must hold in the copy what the disk holds."""
@@ -148,7 +149,15 @@ def run_race(
         stub = pb_grpc.BitmapServiceStub(channel)
         deadline = time.monotonic() + seconds
         while (time.monotonic() < deadline or result.clears < min_clears) and writer.is_alive():
-            consume_round(stub, export, bitmap, copy, result, unconditional=unconditional)
+            consume_round(
+                stub,
+                export,
+                bitmap,
+                copy,
+                result,
+                unconditional=unconditional,
+                store_delay=store_delay,
+            )
     finally:
         writer.stop.set()
         writer.join(30)

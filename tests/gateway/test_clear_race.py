@@ -102,6 +102,7 @@ def test_unconditional_clears_lose_writes(tmp_path: Path, seconds: float) -> Non
             seconds=seconds,
             min_clears=300,
             unconditional=True,
+            store_delay=0.01,  # a wider window: the loss shows in every run
         )
     print(f"unconditional: clears={result.clears} stale_and_clean={len(result.stale_clean)}")
     assert result.stale_clean, "the race did not happen: the test above would prove nothing"
