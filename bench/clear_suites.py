@@ -46,6 +46,11 @@ def _clear_burst(target: str, calls: int, in_flight: int, first: int) -> tuple[f
         todo = iter(range(first, first + calls))
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.BitmapServiceStub(channel)
+            # The source's export is writable: its clears are conditional on the clear token
+            # of a stream (the ledger's read-only export hands out none and needs none).
+            read = pb.StreamExtentsRequest(export="disk", context="b0", length=G)
+            messages = [m async for m in stub.StreamExtents(read)]
+            token = messages[0].clear_token
 
             async def worker() -> None:
                 for g in todo:
@@ -57,6 +62,7 @@ def _clear_burst(target: str, calls: int, in_flight: int, first: int) -> tuple[f
                         offset=(g % (SIZE // G)) * G,
                         length=G,
                         generation="bench",
+                        clear_token=token,
                     )
                     t0 = time.perf_counter()
                     resp = await stub.ClearRange(request, timeout=60)

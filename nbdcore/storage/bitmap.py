@@ -53,6 +53,7 @@ MAX_NAME_BYTES: Final = 1023
 HISTORY_MAGIC: Final = b"NBDGWHS1"
 _HISTORY_HEADER: Final = struct.Struct("=8sQQQ")
 _STAMP: Final = struct.Struct("=Q")
+_SEQUENCE_AT: Final = 16  # offset of the sequence in the header
 MAX_HISTORY_REGIONS: Final = 1 << 18
 
 # Bytes of bits looked at per step: bounds the temporary big ints (512K granules a step).
@@ -165,16 +166,16 @@ class _History:
         """Stamp the regions of granules ``[first, end)`` with the next sequence number."""
         if first >= end:
             return
-        self.sequence += 1
-        lo, hi = first >> self.shift, ((end - 1) >> self.shift) + 1
+        self.sequence = sequence = self.sequence + 1
+        shift = self.shift
+        lo, hi = first >> shift, ((end - 1) >> shift) + 1
         base = _HISTORY_HEADER.size
         if hi - lo == 1:
-            _STAMP.pack_into(self.buffer, base + 8 * lo, self.sequence)
+            _STAMP.pack_into(self.buffer, base + 8 * lo, sequence)
         else:
-            self.buffer[base + 8 * lo : base + 8 * hi] = (
-                array("Q", [self.sequence]) * (hi - lo)
-            ).tobytes()
-        self._store_header()
+            self.buffer[base + 8 * lo : base + 8 * hi] = _STAMP.pack(sequence) * (hi - lo)
+        # After the stamps (see __init__): only the sequence changes in the header.
+        _STAMP.pack_into(self.buffer, _SEQUENCE_AT, sequence)
 
     def changed_since(self, sequence: int, first: int, end: int) -> list[tuple[int, int]]:
         """Granule runs ``[a, b)`` within ``[first, end)`` whose region was stamped after
