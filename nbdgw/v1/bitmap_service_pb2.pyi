@@ -1014,7 +1014,8 @@ class ClearRangeRequest(_message.Message):
     message of the same bitmap). Required to clear a writable export with CLEAR_MODE_AT_SOURCE:
     only the granules not written since the token's message was read are cleared, and the
     others are returned in `kept_ranges`. A token of another bitmap is INVALID_ARGUMENT
-    (reason CLEAR_TOKEN_INVALID). Ignored on read-only exports, which nothing writes.
+    (reason CLEAR_TOKEN_INVALID). Not needed on read-only exports (snapshots), which nothing
+    writes and whose streams hand out no token.
     """
     unconditional: _builtins.bool
     """Clear a writable export without a token: the caller knows that nothing writes it (a
