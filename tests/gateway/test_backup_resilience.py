@@ -135,6 +135,8 @@ def test_writes_racing_a_clearing_backup_are_never_lost(tmp_path: Path, source: 
         state = BackupState.load(state_path(out))
     assert written and state.complete
     assert state.bytes_rechecked == 0  # conditional clears, or a snapshot: no recheck pass
+    # Live: writes landed between copies and clears, and the clears kept them (copied again).
+    assert (state.bytes_kept > 0) == (source == "live")
     current = disk.path.read_bytes()
     backed_up = out.read_bytes()
     dirty_now = {g for o, n in still_dirty for g in range(o, o + n, GRANULARITY)}
