@@ -259,11 +259,28 @@ class AsyncClient:
                 yield r
 
     async def clear_range(
-        self, export: str, bitmap: str, offset: int, length: int, *, generation: str = ""
+        self,
+        export: str,
+        bitmap: str,
+        offset: int,
+        length: int,
+        *,
+        generation: str = "",
+        clear_token: str = "",
+        unconditional: bool = False,
     ) -> ClearResult:
-        """Acknowledge ``[offset, offset + length)`` of a dirty bitmap (see ClearRange)."""
+        """Acknowledge ``[offset, offset + length)`` of a dirty bitmap (see ClearRange). On a
+        writable export pass the ``clear_token`` of the batch that carried the range (the
+        result's ``kept`` then says what was written since), or ``unconditional=True`` when
+        nothing writes the export."""
         req = pb.ClearRangeRequest(
-            export=export, bitmap=bitmap, offset=offset, length=length, generation=generation
+            export=export,
+            bitmap=bitmap,
+            offset=offset,
+            length=length,
+            generation=generation,
+            clear_token=clear_token,
+            unconditional=unconditional,
         )
         return _core.clear_result_from(await self._unary(self._bitmaps, "ClearRange", req))
 

@@ -255,6 +255,9 @@ def clear_result_from(m: pb.ClearRangeResponse) -> ClearResult:
         granularity=m.granularity_bytes,
         generation=m.generation,
         raw=m,
+        kept=tuple(ByteRange(r.offset, r.length) for r in m.kept_ranges),
+        kept_bytes=m.kept_bytes,
+        conditional=m.conditional,
     )
 
 
@@ -358,7 +361,9 @@ class StreamResume:
 
 
 def batch_from(msg: pb.StreamExtentsResponse) -> ExtentBatch:
-    return ExtentBatch(msg.offset, msg.next_offset, msg.range_end, msg.resume_token, msg)
+    return ExtentBatch(
+        msg.offset, msg.next_offset, msg.range_end, msg.resume_token, msg, msg.clear_token
+    )
 
 
 def check_data(batch: ExtentBatch) -> None:

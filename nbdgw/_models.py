@@ -194,7 +194,9 @@ class ExtentBatch:
 
     ``raw`` is the protobuf message itself, with any field this version of the client does
     not know. ``resume_token`` continues a stream after this batch (``resume_token=`` of the
-    iterators), even in another process.
+    iterators), even in another process. ``clear_token`` (a live writable export's dirty
+    bitmap) is what a clear of the ranges this batch carried passes (``clear_range``): only
+    what was not written since the batch was read is cleared.
     """
 
     offset: int
@@ -202,6 +204,7 @@ class ExtentBatch:
     range_end: int
     resume_token: str
     raw: Any = field(repr=False, compare=False)
+    clear_token: str = ""
 
     def extents(self) -> Iterator[Extent]:
         msg = self.raw
@@ -269,7 +272,9 @@ class ByteRange:
 @dataclass(frozen=True, slots=True)
 class ClearResult:
     """What ClearRange cleared: only whole granules inside the range (AT_SOURCE), or the range
-    byte-exactly under ``generation`` (LEDGER_MASK)."""
+    byte-exactly under ``generation`` (LEDGER_MASK). A ``conditional`` clear (made with a
+    clear token) lists in ``kept`` the granules written since the token's batch was read:
+    copy them again and clear them with the new copy's token."""
 
     cleared: tuple[ByteRange, ...]
     cleared_bytes: int
@@ -277,6 +282,9 @@ class ClearResult:
     granularity: int
     generation: str
     raw: Any = field(repr=False, compare=False)
+    kept: tuple[ByteRange, ...] = ()
+    kept_bytes: int = 0
+    conditional: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@
      │                            the wrong size); never retried, so nothing is consumed twice
      └── CallError                the gateway answered a call with an error status
           ├── InvalidArgument     INVALID_ARGUMENT: ``field_violations`` says which fields
+          │    └── ClearTokenInvalid    a clear token of another export or bitmap, or malformed
           ├── NotFound            NOT_FOUND: ``resource_type``, ``resource_name``
           │    ├── ExportNotFound, BitmapNotFound, SnapshotNotFound
           ├── AlreadyExists       ALREADY_EXISTS (a snapshot id in use)
@@ -15,6 +16,7 @@
           ├── FailedPrecondition  FAILED_PRECONDITION: ``violations``
           │    ├── GenerationMismatch   ``generation``, ``current_generation``
           │    ├── ClearNotSupported, GenerationsNotSupported, SnapshotsNotSupported
+          │    ├── ClearTokenRequired   a clear of a writable export without a clear token
           │    └── ReadOnly
           ├── Unavailable         UNAVAILABLE (host or gateway down): ``retry_after`` and, for a
           │                       stream, ``resume_offset`` / ``resume_token``
@@ -44,6 +46,8 @@ __all__ = [
     "CallError",
     "Cancelled",
     "ClearNotSupported",
+    "ClearTokenInvalid",
+    "ClearTokenRequired",
     "ConfigurationError",
     "DeadlineExceeded",
     "ExportNotFound",
@@ -186,6 +190,13 @@ class InvalidArgument(CallError):
     codes = ("INVALID_ARGUMENT",)
 
 
+class ClearTokenInvalid(InvalidArgument):
+    """ClearRange with a clear token that is malformed or was read from another export or
+    bitmap."""
+
+    reasons = ("CLEAR_TOKEN_INVALID",)
+
+
 class NotFound(CallError):
     codes = ("NOT_FOUND",)
 
@@ -230,6 +241,14 @@ class GenerationMismatch(FailedPrecondition):
 
 class ClearNotSupported(FailedPrecondition):
     reasons = ("CLEAR_NOT_SUPPORTED",)
+
+
+class ClearTokenRequired(FailedPrecondition):
+    """ClearRange of a writable export without the ``clear_token`` of the stream that read the
+    range (a write after the read would be cleared with it): pass the token of the batch that
+    carried the range, or ``unconditional=True`` when nothing writes the export."""
+
+    reasons = ("CLEAR_TOKEN_REQUIRED",)
 
 
 class GenerationsNotSupported(FailedPrecondition):

@@ -185,17 +185,27 @@ def test_clear_remaining_and_snapshots(
         assert [(r.offset, r.length) for r in c.call("iter_remaining_dirty", "disk", "backup")] == (
             dirty
         )
-        # Only whole granules inside the range: the first dirty granule plus a bit of the next.
+        # The export is writable: a clear carries the clear token of the batch that read it.
         first = dirty[0]
-        result = c.call("clear_range", "disk", "backup", first[0], first[1] + 4096)
+        token = c.call("iter_batches", "disk", "backup", filter=ExtentFilter.SET)[0].clear_token
+        assert token
+        with pytest.raises(nbdgw.errors.ClearTokenRequired):
+            c.call("clear_range", "disk", "backup", first[0], first[1])
+        # Only whole granules inside the range: the first dirty granule plus a bit of the next.
+        result = c.call(
+            "clear_range", "disk", "backup", first[0], first[1] + 4096, clear_token=token
+        )
         assert isinstance(result, nbdgw.ClearResult)
         assert result.cleared == (nbdgw.ByteRange(first[0], first[1]),)
         assert result.cleared_bytes == first[1]
         assert result.clear_mode is nbdgw.ClearMode.AT_SOURCE
         assert result.granularity == GRANULARITY
+        assert result.conditional and result.kept == ()  # nothing wrote since
         left = c.call("iter_remaining_dirty", "disk", "backup")
         assert [(r.offset, r.length) for r in left] == dirty[1:]
-        again = c.call("clear_range", "disk", "backup", first[0], first[1])  # harmless
+        again = c.call(  # harmless
+            "clear_range", "disk", "backup", first[0], first[1], clear_token=token
+        )
         assert again.cleared_bytes == first[1]
         with pytest.raises(nbdgw.errors.GenerationsNotSupported):  # it clears at the source
             c.call("set_generation", "disk", "g1")

@@ -93,6 +93,8 @@ def test_every_reason_of_the_api_is_caught_by_its_code() -> None:
         "READ_ONLY": errors.ReadOnly,
         "GENERATION_MISMATCH": errors.GenerationMismatch,
         "GENERATIONS_NOT_SUPPORTED": errors.GenerationsNotSupported,
+        "CLEAR_TOKEN_REQUIRED": errors.ClearTokenRequired,
+        "CLEAR_TOKEN_INVALID": errors.ClearTokenInvalid,
         "HOST_UNAVAILABLE": errors.Unavailable,
         "UNAUTHENTICATED": errors.Unauthenticated,
         "PERMISSION_DENIED": errors.PermissionDenied,
