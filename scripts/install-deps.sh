@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the tests and benchmarks need on a fresh Debian 12 machine (run as root):
 # the reference NBD peers from Debian, qemu 10 from bookworm-backports unpacked beside them
-# (extended headers), a virtualenv with the project and its test extras, and the Node client's
-# packages (tests/clients/node, from its package-lock.json; node and npm from Debian if missing),
-# and Go with the gRPC sources and protoc plugins the Go client is built with.
+# (extended headers), QEMU's system emulator (7.2 from Debian, 10.0 unpacked the same way: the
+# running-VM tests drive both over QMP), a virtualenv with the project and its test extras, and
+# the Node client's packages (tests/clients/node, from its package-lock.json; node and npm from
+# Debian if missing), and Go with the gRPC sources and protoc plugins the Go client is built with.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ QEMU10_DIR=${NBDGW_QEMU10_DIR:-$ROOT/.cache/qemu10}
 VENV=${NBDGW_VENV:-$ROOT/.venv}
 
 need_apt=0
-for p in qemu-img qemu-nbd qemu-io nbdinfo nbdcopy nbdkit nbd-server openssl; do
+for p in qemu-img qemu-nbd qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit nbd-server openssl; do
     command -v "$p" >/dev/null 2>&1 || need_apt=1
 done
 [ -f /usr/lib/python3/dist-packages/nbd.py ] || need_apt=1
@@ -23,7 +24,8 @@ need_node=0
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ "$need_apt" = 1 ] || [ "$need_node" = 1 ] || [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
+if [ "$need_apt" = 1 ] || [ "$need_node" = 1 ] || [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ] ||
+    [ ! -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ]; then
     if [ ! -f /etc/apt/sources.list.d/bookworm-backports.sources ]; then
         sudo_ tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
 Types: deb
@@ -42,7 +44,8 @@ SRC
 fi
 if [ "$need_apt" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        qemu-utils libnbd-bin python3-libnbd python3-venv nbdkit nbd-server openssl >/dev/null
+        qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv nbdkit nbd-server \
+        openssl >/dev/null
 fi
 if [ "$need_node" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -55,7 +58,17 @@ if [ ! -x "$QEMU10_DIR/usr/bin/qemu-nbd" ]; then
     dpkg -x "$tmp"/qemu-utils_*.deb "$QEMU10_DIR"
     rm -rf "$tmp"
 fi
+# QEMU 10's system emulator, unpacked beside its tools; it runs with the system's libraries
+# (those of 7.2's package) and its firmware (the tests boot with -kernel, or no guest at all).
+if [ ! -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq qemu-system-x86/bookworm-backports >/dev/null)
+    mkdir -p "$QEMU10_DIR"
+    dpkg -x "$tmp"/qemu-system-x86_*.deb "$QEMU10_DIR"
+    rm -rf "$tmp"
+fi
 "$QEMU10_DIR/usr/bin/qemu-nbd" --version | head -1
+"$QEMU10_DIR/usr/bin/qemu-system-x86_64" --version | head -1
 
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
