@@ -164,6 +164,8 @@ class Monitor:
         self.lock = asyncio.Lock()  # callers that need several commands in a row hold it
         self._io = asyncio.Lock()
         self.last_error = ""
+        # Counts connections: a new session may be a new QEMU process that lost our state.
+        self.session = 0
 
     @property
     def connected(self) -> bool:
@@ -183,6 +185,7 @@ class Monitor:
             self.last_error = f"QMP monitor {self.path}: {_cause(exc)}"
             raise QMPFailure("unavailable", self.last_error) from None
         self._qmp = qmp
+        self.session += 1
         self.last_error = ""
         return qmp
 
