@@ -36,6 +36,15 @@ Precedence: flags > environment > file > defaults. The TOML file::
     name = "scratch"
     image = "/var/lib/nbdgw/scratch.img"
 
+    [[hosts]]                       # a running QEMU, through its monitor (docs/running-vms.md)
+    name = "vm1"
+    qmp = "/run/vm1/qmp.sock"
+
+    [[exports]]                     # one of its disks: a block node (or device) name
+    name = "vm1-disk0"
+    host = "vm1"
+    node = "drive0"
+
 Environment: every flag of ``nbdgw serve`` has a variable, ``NBDGW_`` and the flag's name
 (``--grace-period``: ``NBDGW_GRACE_PERIOD``); lists are plural (``NBDGW_EXPORTS``,
 ``NBDGW_IMAGES``: items separated by spaces). docs/configuration.md has the table.
@@ -78,6 +87,13 @@ class HostConfig:
     # Connections the gateway may hold open to it (None: GatewayConfig's default). Must not
     # exceed what the host accepts (qemu-nbd -e N, default 1).
     max_connections: int | None = None
+    # A running QEMU's monitor socket (the ``qmp`` host kind): the gateway owns the monitor and
+    # starts QEMU's NBD server itself (gateway.hosts.qmp); ``uri`` is then None.
+    qmp: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "qmp" if self.qmp else "embedded" if self.uri is None else "nbd"
 
     @property
     def label(self) -> str:
@@ -98,6 +114,11 @@ class ExportConfig:
     # The point in time a read-only export shows: clears recorded in the ledger are scoped to it
     # (see gateway.ledger). None: only SetExportGeneration sets one.
     generation: str | None = None
+    # A qmp host's export: the QEMU block node or device it reads.
+    node: str | None = None
+    # The export shows one point in time for its whole life (a snapshot of a running QEMU):
+    # ClearRange need not name the generation.
+    fixed_generation: bool = False
 
 
 def check_max_intervals(value: object, what: str = "ledger max intervals") -> int:
@@ -191,6 +212,24 @@ class GatewayConfig:
                 tls = TLSConfig.from_uri(uri)
             self.hosts[host_name] = HostConfig(host_name, uri, tls if uri.tls else None)
         self.add_export(ExportConfig(name=name, host=host_name, nbd_export=uri.export))
+
+    def add_qmp_export(
+        self, name: str, qmp: str, node: str, *, host: str | None = None, description: str = ""
+    ) -> None:
+        """A disk of a running QEMU: block node (or device) ``node`` of the QEMU whose monitor
+        is ``qmp``; its host is named ``qmp:SOCKET`` unless ``host`` names it."""
+        if not node:
+            raise ConfigError(f"export {name!r}: a QEMU block node or device name is required")
+        host_name = host or f"qmp:{qmp}"
+        existing = self.hosts.get(host_name)
+        if existing is None:
+            self.hosts[host_name] = HostConfig(host_name, None, qmp=qmp)
+        elif existing.qmp != qmp:
+            raise ConfigError(f"export {name!r}: host {host_name!r} is not the QEMU at {qmp}")
+        self.add_export(
+            ExportConfig(name=name, host=host_name, nbd_export=name, description=description,
+                         node=node)
+        )  # fmt: skip
 
     def add_image_export(
         self, name: str, image: Path, *, description: str = "", read_only: bool = False
@@ -286,6 +325,15 @@ def parse_limit_args(items: list[str], base: Limits) -> Limits:
     return parse_limits(table, "--limit")
 
 
+def parse_qmp_export_arg(text: str) -> tuple[str, str, str]:
+    """``NAME=QMP_SOCKET:NODE`` -> (name, socket, node)."""
+    name, sep, rest = text.partition("=")
+    qmp, colon, node = rest.rpartition(":")
+    if not sep or not name or not colon or not qmp or not node:
+        raise ConfigError(f"--qmp-export {text!r}: expected NAME=QMP_SOCKET:NODE")
+    return name, qmp, node
+
+
 def parse_export_arg(text: str) -> tuple[str, str]:
     """``NAME=NBD_URI`` -> (name, uri)."""
     name, sep, uri = text.partition("=")
@@ -353,7 +401,7 @@ _TOP_KEYS = {
     "ledger_max_intervals",
 }
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
-_HOST_KEYS = {"name", "uri", "max_connections"} | _TLS_KEYS
+_HOST_KEYS = {"name", "uri", "qmp", "max_connections"} | _TLS_KEYS
 _EXPORT_KEYS = {
     "name",
     "uri",
@@ -363,6 +411,7 @@ _EXPORT_KEYS = {
     "description",
     "read_only",
     "generation",
+    "node",
 }
 
 
@@ -440,8 +489,17 @@ def apply_table(
         here = f"{where}: hosts[{i}]"
         _check_keys(host, _HOST_KEYS, here)
         name, uri_text = host.get("name"), host.get("uri")
-        if not isinstance(name, str) or not isinstance(uri_text, str):
-            raise ConfigError(f"{here}: 'name' and 'uri' are required strings")
+        qmp = host.get("qmp")
+        if isinstance(name, str) and isinstance(qmp, str) and uri_text is None:
+            if name in config.hosts or name == EMBEDDED_HOST:
+                raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
+            config.hosts[name] = HostConfig(name, None, qmp=str(base / qmp))
+            continue
+        if not isinstance(name, str) or not isinstance(uri_text, str) or qmp is not None:
+            raise ConfigError(
+                f"{here}: 'name' and 'uri' are required strings (or 'qmp', a running QEMU's"
+                " monitor socket, instead of 'uri')"
+            )
         if name in config.hosts or name == EMBEDDED_HOST:
             raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
         try:
@@ -484,6 +542,17 @@ def apply_table(
                 generation=generation,
             )
         else:
+            host_cfg = config.hosts.get(str(export["host"]))
+            node = export.get("node")
+            if host_cfg is not None and host_cfg.qmp:
+                if not isinstance(node, str) or not node:
+                    raise ConfigError(f"{here}: a qmp host's export needs 'node' (a block node)")
+                config.add_qmp_export(
+                    name, host_cfg.qmp, node, host=host_cfg.name, description=description
+                )
+                continue
+            if node is not None:
+                raise ConfigError(f"{here}: 'node' is for exports of qmp hosts")
             config.add_export(
                 ExportConfig(
                     name=name,

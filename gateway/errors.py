@@ -78,6 +78,10 @@ class Reason:
     # ClearRange on a writable export without a clear_token (nor unconditional).
     CLEAR_TOKEN_REQUIRED = "CLEAR_TOKEN_REQUIRED"
     CLEAR_TOKEN_INVALID = "CLEAR_TOKEN_INVALID"
+    # Exports of running QEMU VMs (gateway.hosts.qmp).
+    BITMAP_EXISTS = "BITMAP_EXISTS"
+    BITMAP_BUSY = "BITMAP_BUSY"
+    HOST_COMMAND_FAILED = "HOST_COMMAND_FAILED"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from gateway.api.reflection import enable_server_reflection
 from gateway.api.snapshots import SnapshotServicer
 from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
 from gateway.hosts.pool import ExportPool, Host
+from gateway.hosts.qmp import QmpHost
+from gateway.hosts.qmp_snapshots import QmpSnapshots
 from gateway.hosts.snapshots import Snapshots
 from gateway.ledger import Ledger
 from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
@@ -164,6 +166,8 @@ class Gateway:
         self.metrics.track_ledger(lambda: getattr(self.backend, "ledger", None))
         self.metrics_server: MetricsServer | None = None
         self.snapshots = Snapshots(self)
+        self.qmp_snapshots = QmpSnapshots(self)
+        self.snapshots.qmp = self.qmp_snapshots
 
     async def start(self) -> Listening:
         cfg = self.config
@@ -172,6 +176,11 @@ class Gateway:
             nbd_socket = await self._start_embedded()
         for host_cfg in cfg.hosts.values():
             uri = host_cfg.uri
+            if host_cfg.qmp:
+                qmp_host = QmpHost(host_cfg, cfg, self._host_changed, folder=cfg.data_dir / "qmp")
+                self.qmp_snapshots.attach(qmp_host)
+                self.hosts[host_cfg.name] = qmp_host
+                continue
             if host_cfg.name == EMBEDDED_HOST:
                 uri = NBDURI(scheme="nbd+unix", socket=nbd_socket)
             self.hosts[host_cfg.name] = Host(host_cfg, cfg, self._host_changed, uri=uri)

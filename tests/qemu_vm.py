@@ -100,6 +100,7 @@ class GuestlessVM:
         self._monitor: TestMonitor | None = None
 
     def create_disks(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         for d in self.disks:
             if not d.path.exists():
                 subprocess.run(

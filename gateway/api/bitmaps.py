@@ -28,6 +28,7 @@ import grpc
 from gateway import errors
 from gateway.api.framing import DataMessageBuffer, PreparedMessage, extents_message
 from gateway.api.names import (
+    bitmap_resource,
     context_name,
     decode_clear_token,
     decode_page,
@@ -40,6 +41,7 @@ from gateway.api.names import fingerprint as _fingerprint
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts.pool import ExportPool, KnownExport
+from gateway.hosts.qmp import QmpHost, read_through_snapshot
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
@@ -86,6 +88,12 @@ _FLAG_FIELDS = {
 
 
 # --- request fields -----------------------------------------------------------------------
+
+
+_QMP_LIVE_CLEAR = (
+    "a running QEMU's live bitmap clears through a snapshot: ClearRange on the fork of"
+    " EXPORT@SNAP (CreateSnapshot), which ReleaseSnapshot merges back"
+)
 
 
 def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
@@ -262,6 +270,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         unsupported = pb.CLEAR_MODE_UNSUPPORTED
         if context is not None and not context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
             return ClearPlan(unsupported, "only dirty bitmaps (qemu:dirty-bitmap:NAME) clear")
+        if isinstance(pool.host, QmpHost) and pool.config.node:
+            return ClearPlan(unsupported, _QMP_LIVE_CLEAR)
         image = self._image(pool)
         if image is not None:
             if not image.can_clear_bitmaps:
@@ -361,11 +371,20 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             if not pool.host.up:
                 raise pool.host.unavailable(name)
             known = await self._known(pool)
-            try:
-                contexts = await pool.host.list_contexts(pool.config.nbd_export)
-            except Exception as exc:
-                pool.host.report_failure(exc)
-                raise
+            qmp_bitmaps = {}
+            if isinstance(pool.host, QmpHost):
+                # A running QEMU: its bitmaps from QMP, whatever its NBD export offers.
+                qmp_bitmaps = {
+                    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b.name: b
+                    for b in await pool.host.bitmaps(pool)
+                }
+                contexts = [CONTEXT_BASE_ALLOCATION, *qmp_bitmaps]
+            else:
+                try:
+                    contexts = await pool.host.list_contexts(pool.config.nbd_export)
+                except Exception as exc:
+                    pool.host.report_failure(exc)
+                    raise
             start = decode_page(request.page_token, scope, len(contexts))
             page = contexts[start : start + size]
             image = self._image(pool)
@@ -382,6 +401,14 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                     generation=plan.generation,
                 )
                 short = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+                if ctx in qmp_bitmaps:
+                    qb = qmp_bitmaps[ctx]
+                    bm.granularity_bytes = qb.granularity
+                    bm.recording = qb.recording
+                    bm.dirty_bytes = qb.count
+                    bm.persistent = qb.persistent
+                    bm.busy = qb.busy
+                    bm.inconsistent = qb.inconsistent
                 if image is not None and short != ctx and short in image.bitmaps:
                     bitmap = image.bitmaps[short]
                     bm.granularity_bytes = bitmap.granularity
@@ -520,9 +547,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
             # A clear without a generation would be recorded under whatever generation is
             # current when it arrives, which may be a newer point in time than the one copied.
-            if not request.generation:
+            if not request.generation and not pool.config.fixed_generation:
                 raise errors.generation_required(name, ctx, plan.generation)
-            if request.generation != plan.generation:
+            if request.generation and request.generation != plan.generation:
                 raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
             return plan, True
 
@@ -615,6 +642,79 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
 
         return await self._unary(context, body, lambda: pool)
 
+    def _qmp_pool(self, name: str, ctx: str) -> tuple[ExportPool, QmpHost]:
+        pool = self.backend.pool(name)
+        if not isinstance(pool.host, QmpHost):
+            raise errors.clear_not_supported(
+                name, ctx, "only exports of running QEMU VMs (qmp hosts) add and remove bitmaps"
+            )
+        if not pool.host.up:
+            raise pool.host.unavailable(name)
+        return pool, pool.host
+
+    async def AddBitmap(
+        self, request: pb.AddBitmapRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Bitmap:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.Bitmap:
+            nonlocal pool
+            violations = []
+            name = bitmap = ""
+            try:
+                name = export_id(request.parent, "parent")
+            except GatewayError as err:
+                violations += errors.field_violations(err)
+            try:
+                ctx = context_name(request.bitmap, "bitmap")
+                bitmap = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+                if not ctx.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) or not bitmap:
+                    violations.append(("bitmap", "a dirty bitmap name (qemu:dirty-bitmap:NAME)"))
+            except GatewayError as err:
+                violations += errors.field_violations(err)
+            g = request.granularity_bytes
+            if g and (g & (g - 1) or not 512 <= g <= 1 << 31):
+                violations.append(("granularity_bytes", "a power of two from 512 to 2 GiB"))
+            if violations:
+                raise errors.invalid_fields(violations)
+            pool, host = self._qmp_pool(name, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap)
+            persistent = request.persistent if request.HasField("persistent") else True
+            info = await host.add_bitmap(pool, bitmap, g, persistent)
+            log.info("export %s: bitmap %s added", name, bitmap)
+            ctx = CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap
+            known = pool.known
+            return pb.Bitmap(
+                name=f"exports/{name}/bitmaps/{ctx}",
+                context=ctx,
+                kind=pb.BITMAP_KIND_DIRTY_BITMAP,
+                export_size_bytes=known.size if known is not None else 0,
+                granularity_bytes=info.granularity,
+                recording=info.recording,
+                dirty_bytes=info.count,
+                persistent=info.persistent,
+                busy=info.busy,
+                clear_mode=pb.CLEAR_MODE_UNSUPPORTED,
+                clear_unsupported_reason=_QMP_LIVE_CLEAR,
+            )
+
+        return await self._unary(context, body, lambda: pool)
+
+    async def RemoveBitmap(
+        self, request: pb.RemoveBitmapRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RemoveBitmapResponse:
+        pool: ExportPool | None = None
+
+        async def body() -> pb.RemoveBitmapResponse:
+            nonlocal pool
+            export, ctx = bitmap_resource(request.name)
+            bitmap = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+            pool, host = self._qmp_pool(export, ctx)
+            await host.remove_bitmap(pool, bitmap)
+            log.info("export %s: bitmap %s removed", export, bitmap)
+            return pb.RemoveBitmapResponse(context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap)
+
+        return await self._unary(context, body, lambda: pool)
+
     async def StreamRemainingDirty(  # type: ignore[override]
         self, request: pb.StreamRemainingDirtyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
@@ -658,6 +758,13 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         try:
             plan = _StreamPlan.from_request(request)
             pool = self.backend.pool(plan.export)
+            if (
+                isinstance(pool.host, QmpHost)
+                and pool.config.node
+                and plan.context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+            ):
+                # QEMU exports a recording bitmap only writable (a moving answer anyway).
+                raise read_through_snapshot(plan.export, plan.context)
             stream = _ExtentStream(
                 plan,
                 pool,

@@ -97,3 +97,15 @@ def decode_clear_token(token: str, export: str, context: str) -> tuple[int, int]
             "clear", "clear_token", "the token was read from another export or bitmap"
         )
     return history_id, sequence
+
+
+def bitmap_resource(value: str, field_name: str = "name") -> tuple[str, str]:
+    """``exports/{export}/bitmaps/{context}`` -> (export, context); a bare NAME is a dirty
+    bitmap's."""
+    prefix, sep, rest = value.partition("/")
+    export, sep2, ctx = rest.partition("/bitmaps/")
+    if prefix != "exports" or not sep or not sep2 or not export or not ctx:
+        raise errors.invalid_field(
+            field_name, f"{value!r} is not a bitmap name (exports/EXPORT/bitmaps/CONTEXT)"
+        )
+    return export_id(export, field_name), context_name(ctx, field_name)

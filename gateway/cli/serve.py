@@ -35,6 +35,7 @@ from gateway.config import (
     parse_export_arg,
     parse_limit_args,
     parse_listen,
+    parse_qmp_export_arg,
 )
 from gateway.sample import SAMPLE_BITMAP, SAMPLE_EXPORT
 from nbdcore.tls import TLSConfig
@@ -94,6 +95,15 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         default=None,
         help="serve an export of an NBD host, e.g. vm1=nbd+unix:///?socket=/run/nbd.sock"
         " (repeatable; $NBDGW_EXPORTS: space-separated)",
+    )
+    p.add_argument(
+        "--qmp-export",
+        metavar="NAME=QMP_SOCKET:NODE",
+        action="append",
+        default=None,
+        help="serve a disk of a running QEMU: its monitor socket and block node (or device),"
+        " e.g. vm1-disk0=/run/vm1/qmp.sock:drive0; the gateway owns that monitor"
+        " (repeatable; $NBDGW_QMP_EXPORTS: space-separated)",
     )
     p.add_argument(
         "--image",
@@ -335,6 +345,12 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     for item in exports:
         name, uri = parse_export_arg(item)
         config.add_uri_export(name, uri, tls)
+    qmp_exports = args.qmp_export
+    if qmp_exports is None:
+        qmp_exports = shlex.split(_env("QMP_EXPORTS") or "")
+    for item in qmp_exports:
+        name, qmp, node = parse_qmp_export_arg(item)
+        config.add_qmp_export(name, str(Path(qmp).absolute()), node)
     images = args.image
     if images is None:
         images = shlex.split(_env("IMAGES") or "")

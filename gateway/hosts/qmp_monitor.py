@@ -126,6 +126,7 @@ class Fleece:
     path: Path  # the fleecing image
     forks: dict[str, int] = field(default_factory=dict)  # bitmap name -> granularity
     nbd_name: str = ""  # the NBD export name of the point in time
+    size: int = 0  # the disk's size, in bytes
 
     @property
     def fleece_node(self) -> str:
@@ -324,6 +325,7 @@ class Monitor:
         try:
             for f in fleeces:
                 info = await self.node(f.node)
+                f.size = info.size
                 await _qemu_img_create(f.path, info.size, cluster_size)
                 made.append(f)
                 await self.execute(
@@ -471,6 +473,7 @@ class Monitor:
             live = f.fleece_node in nodes
             if live:
                 f.forks = {b["name"]: int(b["granularity"]) for b in _named(nodes[f.fleece_node])}
+                f.size = node_info(nodes[f.fleece_node]).size
             found.append((f, live))
         return found
 

@@ -36,6 +36,7 @@ from gateway.config import EMBEDDED_HOST
 from gateway.config import ExportConfig as GatewayExportConfig
 from gateway.errors import GatewayError
 from gateway.hosts.pool import ExportPool
+from gateway.hosts.qmp import QmpHost
 from nbdcore.aio.client import nbdgw_snapshot
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, Rep
 from nbdcore.exceptions import OptionError
@@ -51,6 +52,7 @@ from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
 if TYPE_CHECKING:
+    from gateway.hosts.qmp_snapshots import QmpSnapshots
     from gateway.server import Gateway
     from nbdcore.storage import Image
 
@@ -169,6 +171,7 @@ class Snapshots:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.lock = asyncio.Lock()  # one create or release at a time: exports come and go
+        self.qmp: QmpSnapshots  # exports of running QEMU VMs (set by the gateway)
 
     def _pool(self, export: str) -> ExportPool:
         pool = self.gateway.pools.get(export)
@@ -327,11 +330,35 @@ class Snapshots:
             forks.append(ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX))
         if request.on_full not in _ON_FULL:
             violations.append(("on_full", f"unknown value {request.on_full}"))
+        group: list[str] = []
+        for i, value in enumerate(request.group):
+            try:
+                group.append(export_id(value, f"group[{i}]"))
+            except GatewayError as err:
+                violations += errors.field_violations(err)
         if violations:
             raise errors.invalid_fields(violations)
         snap_id = request.snapshot_id or time.strftime(
             "snap-%Y%m%dT%H%M%SZ-", time.gmtime()
         ) + secrets.token_hex(2)
+        pool = self._pool(export)
+        if isinstance(pool.host, QmpHost) and pool.config.node:
+            if request.max_preserved_bytes:
+                raise errors.invalid_field(
+                    "max_preserved_bytes",
+                    "a running QEMU's fleecing image is bounded only by its file system",
+                )
+            members = list(dict.fromkeys([export, *group]))
+            for member in members[1:]:
+                other = self._pool(member)
+                if not (isinstance(other.host, QmpHost) and other.config.node):
+                    raise errors.invalid_field("group", f"{member!r} is not a qmp export")
+            infos = await self.qmp.create(
+                members, snap_id, forks, request.cluster_size_bytes or 65536
+            )
+            return snapshot_message(export, infos[0])
+        if group:
+            raise errors.invalid_field("group", "consistency groups are for qmp exports")
         image = self._image(export)
         if image is None:
             async with self.lock:
@@ -384,8 +411,11 @@ class Snapshots:
     async def list(self, request: spb.ListSnapshotsRequest) -> spb.ListSnapshotsResponse:
         export = export_id(request.parent, "parent")
         size = page_size(request.page_size)
-        image = self._image(export)
-        if image is None:
+        pool = self._pool(export)
+        image = None
+        if isinstance(pool.host, QmpHost) and pool.config.node:
+            infos = await self.qmp.list_infos(export)
+        elif (image := self._image(export)) is None:
             result = await self._remote(export, {"op": "list"})
             infos = list(result.get("snapshots", []))
             for info in infos:  # served by the host: make them exports here too
@@ -406,6 +436,21 @@ class Snapshots:
         if not request.name:
             raise errors.invalid_field("name", "required: exports/EXPORT/snapshots/SNAPSHOT")
         export, snap_id = snapshot_name(request.name)
+        pool = self._pool(export)
+        if isinstance(pool.host, QmpHost) and pool.config.node:
+            done = await self.qmp.release(export, snap_id)
+            return spb.ReleaseSnapshotResponse(
+                merged=[
+                    spb.ForkedBitmap(
+                        context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
+                        granularity_bytes=g,
+                        dirty_bytes=n,
+                    )
+                    for forks in done["merged"].values()
+                    for name, (g, n) in forks.items()
+                ],
+                released=done["released"],
+            )
         image = self._image(export)
         if image is None:
             async with self.lock:
@@ -473,4 +518,5 @@ def snapshot_message(export: str, info: dict[str, Any]) -> spb.Snapshot:
         max_preserved_bytes=info["max_bytes"] or 0,
         on_full=_ON_FULL_PB[info["on_full"]],
         state=spb.SNAPSHOT_STATE_BROKEN if info["broken"] else spb.SNAPSHOT_STATE_READY,
+        group=info.get("group", []) if len(info.get("group", [])) > 1 else [],
     )

@@ -309,6 +309,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: a health check (grpc.health.v1) of a name that is neither `""`,
     `nbdgw.v1.BitmapService` nor `exports/{export}` (metadata `service`).
     """
+    ERROR_REASON_BITMAP_EXISTS: _ErrorReason.ValueType  # 24
+    """ALREADY_EXISTS: AddBitmap named a bitmap the disk has already (ResourceInfo)."""
+    ERROR_REASON_BITMAP_BUSY: _ErrorReason.ValueType  # 25
+    """FAILED_PRECONDITION: the bitmap is in use (a snapshot holds it, or it is not recording):
+    PreconditionFailure says why.
+    """
+    ERROR_REASON_HOST_COMMAND_FAILED: _ErrorReason.ValueType  # 26
+    """QEMU refused a monitor command (metadata `command`, `qemu_error`); the code depends on
+    what it said (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED...).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons of `google.rpc.ErrorInfo` (domain `nbdgw.dev`). `ErrorInfo.reason` holds
@@ -394,6 +404,16 @@ ERROR_REASON_GENERATIONS_NOT_SUPPORTED: ErrorReason.ValueType  # 32
 ERROR_REASON_HEALTH_SERVICE_NOT_FOUND: ErrorReason.ValueType  # 33
 """NOT_FOUND: a health check (grpc.health.v1) of a name that is neither `""`,
 `nbdgw.v1.BitmapService` nor `exports/{export}` (metadata `service`).
+"""
+ERROR_REASON_BITMAP_EXISTS: ErrorReason.ValueType  # 24
+"""ALREADY_EXISTS: AddBitmap named a bitmap the disk has already (ResourceInfo)."""
+ERROR_REASON_BITMAP_BUSY: ErrorReason.ValueType  # 25
+"""FAILED_PRECONDITION: the bitmap is in use (a snapshot holds it, or it is not recording):
+PreconditionFailure says why.
+"""
+ERROR_REASON_HOST_COMMAND_FAILED: ErrorReason.ValueType  # 26
+"""QEMU refused a monitor command (metadata `command`, `qemu_error`); the code depends on
+what it said (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED...).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -659,6 +679,9 @@ class Bitmap(_message.Message):
     RECORDING_FIELD_NUMBER: _builtins.int
     DIRTY_BYTES_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    INCONSISTENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}/bitmaps/{context}` with the context name verbatim."""
     context: _builtins.str
@@ -686,6 +709,16 @@ class Bitmap(_message.Message):
     """The number of dirty bytes, when known cheaply (the embedded host knows; unset otherwise)."""
     generation: _builtins.str
     """With CLEAR_MODE_LEDGER_MASK: the generation whose clears mask this bitmap."""
+    persistent: _builtins.bool
+    """Whether the host keeps the bitmap across restarts (QEMU: stored in the qcow2 image), when
+    known (exports of `qmp` hosts).
+    """
+    busy: _builtins.bool
+    """Whether the host is using the bitmap (QEMU: exported, or held by a snapshot), when known."""
+    inconsistent: _builtins.bool
+    """Whether QEMU marked the bitmap inconsistent (QEMU died without storing it): its bits cannot
+    be trusted; remove it and take a full backup. When known.
+    """
     def __init__(
         self,
         *,
@@ -699,17 +732,32 @@ class Bitmap(_message.Message):
         recording: _builtins.bool | None = ...,
         dirty_bytes: _builtins.int | None = ...,
         generation: _builtins.str = ...,
+        persistent: _builtins.bool | None = ...,
+        busy: _builtins.bool | None = ...,
+        inconsistent: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes", "_recording", b"_recording", "dirty_bytes", b"dirty_bytes", "recording", b"recording"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_busy", b"_busy", "_dirty_bytes", b"_dirty_bytes", "_inconsistent", b"_inconsistent", "_persistent", b"_persistent", "_recording", b"_recording", "busy", b"busy", "dirty_bytes", b"dirty_bytes", "inconsistent", b"inconsistent", "persistent", b"persistent", "recording", b"recording"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes", "_recording", b"_recording", "clear_mode", b"clear_mode", "clear_unsupported_reason", b"clear_unsupported_reason", "context", b"context", "dirty_bytes", b"dirty_bytes", "export_size_bytes", b"export_size_bytes", "generation", b"generation", "granularity_bytes", b"granularity_bytes", "kind", b"kind", "name", b"name", "recording", b"recording"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_busy", b"_busy", "_dirty_bytes", b"_dirty_bytes", "_inconsistent", b"_inconsistent", "_persistent", b"_persistent", "_recording", b"_recording", "busy", b"busy", "clear_mode", b"clear_mode", "clear_unsupported_reason", b"clear_unsupported_reason", "context", b"context", "dirty_bytes", b"dirty_bytes", "export_size_bytes", b"export_size_bytes", "generation", b"generation", "granularity_bytes", b"granularity_bytes", "inconsistent", b"inconsistent", "kind", b"kind", "name", b"name", "persistent", b"persistent", "recording", b"recording"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__busy: _TypeAlias = _typing.Literal["busy"]  # noqa: Y015
+    _WhichOneofArgType__busy: _TypeAlias = _typing.Literal["_busy", b"_busy"]  # noqa: Y015
     _WhichOneofReturnType__dirty_bytes: _TypeAlias = _typing.Literal["dirty_bytes"]  # noqa: Y015
     _WhichOneofArgType__dirty_bytes: _TypeAlias = _typing.Literal["_dirty_bytes", b"_dirty_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__inconsistent: _TypeAlias = _typing.Literal["inconsistent"]  # noqa: Y015
+    _WhichOneofArgType__inconsistent: _TypeAlias = _typing.Literal["_inconsistent", b"_inconsistent"]  # noqa: Y015
+    _WhichOneofReturnType__persistent: _TypeAlias = _typing.Literal["persistent"]  # noqa: Y015
+    _WhichOneofArgType__persistent: _TypeAlias = _typing.Literal["_persistent", b"_persistent"]  # noqa: Y015
     _WhichOneofReturnType__recording: _TypeAlias = _typing.Literal["recording"]  # noqa: Y015
     _WhichOneofArgType__recording: _TypeAlias = _typing.Literal["_recording", b"_recording"]  # noqa: Y015
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__busy) -> _WhichOneofReturnType__busy | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dirty_bytes) -> _WhichOneofReturnType__dirty_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__inconsistent) -> _WhichOneofReturnType__inconsistent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__persistent) -> _WhichOneofReturnType__persistent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__recording) -> _WhichOneofReturnType__recording | None: ...
 
@@ -1253,3 +1301,85 @@ class StreamRemainingDirtyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamRemainingDirtyResponse: _TypeAlias = StreamRemainingDirtyResponse  # noqa: Y015
+
+@_typing.final
+class AddBitmapRequest(_message.Message):
+    """Request for AddBitmap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    BITMAP_FIELD_NUMBER: _builtins.int
+    GRANULARITY_BYTES_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The export, `exports/{export}` (of a `qmp` host). The bare `{export}` is accepted too."""
+    bitmap: _builtins.str
+    """The bitmap's name (`NAME` of `qemu:dirty-bitmap:NAME`)."""
+    granularity_bytes: _builtins.int
+    """Bytes per bit, a power of two from 512 bytes to 2 GiB; 0: QEMU's default (the image's
+    cluster size, 64 KiB for qcow2).
+    """
+    persistent: _builtins.bool
+    """Keep it across QEMU restarts (stored in the qcow2 image); unset: true."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        bitmap: _builtins.str = ...,
+        granularity_bytes: _builtins.int = ...,
+        persistent: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_persistent", b"_persistent", "persistent", b"persistent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_persistent", b"_persistent", "bitmap", b"bitmap", "granularity_bytes", b"granularity_bytes", "parent", b"parent", "persistent", b"persistent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__persistent: _TypeAlias = _typing.Literal["persistent"]  # noqa: Y015
+    _WhichOneofArgType__persistent: _TypeAlias = _typing.Literal["_persistent", b"_persistent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__persistent) -> _WhichOneofReturnType__persistent | None: ...
+
+Global___AddBitmapRequest: _TypeAlias = AddBitmapRequest  # noqa: Y015
+
+@_typing.final
+class RemoveBitmapRequest(_message.Message):
+    """Request for RemoveBitmap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The bitmap, `exports/{export}/bitmaps/{context}` (`qemu:dirty-bitmap:NAME`, or `NAME`)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveBitmapRequest: _TypeAlias = RemoveBitmapRequest  # noqa: Y015
+
+@_typing.final
+class RemoveBitmapResponse(_message.Message):
+    """Response of RemoveBitmap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    context: _builtins.str
+    """The context that was removed."""
+    def __init__(
+        self,
+        *,
+        context: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveBitmapResponse: _TypeAlias = RemoveBitmapResponse  # noqa: Y015

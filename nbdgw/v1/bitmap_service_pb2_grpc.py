@@ -78,6 +78,16 @@ class BitmapServiceStub:
                 request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.SerializeToString,
                 response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.FromString,
                 _registered_method=True)
+        self.AddBitmap = channel.unary_unary(
+                '/nbdgw.v1.BitmapService/AddBitmap',
+                request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.AddBitmapRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.Bitmap.FromString,
+                _registered_method=True)
+        self.RemoveBitmap = channel.unary_unary(
+                '/nbdgw.v1.BitmapService/RemoveBitmap',
+                request_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapResponse.FromString,
+                _registered_method=True)
 
 
 class BitmapServiceServicer:
@@ -192,6 +202,23 @@ class BitmapServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddBitmap(self, request, context):
+        """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
+        from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
+        a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveBitmap(self, request, context):
+        """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
+        while a snapshot holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BitmapServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +256,16 @@ def add_BitmapServiceServicer_to_server(servicer, server):
                     servicer.StreamRemainingDirty,
                     request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.FromString,
                     response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.SerializeToString,
+            ),
+            'AddBitmap': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddBitmap,
+                    request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.AddBitmapRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.Bitmap.SerializeToString,
+            ),
+            'RemoveBitmap': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveBitmap,
+                    request_deserializer=nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +466,60 @@ class BitmapService:
             '/nbdgw.v1.BitmapService/StreamRemainingDirty',
             nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyRequest.SerializeToString,
             nbdgw_dot_v1_dot_bitmap__service__pb2.StreamRemainingDirtyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddBitmap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdgw.v1.BitmapService/AddBitmap',
+            nbdgw_dot_v1_dot_bitmap__service__pb2.AddBitmapRequest.SerializeToString,
+            nbdgw_dot_v1_dot_bitmap__service__pb2.Bitmap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveBitmap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdgw.v1.BitmapService/RemoveBitmap',
+            nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapRequest.SerializeToString,
+            nbdgw_dot_v1_dot_bitmap__service__pb2.RemoveBitmapResponse.FromString,
             options,
             channel_credentials,
             insecure,

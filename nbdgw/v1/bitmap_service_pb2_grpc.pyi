@@ -138,6 +138,15 @@ class BitmapServiceStub:
     backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
     like a StreamExtents message (the same flow control, resume tokens and errors).
     """
+    AddBitmap: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.AddBitmapRequest, _bitmap_service_pb2.Bitmap]
+    """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
+    from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
+    a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+    """
+    RemoveBitmap: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.RemoveBitmapRequest, _bitmap_service_pb2.RemoveBitmapResponse]
+    """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
+    while a snapshot holds it.
+    """
 
 @_typing.type_check_only
 class BitmapServiceAsyncStub(BitmapServiceStub):
@@ -223,6 +232,15 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     generation). This is what the management layer merges back into its bitmap at the end of a
     backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
     like a StreamExtents message (the same flow control, resume tokens and errors).
+    """
+    AddBitmap: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.AddBitmapRequest, _bitmap_service_pb2.Bitmap]  # type: ignore[assignment]
+    """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
+    from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
+    a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+    """
+    RemoveBitmap: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.RemoveBitmapRequest, _bitmap_service_pb2.RemoveBitmapResponse]  # type: ignore[assignment]
+    """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
+    while a snapshot holds it.
     """
 
 class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -348,6 +366,27 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         generation). This is what the management layer merges back into its bitmap at the end of a
         backup. Each message lists the dirty ranges found in `[offset, next_offset)` and resumes
         like a StreamExtents message (the same flow control, resume tokens and errors).
+        """
+
+    @_abc_1.abstractmethod
+    def AddBitmap(
+        self,
+        request: _bitmap_service_pb2.AddBitmapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bitmap_service_pb2.Bitmap, _abc.Awaitable[_bitmap_service_pb2.Bitmap]]:
+        """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
+        from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
+        a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveBitmap(
+        self,
+        request: _bitmap_service_pb2.RemoveBitmapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bitmap_service_pb2.RemoveBitmapResponse, _abc.Awaitable[_bitmap_service_pb2.RemoveBitmapResponse]]:
+        """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
+        while a snapshot holds it.
         """
 
 def add_BitmapServiceServicer_to_server(servicer: BitmapServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,10 +15,11 @@ consumers): the whole incremental backup loop over gRPC.
    into the live bitmaps, and frees the snapshot: nothing unacknowledged is ever lost. A host
    that crashes keeps the snapshots it can trust and, in doubt, marks the bitmaps dirty.
 
-Only exports of nbdcore hosts have snapshots: the gateway's embedded host, and `nbdgw nbd
+Exports of nbdcore hosts have snapshots: the gateway's embedded host, and `nbdgw nbd
 serve` hosts, which take them through the NBD option NBD_OPT_X_NBDGW_SNAPSHOT
-(docs/extension-snapshot.md). Standard NBD has no command to take one, and QEMU offers it
-only through its monitor: exports of other hosts fail with FAILED_PRECONDITION, reason
+(docs/extension-snapshot.md). So do exports of running QEMU VMs (`qmp` hosts): the gateway
+takes the point in time through QEMU's monitor (fleecing, docs/running-vms.md). Standard NBD
+has no command to take one: exports of other hosts fail with FAILED_PRECONDITION, reason
 SNAPSHOTS_NOT_SUPPORTED.
 
 Errors follow the BitmapService's (AIP-193, domain `nbdgw.dev`); the reasons are those of
@@ -114,6 +115,10 @@ class _SnapshotErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_S
     """FAILED_PRECONDITION: the export cannot be snapshotted (PreconditionFailure says why): its
     host is not an nbdcore host, its image is read-only, or it is a snapshot itself.
     """
+    SNAPSHOT_ERROR_REASON_DISK_BUSY: _SnapshotErrorReason.ValueType  # 4
+    """FAILED_PRECONDITION: a running QEMU's disk already has an open snapshot (QEMU keeps one
+    point in time per disk; the loser of two racing CreateSnapshot calls gets this).
+    """
 
 class SnapshotErrorReason(_SnapshotErrorReason, metaclass=_SnapshotErrorReasonEnumTypeWrapper):
     """The `google.rpc.ErrorInfo` reasons (domain `nbdgw.dev`) the SnapshotService adds to those of
@@ -130,6 +135,10 @@ SNAPSHOT_ERROR_REASON_SNAPSHOT_EXISTS: SnapshotErrorReason.ValueType  # 2
 SNAPSHOT_ERROR_REASON_SNAPSHOTS_NOT_SUPPORTED: SnapshotErrorReason.ValueType  # 3
 """FAILED_PRECONDITION: the export cannot be snapshotted (PreconditionFailure says why): its
 host is not an nbdcore host, its image is read-only, or it is a snapshot itself.
+"""
+SNAPSHOT_ERROR_REASON_DISK_BUSY: SnapshotErrorReason.ValueType  # 4
+"""FAILED_PRECONDITION: a running QEMU's disk already has an open snapshot (QEMU keeps one
+point in time per disk; the loser of two racing CreateSnapshot calls gets this).
 """
 Global___SnapshotErrorReason: _TypeAlias = SnapshotErrorReason  # noqa: Y015
 
@@ -149,6 +158,7 @@ class Snapshot(_message.Message):
     MAX_PRESERVED_BYTES_FIELD_NUMBER: _builtins.int
     ON_FULL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}/snapshots/{snapshot}`."""
     export: _builtins.str
@@ -177,6 +187,12 @@ class Snapshot(_message.Message):
     def forks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForkedBitmap]:
         """The forked bitmaps, with what they hold now."""
 
+    @_builtins.property
+    def group(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The snapshots taken at the same instant (its consistency group, itself included), by
+        resource name; empty for a snapshot taken alone.
+        """
+
     def __init__(
         self,
         *,
@@ -190,10 +206,11 @@ class Snapshot(_message.Message):
         max_preserved_bytes: _builtins.int = ...,
         on_full: Global___SnapshotOnFull.ValueType = ...,
         state: Global___SnapshotState.ValueType = ...,
+        group: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_size_bytes", b"cluster_size_bytes", "create_time", b"create_time", "export", b"export", "forks", b"forks", "max_preserved_bytes", b"max_preserved_bytes", "name", b"name", "on_full", b"on_full", "preserved_bytes", b"preserved_bytes", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_size_bytes", b"cluster_size_bytes", "create_time", b"create_time", "export", b"export", "forks", b"forks", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "name", b"name", "on_full", b"on_full", "preserved_bytes", b"preserved_bytes", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,6 +260,7 @@ class CreateSnapshotRequest(_message.Message):
     CLUSTER_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_PRESERVED_BYTES_FIELD_NUMBER: _builtins.int
     ON_FULL_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The export, `exports/{export}`. The bare `{export}` is accepted too."""
     snapshot_id: _builtins.str
@@ -264,6 +282,13 @@ class CreateSnapshotRequest(_message.Message):
         Empty: none (a snapshot of the data only).
         """
 
+    @_builtins.property
+    def group(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More exports to snapshot at the same instant as `parent`, in one QEMU transaction: a
+        consistency group (a multi-disk VM backed up consistently). All must be exports of the
+        same `qmp` host; each gets a snapshot `snapshot_id`, and releasing one releases all.
+        """
+
     def __init__(
         self,
         *,
@@ -273,10 +298,11 @@ class CreateSnapshotRequest(_message.Message):
         cluster_size_bytes: _builtins.int = ...,
         max_preserved_bytes: _builtins.int = ...,
         on_full: Global___SnapshotOnFull.ValueType = ...,
+        group: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmaps", b"bitmaps", "cluster_size_bytes", b"cluster_size_bytes", "max_preserved_bytes", b"max_preserved_bytes", "on_full", b"on_full", "parent", b"parent", "snapshot_id", b"snapshot_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmaps", b"bitmaps", "cluster_size_bytes", b"cluster_size_bytes", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "on_full", b"on_full", "parent", b"parent", "snapshot_id", b"snapshot_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,18 +395,27 @@ class ReleaseSnapshotResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MERGED_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def merged(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForkedBitmap]:
-        """What each fork still held when it was merged back into its live bitmap."""
+        """What each fork still held when it was merged back into its live bitmap. For a running
+        QEMU, exactly the unacknowledged part is merged back (a granule stays dirty unless all of
+        it was acknowledged): `dirty_bytes` is that part, 0 when everything was acknowledged.
+        """
+
+    @_builtins.property
+    def released(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The snapshots released by this call: the named one and the rest of its consistency group."""
 
     def __init__(
         self,
         *,
         merged: _abc.Iterable[Global___ForkedBitmap] | None = ...,
+        released: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged", b"merged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged", b"merged", "released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

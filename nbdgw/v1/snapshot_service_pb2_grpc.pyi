@@ -15,10 +15,11 @@ consumers): the whole incremental backup loop over gRPC.
    into the live bitmaps, and frees the snapshot: nothing unacknowledged is ever lost. A host
    that crashes keeps the snapshots it can trust and, in doubt, marks the bitmaps dirty.
 
-Only exports of nbdcore hosts have snapshots: the gateway's embedded host, and `nbdgw nbd
+Exports of nbdcore hosts have snapshots: the gateway's embedded host, and `nbdgw nbd
 serve` hosts, which take them through the NBD option NBD_OPT_X_NBDGW_SNAPSHOT
-(docs/extension-snapshot.md). Standard NBD has no command to take one, and QEMU offers it
-only through its monitor: exports of other hosts fail with FAILED_PRECONDITION, reason
+(docs/extension-snapshot.md). So do exports of running QEMU VMs (`qmp` hosts): the gateway
+takes the point in time through QEMU's monitor (fleecing, docs/running-vms.md). Standard NBD
+has no command to take one: exports of other hosts fail with FAILED_PRECONDITION, reason
 SNAPSHOTS_NOT_SUPPORTED.
 
 Errors follow the BitmapService's (AIP-193, domain `nbdgw.dev`); the reasons are those of

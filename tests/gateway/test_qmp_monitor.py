@@ -1,6 +1,6 @@
-"""gateway.qmp_monitor against a real QEMU (7.2 and 10.0, guest-less, TCG) while a writer keeps
-writing through QEMU: bitmaps from QMP, the fleecing transaction, the point in time read over
-QEMU's NBD server, a precise merge-back, and recovery by names."""
+"""gateway.hosts.qmp_monitor against a real QEMU (7.2 and 10.0, guest-less, TCG) while a
+writer keeps writing through QEMU: bitmaps from QMP, the fleecing transaction, the point in time
+read over QEMU's NBD server, a precise merge-back, and recovery by names."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.qmp_monitor import Fleece, Monitor, QMPFailure, fleece_path, new_token
+from gateway.hosts.qmp_monitor import Fleece, Monitor, QMPFailure, fleece_path, new_token
 from nbdcore.aio.client import NBDClient
 from nbdcore.extents import iter_extents
 from tests.qemu_vm import GRANULE, GuestlessVM, Writer, granules

@@ -1,0 +1,290 @@
+"""The ``qmp`` host kind through the gateway's API, against a real QEMU (7.2 and 10.0) whose
+disk a writer keeps writing through QEMU: change tracking turned on over gRPC, bitmaps listed
+from QMP, the backup loop (CreateSnapshot, StreamExtents with data, ClearRange with no
+generation, ReleaseSnapshot merging back exactly the unacknowledged granules), consistency
+groups, racing creates, QEMU dying and coming back, and recovery after the gateway restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+from tests.gateway.conftest import call_error, stream_all, wait_health
+from tests.gateway.test_snapshots import reason
+from tests.qemu_vm import GRANULE, GuestlessVM, Writer, granules
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+CTX = "qemu:dirty-bitmap:b"
+
+
+@pytest.fixture(params=["7", "10"])
+def vm(request: pytest.FixtureRequest, tmp_path: Path):
+    machine = GuestlessVM(tmp_path / "vm", request.param, disks=2).start()
+    yield machine
+    machine.stop()
+
+
+def qmp_config(tmp_path: Path, vm: GuestlessVM, disks: int = 1) -> GatewayConfig:
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    for i in range(disks):
+        config.add_qmp_export(f"d{i}", str(vm.qmp_path), f"drive{i}")
+    return config
+
+
+async def start_qmp(start_gateway: Any, tmp_path: Path, vm: GuestlessVM, disks: int = 1) -> Any:
+    run = await start_gateway(qmp_config(tmp_path, vm, disks))
+    run.snapshots = spb_grpc.SnapshotServiceStub(run.channel)
+    (host,) = run.gateway.hosts.values()
+    run.host = host
+    return run
+
+
+def live_bitmaps(vm: GuestlessVM, node: str = "drive0") -> dict[str, dict[str, Any]]:
+    return vm.bitmaps(node)
+
+
+async def test_bitmaps_over_grpc(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    added = await run.stub.AddBitmap(pb.AddBitmapRequest(parent="exports/d0", bitmap="b"))
+    assert (added.context, added.granularity_bytes, added.recording, added.persistent) == (
+        CTX,
+        GRANULE,
+        True,
+        True,
+    )
+    assert live_bitmaps(vm)["b"]["recording"]
+    err = await call_error(run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b")))
+    assert (err.code, err.info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "BITMAP_EXISTS")
+
+    writer = Writer(vm, run.host.nbd_socket).open()
+    for i in range(5):
+        writer.write_pattern(i * 2 * GRANULE, 512, i)
+    listed = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="d0"))
+    by_ctx = {b.context: b for b in listed.bitmaps}
+    assert set(by_ctx) == {"base:allocation", CTX}
+    b = by_ctx[CTX]
+    assert (b.granularity_bytes, b.recording, b.persistent, b.busy, b.dirty_bytes) == (
+        GRANULE,
+        True,
+        True,
+        False,
+        5 * GRANULE,
+    )
+    assert b.export_size_bytes == vm.disks[0].size
+
+    # The live export reads the disk as QEMU sees it.
+    streamed = await stream_all(
+        run.stub, export="exports/d0", context="base:allocation", include_data=True
+    )
+    data = streamed.data
+    for w in writer.writes:
+        start = max(o for o in data if o <= w.offset)
+        assert data[start][w.offset - start : w.offset - start + len(w.data)] == w.data
+
+    exports = await run.stub.ListExports(pb.ListExportsRequest())
+    (export,) = exports.exports
+    assert export.state == pb.EXPORT_STATE_AVAILABLE and export.host.startswith("qmp:")
+
+    removed = await run.stub.RemoveBitmap(pb.RemoveBitmapRequest(name=f"exports/d0/bitmaps/{CTX}"))
+    assert removed.context == CTX
+    assert "b" not in live_bitmaps(vm)
+    err = await call_error(
+        run.stub.RemoveBitmap(pb.RemoveBitmapRequest(name="exports/d0/bitmaps/b"))
+    )
+    assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "BITMAP_NOT_FOUND")
+    writer.close()
+
+
+async def _snapshot_paused(run: Any, writer: Writer, **fields: Any) -> tuple[spb.Snapshot, int]:
+    """CreateSnapshot with the writer paused around it, so that the instant is known: returns
+    the snapshot and how many writes came before it."""
+    writer._pause.set()
+    await asyncio.sleep(0.05)
+    at = len(writer.writes)
+    try:
+        snap = await run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(**fields))
+    finally:
+        writer._pause.clear()
+    return snap, at
+
+
+async def test_backup_loop_with_live_writes(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    writer = Writer(vm, run.host.nbd_socket).open()
+    size = vm.disks[0].size
+    for i in range(12):
+        writer.write_pattern(i * 5 * GRANULE + 1000, 9000, i)
+    writer.start(seed=3)
+    await asyncio.sleep(0.3)
+    snap, at = await _snapshot_paused(
+        run, writer, parent="exports/d0", snapshot_id="s1", bitmaps=["b"]
+    )
+    assert snap.export == "exports/d0@s1" and snap.size_bytes == size
+    before = writer.writes[:at]
+    fork = granules([(w.offset, len(w.data)) for w in before])
+    assert [(f.context, f.dirty_bytes) for f in snap.forks] == [(CTX, len(fork) * GRANULE)]
+
+    await asyncio.sleep(0.5)  # the VM keeps writing
+    # The fork with its data, through the snapshot's export: the disk at the instant.
+    streamed = await stream_all(
+        run.stub, export="exports/d0@s1", context=CTX, include_data=True,
+        filter=pb.EXTENT_FILTER_SET,
+    )  # fmt: skip
+    expected = writer.image_after(b"\0" * size, before)
+    rows = [(o, n) for o, n, f, _ in streamed.rows if f & 1]
+    assert granules(rows) == fork
+    for off, data in streamed.data.items():
+        assert data == expected[off : off + len(data)]
+    assert sum(len(d) for d in streamed.data.values()) > 0
+
+    # Acknowledge all but the last three granules of the fork, with no generation.
+    kept = sorted(fork)[-3:]
+    for g in sorted(fork - set(kept)):
+        done = await run.stub.ClearRange(
+            pb.ClearRangeRequest(export="exports/d0@s1", bitmap="b", offset=g * GRANULE,
+                                 length=GRANULE)
+        )  # fmt: skip
+        assert done.clear_mode == pb.CLEAR_MODE_LEDGER_MASK and done.cleared_bytes == GRANULE
+    remaining = await stream_all(
+        run.stub, export="exports/d0@s1", context=CTX, filter=pb.EXTENT_FILTER_SET
+    )
+    assert granules([(o, n) for o, n, f, _ in remaining.rows if f & 1]) == set(kept)
+
+    writer.stop()
+    after = granules([(w.offset, len(w.data)) for w in writer.writes[at:]])
+    assert after, "the writer wrote during the snapshot"
+    released = await run.snapshots.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s1")
+    )
+    assert [(m.context, m.dirty_bytes) for m in released.merged] == [(CTX, 3 * GRANULE)]
+    assert list(released.released) == ["exports/d0/snapshots/s1"]
+    # No dirty bit lost, none invented: the writes since the instant and the unacknowledged.
+    assert live_bitmaps(vm)["b"]["count"] == len(after | set(kept)) * GRANULE
+    assert not [n for n in vm.node_names() if n.startswith("nbdgw-f")]
+    assert not list((tmp_path / "data").rglob("*.fleece.qcow2"))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await run.snapshots.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s1")
+        )
+    assert reason(exc.value) == (grpc.StatusCode.NOT_FOUND, "SNAPSHOT_NOT_FOUND")
+    writer.close()
+
+
+async def test_consistency_group_and_races(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    run = await start_qmp(start_gateway, tmp_path, vm, disks=2)
+    for d in ("d0", "d1"):
+        await run.stub.AddBitmap(pb.AddBitmapRequest(parent=d, bitmap="b"))
+    w0 = Writer(vm, run.host.nbd_socket, node="drive0").open()
+    w1 = Writer(vm, run.host.nbd_socket, node="drive1").open()
+    w0.write_pattern(0, 4096, 1)
+    w1.write_pattern(GRANULE, 4096, 2)
+    snap = await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", group=["d1"], snapshot_id="g", bitmaps=["b"])
+    )
+    assert list(snap.group) == ["exports/d0/snapshots/g", "exports/d1/snapshots/g"]
+    for d, w in (("d0", w0), ("d1", w1)):
+        s = await stream_all(run.stub, export=f"exports/{d}@g", context=CTX, include_data=True,
+                             filter=pb.EXTENT_FILTER_SET)  # fmt: skip
+        ((off, data),) = s.data.items()
+        assert off == w.writes[0].offset // GRANULE * GRANULE
+        assert w.writes[0].data in data
+    # Racing creates on a disk that has a snapshot: a clear error, whichever the id.
+    results = await asyncio.gather(
+        *(
+            run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", snapshot_id=i,
+                                                                   bitmaps=["b"]))
+            for i in ("x", "y")
+        ),
+        return_exceptions=True,
+    )  # fmt: skip
+    for r in results:
+        assert (
+            isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.FAILED_PRECONDITION
+        )
+    released = await run.snapshots.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/d1/snapshots/g")
+    )
+    assert sorted(released.released) == ["exports/d0/snapshots/g", "exports/d1/snapshots/g"]
+    # Nothing acknowledged: both forks merged back whole.
+    assert live_bitmaps(vm, "drive0")["b"]["count"] == GRANULE
+    assert live_bitmaps(vm, "drive1")["b"]["count"] == GRANULE
+    # Two racing creates on a free disk: one wins, the other gets a clear error.
+    results = await asyncio.gather(
+        *(
+            run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", snapshot_id=i,
+                                                                   bitmaps=["b"]))
+            for i in ("p", "q")
+        ),
+        return_exceptions=True,
+    )  # fmt: skip
+    won = [r for r in results if isinstance(r, spb.Snapshot)]
+    lost = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(won) == 1 and len(lost) == 1
+    assert reason(lost[0]) == (grpc.StatusCode.FAILED_PRECONDITION, "DISK_BUSY")
+    assert "release it first" in lost[0].details()
+    w0.close()
+    w1.close()
+
+
+async def test_qemu_dies_and_comes_back(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    vm.stop()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 2)  # NOT_SERVING
+    for call in (
+        run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="d0")),
+        run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", bitmaps=["b"])),
+    ):
+        err = await call_error(call)
+        assert (err.code, err.info.reason) == (grpc.StatusCode.UNAVAILABLE, "HOST_UNAVAILABLE")
+    vm.start()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 1)  # SERVING
+    listed = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="d0"))
+    assert CTX in {b.context for b in listed.bitmaps}  # persistent: QEMU stored it at exit
+
+
+async def test_restart_serves_the_snapshot_again(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    writer = Writer(vm, run.host.nbd_socket).open()
+    for i in range(4):
+        writer.write_pattern(i * GRANULE, 4096, i)
+    await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+    )
+    await run.stub.ClearRange(
+        pb.ClearRangeRequest(export="d0@s", bitmap="b", offset=0, length=GRANULE)
+    )
+    # A gateway that stops without releasing (as after kill -9, QEMU keeps everything).
+    await run.gateway.stop(grace=0)
+    writer.write_pattern(10 * GRANULE, 4096, 9)
+    run2 = await start_qmp(start_gateway, tmp_path, vm)
+    listed = await run2.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
+    assert [s.name for s in listed.snapshots] == ["exports/d0/snapshots/s"]
+    remaining = await stream_all(run2.stub, export="d0@s", context=CTX, filter=pb.EXTENT_FILTER_SET)
+    # The acknowledgement survived the restart (same generation).
+    assert granules([(o, n) for o, n, f, _ in remaining.rows if f & 1]) == {1, 2, 3}
+    released = await run2.snapshots.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s")
+    )
+    assert [m.dirty_bytes for m in released.merged] == [3 * GRANULE]
+    assert live_bitmaps(vm)["b"]["count"] == 4 * GRANULE  # granules 1-3 and the new write
+    writer.close()
