@@ -98,6 +98,8 @@ class GuestlessVM:
         self.test_qmp_path = folder / "test.qmp"
         self.proc: subprocess.Popen[bytes] | None = None
         self._monitor: TestMonitor | None = None
+        # QEMU's NBD server, once someone (the gateway) started it: the test's probes use it.
+        self.test_nbd_socket: Path | None = None
 
     def create_disks(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

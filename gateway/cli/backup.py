@@ -749,7 +749,10 @@ async def run(args: argparse.Namespace) -> int:
             raise BackupError(
                 f"export {export_name!r} has no context {context!r} (offered: {offered})"
             )
-        if args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+        # A running QEMU's live bitmap clears only through a snapshot's fork: decided once
+        # the source is known (below).
+        refused = args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED
+        if refused and args.snapshot_mode == "never":
             why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
             raise BackupError(f"{context} cannot be cleared: {why}")
 
@@ -773,6 +776,12 @@ async def run(args: argparse.Namespace) -> int:
             state.generation = generation
             state.save(spath)
         await snapshots.take_snapshot(gw, args, state, spath, warn(args))
+        if refused:
+            source = snapshots.source_export(state) if state.snapshot else args.export
+            mode = {b.context: b for b in await _list_bitmaps(gw, source)}.get(context)
+            if mode is None or mode.clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+                why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
+                raise BackupError(f"{context} cannot be cleared: {why}")
 
         header = {
             "format": MAP_FORMAT,

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         const="never",
         default="auto",
         help="read the live export, not a point-in-time snapshot (by default a snapshot is "
-        "taken where the gateway can: exports of nbdcore hosts)",
+        "taken where the gateway can: exports of nbdcore hosts and of running QEMU VMs)",
     )
     group.add_argument(
         "--snapshot",

@@ -115,6 +115,12 @@ def _key(name: str) -> str:
     return hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
 
 
+def nbd_socket_path(folder: Path, host: str) -> Path:
+    """Where the gateway has QEMU's NBD server listen for host ``host`` (a unix socket path is
+    at most 107 bytes: a digest of the host's name)."""
+    return folder / f"{_key(host)}.nbd.sock"
+
+
 class QmpHost(Host):
     """A running QEMU: its monitor, and its NBD server on a socket the gateway chose."""
 
@@ -128,7 +134,7 @@ class QmpHost(Host):
     ) -> None:
         assert config.qmp is not None
         self.folder = folder
-        self.nbd_socket = folder / f"{_key(config.name)}.nbd.sock"
+        self.nbd_socket = nbd_socket_path(folder, config.name)
         super().__init__(
             config, settings, on_change, uri=NBDURI(scheme="nbd+unix", socket=str(self.nbd_socket))
         )

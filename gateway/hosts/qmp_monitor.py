@@ -457,6 +457,15 @@ class Monitor:
         with contextlib.suppress(FileNotFoundError):
             fleece.path.unlink()
 
+    async def drop_merge_leftovers(self, folder: Path) -> None:
+        """Scratch nodes and images of a merge-back that a crash interrupted (the merge-back is
+        redone whole from the fork, which is still there)."""
+        for name in await self.nodes():
+            if name.startswith(MERGE_NODE.format(token="")):
+                await self._drop_node(name)
+        for path in await asyncio.to_thread(_merge_files, folder):
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
     async def find_fleeces(self, folder: Path) -> list[tuple[Fleece, bool]]:
         """What earlier gateways left: every fleecing image in ``folder`` with whether QEMU
         still has its node (True: the point in time is intact; False: QEMU restarted, only
@@ -476,6 +485,10 @@ class Monitor:
                 f.size = node_info(nodes[f.fleece_node]).size
             found.append((f, live))
         return found
+
+
+def _merge_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.merge"))
 
 
 def _fleece_files(folder: Path) -> list[Path]:
