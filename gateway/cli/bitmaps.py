@@ -288,8 +288,42 @@ async def cmd_remaining(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+async def cmd_add_bitmap(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        bm = await gw.stub.AddBitmap(
+            pb.AddBitmapRequest(
+                parent=args.export,
+                bitmap=args.name,
+                granularity_bytes=args.granularity,
+                persistent=not args.transient,
+            ),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        _print_json([bm], sys.stdout)
+        return 0
+    kind = "persistent" if bm.persistent else "transient"
+    print(f"added {bm.context} ({kind}, granularity {bm.granularity_bytes}): recording")
+    return 0
+
+
+@command
+async def cmd_remove_bitmap(args: argparse.Namespace) -> int:
+    export = args.export.removeprefix("exports/")
+    async with connect(args) as gw:
+        resp = await gw.stub.RemoveBitmap(
+            pb.RemoveBitmapRequest(name=f"exports/{export}/bitmaps/{full_context_name(args.name)}"),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    print(f"removed {resp.context}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add exports, bitmaps, extents, clear, generation, remaining."""
+    """Add exports, bitmaps, extents, clear, generation, remaining, add-bitmap, remove-bitmap."""
     p = _one_line_errors(
         sub.add_parser("exports", help="list the exports of a running gateway (gRPC)")
     )
@@ -401,3 +435,32 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("--json", action="store_true", help="print JSON")
     add_target_arguments(p)
     p.set_defaults(func=cmd_remaining)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "add-bitmap",
+            help="turn change tracking on: add a dirty bitmap to a running QEMU's disk",
+            description="Add a dirty bitmap to an export of a running QEMU (a qmp host,"
+            " AddBitmap): it records every write from now on. Persistent by default (stored in"
+            " the qcow2 image across QEMU restarts).",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("name", metavar="NAME", help="the bitmap's name")
+    p.add_argument(
+        "--granularity", type=parse_size, default=0, help="bytes per bit (default: QEMU's)"
+    )
+    p.add_argument("--transient", action="store_true", help="not stored in the image")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_add_bitmap)
+
+    p = _one_line_errors(
+        sub.add_parser(
+            "remove-bitmap", help="remove a dirty bitmap of a running QEMU's disk (RemoveBitmap)"
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("name", metavar="NAME", help="the bitmap (NAME or qemu:dirty-bitmap:NAME)")
+    add_target_arguments(p)
+    p.set_defaults(func=cmd_remove_bitmap)

@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         metavar="CONTEXT",
         help="fork this dirty bitmap (qemu:dirty-bitmap:NAME or NAME; repeatable)",
     )
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="EXPORT",
+        help="snapshot this export of the same running QEMU at the same instant (a consistency"
+        " group, released together; repeatable)",
+    )
     p.add_argument("--cluster-size", type=parse_size, default=0, help="copy-before-write unit")
     p.add_argument("--max-size", type=parse_size, default=0, help="most old data to preserve")
     p.add_argument("--on-full", choices=sorted(_ON_FULL), default="break")
@@ -119,6 +127,7 @@ async def cmd_create(args: argparse.Namespace) -> int:
                 cluster_size_bytes=args.cluster_size,
                 max_preserved_bytes=args.max_size,
                 on_full=_ON_FULL[args.on_full],
+                group=args.group,
             ),
             metadata=gw.metadata,
             timeout=gw.timeout,
@@ -143,4 +152,7 @@ async def cmd_release(args: argparse.Namespace) -> int:
     else:
         merged = ", ".join(f"{m.context} {m.dirty_bytes} bytes" for m in resp.merged) or "nothing"
         print(f"released {args.snapshot}; merged back: {merged}")
+        others = [n for n in resp.released if n != f"exports/{export}/snapshots/{args.snapshot}"]
+        if others:
+            print(f"released with it (its consistency group): {', '.join(others)}")
     return 0

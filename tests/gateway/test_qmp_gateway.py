@@ -288,3 +288,31 @@ async def test_restart_serves_the_snapshot_again(
     assert [m.dirty_bytes for m in released.merged] == [3 * GRANULE]
     assert live_bitmaps(vm)["b"]["count"] == 4 * GRANULE  # granules 1-3 and the new write
     writer.close()
+
+
+async def test_cli(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
+    from tests.gateway.cli_support import nbdgw
+
+    run = await start_qmp(start_gateway, tmp_path, vm, disks=2)
+
+    async def cli(*args: str) -> str:
+        proc = await asyncio.to_thread(nbdgw, *args, "--target", run.target)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "recording" in await cli("add-bitmap", "d0", "b")
+    await cli("add-bitmap", "d1", "b", "--transient", "--granularity", "128K")
+    assert vm.bitmaps("drive1")["b"]["granularity"] == 128 << 10
+    assert not vm.bitmaps("drive1")["b"]["persistent"]
+    table = await cli("bitmaps", "d0")
+    assert "qemu:dirty-bitmap:b" in table and "65536" in table
+    exports = await cli("exports")
+    assert "qmp:" in exports and "available" in exports
+    out = await cli("snapshots", "create", "d0", "--id", "g", "--bitmap", "b", "--group", "d1")
+    assert "d0@g" in out
+    out = await cli("snapshots", "release", "d1", "g")
+    assert "exports/d0/snapshots/g" in out
+    assert "removed qemu:dirty-bitmap:b" in await cli("remove-bitmap", "d1", "b")
+    proc = await asyncio.to_thread(nbdgw, "remove-bitmap", "d1", "b", "--target", run.target)
+    assert proc.returncode != 0 and "qemu:dirty-bitmap:b" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
