@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 QEMU10_DIR=${NBDGW_QEMU10_DIR:-$ROOT/.cache/qemu10}
+GUEST_DIR=${NBDGW_GUEST_DIR:-$ROOT/.cache/guest}
 VENV=${NBDGW_VENV:-$ROOT/.venv}
 
 need_apt=0
@@ -65,6 +66,21 @@ if [ ! -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ]; then
     (cd "$tmp" && apt-get download -qq qemu-system-x86/bookworm-backports >/dev/null)
     mkdir -p "$QEMU10_DIR"
     dpkg -x "$tmp"/qemu-system-x86_*.deb "$QEMU10_DIR"
+    rm -rf "$tmp"
+fi
+# A tiny real guest for the running-VM tests (tests/qemu_guest.py builds its initramfs): the
+# Debian cloud kernel (virtio as modules) and a static busybox, unpacked; only what boots is kept.
+if [ ! -f "$GUEST_DIR/vmlinuz" ] || [ ! -x "$GUEST_DIR/busybox" ]; then
+    kernel=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq "$kernel" busybox-static >/dev/null)
+    mkdir -p "$tmp/x" "$GUEST_DIR/modules"
+    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$tmp/x"; done
+    cp "$tmp"/x/boot/vmlinuz-* "$GUEST_DIR/vmlinuz"
+    cp "$tmp/x/bin/busybox" "$GUEST_DIR/busybox"
+    for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+        find "$tmp/x/lib/modules" -name "$m.ko*" -exec cp {} "$GUEST_DIR/modules/" \;
+    done
     rm -rf "$tmp"
 fi
 "$QEMU10_DIR/usr/bin/qemu-nbd" --version | head -1
