@@ -22,7 +22,16 @@ from gateway import __version__
 # Module -> the top-level commands it registers. Order is the order of --help.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "gateway.cli.serve": ("serve",),
-    "gateway.cli.bitmaps": ("exports", "bitmaps", "extents", "clear", "generation", "remaining"),
+    "gateway.cli.bitmaps": (
+        "exports",
+        "bitmaps",
+        "extents",
+        "clear",
+        "generation",
+        "remaining",
+        "add-bitmap",
+        "remove-bitmap",
+    ),
     "gateway.cli.backup": ("backup", "restore"),
     "gateway.cli.snapshots": ("snapshots",),  # through the gateway (SnapshotService)
     "nbdcore.tools.client_cmds": ("nbd",),  # nbd list|map|copy
