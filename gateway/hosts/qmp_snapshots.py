@@ -342,6 +342,9 @@ class QmpSnapshots:
                         result[bitmap] = (granularity, 0)
                 await host.monitor.drop_fleece(f)
         except QMPFailure as exc:
+            # Still known, so that a retry finds it; the recovery at the next monitor session
+            # serves it again (intact) or rolls it back (half released).
+            await self._serve(snap)
             raise qmp_error(exc, snap.export, host) from None
         ledger = await self._ledger()
         # The point in time is gone: its acknowledgements with it.
@@ -381,22 +384,29 @@ class QmpSnapshots:
                 try:
                     f.node = await host.monitor.resolve(pool.config.node)
                     f.nbd_name = f"{pool.config.nbd_export}{SEPARATOR}{f.snapshot}"
+                    known = self.open.get((f.export, f.snapshot))
                     if live and f.job in jobs:
-                        if (f.export, f.snapshot) not in self.open:
+                        if known is None:
                             await self._readopt(host, f)
+                        else:
+                            await self._ensure_export(host, f)
                     elif live:
+                        if known is not None:
+                            await self._unserve(known)
                         await self._rollback(host, f)
                     else:
                         await self._merge_from_file(host, f)
                 except QMPFailure as exc:
                     log.error("snapshot %s of %s: recovery failed: %s", f.snapshot, f.export, exc)
 
-    async def _readopt(self, host: QmpHost, f: Fleece) -> None:
-        exports = await host.monitor.exports()
-        if f.export_id not in exports:
+    async def _ensure_export(self, host: QmpHost, f: Fleece) -> None:
+        if f.export_id not in await host.monitor.exports():
             await host.monitor.add_export(
                 f.export_id, f.fleece_node, f.nbd_name, bitmaps=list(f.forks)
             )
+
+    async def _readopt(self, host: QmpHost, f: Fleece) -> None:
+        await self._ensure_export(host, f)
         created = f.path.stat().st_mtime if f.path.exists() else time.time()
         await self._serve(QmpSnapshot(f.export, f, created, host))
         log.info("snapshot %s of %s: served again after a restart", f.snapshot, f.export)

@@ -45,6 +45,7 @@ async def start_qmp(start_gateway: Any, tmp_path: Path, vm: GuestlessVM, disks: 
     run.snapshots = spb_grpc.SnapshotServiceStub(run.channel)
     (host,) = run.gateway.hosts.values()
     run.host = host
+    vm.test_nbd_socket = host.nbd_socket
     return run
 
 
@@ -316,3 +317,40 @@ async def test_cli(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
     proc = await asyncio.to_thread(nbdgw, "remove-bitmap", "d1", "b", "--target", run.target)
     assert proc.returncode != 0 and "qemu:dirty-bitmap:b" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+
+
+async def test_qemu_restarts_under_an_open_snapshot(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    """QEMU stops (cleanly: it stores its persistent bitmaps, the forks in the fleecing image
+    too) while a snapshot is open; when it is back the gateway merges the forks back from the
+    image: the dirty bits of before the snapshot are not lost."""
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    writer = Writer(vm, run.host.nbd_socket).open()
+    for i in range(3):
+        writer.write_pattern(i * 4 * GRANULE, 4096, i)
+    await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+    )
+    writer.write_pattern(20 * GRANULE, 4096, 7)  # after the instant: in b
+    writer.close()
+    vm.stop()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 2)  # NOT_SERVING
+    err = await call_error(
+        run.snapshots.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s"))
+    )
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    vm.start()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 1)  # SERVING
+    listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
+    assert not listed.snapshots  # QEMU lost the point in time
+    assert not list((tmp_path / "data").rglob("*.fleece.qcow2"))
+    assert granules_of(vm) == {0, 4, 8, 20}
+
+
+def granules_of(vm: GuestlessVM) -> set[int]:
+    """The granules of b that QEMU counts dirty (read through a frozen copy over NBD)."""
+    from tests.gateway.test_qmp_backup import _dirty_granules
+
+    return _dirty_granules(vm)
