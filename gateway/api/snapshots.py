@@ -61,3 +61,19 @@ class SnapshotServicer(spb_grpc.SnapshotServiceServicer):
             context, request.name, lambda: self.snapshots.release(request)
         )
         return result
+
+    async def ListCheckpoints(
+        self, request: spb.ListCheckpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> spb.ListCheckpointsResponse:
+        result: spb.ListCheckpointsResponse = await self._call(
+            context, request.parent, lambda: self.snapshots.list_checkpoints(request)
+        )
+        return result
+
+    async def DeleteCheckpoint(
+        self, request: spb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> spb.DeleteCheckpointResponse:
+        result: spb.DeleteCheckpointResponse = await self._call(
+            context, request.name, lambda: self.snapshots.delete_checkpoint(request)
+        )
+        return result

@@ -744,17 +744,33 @@ async def run(args: argparse.Namespace) -> int:
         size = export.size_bytes
         export_name = export.name.removeprefix("exports/") or args.export
         bitmaps = {b.context: b for b in await _list_bitmaps(gw, args.export)}
+        if context not in bitmaps and args.snapshot:
+            # A context only the snapshot has (a running QEMU's since:CHECKPOINT view).
+            snap_export = f"{args.export.removeprefix('exports/')}@{args.snapshot}"
+            bitmaps.update({b.context: b for b in await _list_bitmaps(gw, snap_export)})
         if context not in bitmaps:
             offered = ", ".join(sorted(bitmaps)) or "none"
             raise BackupError(
                 f"export {export_name!r} has no context {context!r} (offered: {offered})"
             )
-        # A running QEMU's live bitmap clears only through a snapshot's fork: decided once
-        # the source is known (below).
-        refused = args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED
-        if refused and args.snapshot_mode == "never":
-            why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
-            raise BackupError(f"{context} cannot be cleared: {why}")
+        if args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+            # A running QEMU's live bitmap clears only through a snapshot's fork: refused
+            # unless the backup reads a snapshot whose fork clears (decided before anything
+            # is written).
+            source = ""
+            if args.snapshot:
+                source = f"{export_name}@{args.snapshot}"
+            elif args.snapshot_mode != "never" and await backup_snapshots.takes_snapshots(
+                gw, args.export
+            ):
+                source = "a snapshot"
+            if source and source != "a snapshot":
+                found = {b.context: b for b in await _list_bitmaps(gw, source)}.get(context)
+                if found is None or found.clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+                    source = ""
+            if not source:
+                why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
+                raise BackupError(f"{context} cannot be cleared: {why}")
 
         snapshots = backup_snapshots
         prepared = _prepare(args, spath, export_name, context, size)
@@ -776,12 +792,6 @@ async def run(args: argparse.Namespace) -> int:
             state.generation = generation
             state.save(spath)
         await snapshots.take_snapshot(gw, args, state, spath, warn(args))
-        if refused:
-            source = snapshots.source_export(state) if state.snapshot else args.export
-            mode = {b.context: b for b in await _list_bitmaps(gw, source)}.get(context)
-            if mode is None or mode.clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
-                why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
-                raise BackupError(f"{context} cannot be cleared: {why}")
 
         header = {
             "format": MAP_FORMAT,

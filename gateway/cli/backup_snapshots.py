@@ -73,6 +73,21 @@ def _not_supported(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
+async def takes_snapshots(gw: Gateway, export: str) -> bool:
+    """Whether the gateway takes snapshots of ``export`` (asked without taking one)."""
+    try:
+        await spb_grpc.SnapshotServiceStub(gw.channel).ListSnapshots(
+            spb.ListSnapshotsRequest(parent=export, page_size=1),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    except grpc.aio.AioRpcError as exc:
+        if _not_supported(exc):
+            return False
+        raise
+    return True
+
+
 async def find_snapshot(gw: Gateway, export: str, snapshot: str) -> spb.Snapshot | None:
     stub = spb_grpc.SnapshotServiceStub(gw.channel)
     token = ""

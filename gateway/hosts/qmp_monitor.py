@@ -51,6 +51,10 @@ FLEECE_JOB = "nbdgw-j-{token}-{index}"
 FLEECE_EXPORT = "nbdgw-e-{token}-{index}"
 LIVE_EXPORT = "nbdgw-l-{key}"
 MERGE_NODE = "nbdgw-m-{token}"
+# A checkpoint's bitmap on the disk's node: its place in the chain, then its id.
+CHECKPOINT_BITMAP = "nbdgw-ckpt-{seq:06d}-{id}"
+CHECKPOINT_RE = re.compile(r"^nbdgw-ckpt-(?P<seq>\d{6})-(?P<id>.+)$")
+SINCE_PREFIX = "since:"  # a fork of "changed since checkpoint C": since:C
 FLEECE_FILE = re.compile(
     r"^(?P<export>[^@/]+)@(?P<snap>[^@/]+)\.(?P<token>[0-9a-f]{8})-(?P<index>\d+)\.fleece\.qcow2$"
 )
@@ -127,6 +131,11 @@ class Fleece:
     forks: dict[str, int] = field(default_factory=dict)  # bitmap name -> granularity
     nbd_name: str = ""  # the NBD export name of the point in time
     size: int = 0  # the disk's size, in bytes
+    # Forks that are views (since:C, the merge of checkpoint bitmaps): fork -> its sources on
+    # the disk. A view is not cleared on the disk and merges nothing back.
+    views: dict[str, list[str]] = field(default_factory=dict)
+    # A checkpoint started at the instant: (its new bitmap, the one that stops recording).
+    checkpoint: tuple[str, str | None] | None = None
 
     @property
     def fleece_node(self) -> str:
@@ -343,6 +352,7 @@ class Monitor:
             actions: list[dict[str, Any]] = []
             for f in fleeces:
                 for bitmap, granularity in f.forks.items():
+                    sources = f.views.get(bitmap, [bitmap])
                     actions += [
                         _action(
                             "block-dirty-bitmap-add",
@@ -356,10 +366,22 @@ class Monitor:
                             "block-dirty-bitmap-merge",
                             node=f.fleece_node,
                             target=bitmap,
-                            bitmaps=[{"node": f.node, "name": bitmap}],
+                            bitmaps=[{"node": f.node, "name": b} for b in sources],
                         ),
-                        _action("block-dirty-bitmap-clear", node=f.node, name=bitmap),
                     ]
+                    if bitmap not in f.views:
+                        actions.append(
+                            _action("block-dirty-bitmap-clear", node=f.node, name=bitmap)
+                        )
+                if f.checkpoint is not None:
+                    new, previous = f.checkpoint
+                    if previous is not None:
+                        actions.append(
+                            _action("block-dirty-bitmap-disable", node=f.node, name=previous)
+                        )
+                    actions.append(
+                        _action("block-dirty-bitmap-add", node=f.node, name=new, persistent=True)
+                    )
                 actions.append(
                     _action(
                         "blockdev-backup",
@@ -454,6 +476,40 @@ class Monitor:
                 await self._drop_node(node)
         finally:
             await asyncio.to_thread(scratch.unlink, missing_ok=True)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    async def checkpoints(self, node: str) -> list[tuple[int, str, BitmapInfo]]:
+        """The checkpoint chain of a disk's node, oldest first: (seq, id, bitmap)."""
+        out = []
+        for b in (await self.node(node)).bitmaps:
+            m = CHECKPOINT_RE.match(b.name)
+            if m is not None:
+                out.append((int(m["seq"]), m["id"], b))
+        return sorted(out, key=lambda c: c[0])
+
+    async def delete_checkpoint(self, node: str, checkpoint: str) -> str | None:
+        """Delete a checkpoint, merging its interval into the older neighbour (which records
+        again when the deleted one was the newest), in one transaction; returns the neighbour's
+        id, or None when it was the oldest."""
+        chain = await self.checkpoints(node)
+        found = [i for i, c in enumerate(chain) if c[1] == checkpoint]
+        if not found:
+            raise QMPFailure("not_found", f"no checkpoint {checkpoint!r}")
+        i = found[0]
+        bitmap = chain[i][2]
+        if i > 0:
+            older = chain[i - 1][2]
+            actions = [
+                _action("block-dirty-bitmap-merge", node=node, target=older.name,
+                        bitmaps=[bitmap.name]),
+            ]  # fmt: skip
+            if bitmap.recording:
+                actions.append(_action("block-dirty-bitmap-enable", node=node, name=older.name))
+            # Both record until the removal: a write in between is in both, never lost.
+            await self.execute("transaction", {"actions": actions})
+        await self.remove_bitmap(node, bitmap.name)
+        return chain[i - 1][1] if i > 0 else None
 
     async def drop_fleece(self, fleece: Fleece) -> None:
         """Remove the fleecing node (with its forks) and its image."""

@@ -36,7 +36,15 @@ from gateway.config import ExportConfig
 from gateway.errors import GatewayError
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp import QmpHost, bitmap_busy, qmp_error
-from gateway.hosts.qmp_monitor import Fleece, QMPFailure, fleece_path, new_token
+from gateway.hosts.qmp_monitor import (
+    CHECKPOINT_BITMAP,
+    CHECKPOINT_RE,
+    SINCE_PREFIX,
+    Fleece,
+    QMPFailure,
+    fleece_path,
+    new_token,
+)
 from gateway.ledger import IntervalSet, Scope
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
@@ -50,7 +58,11 @@ log = logging.getLogger("nbdgw.qmp")
 
 
 class QmpSnapshotReason:
+    """``nbdgw.v1.SnapshotErrorReason`` names (without prefix) of qmp snapshots."""
+
     DISK_BUSY = "DISK_BUSY"
+    CHECKPOINT_NOT_FOUND = "CHECKPOINT_NOT_FOUND"
+    CHECKPOINT_EXISTS = "CHECKPOINT_EXISTS"
 
 
 def disk_busy(export: str, snapshot: str) -> GatewayError:
@@ -93,6 +105,45 @@ class QmpSnapshot:
     @property
     def generation(self) -> str:
         return generation_of(self.fleece)
+
+
+def _checkpoint_id(fleece: Fleece) -> str:
+    if fleece.checkpoint is None:
+        return ""
+    m = CHECKPOINT_RE.match(fleece.checkpoint[0])
+    return m["id"] if m else ""
+
+
+def checkpoint_not_found(export: str, checkpoint: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        QmpSnapshotReason.CHECKPOINT_NOT_FOUND,
+        f"export {export!r} has no checkpoint {checkpoint!r}",
+        {"export": export, "checkpoint": checkpoint},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type="nbdgw.dev/Checkpoint",
+                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+                description="no checkpoint of this id (ListCheckpoints shows the chain)",
+            )
+        ],
+    )
+
+
+def checkpoint_exists(export: str, checkpoint: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        QmpSnapshotReason.CHECKPOINT_EXISTS,
+        f"export {export!r} already has a checkpoint {checkpoint!r}",
+        {"export": export, "checkpoint": checkpoint},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type="nbdgw.dev/Checkpoint",
+                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+                description="choose another checkpoint_id",
+            )
+        ],
+    )
 
 
 def generation_of(fleece: Fleece) -> str:
@@ -180,6 +231,7 @@ class QmpSnapshots:
             "on_full": "fail-write",
             "broken": False,
             "group": [f"exports/{s.export}/snapshots/{s.name}" for s in self.group(snap)],
+            "checkpoint": _checkpoint_id(snap.fleece),
         }
 
     async def _fork_state(self, snap: QmpSnapshot) -> dict[str, tuple[int, int]]:
@@ -192,7 +244,14 @@ class QmpSnapshots:
     # --- operations ---------------------------------------------------------------------------
 
     async def create(
-        self, exports: list[str], snap_id: str, forks: list[str], cluster_size: int
+        self,
+        exports: list[str],
+        snap_id: str,
+        forks: list[str],
+        cluster_size: int,
+        *,
+        checkpoint: str = "",
+        since: str = "",
     ) -> list[dict[str, Any]]:
         hosts = {self._host(e) for e in exports}
         if len(hosts) != 1:
@@ -234,6 +293,9 @@ class QmpSnapshots:
                             export, name, "it is in use by QEMU, or not recording (disabled)"
                         )
                     chosen[name] = b.granularity
+                views, started = await self._checkpoint_plan(
+                    host, export, node, checkpoint, since, chosen
+                )
                 fleeces.append(
                     Fleece(
                         export=export,
@@ -244,6 +306,8 @@ class QmpSnapshots:
                         path=fleece_path(host.folder, export, snap_id, token, i),
                         forks=chosen,
                         nbd_name=f"{pool.config.nbd_export}{SEPARATOR}{snap_id}",
+                        views=views,
+                        checkpoint=started,
                     )
                 )
             try:
@@ -258,6 +322,72 @@ class QmpSnapshots:
                 await self._serve(snap)
             log.info("snapshot %s of %s taken in QEMU (token %s)", snap_id, exports, token)
             return [self.info(s, await self._fork_state(s)) for s in snaps]
+
+    async def _checkpoint_plan(
+        self,
+        host: QmpHost,
+        export: str,
+        node: str,
+        checkpoint: str,
+        since: str,
+        chosen: dict[str, int],
+    ) -> tuple[dict[str, list[str]], tuple[str, str | None] | None]:
+        """The since:C view to fork and the checkpoint to start, checked against the chain."""
+        if not checkpoint and not since:
+            return {}, None
+        try:
+            chain = await host.monitor.checkpoints(node)
+        except QMPFailure as exc:
+            raise qmp_error(exc, export, host) from None
+        ids = [c[1] for c in chain]
+        views: dict[str, list[str]] = {}
+        if since:
+            if since not in ids:
+                raise checkpoint_not_found(export, since)
+            at = ids.index(since)
+            name = SINCE_PREFIX + since
+            views[name] = [c[2].name for c in chain[at:]]
+            chosen[name] = chain[at][2].granularity
+        started = None
+        if checkpoint:
+            if checkpoint in ids:
+                raise checkpoint_exists(export, checkpoint)
+            seq = chain[-1][0] + 1 if chain else 1
+            active = [c[2].name for c in chain if c[2].recording]
+            started = (
+                CHECKPOINT_BITMAP.format(seq=seq, id=checkpoint),
+                active[-1] if active else None,
+            )
+        return views, started
+
+    async def list_checkpoints(self, export: str) -> list[dict[str, Any]]:
+        host = self._host(export)
+        pool = self.gateway.pools[export]
+        try:
+            chain = await host.monitor.checkpoints(
+                await host.monitor.resolve(pool.config.node or "")
+            )
+        except QMPFailure as exc:
+            raise qmp_error(exc, export, host) from None
+        return [
+            {"id": cid, "recording": b.recording, "dirty_bytes": b.count,
+             "granularity": b.granularity}
+            for _, cid, b in chain
+        ]  # fmt: skip
+
+    async def delete_checkpoint(self, export: str, checkpoint: str) -> str | None:
+        host = self._host(export)
+        pool = self.gateway.pools[export]
+        async with self.lock:
+            try:
+                node = await host.monitor.resolve(pool.config.node or "")
+                return await host.monitor.delete_checkpoint(node, checkpoint)
+            except QMPFailure as exc:
+                if exc.kind == "not_found" and "checkpoint" in str(exc):
+                    raise checkpoint_not_found(export, checkpoint) from None
+                if exc.kind == "busy":
+                    raise bitmap_busy(export, checkpoint, str(exc)) from None
+                raise qmp_error(exc, export, host) from None
 
     async def list_infos(self, export: str) -> list[dict[str, Any]]:
         snaps = [s for s in self.open.values() if s.export == export]
@@ -329,7 +459,9 @@ class QmpSnapshots:
                 await host.monitor.cancel_job(f.job)
                 for bitmap, (granularity, count) in forks.items():
                     ranges = todo.get(bitmap)
-                    if ranges is None or not disk_size:
+                    if bitmap.startswith(SINCE_PREFIX):
+                        result[bitmap] = (granularity, 0)  # a view: the checkpoints keep it
+                    elif ranges is None or not disk_size:
                         await host.monitor.merge_back(f, bitmap)
                         result[bitmap] = (granularity, count)
                     elif ranges:
@@ -415,8 +547,10 @@ class QmpSnapshots:
         mon = host.monitor
         await mon.remove_export(f.export_id)
         await mon.cancel_job(f.job)
+        live = {b.name for b in (await mon.node(f.node)).bitmaps}
         for bitmap in f.forks:
-            await mon.merge_back(f, bitmap)
+            if bitmap in live:  # not a since:C view
+                await mon.merge_back(f, bitmap)
         await mon.drop_fleece(f)
         log.warning(
             "snapshot %s of %s: half made; rolled back (forks merged)", f.snapshot, f.export

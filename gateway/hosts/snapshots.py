@@ -354,11 +354,21 @@ class Snapshots:
                 if not (isinstance(other.host, QmpHost) and other.config.node):
                     raise errors.invalid_field("group", f"{member!r} is not a qmp export")
             infos = await self.qmp.create(
-                members, snap_id, forks, request.cluster_size_bytes or 65536
+                members,
+                snap_id,
+                forks,
+                request.cluster_size_bytes or 65536,
+                checkpoint=request.checkpoint_id,
+                since=request.since_checkpoint,
             )
             return snapshot_message(export, infos[0])
         if group:
             raise errors.invalid_field("group", "consistency groups are for qmp exports")
+        if request.checkpoint_id or request.since_checkpoint:
+            raise errors.invalid_field(
+                "checkpoint_id" if request.checkpoint_id else "since_checkpoint",
+                "checkpoints are for exports of running QEMU VMs (qmp hosts)",
+            )
         image = self._image(export)
         if image is None:
             async with self.lock:
@@ -430,6 +440,46 @@ class Snapshots:
         return spb.ListSnapshotsResponse(
             snapshots=[snapshot_message(export, s) for s in page],
             next_page_token=encode_page(scope, end) if end < len(snaps) else "",
+        )
+
+    def _qmp_export(self, export: str) -> None:
+        pool = self._pool(export)
+        if not (isinstance(pool.host, QmpHost) and pool.config.node):
+            raise snapshots_not_supported(
+                export, "checkpoints are for exports of running QEMU VMs (qmp hosts)"
+            )
+
+    async def list_checkpoints(
+        self, request: spb.ListCheckpointsRequest
+    ) -> spb.ListCheckpointsResponse:
+        export = export_id(request.parent, "parent")
+        self._qmp_export(export)
+        return spb.ListCheckpointsResponse(
+            checkpoints=[
+                spb.Checkpoint(
+                    name=f"exports/{export}/checkpoints/{c['id']}",
+                    recording=c["recording"],
+                    dirty_bytes=c["dirty_bytes"],
+                    granularity_bytes=c["granularity"],
+                )
+                for c in await self.qmp.list_checkpoints(export)
+            ]
+        )
+
+    async def delete_checkpoint(
+        self, request: spb.DeleteCheckpointRequest
+    ) -> spb.DeleteCheckpointResponse:
+        parts = request.name.split("/")
+        if len(parts) != 4 or parts[0] != "exports" or parts[2] != "checkpoints" or "" in parts:
+            raise errors.invalid_field(
+                "name", f"{request.name!r} is not exports/EXPORT/checkpoints/CHECKPOINT"
+            )
+        export, checkpoint = parts[1], parts[3]
+        self._qmp_export(export)
+        into = await self.qmp.delete_checkpoint(export, checkpoint)
+        log.info("export %s: checkpoint %s deleted (merged into %s)", export, checkpoint, into)
+        return spb.DeleteCheckpointResponse(
+            merged_into=f"exports/{export}/checkpoints/{into}" if into else ""
         )
 
     async def release(self, request: spb.ReleaseSnapshotRequest) -> spb.ReleaseSnapshotResponse:
@@ -519,4 +569,5 @@ def snapshot_message(export: str, info: dict[str, Any]) -> spb.Snapshot:
         on_full=_ON_FULL_PB[info["on_full"]],
         state=spb.SNAPSHOT_STATE_BROKEN if info["broken"] else spb.SNAPSHOT_STATE_READY,
         group=info.get("group", []) if len(info.get("group", [])) > 1 else [],
+        checkpoint_id=info.get("checkpoint", ""),
     )

@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnbdgw/v1/snapshot_service.proto\x12\x08nbdgw.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x03\n\x08Snapshot\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x06\x65xport\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12+\n\x05\x66orks\x18\x04 \x03(\x0b\x32\x16.nbdgw.v1.ForkedBitmapB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x05 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12 \n\x12\x63luster_size_bytes\x18\x06 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fpreserved_bytes\x18\x07 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12!\n\x13max_preserved_bytes\x18\x08 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12/\n\x07on_full\x18\t \x01(\x0e\x32\x18.nbdgw.v1.SnapshotOnFullB\x04\xe2\x41\x01\x03\x12,\n\x05state\x18\n \x01(\x0e\x32\x17.nbdgw.v1.SnapshotStateB\x04\xe2\x41\x01\x03\x12\x13\n\x05group\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03:S\xea\x41P\n\x12nbdgw.dev/Snapshot\x12%exports/{export}/snapshots/{snapshot}*\tsnapshots2\x08snapshot\"O\n\x0c\x46orkedBitmap\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x19\n\x11granularity_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64irty_bytes\x18\x03 \x01(\x04\"\x94\x02\n\x15\x43reateSnapshotRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10nbdgw.dev/Export\x12\x19\n\x0bsnapshot_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07\x62itmaps\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12 \n\x12\x63luster_size_bytes\x18\x04 \x01(\x04\x42\x04\xe2\x41\x01\x01\x12!\n\x13max_preserved_bytes\x18\x05 \x01(\x04\x42\x04\xe2\x41\x01\x01\x12/\n\x07on_full\x18\x06 \x01(\x0e\x32\x18.nbdgw.v1.SnapshotOnFullB\x04\xe2\x41\x01\x01\x12(\n\x05group\x18\x07 \x03(\tB\x19\xe2\x41\x01\x01\xfa\x41\x12\n\x10nbdgw.dev/Export\"t\n\x14ListSnapshotsRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10nbdgw.dev/Export\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.nbdgw.v1.Snapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x16ReleaseSnapshotRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12nbdgw.dev/Snapshot\"S\n\x17ReleaseSnapshotResponse\x12&\n\x06merged\x18\x01 \x03(\x0b\x32\x16.nbdgw.v1.ForkedBitmap\x12\x10\n\x08released\x18\x02 \x03(\t*d\n\rSnapshotState\x12\x1e\n\x1aSNAPSHOT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SNAPSHOT_STATE_READY\x10\x01\x12\x19\n\x15SNAPSHOT_STATE_BROKEN\x10\x02*x\n\x0eSnapshotOnFull\x12 \n\x1cSNAPSHOT_ON_FULL_UNSPECIFIED\x10\x00\x12#\n\x1fSNAPSHOT_ON_FULL_BREAK_SNAPSHOT\x10\x01\x12\x1f\n\x1bSNAPSHOT_ON_FULL_FAIL_WRITE\x10\x02*\xed\x01\n\x13SnapshotErrorReason\x12%\n!SNAPSHOT_ERROR_REASON_UNSPECIFIED\x10\x00\x12,\n(SNAPSHOT_ERROR_REASON_SNAPSHOT_NOT_FOUND\x10\x01\x12)\n%SNAPSHOT_ERROR_REASON_SNAPSHOT_EXISTS\x10\x02\x12\x31\n-SNAPSHOT_ERROR_REASON_SNAPSHOTS_NOT_SUPPORTED\x10\x03\x12#\n\x1fSNAPSHOT_ERROR_REASON_DISK_BUSY\x10\x04\x32\x82\x02\n\x0fSnapshotService\x12\x45\n\x0e\x43reateSnapshot\x12\x1f.nbdgw.v1.CreateSnapshotRequest\x1a\x12.nbdgw.v1.Snapshot\x12P\n\rListSnapshots\x12\x1e.nbdgw.v1.ListSnapshotsRequest\x1a\x1f.nbdgw.v1.ListSnapshotsResponse\x12V\n\x0fReleaseSnapshot\x12 .nbdgw.v1.ReleaseSnapshotRequest\x1a!.nbdgw.v1.ReleaseSnapshotResponseBj\n\x08nbdgw.v1B\x19SnapshotServiceOuterClassZ!nbdgw.dev/gen/go/nbdgw/v1;nbdgwv1\xaa\x02\x08Nbdgw.V1\xca\x02\x08Nbdgw\\V1\xea\x02\tNbdgw::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnbdgw/v1/snapshot_service.proto\x12\x08nbdgw.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x03\n\x08Snapshot\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x06\x65xport\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12+\n\x05\x66orks\x18\x04 \x03(\x0b\x32\x16.nbdgw.v1.ForkedBitmapB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x05 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12 \n\x12\x63luster_size_bytes\x18\x06 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fpreserved_bytes\x18\x07 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12!\n\x13max_preserved_bytes\x18\x08 \x01(\x04\x42\x04\xe2\x41\x01\x03\x12/\n\x07on_full\x18\t \x01(\x0e\x32\x18.nbdgw.v1.SnapshotOnFullB\x04\xe2\x41\x01\x03\x12,\n\x05state\x18\n \x01(\x0e\x32\x17.nbdgw.v1.SnapshotStateB\x04\xe2\x41\x01\x03\x12\x13\n\x05group\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rcheckpoint_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03:S\xea\x41P\n\x12nbdgw.dev/Snapshot\x12%exports/{export}/snapshots/{snapshot}*\tsnapshots2\x08snapshot\"O\n\x0c\x46orkedBitmap\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x19\n\x11granularity_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64irty_bytes\x18\x03 \x01(\x04\"\xd1\x02\n\x15\x43reateSnapshotRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10nbdgw.dev/Export\x12\x19\n\x0bsnapshot_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07\x62itmaps\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x12 \n\x12\x63luster_size_bytes\x18\x04 \x01(\x04\x42\x04\xe2\x41\x01\x01\x12!\n\x13max_preserved_bytes\x18\x05 \x01(\x04\x42\x04\xe2\x41\x01\x01\x12/\n\x07on_full\x18\x06 \x01(\x0e\x32\x18.nbdgw.v1.SnapshotOnFullB\x04\xe2\x41\x01\x01\x12(\n\x05group\x18\x07 \x03(\tB\x19\xe2\x41\x01\x01\xfa\x41\x12\n\x10nbdgw.dev/Export\x12\x1b\n\rcheckpoint_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1e\n\x10since_checkpoint\x18\t \x01(\tB\x04\xe2\x41\x01\x01\"t\n\x14ListSnapshotsRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10nbdgw.dev/Export\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.nbdgw.v1.Snapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x16ReleaseSnapshotRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12nbdgw.dev/Snapshot\"S\n\x17ReleaseSnapshotResponse\x12&\n\x06merged\x18\x01 \x03(\x0b\x32\x16.nbdgw.v1.ForkedBitmap\x12\x10\n\x08released\x18\x02 \x03(\t\"]\n\nCheckpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\trecording\x18\x02 \x01(\x08\x12\x13\n\x0b\x64irty_bytes\x18\x03 \x01(\x04\x12\x19\n\x11granularity_bytes\x18\x04 \x01(\x04\"C\n\x16ListCheckpointsRequest\x12)\n\x06parent\x18\x01 \x01(\tB\x19\xe2\x41\x01\x02\xfa\x41\x12\n\x10nbdgw.dev/Export\"D\n\x17ListCheckpointsResponse\x12)\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x14.nbdgw.v1.Checkpoint\"-\n\x17\x44\x65leteCheckpointRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x18\x44\x65leteCheckpointResponse\x12\x13\n\x0bmerged_into\x18\x01 \x01(\t*d\n\rSnapshotState\x12\x1e\n\x1aSNAPSHOT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SNAPSHOT_STATE_READY\x10\x01\x12\x19\n\x15SNAPSHOT_STATE_BROKEN\x10\x02*x\n\x0eSnapshotOnFull\x12 \n\x1cSNAPSHOT_ON_FULL_UNSPECIFIED\x10\x00\x12#\n\x1fSNAPSHOT_ON_FULL_BREAK_SNAPSHOT\x10\x01\x12\x1f\n\x1bSNAPSHOT_ON_FULL_FAIL_WRITE\x10\x02*\xca\x02\n\x13SnapshotErrorReason\x12%\n!SNAPSHOT_ERROR_REASON_UNSPECIFIED\x10\x00\x12,\n(SNAPSHOT_ERROR_REASON_SNAPSHOT_NOT_FOUND\x10\x01\x12)\n%SNAPSHOT_ERROR_REASON_SNAPSHOT_EXISTS\x10\x02\x12\x31\n-SNAPSHOT_ERROR_REASON_SNAPSHOTS_NOT_SUPPORTED\x10\x03\x12#\n\x1fSNAPSHOT_ERROR_REASON_DISK_BUSY\x10\x04\x12.\n*SNAPSHOT_ERROR_REASON_CHECKPOINT_NOT_FOUND\x10\x05\x12+\n\'SNAPSHOT_ERROR_REASON_CHECKPOINT_EXISTS\x10\x06\x32\xb5\x03\n\x0fSnapshotService\x12\x45\n\x0e\x43reateSnapshot\x12\x1f.nbdgw.v1.CreateSnapshotRequest\x1a\x12.nbdgw.v1.Snapshot\x12P\n\rListSnapshots\x12\x1e.nbdgw.v1.ListSnapshotsRequest\x1a\x1f.nbdgw.v1.ListSnapshotsResponse\x12V\n\x0fReleaseSnapshot\x12 .nbdgw.v1.ReleaseSnapshotRequest\x1a!.nbdgw.v1.ReleaseSnapshotResponse\x12V\n\x0fListCheckpoints\x12 .nbdgw.v1.ListCheckpointsRequest\x1a!.nbdgw.v1.ListCheckpointsResponse\x12Y\n\x10\x44\x65leteCheckpoint\x12!.nbdgw.v1.DeleteCheckpointRequest\x1a\".nbdgw.v1.DeleteCheckpointResponseBj\n\x08nbdgw.v1B\x19SnapshotServiceOuterClassZ!nbdgw.dev/gen/go/nbdgw/v1;nbdgwv1\xaa\x02\x08Nbdgw.V1\xca\x02\x08Nbdgw\\V1\xea\x02\tNbdgw::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +57,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOT'].fields_by_name['state']._serialized_options = b'\342A\001\003'
   _globals['_SNAPSHOT'].fields_by_name['group']._loaded_options = None
   _globals['_SNAPSHOT'].fields_by_name['group']._serialized_options = b'\342A\001\003'
+  _globals['_SNAPSHOT'].fields_by_name['checkpoint_id']._loaded_options = None
+  _globals['_SNAPSHOT'].fields_by_name['checkpoint_id']._serialized_options = b'\342A\001\003'
   _globals['_SNAPSHOT']._loaded_options = None
   _globals['_SNAPSHOT']._serialized_options = b'\352AP\n\022nbdgw.dev/Snapshot\022%exports/{export}/snapshots/{snapshot}*\tsnapshots2\010snapshot'
   _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['parent']._loaded_options = None
@@ -73,6 +75,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['on_full']._serialized_options = b'\342A\001\001'
   _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['group']._loaded_options = None
   _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['group']._serialized_options = b'\342A\001\001\372A\022\n\020nbdgw.dev/Export'
+  _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['checkpoint_id']._loaded_options = None
+  _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['checkpoint_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['since_checkpoint']._loaded_options = None
+  _globals['_CREATESNAPSHOTREQUEST'].fields_by_name['since_checkpoint']._serialized_options = b'\342A\001\001'
   _globals['_LISTSNAPSHOTSREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_LISTSNAPSHOTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\022\n\020nbdgw.dev/Export'
   _globals['_LISTSNAPSHOTSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -81,26 +87,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSNAPSHOTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
   _globals['_RELEASESNAPSHOTREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_RELEASESNAPSHOTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\024\n\022nbdgw.dev/Snapshot'
-  _globals['_SNAPSHOTSTATE']._serialized_start=1341
-  _globals['_SNAPSHOTSTATE']._serialized_end=1441
-  _globals['_SNAPSHOTONFULL']._serialized_start=1443
-  _globals['_SNAPSHOTONFULL']._serialized_end=1563
-  _globals['_SNAPSHOTERRORREASON']._serialized_start=1566
-  _globals['_SNAPSHOTERRORREASON']._serialized_end=1803
+  _globals['_LISTCHECKPOINTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTCHECKPOINTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\022\n\020nbdgw.dev/Export'
+  _globals['_DELETECHECKPOINTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETECHECKPOINTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_SNAPSHOTSTATE']._serialized_start=1761
+  _globals['_SNAPSHOTSTATE']._serialized_end=1861
+  _globals['_SNAPSHOTONFULL']._serialized_start=1863
+  _globals['_SNAPSHOTONFULL']._serialized_end=1983
+  _globals['_SNAPSHOTERRORREASON']._serialized_start=1986
+  _globals['_SNAPSHOTERRORREASON']._serialized_end=2316
   _globals['_SNAPSHOT']._serialized_start=139
-  _globals['_SNAPSHOT']._serialized_end=618
-  _globals['_FORKEDBITMAP']._serialized_start=620
-  _globals['_FORKEDBITMAP']._serialized_end=699
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=702
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=978
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=980
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1096
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1098
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1185
-  _globals['_RELEASESNAPSHOTREQUEST']._serialized_start=1187
-  _globals['_RELEASESNAPSHOTREQUEST']._serialized_end=1254
-  _globals['_RELEASESNAPSHOTRESPONSE']._serialized_start=1256
-  _globals['_RELEASESNAPSHOTRESPONSE']._serialized_end=1339
-  _globals['_SNAPSHOTSERVICE']._serialized_start=1806
-  _globals['_SNAPSHOTSERVICE']._serialized_end=2064
+  _globals['_SNAPSHOT']._serialized_end=647
+  _globals['_FORKEDBITMAP']._serialized_start=649
+  _globals['_FORKEDBITMAP']._serialized_end=728
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=731
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1068
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1070
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1186
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1188
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1275
+  _globals['_RELEASESNAPSHOTREQUEST']._serialized_start=1277
+  _globals['_RELEASESNAPSHOTREQUEST']._serialized_end=1344
+  _globals['_RELEASESNAPSHOTRESPONSE']._serialized_start=1346
+  _globals['_RELEASESNAPSHOTRESPONSE']._serialized_end=1429
+  _globals['_CHECKPOINT']._serialized_start=1431
+  _globals['_CHECKPOINT']._serialized_end=1524
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1526
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1593
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1595
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1663
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=1665
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=1710
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=1712
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=1759
+  _globals['_SNAPSHOTSERVICE']._serialized_start=2319
+  _globals['_SNAPSHOTSERVICE']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

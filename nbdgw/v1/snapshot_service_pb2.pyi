@@ -119,6 +119,10 @@ class _SnapshotErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_S
     """FAILED_PRECONDITION: a running QEMU's disk already has an open snapshot (QEMU keeps one
     point in time per disk; the loser of two racing CreateSnapshot calls gets this).
     """
+    SNAPSHOT_ERROR_REASON_CHECKPOINT_NOT_FOUND: _SnapshotErrorReason.ValueType  # 5
+    """NOT_FOUND: the export has no checkpoint of that id (ResourceInfo)."""
+    SNAPSHOT_ERROR_REASON_CHECKPOINT_EXISTS: _SnapshotErrorReason.ValueType  # 6
+    """ALREADY_EXISTS: the export has a checkpoint of that id (ResourceInfo)."""
 
 class SnapshotErrorReason(_SnapshotErrorReason, metaclass=_SnapshotErrorReasonEnumTypeWrapper):
     """The `google.rpc.ErrorInfo` reasons (domain `nbdgw.dev`) the SnapshotService adds to those of
@@ -140,6 +144,10 @@ SNAPSHOT_ERROR_REASON_DISK_BUSY: SnapshotErrorReason.ValueType  # 4
 """FAILED_PRECONDITION: a running QEMU's disk already has an open snapshot (QEMU keeps one
 point in time per disk; the loser of two racing CreateSnapshot calls gets this).
 """
+SNAPSHOT_ERROR_REASON_CHECKPOINT_NOT_FOUND: SnapshotErrorReason.ValueType  # 5
+"""NOT_FOUND: the export has no checkpoint of that id (ResourceInfo)."""
+SNAPSHOT_ERROR_REASON_CHECKPOINT_EXISTS: SnapshotErrorReason.ValueType  # 6
+"""ALREADY_EXISTS: the export has a checkpoint of that id (ResourceInfo)."""
 Global___SnapshotErrorReason: _TypeAlias = SnapshotErrorReason  # noqa: Y015
 
 @_typing.final
@@ -159,6 +167,7 @@ class Snapshot(_message.Message):
     ON_FULL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}/snapshots/{snapshot}`."""
     export: _builtins.str
@@ -179,6 +188,8 @@ class Snapshot(_message.Message):
     """What happens when the limit is reached."""
     state: Global___SnapshotState.ValueType
     """Whether it can still be read."""
+    checkpoint_id: _builtins.str
+    """The checkpoint started at this snapshot's instant, if any."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was taken."""
@@ -207,10 +218,11 @@ class Snapshot(_message.Message):
         on_full: Global___SnapshotOnFull.ValueType = ...,
         state: Global___SnapshotState.ValueType = ...,
         group: _abc.Iterable[_builtins.str] | None = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_size_bytes", b"cluster_size_bytes", "create_time", b"create_time", "export", b"export", "forks", b"forks", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "name", b"name", "on_full", b"on_full", "preserved_bytes", b"preserved_bytes", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "cluster_size_bytes", b"cluster_size_bytes", "create_time", b"create_time", "export", b"export", "forks", b"forks", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "name", b"name", "on_full", b"on_full", "preserved_bytes", b"preserved_bytes", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +273,8 @@ class CreateSnapshotRequest(_message.Message):
     MAX_PRESERVED_BYTES_FIELD_NUMBER: _builtins.int
     ON_FULL_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The export, `exports/{export}`. The bare `{export}` is accepted too."""
     snapshot_id: _builtins.str
@@ -276,6 +290,17 @@ class CreateSnapshotRequest(_message.Message):
     """
     on_full: Global___SnapshotOnFull.ValueType
     """What happens when that limit is reached."""
+    checkpoint_id: _builtins.str
+    """Start checkpoint `checkpoint_id` at the snapshot's instant (exports of `qmp` hosts): a new
+    persistent bitmap records every write from now on, and the previous checkpoint stops
+    recording. Same rules as `snapshot_id`. ALREADY_EXISTS (CHECKPOINT_EXISTS) when taken.
+    """
+    since_checkpoint: _builtins.str
+    """Also fork "what changed since checkpoint C" at the instant: the snapshot's export offers it
+    as the context `qemu:dirty-bitmap:since:C` (read it with StreamExtents; releasing the
+    snapshot merges nothing back: the checkpoints keep those writes). NOT_FOUND
+    (CHECKPOINT_NOT_FOUND) for an unknown C.
+    """
     @_builtins.property
     def bitmaps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The dirty bitmaps to fork, as context names (`qemu:dirty-bitmap:NAME`, or `NAME` alone).
@@ -299,10 +324,12 @@ class CreateSnapshotRequest(_message.Message):
         max_preserved_bytes: _builtins.int = ...,
         on_full: Global___SnapshotOnFull.ValueType = ...,
         group: _abc.Iterable[_builtins.str] | None = ...,
+        checkpoint_id: _builtins.str = ...,
+        since_checkpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmaps", b"bitmaps", "cluster_size_bytes", b"cluster_size_bytes", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "on_full", b"on_full", "parent", b"parent", "snapshot_id", b"snapshot_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitmaps", b"bitmaps", "checkpoint_id", b"checkpoint_id", "cluster_size_bytes", b"cluster_size_bytes", "group", b"group", "max_preserved_bytes", b"max_preserved_bytes", "on_full", b"on_full", "parent", b"parent", "since_checkpoint", b"since_checkpoint", "snapshot_id", b"snapshot_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,3 +447,129 @@ class ReleaseSnapshotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseSnapshotResponse: _TypeAlias = ReleaseSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A checkpoint of an export: the writes from its instant until the next checkpoint's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RECORDING_FIELD_NUMBER: _builtins.int
+    DIRTY_BYTES_FIELD_NUMBER: _builtins.int
+    GRANULARITY_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`exports/{export}/checkpoints/{checkpoint}`."""
+    recording: _builtins.bool
+    """Whether it still records (the newest checkpoint does)."""
+    dirty_bytes: _builtins.int
+    """Bytes written in its interval (its bitmap's dirty bytes)."""
+    granularity_bytes: _builtins.int
+    """Bytes per bit."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        recording: _builtins.bool = ...,
+        dirty_bytes: _builtins.int = ...,
+        granularity_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dirty_bytes", b"dirty_bytes", "granularity_bytes", b"granularity_bytes", "name", b"name", "recording", b"recording"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """Request for ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The export, `exports/{export}`. The bare `{export}` is accepted too."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """Response of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
+        """The chain, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___Checkpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointRequest(_message.Message):
+    """Request for DeleteCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`exports/{export}/checkpoints/{checkpoint}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointRequest: _TypeAlias = DeleteCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointResponse(_message.Message):
+    """Response of DeleteCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGED_INTO_FIELD_NUMBER: _builtins.int
+    merged_into: _builtins.str
+    """The checkpoint its interval merged into; empty when it was the oldest (nothing asks for
+    changes since before it any more).
+    """
+    def __init__(
+        self,
+        *,
+        merged_into: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged_into", b"merged_into"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointResponse: _TypeAlias = DeleteCheckpointResponse  # noqa: Y015

@@ -50,6 +50,16 @@ class SnapshotServiceStub:
                 request_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotRequest.SerializeToString,
                 response_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/nbdgw.v1.SnapshotService/ListCheckpoints',
+                request_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/nbdgw.v1.SnapshotService/DeleteCheckpoint',
+                request_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class SnapshotServiceServicer:
@@ -81,6 +91,24 @@ class SnapshotServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
+        checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
+        instant until the next one's: "changed since C" is the merge of C and every later one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
+        covers both intervals (and records again if the deleted one was the newest), so that
+        "changed since" any remaining checkpoint loses nothing. NOT_FOUND (CHECKPOINT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +126,16 @@ def add_SnapshotServiceServicer_to_server(servicer, server):
                     servicer.ReleaseSnapshot,
                     request_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotRequest.FromString,
                     response_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +220,60 @@ class SnapshotService:
             '/nbdgw.v1.SnapshotService/ReleaseSnapshot',
             nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotRequest.SerializeToString,
             nbdgw_dot_v1_dot_snapshot__service__pb2.ReleaseSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdgw.v1.SnapshotService/ListCheckpoints',
+            nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsRequest.SerializeToString,
+            nbdgw_dot_v1_dot_snapshot__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdgw.v1.SnapshotService/DeleteCheckpoint',
+            nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointRequest.SerializeToString,
+            nbdgw_dot_v1_dot_snapshot__service__pb2.DeleteCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

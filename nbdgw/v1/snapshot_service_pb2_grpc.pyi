@@ -68,6 +68,16 @@ class SnapshotServiceStub:
     """Merges a snapshot's forks back into the live bitmaps and deletes it. NOT_FOUND
     (SNAPSHOT_NOT_FOUND) when it does not exist, or was released already.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListCheckpointsRequest, _snapshot_service_pb2.ListCheckpointsResponse]
+    """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
+    checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
+    instant until the next one's: "changed since C" is the merge of C and every later one.
+    """
+    DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.DeleteCheckpointRequest, _snapshot_service_pb2.DeleteCheckpointResponse]
+    """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
+    covers both intervals (and records again if the deleted one was the newest), so that
+    "changed since" any remaining checkpoint loses nothing. NOT_FOUND (CHECKPOINT_NOT_FOUND).
+    """
 
 @_typing.type_check_only
 class SnapshotServiceAsyncStub(SnapshotServiceStub):
@@ -85,6 +95,16 @@ class SnapshotServiceAsyncStub(SnapshotServiceStub):
     ReleaseSnapshot: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.ReleaseSnapshotRequest, _snapshot_service_pb2.ReleaseSnapshotResponse]  # type: ignore[assignment]
     """Merges a snapshot's forks back into the live bitmaps and deletes it. NOT_FOUND
     (SNAPSHOT_NOT_FOUND) when it does not exist, or was released already.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListCheckpointsRequest, _snapshot_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
+    checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
+    instant until the next one's: "changed since C" is the merge of C and every later one.
+    """
+    DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.DeleteCheckpointRequest, _snapshot_service_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
+    """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
+    covers both intervals (and records again if the deleted one was the newest), so that
+    "changed since" any remaining checkpoint loses nothing. NOT_FOUND (CHECKPOINT_NOT_FOUND).
     """
 
 class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -118,6 +138,28 @@ class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_snapshot_service_pb2.ReleaseSnapshotResponse, _abc.Awaitable[_snapshot_service_pb2.ReleaseSnapshotResponse]]:
         """Merges a snapshot's forks back into the live bitmaps and deletes it. NOT_FOUND
         (SNAPSHOT_NOT_FOUND) when it does not exist, or was released already.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _snapshot_service_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_snapshot_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_snapshot_service_pb2.ListCheckpointsResponse]]:
+        """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
+        checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
+        instant until the next one's: "changed since C" is the merge of C and every later one.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCheckpoint(
+        self,
+        request: _snapshot_service_pb2.DeleteCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_snapshot_service_pb2.DeleteCheckpointResponse, _abc.Awaitable[_snapshot_service_pb2.DeleteCheckpointResponse]]:
+        """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
+        covers both intervals (and records again if the deleted one was the newest), so that
+        "changed since" any remaining checkpoint loses nothing. NOT_FOUND (CHECKPOINT_NOT_FOUND).
         """
 
 def add_SnapshotServiceServicer_to_server(servicer: SnapshotServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
