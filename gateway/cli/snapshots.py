@@ -65,12 +65,43 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="snapshot this export of the same running QEMU at the same instant (a consistency"
         " group, released together; repeatable)",
     )
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        metavar="ID",
+        help="start checkpoint ID at this instant (running QEMU VMs)",
+    )
+    p.add_argument(
+        "--since",
+        default="",
+        metavar="CHECKPOINT",
+        help="also fork what changed since CHECKPOINT, as qemu:dirty-bitmap:since:CHECKPOINT",
+    )
     p.add_argument("--cluster-size", type=parse_size, default=0, help="copy-before-write unit")
     p.add_argument("--max-size", type=parse_size, default=0, help="most old data to preserve")
     p.add_argument("--on-full", choices=sorted(_ON_FULL), default="break")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)
     p.set_defaults(func=command(cmd_create))
+
+    p = _one_line_errors(
+        group.add_parser("checkpoints", help="list the checkpoints of a running QEMU's disk")
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_checkpoints))
+
+    p = _one_line_errors(
+        group.add_parser(
+            "delete-checkpoint",
+            help="delete a checkpoint (its changes merge into the older neighbour)",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("checkpoint", metavar="ID")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_delete_checkpoint))
 
     p = _one_line_errors(
         group.add_parser("release", help="merge a snapshot's forks back and delete it")
@@ -80,6 +111,37 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)
     p.set_defaults(func=command(cmd_release))
+
+
+async def cmd_checkpoints(args: argparse.Namespace) -> int:
+    async with connect(args) as gw:
+        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ListCheckpoints(
+            spb.ListCheckpointsRequest(parent=args.export),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    if args.json:
+        _print_json(resp)
+        return 0
+    if not resp.checkpoints:
+        print(f"no checkpoints of {args.export}")
+    for c in resp.checkpoints:
+        state = "recording" if c.recording else "closed"
+        print(f"{c.name.rsplit('/', 1)[-1]}  {state}  {c.dirty_bytes}")
+    return 0
+
+
+async def cmd_delete_checkpoint(args: argparse.Namespace) -> int:
+    export = args.export.removeprefix("exports/")
+    async with connect(args) as gw:
+        resp = await spb_grpc.SnapshotServiceStub(gw.channel).DeleteCheckpoint(
+            spb.DeleteCheckpointRequest(name=f"exports/{export}/checkpoints/{args.checkpoint}"),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+    into = resp.merged_into.rsplit("/", 1)[-1] if resp.merged_into else ""
+    print(f"deleted {args.checkpoint}" + (f"; its changes merged into {into}" if into else ""))
+    return 0
 
 
 def _print_json(msg: Any) -> None:
@@ -128,6 +190,8 @@ async def cmd_create(args: argparse.Namespace) -> int:
                 max_preserved_bytes=args.max_size,
                 on_full=_ON_FULL[args.on_full],
                 group=args.group,
+                checkpoint_id=args.checkpoint,
+                since_checkpoint=args.since,
             ),
             metadata=gw.metadata,
             timeout=gw.timeout,

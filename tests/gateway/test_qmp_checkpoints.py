@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from tests.gateway.cli_support import nbdgw
@@ -92,6 +93,8 @@ async def test_chain_since_any_checkpoint(
 
     listed = await run.snapshots.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
     assert [c.name.rsplit("/", 1)[1] for c in listed.checkpoints] == ["c0", "c1", "c2", "c3"]
+    proc = await asyncio.to_thread(nbdgw, "snapshots", "checkpoints", "d0", "--target", run.target)
+    assert proc.returncode == 0 and "c3  recording" in proc.stdout, proc.stderr
     assert [c.recording for c in listed.checkpoints] == [False, False, False, True]
 
     # Deleting c1 merges its interval into c0: "since c0" still has everything.
@@ -100,11 +103,20 @@ async def test_chain_since_any_checkpoint(
     )
     assert deleted.merged_into == "exports/d0/checkpoints/c0"
     # Deleting the newest makes the older neighbour record again.
-    deleted = await run.snapshots.DeleteCheckpoint(
-        spb.DeleteCheckpointRequest(name="exports/d0/checkpoints/c3")
+    proc = await asyncio.to_thread(
+        nbdgw, "snapshots", "delete-checkpoint", "d0", "c3", "--target", run.target
     )
-    assert deleted.merged_into == "exports/d0/checkpoints/c2"
-    at, snap = await snapshot(4, since_checkpoint="c0")
+    assert proc.returncode == 0 and "merged into c2" in proc.stdout, proc.stderr
+    writer._pause.set()
+    await asyncio.sleep(0.05)
+    at = len(writer.writes)
+    proc = await asyncio.to_thread(
+        nbdgw, "snapshots", "create", "d0", "--id", "s4", "--since", "c0", "--json",
+        "--target", run.target,
+    )  # fmt: skip
+    writer._pause.clear()
+    assert proc.returncode == 0, proc.stderr
+    snap = json_format.Parse(proc.stdout, spb.Snapshot())
     writer.stop()
     expected = granules([(w.offset, len(w.data)) for w in writer.writes[ats[0] : at]])
     (fork,) = snap.forks
