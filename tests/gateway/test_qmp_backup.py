@@ -106,7 +106,12 @@ STEPS = ("create", "read", "clear", "release")
 
 
 async def _gateway_calls(
-    target: str, step: str, snap: str, rng: random.Random, acked: list[tuple[int, int]]
+    target: str,
+    step: str,
+    snap: str,
+    rng: random.Random,
+    acked: list[tuple[int, int]],
+    reached: asyncio.Event,
 ) -> None:
     """The steps of one backup loop over gRPC, up to and including ``step``; the caller kills
     the gateway at a random moment while they run. Every range a ClearRange was sent for goes
@@ -114,12 +119,16 @@ async def _gateway_calls(
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.BitmapServiceStub(channel)
         snaps = spb_grpc.SnapshotServiceStub(channel)
+        if step == "create":
+            reached.set()
         await snaps.CreateSnapshot(
             spb.CreateSnapshotRequest(parent="d0", snapshot_id=snap, bitmaps=["b"])
         )
         if step == "create":
             return
         rows = []
+        if step == "read":
+            reached.set()
         async for m in stub.StreamExtents(
             pb.StreamExtentsRequest(export=f"d0@{snap}", context="b", include_data=True,
                                     filter=pb.EXTENT_FILTER_SET)
@@ -130,13 +139,16 @@ async def _gateway_calls(
                 pos += d + n
         if step == "read":
             return
-        for off, n in rows[: rng.randrange(len(rows) + 1)]:
+        if step == "clear":
+            reached.set()
+        for off, n in rows[: rng.randrange(1, len(rows) + 1)]:
             acked.append((off, n))
             await stub.ClearRange(
                 pb.ClearRangeRequest(export=f"d0@{snap}", bitmap="b", offset=off, length=n)
             )
         if step == "clear":
             return
+        reached.set()
         await snaps.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name=f"exports/d0/snapshots/{snap}"))
 
 
@@ -203,8 +215,11 @@ async def test_kill_9_at_every_step_loses_no_dirty_bit(vm: GuestlessVM, tmp_path
             step = STEPS[i % len(STEPS)]
             snap = f"k{i}"
             acked: list[tuple[int, int]] = []
-            call = asyncio.ensure_future(_gateway_calls(gw.target, step, snap, rng, acked))
-            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            reached = asyncio.Event()
+            call = asyncio.ensure_future(_gateway_calls(gw.target, step, snap, rng, acked, reached))
+            # Kill a moment after the step's first call went out: inside the step, mostly.
+            await asyncio.wait_for(reached.wait(), 30)
+            await asyncio.sleep(rng.uniform(0.0, 0.03))
             killed = not call.done()
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGKILL)
