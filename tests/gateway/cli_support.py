@@ -330,6 +330,31 @@ def run_and_kill(
             proc.stderr.close()
 
 
+def hold_mid_backup(pid: int, spath: Path, past: int, timeout: float = 60) -> dict[str, Any]:
+    """Stop the backup process ``pid`` (SIGSTOP) at a moment its recorded state says it is in
+    progress: its snapshot recorded (if it takes one), a checkpoint past ``past`` bytes, and not
+    complete. Returns that state with the process still stopped, so that whatever the caller
+    kills next lands mid-backup by construction, not by luck; the caller sends SIGCONT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            state = json.loads(spath.read_text())  # replaced atomically: never half
+        except (FileNotFoundError, ValueError):
+            state = None
+        if (
+            state is not None
+            and not state["complete"]
+            and past <= state["next_offset"] < state["size"]
+        ):
+            return dict(state)
+        os.kill(pid, signal.SIGCONT)
+        if state is not None and state["complete"]:
+            raise AssertionError(f"the backup completed before passing {past}: {state}")
+        time.sleep(0.003)
+    raise AssertionError(f"the backup did not pass {past} in {timeout}s")
+
+
 class QemuNBD(UnixPeer):
     """A read-only qemu-nbd serving a qcow2 disk with bitmaps b0 and b1 (and, with ``-A``,
     qemu:allocation-depth) on a unix socket."""

@@ -1,12 +1,14 @@
 """kill -9 in the backup loop: a gateway process (with its embedded host: one process) serves a
 disk that a writer keeps writing over NBD; ``nbdgw backup --clear`` runs from a snapshot; the
-gateway, and sometimes the backup too, is killed with SIGKILL at a random moment, restarted,
-and the backup finished with ``--resume``. The chain of backups restored, and the disk, may
-differ only where the live bitmap is dirty, and a last backup makes them equal: no dirty block
-is ever lost."""
+gateway, and sometimes the backup too, is killed with SIGKILL while the backup is held at a
+checkpoint past a random offset (so that every kill lands mid-backup, which the test asserts),
+restarted, and the backup finished with ``--resume``. The chain of backups restored, and the
+disk, may differ only where the live bitmap is dirty, and a last backup makes them equal: no
+dirty block is ever lost."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 
 from gateway.cli.backup import DirtyMap, OutputImage, apply_incremental, map_path
 from nbdcore.storage import Image
-from tests.gateway.cli_support import ENV, GatewayProcess
+from tests.gateway.cli_support import ENV, GatewayProcess, hold_mid_backup
 
 pytestmark = pytest.mark.interop
 
@@ -124,24 +126,23 @@ def test_kill9_in_the_backup_loop_loses_no_dirty_block(tmp_path: Path) -> None:
     try:
         for round_ in range(3):
             out = tmp_path / f"inc{round_}.img"
+            time.sleep(1.0)  # dirty granules all over the disk, so the backup has work
             backup = subprocess.Popen(
                 backup_cmd(gw.target, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
-            # Kill while the backup runs: once it has recorded its snapshot's id, a moment later.
+            # Kill while the backup runs, by construction: the backup is held (SIGSTOP) at a
+            # checkpoint past a random offset, with its snapshot recorded and work left.
             spath = out.with_name(out.name + ".nbdgw-backup.json")
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and backup.poll() is None:
-                if spath.exists() and '"snapshot": "backup-' in spath.read_text():
-                    break
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.3))
-            if spath.exists() and '"complete": false' in spath.read_text():
-                midway += 1
+            state = hold_mid_backup(backup.pid, spath, rng.randrange(1, SIZE // 3))
+            assert state["snapshot"].startswith("backup-") and not state["complete"]
+            midway += 1
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGKILL)
+            gw.proc.wait()
             kills += 1
             if rng.random() < 0.5:
                 backup.kill()  # the consumer dies too
+            os.kill(backup.pid, signal.SIGCONT)  # a no-op on a killed one
             backup.communicate(timeout=60)
             gw.stop()
             gw = restart(disk, tmp_path / "data")
@@ -178,5 +179,4 @@ def test_kill9_in_the_backup_loop_loses_no_dirty_block(tmp_path: Path) -> None:
         assert dirty_granules(image) == set()  # the last backup cleared what it copied
     apply(restored, out)
     assert differing(restored, live) == set()
-    assert kills == 3
-    print(f"{midway} of {kills} kills hit a backup in progress")
+    assert kills == midway == 3  # every kill hit a backup in progress

@@ -5,11 +5,11 @@ taken through NBD_OPT_X_NBDGW_SNAPSHOT; a qemu-nbd host has none (SNAPSHOTS_NOT_
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from nbdcore.storage.snapshot import MAX_SNAPSHOTS, default_max_bytes
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
-from tests.gateway.cli_support import ENV, QemuNBD, cli, make_qemu_disk
+from tests.gateway.cli_support import ENV, QemuNBD, cli, hold_mid_backup, make_qemu_disk
 from tests.gateway.test_snapshot_crash import WRITER, apply
 from tests.peers import wait_listening
 
@@ -171,16 +171,21 @@ async def test_kill9_of_the_host_in_the_backup_loop(
             spath = out.with_name(out.name + ".nbdgw-backup.json")
             args = ["backup", "disk", str(out), "--bitmap", "b", "--clear", "--retries", "1"]
             args += ["--checkpoint", "128k", "--target", run.target]
-            backup = asyncio.create_task(asyncio.to_thread(cli, *args))
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not backup.done():
-                if spath.exists() and '"snapshot": "backup-' in spath.read_text():
-                    break
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(rng.uniform(0.0, 0.2))
-            midway += spath.exists() and '"complete": false' in spath.read_text()
+            await asyncio.sleep(1.0)  # dirty granules all over the disk: the backup has work
+            backup = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", *args, env=ENV,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            # Held (SIGSTOP) at a checkpoint past a random offset, its snapshot recorded and
+            # work left: the kill of the host lands mid-backup by construction.
+            state = await asyncio.to_thread(
+                hold_mid_backup, backup.pid, spath, rng.randrange(1, SIZE // 3)
+            )
+            assert state["snapshot"].startswith("backup-") and not state["complete"]
+            midway += 1
             host.kill()
-            await backup  # fails or completed
+            os.kill(backup.pid, signal.SIGCONT)
+            await backup.wait()  # fails, or completes after its retries
             host.start()
             for _ in range(50):  # the gateway notices the host is back
                 resumed = await asyncio.to_thread(
@@ -200,7 +205,7 @@ async def test_kill9_of_the_host_in_the_backup_loop(
         assert not image.snapshots
         live = image.read(0, SIZE)
         marked = dirty(image)
-    print(f"{midway} of 3 kills hit a backup in progress")
+    assert midway == 3  # every kill hit a backup in progress
     differ = {
         g for g in range(SIZE // G) if restored[g * G : (g + 1) * G] != live[g * G : (g + 1) * G]
     }
