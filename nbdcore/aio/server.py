@@ -32,6 +32,7 @@ import os
 import select
 import socket
 import ssl
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -87,6 +88,45 @@ _T = TypeVar("_T")
 # runs of X_NBDGW_CLEAR; a READ that is not sendfile): built one at a time per connection,
 # once the send queue drained.
 _LARGE_REPLIES: Final = frozenset({Cmd.READ, Cmd.BLOCK_STATUS, Cmd.X_NBDGW_CLEAR})
+# A unix socket's clients get the exports with no authentication (TLS aside): owner only,
+# unless the caller widens it (a group, say).
+UNIX_SOCKET_MODE: Final = 0o600
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Linux creates the socket file with the mode of the socket's inode (less the umask):
+        # set before bind, there is no moment at which the file has a wider mode.
+        os.fchmod(sock.fileno(), mode)
+        sock.bind(path)
+        os.chmod(path, mode)  # the umask may have removed bits the caller asked for
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _stale_unix_socket(path: str) -> bool:
+    """Whether ``path`` is a socket file no server accepts on: only a refused connection says
+    so. A connection accepted, or one that would wait (a live server with a full backlog),
+    means a live server; any other file is not ours to remove."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return True  # gone meanwhile: the bind may be retried
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # EAGAIN (backlog full) and the like: someone is there
+    finally:
+        probe.close()
+    return False
 
 
 @dataclass
@@ -372,13 +412,20 @@ class NBDServer:
 
     # --- listening ----------------------------------------------------------------------------
 
-    async def start_unix(self, path: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    async def start_unix(self, path: str, *, mode: int = UNIX_SOCKET_MODE) -> None:
+        """Listen on the unix socket ``path``, created with ``mode`` whatever the umask (anyone
+        who can connect can read, write and clear every export). A socket file left by a server
+        that died (kill -9) is replaced; one that a live server still accepts on never is:
+        that is EADDRINUSE, as for any other file in the way."""
         try:
-            sock.bind(path)
-        except BaseException:
-            sock.close()
-            raise
+            sock = _bind_unix(path, mode)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not _stale_unix_socket(path):
+                raise
+            log.warning("replacing %s: a stale socket nothing listens on", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = _bind_unix(path, mode)
         self._listen(sock, path)
 
     async def start_tcp(self, host: str, port: int = 0) -> tuple[str, int]:

@@ -96,6 +96,7 @@ from nbdcore.storage.errors import (
 )
 from nbdcore.storage.image import Image
 from nbdcore.storage.store import (
+    DIR_MODE,
     SNAPSHOTS,
     _Bits,
     bitmap_key,
@@ -269,11 +270,11 @@ class _FileBacking(_Backing):
     ) -> _FileBacking:
         """Create the snapshot's directory with everything durable, atomically (rule 1)."""
         if not root.is_dir():
-            root.mkdir()
+            root.mkdir(mode=DIR_MODE)
             fsync_dir(root.parent)
         tmp = root / f".creating-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(mode=DIR_MODE)
         try:
             for fork, bits in forks.items():
                 write_file(tmp / f"{bitmap_key(fork)}.bits", bits, exclusive=True)

@@ -78,6 +78,9 @@ VERSION: Final = 1
 IN_USE: Final = "in-use"
 LOCK: Final = "lock"
 SNAPSHOTS: Final = "snapshots"
+# Explicit, so that a umask of 000 does not make the store world-writable (a local user could
+# then swap bitmap or snapshot files): files are 0644, directories this.
+DIR_MODE: Final = 0o755
 
 
 def store_dir(disk_path: str | os.PathLike[str]) -> Path:
@@ -204,7 +207,7 @@ class BitmapStore:
         if not self.dir.is_dir():
             if self.read_only:
                 return
-            self.dir.mkdir()
+            self.dir.mkdir(mode=DIR_MODE)
             fsync_dir(self.dir.parent)
         if not self.read_only:
             self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

@@ -35,6 +35,14 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
     where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any)")
+    p.add_argument(
+        "--socket-mode",
+        type=_octal_mode,
+        default=0o600,
+        metavar="MODE",
+        help="permissions of the --socket file, whatever the umask (default 600: whoever can "
+        "connect can read, write and clear the disk; 660 shares it with the group)",
+    )
     p.add_argument("--read-only", action="store_true", help="refuse writes")
     p.add_argument(
         "--no-snapshots",
@@ -66,6 +74,16 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "clients clear ranges of the bitmaps",
     )
     p.set_defaults(func=serve)
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a permission mode: {text!r}")
+    return mode
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
@@ -118,7 +136,7 @@ async def serve(args: argparse.Namespace) -> int:
             host, port = await server.start_tcp(*listen)
             where = f"nbd://{host}:{port}/{args.export}"
         else:
-            await server.start_unix(args.socket)
+            await server.start_unix(args.socket, mode=args.socket_mode)
             where = f"nbd+unix:///{args.export}?socket={args.socket}"
         print(f"serving {args.disk} at {where}", flush=True)
         import asyncio  # here: `nbdgw nbd ... --help` need not import it
@@ -132,12 +150,7 @@ async def serve(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             print("stopping", file=sys.stderr, flush=True)
-            await server.close()
-            if args.socket:
-                with contextlib.suppress(OSError):
-                    import os
-
-                    os.unlink(args.socket)
+            await server.close()  # removes its socket file
     finally:
         image.close()
     return 0

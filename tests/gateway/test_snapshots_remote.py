@@ -44,8 +44,7 @@ class Host:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Host:
-        if self.sock.exists():
-            self.sock.unlink()  # left by a killed host
+        # After kill -9 the socket file is left behind: nbd serve replaces it itself.
         cmd = [sys.executable, "-m", "nbdcore.tools.server_cmds", str(self.disk)]
         self.proc = subprocess.Popen(
             [*cmd, "--socket", str(self.sock), "--export", "disk", *self.extra],
