@@ -141,8 +141,9 @@ _SLOT: Final = -1  # a run kind of _runs(): preserved data
 MAX_SLOTS: Final = 0xFFFFFFF0
 MAX_RESERVED: Final = 1 << 62  # "reserve nothing more": fallocate does not work here
 
-# Snapshot names become export names (EXPORT@NAME) and directory names.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Snapshot names become export names (EXPORT@NAME) and directory names. Matched with
+# fullmatch: "$" also matches before a final newline ("snap\n" would pass).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NONZERO = re.compile(rb"[^\x00]")
 # Bytes copied per step (at least one cluster): bounds the memory of a big trim; the buffer is
 # kept by the snapshot, so a stream of writes does not allocate (and page-fault) a fresh one each.
@@ -155,7 +156,7 @@ _ALLOCATION_STEP: Final = 1 << 30  # bytes of allocation computed per lock hold
 
 
 def validate_snapshot_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SnapshotError(
             f"snapshot name {name!r}: use 1-63 letters, digits, '.', '_' or '-'"
             " (starting with a letter or digit)"

@@ -203,9 +203,11 @@ def test_errors(disk: Path) -> None:
         image.create_snapshot("s", bitmaps=["b"])
         with pytest.raises(SnapshotExistsError):
             image.create_snapshot("s")
-        for bad in ("", "a/b", ".x", "x" * 64, "a b"):
+        # A trailing newline too ("$" matches before one): it would name a directory.
+        for bad in ("", "a/b", ".x", "x" * 64, "a b", "snap\n", "snap\r", "snap\x00"):
             with pytest.raises(SnapshotError, match="snapshot name"):
                 image.create_snapshot(bad)
+        assert sorted(p.name for p in (store_dir(disk) / SNAPSHOTS).iterdir()) == ["s"]
         with pytest.raises(SnapshotError, match="cluster size"):
             image.create_snapshot("t", cluster_size=1000)
         with pytest.raises(SnapshotError, match="on_full"):
