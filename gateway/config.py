@@ -67,7 +67,8 @@ from nbdcore.exceptions import URIError
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
 
-EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Matched with fullmatch: "$" also matches before a final newline ("disk\n" would pass).
+EXPORT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 EMBEDDED_HOST = "embedded"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./nbdgw-data"
@@ -189,7 +190,7 @@ class GatewayConfig:
         return any(e.host == EMBEDDED_HOST for e in self.exports.values())
 
     def add_export(self, export: ExportConfig) -> None:
-        if not EXPORT_ID.match(export.name):
+        if not EXPORT_ID.fullmatch(export.name):
             raise ConfigError(
                 f"export name {export.name!r}: use 1-63 letters, digits, '.', '_' or '-'"
                 " (starting with a letter or digit)"

@@ -45,6 +45,12 @@ HEALTH_SERVICE_TYPE = "grpc.health.v1/Service"
 RESUME_OFFSET_KEY = "nbdgw-resume-offset"
 RESUME_TOKEN_KEY = "nbdgw-resume-token"
 
+# What an error echoes of a request is capped: a 10 KB export name made a 30 KB trailer (the
+# message is percent-encoded), over the client's metadata limit, so that the client saw
+# RESOURCE_EXHAUSTED instead of NOT_FOUND. The message, and every string in the details.
+MAX_MESSAGE_CHARS = 400
+MAX_DETAIL_CHARS = 200
+
 
 class Reason:
     """ErrorInfo reasons: ``nbdgw.v1.ErrorReason`` names without the ``ERROR_REASON_`` prefix."""
@@ -105,6 +111,7 @@ class GatewayError(Exception):
     trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.message = capped(self.message, MAX_MESSAGE_CHARS)
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -119,9 +126,10 @@ class GatewayError(Exception):
 
     def status_proto(self) -> status_pb2.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
-        info.metadata.update(self.metadata)
+        info.metadata.update({k: capped(v, MAX_DETAIL_CHARS) for k, v in self.metadata.items()})
         anys = []
         for detail in [info, *self.details]:
+            _cap_strings(detail)
             packed = any_pb2.Any()
             packed.Pack(detail)
             anys.append(packed)
@@ -135,6 +143,28 @@ class GatewayError(Exception):
             *self.trailers,
         )
         return _Status(self.code, self.message, trailers)
+
+
+def capped(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cap_strings(message: Message) -> None:
+    """Cap every string field of ``message`` (and of the messages inside it), in place."""
+    for fd, value in message.ListFields():
+        if fd.type == fd.TYPE_STRING:
+            if fd.is_repeated:
+                value[:] = [capped(v, MAX_DETAIL_CHARS) for v in value]
+            else:
+                setattr(message, fd.name, capped(value, MAX_DETAIL_CHARS))
+        elif fd.type == fd.TYPE_MESSAGE:
+            if fd.message_type is None or fd.message_type.GetOptions().map_entry:
+                continue  # ErrorInfo.metadata: capped where it is filled
+            for item in value if fd.is_repeated else [value]:
+                _cap_strings(item)
 
 
 # --- constructors, one per reason ---------------------------------------------------------

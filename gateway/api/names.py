@@ -30,6 +30,9 @@ def context_name(value: str, field_name: str) -> str:
     """A metadata context name; ``NAME`` alone is short for ``qemu:dirty-bitmap:NAME``."""
     if not value:
         raise errors.invalid_field(field_name, "required: a metadata context name")
+    if "\0" in value:
+        # NBD strings cannot carry one (nbdcore.wire refuses to encode it).
+        raise errors.invalid_field(field_name, "must not contain NUL")
     name = value if ":" in value else CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + value
     if len(name.encode()) > NBD_MAX_STRING:
         raise errors.invalid_field(field_name, f"longer than {NBD_MAX_STRING} bytes")
