@@ -19,6 +19,8 @@ go-grpc-prometheus, the names dashboards for gRPC services already use:
   connections), ``nbdgw_nbd_reconnects_total{host}`` (times a host came back after being down);
 - ``nbdgw_clear_ledger_entries{export}``: byte ranges (merged) recorded in the clear ledger, for
   the scopes loaded since the start;
+- ``nbdgw_token_file_valid`` (0 once a reload of the token file failed closed, until it reads
+  well again) and ``nbdgw_token_file_reload_errors_total``;
 - ``nbdgw_build_info{version}`` and the client library's ``process_*`` / ``python_*``.
 
 State (hosts, ledger) is read when scraped, from callables the gateway registers, so no code on
@@ -56,7 +58,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -168,6 +170,18 @@ class _StateCollector(Collector):
         for export, count in sorted(self.metrics.ledger_entries().items()):
             entries.add_metric([export], float(count))
         yield entries
+        tokens = self.metrics.tokens()
+        if tokens is not None and hasattr(tokens, "reload_errors"):  # a TokenFile
+            yield GaugeMetricFamily(
+                "nbdgw_token_file_valid",
+                "Whether the token file read well at its last reload (0: it failed closed).",
+                value=1.0 if tokens.valid else 0.0,
+            )
+            yield CounterMetricFamily(
+                "nbdgw_token_file_reload_errors",
+                "Reloads of the token file that could not read every line (each failed closed).",
+                value=float(tokens.reload_errors),
+            )
 
 
 class Metrics:
@@ -228,6 +242,7 @@ class Metrics:
         self._exports: dict[str, tuple[Any, Any, Any]] = {}
         self._hosts: Callable[[], Iterable[Any]] = tuple
         self._ledger: Callable[[], Any] = lambda: None
+        self.tokens: Callable[[], Any] = lambda: None
         self._host_up: dict[str, bool] = {}
         r.register(_StateCollector(self))
         if process:
@@ -244,6 +259,11 @@ class Metrics:
     def track_ledger(self, ledger: Callable[[], Any]) -> None:
         """Read the clear ledger (gateway.ledger.Ledger, or None) from ``ledger()``."""
         self._ledger = ledger
+
+    def track_tokens(self, tokens: Callable[[], Any]) -> None:
+        """Read the bearer tokens (gateway.security.access.TokenFile, or None) from
+        ``tokens()``: whether the file read well, and how many reloads failed."""
+        self.tokens = tokens
 
     def host_samples(self) -> list[HostSample]:
         samples = []

@@ -107,10 +107,11 @@ def _digest(token: str | bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]]:
-    """``IDENTITY TOKEN`` lines (or a lone ``TOKEN``: identity ``default``); blank lines and
-    ``#`` comments are skipped. Returns (SHA-256 of the token, identity) pairs."""
+def _token_lines(text: str, where: str) -> tuple[list[tuple[bytes, str]], list[str]]:
+    """The (SHA-256 of the token, identity) pairs of the good lines, and what is wrong with
+    each bad one."""
     entries: list[tuple[bytes, str]] = []
+    problems: list[str] = []
     seen: set[bytes] = set()
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -122,29 +123,47 @@ def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]
         elif len(parts) == 2:
             name, token = parts
         else:
-            raise AccessConfigError(f"{where}, line {number}: expected 'IDENTITY TOKEN'")
+            problems.append(f"{where}, line {number}: expected 'IDENTITY TOKEN'")
+            continue
         if len(token) < 8:
-            raise AccessConfigError(f"{where}, line {number}: token shorter than 8 characters")
+            problems.append(f"{where}, line {number}: token shorter than 8 characters")
+            continue
         digest = _digest(token)
         if digest in seen:
-            raise AccessConfigError(f"{where}, line {number}: token given twice")
+            problems.append(f"{where}, line {number}: token given twice")
+            continue
         seen.add(digest)
         entries.append((digest, name))
-    if not entries:
-        raise AccessConfigError(f"{where}: no token")
+    if not entries and not problems:
+        problems.append(f"{where}: no token")
+    return entries, problems
+
+
+def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]]:
+    """``IDENTITY TOKEN`` lines (or a lone ``TOKEN``: identity ``default``); blank lines and
+    ``#`` comments are skipped. Returns (SHA-256 of the token, identity) pairs."""
+    entries, problems = _token_lines(text, where)
+    if problems:
+        raise AccessConfigError(problems[0])
     return entries
 
 
 class TokenFile:
     """Tokens from a file, re-read when it changes (checked at most every ``interval`` s).
 
-    A file that becomes unreadable or invalid keeps the tokens last loaded (and logs): a
-    half-written Secret must not lock everyone out, nor let anyone in."""
+    A reload fails closed: a file rewritten with a bad line keeps only the tokens of its good
+    lines (of those, only the ones that were valid already: a broken file adds nobody); an
+    emptied, unreadable or deleted file leaves no token valid. Revoking a token by rewriting
+    the file must work even when the rewrite is botched. Each failure is logged at ERROR,
+    counted in ``reload_errors``, and ``valid`` is False until the file reads well again
+    (``nbdgw_token_file_valid``, ``nbdgw_token_file_reload_errors_total``)."""
 
     def __init__(self, path: str | Path, *, interval: float = 1.0) -> None:
         self.path = Path(path)
         self.interval = interval
         self.reloads = 0
+        self.reload_errors = 0
+        self.valid = True
         self._lock = threading.Lock()
         self._checked = 0.0
         self._stamp: tuple[int, int, int] | None = None
@@ -169,16 +188,31 @@ class TokenFile:
         with self._lock:
             self._checked = now
             stamp = self._stat()
-            if stamp is None or stamp == self._stamp:
+            if stamp == self._stamp:
                 return
+            where = f"token file {self.path}"
             try:
-                entries = parse_tokens(self.path.read_text(), f"token file {self.path}")
-            except (OSError, AccessConfigError) as exc:
-                log.warning("keeping the previous tokens: %s", exc)
-                return
+                text = self.path.read_text()
+            except OSError as exc:
+                entries, problems = [], [f"{where}: {exc.strerror or exc}"]
+            else:
+                entries, problems = _token_lines(text, where)
+            if problems:
+                before = {digest for digest, _ in self._entries}
+                entries = [(d, name) for d, name in entries if d in before]
+                self.reload_errors += 1
+                self.valid = False
+                log.error(
+                    "%s; %d of %d tokens stay valid (only those its good lines still list)",
+                    "; ".join(problems),
+                    len(entries),
+                    len(before),
+                )
+            else:
+                self.valid = True
+                log.info("token file %s reloaded (%d tokens)", self.path, len(entries))
             self._entries, self._stamp = entries, stamp
             self.reloads += 1
-            log.info("token file %s reloaded (%d tokens)", self.path, len(entries))
 
     def lookup(self, token: str) -> str | None:
         """The identity of ``token``, or None."""

@@ -206,10 +206,13 @@ async def test_token_file_rotation(tmp_path: Path, gw: Any) -> None:
     f = await fails(stub.ListExports(pb.ListExportsRequest(), metadata=bearer(carol)))
     assert f.code == grpc.StatusCode.PERMISSION_DENIED
     assert f.message == "identity 'carol' may not list exports"
-    # A broken rewrite keeps the tokens in force.
-    tokens.write_text("alice short\n")
-    listed = await stub.ListExports(pb.ListExportsRequest(), metadata=bearer(f"{ALICE}-v2"))
-    assert len(listed.exports) == 1
+    # A broken rewrite fails closed: what it no longer lists is revoked, what its good lines
+    # still list stays (test_security_review has the rest).
+    tokens.write_text(f"alice short\nbob {BOB}\n")
+    f = await fails(stub.ListExports(pb.ListExportsRequest(), metadata=bearer(f"{ALICE}-v2")))
+    assert f.code == grpc.StatusCode.UNAUTHENTICATED
+    listed = await stub.ListExports(pb.ListExportsRequest(), metadata=bearer(BOB))
+    assert len(listed.exports) == 2
 
 
 def test_token_and_policy_files_checked(tmp_path: Path) -> None:
