@@ -191,6 +191,8 @@ class TokenFile:
             if stamp == self._stamp:
                 return
             where = f"token file {self.path}"
+            entries: list[tuple[bytes, str]]
+            problems: list[str]
             try:
                 text = self.path.read_text()
             except OSError as exc:
