@@ -70,6 +70,17 @@ from nbdcore.uri import NBDURI
 # Matched with fullmatch: "$" also matches before a final newline ("disk\n" would pass).
 EXPORT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 EMBEDDED_HOST = "embedded"
+# The data folder holds the embedded host's socket, images and ledger: owner only, whatever
+# the umask (with umask 000 anyone could read, write or clear the disks around the API).
+DATA_DIR_MODE = 0o700
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """Create the data folder (and its parents) with :data:`DATA_DIR_MODE` unless it exists."""
+    path.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    return path
+
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./nbdgw-data"
 

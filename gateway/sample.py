@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from gateway.config import ensure_data_dir
 from nbdcore.storage.image import Image
 from nbdcore.storage.store import store_dir
 
@@ -33,7 +34,7 @@ def sample_pattern(offset: int, length: int) -> bytes:
 
 def ensure_sample(data_dir: Path) -> Path:
     """Create the sample image in ``data_dir`` unless it exists; returns its path."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(data_dir)
     path = data_dir / "sample.img"
     if path.exists():
         return path

@@ -16,11 +16,9 @@ period for the rest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import logging
-import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -35,7 +33,13 @@ from gateway.api.framing import add_bitmap_service
 from gateway.api.health import HealthServicer
 from gateway.api.reflection import enable_server_reflection
 from gateway.api.snapshots import SnapshotServicer
-from gateway.config import EMBEDDED_HOST, ConfigError, GatewayConfig, parse_listen
+from gateway.config import (
+    EMBEDDED_HOST,
+    ConfigError,
+    GatewayConfig,
+    ensure_data_dir,
+    parse_listen,
+)
 from gateway.hosts.pool import ExportPool, Host
 from gateway.hosts.qmp import QmpHost
 from gateway.hosts.qmp_snapshots import QmpSnapshots
@@ -174,7 +178,11 @@ class Gateway:
         cfg = self.config
         nbd_socket = None
         if cfg.uses_embedded:
-            nbd_socket = await self._start_embedded()
+            try:
+                nbd_socket = await self._start_embedded()
+            except BaseException:
+                await self._close_backends()  # the images it opened
+                raise
         for host_cfg in cfg.hosts.values():
             uri = host_cfg.uri
             if host_cfg.qmp:
@@ -306,11 +314,10 @@ class Gateway:
                     read_only=export.read_only,
                 )
             )
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data_dir(cfg.data_dir)
         sock = str((cfg.data_dir / "nbd.sock").absolute())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)  # left by a previous run that was killed
         self.nbd_server = NBDServer(exports)
+        # Mode 0600; a socket left by a killed run is replaced, a live gateway's never is.
         await self.nbd_server.start_unix(sock)
         log.info("embedded NBD host on %s", sock)
         return sock
