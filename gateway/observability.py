@@ -28,8 +28,9 @@ the NBD path has to remember to update a gauge.
 
 Access log: one record per finished call on logger ``nbdgw.rpc`` with the fields ``rpc.method``,
 ``rpc.code``, ``peer``, ``duration_ms`` (and ``identity``, ``rpc.messages_sent``, ``rpc.error``
-when known): DEBUG for health checks and reflection (the kubelet probes every few seconds),
-WARNING for codes that say the gateway or a host failed, INFO otherwise. With
+when known): DEBUG for health checks and reflection (the kubelet probes every few seconds) and
+for CANCELLED calls (the client chose to end them), WARNING for codes that say the gateway or a
+host failed, INFO otherwise. With
 ``--log-format json`` (:class:`JsonFormatter`) each record is one JSON object per line with
 ``ts``, ``level``, ``logger``, ``msg`` and those fields.
 """
@@ -433,6 +434,8 @@ class _Call:
     def _log(self, code: grpc.StatusCode, elapsed: float, exc: BaseException | None) -> None:
         if self.method.startswith(QUIET_PREFIXES) and code == grpc.StatusCode.OK:
             level = logging.DEBUG
+        elif code == grpc.StatusCode.CANCELLED:
+            level = logging.DEBUG  # the client's choice (or it went away): nothing to act on
         elif code in SERVER_FAULT_CODES:
             level = logging.WARNING
         else:

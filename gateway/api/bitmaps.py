@@ -782,6 +782,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         except GatewayError as err:
             await _abort(context, _resumable(err, stream))
         except Exception as exc:
+            if _client_gone(context, exc):
+                # The client cancelled (or hung up) while a message was being written: grpc
+                # ends the write with an error of its own. Nothing failed here.
+                log.debug("StreamExtents: the client went away (%s)", type(exc).__name__)
+                raise asyncio.CancelledError from None
             if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure in StreamExtents")
             await _abort(context, _resumable(_map(exc, pool), stream))
@@ -804,6 +809,16 @@ def _at_source(
         resp.kept_ranges.extend(pb.ByteRange(offset=o, length=n) for o, n in kept)
         resp.kept_bytes = sum(n for _, n in kept)
     return resp
+
+
+def _client_gone(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> bool:
+    """Whether ``exc`` only says that the call ended on the client's side: a write refused
+    because the call is over (grpc.aio's InternalError, ExecuteBatchError among them, or
+    UsageError), or any failure once the call is cancelled."""
+    with contextlib.suppress(Exception):
+        if context.cancelled():
+            return True
+    return isinstance(exc, (grpc.aio.InternalError, grpc.aio.UsageError))
 
 
 def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
@@ -1285,11 +1300,19 @@ _MASK = (NBD_STATE_HOLE | NBD_STATE_ZERO).__and__
 _KIND = bytes([pb.ALLOCATION_DATA, pb.ALLOCATION_DATA, pb.ALLOCATION_ZERO, pb.ALLOCATION_HOLE])
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _until(batches: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
     """The items of ``batches`` until ``stop`` is set, even while waiting for the next one
     (a slow NBD host must not hold up shutdown)."""
     while True:
         step: asyncio.Future[T] = asyncio.ensure_future(anext(batches))
+        # A cancelled call may leave before it reads the step's end (StopAsyncIteration, or
+        # an error): mark it read, or asyncio logs "Task exception was never retrieved".
+        step.add_done_callback(_retrieved)
         stopper = asyncio.ensure_future(stop.wait())
         try:
             waiting: set[asyncio.Future[Any]] = {step, stopper}
