@@ -319,7 +319,13 @@ def parse_limits(table: Any, where: str) -> Limits:
     return limits
 
 
-_INT_LIMITS = ("max_streams", "max_streams_per_identity", "clear_burst")
+_INT_LIMITS = (
+    "max_streams",
+    "max_streams_per_identity",
+    "clear_burst",
+    "max_unauthenticated",
+    "max_unauthenticated_per_connection",
+)
 
 
 def parse_limit_args(items: list[str], base: Limits) -> Limits:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -50,6 +51,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -351,6 +353,26 @@ else:
 STREAM_EXTENTS = "/nbdgw.v1.BitmapService/StreamExtents"
 
 
+@functools.cache
+def declared_type(method: str) -> str | None:
+    """``unary``, ``server_stream``... as the proto declares ``/SERVICE/METHOD``, if the
+    default descriptor pool knows it (every service the gateway serves is imported)."""
+    service, name = split_method(method)
+    try:
+        found = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
+    except KeyError:
+        return None
+    return _TYPES[(found.client_streaming, found.server_streaming)]
+
+
+_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
 def split_method(method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
     service, _, name = method.lstrip("/").rpartition("/")
@@ -539,6 +561,9 @@ class ObservabilityInterceptor(_Interceptor):
             inner = getattr(handler, kind)
             if inner is None:
                 continue
+            # The label is the method's declared type: gateway.security.access refuses calls
+            # whose headers fail with a request-streaming handler (not to wait for a body).
+            grpc_type = declared_type(method) or grpc_type
             if streaming_response:
                 behaviour = _wrap_streaming(metrics, method, grpc_type, inner, streaming_request)
             else:

@@ -46,7 +46,7 @@ from gateway.hosts.qmp_snapshots import QmpSnapshots
 from gateway.hosts.snapshots import Snapshots
 from gateway.ledger import Ledger
 from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
-from gateway.security.access import AccessInterceptor, Authenticator
+from gateway.security.access import AccessInterceptor, Authenticator, OverallHealthInterceptor
 from gateway.security.certs import CertificateError, CertificateReloader
 from gateway.security.limits import Limiter
 from nbdcore.aio.server import ExportConfig as NBDExportConfig
@@ -162,6 +162,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.certificates: CertificateReloader | None = None  # gRPC TLS files, reloaded
+        self.limiter = Limiter(config.limits)
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
         # Metrics read the hosts and the ledger when scraped (gateway.observability).
@@ -214,10 +215,11 @@ class Gateway:
         metrics_port = None
         if cfg.metrics_listen:
             metrics_port = await self._start_metrics_server(cfg.metrics_listen)
+        self.limiter = Limiter(cfg.limits)  # shared with the plaintext health port
         access = AccessInterceptor(
             Authenticator(cfg.tokens, client_certificates=bool(cfg.grpc_tls_client_ca_file)),
             cfg.policy,
-            Limiter(cfg.limits),
+            self.limiter,
         )
         server = grpc.aio.server(
             options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics), access]
@@ -283,9 +285,11 @@ class Gateway:
         Its calls are counted in the same metrics (and logged at DEBUG, as health checks on
         the main port are): the kubelet's probes show up in grpc_server_handled_total."""
         host, port = parse_listen(listen)
-        server = grpc.aio.server(
-            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics)]
-        )
+        interceptors = [
+            ObservabilityInterceptor(self.metrics),
+            OverallHealthInterceptor(self.limiter),
+        ]
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         check_bindable(host, port, listen)

@@ -182,7 +182,9 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         default=None,
         help="a per-caller limit of gateway.security.limits.Limits: max_streams,"
         " max_streams_per_identity, clear_rate (ClearRange/s per identity, 0: none),"
-        " clear_burst, stall_timeout, unary_timeout (repeatable; $NBDGW_LIMITS: space-separated)",
+        " clear_burst, stall_timeout, unary_timeout, max_unauthenticated,"
+        " max_unauthenticated_per_connection, unauthenticated_timeout (calls without"
+        " credentials: health probes) (repeatable; $NBDGW_LIMITS: space-separated)",
     )
     sec.add_argument(
         "--token-file",

@@ -57,8 +57,12 @@ log = logging.getLogger("nbdgw.access")
 OPERATIONS = frozenset({"list", "extents", "data", "clear", "snapshot"})
 DEFAULT_IDENTITY = "default"
 
-# Open to anyone: the kubelet's probes send no credentials.
+# Open to anyone: the kubelet's probes send no credentials. Only the overall statuses, though:
+# a per-export status (HEALTH_EXPORT_PREFIX) needs the access GetExport needs, or it would tell
+# apart exports that exist from missing ones, which the API hides. Calls without credentials
+# are bounded and cut short (gateway.security.limits).
 OPEN_PREFIXES = ("/grpc.health.v1.",)
+HEALTH_EXPORT_PREFIX = "exports/"
 # Any authenticated identity, whatever its policy: describing the API reveals no export.
 ANY_IDENTITY_PREFIXES = ("/grpc.reflection.",)
 
@@ -457,10 +461,86 @@ class AccessInterceptor(_Interceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         method: str = details.method
         handler = await continuation(details)
-        if handler is None or method.startswith(OPEN_PREFIXES):
+        if handler is None:
             return handler
-        wrapped: grpc.RpcMethodHandler[Any, Any] = self._wrap(method, handler)
+        wrapped: grpc.RpcMethodHandler[Any, Any]
+        if method.startswith(OPEN_PREFIXES):
+            wrapped = self._wrap_health(handler)
+            return wrapped
+        refusal: grpc.RpcMethodHandler[Any, Any] | None = self._refuse_on_headers(details)
+        if refusal is not None:
+            return refusal
+        wrapped = self._wrap(method, handler)
         return wrapped
+
+    def _refuse_on_headers(self, details: grpc.HandlerCallDetails) -> Any:
+        """A handler that refuses the call at once if its headers cannot authenticate it,
+        without waiting for its request message: a call sent as headers with no body was held
+        open until the body came. Only for tokens: a client certificate is in the TLS session,
+        which interceptors cannot see (and a port that trusts them requires one anyway)."""
+        auth = self.authenticator
+        if auth.tokens is None or auth.client_certificates:
+            return None
+        try:
+            auth.authenticate(details.invocation_metadata, {})
+        except GatewayError as err:
+            refused = err
+        else:
+            return None
+
+        async def refuse(_requests: Any, context: Any) -> None:
+            self.denied += 1
+            await _abort(context, refused)
+
+        # Request-streaming, so that grpc runs it before any message arrives; the response
+        # side is the same on the wire (observability labels calls by their declared type).
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+    def _wrap_health(self, handler: Any) -> Any:
+        """grpc.health.v1: the overall statuses for anyone (calls without credentials bounded
+        and cut short), a per-export status only with the access of GetExport."""
+        unary = handler.unary_unary is not None
+        inner = handler.unary_unary if unary else handler.unary_stream
+        if inner is None:
+            return handler
+        if inspect.isasyncgenfunction(inner):
+            inner = _writing(inner)
+
+        async def behaviour(request: Any, context: Any) -> Any:
+            service: str = getattr(request, "service", "")
+            identity = None
+            refused: GatewayError | None = None
+            if self.authenticator.enabled:
+                try:
+                    identity = self.identify(context)
+                except GatewayError as err:
+                    refused = err
+            try:
+                if service.startswith(HEALTH_EXPORT_PREFIX):
+                    if refused is not None:
+                        raise refused
+                    export = service[len(HEALTH_EXPORT_PREFIX) :]
+                    policy = self.policy
+                    if identity and policy and not policy.allows(identity.name, "list", export):
+                        raise permission_denied(identity.name, "list", export)
+                if refused is None:
+                    return await inner(request, context)
+                slot = self.limiter.open_unauthenticated(str(context.peer()))
+            except GatewayError as err:
+                self.denied += 1
+                await _abort(context, err)
+                return None
+            with slot:
+                return await self.limiter.run_unauthenticated(inner(request, context), context)
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler if unary else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     # --- deciding -------------------------------------------------------------------------
 
@@ -629,3 +709,52 @@ def _writing(gen_behaviour: Behaviour) -> Behaviour:
             await context.write(item)
 
     return behaviour
+
+
+class OverallHealthInterceptor(_Interceptor):
+    """For the plaintext health port (the kubelet's): only the overall statuses. A per-export
+    name is NOT_FOUND whether the export exists or not, and every call is one without
+    credentials: bounded and cut short by ``limiter`` like those of the API port."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(OPEN_PREFIXES):
+            return handler
+        unary = handler.unary_unary is not None
+        inner: Any = handler.unary_unary if unary else handler.unary_stream
+        if inner is None:
+            return handler
+        if inspect.isasyncgenfunction(inner):
+            inner = _writing(inner)
+
+        async def behaviour(request: Any, context: Any) -> Any:
+            if getattr(request, "service", "").startswith(HEALTH_EXPORT_PREFIX):
+                # What grpc.health.v1 answers for a service it does not know.
+                await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+                return None
+            try:
+                slot = self.limiter.open_unauthenticated(str(context.peer()))
+            except GatewayError as err:
+                await _abort(context, err)
+                return None
+            with slot:
+                return await self.limiter.run_unauthenticated(inner(request, context), context)
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler if unary else grpc.unary_stream_rpc_method_handler
+        )
+        wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        return wrapped

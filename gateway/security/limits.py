@@ -9,6 +9,10 @@
   ends with DEADLINE_EXCEEDED, freeing its slot and its two buffered messages.
 - Unary calls are cut at ``unary_timeout`` seconds (DEADLINE_EXCEEDED), whatever the client's
   own deadline (a client without one must not pin a call forever on a stuck host).
+- Calls without an identity (the open health checks when the gateway authenticates callers):
+  at most ``max_unauthenticated`` at once, ``max_unauthenticated_per_connection`` per client
+  connection (RESOURCE_EXHAUSTED beyond), each cut after ``unauthenticated_timeout`` seconds
+  (DEADLINE_EXCEEDED): 10,000 token-less Health.Watch streams held the memory of 10,000 calls.
 """
 
 from __future__ import annotations
@@ -40,23 +44,28 @@ class Limits:
     clear_burst: int = 200
     stall_timeout: float = 60.0  # seconds a stream's write may wait for the client (0: none)
     unary_timeout: float = 120.0  # seconds a unary call may take (0: unlimited)
+    max_unauthenticated: int = 64  # calls without an identity open at once (health probes)
+    max_unauthenticated_per_connection: int = 4
+    unauthenticated_timeout: float = 10.0  # seconds such a call may last
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{f.name} must be a number, not {value!r}")
-        if (
-            not isinstance(self.max_streams, int)
-            or not isinstance(self.max_streams_per_identity, int)
-            or not isinstance(self.clear_burst, int)
-        ):
-            raise ValueError("stream limits and the clear burst must be integers")
-        if self.max_streams < 1 or self.max_streams_per_identity < 1:
-            raise ValueError("stream limits must be at least 1")
+        counts = (
+            self.max_streams,
+            self.max_streams_per_identity,
+            self.max_unauthenticated,
+            self.max_unauthenticated_per_connection,
+        )
+        if not all(isinstance(n, int) for n in counts) or not isinstance(self.clear_burst, int):
+            raise ValueError("stream and call limits and the clear burst must be integers")
+        if min(counts) < 1:
+            raise ValueError("stream and call limits must be at least 1")
         if self.clear_rate < 0 or self.clear_burst < 1:
             raise ValueError("clear rate must be >= 0 and its burst >= 1")
-        if self.stall_timeout < 0 or self.unary_timeout < 0:
+        if self.stall_timeout < 0 or self.unary_timeout < 0 or self.unauthenticated_timeout <= 0:
             raise ValueError("timeouts must be >= 0")
 
 
@@ -113,6 +122,9 @@ class Limiter:
     refused_clears: int = 0
     stalled: int = 0
     timed_out: int = 0
+    unauthenticated: int = 0
+    unauthenticated_per_peer: dict[str, int] = field(default_factory=dict)
+    refused_unauthenticated: int = 0
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -182,6 +194,60 @@ class Limiter:
             task.cancel()
             raise
         task.result()
+
+    # --- calls without an identity --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _unauthenticated_slot(self, peer: str) -> Iterator[None]:
+        self.unauthenticated += 1
+        self.unauthenticated_per_peer[peer] = self.unauthenticated_per_peer.get(peer, 0) + 1
+        try:
+            yield
+        finally:
+            self.unauthenticated -= 1
+            left = self.unauthenticated_per_peer[peer] - 1
+            if left:
+                self.unauthenticated_per_peer[peer] = left
+            else:
+                del self.unauthenticated_per_peer[peer]
+
+    def open_unauthenticated(self, peer: str) -> contextlib.AbstractContextManager[None]:
+        """A slot for a call without an identity from connection ``peer`` (grpc's
+        ``context.peer()``: address and port, one per TCP connection), or RESOURCE_EXHAUSTED."""
+        lim = self.limits
+        if self.unauthenticated >= lim.max_unauthenticated:
+            self.refused_unauthenticated += 1
+            raise resource_exhausted(
+                f"the gateway serves {lim.max_unauthenticated} calls without credentials at"
+                " most; retry later, or authenticate",
+                1.0,
+                "unauthenticated",
+            )
+        if self.unauthenticated_per_peer.get(peer, 0) >= lim.max_unauthenticated_per_connection:
+            self.refused_unauthenticated += 1
+            raise resource_exhausted(
+                f"{lim.max_unauthenticated_per_connection} calls without credentials are open"
+                " on this connection, its limit",
+                1.0,
+                "unauthenticated_per_connection",
+            )
+        return self._unauthenticated_slot(peer)
+
+    async def run_unauthenticated(self, call: Awaitable[T], context: Any) -> T | None:
+        """Run a call without an identity for at most ``unauthenticated_timeout`` seconds."""
+        timeout = self.limits.unauthenticated_timeout
+        try:
+            return await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            self.timed_out += 1
+            await _abort(
+                context,
+                deadline_exceeded(
+                    f"calls without credentials last {timeout:g} s at most; authenticate for"
+                    " longer ones"
+                ),
+            )
+            return None
 
     # --- unary calls -----------------------------------------------------------------------
 
