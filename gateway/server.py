@@ -5,7 +5,12 @@ Health (grpc.health.v1) service names:
 
 - ``""``: liveness; SERVING while the process runs (NOT_SERVING once shutting down).
 - ``nbdgw.v1.BitmapService``: readiness; SERVING while every NBD host is up.
-- ``exports/{export}``: SERVING while that export's host is up.
+- ``exports/{export}``: SERVING while that export's host is up; on the API port only for
+  callers that may GetExport it (gateway.security.access), never on the plaintext health port.
+
+The gateway serves as soon as it listens; each host is probed in the background, and is not
+"up" for readiness before its first probe ends (a host that stalls at its greeting delays
+nothing else).
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Gateway.stop`): every health status turns NOT_SERVING, open
 StreamExtents calls end at their next message boundary with UNAVAILABLE
@@ -163,6 +168,8 @@ class Gateway:
         self.health_server: grpc.aio.Server | None = None
         self.certificates: CertificateReloader | None = None  # gRPC TLS files, reloaded
         self.limiter = Limiter(config.limits)
+        self._host_checks: list[asyncio.Task[None]] = []
+        self._checked: set[str] = set()  # hosts probed once since the start
         self.listening: Listening | None = None
         self._stopped = asyncio.Event()
         # Metrics read the hosts and the ledger when scraped (gateway.observability).
@@ -208,9 +215,13 @@ class Gateway:
         await self.health.set(SERVICE_NAME, NOT_SERVING)
         for name in self.pools:
             await self.health.set(health_name(name), NOT_SERVING)
-        # Know which hosts are up before accepting calls (a down host keeps being retried).
-        await asyncio.gather(*(host.check() for host in self.hosts.values()))
-        await self._update_health()
+        # Serve at once and probe the hosts in the background: a host that stalls at its
+        # greeting delayed the start of every export by the connect timeout. Until its first
+        # probe ends a host's exports are NOT_SERVING (a down host keeps being retried).
+        self._host_checks = [
+            asyncio.create_task(self._first_check(host), name=f"nbdgw-first-check-{host.name}")
+            for host in self.hosts.values()
+        ]
 
         metrics_port = None
         if cfg.metrics_listen:
@@ -377,13 +388,26 @@ class Gateway:
         pool = self.pools.get(export)
         if pool is None:
             return None
-        return SERVING if pool.host.up and not self.shutdown.is_set() else NOT_SERVING
+        return SERVING if self._ready(pool.host) and not self.shutdown.is_set() else NOT_SERVING
+
+    async def _first_check(self, host: Host) -> None:
+        await host.check()
+        self._checked.add(host.name)
+        await self._update_health()
+
+    async def hosts_checked(self) -> None:
+        """Wait until every host has been probed once (start() does not)."""
+        await asyncio.gather(*self._host_checks, return_exceptions=True)
+
+    def _ready(self, host: Host) -> bool:
+        return host.up and host.name in self._checked
 
     async def _update_health(self) -> None:
         # A copy: snapshots add and remove exports while this awaits (gateway.hosts.snapshots).
         for name, pool in list(self.pools.items()):
-            await self.health.set(health_name(name), SERVING if pool.host.up else NOT_SERVING)
-        ready = all(host.up for host in self.hosts.values())
+            status = SERVING if self._ready(pool.host) else NOT_SERVING
+            await self.health.set(health_name(name), status)
+        ready = all(self._ready(host) for host in self.hosts.values())
         await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -406,6 +430,9 @@ class Gateway:
             self._stopped.set()
 
     async def _close_backends(self) -> None:
+        for task in self._host_checks:
+            task.cancel()
+        await asyncio.gather(*self._host_checks, return_exceptions=True)
         for host in self.hosts.values():
             await host.close()
         self.hosts.clear()

@@ -43,16 +43,21 @@ class Running:
 
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[Callable[..., Any]]:
-    """``await start_gateway(config)`` -> Running (stopped at the end of the test)."""
+    """``await start_gateway(config)`` -> Running (stopped at the end of the test), once every
+    host has been probed (``wait_hosts=False``: as soon as it listens)."""
     running: list[Running] = []
 
-    async def start(config: GatewayConfig, **channel_options: Any) -> Running:
+    async def start(
+        config: GatewayConfig, *, wait_hosts: bool = True, **channel_options: Any
+    ) -> Running:
         config.listen = "127.0.0.1:0"
         config.backoff_initial = 0.05
         config.backoff_max = 0.5
         config.connect_timeout = 5.0
         gw = Gateway(config)
         listening = await gw.start()
+        if wait_hosts:  # start() probes hosts in the background; most tests want them known
+            await gw.hosts_checked()
         target = f"127.0.0.1:{listening.port}"
         options = [("grpc.max_receive_message_length", 16 * MiB), *channel_options.items()]
         channel = grpc.aio.insecure_channel(target, options=options)
