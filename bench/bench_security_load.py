@@ -9,6 +9,12 @@ wall time, streams/s, MB/s of data, extents/s and the p50/p99/max of per-stream 
 to last message), and of time to first message. With ``--flood N``, N unauthenticated or
 wrong-token calls run during the load (they must all fail UNAUTHENTICATED).
 
+``--slow-readers N`` (issue 15): instead, N data streams over the whole disk that read one
+message and then stop reading for ``--hold`` seconds, then leave (N at most 60: the embedded
+host serves 64 connections). Reports the gateway's
+resident memory (VmRSS, MiB) before, at its peak while they are held, and settled: once they
+are gone (after ``--settle`` seconds). Freed stream buffers must go back to the system.
+
 The tests run the same driver (tests/gateway/test_security_load.py) for correctness only.
 """
 
@@ -190,11 +196,59 @@ async def run_load(target: str, streams: int, flood_calls: int = 0) -> LoadResul
             await ch.close()
 
 
+def rss_mib(pid: int) -> float:
+    """VmRSS (resident set now) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def slow_readers(target: str, pid: int, n: int, hold: float, settle: float) -> dict[str, Any]:
+    """N data streams that stop reading after one message; the gateway's RSS around them."""
+    before = rss_mib(pid)
+    options = [("grpc.max_receive_message_length", 16 * MiB)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(4)]
+    request = pb.StreamExtentsRequest(
+        export="disk", context="base:allocation", filter=pb.EXTENT_FILTER_ALL, include_data=True
+    )
+    peak = before
+    try:
+        calls = []
+        for i in range(n):
+            stub = pb_grpc.BitmapServiceStub(channels[i % 4])
+            token = TOKENS[f"agent{i % len(TOKENS)}"]
+            calls.append(
+                stub.StreamExtents(request, metadata=(("authorization", f"Bearer {token}"),))
+            )
+        firsts = await asyncio.gather(*(c.read() for c in calls))
+        assert all(f is not grpc.aio.EOF and f.data for f in firsts)
+        end = time.monotonic() + hold
+        while time.monotonic() < end:
+            peak = max(peak, rss_mib(pid))
+            await asyncio.sleep(0.1)
+        for c in calls:
+            c.cancel()
+    finally:
+        for ch in channels:
+            await ch.close()
+    await asyncio.sleep(settle)
+    return {
+        "slow_readers": n,
+        "rss_before_mib": round(before, 1),
+        "rss_peak_mib": round(peak, 1),
+        "rss_settled_mib": round(rss_mib(pid), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--flood", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--slow-readers", type=int, default=0, metavar="N")
+    parser.add_argument("--hold", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--settle", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     from tests.gateway.cli_support import GatewayProcess
@@ -203,14 +257,23 @@ def main() -> None:
         d = Path(tmp)
         disk = make_disk(d / "disk.img")
         tokens = write_tokens(d / "tokens")
+        # Slow readers hold their NBD connection: one each, or the rest would queue for one.
+        extra = ["--max-connections", str(args.slow_readers + 4)] if args.slow_readers else []
         gw = GatewayProcess(
-            "--image", f"disk={disk}", "--token-file", str(tokens), data_dir=d / "gw"
+            "--image", f"disk={disk}", "--token-file", str(tokens), *extra, data_dir=d / "gw"
         ).start()
         try:
             out = []
             for _ in range(args.rounds):
-                result = asyncio.run(run_load(gw.target, args.streams, args.flood))
-                summary = result.summary()
+                if args.slow_readers:
+                    assert gw.proc is not None
+                    summary = asyncio.run(
+                        slow_readers(
+                            gw.target, gw.proc.pid, args.slow_readers, args.hold, args.settle
+                        )
+                    )
+                else:
+                    summary = asyncio.run(run_load(gw.target, args.streams, args.flood)).summary()
                 print(json.dumps(summary))
                 out.append(summary)
         finally:
@@ -223,4 +286,13 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LoadResult", "StreamResult", "asdict", "make_disk", "run_load", "write_tokens"]
+__all__ = [
+    "LoadResult",
+    "StreamResult",
+    "asdict",
+    "make_disk",
+    "rss_mib",
+    "run_load",
+    "slow_readers",
+    "write_tokens",
+]

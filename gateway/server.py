@@ -96,6 +96,30 @@ def keep_freed_memory(mmap_threshold: int = 4 * MiB, trim_threshold: int = 32 * 
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1) and ok
 
 
+def give_back_freed_memory() -> bool:
+    """Return the free pages of every malloc arena to the system (glibc ``malloc_trim(0)``).
+
+    :func:`keep_freed_memory` keeps freed stream buffers for reuse, which also kept them after
+    the streams ended: 64 never-reading data streams took the gateway from 68 to 209 MB, and it
+    stayed there once they were gone. The gateway calls this when streams have ended and none
+    is running (:meth:`Gateway._give_back_memory`). False where there is no malloc_trim.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
+# How often the gateway looks whether streams ended (and memory can be given back), and the
+# longest it waits for every stream to end before trimming anyway.
+TRIM_CHECK_INTERVAL = 2.0
+TRIM_MAX_WAIT = 30.0
+
+
 GRPC_OPTIONS: list[tuple[str, Any]] = [
     # Clients of long streams keep connections alive with pings; let them, within reason.
     ("grpc.keepalive_time_ms", 60_000),
@@ -106,6 +130,9 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     # grpc sets SO_REUSEPORT by default: a second gateway on the same port would silently
     # share it (and half the calls). Fail instead.
     ("grpc.so_reuseport", 0),
+    # Streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS): one client connection
+    # cannot open thousands of calls (each pins memory) before any limit of ours sees them.
+    ("grpc.max_concurrent_streams", 128),
 ]
 
 
@@ -449,6 +476,7 @@ class Gateway:
     async def serve(self, on_ready: Any = None) -> None:
         """Start, run until SIGTERM/SIGINT, stop gracefully."""
         keep_freed_memory()  # this is the gateway process: tune its allocator once
+        trimmer = asyncio.create_task(self._give_back_memory(), name="nbdgw-trim")
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -461,6 +489,24 @@ class Gateway:
             await stop.wait()
             log.info("shutting down (grace %.1fs)", self.config.grace_period)
         finally:
+            trimmer.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+    async def _give_back_memory(self) -> None:
+        """Give freed stream buffers back to the system once streams have ended: at once when
+        none is left running, else at most every TRIM_MAX_WAIT seconds (a trim while streams
+        run makes them page-fault their buffers in again)."""
+        seen = self.limiter.ended_streams
+        clock = asyncio.get_running_loop().time
+        last = clock()
+        while True:
+            await asyncio.sleep(TRIM_CHECK_INTERVAL)
+            ended = self.limiter.ended_streams
+            if ended == seen:
+                continue
+            if self.limiter.streams and clock() - last < TRIM_MAX_WAIT:
+                continue
+            seen, last = ended, clock()
+            give_back_freed_memory()

@@ -122,6 +122,7 @@ class Limiter:
     refused_clears: int = 0
     stalled: int = 0
     timed_out: int = 0
+    ended_streams: int = 0  # streams that held a slot and ended (gateway.server trims after)
     unauthenticated: int = 0
     unauthenticated_per_peer: dict[str, int] = field(default_factory=dict)
     refused_unauthenticated: int = 0
@@ -136,6 +137,7 @@ class Limiter:
             yield
         finally:
             self.streams -= 1
+            self.ended_streams += 1
             left = self.per_identity[identity] - 1
             if left:
                 self.per_identity[identity] = left
