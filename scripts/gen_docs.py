@@ -267,6 +267,12 @@ LIMITS_HELP = {
     "stall_timeout": "seconds a stream may wait for its client to read (0: no limit); then"
     " DEADLINE_EXCEEDED",
     "unary_timeout": "seconds a unary call may take (0: no limit); then DEADLINE_EXCEEDED",
+    "max_unauthenticated": "calls without credentials open at once, in total (health probes,"
+    " when tokens are required); then RESOURCE_EXHAUSTED",
+    "max_unauthenticated_per_connection": "calls without credentials open at once on one client"
+    " connection; then RESOURCE_EXHAUSTED",
+    "unauthenticated_timeout": "seconds a call without credentials may last; then"
+    " DEADLINE_EXCEEDED",
 }
 
 

@@ -117,8 +117,9 @@ async def test_stream_limits_and_stalled_reader(
     assert await complete(gw.stub(), A) >= 1
     # Cancelling the stalled stream is the gateway's own doing: nothing logged as an error
     # (grpc's ExecuteBatchError for the write it cut, say).
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [] and "ExecuteBatchError" not in caplog.text, errors
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in loud if "ExecuteBatchError" in m or "unexpected" in m], loud
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_clear_rate(tmp_path: Path, guard: Any) -> None:  # noqa: F811
