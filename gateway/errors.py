@@ -217,12 +217,15 @@ def export_not_found(export: str) -> GatewayError:
     )
 
 
-def health_service_not_found(service: str) -> GatewayError:
+def health_service_not_found(service: str, *, exports: bool = True) -> GatewayError:
+    """``exports``: whether this port answers ``exports/{export}`` (the plaintext health port
+    answers only the overall statuses)."""
+    names = "'' (liveness), 'nbdgw.v1.BitmapService' (readiness)"
+    names += " or 'exports/{export}'" if exports else " (this port has no per-export status)"
     return GatewayError(
         grpc.StatusCode.NOT_FOUND,
         Reason.HEALTH_SERVICE_NOT_FOUND,
-        f"no health status for {service!r}: ask for '' (liveness), 'nbdgw.v1.BitmapService'"
-        " (readiness) or 'exports/{export}'",
+        f"no health status for {service!r}: ask for {names}",
         {"service": service},
         [
             error_details_pb2.ResourceInfo(

@@ -737,9 +737,10 @@ class OverallHealthInterceptor(_Interceptor):
             inner = _writing(inner)
 
         async def behaviour(request: Any, context: Any) -> Any:
-            if getattr(request, "service", "").startswith(HEALTH_EXPORT_PREFIX):
-                # What grpc.health.v1 answers for a service it does not know.
-                await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            service = getattr(request, "service", "")
+            if service.startswith(HEALTH_EXPORT_PREFIX):
+                # As for a name the gateway has no status for (gateway.api.health).
+                await _abort(context, errors.health_service_not_found(service, exports=False))
                 return None
             try:
                 slot = self.limiter.open_unauthenticated(str(context.peer()))
