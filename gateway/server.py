@@ -10,7 +10,7 @@ Health (grpc.health.v1) service names:
 
 The gateway serves as soon as it listens; each host is probed in the background, and is not
 "up" for readiness before its first probe ends (a host that stalls at its greeting delays
-nothing else).
+nothing else). Only a QMP host's first probe is awaited: it recovers the host's snapshots.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Gateway.stop`): every health status turns NOT_SERVING, open
 StreamExtents calls end at their next message boundary with UNAVAILABLE
@@ -252,6 +252,15 @@ class Gateway:
             asyncio.create_task(self._first_check(host), name=f"nbdgw-first-check-{host.name}")
             for host in self.hosts.values()
         ]
+        # Except a host whose first probe restores what calls will ask about (a QMP host's
+        # snapshots): serving before it would answer from state not yet recovered.
+        await asyncio.gather(
+            *(
+                task
+                for host, task in zip(self.hosts.values(), self._host_checks, strict=True)
+                if host.first_probe_restores_state
+            )
+        )
 
         metrics_port = None
         if cfg.metrics_listen:

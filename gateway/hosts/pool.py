@@ -52,6 +52,11 @@ class KnownExport:
 class Host:
     """One NBD host: where to connect, whether it is up, and the reconnect loop."""
 
+    # Whether the first probe restores state that calls depend on (a QMP host's snapshot
+    # recovery): the gateway waits for it before serving. Other hosts are probed in the
+    # background, so that one that stalls at its greeting delays nothing.
+    first_probe_restores_state = False
+
     def __init__(
         self,
         config: HostConfig,

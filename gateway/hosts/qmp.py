@@ -124,6 +124,8 @@ def nbd_socket_path(folder: Path, host: str) -> Path:
 class QmpHost(Host):
     """A running QEMU: its monitor, and its NBD server on a socket the gateway chose."""
 
+    first_probe_restores_state = True  # snapshot recovery (gateway.hosts.qmp_snapshots)
+
     def __init__(
         self,
         config: HostConfig,
