@@ -62,6 +62,7 @@ from gateway.cli.common import (
     describe_rpc_error,
     full_context_name,
     iter_rows,
+    list_bitmaps,
     parse_size,
     retry_delay,
     stream_extents,
@@ -336,21 +337,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5,
         help="resume an interrupted stream this many times (default 5)",
     )
-
-
-async def _list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
-    bitmaps: list[pb.Bitmap] = []
-    token = ""
-    while True:
-        resp = await gw.stub.ListBitmaps(
-            pb.ListBitmapsRequest(parent=export, page_token=token),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-        bitmaps.extend(resp.bitmaps)
-        token = resp.next_page_token
-        if not token:
-            return bitmaps
 
 
 _RECHECK_GAP = 1 << 20
@@ -743,11 +729,11 @@ async def run(args: argparse.Namespace) -> int:
         )
         size = export.size_bytes
         export_name = export.name.removeprefix("exports/") or args.export
-        bitmaps = {b.context: b for b in await _list_bitmaps(gw, args.export)}
+        bitmaps = {b.context: b for b in await list_bitmaps(gw, args.export)}
         if context not in bitmaps and args.snapshot:
             # A context only the snapshot has (a running QEMU's since:CHECKPOINT view).
             snap_export = f"{args.export.removeprefix('exports/')}@{args.snapshot}"
-            bitmaps.update({b.context: b for b in await _list_bitmaps(gw, snap_export)})
+            bitmaps.update({b.context: b for b in await list_bitmaps(gw, snap_export)})
         if context not in bitmaps:
             offered = ", ".join(sorted(bitmaps)) or "none"
             raise BackupError(
@@ -765,7 +751,7 @@ async def run(args: argparse.Namespace) -> int:
             ):
                 source = "a snapshot"
             if source and source != "a snapshot":
-                found = {b.context: b for b in await _list_bitmaps(gw, source)}.get(context)
+                found = {b.context: b for b in await list_bitmaps(gw, source)}.get(context)
                 if found is None or found.clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
                     source = ""
             if not source:

@@ -8,12 +8,8 @@ JSON byte-identical to ``nbdinfo --map`` / ``nbdinfo --map --json``, so the two 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
-
-from google.protobuf import json_format
+from typing import Any
 
 from gateway.cli.common import (
     CommandError,
@@ -24,6 +20,8 @@ from gateway.cli.common import (
     connect,
     full_context_name,
     parse_size,
+    print_json,
+    print_table,
     stream_extents,
     warn,
 )
@@ -45,26 +43,6 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return name.removeprefix(prefix).lower().replace("_", "-")
 
 
-def _to_dict(message: Any) -> dict[str, Any]:
-    """The API's JSON mapping (uint64 as strings), every field present, proto field names."""
-    out: dict[str, Any] = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return out
-
-
-def _print_json(messages: Sequence[Any], out: TextIO) -> None:
-    data = [_to_dict(m) for m in messages]
-    out.write(json.dumps(data, indent=2) + "\n")
-
-
-def _print_table(rows: list[list[str]], out: TextIO) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
-        out.write("  ".join(cells).rstrip() + "\n")
-
-
 @command
 async def cmd_exports(args: argparse.Namespace) -> int:
     async with connect(args) as gw:
@@ -79,22 +57,27 @@ async def cmd_exports(args: argparse.Namespace) -> int:
             if not token:
                 break
     if args.json:
-        _print_json(exports, sys.stdout)
+        print_json(exports)
         return 0
     rows = [["NAME", "SIZE", "STATE", "HOST", "RO", "CLEAR", "DESCRIPTION"]]
     for e in exports:
+        # A host that has not answered yet (or is down) told nothing of the export's size or
+        # clear mode: '-', not a size of 0 and "unspecified".
+        known = e.state == pb.EXPORT_STATE_AVAILABLE or e.size_bytes > 0
+        size = str(e.size_bytes) if args.bytes else _human(e.size_bytes)
+        clear = _enum_name(pb.ClearMode, e.clear_mode, "CLEAR_MODE_")
         rows.append(
             [
                 e.name.removeprefix("exports/"),
-                str(e.size_bytes) if args.bytes else _human(e.size_bytes),
+                size if known else "-",
                 _enum_name(pb.ExportState, e.state, "EXPORT_STATE_"),
                 e.host,
                 "yes" if e.read_only else "no",
-                _enum_name(pb.ClearMode, e.clear_mode, "CLEAR_MODE_"),
+                clear if e.clear_mode != pb.CLEAR_MODE_UNSPECIFIED else "-",
                 e.description,
             ]
         )
-    _print_table(rows, sys.stdout)
+    print_table(rows)
     return 0
 
 
@@ -114,7 +97,7 @@ async def cmd_bitmaps(args: argparse.Namespace) -> int:
             if not token:
                 break
     if args.json:
-        _print_json(bitmaps, sys.stdout)
+        print_json(bitmaps)
         return 0
     rows = [["CONTEXT", "KIND", "GRANULARITY", "DIRTY", "RECORDING", "CLEAR"]]
     for b in bitmaps:
@@ -129,7 +112,7 @@ async def cmd_bitmaps(args: argparse.Namespace) -> int:
                 clear,
             ]
         )
-    _print_table(rows, sys.stdout)
+    print_table(rows)
     return 0
 
 
@@ -204,8 +187,7 @@ async def cmd_clear(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        out = _to_dict(resp)
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        print_json(resp)
         return 0
     mode = _enum_name(pb.ClearMode, resp.clear_mode, "CLEAR_MODE_")
     n = len(resp.cleared_ranges)
@@ -240,7 +222,7 @@ async def cmd_generation(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        sys.stdout.write(json.dumps(_to_dict(resp), indent=2) + "\n")
+        print_json(resp)
         return 0
     export = resp.export.removeprefix("exports/")
     if resp.previous_generation == resp.generation:
@@ -272,14 +254,16 @@ async def cmd_remaining(args: argparse.Namespace) -> int:
             end = msg.range_end or msg.next_offset
     total = sum(n for _, n in ranges)
     if args.json:
-        out = {
-            "export": args.export,
-            "bitmap": bitmap,
-            "end": end,
-            "dirty_bytes": total,
-            "ranges": [{"offset": o, "length": n} for o, n in ranges],
-        }
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        # The API's JSON conventions (camelCase, as print_json gives messages).
+        print_json(
+            {
+                "export": args.export,
+                "bitmap": bitmap,
+                "end": end,
+                "dirtyBytes": total,
+                "ranges": [{"offset": o, "length": n} for o, n in ranges],
+            }
+        )
         return 0
     n = len(ranges)
     print(f"{total} bytes still dirty in {n} range{'s' if n != 1 else ''} of {bitmap}")
@@ -302,7 +286,7 @@ async def cmd_add_bitmap(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        _print_json([bm], sys.stdout)
+        print_json([bm])
         return 0
     kind = "persistent" if bm.persistent else "transient"
     print(f"added {bm.context} ({kind}, granularity {bm.granularity_bytes}): recording")

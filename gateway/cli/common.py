@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from nbdgw.v1 import bitmap_service_pb2 as pb
@@ -203,6 +204,22 @@ def connect(args: argparse.Namespace) -> Gateway:
     if args.token:
         metadata = (("authorization", f"Bearer {args.token}"),)
     return Gateway(channel, pb_grpc.BitmapServiceStub(channel), metadata, args.timeout)
+
+
+async def list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
+    """Every metadata context of ``export`` (ListBitmaps, all pages)."""
+    bitmaps: list[pb.Bitmap] = []
+    token = ""
+    while True:
+        resp = await gw.stub.ListBitmaps(
+            pb.ListBitmapsRequest(parent=export, page_token=token),
+            metadata=gw.metadata,
+            timeout=gw.timeout,
+        )
+        bitmaps.extend(resp.bitmaps)
+        token = resp.next_page_token
+        if not token:
+            return bitmaps
 
 
 # --- Errors ----------------------------------------------------------------------------------
@@ -509,3 +526,39 @@ class MapPrinter:
 
 
 # --- Commands ----------------------------------------------------------------------------------
+
+
+# --- JSON output ------------------------------------------------------------------------------
+
+
+def api_json(message: Any) -> dict[str, Any]:
+    """A message in the API's JSON mapping (proto3 JSON: lowerCamelCase names, uint64 as
+    strings, enums by name), every field present: what grpcurl or buf curl print, so that
+    `--json` of every command reads like the API itself."""
+    out: dict[str, Any] = json_format.MessageToDict(
+        message, always_print_fields_with_no_presence=True
+    )
+    return out
+
+
+def print_json(value: Any) -> None:
+    """``--json``: one document on stdout (a message, or a list or dict of them)."""
+
+    def plain(v: Any) -> Any:
+        if hasattr(v, "DESCRIPTOR"):
+            return api_json(v)
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    sys.stdout.write(json.dumps(plain(value), indent=2) + "\n")
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of text as aligned columns; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")

@@ -6,15 +6,23 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from typing import Any
 
-from google.protobuf import json_format
-
-from gateway.cli.common import _one_line_errors, add_target_arguments, command, connect, parse_size
+from gateway.cli.common import (
+    DIRTY_BITMAP_PREFIX,
+    CommandError,
+    _one_line_errors,
+    add_target_arguments,
+    command,
+    connect,
+    list_bitmaps,
+    parse_size,
+    print_json,
+    print_table,
+)
 from nbdcore.tools import subgroup
+from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
@@ -55,7 +63,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         action="append",
         default=[],
         metavar="CONTEXT",
-        help="fork this dirty bitmap (qemu:dirty-bitmap:NAME or NAME; repeatable)",
+        help="fork this dirty bitmap (qemu:dirty-bitmap:NAME or NAME; repeatable); default: "
+        "every dirty bitmap of the export that records",
+    )
+    p.add_argument(
+        "--no-fork",
+        action="store_true",
+        help="fork no bitmap (a snapshot of the data only)",
     )
     p.add_argument(
         "--group",
@@ -121,7 +135,7 @@ async def cmd_checkpoints(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        _print_json(resp)
+        print_json(resp)
         return 0
     if not resp.checkpoints:
         print(f"no checkpoints of {args.export}")
@@ -144,15 +158,15 @@ async def cmd_delete_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_json(msg: Any) -> None:
-    sys.stdout.write(json.dumps(json_format.MessageToDict(msg), indent=2) + "\n")
+GATEWAY_BITMAPS = "nbdgw-"
+SNAPSHOT_HEADER = ["NAME", "CREATED", "EXPORT", "STATE", "FORKS (DIRTY BYTES)"]
 
 
-def _line(s: spb.Snapshot) -> str:
+def _row(s: spb.Snapshot) -> list[str]:
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.create_time.seconds))
     state = "broken" if s.state == spb.SNAPSHOT_STATE_BROKEN else "ready"
     forks = " ".join(f"{f.context}({f.dirty_bytes})" for f in s.forks) or "-"
-    return f"{s.name.rsplit('/', 1)[-1]}  {created}  {s.export}  {state}  {forks}"
+    return [s.name.rsplit("/", 1)[-1], created, s.export, state, forks]
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -171,21 +185,36 @@ async def cmd_list(args: argparse.Namespace) -> int:
             if not token:
                 break
     if args.json:
-        _print_json(spb.ListSnapshotsResponse(snapshots=snapshots))
+        print_json(spb.ListSnapshotsResponse(snapshots=snapshots))
     elif not snapshots:
         print(f"no snapshots of {args.export}")
-    for s in [] if args.json else snapshots:
-        print(_line(s))
+    else:
+        print_table([SNAPSHOT_HEADER, *(_row(s) for s in snapshots)])
     return 0
 
 
 async def cmd_create(args: argparse.Namespace) -> int:
+    if args.no_fork and args.bitmap:
+        raise CommandError("--no-fork and --bitmap exclude each other")
     async with connect(args) as gw:
+        forks = args.bitmap
+        if not forks and not args.no_fork and not args.since:
+            # As 'nbdgw snapshot create' does for a local image: every dirty bitmap that
+            # records, so that nothing written before the snapshot is left out of its forks
+            # (with --since, the fork is that checkpoint's view). The gateway's own bitmaps
+            # (checkpoints of running VMs, named nbdgw-...) are not the user's to fork.
+            forks = [
+                b.context
+                for b in await list_bitmaps(gw, args.export)
+                if b.kind == pb.BITMAP_KIND_DIRTY_BITMAP
+                and b.recording
+                and not b.context.removeprefix(DIRTY_BITMAP_PREFIX).startswith(GATEWAY_BITMAPS)
+            ]
         snap = await spb_grpc.SnapshotServiceStub(gw.channel).CreateSnapshot(
             spb.CreateSnapshotRequest(
                 parent=args.export,
                 snapshot_id=args.id,
-                bitmaps=args.bitmap,
+                bitmaps=forks,
                 cluster_size_bytes=args.cluster_size,
                 max_preserved_bytes=args.max_size,
                 on_full=_ON_FULL[args.on_full],
@@ -197,9 +226,9 @@ async def cmd_create(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        _print_json(snap)
+        print_json(snap)
     else:
-        print(_line(snap))
+        print_table([SNAPSHOT_HEADER, _row(snap)])
     return 0
 
 
@@ -212,7 +241,7 @@ async def cmd_release(args: argparse.Namespace) -> int:
             timeout=gw.timeout,
         )
     if args.json:
-        _print_json(resp)
+        print_json(resp)
     else:
         merged = ", ".join(f"{m.context} {m.dirty_bytes} bytes" for m in resp.merged) or "nothing"
         print(f"released {args.snapshot}; merged back: {merged}")

@@ -120,7 +120,7 @@ def test_exports_and_bitmaps(qemu_gateway: tuple[GatewayProcess, QemuNBD]) -> No
     out = cli("exports", "--target", gw.target, "--json", check=True).stdout
     (export,) = json.loads(out)
     assert export["name"] == "exports/vm"
-    assert int(export["size_bytes"]) == host.disk.size
+    assert int(export["sizeBytes"]) == host.disk.size  # the API's JSON: camelCase
     text = cli("exports", "--target", gw.target, check=True).stdout.splitlines()
     assert text[0].split()[:2] == ["NAME", "SIZE"] and text[1].split()[:2] == ["vm", "32M"]
 
@@ -176,10 +176,10 @@ def test_extents_and_clear_on_embedded_host(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     resp = json.loads(proc.stdout)
-    assert [(int(r["offset"]), int(r["length"])) for r in resp["cleared_ranges"]] == [(off, length)]
-    assert int(resp["cleared_bytes"]) == length
-    assert int(resp["granularity_bytes"]) == GRANULARITY
-    assert resp["conditional"] and resp["kept_ranges"] == []  # nothing wrote since
+    assert [(int(r["offset"]), int(r["length"])) for r in resp["clearedRanges"]] == [(off, length)]
+    assert int(resp["clearedBytes"]) == length
+    assert int(resp["granularityBytes"]) == GRANULARITY
+    assert resp["conditional"] and resp["keptRanges"] == []  # nothing wrote since
 
     after = cli("extents", "disk", "--bitmap", "backup", "--dirty", "--json", "--target", gw.target)
     assert [(e["offset"], e["length"]) for e in json.loads(after.stdout)] == dirty[:1] + dirty[2:]

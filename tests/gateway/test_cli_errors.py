@@ -3,6 +3,7 @@ resolver message, a C-core log line or a raw ``[Errno N]``."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -66,3 +67,30 @@ def test_a_gateway_that_is_not_there() -> None:
     )
     line = assert_one_line_error(cli("exports", "--target", "nbdgw.invalid:50051"), 1)
     assert "cannot reach the gateway at nbdgw.invalid:50051: its host name does not resolve" in line
+
+
+def test_a_down_host_shows_no_size_and_no_clear_mode(tmp_path: Path) -> None:
+    """An export whose host never answered: '-' where nothing is known, not 'SIZE 0' and
+    'CLEAR unspecified'."""
+    gone = f"gone=nbd+unix:///x?socket={tmp_path / 'none.sock'}"
+    with GatewayProcess("--export", gone, data_dir=tmp_path / "data") as gw:
+        lines = cli("exports", "--target", gw.target, check=True).stdout.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "STATE", "HOST", "RO", "CLEAR", "DESCRIPTION"]
+    name, size, state, _host, _ro, clear = lines[1].split()[:6]
+    assert (name, size, state, clear) == ("gone", "-", "unavailable", "-")
+
+
+def test_json_is_the_apis_json(tmp_path: Path) -> None:
+    """--json of every gateway command uses the API's JSON mapping (camelCase), as grpcurl
+    and buf curl print it."""
+    with GatewayProcess(data_dir=tmp_path) as gw:
+        t = ["--target", gw.target]
+        (export,) = json.loads(cli("exports", "--json", *t, check=True).stdout)
+        bitmaps = json.loads(cli("bitmaps", "sample", "--json", *t, check=True).stdout)
+        snap = json.loads(cli("snapshots", "create", "sample", "--json", *t, check=True).stdout)
+        listed = cli("snapshots", "list", "sample", *t, check=True).stdout.splitlines()
+    assert export["sizeBytes"] == str(64 << 20) and export["clearMode"] == "CLEAR_MODE_AT_SOURCE"
+    assert {"granularityBytes", "dirtyBytes", "clearMode"} <= set(bitmaps[-1])
+    assert snap["createTime"] and snap["forks"][0]["dirtyBytes"]
+    assert listed[0].split()[:4] == ["NAME", "CREATED", "EXPORT", "STATE"]
+    assert listed[1].split()[0] == snap["name"].rsplit("/", 1)[-1]

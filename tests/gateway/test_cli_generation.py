@@ -39,7 +39,7 @@ async def test_generation_clear_and_remaining(
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [(r["offset"], r["length"]) for r in out["ranges"]] == dirty
-    assert out["dirty_bytes"] == sum(n for _, n in dirty)
+    assert out["dirtyBytes"] == sum(n for _, n in dirty)
 
     proc = await run("generation", "qd", "g1")
     assert proc.returncode == 0, proc.stderr
@@ -59,7 +59,7 @@ async def test_generation_clear_and_remaining(
     proc = await run(*clear, "--generation", "g1", "--json")
     assert proc.returncode == 0, proc.stderr
     resp = json.loads(proc.stdout)
-    assert resp["generation"] == "g1" and int(resp["cleared_bytes"]) == 4096
+    assert resp["generation"] == "g1" and int(resp["clearedBytes"]) == 4096
 
     proc = await run("remaining", "qd", "--bitmap", "b0")
     assert proc.returncode == 0, proc.stderr
@@ -71,7 +71,7 @@ async def test_generation_clear_and_remaining(
 
     # A new generation (and the old name again later) starts with nothing masked.
     proc = await run("generation", "qd", "g2", "--json")
-    assert json.loads(proc.stdout)["previous_generation"] == "g1"
+    assert json.loads(proc.stdout)["previousGeneration"] == "g1"
     await run("generation", "qd", "g1")
     proc = await run("remaining", "qd", "--bitmap", "b0", "--json")
     assert [(r["offset"], r["length"]) for r in json.loads(proc.stdout)["ranges"]] == dirty

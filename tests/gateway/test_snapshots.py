@@ -392,7 +392,9 @@ async def test_snapshots_commands(start_gateway: Any, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["export"] == "exports/disk@n1"
     listed = await nbdgw("list", "disk")
-    assert listed.stdout.split()[0] == "n1" and "qemu:dirty-bitmap:b(" in listed.stdout
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:2] == ["NAME", "CREATED"]
+    assert row.split()[0] == "n1" and "qemu:dirty-bitmap:b(" in row
     again = await nbdgw("create", "disk", "--id", "n1")
     assert again.returncode == 1
     assert again.stderr.strip().endswith("[SNAPSHOT_EXISTS]") and "\n" not in again.stderr.strip()
