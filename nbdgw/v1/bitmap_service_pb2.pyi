@@ -839,6 +839,9 @@ class StreamExtentsRequest(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     MAX_EXTENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    COMPRESSION_LEVEL_FIELD_NUMBER: _builtins.int
     export: _builtins.str
     """The export, `exports/{export}`. The bare `{export}` is accepted too."""
     context: _builtins.str
@@ -877,6 +880,26 @@ class StreamExtentsRequest(_message.Message):
     """At most this many extents per message. 0 means the default (4096); values above 65536
     are treated as 65536.
     """
+    digest: _builtins.str
+    """Also compute a strong digest of the range's content as this stream delivers it, sent in
+    `StreamExtentsResponse.digest` of the last message: `sha256` or `blake3`; empty for none
+    (any other name is INVALID_ARGUMENT). The digest covers the bytes of the extents the
+    stream delivers (the other bytes of the range, and zero and hole extents, count as zeros),
+    whether `include_data` is set or not: without it the gateway reads the data and sends only
+    the digest, so that a stored copy can be checked without moving it again. The definition
+    (1 MiB blocks, independent of how the stream is cut into messages) is in
+    docs/concepts.md#integrity. A stream with a digest resumes only by `resume_token` (the
+    token carries the digest's state).
+    """
+    compression: _builtins.str
+    """With `include_data`: send the data compressed: `zstd`; empty for none (any other name is
+    INVALID_ARGUMENT). Each message's data is then one zstd frame, unless compression would not
+    shrink it (see `StreamExtentsResponse.data_compression`).
+    """
+    compression_level: _builtins.int
+    """The zstd level, 1 (fastest) to 19; 0 means 3 (zstd's default). Other values are
+    INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -890,10 +913,13 @@ class StreamExtentsRequest(_message.Message):
         resume_token: _builtins.str = ...,
         resume_offset: _builtins.int | None = ...,
         max_extents_per_message: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        compression: _builtins.str = ...,
+        compression_level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_length", b"_length", "_resume_offset", b"_resume_offset", "length", b"length", "resume_offset", b"resume_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length", b"_length", "_resume_offset", b"_resume_offset", "context", b"context", "export", b"export", "filter", b"filter", "include_data", b"include_data", "length", b"length", "max_extents_per_message", b"max_extents_per_message", "merge_allocation", b"merge_allocation", "offset", b"offset", "resume_offset", b"resume_offset", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length", b"_length", "_resume_offset", b"_resume_offset", "compression", b"compression", "compression_level", b"compression_level", "context", b"context", "digest", b"digest", "export", b"export", "filter", b"filter", "include_data", b"include_data", "length", b"length", "max_extents_per_message", b"max_extents_per_message", "merge_allocation", b"merge_allocation", "offset", b"offset", "resume_offset", b"resume_offset", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__length: _TypeAlias = _typing.Literal["length"]  # noqa: Y015
     _WhichOneofArgType__length: _TypeAlias = _typing.Literal["_length", b"_length"]  # noqa: Y015
@@ -928,6 +954,9 @@ class StreamExtentsResponse(_message.Message):
     ALLOCATION_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CLEAR_TOKEN_FIELD_NUMBER: _builtins.int
+    DATA_CRC32C_FIELD_NUMBER: _builtins.int
+    DATA_COMPRESSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Where this message's coverage starts: the `next_offset` of the previous message, or the
     start of the (resumed) range.
@@ -946,7 +975,8 @@ class StreamExtentsResponse(_message.Message):
     """
     data: _builtins.bytes
     """With `include_data`: the bytes of the extents of this message whose allocation is
-    ALLOCATION_DATA, concatenated in order (at most 1 MiB).
+    ALLOCATION_DATA, concatenated in order (at most 1 MiB), compressed when
+    `data_compression` says so.
     """
     clear_token: _builtins.str
     """An opaque token naming the point in the bitmap's write history before which this message
@@ -956,6 +986,19 @@ class StreamExtentsResponse(_message.Message):
     serve`); empty otherwise. A token stays valid across restarts of the gateway and of the
     host process; one that the host can no longer vouch for (its machine crashed) keeps every
     granule dirty.
+    """
+    data_crc32c: _builtins.int
+    """Set in every message that carries data: the CRC32C (Castagnoli, as in iSCSI and Cloud
+    Storage) of the data as the host returned it (after decompression). A client checks it
+    before storing anything, and treats a mismatch as corruption in transit.
+    """
+    data_compression: _builtins.str
+    """How `data` is encoded: empty for raw bytes, `zstd` for one zstd frame (only when the
+    request asked for `compression` and it made the data smaller).
+    """
+    digest: _builtins.bytes
+    """In the last message (`next_offset == range_end`) of a stream that asked for `digest`: the
+    digest of everything the stream delivered, resumed streams included.
     """
     @_builtins.property
     def offset_deltas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -990,12 +1033,17 @@ class StreamExtentsResponse(_message.Message):
         allocation: _abc.Iterable[Global___Allocation.ValueType] | None = ...,
         data: _builtins.bytes = ...,
         clear_token: _builtins.str = ...,
+        data_crc32c: _builtins.int | None = ...,
+        data_compression: _builtins.str = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_crc32c", b"_data_crc32c", "data_crc32c", b"data_crc32c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "clear_token", b"clear_token", "data", b"data", "flags", b"flags", "lengths", b"lengths", "next_offset", b"next_offset", "offset", b"offset", "offset_deltas", b"offset_deltas", "range_end", b"range_end", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_crc32c", b"_data_crc32c", "allocation", b"allocation", "clear_token", b"clear_token", "data", b"data", "data_compression", b"data_compression", "data_crc32c", b"data_crc32c", "digest", b"digest", "flags", b"flags", "lengths", b"lengths", "next_offset", b"next_offset", "offset", b"offset", "offset_deltas", b"offset_deltas", "range_end", b"range_end", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__data_crc32c: _TypeAlias = _typing.Literal["data_crc32c"]  # noqa: Y015
+    _WhichOneofArgType__data_crc32c: _TypeAlias = _typing.Literal["_data_crc32c", b"_data_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__data_crc32c) -> _WhichOneofReturnType__data_crc32c | None: ...
 
 Global___StreamExtentsResponse: _TypeAlias = StreamExtentsResponse  # noqa: Y015
 
