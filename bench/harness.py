@@ -136,17 +136,24 @@ class Run:
 
 
 def run_rounds(sides: dict[str, Side], repeat: int, *, warmup: bool = True) -> dict[str, Stats]:
-    """Call every side once per round, ``repeat`` rounds, interleaved. A side given as a
-    NotAvailable (its component has not landed) is skipped: the others are still measured."""
+    """Call every side once per round, ``repeat`` rounds, interleaved, in alternating order
+    (forwards, then backwards: no side always runs first, on a cold cache or right after a
+    side that heated the machine). A side given as a NotAvailable (its component has not
+    landed) is skipped: the others are still measured."""
     live = {name: fn for name, fn in sides.items() if not isinstance(fn, NotAvailable)}
     if warmup:
         for fn in live.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(repeat):
-        for name, fn in live.items():
-            samples[name].append(fn())
+    for index in range(repeat):
+        for name in round_order(list(live), index):
+            samples[name].append(live[name]())
     return {name: Stats.of(values) for name, values in samples.items()}
+
+
+def round_order(names: list[str], index: int) -> list[str]:
+    """The order of the sides in round ``index``: as given, reversed every other round."""
+    return names if index % 2 == 0 else names[::-1]
 
 
 def evaluate(

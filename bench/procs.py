@@ -203,8 +203,8 @@ def qemu_nbd(
     qemu10: bool = False,
 ) -> Iterator[str]:
     """qemu-nbd 7.2 (or 10, which offers extended headers) serving ``image`` as export
-    ``disk`` on a unix socket; yields the URI. ``-e 8``: nbdcopy opens 4 connections; ``-t``:
-    stay up between clients."""
+    ``disk`` on a unix socket; yields the URI. ``-e 8``: room for nbdcopy's connections and
+    ours; ``-t``: stay up between clients."""
     sock = workdir / f"{name}.sock"
     binary = qemu10_tool("qemu-nbd") if qemu10 else tool("qemu-nbd")
     cmd = [binary, "-t", "-e", "8", "-f", fmt, "-x", "disk", "-k", str(sock)]

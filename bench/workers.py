@@ -332,23 +332,33 @@ async def stream_extents(args: argparse.Namespace) -> None:
         context=args.context,
         include_data=args.include_data,
         max_extents_per_message=args.max_extents,
+        digest=args.digest,
+        compression=args.compression,
     )
+    check: Callable[[Any], bytes] | None = None
+    if args.verify:
+        # As a client that stores the data must: CRC32C (and zstd) of every message.
+        from gateway.integrity import message_data as check
     options = [("grpc.max_receive_message_length", 64 << 20)]
     start, cpu = time.perf_counter(), time.process_time()
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         stub = pb_grpc.BitmapServiceStub(channel)
         extents = data = messages = 0
         next_offset = range_end = 0
+        digest = b""
         async for msg in stub.StreamExtents(request):
             messages += 1
             extents += len(msg.lengths)
-            data += len(msg.data)
+            data += len(msg.data) if check is None else len(check(msg))
             next_offset, range_end = msg.next_offset, msg.range_end
+            digest = msg.digest
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if next_offset != range_end or range_end == 0:
         raise SystemExit(f"stream ended at {next_offset} of {range_end}")
     if args.expect is not None and extents < args.expect:
         raise SystemExit(f"{extents} extents, expected at least {args.expect}")
+    if args.digest and len(digest) != 32:
+        raise SystemExit(f"asked for a {args.digest} digest, got {digest.hex()!r}")
     _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end, cpu=cpu)
 
 
@@ -413,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-extents", type=int, default=0, help="per message (0: the default)")
     s.add_argument("--expect", type=int, help="at least this many extents")
     s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
+    s.add_argument("--verify", action="store_true", help="check every message's CRC32C")
+    s.add_argument("--digest", default="", help="ask for this digest (sha256, blake3)")
+    s.add_argument("--compression", default="", help="ask for compressed data (zstd)")
     return p
 
 

@@ -1,0 +1,151 @@
+"""Whole commands, timed as a user meets them: process start, imports, connecting, the work,
+and the exit, by wall clock around each process, ours and the reference alike.
+
+- ``commands-copy``: ``nbdgw nbd copy URI null:`` against ``nbdcopy URI null:``, both from the
+  same qemu-nbd 7.2 with the same number of connections.
+- ``commands-backup``: ``nbdgw backup --full`` through a running gateway (in front of that
+  qemu-nbd) into a file, against ``nbdcopy URI FILE`` from the host, both into the same
+  directory. The gateway process runs all along and is not timed (as in production); each
+  output is checked against the source once (the warm-up call), and removed after every call.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench import procs
+from bench.fixtures import Fixtures
+from bench.gateway_suites import gateway
+from bench.harness import GIB_S, Benchmark, Row, Target
+from bench.suites import (
+    NBDCOPY_CONNECTIONS,
+    Sides,
+    _size,
+    gib_s,
+    nbdcopy_cmd,
+    nbdcopy_side,
+    nbdcopy_what,
+    optional,
+)
+
+
+def nbdgw_cmd(*args: str) -> list[str]:
+    """The ``nbdgw`` console script of this interpreter's environment: what a user runs."""
+    script = Path(sys.executable).with_name("nbdgw")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "gateway", *args]
+
+
+def commands_copy(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        data = fx.data_raw()
+        with procs.tempdir() as work, procs.qemu_nbd(data.file, "raw", work) as uri:
+            ours = nbdgw_cmd(
+                "nbd", "copy", "--connections", str(NBDCOPY_CONNECTIONS), "--no-progress", uri,
+                "null:",
+            )  # fmt: skip
+            yield {
+                "nbdgw nbd copy": lambda: gib_s(data.size, procs.timed(ours)),
+                "nbdcopy": nbdcopy_side(uri, data.size),
+            }
+
+    return Benchmark(
+        name="commands-copy",
+        title=f"read a {_size(fx.sizes.data_bytes)} raw image from qemu-nbd 7.2, whole commands",
+        metric=GIB_S,
+        setup=setup,
+        rows=[
+            Row(
+                f"nbdgw nbd copy URI null: ({NBDCOPY_CONNECTIONS} connections, 8 x 512 KiB in"
+                f" flight each) / {nbdcopy_what()} URI null:; both whole processes, start"
+                " and exit included",
+                "nbdgw nbd copy",
+                "nbdcopy",
+                Target(">=", 1.2),
+            )
+        ],
+    )
+
+
+def _to_file(cmd: list[str], out: Path, source: Path, size: int) -> Callable[[], float]:
+    """A side that runs ``cmd`` (which writes ``out``), checks ``out`` once, removes it."""
+    checked = False
+
+    def side() -> float:
+        nonlocal checked
+        seconds = procs.timed(cmd)
+        try:
+            if not checked:
+                if not filecmp.cmp(out, source, shallow=False):
+                    raise RuntimeError(f"{' '.join(cmd)} wrote a file that differs from the disk")
+                checked = True
+        finally:
+            for path in out.parent.glob(out.name + "*"):
+                os.unlink(path)
+        return gib_s(size, seconds)
+
+    return side
+
+
+def commands_backup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        data = fx.data_raw()
+        with ExitStack() as stack:
+            work = stack.enter_context(procs.tempdir())
+            uri = stack.enter_context(procs.qemu_nbd(data.file, "raw", work))
+            gw = optional(stack, gateway(uri, work))
+            out = work / "out"
+            out.mkdir()
+            backup: Sides = {}
+            if isinstance(gw, tuple):
+                target = gw[0]
+                for name, extra in (
+                    ("nbdgw backup --full", []),
+                    ("nbdgw backup --full, blake3 digest", ["--digest", "blake3"]),
+                ):
+                    cmd = nbdgw_cmd("backup", "--full", "--target", target, *extra, "disk")
+                    path = out / name.replace(" ", "_").replace(",", "")
+                    backup[name] = _to_file([*cmd, str(path)], path, data.file, data.size)
+            else:
+                backup["nbdgw backup --full"] = gw
+            nbdcopy_out = out / "nbdcopy.raw"
+            yield {
+                **backup,
+                "nbdcopy to a file": _to_file(
+                    nbdcopy_cmd(uri, str(nbdcopy_out)), nbdcopy_out, data.file, data.size
+                ),
+            }
+
+    return Benchmark(
+        name="commands-backup",
+        title=f"back up a {_size(fx.sizes.data_bytes)} all-data raw image into a file, whole"
+        " commands",
+        metric=GIB_S,
+        setup=setup,
+        rows=[
+            Row(
+                "nbdgw backup --full through the gateway (one StreamExtents stream, CRC32C"
+                " checked, fsync every 32 MiB) / "
+                f"{nbdcopy_what()} URI FILE from the host; both whole processes into the same"
+                " directory, start and exit included",
+                "nbdgw backup --full",
+                "nbdcopy to a file",
+                Target(">=", 0.8),
+            ),
+            Row(
+                "same, recording a blake3 digest / nbdcopy URI FILE",
+                "nbdgw backup --full, blake3 digest",
+                "nbdcopy to a file",
+            ),
+        ],
+    )
+
+
+def benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
+    return [commands_copy(fx, opts), commands_backup(fx, opts)]
