@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from gateway import errors
-from gateway.api.framing import DataMessageBuffer, PreparedMessage, extents_message
+from gateway.api.framing import DataMessageBuffer, PreparedMessage, extents_message, tail_fields
 from gateway.api.names import (
     bitmap_resource,
     context_name,
@@ -42,6 +42,14 @@ from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
 from gateway.hosts.pool import ExportPool, KnownExport
 from gateway.hosts.qmp import QmpHost, read_through_snapshot
+from gateway.integrity import (
+    COMPRESSION_ZSTD,
+    DEFAULT_ZSTD_LEVEL,
+    Compressor,
+    RangeDigest,
+    check_request,
+    crc32c,
+)
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
@@ -114,29 +122,49 @@ def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
 
 _RESUME = struct.Struct(">BQ16s")
 _RESUME_VERSION = 1
+# A stream with a digest: version 2 also carries the digest's state (gateway.integrity): the
+# chain value before the block that starts at the last field, whose delivered data up to the
+# position is hashed again on resume.
+_RESUME_DIGEST = struct.Struct(">BQ16s32sQ")
+_RESUME_DIGEST_VERSION = 2
 
 
-def encode_resume(fingerprint: bytes, offset: int) -> str:
-    raw = _RESUME.pack(_RESUME_VERSION, offset, fingerprint)
+def encode_resume(fingerprint: bytes, offset: int, digest: tuple[bytes, int] | None = None) -> str:
+    if digest is None:
+        raw = _RESUME.pack(_RESUME_VERSION, offset, fingerprint)
+    else:
+        raw = _RESUME_DIGEST.pack(_RESUME_DIGEST_VERSION, offset, fingerprint, *digest)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_resume(token: str, fingerprint: bytes) -> int:
+    return decode_resume_state(token, fingerprint)[0]
+
+
+def decode_resume_state(token: str, fingerprint: bytes) -> tuple[int, tuple[bytes, int] | None]:
+    """The position of a resume token, and the digest state it carries (None: no digest)."""
+    digest = None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        version, offset, fp = _RESUME.unpack(raw)
+        version = raw[0] if raw else 0
+        if version == _RESUME_DIGEST_VERSION:
+            version, offset, fp, chain, block = _RESUME_DIGEST.unpack(raw)
+            digest = (chain, block)
+        else:
+            version, offset, fp = _RESUME.unpack(raw)
     except (ValueError, struct.error):
         raise errors.invalid_token("resume", "resume_token", "malformed token") from None
-    if version != _RESUME_VERSION:
+    if version not in (_RESUME_VERSION, _RESUME_DIGEST_VERSION):
         raise errors.invalid_token("resume", "resume_token", f"unknown token version {version}")
     if fp != fingerprint:
         raise errors.invalid_token(
             "resume",
             "resume_token",
             "the token belongs to a different request (export, context, range, filter,"
-            " merge_allocation and include_data must be the same as when it was issued)",
+            " merge_allocation, include_data and digest must be the same as when it was"
+            " issued)",
         )
-    return int(offset)
+    return int(offset), digest
 
 
 # --- the servicer ---------------------------------------------------------------------------
@@ -825,7 +853,7 @@ def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
     # Any failure after the stream started says where to resume (UNAVAILABLE is the one a
     # client retries, but a resume position costs nothing on the others).
     if stream is not None and stream.started and "resume_offset" not in err.metadata:
-        return err.with_resume(stream.sent_offset, stream.plan.token(stream.sent_offset))
+        return err.with_resume(stream.sent_offset, stream.token(stream.sent_offset))
     return err
 
 
@@ -856,6 +884,9 @@ class _StreamPlan:
     resume_token: str
     resume_offset: int | None
     max_extents: int
+    digest: str = ""  # gateway.integrity.DIGESTS
+    compression: str = ""
+    compression_level: int = DEFAULT_ZSTD_LEVEL
 
     @classmethod
     def from_request(cls, r: pb.StreamExtentsRequest) -> _StreamPlan:
@@ -876,6 +907,15 @@ class _StreamPlan:
             violations.append(("length", "offset + length overflows 64 bits"))
         if r.filter not in pb.ExtentFilter.values():
             violations.append(("filter", f"unknown filter value {r.filter}"))
+        violations += check_request(r.digest, r.compression, r.compression_level)
+        if r.digest and r.HasField("resume_offset") and not r.resume_token:
+            violations.append(
+                (
+                    "resume_offset",
+                    "a stream with a digest resumes by resume_token, which carries the"
+                    " digest's state",
+                )
+            )
         if violations:
             raise errors.invalid_fields(violations)
         flt = pb.EXTENT_FILTER_ALL if r.filter == pb.EXTENT_FILTER_UNSPECIFIED else r.filter
@@ -886,11 +926,15 @@ class _StreamPlan:
             offset=r.offset,
             length=length,
             filter=flt,
-            merge_allocation=r.merge_allocation or r.include_data,
+            # A digest hashes the data: it needs allocation to know what to read.
+            merge_allocation=r.merge_allocation or r.include_data or bool(r.digest),
             include_data=r.include_data,
             resume_token=r.resume_token,
             resume_offset=r.resume_offset if r.HasField("resume_offset") else None,
             max_extents=max_extents,
+            digest=r.digest,
+            compression=r.compression if r.include_data else "",
+            compression_level=r.compression_level or DEFAULT_ZSTD_LEVEL,
         )
         if plan.resume_token:
             pos = decode_resume(plan.resume_token, plan.fingerprint)
@@ -912,25 +956,38 @@ class _StreamPlan:
             self.filter,
             self.merge_allocation,
             self.include_data,
+            # Only when set: the tokens of streams without a digest stay as they were.
+            *([self.digest] if self.digest else []),
         )
 
-    def token(self, offset: int) -> str:
-        return encode_resume(self.fingerprint, offset)
+    @property
+    def read_data(self) -> bool:
+        """Whether the stream reads the data: to send it, or to hash it for the digest."""
+        return self.include_data or bool(self.digest)
 
-    def start(self, end: int) -> int:
-        """Where the stream starts: the range start, or the resume position."""
+    def start(self, end: int) -> tuple[int, RangeDigest | None]:
+        """Where the stream starts (the range start, or the resume position), and its digest
+        (resumed from the token's state)."""
+        state = None
         if self.resume_token:
-            pos = decode_resume(self.resume_token, self.fingerprint)
+            pos, state = decode_resume_state(self.resume_token, self.fingerprint)
             field_name = "resume_token"
         elif self.resume_offset is not None:
             pos, field_name = self.resume_offset, "resume_offset"
         else:
-            return self.offset
+            pos, field_name = self.offset, ""
         if not self.offset <= pos <= end:
             raise errors.invalid_fields(
                 [(field_name, f"resume position {pos} is outside the range [{self.offset}, {end}]")]
             )
-        return pos
+        if not self.digest:
+            return pos, None
+        if state is None:
+            return pos, RangeDigest(self.digest, self.offset)
+        chain, block = state
+        if not self.offset <= block <= pos:
+            raise errors.invalid_token("resume", "resume_token", "malformed digest state")
+        return pos, RangeDigest(self.digest, block, chain=chain)
 
 
 class _Message:
@@ -1001,6 +1058,15 @@ class _ExtentStream:
         self._spare: bytearray | None = None  # the buffer of the last data message sent
         # The serialized fields above ``data``: the clear token, when the stream hands one out.
         self._tail = b""
+        self.digest: RangeDigest | None = None  # of what was written, when asked for
+        self._rehash_until = 0  # resumed inside a digest block: hash, do not send, up to here
+        self._compressor = Compressor(plan.compression_level) if plan.compression else None
+
+    def token(self, offset: int) -> str:
+        """The resume token of ``offset``: with a digest, its state so far (a resume hashes
+        again what was delivered since the start of the block it names)."""
+        state = self.digest.state if self.digest is not None else None
+        return encode_resume(self.plan.fingerprint, offset, state)
 
     async def run(self) -> None:
         plan = self.plan
@@ -1022,8 +1088,11 @@ class _ExtentStream:
     async def _stream(self, client: NBDClient, contexts: list[str]) -> None:
         plan = self.plan
         self.range_end = _check_range(plan.offset, plan.length, client.size)
-        start = plan.start(self.range_end)
+        start, self.digest = plan.start(self.range_end)
         self.sent_offset = start
+        walk = start
+        if self.digest is not None and self.digest.position < start:
+            walk, self._rehash_until = self.digest.position, start
         self.started = True
         have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
         columns = [c for c in contexts if c in client.meta_contexts]
@@ -1033,14 +1102,14 @@ class _ExtentStream:
             scope = self.mask_scope(self.pool, plan.context)
         await self._take_position(client)
         msg = _Message(start)
-        if start < self.range_end:
+        if walk < self.range_end:
             # cast: nbdcore.extents.BlockStatusClient declares extended_headers as a
             # settable attribute where NBDClient has a property (same value).
             batches: AsyncGenerator[Any, None] = iter_extents(  # type: ignore[assignment]
                 cast(Any, client),
                 columns,
-                start,
-                self.range_end - start,
+                walk,
+                self.range_end - walk,
                 max_extents=plan.max_extents,
             )
             try:
@@ -1059,7 +1128,14 @@ class _ExtentStream:
                         lengths, (flags, kinds) = merge_runs(batch.lengths, (flags, kinds))
                     else:
                         lengths, kinds = batch.lengths, None
-                    msg = await self._shape(client, msg, batch.offset, lengths, flags, kinds)
+                    offset = batch.offset
+                    if offset < self._rehash_until:
+                        offset, lengths, flags, kinds = await self._rehash(
+                            client, offset, lengths, flags, kinds
+                        )
+                        if not len(lengths):
+                            continue
+                    msg = await self._shape(client, msg, offset, lengths, flags, kinds)
             finally:
                 await batches.aclose()
             if self.shutdown.is_set():
@@ -1091,6 +1167,45 @@ class _ExtentStream:
         except Exception:
             return []
 
+    async def _rehash(
+        self,
+        client: NBDClient,
+        offset: int,
+        lengths: array[int],
+        flags: array[int],
+        kinds: array[int] | None,
+    ) -> tuple[int, array[int], array[int], array[int] | None]:
+        """Resumed inside a digest block: hash what the stream delivered between the block's
+        start and the resume position again (read from the host, not sent). Returns the rows
+        from the resume position on."""
+        assert self.digest is not None
+        scratch = memoryview(bytearray(MAX_DATA_PER_MESSAGE))
+        for i in range(len(lengths)):
+            length = lengths[i]
+            take = min(length, self._rehash_until - offset)
+            kind = kinds[i] if kinds is not None else pb.ALLOCATION_DATA
+            if kind == pb.ALLOCATION_DATA and _delivered(self.plan.filter, flags[i]):
+                for at in range(0, take, MAX_DATA_PER_MESSAGE):
+                    n = min(MAX_DATA_PER_MESSAGE, take - at)
+                    await asyncio.gather(
+                        *(
+                            client.pread_into(
+                                scratch[a : a + min(MAX_READ_REQUEST, n - a)], offset + at + a
+                            )
+                            for a in range(0, n, MAX_READ_REQUEST)
+                        )
+                    )
+                    self.digest.update(offset + at, scratch[:n])
+            offset += take
+            if offset >= self._rehash_until:
+                rest = slice(i + 1 if take == length else i, None)
+                lengths, flags = lengths[rest], flags[rest]
+                kinds = kinds[rest] if kinds is not None else None
+                if take < length:
+                    lengths[0] = length - take
+                return offset, lengths, flags, kinds
+        return offset, lengths[:0], flags[:0], kinds[:0] if kinds is not None else None
+
     async def _shape(
         self,
         client: NBDClient,
@@ -1108,7 +1223,7 @@ class _ExtentStream:
             sel = list(compress(range(n), flags))
         elif plan.filter == pb.EXTENT_FILTER_CLEAR:
             sel = list(compress(range(n), map(operator.not_, flags)))
-        if plan.include_data:
+        if plan.read_data:
             # bounds[i] is where row i starts, bounds[i + 1] where it ends.
             bounds = array("Q", accumulate(lengths, initial=offset))
             msg = await self._shape_with_data(client, msg, bounds, lengths, flags, kinds, sel)
@@ -1235,7 +1350,7 @@ class _ExtentStream:
         return pb.StreamExtentsResponse(
             offset=msg.offset,
             next_offset=msg.end,
-            resume_token=self.plan.token(msg.end),
+            resume_token=self.token(msg.end),
             range_end=self.range_end,
         )
 
@@ -1254,7 +1369,7 @@ class _ExtentStream:
             rest = pb.StreamRemainingDirtyResponse(
                 offset=msg.offset,
                 next_offset=msg.end,
-                resume_token=self.plan.token(msg.end),
+                resume_token=self.token(msg.end),
                 range_end=self.range_end,
             )
             rest.offset_deltas.extend(msg.deltas)
@@ -1266,18 +1381,40 @@ class _ExtentStream:
             self.sent_offset = msg.end
             return
         message: PreparedMessage
-        if reads is None:
+        if reads is not None:
+            await reads.landing
+            data = reads.buf.data
+            if self.digest is not None:
+                pos = 0
+                for o, n in msg.reads:
+                    self.digest.update(o, data[pos : pos + n])
+                    pos += n
+        digest = b""
+        if self.digest is not None and msg.end == self.range_end:
+            digest = self.digest.finish(self.range_end)
+        if reads is None or not self.plan.include_data:
             message = extents_message(
                 self._head_fields(msg),
                 msg.deltas,
                 msg.lengths,
                 msg.flags,
                 msg.kinds if self.plan.merge_allocation else None,
-                self._tail,
+                self._tail + tail_fields(digest=digest),
             )
         else:
-            await reads.landing
-            message = reads.buf.message(extents=len(msg), covered=msg.end - msg.offset)
+            crc = crc32c(data)
+            frame = None
+            if self._compressor is not None:
+                # zstd releases the GIL: the loop goes on while a core compresses.
+                frame = await asyncio.to_thread(self._compressor.compress, data)
+            extents, covered = len(msg), msg.end - msg.offset
+            if frame is None:
+                tail = tail_fields(crc, digest=digest)
+                message = reads.buf.message(extents=extents, covered=covered, tail=tail)
+            else:
+                tail = tail_fields(crc, COMPRESSION_ZSTD, digest)
+                message = reads.buf.compressed(frame, extents=extents, covered=covered, tail=tail)
+        if reads is not None:
             self._spare = reads.buf.reuse()
         if self.shutdown.is_set():
             raise errors.shutting_down()
@@ -1292,6 +1429,15 @@ class _Reads:
 
     buf: DataMessageBuffer
     landing: asyncio.Future[list[None]]
+
+
+def _delivered(flt: int, flags: int) -> bool:
+    """Whether a row with ``flags`` passes the stream's filter (is delivered)."""
+    if flt == pb.EXTENT_FILTER_SET:
+        return bool(flags)
+    if flt == pb.EXTENT_FILTER_CLEAR:
+        return not flags
+    return True
 
 
 # base:allocation flags (HOLE 1, ZERO 2) -> the proto's Allocation: a hole that does not read as

@@ -31,6 +31,13 @@ from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
 # StreamExtentsResponse.data: field 9, wire type 2 (length-delimited).
 _DATA_TAG = bytes([9 << 3 | 2])
+# The fields after it (gateway.integrity): data_crc32c (13, fixed32: wire type 5, 4 bytes
+# little-endian), data_compression (14) and digest (15), both length-delimited.
+_CRC_TAG = bytes([13 << 3 | 5])
+_COMPRESSION_TAG = bytes([14 << 3 | 2])
+_DIGEST_TAG = bytes([15 << 3 | 2])
+# Room for them at the end of a data message's buffer (5 + 2 + 4 + 2 + 32 bytes at most).
+_TAIL_ROOM = 64
 
 STREAM_EXTENTS = "StreamExtents"
 
@@ -75,8 +82,9 @@ def extents_message(
 ) -> PreparedMessage:
     """A StreamExtentsResponse without data, serialized byte for byte as ``SerializeToString``
     would (fields in number order: the head's 1-4, then the columns 5-8, then ``tail``, the
-    serialized fields above 9): the columns of small values are packed here, the others by
-    protobuf (the fields of a message that holds only that column)."""
+    serialized fields above 9: ``clear_token``, then :func:`tail_fields`): the columns of
+    small values are packed here, the others by protobuf (the fields of a message that holds
+    only that column)."""
     parts = [head.SerializeToString()]
     for field, name, values in (
         (5, "offset_deltas", deltas),
@@ -106,6 +114,19 @@ def data_field_header(length: int) -> bytes:
     return _DATA_TAG + varint(length)
 
 
+def tail_fields(crc32c: int | None = None, compression: str = "", digest: bytes = b"") -> bytes:
+    """Fields 13-15 of a StreamExtentsResponse, serialized as protobuf does after ``data``."""
+    out = b""
+    if crc32c is not None:
+        out += _CRC_TAG + crc32c.to_bytes(4, "little")
+    if compression:
+        raw = compression.encode()
+        out += _COMPRESSION_TAG + varint(len(raw)) + raw
+    if digest:
+        out += _DIGEST_TAG + varint(len(digest)) + digest
+    return out
+
+
 class PreparedMessage:
     """A serialized StreamExtentsResponse, with the figures the metrics count (so that nothing
     parses it back: reading ``data`` of a protobuf message copies it)."""
@@ -129,7 +150,7 @@ class DataMessageBuffer:
     it (a cancelled read's late reply does, see NBDClient.pread_into).
     """
 
-    __slots__ = ("_buf", "_head", "_tail", "_total", "_view", "data")
+    __slots__ = ("_buf", "_end", "_fields", "_head", "_tail", "_total", "_view", "data")
 
     def __init__(
         self,
@@ -138,29 +159,56 @@ class DataMessageBuffer:
         spare: bytearray | None,
         tail: bytes = b"",
     ):
-        prefix = head.SerializeToString() + data_field_header(data_len)
+        fields = head.SerializeToString()
+        prefix = fields + data_field_header(data_len)
         end = len(prefix) + data_len
         total = end + len(tail)
-        buf = spare if spare is not None and len(spare) >= total else bytearray(total)
+        # Room after ``tail`` for the fields that are only known once the data is in
+        # (tail_fields: its CRC32C, the stream's digest).
+        buf = spare if spare is not None and len(spare) >= total + _TAIL_ROOM else None
+        if buf is None:
+            buf = bytearray(total + _TAIL_ROOM)
         buf[: len(prefix)] = prefix
         buf[end:total] = tail
         self._buf: bytearray | None = buf
         self._view = memoryview(buf)
+        self._fields = len(fields)  # the head's fields, before the data tag
         self._head = len(prefix)
+        self._end = end  # of the data
         self._tail = len(tail)
         self._total = total
         self.data = self._view[len(prefix) : end]
 
-    def message(self, *, extents: int, covered: int) -> PreparedMessage:
-        """The message, once every read has landed."""
+    def message(self, *, extents: int, covered: int, tail: bytes = b"") -> PreparedMessage:
+        """The message, once every read has landed; ``tail`` (:func:`tail_fields`, 13-15)
+        follows the constructor's (``clear_token``, 10), where protobuf writes them."""
         assert self._buf is not None, "message() after reuse()"
-        payload = bytes(self._view[: self._total])
+        assert len(tail) <= _TAIL_ROOM
+        end = self._total + len(tail)
+        self._view[self._total : end] = tail
+        payload = bytes(self._view[:end])
         return PreparedMessage(
             payload,
             extents=extents,
             covered=covered,
             data_bytes=self._total - self._head - self._tail,
         )
+
+    def compressed(
+        self, frame: bytes, *, extents: int, covered: int, tail: bytes
+    ) -> PreparedMessage:
+        """The message with ``frame`` (the data, compressed) in place of the data."""
+        assert self._buf is not None, "compressed() after reuse()"
+        payload = b"".join(
+            (
+                self._view[: self._fields],
+                data_field_header(len(frame)),
+                frame,
+                self._view[self._end : self._total],
+                tail,
+            )
+        )
+        return PreparedMessage(payload, extents=extents, covered=covered, data_bytes=len(frame))
 
     def reuse(self) -> bytearray | None:
         """The bytearray, for the next message of the stream (after :meth:`message`)."""

@@ -19,6 +19,7 @@ from gateway.api.framing import (
     extents_message,
     packed_small,
     serializer,
+    tail_fields,
 )
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -245,3 +246,41 @@ async def test_stream_over_qemu_nbd_is_canonical_and_counted(
     assert value(metrics, "nbdgw_data_bytes_streamed_total", export="vm") == data_bytes
     assert value(metrics, "nbdgw_extents_streamed_total", export="vm") == len(rows)
     assert value(metrics, "nbdgw_bytes_streamed_total", export="vm") == messages[-1].range_end
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages(),
+    st.none() | st.integers(0, (1 << 32) - 1),
+    st.sampled_from(["", "zstd"]),
+    st.sampled_from([b"", bytes(range(32))]),
+    st.sampled_from(["", "a-clear-token"]),
+)
+def test_fields_after_data_are_what_protobuf_writes(
+    msg: tuple[dict[str, Any], bytes],
+    crc: int | None,
+    compression: str,
+    digest: bytes,
+    clear_token: str,
+) -> None:
+    """data_crc32c, data_compression and digest (13-15) follow the data and clear_token (10),
+    as protobuf writes them; in an extents message too (the digest of a stream's last
+    message)."""
+    fields, data = msg
+    token = pb.StreamExtentsResponse(clear_token=clear_token).SerializeToString()
+    buf = DataMessageBuffer(pb.StreamExtentsResponse(**fields), len(data), None, token)
+    buf.data[:] = data
+    tail = tail_fields(crc, compression, digest)
+    prepared = buf.message(extents=len(fields["lengths"]), covered=7, tail=tail)
+    want = pb.StreamExtentsResponse(
+        **fields, data=data, data_compression=compression, clear_token=clear_token
+    )
+    want.digest = digest
+    if crc is not None:
+        want.data_crc32c = crc
+    assert prepared.payload == want.SerializeToString()
+    frame = bytes(reversed(data))  # stands for the compressed data
+    packed = buf.compressed(frame, extents=1, covered=7, tail=tail)
+    want.data = frame
+    assert packed.payload == want.SerializeToString()
+    assert packed.data_bytes == len(frame)

@@ -1,0 +1,154 @@
+"""StreamExtents' integrity fields against a real gateway over the embedded host: a CRC32C in
+every data message, the stream digest (however the stream is cut, resumed, or sent without
+its data), zstd, and the refusal of unknown names."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.integrity import RangeDigest, crc32c, message_data
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from tests.gateway.conftest import MiB, call_error, rows_of, stream_all
+from tests.gateway.test_service_embedded import SIZE, make_image
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "disk.img")
+
+
+def local_digest(
+    algorithm: str, content: bytes, messages: list[pb.StreamExtentsResponse], start: int = 0
+) -> bytes:
+    """The digest of what ``messages`` delivered, computed from the disk's own bytes."""
+    d = RangeDigest(algorithm, start)
+    for m in messages:
+        for offset, length, _flags, kind in rows_of(m):
+            if kind == pb.ALLOCATION_DATA:
+                d.update(offset, content[offset : offset + length])
+    return d.finish(messages[-1].range_end)
+
+
+async def test_every_data_message_carries_its_crc32c(start_gateway: Any, disk: Path) -> None:
+    gw = await start_gateway(config_of(disk))
+    got = await stream_all(gw.stub, export="disk", context="base:allocation", include_data=True)
+    with_data = [m for m in got.messages if m.data]
+    assert with_data
+    for m in got.messages:
+        assert m.HasField("data_crc32c") == bool(m.data)
+        if m.data:
+            assert m.data_crc32c == crc32c(m.data)
+            assert message_data(m) == m.data
+        assert not m.digest  # none asked for
+
+
+def config_of(disk: Path) -> GatewayConfig:
+    config = GatewayConfig(data_dir=disk.parent / "data")
+    config.add_image_export("disk", disk)
+    return config
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+async def test_digest_is_the_disk_content_however_the_stream_is_cut(
+    start_gateway: Any, disk: Path, algorithm: str
+) -> None:
+    gw = await start_gateway(config_of(disk))
+    content = await asyncio.to_thread(disk.read_bytes)
+    base = {"export": "disk", "context": "base:allocation", "digest": algorithm}
+    full = await stream_all(gw.stub, **base, include_data=True)
+    digest = full.messages[-1].digest
+    assert len(digest) == 32
+    assert [m for m in full.messages if m.digest] == [full.messages[-1]]
+    assert digest == local_digest(algorithm, content, full.messages)
+    # The same without the data (the gateway reads and hashes), and cut in small messages.
+    hashed = await stream_all(gw.stub, **base)
+    assert not any(m.data for m in hashed.messages)
+    assert hashed.messages[-1].digest == digest
+    small = await stream_all(gw.stub, **base, include_data=True, max_extents_per_message=1)
+    assert small.messages[-1].digest == digest
+    # A dirty bitmap's stream hashes what it delivers: the dirty data only.
+    dirty = await stream_all(
+        gw.stub, **{**base, "context": "backup"}, filter=pb.EXTENT_FILTER_SET, include_data=True
+    )
+    assert dirty.messages[-1].digest == local_digest(algorithm, content, dirty.messages)
+    assert dirty.messages[-1].digest != digest
+
+
+async def test_digest_survives_a_resume_inside_a_block(start_gateway: Any, disk: Path) -> None:
+    gw = await start_gateway(config_of(disk))
+    request = pb.StreamExtentsRequest(
+        export="disk",
+        context="backup",
+        filter=pb.EXTENT_FILTER_SET,
+        include_data=True,
+        digest="blake3",
+        max_extents_per_message=1,
+    )
+    whole = [m async for m in gw.stub.StreamExtents(request)]
+    rows = [r for m in whole for r in rows_of(m)]
+    # The first message ends inside the first 1 MiB block (three granules of data at 0): the
+    # resumed gateway hashes its start again. Every other message end is tried too.
+    assert 0 < whole[0].next_offset < 1 * MiB
+    for k in range(1, len(whole)):
+        head = []
+        async for m in gw.stub.StreamExtents(request):
+            head.append(m)
+            if len(head) == k:
+                break
+        resumed = pb.StreamExtentsRequest()
+        resumed.CopyFrom(request)
+        resumed.resume_token = head[-1].resume_token
+        tail = [m async for m in gw.stub.StreamExtents(resumed)]
+        assert tail[0].offset == head[-1].next_offset
+        assert tail[-1].digest == whole[-1].digest, f"resumed after message {k}"
+        assert [r for m in head + tail for r in rows_of(m)] == rows
+
+    # resume_offset cannot carry the digest's state.
+    request.resume_offset = whole[0].next_offset
+    err = await call_error(gw.stub.StreamExtents(request))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resume_token" in err.message
+
+
+async def test_zstd_data_decompresses_to_the_same_bytes(start_gateway: Any, disk: Path) -> None:
+    gw = await start_gateway(config_of(disk))
+    base = {"export": "disk", "context": "base:allocation", "include_data": True}
+    raw = await stream_all(gw.stub, **base)
+    packed = await stream_all(gw.stub, **base, compression="zstd", compression_level=5)
+    compressed = [m for m in packed.messages if m.data_compression == "zstd"]
+    assert compressed, "the sample pattern compresses"
+    assert sum(len(m.data) for m in packed.messages) < sum(len(m.data) for m in raw.messages)
+    assert b"".join(map(message_data, packed.messages)) == b"".join(map(message_data, raw.messages))
+    for m in compressed:
+        assert m.data_crc32c == crc32c(message_data(m))  # of the data, not of the frame
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"digest": "md5"}, "digest"),
+        ({"compression": "gzip", "include_data": True}, "compression"),
+        (
+            {"compression": "zstd", "compression_level": 22, "include_data": True},
+            "compression_level",
+        ),
+    ],
+)
+async def test_unknown_names_are_invalid_argument(
+    start_gateway: Any, disk: Path, fields: dict[str, Any], field: str
+) -> None:
+    gw = await start_gateway(config_of(disk))
+    request = pb.StreamExtentsRequest(export="disk", context="base:allocation", **fields)
+    err = await call_error(gw.stub.StreamExtents(request))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.info.reason == "INVALID_FIELD" or err.info.reason.endswith("INVALID_FIELD")
+    assert field in err.message
+    # The gateway goes on serving.
+    ok = await stream_all(gw.stub, export="disk", context="base:allocation")
+    assert ok.messages[-1].next_offset == SIZE
