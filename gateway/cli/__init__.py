@@ -33,6 +33,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
         "remove-bitmap",
     ),
     "gateway.cli.backup": ("backup", "restore"),
+    "gateway.cli.verify": ("verify",),
     "gateway.cli.snapshots": ("snapshots",),  # through the gateway (SnapshotService)
     "nbdcore.tools.client_cmds": ("nbd",),  # nbd list|map|copy
     "nbdcore.tools.server_cmds": ("nbd",),  # nbd serve

@@ -68,6 +68,7 @@ from gateway.cli.common import (
     stream_extents,
     warn,
 )
+from gateway.integrity import DIGESTS, DataCorrupted, RangeDigest, message_data
 from nbdcore.storage.store import fsync_dir
 from nbdcore.tools.progress import Progress
 from nbdgw.v1 import bitmap_service_pb2 as pb
@@ -337,6 +338,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5,
         help="resume an interrupted stream this many times (default 5)",
     )
+    p.add_argument(
+        "--digest",
+        choices=sorted(DIGESTS),
+        help="also check a digest of all the data against the gateway's, and record it in "
+        "OUTPUT.nbdgw-backup.json for 'nbdgw verify' (every message's CRC32C is checked "
+        "anyway)",
+    )
 
 
 _RECHECK_GAP = 1 << 20
@@ -435,6 +443,7 @@ class _Backup:
         self.processed = 0  # bytes of the extents streamed (data, zeroes, holes)
         self.on_retry: Callable[[str], None] | None = None
         self.recheck = True
+        self.digest: RangeDigest | None = None  # with --digest: ours, of what was received
         self.clear_gap = 64 << 10
         # What it reads and clears: the export, or its snapshot (gateway.cli.backup_snapshots).
         self.source = state.export
@@ -618,7 +627,7 @@ class _Backup:
             async for msg in stream_extents(
                 self.gw, request, retries=self._retries, on_retry=self.on_retry
             ):
-                data = memoryview(msg.data)
+                data = memoryview(message_data(msg))
                 pos = 0
                 for offset, length, _flags, allocation in iter_rows(msg):
                     chunk = None
@@ -644,12 +653,20 @@ class _Backup:
                 filter=pb.EXTENT_FILTER_ALL if state.full else pb.EXTENT_FILTER_SET,
                 include_data=True,
             )
-            if state.next_offset:
+            if state.digest_algorithm:
+                request.digest = state.digest_algorithm
+                self.digest = self._resume_digest()
+                if state.next_offset:
+                    # The token carries the gateway's digest state; an offset would not.
+                    request.resume_token = state.resume_token
+            elif state.next_offset:
                 request.resume_offset = state.next_offset
+            last = None
             async for msg in stream_extents(
                 self.gw, request, retries=self._retries, on_retry=self.on_retry
             ):
                 self._apply(msg)
+                last = msg
                 progress.update(self.processed, position=msg.next_offset / state.size)
                 if msg.next_offset >= state.size:
                     break
@@ -659,15 +676,68 @@ class _Backup:
                     or len(self.mapped) >= _MAX_MAPPED_RUNS
                     or time.monotonic() - self.last_sync >= 5.0
                 ):
+                    if self.digest is not None:
+                        state.resume_token = msg.resume_token
+                        chain, block = self.digest.state
+                        state.digest_state = [chain.hex(), block]
                     await self.checkpoint(msg.next_offset, final=False)
+            if self.digest is not None and last is not None:
+                self._check_digest(last)
         # A stream that ends with OK covered the whole range.
         await self.checkpoint(state.size, final=True)
         progress.update(self.processed, position=1.0, force=True)
 
     _retries = 5
 
+    def _resume_digest(self) -> RangeDigest:
+        """Our digest of what the stream delivered: new, or as the last checkpoint left it,
+        with the start of its block read again from OUTPUT (fsync'd up to the checkpoint;
+        what the stream did not deliver there is a hole, which reads as the zeros the digest
+        counts it as)."""
+        state = self.state
+        if not state.next_offset:
+            return RangeDigest(state.digest_algorithm, 0)
+        try:
+            chain, block = bytes.fromhex(state.digest_state[0]), int(state.digest_state[1])
+            digest = RangeDigest(state.digest_algorithm, block, chain=chain)
+        except (ValueError, IndexError, TypeError):
+            raise BackupError(
+                f"{self.spath}: no usable digest state to resume from; start a new backup"
+            ) from None
+        if not state.resume_token or not 0 <= block <= state.next_offset:
+            raise BackupError(f"{self.spath}: no usable resume token; start a new backup")
+        pos = block
+        while pos < state.next_offset:
+            chunk = os.pread(self.out.fd, min(_ZERO_CHUNK, state.next_offset - pos), pos)
+            if not chunk:
+                raise BackupError(f"{self.out.path}: ends before {pos}")
+            digest.update(pos, chunk)
+            pos += len(chunk)
+        return digest
+
+    def _check_digest(self, last: pb.StreamExtentsResponse) -> None:
+        assert self.digest is not None
+        ours = self.digest.finish(self.state.size)
+        if not last.digest:
+            raise BackupError("the gateway sent no digest (is it older than this nbdgw?)")
+        if last.digest != ours:
+            raise BackupError(
+                f"the {self.state.digest_algorithm} digest of the data received"
+                f" ({ours.hex()}) differs from the gateway's ({last.digest.hex()}): the"
+                " backup is not what the disk held; start a new backup"
+            )
+        self.state.digest = ours.hex()
+        self.state.digest_state = []
+
     def _apply(self, msg: pb.StreamExtentsResponse) -> None:
-        data = memoryview(msg.data)
+        try:
+            # Checked whole before any of it is written: a corrupt message writes nothing.
+            data = memoryview(message_data(msg))
+        except DataCorrupted as exc:
+            raise BackupError(
+                f"{exc}; the progress up to {self.state.next_offset} is saved: run the same"
+                " command with --resume to continue"
+            ) from None
         pos = 0
         state = self.state
         for offset, length, flags, allocation in iter_rows(msg):
@@ -682,6 +752,8 @@ class _Backup:
                         f"{offset} of length {length}"
                     )
                 self.out.write(chunk, offset)
+                if self.digest is not None:
+                    self.digest.update(offset, chunk)
                 pos += length
                 state.bytes_written += length
                 self.copied += length
@@ -847,6 +919,8 @@ async def run(args: argparse.Namespace) -> int:
         summary += f", {state.bytes_cleared} bytes cleared"
         if state.bytes_rewritten:
             summary += f" ({state.bytes_rewritten} bytes changed during the backup, copied again)"
+    if state.digest:
+        summary += f", {state.digest_algorithm} {state.digest}"
     print(summary)
     return 0
 
@@ -863,6 +937,8 @@ def _check_resume(
         mismatches.append("full" if state.full else "incremental")
     if args.clear is not None and bool(args.clear) != state.clear:
         mismatches.append("with --clear" if state.clear else "without --clear")
+    if args.digest is not None and args.digest != state.digest_algorithm:
+        mismatches.append(f"--digest {state.digest_algorithm or '(none)'}")
     if mismatches:
         raise BackupError(
             "the interrupted backup was started with different settings: " + "; ".join(mismatches)
@@ -909,6 +985,7 @@ def _prepare(
             size=size,
             full=bool(args.full),
             clear=bool(args.clear),
+            digest_algorithm=args.digest or "",
         )
         # The state first: a crash right after leaves something --resume understands.
         state.save(spath)

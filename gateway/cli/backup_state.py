@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.cli.common import CommandFailed
 from nbdcore.storage.store import write_atomic
@@ -54,6 +55,15 @@ class BackupState:
     generation: str = ""
     started: float = field(default_factory=time.time)
     snapshot: str = ""  # the snapshot read, "" for the live export (gateway.cli.backup_snapshots)
+    # With --digest: the algorithm, and once complete the digest of what the stream delivered
+    # (hex; gateway.integrity.RangeDigest), checked against the gateway's. Until then, what a
+    # resumed run needs: the last checkpoint's resume token (it carries the gateway's digest
+    # state) and our own digest's state (chain hex, block start), whose block is read again
+    # from OUTPUT.
+    digest_algorithm: str = ""
+    digest: str = ""
+    digest_state: list[Any] = field(default_factory=list)
+    resume_token: str = ""
     updated: float = 0.0
     version: int = STATE_VERSION
 

@@ -1,0 +1,209 @@
+"""``nbdgw verify EXPORT BACKUP [INCREMENTAL...]``: check a backup chain without copying it again.
+
+Two checks, both with the stream digest of :mod:`gateway.integrity`:
+
+1. each backup against itself: the digest recorded when it was made (``nbdgw backup
+   --digest``) against the digest of its file now (a full backup: the disk as it was; an
+   incremental: its dirty data, holes elsewhere, as its stream delivered it);
+2. the chain against the export (or a snapshot export, ``EXPORT@SNAPSHOT``): the image the
+   chain restores to (the full backup, each incremental's dirty ranges laid over it, as
+   ``nbdgw restore`` would) against the gateway's digest of the export's content, which it
+   reads and hashes without sending the data. The disk is cut into segments, one stream each,
+   so that a difference is named to the segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.backup import DirtyMap, map_path
+from gateway.cli.backup_state import BackupError, BackupState, state_path
+from gateway.cli.common import (
+    CommandError,
+    _one_line_errors,
+    add_target_arguments,
+    command,
+    connect,
+    parse_size,
+    stream_extents,
+    warn,
+)
+from gateway.integrity import DIGESTS, RangeDigest
+from nbdgw.v1 import bitmap_service_pb2 as pb
+
+DESCRIPTION = """Check backups made by 'nbdgw backup' without copying anything again: each
+file against the digest recorded when it was made (--digest), then the image the chain
+restores to (BACKUP, a full backup, with each INCREMENTAL's dirty ranges laid over it, as
+'nbdgw restore' would) against the export's current content (or a snapshot's: EXPORT@SNAPSHOT),
+which the gateway reads and hashes without sending it. Exit code 0 when everything matches,
+1 otherwise; a difference is named to the --segment it lies in."""
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class _Layer:
+    """One file of the chain and the ranges of the disk it holds (sorted, merged)."""
+
+    path: Path
+    fd: int
+    starts: list[int]
+    ends: list[int]
+
+    def parts(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The pieces of ``[start, end)`` this layer holds."""
+        i = bisect.bisect_right(self.ends, start)
+        out = []
+        while i < len(self.starts) and self.starts[i] < end:
+            lo, hi = max(self.starts[i], start), min(self.ends[i], end)
+            if lo < hi:
+                out.append((lo, hi))
+            i += 1
+        return out
+
+
+def _load(path: Path) -> tuple[BackupState, list[tuple[int, int]]]:
+    try:
+        state = BackupState.load(state_path(path))
+    except FileNotFoundError:
+        raise BackupError(f"{state_path(path)} is missing: {path} is no nbdgw backup") from None
+    if not state.complete:
+        raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
+    _, runs = DirtyMap.load(map_path(path))
+    return state, runs
+
+
+def file_digest(algorithm: str, layers: list[_Layer], start: int, end: int) -> bytes:
+    """The digest of ``[start, end)`` of the image the layers make (the last one on top)."""
+    digest = RangeDigest(algorithm, start)
+    pos = start
+    while pos < end:
+        n = min(_CHUNK, end - pos)
+        chunk = bytearray(n)
+        for layer in layers:
+            for lo, hi in layer.parts(pos, pos + n):
+                data = os.pread(layer.fd, hi - lo, lo)
+                chunk[lo - pos : lo - pos + len(data)] = data
+                # A short read is the end of the file: zeros, as in chunk already.
+                chunk[lo - pos + len(data) : hi - pos] = bytes(hi - lo - len(data))
+        digest.update(pos, chunk)
+        pos += n
+    return digest.finish(end)
+
+
+async def gateway_digest(
+    gw: Any, args: argparse.Namespace, algorithm: str, start: int, end: int
+) -> bytes:
+    request = pb.StreamExtentsRequest(
+        export=args.export,
+        context="base:allocation",
+        offset=start,
+        length=end - start,
+        filter=pb.EXTENT_FILTER_ALL,
+        digest=algorithm,
+    )
+    last = None
+    async for msg in stream_extents(gw, request, on_retry=warn(args)):
+        last = msg
+    if last is None or not last.digest:
+        raise BackupError("the gateway sent no digest (is it older than this nbdgw?)")
+    return bytes(last.digest)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """``nbdgw verify``."""
+    if args.segment <= 0:
+        raise CommandError("--segment must be positive")
+    chain = [args.backup, *args.incrementals]
+    loaded = [(path, *_load(path)) for path in chain]
+    base_state = loaded[0][1]
+    if not base_state.full:
+        raise BackupError(f"{args.backup} is an incremental: the chain starts with a full backup")
+    size = base_state.size
+    algorithm = args.digest or base_state.digest_algorithm or "blake3"
+    failures = 0
+    layers: list[_Layer] = []
+    try:
+        for path, state, runs in loaded:
+            if state.size != size:
+                raise BackupError(f"{path} is a backup of a {state.size}-byte disk, not {size}")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            whole = [(0, size)] if state.full else runs
+            layer = _Layer(path, fd, [o for o, _ in whole], [o + n for o, n in whole])
+            layers.append(layer)
+            # 1. The file against the digest recorded when it was made.
+            if not state.digest:
+                print(f"{path}: no digest recorded (made without --digest): not checked alone")
+                continue
+            own = await asyncio.to_thread(file_digest, state.digest_algorithm, [layer], 0, size)
+            if own.hex() == state.digest:
+                print(f"{path}: matches its {state.digest_algorithm} digest")
+            else:
+                failures += 1
+                print(
+                    f"{path}: DIFFERS from the {state.digest_algorithm} digest recorded when it"
+                    f" was made ({own.hex()} now, {state.digest} then)"
+                )
+        # 2. The chain against the export, segment by segment.
+        async with connect(args) as gw:
+            differ = []
+            for start in range(0, size, args.segment):
+                end = min(start + args.segment, size)
+                theirs, ours = await asyncio.gather(
+                    gateway_digest(gw, args, algorithm, start, end),
+                    asyncio.to_thread(file_digest, algorithm, layers, start, end),
+                )
+                if theirs != ours:
+                    differ.append((start, end))
+        names = " + ".join(str(p) for p in chain)
+        if differ:
+            failures += 1
+            ranges = ", ".join(f"[{a}, {b})" for a, b in differ)
+            print(f"{names} DIFFERS from {args.export} ({algorithm}) in {ranges}")
+        else:
+            print(f"{names} matches {args.export} ({algorithm}, {size} bytes)")
+    finally:
+        for layer in layers:
+            os.close(layer.fd)
+    return 1 if failures else 0
+
+
+def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
+    """Add verify."""
+    p = _one_line_errors(
+        sub.add_parser(
+            "verify",
+            help="check a backup chain against its digests and against the export",
+            description=DESCRIPTION,
+        )
+    )
+    p.add_argument("export", metavar="EXPORT", help="the export (or EXPORT@SNAPSHOT)")
+    p.add_argument("backup", metavar="BACKUP", type=Path, help="a full backup")
+    p.add_argument(
+        "incrementals",
+        metavar="INCREMENTAL",
+        type=Path,
+        nargs="*",
+        help="incremental backups taken after it, oldest first",
+    )
+    p.add_argument(
+        "--digest",
+        choices=sorted(DIGESTS),
+        help="the digest to compare the chain with the export (default: the full backup's, "
+        "or blake3)",
+    )
+    p.add_argument(
+        "--segment",
+        type=parse_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="compare the export in segments of this size, to say where it differs (default 1G)",
+    )
+    add_target_arguments(p)
+    p.set_defaults(func=command(run))
