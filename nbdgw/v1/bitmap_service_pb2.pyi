@@ -888,8 +888,9 @@ class StreamExtentsRequest(_message.Message):
     whether `include_data` is set or not: without it the gateway reads the data and sends only
     the digest, so that a stored copy can be checked without moving it again. The definition
     (1 MiB blocks, independent of how the stream is cut into messages) is in
-    docs/concepts.md#integrity. A stream with a digest resumes only by `resume_token` (the
-    token carries the digest's state).
+    docs/concepts.md#integrity. Implies `merge_allocation` (the digest must know what to
+    read). A stream with a digest resumes only by `resume_token` (the token carries the
+    digest's state).
     """
     compression: _builtins.str
     """With `include_data`: send the data compressed: `zstd`; empty for none (any other name is
