@@ -31,10 +31,9 @@ __all__ = ["CopyResult", "FileSink", "NullSink", "Sink", "copy_export"]
 # A stripe is the unit of work a worker takes: long enough that a BLOCK_STATUS answer covers a
 # good part of it, short enough that the connections finish together.
 STRIPE: Final = 64 << 20
-# nbdcopy opens 4. Here each connection is a thread taking the GIL between its syscalls, so more
-# threads than CPUs only add contention: 2 GiB from qemu-nbd on 2 cores (2026-11-27, quiet
-# machine) took 0.79 s with 2, 3 or 4 connections, but under load 2 did better than 4
-# (0.84-0.93 s against 0.98-1.01 s).
+# nbdcopy's own rule: up to 4 connections, but no more than its threads, which default to the
+# CPU count (2 on 2 CPUs). Here each connection is a thread taking the GIL between its
+# syscalls, so more threads than CPUs would only add contention.
 DEFAULT_CONNECTIONS: Final = min(4, os.cpu_count() or 1)
 DEFAULT_WINDOW: Final = 2  # reads in flight per connection
 SPARSE_UNIT: Final = 65536  # zero detection granularity of copies into regular files
