@@ -153,6 +153,50 @@ class Fixtures:
             Fixture(name, str(final), size, 2 * dirty, BITMAP, round(time.monotonic() - start, 1))
         )
 
+    # --- the all-data image as qcow2, 10% of it dirty in a fragmented bitmap ------------------
+
+    INCREMENTAL_EVERY = 10  # one granule in ten is written (and so dirty)
+    INCREMENTAL_PATTERN = 0xA7
+
+    def incremental_qcow2(self) -> Fixture:
+        """``data.raw`` as qcow2 with bitmap ``b0``, then one 64 KiB granule in ten written
+        (qemu-io, pattern 0xA7): an incremental backup moves 10% of the disk, in 64 KiB
+        pieces between clean ones."""
+        name = "incremental-10pct.qcow2"
+        if fx := self._cached(name):
+            return fx
+        data = self.data_raw()
+        self._log(f"building {name} from {data.name}")
+        start = time.monotonic()
+        final = self.dir / name
+        tmp = self.dir / (name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        qemu_img, fmt = procs.tool("qemu-img"), ["-f", "qcow2"]
+        subprocess.run(
+            [qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", data.path, str(tmp)],
+            check=True,
+        )
+        subprocess.run(
+            [qemu_img, "bitmap", "--add", "--granularity", str(GRANULE), *fmt, str(tmp), BITMAP],
+            check=True,
+        )
+        granules = range(0, data.size // GRANULE, self.INCREMENTAL_EVERY)
+        cmds = []
+        for g in granules:
+            cmds += ["-c", f"write -q -P {self.INCREMENTAL_PATTERN} {g * GRANULE} {GRANULE}"]
+        subprocess.run([procs.tool("qemu-io"), *fmt, *cmds, str(tmp)], check=True)
+        tmp.rename(final)
+        return self._store(
+            Fixture(
+                name,
+                str(final),
+                data.size,
+                len(granules),  # dirty granules (extents of the merged dirty map)
+                BITMAP,
+                round(time.monotonic() - start, 1),
+            )
+        )
+
     # --- an nbdcore Image with a fragmented bitmap -----------------------------------------------
 
     def bitmap_image(self) -> Fixture:
