@@ -140,3 +140,15 @@ def test_corruption_in_flight_fails_the_node_client(
     assert proc.returncode == 1
     error = json.loads(proc.stdout)["error"]["message"]
     assert "is corrupt: CRC32C" in error and "data of [" in error
+
+
+def test_compressed_backup_is_the_same(
+    gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path
+) -> None:
+    gw, disk = gateway
+    out = tmp_path / "full.img"
+    proc = cli("backup", "disk", str(out), "--full", "--compress", "--target", gw.target)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == bytes(disk.content)
+    bad = cli("backup", "disk", str(tmp_path / "x.img"), "--full", "--compress", "25")
+    assert bad.returncode == 2 and "--compress LEVEL must be 1 to 19" in bad.stderr
