@@ -8,8 +8,8 @@ Two checks, both with the stream digest of :mod:`gateway.integrity`:
 2. the chain against the export (or a snapshot export, ``EXPORT@SNAPSHOT``): the image the
    chain restores to (the full backup, each incremental's dirty ranges laid over it, as
    ``nbdgw restore`` would) against the gateway's digest of the export's content, which it
-   reads and hashes without sending the data. The disk is cut into segments, one stream each,
-   so that a difference is named to the segment.
+   reads and hashes without sending the data. The disk is cut into segments, one stream each;
+   a segment that differs is cut again, down to the digest's 1 MiB blocks, to name where.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gateway.cli.common import (
     stream_extents,
     warn,
 )
-from gateway.integrity import DIGESTS, RangeDigest
+from gateway.integrity import DIGEST_BLOCK, DIGESTS, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Check backups made by 'nbdgw backup' without copying anything again: each
@@ -42,7 +42,8 @@ file against the digest recorded when it was made (--digest), then the image the
 restores to (BACKUP, a full backup, with each INCREMENTAL's dirty ranges laid over it, as
 'nbdgw restore' would) against the export's current content (or a snapshot's: EXPORT@SNAPSHOT),
 which the gateway reads and hashes without sending it. Exit code 0 when everything matches,
-1 otherwise; a difference is named to the --segment it lies in."""
+1 otherwise; a difference is named to the MiB: a --segment that differs is compared again in
+smaller pieces."""
 
 _CHUNK = 1 << 20
 
@@ -150,17 +151,31 @@ async def run(args: argparse.Namespace) -> int:
                     f"{path}: DIFFERS from the {state.digest_algorithm} digest recorded when it"
                     f" was made ({own.hex()} now, {state.digest} then)"
                 )
-        # 2. The chain against the export, segment by segment.
+        # 2. The chain against the export, segment by segment; a segment that differs is cut
+        # in eighths again, down to one digest block, to name where.
         async with connect(args) as gw:
-            differ = []
-            for start in range(0, size, args.segment):
-                end = min(start + args.segment, size)
+
+            async def same(start: int, end: int) -> bool:
                 theirs, ours = await asyncio.gather(
                     gateway_digest(gw, args, algorithm, start, end),
                     asyncio.to_thread(file_digest, algorithm, layers, start, end),
                 )
-                if theirs != ours:
-                    differ.append((start, end))
+                return theirs == ours
+
+            differ: list[tuple[int, int]] = []
+            todo = [(a, min(a + args.segment, size)) for a in range(0, size, args.segment)]
+            while todo:
+                start, end = todo.pop(0)
+                if await same(start, end):
+                    continue
+                if end - start <= DIGEST_BLOCK:
+                    if differ and differ[-1][1] == start:
+                        differ[-1] = (differ[-1][0], end)
+                    else:
+                        differ.append((start, end))
+                    continue
+                step = max(DIGEST_BLOCK, -(-(end - start) // 8 // DIGEST_BLOCK) * DIGEST_BLOCK)
+                todo[:0] = [(a, min(a + step, end)) for a in range(start, end, step)]
         names = " + ".join(str(p) for p in chain)
         if differ:
             failures += 1
@@ -203,7 +218,8 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         type=parse_size,
         default=1 << 30,
         metavar="SIZE",
-        help="compare the export in segments of this size, to say where it differs (default 1G)",
+        help="compare the export in segments of this size (default 1G); one that differs is "
+        "compared again in smaller pieces, down to 1M",
     )
     add_target_arguments(p)
     p.set_defaults(func=command(run))
