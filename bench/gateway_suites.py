@@ -165,6 +165,11 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
             relay = stack.enter_context(
                 bare_grpc_server(["--nbd", uri, "--keep-freed-memory"], work, name="relay")
             )
+            relay_sync = stack.enter_context(
+                bare_grpc_server(
+                    ["--nbd", uri, "--keep-freed-memory", "--sync"], work, name="relay-sync"
+                )
+            )
 
             def bare_side(*extra: str, target: str = bare) -> Callable[[], float]:
                 def side() -> float:
@@ -191,6 +196,7 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 "StreamExtents + blake3 digest": ours(*checked, "--digest", "blake3"),
                 "bare grpcio stream": bare_side(),
                 "bare grpcio relay": bare_side(target=relay),
+                "bare grpcio relay, blocking client": bare_side(target=relay_sync),
                 "StreamExtents, tuned client": ours(*checked, tuned),
                 "bare grpcio stream, tuned client": bare_side(tuned),
                 "nbdcopy from the host": nbdcopy_side(uri, data.size),
@@ -228,6 +234,14 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 "StreamExtents include_data / bare grpcio relay of the same bytes from the"
                 " same qemu-nbd (bench.workers bare-grpc-server --nbd: what NBD costs)",
                 "StreamExtents include_data",
+                "bare grpcio relay",
+            ),
+            # An idea of issue 17, measured before it is built: the blocking NBD client in a
+            # thread on the data path, against the asyncio client the gateway uses.
+            Row(
+                "bare grpcio relay reading through the blocking NBD client in a thread (512 KiB"
+                " READs, 4 in flight) / the same relay through the asyncio client",
+                "bare grpcio relay, blocking client",
                 "bare grpcio relay",
             ),
             Row(

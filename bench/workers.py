@@ -254,6 +254,32 @@ async def _nbd_chunks(uri: str, message_size: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
+async def _nbd_sync_chunks(uri: str, message_size: int) -> AsyncIterator[bytes]:
+    """The same bytes through the blocking client (nbdcore.sync), read by a thread: what the
+    gateway's data path would gain from it (an idea of issue 17, measured here, not built).
+    512 KiB READs, 4 in flight, each copied into the message's buffer (iter_reads lends its
+    own buffers), two messages ahead of grpc."""
+    from nbdcore.sync.client import NBDClient as BlockingClient
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2)
+
+    def produce() -> None:
+        with BlockingClient.connect(uri) as client:
+            for offset in range(0, client.size, message_size):
+                n = min(message_size, client.size - offset)
+                buf = bytearray(n)
+                for o, data in client.iter_reads([(offset, n)], request_size=NBD_READ, window=4):
+                    buf[o - offset : o - offset + len(data)] = data
+                asyncio.run_coroutine_threadsafe(queue.put(bytes(buf)), loop).result()
+        asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    reader = loop.run_in_executor(None, produce)
+    while (chunk := await queue.get()) is not None:
+        yield chunk
+    await reader
+
+
 async def bare_grpc_server(args: argparse.Namespace) -> None:
     """A bare grpcio server: one server-streaming method sending the bytes of ``--file`` in
     ``--message-size`` messages (no protobuf: the ceiling of a gRPC byte stream). With ``--nbd
@@ -268,7 +294,8 @@ async def bare_grpc_server(args: argparse.Namespace) -> None:
 
     async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         if args.nbd:
-            async for chunk in _nbd_chunks(args.nbd, args.message_size):
+            chunks = _nbd_sync_chunks if args.sync else _nbd_chunks
+            async for chunk in chunks(args.nbd, args.message_size):
                 yield chunk
             return
         for chunk in _file_chunks(args.file, args.message_size):
@@ -409,6 +436,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--file")
     src.add_argument("--nbd", metavar="URI", help="relay the export's bytes from this NBD host")
     s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
+    s.add_argument("--sync", action="store_true", help="--nbd through the blocking client")
     s.add_argument("--message-size", type=int, required=True)
     s.add_argument("--port-file", required=True)
     s = sub.add_parser("bare-grpc-drain")
