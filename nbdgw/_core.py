@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC
 from typing import Any
 
+import crc32c
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -367,10 +368,26 @@ def batch_from(msg: pb.StreamExtentsResponse) -> ExtentBatch:
 
 
 def check_data(batch: ExtentBatch) -> None:
-    """The data of a message is exactly the bytes of its DATA extents."""
+    """The data of a message is exactly the bytes of its DATA extents, and what the gateway
+    read: its CRC32C (``data_crc32c``, in every message with data) matches."""
+    msg = batch.raw
+    where = f"[{batch.offset}, {batch.next_offset})"
+    if msg.data_compression:  # only sent when asked for, and this client does not ask
+        raise errors.StreamError(f"the data of {where} is {msg.data_compression}-compressed")
     need = sum(e.length for e in batch.extents() if e.allocation == Allocation.DATA)
-    if need != len(batch.raw.data):
+    if need != len(msg.data):
         raise errors.StreamError(
-            f"the message at {batch.offset} carries {len(batch.raw.data)} bytes of data for"
+            f"the message at {batch.offset} carries {len(msg.data)} bytes of data for"
             f" {need} bytes of DATA extents"
         )
+    if msg.data:
+        if not msg.HasField("data_crc32c"):
+            raise errors.StreamError(f"the data of {where} carries no CRC32C")
+        got = crc32c.crc32c(msg.data)
+        if got != msg.data_crc32c:
+            raise errors.DataCorrupted(
+                f"the data of {where} is corrupt: CRC32C {got:08x} where the gateway sent"
+                f" {msg.data_crc32c:08x}",
+                batch.offset,
+                batch.next_offset,
+            )

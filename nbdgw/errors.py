@@ -104,6 +104,17 @@ class StreamError(NbdgwError):
     see a gap or a repeat."""
 
 
+class DataCorrupted(StreamError):
+    """A message's data does not match its CRC32C (``data_crc32c``): it was corrupted between
+    the gateway and here. Nothing of it should be stored; ``offset`` and ``next_offset`` name
+    the range, which a resumed stream delivers again."""
+
+    def __init__(self, message: str, offset: int, next_offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.next_offset = next_offset
+
+
 class CallError(NbdgwError):
     """The gateway (or gRPC on its behalf) ended a call with an error status."""
 

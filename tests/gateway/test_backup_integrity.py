@@ -152,3 +152,24 @@ def test_compressed_backup_is_the_same(
     assert out.read_bytes() == bytes(disk.content)
     bad = cli("backup", "disk", str(tmp_path / "x.img"), "--full", "--compress", "25")
     assert bad.returncode == 2 and "--compress LEVEL must be 1 to 19" in bad.stderr
+
+
+def test_corruption_in_flight_fails_the_python_client(
+    gateway: tuple[GatewayProcess, EmbeddedDisk],
+) -> None:
+    import nbdgw
+    from nbdgw.errors import DataCorrupted
+
+    gw, disk = gateway
+    with CorruptingProxy(gw.target) as proxy, nbdgw.Client(proxy.target) as client:
+        received = []
+        with pytest.raises(DataCorrupted, match="is corrupt: CRC32C") as info:
+            for chunk in client.iter_data("disk", "base:allocation"):
+                received.append(chunk)
+    assert proxy.flipped
+    assert info.value.offset < info.value.next_offset <= disk.size
+    # What came before the corrupt message is the disk's.
+    for chunk in received:
+        if chunk.data is not None:
+            assert bytes(chunk.data) == disk.content[chunk.offset : chunk.end]
+    assert all(chunk.end <= info.value.offset for chunk in received)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import crc32c
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
@@ -194,7 +195,15 @@ def test_batches_rows_and_data() -> None:
         b"a" * 10, None, b"b" * 30,
     ]  # fmt: skip
     assert chunks[0].data is not None and chunks[0].data.readonly
-    _core.check_data(batch)
+    with pytest.raises(errors.StreamError, match="carries no CRC32C"):
+        _core.check_data(batch)
+    m.data_crc32c = crc32c.crc32c(m.data)
+    _core.check_data(_core.batch_from(m))
+    # One byte changed in flight: the range is named, as DataCorrupted (a StreamError).
+    m.data = m.data[:5] + b"X" + m.data[6:]
+    with pytest.raises(errors.DataCorrupted, match=r"data of \[0, \d+\) is corrupt") as info:
+        _core.check_data(_core.batch_from(m))
+    assert info.value.offset == 0
     m.data = m.data[:-1]
     with pytest.raises(errors.StreamError, match="39 bytes of data for 40"):
         _core.check_data(_core.batch_from(m))
