@@ -853,7 +853,7 @@ def _resumable(err: GatewayError, stream: _ExtentStream | None) -> GatewayError:
     # Any failure after the stream started says where to resume (UNAVAILABLE is the one a
     # client retries, but a resume position costs nothing on the others).
     if stream is not None and stream.started and "resume_offset" not in err.metadata:
-        return err.with_resume(stream.sent_offset, stream.token(stream.sent_offset))
+        return err.with_resume(stream.sent_offset, stream.sent_token())
     return err
 
 
@@ -1060,6 +1060,7 @@ class _ExtentStream:
         self._tail = b""
         self.digest: RangeDigest | None = None  # of what was written, when asked for
         self._rehash_until = 0  # resumed inside a digest block: hash, do not send, up to here
+        self._sent_state: tuple[bytes, int] | None = None  # the digest's, at sent_offset
         self._compressor = Compressor(plan.compression_level) if plan.compression else None
 
     def token(self, offset: int) -> str:
@@ -1067,6 +1068,12 @@ class _ExtentStream:
         again what was delivered since the start of the block it names)."""
         state = self.digest.state if self.digest is not None else None
         return encode_resume(self.plan.fingerprint, offset, state)
+
+    def sent_token(self) -> str:
+        """The resume token of ``sent_offset``, for an error. The digest may already hold the
+        data of a message that was then not sent (the gateway shut down before writing it):
+        its state as of the last message written is the one that goes with the position."""
+        return encode_resume(self.plan.fingerprint, self.sent_offset, self._sent_state)
 
     async def run(self) -> None:
         plan = self.plan
@@ -1090,6 +1097,7 @@ class _ExtentStream:
         self.range_end = _check_range(plan.offset, plan.length, client.size)
         start, self.digest = plan.start(self.range_end)
         self.sent_offset = start
+        self._sent_state = self.digest.state if self.digest is not None else None
         walk = start
         if self.digest is not None and self.digest.position < start:
             walk, self._rehash_until = self.digest.position, start
@@ -1420,6 +1428,8 @@ class _ExtentStream:
         await self.context.write(message)
         self.messages += 1
         self.sent_offset = msg.end
+        if self.digest is not None:
+            self._sent_state = self.digest.state
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import pytest
 from gateway.config import GatewayConfig
 from gateway.integrity import RangeDigest, crc32c, message_data
 from nbdgw.v1 import bitmap_service_pb2 as pb
-from tests.gateway.conftest import MiB, call_error, rows_of, stream_all
+from tests.gateway.conftest import MiB, call_error, rich, rows_of, stream_all
 from tests.gateway.test_service_embedded import SIZE, make_image
 
 
@@ -152,3 +152,35 @@ async def test_unknown_names_are_invalid_argument(
     # The gateway goes on serving.
     ok = await stream_all(gw.stub, export="disk", context="base:allocation")
     assert ok.messages[-1].next_offset == SIZE
+
+
+async def test_digest_resumes_after_a_shutdown(start_gateway: Any, disk: Path) -> None:
+    """A gateway that shuts down mid-stream ends it with UNAVAILABLE and a resume token whose
+    digest state goes with the position it names (the digest may already hold the data of a
+    message it then did not send); the next gateway finishes the same digest."""
+    fields = {
+        "export": "disk",
+        "context": "base:allocation",
+        "include_data": True,
+        "digest": "blake3",
+        "max_extents_per_message": 1,
+    }
+    gw = await start_gateway(config_of(disk))
+    want = (await stream_all(gw.stub, **fields)).messages[-1].digest
+    for k in (1, 2, 3):
+        got: list[pb.StreamExtentsResponse] = []
+        stopping = None
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for msg in gw.stub.StreamExtents(pb.StreamExtentsRequest(**fields)):
+                got.append(msg)
+                if len(got) == k:
+                    stopping = asyncio.ensure_future(gw.gateway.stop(grace=10))
+        assert stopping is not None
+        await stopping
+        err = rich(info.value)
+        assert err.code == grpc.StatusCode.UNAVAILABLE
+        assert int(err.info.metadata["resume_offset"]) == got[-1].next_offset
+        gw = await start_gateway(config_of(disk))
+        rest = await stream_all(gw.stub, **fields, resume_token=err.info.metadata["resume_token"])
+        assert rest.messages[0].offset == got[-1].next_offset
+        assert rest.messages[-1].digest == want, f"stopped after message {k}"
