@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import procs
 from bench.fixtures import BITMAP, GRANULE, Fixtures
 from bench.gateway_suites import gateway
-from bench.harness import GIB_S, Benchmark, Row, Side, Target
+from bench.harness import GIB_S, Benchmark, Metric, Row, Side, Target
 from bench.suites import (
     NBDCOPY_CONNECTIONS,
     Sides,
@@ -238,5 +238,61 @@ def _incremental_side(cmd: list[str], out: Path, size: int, dirty: int) -> Calla
     return side
 
 
+MS = Metric("ms", higher_is_better=False)
+# Starts per sample: one start is a few tens of ms, close to the timer's and the scheduler's
+# noise; the sample is their mean.
+STARTS = 10
+
+
+def _starts(cmd: list[str]) -> Callable[[], float]:
+    def side() -> float:
+        return 1000 * sum(procs.timed(cmd) for _ in range(STARTS)) / STARTS
+
+    return side
+
+
+def commands_startup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    """What every command pays before it does anything: the interpreter, the imports, argparse.
+    The reference is the same interpreter doing nothing (`python -c pass`, site and the
+    editable install's import hook included, as for nbdgw)."""
+
+    @contextmanager
+    def setup() -> Iterator[Sides]:
+        compile_bytecode()
+        yield {
+            "python -c pass": _starts([sys.executable, "-c", "pass"]),
+            "nbdgw --version": _starts(nbdgw_cmd("--version")),
+            "nbdgw nbd copy --help": _starts(nbdgw_cmd("nbd", "copy", "--help")),
+            "nbdgw exports --help": _starts(nbdgw_cmd("exports", "--help")),
+        }
+
+    goal = Target(">=", 0.5)  # at most twice python -c pass
+    return Benchmark(
+        name="commands-startup",
+        title=f"start-up of a command, mean of {STARTS} starts per sample, from bytecode",
+        metric=MS,
+        setup=setup,
+        rows=[
+            Row("nbdgw --version / python -c pass", "nbdgw --version", "python -c pass", goal),
+            Row(
+                "nbdgw nbd copy --help / python -c pass",
+                "nbdgw nbd copy --help",
+                "python -c pass",
+                goal,
+            ),
+            Row(
+                "nbdgw exports --help (imports grpc) / python -c pass",
+                "nbdgw exports --help",
+                "python -c pass",
+            ),
+        ],
+    )
+
+
 def benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
-    return [commands_copy(fx, opts), commands_backup(fx, opts), commands_incremental(fx, opts)]
+    return [
+        commands_startup(fx, opts),
+        commands_copy(fx, opts),
+        commands_backup(fx, opts),
+        commands_incremental(fx, opts),
+    ]
