@@ -804,7 +804,10 @@ async def run(args: argparse.Namespace) -> int:
     """``nbdgw backup``."""
     output: Path = args.output
     spath = state_path(output)
-    if args.bitmap:
+    since = backup_snapshots.since_context(args)
+    if since:
+        context = since
+    elif args.bitmap:
         context = full_context_name(args.bitmap)
     elif args.full:
         context = "base:allocation"
@@ -832,6 +835,9 @@ async def run(args: argparse.Namespace) -> int:
         size = export.size_bytes
         export_name = export.name.removeprefix("exports/") or args.export
         bitmaps = {b.context: b for b in await list_bitmaps(gw, args.export)}
+        if since:  # a view of the snapshot still to take
+            await backup_snapshots.check_checkpoint(gw, args.export, args.since)
+            bitmaps[context] = pb.Bitmap(context=context)
         if context not in bitmaps and args.snapshot:
             # A context only the snapshot has (a running QEMU's since:CHECKPOINT view).
             snap_export = f"{args.export.removeprefix('exports/')}@{args.snapshot}"

@@ -26,6 +26,7 @@ import grpc
 
 from gateway.cli.backup_state import BackupError, BackupState
 from gateway.cli.common import DIRTY_BITMAP_PREFIX, Gateway, describe_rpc_error, error_details
+from nbdcore.storage.checkpoint import SINCE_PREFIX
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
@@ -52,6 +53,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not release the snapshot when the backup is complete",
     )
+    # Not --checkpoint: that one is the progress interval (SIZE) of nbdgw backup.
+    p.add_argument(
+        "--checkpoint-id",
+        metavar="NAME",
+        default="",
+        help="start checkpoint NAME at the snapshot's instant (the next backup can read what"
+        " changed since it with --since NAME)",
+    )
+    p.add_argument(
+        "--since",
+        metavar="CHECKPOINT",
+        default="",
+        help="copy what changed since checkpoint CHECKPOINT (an earlier --checkpoint-id): the"
+        " snapshot's view qemu:dirty-bitmap:since:CHECKPOINT; needs no --bitmap",
+    )
+
+
+def since_context(args: argparse.Namespace) -> str:
+    """The context ``--since C`` reads ("" without it), refusing what it cannot go with."""
+    if not args.since and not args.checkpoint_id:
+        return ""
+    if args.snapshot or args.snapshot_mode == "never":
+        raise BackupError(
+            "--checkpoint-id and --since take their own snapshot: not with --snapshot or"
+            " --no-snapshot (use nbdgw snapshots create --checkpoint/--since, then --snapshot)"
+        )
+    if not args.since:
+        return ""
+    if args.bitmap or args.clear:
+        raise BackupError(
+            "--since reads the changes since a checkpoint: no --bitmap, and no --clear (the"
+            " checkpoints keep the changes; delete old checkpoints instead)"
+        )
+    return f"{DIRTY_BITMAP_PREFIX}{SINCE_PREFIX}{args.since}"
+
+
+async def check_checkpoint(gw: Gateway, export: str, checkpoint: str) -> None:
+    """Refuse ``--since C`` before anything is written when the export has no checkpoint C."""
+    try:
+        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ListCheckpoints(
+            spb.ListCheckpointsRequest(parent=export), metadata=gw.metadata, timeout=gw.timeout
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise BackupError(f"cannot read the checkpoints: {describe_rpc_error(exc)}") from None
+    ids = [c.name.rsplit("/", 1)[-1] for c in resp.checkpoints]
+    if checkpoint not in ids:
+        raise BackupError(
+            f"export {export!r} has no checkpoint {checkpoint!r} (it has:"
+            f" {', '.join(ids) or 'none'}): take a full backup with --checkpoint-id"
+        )
 
 
 def source_export(state: BackupState) -> str:
@@ -153,24 +204,41 @@ async def take_snapshot(
             return
         state.snapshot = snapshot_id(state)
         state.save(spath)  # before it exists: see the module docstring
-        forks = [state.context] if state.context.startswith(DIRTY_BITMAP_PREFIX) else []
+        view = DIRTY_BITMAP_PREFIX + SINCE_PREFIX
+        since = state.context.removeprefix(view) if state.context.startswith(view) else ""
+        dirty = state.context.startswith(DIRTY_BITMAP_PREFIX) and not since
+        forks = [state.context] if dirty else []
         stub = spb_grpc.SnapshotServiceStub(gw.channel)
-        try:
-            await stub.CreateSnapshot(
-                spb.CreateSnapshotRequest(
-                    parent=state.export, snapshot_id=state.snapshot, bitmaps=forks
-                ),
-                metadata=gw.metadata,
-                timeout=gw.timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return  # taken just before a crash: ours
-            if _not_supported(exc):
-                state.snapshot = ""  # not an nbdcore host: read the live export
-                state.save(spath)
+        checkpoint = args.checkpoint_id
+        while True:
+            try:
+                await stub.CreateSnapshot(
+                    spb.CreateSnapshotRequest(
+                        parent=state.export,
+                        snapshot_id=state.snapshot,
+                        bitmaps=forks,
+                        checkpoint_id=checkpoint,
+                        since_checkpoint=since,
+                    ),
+                    metadata=gw.metadata,
+                    timeout=gw.timeout,
+                )
                 return
-            raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    if await find_snapshot(gw, state.export, state.snapshot) is not None:
+                        return  # taken just before a crash: ours
+                    reasons = {getattr(d, "reason", "") for d in error_details(exc)}
+                    if checkpoint and args.resume and "CHECKPOINT_EXISTS" in reasons:
+                        # Started with this backup's first snapshot, which is gone: kept.
+                        checkpoint = ""
+                        continue
+                    raise BackupError(describe_rpc_error(exc)) from None
+                if _not_supported(exc) and not (checkpoint or since):
+                    state.snapshot = ""  # not an nbdcore host: read the live export
+                    state.save(spath)
+                    return
+                raise
     except grpc.aio.AioRpcError as exc:
         if _not_supported(exc) and not state.snapshot:
             return

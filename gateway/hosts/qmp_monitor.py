@@ -42,6 +42,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
+from nbdcore.storage.checkpoint import CHECKPOINT_RE
+
 log = logging.getLogger("nbdgw.qmp")
 
 # Names the gateway gives what it leaves in QEMU (recovery finds them by these).
@@ -51,10 +53,8 @@ FLEECE_JOB = "nbdgw-j-{token}-{index}"
 FLEECE_EXPORT = "nbdgw-e-{token}-{index}"
 LIVE_EXPORT = "nbdgw-l-{key}"
 MERGE_NODE = "nbdgw-m-{token}"
-# A checkpoint's bitmap on the disk's node: its place in the chain, then its id.
-CHECKPOINT_BITMAP = "nbdgw-ckpt-{seq:06d}-{id}"
-CHECKPOINT_RE = re.compile(r"^nbdgw-ckpt-(?P<seq>\d{6})-(?P<id>.+)$")
-SINCE_PREFIX = "since:"  # a fork of "changed since checkpoint C": since:C
+# A checkpoint's bitmap on the disk's node, and the since:C views: the names of every kind of
+# host (nbdcore.storage.checkpoint).
 FLEECE_FILE = re.compile(
     r"^(?P<export>[^@/]+)@(?P<snap>[^@/]+)\.(?P<token>[0-9a-f]{8})-(?P<index>\d+)\.fleece\.qcow2$"
 )

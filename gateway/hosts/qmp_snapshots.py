@@ -34,12 +34,14 @@ from google.rpc import error_details_pb2
 from gateway import errors
 from gateway.config import ExportConfig
 from gateway.errors import GatewayError
+from gateway.hosts.checkpoints import (
+    CheckpointDelta,
+    checkpoint_error,
+    checkpoint_not_found,
+)
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp import QmpHost, bitmap_busy, qmp_error
 from gateway.hosts.qmp_monitor import (
-    CHECKPOINT_BITMAP,
-    CHECKPOINT_RE,
-    SINCE_PREFIX,
     Fleece,
     QMPFailure,
     fleece_path,
@@ -49,12 +51,17 @@ from gateway.ledger import IntervalSet, Scope
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
 from nbdcore.extents import iter_extents
+from nbdcore.storage import checkpoint as ckpt
+from nbdcore.storage.checkpoint import SINCE_PREFIX
+from nbdcore.storage.errors import CheckpointError
 from nbdcore.tools.snapshot_cmds import SEPARATOR
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
 
 log = logging.getLogger("nbdgw.qmp")
+
+DELTA_PREFIX = "nbdgw-d-"  # a checkpoint delta's scratch bitmap, and its export
 
 
 class QmpSnapshotReason:
@@ -110,40 +117,7 @@ class QmpSnapshot:
 def _checkpoint_id(fleece: Fleece) -> str:
     if fleece.checkpoint is None:
         return ""
-    m = CHECKPOINT_RE.match(fleece.checkpoint[0])
-    return m["id"] if m else ""
-
-
-def checkpoint_not_found(export: str, checkpoint: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.NOT_FOUND,
-        QmpSnapshotReason.CHECKPOINT_NOT_FOUND,
-        f"export {export!r} has no checkpoint {checkpoint!r}",
-        {"export": export, "checkpoint": checkpoint},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type="nbdgw.dev/Checkpoint",
-                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
-                description="no checkpoint of this id (ListCheckpoints shows the chain)",
-            )
-        ],
-    )
-
-
-def checkpoint_exists(export: str, checkpoint: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        QmpSnapshotReason.CHECKPOINT_EXISTS,
-        f"export {export!r} already has a checkpoint {checkpoint!r}",
-        {"export": export, "checkpoint": checkpoint},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type="nbdgw.dev/Checkpoint",
-                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
-                description="choose another checkpoint_id",
-            )
-        ],
-    )
+    return ckpt.checkpoint_id(fleece.checkpoint[0])
 
 
 def generation_of(fleece: Fleece) -> str:
@@ -339,26 +313,13 @@ class QmpSnapshots:
             chain = await host.monitor.checkpoints(node)
         except QMPFailure as exc:
             raise qmp_error(exc, export, host) from None
-        ids = [c[1] for c in chain]
-        views: dict[str, list[str]] = {}
-        if since:
-            if since not in ids:
-                raise checkpoint_not_found(export, since)
-            at = ids.index(since)
-            name = SINCE_PREFIX + since
-            views[name] = [c[2].name for c in chain[at:]]
-            chosen[name] = chain[at][2].granularity
-        started = None
-        if checkpoint:
-            if checkpoint in ids:
-                raise checkpoint_exists(export, checkpoint)
-            seq = chain[-1][0] + 1 if chain else 1
-            active = [c[2].name for c in chain if c[2].recording]
-            started = (
-                CHECKPOINT_BITMAP.format(seq=seq, id=checkpoint),
-                active[-1] if active else None,
-            )
-        return views, started
+        links = ckpt.chain_of((b.name, b.granularity, b.recording, b.count) for _, _, b in chain)
+        try:
+            plan = ckpt.plan(links, checkpoint, since)
+        except CheckpointError as exc:
+            raise checkpoint_error(export, exc) from None
+        chosen.update(plan.granularity)
+        return plan.views, plan.started
 
     async def list_checkpoints(self, export: str) -> list[dict[str, Any]]:
         host = self._host(export)
@@ -388,6 +349,82 @@ class QmpSnapshots:
                 if exc.kind == "busy":
                     raise bitmap_busy(export, checkpoint, str(exc)) from None
                 raise qmp_error(exc, export, host) from None
+
+    async def checkpoint_delta(self, export: str, base: str, target: str) -> CheckpointDelta:
+        """Written between checkpoints ``base`` and ``target``: QEMU merges the chain's
+        bitmaps from ``base`` up to ``target`` into a disabled scratch bitmap that a
+        read-only export of the disk's node offers; the gateway reads it over NBD, then drops
+        both (a leftover of a gateway that died meanwhile goes at the next delta)."""
+        host = self._host(export)
+        pool = self.gateway.pools[export]
+        async with self.lock:
+            try:
+                node = await host.monitor.resolve(pool.config.node or "")
+                info = await host.monitor.node(node)
+                for b in info.bitmaps:
+                    if b.name.startswith(DELTA_PREFIX):
+                        await host.monitor.remove_export(b.name)
+                        await host.monitor.remove_bitmap(node, b.name)
+                chain = ckpt.chain_of(
+                    (b.name, b.granularity, b.recording, b.count) for b in info.bitmaps
+                )
+                try:
+                    sources = ckpt.between(chain, base, target)
+                except CheckpointError as exc:
+                    raise checkpoint_error(export, exc) from None
+                granularity = next(c.granularity for c in chain if c.id == base)
+                if not sources:
+                    return CheckpointDelta(export, base, target, info.size, granularity, [])
+                scratch = DELTA_PREFIX + new_token()
+                await host.monitor.execute(
+                    "block-dirty-bitmap-add",
+                    {"node": node, "name": scratch, "granularity": granularity,
+                     "persistent": False, "disabled": True},
+                )  # fmt: skip
+                try:
+                    await host.monitor.execute(
+                        "block-dirty-bitmap-merge",
+                        {"node": node, "target": scratch, "bitmaps": [c.bitmap for c in sources]},
+                    )
+                    await host.monitor.add_export(scratch, node, scratch, bitmaps=[scratch])
+                    try:
+                        runs = await self._read_bitmap(host, scratch, scratch)
+                    finally:
+                        await host.monitor.remove_export(scratch)
+                finally:
+                    await host.monitor.remove_bitmap(node, scratch)
+            except QMPFailure as exc:
+                raise qmp_error(exc, export, host) from None
+        return CheckpointDelta(export, base, target, info.size, granularity, runs)
+
+    async def _read_bitmap(
+        self, host: QmpHost, nbd_name: str, bitmap: str
+    ) -> list[tuple[int, int]]:
+        """The dirty runs of ``bitmap`` on QEMU's NBD export ``nbd_name``."""
+        config = ExportConfig(name=nbd_name, host=host.name, nbd_export=nbd_name, read_only=True)
+        pool = ExportPool(config, host)
+        ctx = CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap
+        runs: list[tuple[int, int]] = []
+
+        async def read(client: NBDClient) -> None:
+            async for batch in iter_extents(client, [ctx]):
+                for off, length, (flags,) in batch.rows():
+                    if not flags & 1:
+                        continue
+                    if runs and sum(runs[-1]) == off:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+                    else:
+                        runs.append((off, length))
+
+        try:
+            await pool.run([ctx], read)
+        finally:
+            if pool in host.pools:
+                host.pools.remove(pool)
+            if nbd_name in host.exports:
+                host.exports.remove(nbd_name)
+            await pool.close()
+        return runs
 
     async def list_infos(self, export: str) -> list[dict[str, Any]]:
         snaps = [s for s in self.open.values() if s.export == export]

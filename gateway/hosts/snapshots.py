@@ -21,6 +21,7 @@ gateway.security.limits build theirs.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import secrets
 import time
@@ -35,6 +36,11 @@ from gateway.api.names import context_name, decode_page, encode_page, export_id,
 from gateway.config import EMBEDDED_HOST
 from gateway.config import ExportConfig as GatewayExportConfig
 from gateway.errors import GatewayError
+from gateway.hosts.checkpoints import (
+    CheckpointDelta,
+    checkpoint_error,
+    remote_checkpoint_error,
+)
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp import QmpHost
 from nbdcore.aio.client import nbdgw_snapshot
@@ -47,6 +53,8 @@ from nbdcore.storage import (
     SnapshotError,
     SnapshotExistsError,
 )
+from nbdcore.storage import checkpoint as ckpt
+from nbdcore.storage.errors import CheckpointError
 from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError
 from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
@@ -275,6 +283,11 @@ class Snapshots:
             return result
         reason, message = err.get("reason"), str(err.get("message", ""))
         snap_id = str(request.get("snapshot", ""))
+        ckpt_err = remote_checkpoint_error(
+            export, str(reason), message, str(err.get("checkpoint", ""))
+        )
+        if ckpt_err is not None:
+            raise ckpt_err
         if reason == "BITMAP_NOT_FOUND":
             ctx = CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + str(err.get("bitmap", ""))
             raise errors.bitmap_not_found(export, ctx)
@@ -364,11 +377,6 @@ class Snapshots:
             return snapshot_message(export, infos[0])
         if group:
             raise errors.invalid_field("group", "consistency groups are for qmp exports")
-        if request.checkpoint_id or request.since_checkpoint:
-            raise errors.invalid_field(
-                "checkpoint_id" if request.checkpoint_id else "since_checkpoint",
-                "checkpoints are for exports of running QEMU VMs (qmp hosts)",
-            )
         image = self._image(export)
         if image is None:
             async with self.lock:
@@ -381,6 +389,8 @@ class Snapshots:
                         "cluster_size": request.cluster_size_bytes or 65536,
                         "max_bytes": request.max_preserved_bytes or None,
                         "on_full": _ON_FULL[request.on_full],
+                        "checkpoint": request.checkpoint_id,
+                        "since": request.since_checkpoint,
                     },
                 )
                 self._add_remote_export(export, snap_id)
@@ -388,6 +398,7 @@ class Snapshots:
             return snapshot_message(export, result["snapshot"])
         async with self.lock:
             try:
+                plan = ckpt.plan(ckpt.chain(image), request.checkpoint_id, request.since_checkpoint)
                 snap = await asyncio.to_thread(
                     image.create_snapshot,
                     snap_id,
@@ -395,7 +406,11 @@ class Snapshots:
                     cluster_size=request.cluster_size_bytes or 65536,
                     max_bytes=request.max_preserved_bytes or None,
                     on_full=_ON_FULL[request.on_full],
+                    views=plan.views,
+                    checkpoint=plan.started,
                 )
+            except CheckpointError as exc:
+                raise checkpoint_error(export, exc) from None
             except NoSuchBitmapError as exc:
                 offered = [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
                 raise errors.bitmap_not_found(
@@ -442,18 +457,69 @@ class Snapshots:
             next_page_token=encode_page(scope, end) if end < len(snaps) else "",
         )
 
-    def _qmp_export(self, export: str) -> None:
+    def _is_qmp(self, export: str) -> bool:
         pool = self._pool(export)
-        if not (isinstance(pool.host, QmpHost) and pool.config.node):
-            raise snapshots_not_supported(
-                export, "checkpoints are for exports of running QEMU VMs (qmp hosts)"
+        return isinstance(pool.host, QmpHost) and bool(pool.config.node)
+
+    async def checkpoints(self, export: str) -> builtins.list[dict[str, Any]]:
+        """The chain of ``export``, oldest first: ``{"id", "recording", "dirty_bytes",
+        "granularity"}`` each."""
+        if self._is_qmp(export):
+            return await self.qmp.list_checkpoints(export)
+        image = self._image(export)
+        if image is None:
+            result = await self._remote(export, {"op": "checkpoints"})
+            return list(result.get("checkpoints", []))
+        return [
+            {"id": c.id, "recording": c.recording, "dirty_bytes": c.dirty_bytes,
+             "granularity": c.granularity}
+            for c in ckpt.chain(image)
+        ]  # fmt: skip
+
+    async def checkpoint_delta(self, export: str, base: str, target: str) -> CheckpointDelta:
+        """The ranges written between checkpoints ``base`` and ``target`` of ``export`` (the
+        CSI GetMetadataDelta): any kind of host. Raises CHECKPOINT_NOT_FOUND when the chain
+        has no ``base`` or ``target``, INVALID_ARGUMENT when ``base`` is the newer."""
+        if self._is_qmp(export):
+            return await self.qmp.checkpoint_delta(export, base, target)
+        image = self._image(export)
+        if image is None:
+            result = await self._remote(
+                export, {"op": "checkpoint-delta", "base": base, "target": target}
             )
+            flat = result["runs"]
+            runs = list(zip(flat[::2], flat[1::2], strict=True))
+            return CheckpointDelta(
+                export, base, target, int(result["size"]), int(result["granularity"]), runs
+            )
+        try:
+            granularity, runs = await asyncio.to_thread(ckpt.delta, image, base, target)
+        except CheckpointError as exc:
+            raise checkpoint_error(export, exc) from None
+        return CheckpointDelta(export, base, target, image.size, granularity, runs)
+
+    async def delete(self, export: str, checkpoint: str) -> str | None:
+        """Delete a checkpoint of ``export``, merging its interval into the older neighbour;
+        returns the neighbour's id (None: it was the oldest)."""
+        if self._is_qmp(export):
+            return await self.qmp.delete_checkpoint(export, checkpoint)
+        image = self._image(export)
+        async with self.lock:
+            if image is None:
+                result = await self._remote(
+                    export, {"op": "delete-checkpoint", "checkpoint": checkpoint}
+                )
+                into = result.get("merged_into")
+                return str(into) if into else None
+            try:
+                return await asyncio.to_thread(ckpt.delete, image, checkpoint)
+            except CheckpointError as exc:
+                raise checkpoint_error(export, exc) from None
 
     async def list_checkpoints(
         self, request: spb.ListCheckpointsRequest
     ) -> spb.ListCheckpointsResponse:
         export = export_id(request.parent, "parent")
-        self._qmp_export(export)
         return spb.ListCheckpointsResponse(
             checkpoints=[
                 spb.Checkpoint(
@@ -462,7 +528,7 @@ class Snapshots:
                     dirty_bytes=c["dirty_bytes"],
                     granularity_bytes=c["granularity"],
                 )
-                for c in await self.qmp.list_checkpoints(export)
+                for c in await self.checkpoints(export)
             ]
         )
 
@@ -475,8 +541,7 @@ class Snapshots:
                 "name", f"{request.name!r} is not exports/EXPORT/checkpoints/CHECKPOINT"
             )
         export, checkpoint = parts[1], parts[3]
-        self._qmp_export(export)
-        into = await self.qmp.delete_checkpoint(export, checkpoint)
+        into = await self.delete(export, checkpoint)
         log.info("export %s: checkpoint %s deleted (merged into %s)", export, checkpoint, into)
         return spb.DeleteCheckpointResponse(
             merged_into=f"exports/{export}/checkpoints/{into}" if into else ""

@@ -298,12 +298,21 @@ class NBDServer:
 
         if not self.snapshot_management:
             raise OptionError(Opt.X_NBDGW_SNAPSHOT, Rep.ERR_UNSUP, "snapshots are not offered")
+        from nbdcore.storage import checkpoint as ckpt
+        from nbdcore.storage.errors import (
+            CheckpointError,
+            CheckpointExistsError,
+            NoSuchCheckpointError,
+        )
+
         op, name, snap_id = request.get("op"), request.get("export"), request.get("snapshot")
-        if op not in ("create", "list", "release") or not isinstance(name, str):
+        if op not in _SNAPSHOT_OPS or not isinstance(name, str):
             raise OptionError(
-                Opt.X_NBDGW_SNAPSHOT, Rep.ERR_INVALID, "need op create|list|release and export"
+                Opt.X_NBDGW_SNAPSHOT,
+                Rep.ERR_INVALID,
+                f"need op {'|'.join(_SNAPSHOT_OPS)} and export",
             )
-        if op != "list" and not isinstance(snap_id, str):
+        if op in ("create", "release") and not isinstance(snap_id, str):
             raise OptionError(Opt.X_NBDGW_SNAPSHOT, Rep.ERR_INVALID, "need snapshot")
         export = self._exports.get(name)
         if export is None:
@@ -316,14 +325,32 @@ class NBDServer:
         try:
             if op == "list":
                 return {"snapshots": [_snapshot_info(name, s) for s in image.snapshots.values()]}
+            if op == "checkpoints":
+                return {"checkpoints": [_checkpoint_info(c) for c in ckpt.chain(image)]}
+            if op == "delete-checkpoint":
+                return {"merged_into": ckpt.delete(image, str(request.get("checkpoint", "")))}
+            if op == "checkpoint-delta":
+                granularity, runs = ckpt.delta(
+                    image, str(request.get("base", "")), str(request.get("target", ""))
+                )
+                # Flat [offset, length, offset, length...]: half the JSON of pairs.
+                flat = [v for run in runs for v in run]
+                return {"granularity": granularity, "size": image.size, "runs": flat}
             assert isinstance(snap_id, str)
             if op == "create":
+                plan = ckpt.plan(
+                    ckpt.chain(image),
+                    str(request.get("checkpoint") or ""),
+                    str(request.get("since") or ""),
+                )
                 snap = image.create_snapshot(
                     snap_id,
                     bitmaps=list(request.get("bitmaps") or ()),
                     cluster_size=int(request.get("cluster_size") or 65536),
                     max_bytes=request.get("max_bytes") or None,
                     on_full=str(request.get("on_full") or "break"),
+                    views=plan.views,
+                    checkpoint=plan.started,
                 )
                 self.add_export(
                     ExportConfig(
@@ -340,6 +367,12 @@ class NBDServer:
                 self.remove_export(f"{name}@{snap_id}")
             image.release_snapshot(snap_id)
             return {"merged": merged}
+        except NoSuchCheckpointError as exc:
+            return _snapshot_error("CHECKPOINT_NOT_FOUND", str(exc), checkpoint=exc.checkpoint)
+        except CheckpointExistsError as exc:
+            return _snapshot_error("CHECKPOINT_EXISTS", str(exc), checkpoint=exc.checkpoint)
+        except CheckpointError as exc:
+            return _snapshot_error("INVALID_CHECKPOINT", str(exc))
         except NoSuchBitmapError as exc:
             return _snapshot_error("BITMAP_NOT_FOUND", str(exc), bitmap=exc.name)
         except SnapshotExistsError as exc:
@@ -1120,6 +1153,25 @@ class _Connection:
 
 def _snapshot_error(reason: str, message: str, **more: str) -> dict[str, Any]:
     return {"error": {"reason": reason, "message": message, **more}}
+
+
+_SNAPSHOT_OPS = (
+    "create",
+    "list",
+    "release",
+    "checkpoints",
+    "delete-checkpoint",
+    "checkpoint-delta",
+)
+
+
+def _checkpoint_info(link: Any) -> dict[str, Any]:
+    return {
+        "id": link.id,
+        "recording": link.recording,
+        "dirty_bytes": link.dirty_bytes,
+        "granularity": link.granularity,
+    }
 
 
 def _snapshot_info(export: str, snap: Any) -> dict[str, Any]:

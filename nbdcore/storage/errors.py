@@ -91,3 +91,23 @@ class SnapshotUnavailableError(OSError, SnapshotError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class CheckpointError(SnapshotError):
+    """A checkpoint operation was refused."""
+
+
+class NoSuchCheckpointError(CheckpointError):
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(f"no checkpoint {checkpoint!r} (never taken, or deleted)")
+        self.checkpoint = checkpoint
+
+
+class CheckpointExistsError(CheckpointError):
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(f"checkpoint {checkpoint!r} already exists")
+        self.checkpoint = checkpoint
+
+
+class CheckpointOrderError(CheckpointError):
+    """A range of the chain asked backwards: the base is newer than the target."""

@@ -240,6 +240,25 @@ class Image:
         self._check_writable()
         self.bitmap(name).clear()
 
+    def sync_bitmaps(self) -> None:
+        """Make the bitmaps' bits durable now (a persistent image; memory ones have nothing)."""
+        if self._store is not None:
+            self._store.sync()
+
+    def _start_checkpoint(self, new: str, previous: str | None, granularity: int) -> None:
+        # The caller holds _meta_lock (and _io_lock: no write in between). Idempotent, so that
+        # opening the image can roll an interrupted start forward.
+        if new not in self._bitmaps:
+            if self._store is not None:
+                self._store.add(new, granularity, True)
+            else:
+                self._bitmaps[new] = DirtyBitmap(new, self.size, granularity)
+        old = self._bitmaps.get(previous) if previous else None
+        if old is not None and old.enabled:
+            old.enabled = False
+            if self._store is not None:
+                self._store.update(old)
+
     # --- snapshots -----------------------------------------------------------------------
 
     @property
@@ -261,11 +280,16 @@ class Image:
         cluster_size: int = 65536,
         max_bytes: int | None = None,
         on_full: str = "break",
+        views: Mapping[str, Sequence[str]] | None = None,
+        checkpoint: tuple[str, str | None] | None = None,
     ) -> Snapshot:
         """Freeze the data and fork ``bitmaps`` now: the snapshot's bitmaps hold what the live
         ones held, and the live ones restart clean. ``max_bytes`` bounds the preserved data;
         when it is reached, ``on_full`` says whether the snapshot breaks (``"break"``) or the
-        live write fails with ENOSPC (``"fail-write"``). See ``nbdcore.storage.snapshot``."""
+        live write fails with ENOSPC (``"fail-write"``). ``views`` are extra forks, each the OR of
+        source bitmaps, that merge back nowhere; ``checkpoint`` (new bitmap, the one that stops
+        recording) starts a checkpoint at the instant. See ``nbdcore.storage.snapshot`` and
+        ``nbdcore.storage.checkpoint``."""
         from nbdcore.storage import snapshot
 
         self._check_writable()
@@ -273,7 +297,15 @@ class Image:
             if name in self._snapshots:
                 raise SnapshotExistsError(name)
             snap = snapshot.create(
-                self, self._store, name, list(bitmaps), cluster_size, max_bytes, on_full
+                self,
+                self._store,
+                name,
+                list(bitmaps),
+                cluster_size,
+                max_bytes,
+                on_full,
+                {k: list(v) for k, v in (views or {}).items()},
+                checkpoint,
             )
             self._snapshots[name] = snap
             return snap

@@ -84,7 +84,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from nbdcore.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
-from nbdcore.storage.bitmap import DirtyBitmap, Position, bits_length, validate_granularity
+from nbdcore.storage.bitmap import (
+    DEFAULT_GRANULARITY,
+    DirtyBitmap,
+    Position,
+    bits_length,
+    validate_granularity,
+)
+from nbdcore.storage.checkpoint import checkpoint_id
 from nbdcore.storage.disk import FALLOC_FL_KEEP_SIZE, Disk, MemoryDisk, fallocate
 from nbdcore.storage.errors import (
     BitmapError,
@@ -116,6 +123,7 @@ DEFAULT_CLUSTER_SIZE: Final = 65536
 MIN_CLUSTER_SIZE: Final = 4096
 MAX_CLUSTER_SIZE: Final = 16 * 1024 * 1024
 
+DEFAULT_CHECKPOINT_GRANULARITY: Final = DEFAULT_GRANULARITY
 OnFull = Literal["break", "fail-write"]
 ON_FULL: Final = ("break", "fail-write")
 # Limits of every snapshot, whoever asks (NBD clients of `nbdgw nbd serve`, the gateway, the
@@ -427,6 +435,11 @@ class Snapshot(Image):
         self.broken: bool = meta["broken"]
         self.released = False
         self._meta = meta
+        # Forks that are views (the OR of sources, nbdcore.storage.checkpoint) -> sources.
+        self.views: dict[str, list[str]] = {
+            f["name"]: f["sources"] for f in meta["forks"] if "sources" in f
+        }
+        self.checkpoint: str = meta.get("checkpoint_id", "")  # the checkpoint it started
         self._backing = backing
         self._lock = threading.Lock()
         self._copy_buf = bytearray()  # see _buffer
@@ -469,6 +482,7 @@ class Snapshot(Image):
             "max_bytes": self.max_bytes,
             "on_full": self.on_full,
             "broken": self.broken,
+            "checkpoint": self.checkpoint,
             "forks": {
                 name: {"granularity": b.granularity, "dirty_bytes": b.dirty_bytes()}
                 for name, b in self._bitmaps.items()
@@ -705,7 +719,8 @@ class Snapshot(Image):
         """Merge the forks back (durably), then delete the snapshot (rule 3)."""
         with self._lock:
             for name, fork in self._bitmaps.items():
-                live_bitmaps[name].merge_from(fork)
+                if name not in self.views:  # a view merges back nowhere: the chain holds it
+                    live_bitmaps[name].merge_from(fork)
             if store is not None:
                 store.sync()
             self._backing.discard("released")
@@ -713,6 +728,12 @@ class Snapshot(Image):
                 fork.detach()
             self._backing.close()
             self.released = True
+
+    def _checkpoint_started(self) -> None:
+        # The start is durable in the bitmaps: never roll it forward again (the checkpoint may
+        # be deleted while this snapshot lives).
+        self._meta.pop("pending_checkpoint", None)
+        self._backing.save_meta(self._meta)
 
     def _sync(self) -> None:
         with self._lock:
@@ -738,8 +759,11 @@ def create(
     cluster_size: int,
     max_bytes: int | None,
     on_full: str,
+    views: dict[str, list[str]] | None = None,
+    checkpoint: tuple[str, str | None] | None = None,
 ) -> Snapshot:
-    """Fork ``bitmaps`` and freeze the data; the caller holds the image's write lock."""
+    """Fork ``bitmaps`` (and ``views``: the OR of their sources) and freeze the data, starting
+    ``checkpoint`` if given; the caller holds the image's write lock."""
     validate_snapshot_name(name)
     validate_cluster_size(cluster_size)
     if on_full not in ON_FULL:
@@ -756,6 +780,19 @@ def create(
     if max_bytes is None:
         max_bytes = default_max_bytes(image.size)
     live = [image.bitmap(b) for b in bitmaps]  # NoSuchBitmapError for a missing one
+    views = views or {}
+    view_bits: dict[str, DirtyBitmap] = {}
+    for view, sources in views.items():
+        if view in bitmaps or not sources:
+            raise SnapshotError(f"view {view!r}: a name of its own and at least one source")
+        # The chain's bitmaps share one granularity; the first source's is the view's.
+        bitmap = DirtyBitmap(view, image.size, image.bitmap(sources[0]).granularity)
+        for source in sources:
+            bitmap.merge_from(image.bitmap(source))
+        view_bits[view] = bitmap
+    granularity = DEFAULT_CHECKPOINT_GRANULARITY
+    if checkpoint is not None and checkpoint[1] is not None:
+        granularity = image.bitmap(checkpoint[1]).granularity
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -766,9 +803,16 @@ def create(
         "max_bytes": max_bytes,
         "on_full": on_full,
         "broken": False,
-        "forks": [{"name": b.name, "granularity": b.granularity} for b in live],
+        "forks": [{"name": b.name, "granularity": b.granularity} for b in live]
+        + [
+            {"name": v.name, "granularity": v.granularity, "sources": views[v.name]}
+            for v in view_bits.values()
+        ],
     }
-    forks = {b.name: b.copy_bits() for b in live}
+    if checkpoint is not None:
+        meta["checkpoint_id"] = checkpoint_id(checkpoint[0])
+        meta["pending_checkpoint"] = [*checkpoint, granularity]
+    forks = {b.name: b.copy_bits() for b in [*live, *view_bits.values()]}
     clusters = -(-image.size // cluster_size)
     backing: _Backing
     if store is None:
@@ -776,6 +820,10 @@ def create(
     else:
         backing = _FileBacking.build(store.dir / SNAPSHOTS, name, clusters, forks, meta)
     snapshot = Snapshot(image, meta, backing)
+    if checkpoint is not None:
+        # Named in meta.json, durable: a crash from here on is rolled forward at open.
+        image._start_checkpoint(checkpoint[0], checkpoint[1], granularity)
+        snapshot._checkpoint_started()
     # The forks are durable: only now may the live bitmaps restart clean (rule 1).
     for bitmap in live:
         bitmap.clear()
@@ -808,6 +856,12 @@ def load(image: Image, store: BitmapStore) -> dict[str, Snapshot]:
             except BaseException:
                 backing.close()
                 raise
+            pending = meta.get("pending_checkpoint")
+            if pending and writable:
+                # A start cut short by a crash: nothing wrote since, so rolling it forward
+                # is exact (nbdcore.storage.checkpoint).
+                image._start_checkpoint(pending[0], pending[1], pending[2])
+                snapshots[meta["name"]]._checkpoint_started()
         except (SnapshotError, BitmapError, OSError) as exc:
             if not writable:
                 log.warning("ignoring snapshot %s: %s", path, exc)
@@ -845,7 +899,10 @@ def _read_meta(path: Path, image: Image) -> dict[str, Any]:
             raise ValueError("bad max_bytes")
         for fork in meta["forks"]:
             validate_granularity(fork["granularity"])
-            if fork["name"] not in image.bitmaps:
+            if "sources" in fork:
+                if not all(isinstance(x, str) for x in fork["sources"]):
+                    raise ValueError("bad view sources")
+            elif fork["name"] not in image.bitmaps:
                 raise NoSuchBitmapError(fork["name"])
     except FileNotFoundError:
         raise SnapshotError(f"{path}: meta.json is missing") from None

@@ -1,0 +1,104 @@
+"""Checkpoint chains, one notion for every kind of host (nbdcore.storage.checkpoint).
+
+The chain's rules (naming, planning a snapshot's start and view, deleting into the older
+neighbour, "between A and B") are nbdcore.storage.checkpoint's, for nbdcore images (embedded,
+and remote ``nbdgw nbd serve`` hosts through NBD_OPT_X_NBDGW_SNAPSHOT) and for running QEMU VMs
+(gateway.hosts.qmp_snapshots, over QMP). Here: what the gateway hands out, and its errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2
+
+from gateway import errors
+from gateway.errors import GatewayError
+from nbdcore.storage.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointOrderError,
+    NoSuchCheckpointError,
+)
+
+CHECKPOINT_TYPE = "nbdgw.dev/Checkpoint"
+
+
+class CheckpointReason:
+    """``nbdgw.v1.SnapshotErrorReason`` names (without prefix) of checkpoints."""
+
+    CHECKPOINT_NOT_FOUND = "CHECKPOINT_NOT_FOUND"
+    CHECKPOINT_EXISTS = "CHECKPOINT_EXISTS"
+
+
+@dataclass(frozen=True)
+class CheckpointDelta:
+    """What was written between checkpoints ``base`` and ``target`` of ``export``: whole
+    granules as sorted, merged ``(offset, length)`` byte runs (the last clipped to ``size``)."""
+
+    export: str
+    base: str
+    target: str
+    size: int
+    granularity: int
+    ranges: list[tuple[int, int]]
+
+
+def checkpoint_not_found(export: str, checkpoint: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        CheckpointReason.CHECKPOINT_NOT_FOUND,
+        f"export {export!r} has no checkpoint {checkpoint!r}",
+        {"export": export, "checkpoint": checkpoint},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type=CHECKPOINT_TYPE,
+                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+                description="no checkpoint of this id (ListCheckpoints shows the chain)",
+            )
+        ],
+    )
+
+
+def checkpoint_exists(export: str, checkpoint: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        CheckpointReason.CHECKPOINT_EXISTS,
+        f"export {export!r} already has a checkpoint {checkpoint!r}",
+        {"export": export, "checkpoint": checkpoint},
+        [
+            error_details_pb2.ResourceInfo(
+                resource_type=CHECKPOINT_TYPE,
+                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+                description="choose another checkpoint_id",
+            )
+        ],
+    )
+
+
+def checkpoint_error(
+    export: str, exc: CheckpointError, field: str = "checkpoint_id"
+) -> GatewayError:
+    """The GatewayError of a refusal of nbdcore.storage.checkpoint."""
+    if isinstance(exc, NoSuchCheckpointError):
+        return checkpoint_not_found(export, exc.checkpoint)
+    if isinstance(exc, CheckpointExistsError):
+        return checkpoint_exists(export, exc.checkpoint)
+    if isinstance(exc, CheckpointOrderError):
+        return errors.invalid_field("base", str(exc))
+    return errors.invalid_field(field, str(exc))
+
+
+def remote_checkpoint_error(
+    export: str, reason: str, message: str, checkpoint: str
+) -> GatewayError | None:
+    """The GatewayError of a remote nbdcore host's checkpoint refusal (None: not one)."""
+    if reason == "CHECKPOINT_NOT_FOUND":
+        return checkpoint_not_found(export, checkpoint)
+    if reason == "CHECKPOINT_EXISTS":
+        return checkpoint_exists(export, checkpoint)
+    if reason == "INVALID_CHECKPOINT":
+        field = "base" if "newer than" in message else "checkpoint_id"
+        return errors.invalid_field(field, message)
+    return None

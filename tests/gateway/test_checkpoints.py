@@ -1,0 +1,320 @@
+"""Checkpoint chains on nbdcore hosts (the gateway's embedded host and a separate
+``nbdgw nbd serve`` process), with the same API and semantics as on running QEMU VMs
+(test_qmp_checkpoints.py): ``nbdgw backup --checkpoint-id C [--since B]`` starts the chain
+itself; a write between two checkpoints is in "since" and nothing written before the base is;
+a chain restored with ``nbdgw restore`` (one incremental since an older checkpoint) equals the
+disk; ``Snapshots.checkpoint_delta`` (the CSI GetMetadataDelta) answers "between A and B";
+deleting merges into the older neighbour; a kill -9 of the host or of the process that starts or
+deletes a checkpoint loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from nbdcore.aio.client import NBDClient
+from nbdcore.storage import Image
+from nbdcore.storage import checkpoint as ckpt
+from nbdgw.v1 import snapshot_service_pb2 as spb
+from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+from tests.gateway.cli_support import ENV, cli
+from tests.gateway.test_snapshots import SIZE, G, granules, make_disk, reason
+from tests.gateway.test_snapshots_remote import Host
+
+pytestmark = pytest.mark.interop
+
+KiB = 1024
+
+Write = Callable[[bytes, int], Awaitable[None]]
+
+
+async def start(
+    start_gateway: Any, tmp_path: Path, kind: str
+) -> tuple[Any, spb_grpc.SnapshotServiceStub, Write, Host | None]:
+    """A gateway in front of ``disk`` on an embedded or a remote nbdcore host, and a way to
+    write to the disk that returns once the write is acknowledged."""
+    make_disk(tmp_path / "disk.img")
+    config = GatewayConfig(data_dir=tmp_path / "data")
+    host = None
+    if kind == "embedded":
+        config.add_image_export("disk", tmp_path / "disk.img")
+    else:
+        host = Host(tmp_path / "disk.img", tmp_path / "host.sock").start()
+        config.add_uri_export("disk", host.uri)
+    run = await start_gateway(config)
+    if host is None:
+        image = run.gateway.images["disk"]
+
+        async def write(data: bytes, offset: int) -> None:
+            await asyncio.to_thread(image.write, data, offset)
+
+    else:
+        uri = host.uri
+
+        async def write(data: bytes, offset: int) -> None:
+            client = await NBDClient.connect(uri)
+            try:
+                await client.pwrite(data, offset)
+                await client.flush()
+            finally:
+                await client.close()
+
+    return run, spb_grpc.SnapshotServiceStub(run.channel), write, host
+
+
+async def scatter(write: Write, rng: random.Random, count: int) -> list[tuple[int, int]]:
+    done = []
+    for _ in range(count):
+        length = rng.randrange(1, 200 * KiB)
+        offset = rng.randrange(SIZE - length)
+        await write(rng.randbytes(length), offset)
+        done.append((offset, length))
+    return done
+
+
+async def read_disk(run: Any) -> bytes:
+    """The live disk, through the gateway's own NBD view of it (any kind of host)."""
+    pool = run.gateway.pools["disk"]
+    out = bytearray()
+
+    async def read(client: NBDClient) -> None:
+        for off in range(0, SIZE, 1 << 20):
+            out.extend(await client.pread(off, 1 << 20))
+
+    await pool.run([], read)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "remote"])
+async def test_backup_chain_with_checkpoints(start_gateway: Any, tmp_path: Path, kind: str) -> None:
+    run, stub, write, host = await start(start_gateway, tmp_path, kind)
+    try:
+        rng = random.Random(7)
+        await scatter(write, rng, 10)  # before the base: never in any "since"
+
+        async def backup(out: str, *args: str) -> str:
+            proc = await asyncio.to_thread(
+                cli, "backup", "disk", str(tmp_path / out), *args, "--target", run.target
+            )
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout
+
+        at_c0 = await read_disk(run)
+        await backup("full.img", "--full", "--checkpoint-id", "c0")
+        assert (tmp_path / "full.img").read_bytes() == at_c0
+        listed = await stub.ListCheckpoints(spb.ListCheckpointsRequest(parent="disk"))
+        assert [(c.name, c.recording, c.dirty_bytes) for c in listed.checkpoints] == [
+            ("exports/disk/checkpoints/c0", True, 0)
+        ]
+        w1 = await scatter(write, rng, 12)
+        await backup("inc1.img", "--since", "c0", "--checkpoint-id", "c1")
+        at_c1 = await read_disk(run)
+        w2 = await scatter(write, rng, 12)
+        # Since an older checkpoint: w1 and w2.
+        await backup("inc2.img", "--since", "c0", "--checkpoint-id", "c2")
+        at_c2 = await read_disk(run)
+        assert at_c1 != at_c2
+
+        snaps = run.gateway.snapshots
+        d01 = await snaps.checkpoint_delta("disk", "c0", "c1")
+        assert (d01.export, d01.granularity, d01.size) == ("disk", G, SIZE)
+        assert granules(d01.ranges) == granules(w1)  # nothing from before c0, nothing after c1
+        d12 = await snaps.checkpoint_delta("disk", "c1", "c2")
+        assert granules(d12.ranges) == granules(w2)
+        d02 = await snaps.checkpoint_delta("disk", "c0", "c2")
+        assert granules(d02.ranges) == granules(w1 + w2)
+        assert (await snaps.checkpoint_delta("disk", "c1", "c1")).ranges == []
+        with pytest.raises(GatewayError) as err:
+            await snaps.checkpoint_delta("disk", "c2", "c0")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(GatewayError) as err:
+            await snaps.checkpoint_delta("disk", "c0", "gone")
+        assert (err.value.code, err.value.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "CHECKPOINT_NOT_FOUND",
+        )
+
+        def restored(*incs: str) -> bytes:
+            base = tmp_path / "restored.img"
+            base.write_bytes((tmp_path / "full.img").read_bytes())
+            for inc in incs:
+                proc = cli("restore", str(base), str(tmp_path / inc))
+                assert proc.returncode == 0, proc.stderr
+            return base.read_bytes()
+
+        assert await asyncio.to_thread(restored, "inc1.img") == at_c1
+        assert await asyncio.to_thread(restored, "inc2.img") == at_c2  # full + one since c0
+
+        # Delete c1: its interval goes into c0, so "between c0 and c2" is unchanged.
+        deleted = await stub.DeleteCheckpoint(
+            spb.DeleteCheckpointRequest(name="exports/disk/checkpoints/c1")
+        )
+        assert deleted.merged_into == "exports/disk/checkpoints/c0"
+        assert granules((await snaps.checkpoint_delta("disk", "c0", "c2")).ranges) == granules(
+            w1 + w2
+        )
+        # Delete the newest: c0 records again, so a write now is in "since c0".
+        proc = await asyncio.to_thread(
+            cli, "snapshots", "delete-checkpoint", "disk", "c2", "--target", run.target
+        )
+        assert proc.returncode == 0 and "merged into c0" in proc.stdout, proc.stderr
+        w3 = await scatter(write, rng, 5)
+        snap = await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="s", since_checkpoint="c0")
+        )
+        (fork,) = snap.forks
+        assert fork.context == "qemu:dirty-bitmap:since:c0"
+        assert fork.dirty_bytes == len(granules(w1 + w2 + w3)) * G
+        released = await stub.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/s")
+        )
+        assert len(released.merged) <= 1
+        listed = await stub.ListCheckpoints(spb.ListCheckpointsRequest(parent="disk"))
+        assert [(c.name.rsplit("/", 1)[1], c.recording) for c in listed.checkpoints] == [
+            ("c0", True)
+        ]
+
+        # Errors, each with its reason, touching nothing.
+        for fields, want in (
+            ({"since_checkpoint": "nosuch"}, (grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")),
+            ({"checkpoint_id": "c0"}, (grpc.StatusCode.ALREADY_EXISTS, "CHECKPOINT_EXISTS")),
+            ({"checkpoint_id": "a/b"}, (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.CreateSnapshot(
+                    spb.CreateSnapshotRequest(parent="disk", snapshot_id="x", **fields)
+                )
+            assert reason(exc.value)[:2] == want
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.DeleteCheckpoint(
+                spb.DeleteCheckpointRequest(name="exports/disk/checkpoints/nosuch")
+            )
+        assert reason(exc.value) == (grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
+        listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+        assert list(listed.snapshots) == []
+        proc = await asyncio.to_thread(
+            cli, "backup", "disk", str(tmp_path / "bad.img"), "--since", "nosuch",
+            "--target", run.target,
+        )  # fmt: skip
+        assert proc.returncode != 0 and "no checkpoint 'nosuch'" in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad.img").exists()
+    finally:
+        if host is not None:
+            host.stop()
+
+
+async def test_kill9_of_the_host_between_checkpoint_steps(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """The host dies (SIGKILL) at a random moment of each create-with-checkpoint: after it
+    comes back, the chain has one recording checkpoint, and "since c0" holds every
+    acknowledged write."""
+    run, stub, write, host = await start(start_gateway, tmp_path, "remote")
+    assert host is not None
+    try:
+        await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="s0", checkpoint_id="c0")
+        )
+        await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/s0"))
+        rng = random.Random(11)
+        written: list[tuple[int, int]] = []
+        outcomes: list[bool] = []  # whether the kill cut the create short
+        for i in range(1, 6):
+            written += await scatter(write, rng, 4)
+            create = asyncio.ensure_future(
+                stub.CreateSnapshot(
+                    spb.CreateSnapshotRequest(
+                        parent="disk", snapshot_id=f"s{i}", checkpoint_id=f"c{i}"
+                    )
+                )
+            )
+            await asyncio.sleep((0.0, 0.001, 0.003, 0.008, 0.02)[i - 1])
+            host.kill()
+            (outcome,) = await asyncio.gather(create, return_exceptions=True)
+            outcomes.append(isinstance(outcome, BaseException))
+            host.start()
+            for _ in range(100):  # the gateway finds the host again
+                try:
+                    chain = await run.gateway.snapshots.checkpoints("disk")
+                    break
+                except Exception:  # down, or refused until the gateway notices
+                    await asyncio.sleep(0.1)
+            assert [c["recording"] for c in chain].count(True) == 1, chain
+            assert chain[-1]["recording"]
+            listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+            for s in listed.snapshots:
+                await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name=s.name))
+        assert any(outcomes), "no kill landed inside a create"
+        ids = [c["id"] for c in await run.gateway.snapshots.checkpoints("disk")]
+        delta = await run.gateway.snapshots.checkpoint_delta("disk", "c0", ids[-1])
+        last = await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="end", since_checkpoint="c0")
+        )
+        (fork,) = last.forks
+        assert granules(delta.ranges) <= granules(written)
+        assert fork.dirty_bytes == len(granules(written)) * G  # nothing lost, nothing extra
+    finally:
+        host.stop()
+
+
+# --- storage level: a process killed (os._exit) between the steps -------------------------
+
+CRASH = r"""
+import os, sys
+from nbdcore.storage import Image
+from nbdcore.storage import checkpoint as ckpt
+path, where = sys.argv[1], sys.argv[2]
+image = Image.open(path)
+if where == "start":
+    Image._start_checkpoint = lambda *a: os._exit(9)  # the snapshot is durable, then death
+    plan = ckpt.plan(ckpt.chain(image), "c1", "c0")
+    image.create_snapshot("s1", views=plan.views, checkpoint=plan.started)
+else:
+    Image.remove_bitmap = lambda *a: os._exit(9)  # merged into c0, then death
+    ckpt.delete(image, "c1")
+"""
+
+
+def test_process_killed_inside_a_checkpoint_step_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    make_disk(path)
+    with Image.open(path) as image:
+        plan = ckpt.plan(ckpt.chain(image), "c0", "")
+        image.create_snapshot("s0", checkpoint=plan.started)
+        image.release_snapshot("s0")
+        image.write(b"x" * 100, 3 * G + 5)
+    subprocess.run([sys.executable, "-c", CRASH, str(path), "start"], env=ENV, check=False)
+    with Image.open(path) as image:
+        # Rolled forward at open: c1 records, c0 stopped, the snapshot and its view are there.
+        chain = ckpt.chain(image)
+        assert [(c.id, c.recording) for c in chain] == [("c0", False), ("c1", True)]
+        snap = image.snapshots["s1"]
+        assert snap.checkpoint == "c1"
+        assert granules([(o, n) for o, n, f in snap.bitmaps["since:c0"].extents(0, SIZE) if f]) == {
+            3
+        }
+        image.release_snapshot("s1")
+        image.write(b"y" * 100, 7 * G)
+    with Image.open(path) as image:  # not rolled forward again
+        assert [(c.id, c.recording) for c in ckpt.chain(image)] == [("c0", False), ("c1", True)]
+    subprocess.run([sys.executable, "-c", CRASH, str(path), "delete"], env=ENV, check=False)
+    with Image.open(path) as image:
+        # Both hold c1's bits (more dirty, never less); deleting again finishes.
+        assert granules(ckpt.delta(image, "c0", "c1")[1]) >= {3, 7}
+        assert ckpt.delete(image, "c1") == "c0"
+        (c0,) = ckpt.chain(image)
+        assert c0.recording
+        assert granules([(o, n) for o, n, f in image.bitmaps[c0.bitmap].extents(0, SIZE) if f]) == {
+            3,
+            7,
+        }
