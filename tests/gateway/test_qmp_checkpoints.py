@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from gateway.errors import GatewayError
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from tests.gateway.cli_support import nbdgw
 from tests.gateway.test_qmp_gateway import start_qmp
@@ -91,6 +92,16 @@ async def test_chain_since_any_checkpoint(
     assert await asyncio.to_thread(restored, "inc3.img") == at_s3  # full + one since c0
     assert at_s3 != at_s2
 
+    # The CSI delta: between two checkpoints, exactly the writes between their instants.
+    for a, b in ((0, 1), (1, 3), (0, 3)):
+        delta = await run.gateway.snapshots.checkpoint_delta("d0", f"c{a}", f"c{b}")
+        assert granules(delta.ranges) == granules(
+            [(w.offset, len(w.data)) for w in writer.writes[ats[a] : ats[b]]]
+        )
+    with pytest.raises(GatewayError) as err:
+        await run.gateway.snapshots.checkpoint_delta("d0", "c3", "c1")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
     listed = await run.snapshots.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
     assert [c.name.rsplit("/", 1)[1] for c in listed.checkpoints] == ["c0", "c1", "c2", "c3"]
     proc = await asyncio.to_thread(nbdgw, "snapshots", "checkpoints", "d0", "--target", run.target)
@@ -143,4 +154,18 @@ async def test_chain_since_any_checkpoint(
             spb.DeleteCheckpointRequest(name="exports/d0/checkpoints/nosuch")
         )
     assert reason(exc.value) == (grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
+
+    # nbdgw backup takes the snapshot with its checkpoint itself: since c2 (recording since c3
+    # went), the writer stopped, full + inc1 + inc2 + this one is the disk now.
+    proc = await asyncio.to_thread(
+        nbdgw, "backup", "d0", str(tmp_path / "inc5.img"), "--checkpoint-id", "c5",
+        "--since", "c2", "--target", run.target,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    now = writer.image_after(zero, writer.writes)
+    assert await asyncio.to_thread(restored, "inc1.img", "inc2.img", "inc5.img") == now
+    listed = await run.snapshots.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
+    assert [(c.name.rsplit("/", 1)[1], c.recording) for c in listed.checkpoints] == [
+        ("c0", False), ("c2", False), ("c5", True)
+    ]  # fmt: skip
     writer.close()
