@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "--checkpoint",
         default="",
         metavar="ID",
-        help="start checkpoint ID at this instant (running QEMU VMs)",
+        help="start checkpoint ID at this instant",
     )
     p.add_argument(
         "--since",
@@ -98,9 +98,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     add_target_arguments(p)
     p.set_defaults(func=command(cmd_create))
 
-    p = _one_line_errors(
-        group.add_parser("checkpoints", help="list the checkpoints of a running QEMU's disk")
-    )
+    p = _one_line_errors(group.add_parser("checkpoints", help="list the checkpoints of a disk"))
     p.add_argument("export", metavar="EXPORT")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)

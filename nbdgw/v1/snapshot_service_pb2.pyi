@@ -291,9 +291,10 @@ class CreateSnapshotRequest(_message.Message):
     on_full: Global___SnapshotOnFull.ValueType
     """What happens when that limit is reached."""
     checkpoint_id: _builtins.str
-    """Start checkpoint `checkpoint_id` at the snapshot's instant (exports of `qmp` hosts): a new
-    persistent bitmap records every write from now on, and the previous checkpoint stops
-    recording. Same rules as `snapshot_id`. ALREADY_EXISTS (CHECKPOINT_EXISTS) when taken.
+    """Start checkpoint `checkpoint_id` at the snapshot's instant (exports of nbdcore hosts and of
+    `qmp` hosts): a new persistent bitmap records every write from now on, and the previous
+    checkpoint stops recording. Same rules as `snapshot_id`. ALREADY_EXISTS (CHECKPOINT_EXISTS)
+    when taken.
     """
     since_checkpoint: _builtins.str
     """Also fork "what changed since checkpoint C" at the instant: the snapshot's export offers it

@@ -92,9 +92,10 @@ class SnapshotServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCheckpoints(self, request, context):
-        """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
-        checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
-        instant until the next one's: "changed since C" is the merge of C and every later one.
+        """Lists the checkpoints of an export, oldest first (exports of nbdcore hosts and of running
+        QEMU VMs). A checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every
+        write from its instant until the next one's: "changed since C" is the merge of C and every
+        later one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,9 +69,10 @@ class SnapshotServiceStub:
     (SNAPSHOT_NOT_FOUND) when it does not exist, or was released already.
     """
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListCheckpointsRequest, _snapshot_service_pb2.ListCheckpointsResponse]
-    """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
-    checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
-    instant until the next one's: "changed since C" is the merge of C and every later one.
+    """Lists the checkpoints of an export, oldest first (exports of nbdcore hosts and of running
+    QEMU VMs). A checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every
+    write from its instant until the next one's: "changed since C" is the merge of C and every
+    later one.
     """
     DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_snapshot_service_pb2.DeleteCheckpointRequest, _snapshot_service_pb2.DeleteCheckpointResponse]
     """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
@@ -97,9 +98,10 @@ class SnapshotServiceAsyncStub(SnapshotServiceStub):
     (SNAPSHOT_NOT_FOUND) when it does not exist, or was released already.
     """
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.ListCheckpointsRequest, _snapshot_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
-    """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
-    checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
-    instant until the next one's: "changed since C" is the merge of C and every later one.
+    """Lists the checkpoints of an export, oldest first (exports of nbdcore hosts and of running
+    QEMU VMs). A checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every
+    write from its instant until the next one's: "changed since C" is the merge of C and every
+    later one.
     """
     DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_snapshot_service_pb2.DeleteCheckpointRequest, _snapshot_service_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
     """Deletes a checkpoint: its bitmap merges into the previous (older) checkpoint's, which then
@@ -146,9 +148,10 @@ class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _snapshot_service_pb2.ListCheckpointsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_snapshot_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_snapshot_service_pb2.ListCheckpointsResponse]]:
-        """Lists the checkpoints of an export of a running QEMU (a `qmp` host), oldest first. A
-        checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every write from its
-        instant until the next one's: "changed since C" is the merge of C and every later one.
+        """Lists the checkpoints of an export, oldest first (exports of nbdcore hosts and of running
+        QEMU VMs). A checkpoint is started by CreateSnapshot (`checkpoint_id`) and records every
+        write from its instant until the next one's: "changed since C" is the merge of C and every
+        later one.
         """
 
     @_abc_1.abstractmethod
