@@ -15,6 +15,9 @@ from google.rpc import error_details_pb2
 
 from gateway import errors
 from gateway.errors import GatewayError
+from gateway.hosts.pool import ExportPool
+from nbdcore.aio.client import NBDClient
+from nbdcore.extents import iter_extents
 from nbdcore.storage.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -102,3 +105,23 @@ def remote_checkpoint_error(
         field = "base" if "newer than" in message else "checkpoint_id"
         return errors.invalid_field(field, message)
     return None
+
+
+async def read_dirty_runs(pool: ExportPool, context: str) -> list[tuple[int, int]]:
+    """The dirty runs of dirty-bitmap ``context`` on ``pool``'s export, merged, read over NBD
+    (bounded steps: the walker's memory does not grow with the disk; the list does, one pair per
+    run)."""
+    runs: list[tuple[int, int]] = []
+
+    async def read(client: NBDClient) -> None:
+        async for batch in iter_extents(client, [context]):
+            for off, length, (flags,) in batch.rows():
+                if not flags & 1:
+                    continue
+                if runs and sum(runs[-1]) == off:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
+                else:
+                    runs.append((off, length))
+
+    await pool.run([context], read)
+    return runs

@@ -38,6 +38,7 @@ from gateway.hosts.checkpoints import (
     CheckpointDelta,
     checkpoint_error,
     checkpoint_not_found,
+    read_dirty_runs,
 )
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp import QmpHost, bitmap_busy, qmp_error
@@ -403,28 +404,14 @@ class QmpSnapshots:
         """The dirty runs of ``bitmap`` on QEMU's NBD export ``nbd_name``."""
         config = ExportConfig(name=nbd_name, host=host.name, nbd_export=nbd_name, read_only=True)
         pool = ExportPool(config, host)
-        ctx = CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap
-        runs: list[tuple[int, int]] = []
-
-        async def read(client: NBDClient) -> None:
-            async for batch in iter_extents(client, [ctx]):
-                for off, length, (flags,) in batch.rows():
-                    if not flags & 1:
-                        continue
-                    if runs and sum(runs[-1]) == off:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + length)
-                    else:
-                        runs.append((off, length))
-
         try:
-            await pool.run([ctx], read)
+            return await read_dirty_runs(pool, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bitmap)
         finally:
             if pool in host.pools:
                 host.pools.remove(pool)
             if nbd_name in host.exports:
                 host.exports.remove(nbd_name)
             await pool.close()
-        return runs
 
     async def list_infos(self, export: str) -> list[dict[str, Any]]:
         snaps = [s for s in self.open.values() if s.export == export]

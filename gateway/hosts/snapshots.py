@@ -39,6 +39,7 @@ from gateway.errors import GatewayError
 from gateway.hosts.checkpoints import (
     CheckpointDelta,
     checkpoint_error,
+    read_dirty_runs,
     remote_checkpoint_error,
 )
 from gateway.hosts.pool import ExportPool
@@ -78,6 +79,8 @@ _ON_FULL_PB = {
 
 
 SNAPSHOT_TYPE = "nbdgw.dev/Snapshot"
+# The short-lived snapshots that read a checkpoint delta of a remote nbdcore host.
+DELTA_SNAPSHOT = "nbdgw-delta-"
 
 
 class SnapshotReason:
@@ -484,19 +487,43 @@ class Snapshots:
             return await self.qmp.checkpoint_delta(export, base, target)
         image = self._image(export)
         if image is None:
-            result = await self._remote(
-                export, {"op": "checkpoint-delta", "base": base, "target": target}
-            )
-            flat = result["runs"]
-            runs = list(zip(flat[::2], flat[1::2], strict=True))
-            return CheckpointDelta(
-                export, base, target, int(result["size"]), int(result["granularity"]), runs
-            )
+            return await self._remote_delta(export, base, target)
         try:
             granularity, runs = await asyncio.to_thread(ckpt.delta, image, base, target)
         except CheckpointError as exc:
             raise checkpoint_error(export, exc) from None
         return CheckpointDelta(export, base, target, image.size, granularity, runs)
+
+    async def _remote_delta(self, export: str, base: str, target: str) -> CheckpointDelta:
+        """A remote nbdcore host: a short-lived snapshot whose one fork is the view
+        ``between:A:B``, read over NBD like any fork, then released (a view merges back
+        nowhere). A leftover of a gateway killed meanwhile is released at the next delta."""
+        async with self.lock:
+            listed = await self._remote(export, {"op": "list"})
+            for info in listed.get("snapshots", []):
+                if str(info["name"]).startswith(DELTA_SNAPSHOT):
+                    await self._remove_exports(export, info["name"])
+                    await self._remote(export, {"op": "release", "snapshot": info["name"]})
+            snap_id = DELTA_SNAPSHOT + secrets.token_hex(4)
+            request = {"op": "create", "snapshot": snap_id, "between": [base, target]}
+            result = await self._remote(export, request)
+            try:
+                view = ckpt.between_view(base, target)
+                fork = result["snapshot"]["forks"].get(view)
+                runs: builtins.list[tuple[int, int]] = []
+                if fork is not None:
+                    self._add_remote_export(export, snap_id)
+                    pool = self.gateway.pools[snapshot_export_id(export, snap_id)]
+                    runs = await read_dirty_runs(pool, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + view)
+                    granularity = int(fork["granularity"])
+                else:  # base == target
+                    chain = (await self._remote(export, {"op": "checkpoints"}))["checkpoints"]
+                    granularity = next(int(c["granularity"]) for c in chain if c["id"] == base)
+            finally:
+                await self._remove_exports(export, snap_id)
+                await self._remote(export, {"op": "release", "snapshot": snap_id})
+        size = int(result["snapshot"]["size"])
+        return CheckpointDelta(export, base, target, size, granularity, runs)
 
     async def delete(self, export: str, checkpoint: str) -> str | None:
         """Delete a checkpoint of ``export``, merging its interval into the older neighbour;

@@ -329,20 +329,18 @@ class NBDServer:
                 return {"checkpoints": [_checkpoint_info(c) for c in ckpt.chain(image)]}
             if op == "delete-checkpoint":
                 return {"merged_into": ckpt.delete(image, str(request.get("checkpoint", "")))}
-            if op == "checkpoint-delta":
-                granularity, runs = ckpt.delta(
-                    image, str(request.get("base", "")), str(request.get("target", ""))
-                )
-                # Flat [offset, length, offset, length...]: half the JSON of pairs.
-                flat = [v for run in runs for v in run]
-                return {"granularity": granularity, "size": image.size, "runs": flat}
             assert isinstance(snap_id, str)
             if op == "create":
+                chain = ckpt.chain(image)
                 plan = ckpt.plan(
-                    ckpt.chain(image),
-                    str(request.get("checkpoint") or ""),
-                    str(request.get("since") or ""),
+                    chain, str(request.get("checkpoint") or ""), str(request.get("since") or "")
                 )
+                between = request.get("between")
+                if between:  # [A, B]: a view of what was written between checkpoints A and B
+                    base, target = str(between[0]), str(between[1])
+                    sources = ckpt.between(chain, base, target)
+                    if sources:
+                        plan.views[ckpt.between_view(base, target)] = [c.bitmap for c in sources]
                 snap = image.create_snapshot(
                     snap_id,
                     bitmaps=list(request.get("bitmaps") or ()),
@@ -1161,7 +1159,6 @@ _SNAPSHOT_OPS = (
     "release",
     "checkpoints",
     "delete-checkpoint",
-    "checkpoint-delta",
 )
 
 

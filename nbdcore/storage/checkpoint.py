@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 CHECKPOINT_BITMAP: Final = "nbdgw-ckpt-{seq:06d}-{id}"
 CHECKPOINT_RE: Final = re.compile(r"^nbdgw-ckpt-(?P<seq>\d{6})-(?P<id>.+)$")
 SINCE_PREFIX: Final = "since:"  # a snapshot's view of "changed since checkpoint C": since:C
+BETWEEN_PREFIX: Final = "between:"  # a view of "written between A and B": between:A:B
 # A snapshot id's rules (nbdcore.storage.snapshot), so that either can name the other.
 ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -75,6 +76,11 @@ def checkpoint_id(bitmap: str) -> str:
     """The id of a checkpoint bitmap's name ("" for another bitmap)."""
     m = CHECKPOINT_RE.match(bitmap)
     return m["id"] if m else ""
+
+
+def between_view(base: str, target: str) -> str:
+    """The name of a snapshot's view of what was written between ``base`` and ``target``."""
+    return f"{BETWEEN_PREFIX}{base}:{target}"
 
 
 def validate_id(checkpoint: str) -> None:

@@ -318,3 +318,29 @@ def test_process_killed_inside_a_checkpoint_step_loses_nothing(tmp_path: Path) -
             3,
             7,
         }
+
+
+@pytest.mark.parametrize("kind", ["embedded", "remote"])
+async def test_fragmented_delta(start_gateway: Any, tmp_path: Path, kind: str) -> None:
+    """Every other granule written between c0 and c1: the delta is those granules, one run
+    each (the remote host's is read over NBD through a short-lived snapshot, then released)."""
+    run, stub, write, host = await start(start_gateway, tmp_path, kind)
+    try:
+        await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="a", checkpoint_id="c0")
+        )
+        await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/a"))
+        for g in range(1, SIZE // G, 2):
+            await write(b"z", g * G + 7)
+        await stub.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="disk", snapshot_id="b", checkpoint_id="c1")
+        )
+        await stub.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/disk/snapshots/b"))
+        delta = await run.gateway.snapshots.checkpoint_delta("disk", "c0", "c1")
+        assert delta.ranges == [(g * G, G) for g in range(1, SIZE // G, 2)]
+        assert (await run.gateway.snapshots.checkpoint_delta("disk", "c1", "c1")).ranges == []
+        listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
+        assert list(listed.snapshots) == []  # nothing left behind
+    finally:
+        if host is not None:
+            host.stop()
