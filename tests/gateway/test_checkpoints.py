@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,14 @@ from nbdcore.storage import checkpoint as ckpt
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import ENV, cli
+from tests.gateway.test_snapshot_crash import WRITER, restart
 from tests.gateway.test_snapshots import SIZE, G, granules, make_disk, reason
 from tests.gateway.test_snapshots_remote import Host
 
 pytestmark = pytest.mark.interop
 
 KiB = 1024
+CRASH_SIZE = 8 * 1024 * 1024
 
 Write = Callable[[bytes, int], Awaitable[None]]
 
@@ -344,3 +348,74 @@ async def test_fragmented_delta(start_gateway: Any, tmp_path: Path, kind: str) -
     finally:
         if host is not None:
             host.stop()
+
+
+def test_kill9_of_the_gateway_in_a_checkpoint_backup_chain(tmp_path: Path) -> None:
+    """A gateway process with its embedded host serves a disk a writer keeps writing; a chain of
+    ``nbdgw backup --checkpoint-id cN --since cN-1`` runs, the gateway is killed with SIGKILL
+    while each backup runs, restarted, and the backup resumed. With the writer stopped, one last
+    backup since the newest checkpoint: the chain restored equals the disk (nothing lost)."""
+    rng = random.Random(5)
+    disk = tmp_path / "disk.img"
+    with Image.create(disk, CRASH_SIZE) as image:
+        image.write(rng.randbytes(CRASH_SIZE).replace(b"\0", b"\1"), 0)
+    gw = restart(disk, tmp_path / "data")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, gw.nbd_uri("disk"), "2"], env=ENV, cwd=Path.cwd()
+    )
+
+    def backup(target: str, out: Path, i: int, *extra: str) -> list[str]:
+        chain = ["--full"] if i == 0 else ["--since", f"c{i - 1}"]
+        return [
+            sys.executable, "-m", "gateway", "backup", "disk", str(out), *chain,
+            "--checkpoint-id", f"c{i}", "--checkpoint", "256k", "--retries", "2",
+            "--target", target, *extra,
+        ]  # fmt: skip
+
+    kills = 0
+    try:
+        for i in range(3):
+            out = tmp_path / f"b{i}.img"
+            proc = subprocess.Popen(
+                backup(gw.target, out, i), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            spath = out.with_name(out.name + ".nbdgw-backup.json")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and proc.poll() is None:
+                if spath.exists() and '"snapshot": "backup-' in spath.read_text():
+                    break
+                time.sleep(0.002)
+            time.sleep((0.0, 0.01, 0.05)[i])
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGKILL)
+            kills += 1
+            proc.communicate(timeout=60)
+            gw.stop()
+            gw = restart(disk, tmp_path / "data")
+            args = ["--resume"] if spath.exists() else []
+            done = subprocess.run(
+                backup(gw.target, out, i, *args), env=ENV, capture_output=True, text=True,
+                timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+    out = tmp_path / "last.img"
+    done = subprocess.run(
+        backup(gw.target, out, 3), env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    gw.stop()
+    restored = tmp_path / "restored.img"
+    restored.write_bytes((tmp_path / "b0.img").read_bytes())
+    for inc in ("b1.img", "b2.img", "last.img"):
+        proc2 = cli("restore", str(restored), str(tmp_path / inc))
+        assert proc2.returncode == 0, proc2.stderr
+    with Image.open(disk, read_only=True) as image:
+        assert not image.snapshots
+        assert [(c.id, c.recording) for c in ckpt.chain(image)] == [
+            ("c0", False), ("c1", False), ("c2", False), ("c3", True)
+        ]  # fmt: skip
+        assert restored.read_bytes() == image.read(0, CRASH_SIZE)
+    assert kills == 3
