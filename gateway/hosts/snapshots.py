@@ -631,7 +631,8 @@ def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:
         spb.ForkedBitmap(
             context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
             granularity_bytes=bitmap.granularity,
-            dirty_bytes=bitmap.dirty_bytes(),
+            # A view merges back nowhere (the checkpoints hold its writes).
+            dirty_bytes=0 if name in snap.views else bitmap.dirty_bytes(),
         )
         for name, bitmap in snap.bitmaps.items()
     ]

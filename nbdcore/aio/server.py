@@ -360,7 +360,10 @@ class NBDServer:
                 )
                 return {"snapshot": _snapshot_info(name, snap)}
             snap = image.snapshot(snap_id)
-            merged = {fork: bitmap.dirty_bytes() for fork, bitmap in snap.bitmaps.items()}
+            merged = {
+                fork: 0 if fork in snap.views else bitmap.dirty_bytes()
+                for fork, bitmap in snap.bitmaps.items()
+            }
             if f"{name}@{snap_id}" in self._exports:
                 self.remove_export(f"{name}@{snap_id}")
             image.release_snapshot(snap_id)
