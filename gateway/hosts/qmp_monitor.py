@@ -42,7 +42,9 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
+from nbdcore.storage import checkpoint as ckpt
 from nbdcore.storage.checkpoint import CHECKPOINT_RE
+from nbdcore.storage.errors import NoSuchCheckpointError
 
 log = logging.getLogger("nbdgw.qmp")
 
@@ -493,23 +495,22 @@ class Monitor:
         again when the deleted one was the newest), in one transaction; returns the neighbour's
         id, or None when it was the oldest."""
         chain = await self.checkpoints(node)
-        found = [i for i, c in enumerate(chain) if c[1] == checkpoint]
-        if not found:
-            raise QMPFailure("not_found", f"no checkpoint {checkpoint!r}")
-        i = found[0]
-        bitmap = chain[i][2]
-        if i > 0:
-            older = chain[i - 1][2]
+        links = ckpt.chain_of((b.name, b.granularity, b.recording, b.count) for _, _, b in chain)
+        try:
+            victim, older = ckpt.neighbour(links, checkpoint)
+        except NoSuchCheckpointError:
+            raise QMPFailure("not_found", f"no checkpoint {checkpoint!r}") from None
+        if older is not None:
             actions = [
-                _action("block-dirty-bitmap-merge", node=node, target=older.name,
-                        bitmaps=[bitmap.name]),
+                _action("block-dirty-bitmap-merge", node=node, target=older.bitmap,
+                        bitmaps=[victim.bitmap]),
             ]  # fmt: skip
-            if bitmap.recording:
-                actions.append(_action("block-dirty-bitmap-enable", node=node, name=older.name))
+            if victim.recording:
+                actions.append(_action("block-dirty-bitmap-enable", node=node, name=older.bitmap))
             # Both record until the removal: a write in between is in both, never lost.
             await self.execute("transaction", {"actions": actions})
-        await self.remove_bitmap(node, bitmap.name)
-        return chain[i - 1][1] if i > 0 else None
+        await self.remove_bitmap(node, victim.bitmap)
+        return older.id if older is not None else None
 
     async def drop_fleece(self, fleece: Fleece) -> None:
         """Remove the fleecing node (with its forks) and its image."""
