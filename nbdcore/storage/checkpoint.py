@@ -47,7 +47,7 @@ CHECKPOINT_RE: Final = re.compile(r"^nbdgw-ckpt-(?P<seq>\d{6})-(?P<id>.+)$")
 SINCE_PREFIX: Final = "since:"  # a snapshot's view of "changed since checkpoint C": since:C
 BETWEEN_PREFIX: Final = "between:"  # a view of "written between A and B": between:A:B
 # A snapshot id's rules (nbdcore.storage.snapshot), so that either can name the other.
-ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def between_view(base: str, target: str) -> str:
 
 
 def validate_id(checkpoint: str) -> None:
-    if not ID_RE.match(checkpoint):
+    if not ID_RE.fullmatch(checkpoint):
         raise CheckpointError(
             f"checkpoint id {checkpoint[:80]!r}: 1-63 letters, digits, '.', '_', '-', starting"
             " with a letter or digit"
