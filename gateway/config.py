@@ -149,6 +149,17 @@ def check_interval(seconds: float) -> float:
     return seconds
 
 
+DEFAULT_CSI_DRIVER_NAME = "nbdgw.dev"
+DEFAULT_CSI_BLOCK_SIZE = 1024 * 1024  # FIXED_LENGTH blocks when the caller asks for blocks
+
+
+def check_csi_block_size(value: int, where: str) -> int:
+    # A power of two of at least 512 (a sector), so blocks align with the bitmaps' granules.
+    if value < 512 or value & (value - 1):
+        raise ConfigError(f"{where}: {value} is not a power of two of at least 512")
+    return value
+
+
 @dataclass
 class GatewayConfig:
     listen: str = DEFAULT_LISTEN
@@ -170,6 +181,11 @@ class GatewayConfig:
     # A second, plaintext port serving only grpc.health.v1 (for the kubelet when the main port
     # uses TLS).
     health_listen: str | None = None
+    # The CSI Identity and SnapshotMetadata services (gateway.api.csi) on a unix socket, for the
+    # Kubernetes external-snapshot-metadata sidecar; the driver name must be the CSI driver's.
+    csi_socket: str | None = None
+    csi_driver_name: str = DEFAULT_CSI_DRIVER_NAME
+    csi_block_size: int = DEFAULT_CSI_BLOCK_SIZE
     # Observability (gateway.observability): a plaintext HTTP port serving /metrics, and logs.
     metrics_listen: str | None = None
     log_format: str = "text"  # text | json
@@ -414,6 +430,9 @@ _TOP_KEYS = {
     "grpc_tls_key_file",
     "grpc_tls_client_ca_file",
     "health_listen",
+    "csi_socket",
+    "csi_driver_name",
+    "csi_block_size",
     "ledger_path",
     "ledger_synchronous",
     "ledger_max_intervals",
@@ -492,6 +511,12 @@ def apply_table(
     if "health_listen" in data:
         config.health_listen = str(data["health_listen"])
         parse_listen(config.health_listen)
+    if "csi_socket" in data:
+        config.csi_socket = str(base / str(data["csi_socket"]))
+    if "csi_driver_name" in data:
+        config.csi_driver_name = str(data["csi_driver_name"])
+    if "csi_block_size" in data:
+        config.csi_block_size = check_csi_block_size(int(data["csi_block_size"]), where)
     if "ledger_path" in data:
         config.ledger_path = base / str(data["ledger_path"])
     if "ledger_synchronous" in data:

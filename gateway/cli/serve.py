@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import (
+    DEFAULT_CSI_DRIVER_NAME,
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
     LOG_FORMATS,
@@ -27,6 +28,7 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     check_choice,
+    check_csi_block_size,
     check_interval,
     check_max_intervals,
     load_file,
@@ -227,6 +229,28 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="also serve grpc.health.v1 alone, in plaintext, here (for probes that cannot"
         " speak TLS) ($NBDGW_HEALTH_LISTEN)",
     )
+    csi = p.add_argument_group("Kubernetes changed block tracking (docs/kubernetes-cbt.md)")
+    csi.add_argument(
+        "--csi-socket",
+        metavar="PATH",
+        default=_env("CSI_SOCKET"),
+        help="serve csi.v1.Identity and csi.v1.SnapshotMetadata on this unix socket, for the"
+        " external-snapshot-metadata sidecar ($NBDGW_CSI_SOCKET)",
+    )
+    csi.add_argument(
+        "--csi-driver-name",
+        metavar="NAME",
+        default=_env("CSI_DRIVER_NAME"),
+        help="the CSI driver name GetPluginInfo answers: the cluster's driver"
+        f" ($NBDGW_CSI_DRIVER_NAME, default {DEFAULT_CSI_DRIVER_NAME})",
+    )
+    csi.add_argument(
+        "--csi-block-size",
+        metavar="BYTES",
+        type=int,
+        default=_env("CSI_BLOCK_SIZE"),
+        help="block size of FIXED_LENGTH answers ($NBDGW_CSI_BLOCK_SIZE, default 1 MiB)",
+    )
     tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
     tls.add_argument("--tls-ca-file", default=_env("TLS_CA_FILE"), help="($NBDGW_TLS_CA_FILE)")
     tls.add_argument(
@@ -319,6 +343,12 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     if args.health_listen:
         parse_listen(args.health_listen)
         config.health_listen = args.health_listen
+    if args.csi_socket:
+        config.csi_socket = args.csi_socket
+    if args.csi_driver_name:
+        config.csi_driver_name = args.csi_driver_name
+    if args.csi_block_size is not None:
+        config.csi_block_size = check_csi_block_size(int(args.csi_block_size), "--csi-block-size")
     if _switch(args.no_reflection, "NO_REFLECTION"):
         config.reflection = False
     if args.metrics_listen:
