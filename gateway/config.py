@@ -150,13 +150,13 @@ def check_interval(seconds: float) -> float:
 
 
 DEFAULT_CSI_DRIVER_NAME = "nbdgw.dev"
-DEFAULT_CSI_BLOCK_SIZE = 1024 * 1024  # FIXED_LENGTH blocks when the caller asks for blocks
+DEFAULT_CSI_BLOCK_SIZE = 0  # CSI answers: 0 VARIABLE_LENGTH extents, N FIXED_LENGTH N-byte blocks
 
 
 def check_csi_block_size(value: int, where: str) -> int:
-    # A power of two of at least 512 (a sector), so blocks align with the bitmaps' granules.
-    if value < 512 or value & (value - 1):
-        raise ConfigError(f"{where}: {value} is not a power of two of at least 512")
+    # 0, or a power of two of at least 512 (a sector), so blocks align with the bitmaps' granules.
+    if value and (value < 512 or value & (value - 1)):
+        raise ConfigError(f"{where}: {value} is neither 0 nor a power of two of at least 512")
     return value
 
 

@@ -33,7 +33,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 
+from csi.v1 import csi_pb2_grpc as csi_grpc
 from gateway.api.bitmaps import Backend, BitmapServicer
+from gateway.api.csi import IdentityServicer, SnapshotMetadataServicer
 from gateway.api.framing import add_bitmap_service
 from gateway.api.health import HealthServicer
 from gateway.api.reflection import enable_server_reflection
@@ -175,6 +177,7 @@ class Listening:
     nbd_socket: str | None
     health_port: int | None = None
     metrics_port: int | None = None
+    csi_socket: str | None = None
 
     @property
     def address(self) -> str:
@@ -196,6 +199,7 @@ class Gateway:
         self.backend = Backend(self.pools, self.images, self.shutdown)
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
+        self.csi_server: grpc.aio.Server | None = None
         self.certificates: CertificateReloader | None = None  # gRPC TLS files, reloaded
         self.limiter = Limiter(config.limits)
         self._host_checks: list[asyncio.Task[None]] = []
@@ -312,6 +316,8 @@ class Gateway:
         self.listening = Listening(host, bound, nbd_socket, metrics_port=metrics_port)
         if cfg.health_listen:
             self.listening.health_port = await self._start_health_server(cfg.health_listen)
+        if cfg.csi_socket:
+            self.listening.csi_socket = await self._start_csi_server(cfg.csi_socket)
         log.info("gateway listening on %s", self.listening.address)
         return self.listening
 
@@ -350,6 +356,34 @@ class Gateway:
         await server.start()
         self.health_server = server
         return bound
+
+    async def _start_csi_server(self, path: str) -> str:
+        """csi.v1.Identity and csi.v1.SnapshotMetadata on a unix socket (gateway.api.csi), for
+        the external-snapshot-metadata sidecar of the same pod. No tokens: who may call is who
+        may open the socket; the sidecar authenticates the Kubernetes callers itself. Calls are
+        counted and logged like those of the main port."""
+        sock = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)  # left by a previous run that was killed
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics)]
+        )
+        csi_grpc.add_IdentityServicer_to_server(IdentityServicer(self), server)
+        csi_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataServicer(self), server)
+        try:
+            bound = server.add_insecure_port(f"unix:{sock}")
+        except RuntimeError as exc:
+            bound = 0
+            why = str(exc)
+        else:
+            why = "cannot bind it"
+        if bound == 0:
+            await server.stop(0)
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot serve CSI on {sock}: {why}")
+        await server.start()
+        self.csi_server = server
+        log.info("CSI SnapshotMetadata on unix:%s", sock)
+        return sock
 
     async def _start_embedded(self) -> str:
         cfg = self.config
@@ -462,6 +496,9 @@ class Gateway:
                 await self.server.stop(grace)
             if self.health_server is not None:
                 await self.health_server.stop(0)
+            if self.csi_server is not None:
+                # Its streams end at their next message with a resume offset (gateway.api.csi).
+                await self.csi_server.stop(grace)
             if self.metrics_server is not None:
                 await self.metrics_server.close()
             await self._close_backends()

@@ -249,7 +249,8 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         metavar="BYTES",
         type=int,
         default=_env("CSI_BLOCK_SIZE"),
-        help="block size of FIXED_LENGTH answers ($NBDGW_CSI_BLOCK_SIZE, default 1 MiB)",
+        help="answer CSI calls in FIXED_LENGTH blocks of this size; 0: VARIABLE_LENGTH extents"
+        " ($NBDGW_CSI_BLOCK_SIZE, default 0)",
     )
     tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
     tls.add_argument("--tls-ca-file", default=_env("TLS_CA_FILE"), help="($NBDGW_TLS_CA_FILE)")
@@ -418,6 +419,8 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
         target += " --token TOKEN"
     if config.grpc_tls_cert_file:
         target += " --tls-ca CA_FILE"
+    if listening.csi_socket:
+        lines.append(f"nbdgw: CSI SnapshotMetadata on unix:{listening.csi_socket}")
     if listening.nbd_socket:
         lines.append(f"nbdgw: embedded NBD host on nbd+unix:///?socket={listening.nbd_socket}")
     lines.append(f"nbdgw: exports: {', '.join(config.exports)}")
