@@ -187,7 +187,12 @@ def _paragraphs(text: str) -> list[str]:
 def serve_settings() -> dict[str, tuple[str, str]]:
     """Serve option dest -> (TOML key, default): the default is what applies when neither the
     flag, its variable nor the file sets it. Options missing here have no TOML key."""
-    from gateway.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, GatewayConfig
+    from gateway.config import (
+        DEFAULT_CSI_DRIVER_NAME,
+        DEFAULT_DATA_DIR,
+        DEFAULT_LISTEN,
+        GatewayConfig,
+    )
 
     d = GatewayConfig()
     table = {
@@ -207,6 +212,9 @@ def serve_settings() -> dict[str, tuple[str, str]]:
         "grpc_tls_key_file": ("grpc_tls_key_file", "none"),
         "grpc_tls_client_ca_file": ("grpc_tls_client_ca_file", "none"),
         "health_listen": ("health_listen", "none"),
+        "csi_socket": ("csi_socket", "none (no CSI service)"),
+        "csi_driver_name": ("csi_driver_name", DEFAULT_CSI_DRIVER_NAME),
+        "csi_block_size": ("csi_block_size", "0 (VARIABLE_LENGTH)"),
         "ledger_path": ("ledger_path", "DATA_DIR/ledger.sqlite"),
         "ledger_synchronous": ("ledger_synchronous", "FULL"),
         "ledger_max_intervals": ("ledger_max_intervals", "1000000"),
