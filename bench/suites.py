@@ -371,7 +371,7 @@ def _size(n: int) -> str:
 
 
 def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
-    from bench import clear_suites, command_suites, gateway_suites
+    from bench import clear_suites, command_suites, csi_suites, gateway_suites
 
     return [
         client_read(fx, opts),
@@ -382,4 +382,5 @@ def all_benchmarks(fx: Fixtures, opts: dict[str, int]) -> list[Benchmark]:
         *gateway_suites.benchmarks(fx, opts),
         *clear_suites.benchmarks(fx),
         *command_suites.benchmarks(fx, opts),
+        *csi_suites.benchmarks(fx),
     ]
