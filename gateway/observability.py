@@ -222,6 +222,13 @@ class Metrics:
         self.extents_streamed = Counter(
             "nbdgw_extents_streamed_total", "Extents sent by StreamExtents.", ["export"], registry=r
         )
+        # The CSI SnapshotMetadata streams (gateway.api.csi), per method and export.
+        self.csi_ranges_streamed = Counter(
+            "nbdgw_csi_ranges_streamed_total",
+            "BlockMetadata ranges sent by GetMetadataAllocated and GetMetadataDelta.",
+            ["grpc_method", "export"],
+            registry=r,
+        )
         self.bytes_streamed = Counter(
             "nbdgw_bytes_streamed_total",
             "Bytes of the disk covered by StreamExtents messages sent (next_offset - offset).",

@@ -398,6 +398,8 @@ class SnapshotMetadataServicer(cpb_grpc.SnapshotMetadataServicer):
 
         async for msg in self._stream(
             context,
+            "GetMetadataAllocated",
+            request.snapshot_id,
             answer,
             cpb.GetMetadataAllocatedResponse,
             request.starting_offset,
@@ -416,6 +418,8 @@ class SnapshotMetadataServicer(cpb_grpc.SnapshotMetadataServicer):
 
         async for msg in self._stream(
             context,
+            "GetMetadataDelta",
+            request.target_snapshot_id,
             answer,
             cpb.GetMetadataDeltaResponse,
             request.starting_offset,
@@ -427,6 +431,8 @@ class SnapshotMetadataServicer(cpb_grpc.SnapshotMetadataServicer):
     async def _stream(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+        snapshot_id: str,
         answer: Any,
         response: Any,
         starting_offset: int,
@@ -447,6 +453,10 @@ class SnapshotMetadataServicer(cpb_grpc.SnapshotMetadataServicer):
             await cast(Any, context).abort_with_status(err.grpc_status())
             raise AssertionError("abort returned") from None  # pragma: no cover
         kind = VARIABLE_LENGTH if block_size is None else FIXED_LENGTH
+        # Resolved, so the id names an export: a bounded label set.
+        counted = self.gateway.metrics.csi_ranges_streamed.labels(
+            method, snapshot_id.partition(HANDLE_SEPARATOR)[0]
+        )
         sent = 0
         for batch in plan(found.ranges, starting_offset, max_results, block_size):
             if self.gateway.shutdown.is_set():
@@ -462,6 +472,7 @@ class SnapshotMetadataServicer(cpb_grpc.SnapshotMetadataServicer):
             for off, length in batch:
                 add(byte_offset=off, size_bytes=length)
             sent += 1
+            counted.inc(len(batch))
             yield msg
             await asyncio.sleep(0)  # let other calls run between messages of a long stream
         log.debug("csi stream: %d messages, %d ranges in all", sent, len(found.ranges))

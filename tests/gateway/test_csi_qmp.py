@@ -261,4 +261,6 @@ async def test_csi_snapshot_metadata_on_qemu(
     # The calls are counted like the others.
     text = run.gateway.metrics.exposition()[0].decode()
     assert 'grpc_service="csi.v1.SnapshotMetadata"' in text
+    sent = run.gateway.metrics.csi_ranges_streamed.labels("GetMetadataDelta", "d0")._value.get()
+    assert sent >= len(delta) * 5  # every delta stream above counted its ranges
     await channel.close()
