@@ -1,4 +1,5 @@
-"""The CSI SnapshotMetadata service on an nbdcore host (the gateway's embedded host): the same
+"""The CSI SnapshotMetadata service on nbdcore hosts (the gateway's embedded host, and a separate
+``nbdgw nbd serve`` process): the same
 checks as against QEMU (test_csi_qmp.py), through ``Snapshots.checkpoint_delta`` and the
 checkpoints of nbdcore images. Writes before, between and after two checkpoints; the delta is
 exactly the granules written between; allocated matches ``nbdinfo --map`` of the snapshot that
@@ -20,11 +21,13 @@ from csi.v1 import csi_pb2 as cpb
 from csi.v1 import csi_pb2_grpc as cpb_grpc
 from gateway.config import GatewayConfig
 from gateway.hosts.snapshots import Snapshots
+from nbdcore.aio.client import NBDClient
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.test_csi_qmp import flat, nbdinfo_allocated, node_bin, stream
 from tests.gateway.test_node_client import NODE_DIR
 from tests.gateway.test_snapshots import SIZE, granules, make_disk
+from tests.gateway.test_snapshots_remote import Host
 
 pytestmark = [
     pytest.mark.interop,
@@ -38,23 +41,42 @@ pytestmark = [
 ]
 
 
-async def test_csi_on_embedded_host(start_gateway: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["embedded", "remote"])
+async def test_csi_on_nbdcore_host(start_gateway: Any, tmp_path: Path, kind: str) -> None:
     make_disk(tmp_path / "disk.img")
     config = GatewayConfig(data_dir=tmp_path / "data")
-    config.add_image_export("disk", tmp_path / "disk.img")
+    host = None
+    if kind == "embedded":
+        config.add_image_export("disk", tmp_path / "disk.img")
+    else:
+        host = Host(tmp_path / "disk.img", tmp_path / "host.sock").start()
+        config.add_uri_export("disk", host.uri)
     sock = tmp_path / "csi.sock"
     config.csi_socket = str(sock)
-    run = await start_gateway(config)
+    try:
+        await check_csi(await start_gateway(config), sock)
+    finally:
+        if host is not None:
+            host.stop()
+
+
+async def check_csi(run: Any, sock: Path) -> None:
     snapshots = spb_grpc.SnapshotServiceStub(run.channel)
-    image = run.gateway.images["disk"]
     rng = random.Random(3)
+
+    async def write(data: bytes, offset: int) -> None:
+        async def on(client: NBDClient) -> None:
+            await client.pwrite(data, offset)
+            await client.flush()
+
+        await run.gateway.pools["disk"].run([], on)
 
     async def scatter(count: int) -> list[tuple[int, int]]:
         done = []
         for _ in range(count):
             length = rng.randrange(1, 200 << 10)
             offset = rng.randrange(SIZE - length)
-            await asyncio.to_thread(image.write, rng.randbytes(length), offset)
+            await write(rng.randbytes(length), offset)
             done.append((offset, length))
         return done
 
@@ -94,11 +116,10 @@ async def test_csi_on_embedded_host(start_gateway: Any, tmp_path: Path) -> None:
         assert flat(await stream(meta.GetMetadataDelta(r)), r.starting_offset) == delta[i:]
 
     # Allocated at each checkpoint = nbdinfo --map of the snapshot holding its point in time.
-    nbd_socket = run.gateway.listening.nbd_socket
     allocated = {}
     for snap, checkpoint in (("s0", "c0"), ("s1", "c1")):
-        nbd_name = run.gateway.pools[f"disk@{snap}"].config.nbd_export
-        uri = f"nbd+unix:///{nbd_name}?socket={nbd_socket}"
+        pool = run.gateway.pools[f"disk@{snap}"]
+        uri = pool.host.uri_for(pool.config.nbd_export)
         req = cpb.GetMetadataAllocatedRequest(snapshot_id=f"disk/{checkpoint}")
         allocated[checkpoint] = flat(await stream(meta.GetMetadataAllocated(req)))
         assert allocated[checkpoint] == await asyncio.to_thread(nbdinfo_allocated, uri)
