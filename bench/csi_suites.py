@@ -33,11 +33,10 @@ BASE, TARGET = "c0", "c1"
 def delta_image(fx: Fixtures) -> Fixture:
     """The checkpoint chain: c0 (stopped recording, N dirty granules), c1 (recording, clean)."""
     try:
-        from nbdcore.storage.checkpoint import CHECKPOINT_BITMAP  # type: ignore[attr-defined]
-
-        from nbdcore.storage import Image  # type: ignore[attr-defined]
+        from nbdcore.storage import Image, checkpoint  # type: ignore[attr-defined]
     except ImportError as exc:
         raise NotAvailable(f"checkpoints on nbdcore images have not landed ({exc})") from None
+    bitmap_name = checkpoint.CHECKPOINT_BITMAP.format
     ranges = 2 * fx.sizes.image_dirty
     name = f"csi-delta-{ranges}"
     if cached := fx._cached(name):
@@ -51,17 +50,17 @@ def delta_image(fx: Fixtures) -> Fixture:
     image = Image.create(tmp / "disk.raw", size)
     try:
         # c0 records the writes (a disabled bitmap marks nothing), then stops as c1 starts.
-        c0 = image.add_bitmap(CHECKPOINT_BITMAP.format(seq=1, id=BASE), granularity=GRANULE)
+        c0 = image.add_bitmap(bitmap_name(seq=1, id=BASE), granularity=GRANULE)
         for i in range(ranges):
             c0.mark_dirty(2 * i * GRANULE, GRANULE)
         image.disable_bitmap(c0.name)
-        image.add_bitmap(CHECKPOINT_BITMAP.format(seq=2, id=TARGET), granularity=GRANULE)
+        image.add_bitmap(bitmap_name(seq=2, id=TARGET), granularity=GRANULE)
     finally:
         image.close()
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    bitmap = CHECKPOINT_BITMAP.format(seq=1, id=BASE)
+    bitmap = bitmap_name(seq=1, id=BASE)
     fixture = Fixture(
         name, str(final / "disk.raw"), size, ranges, bitmap, round(time.monotonic() - start, 1)
     )
