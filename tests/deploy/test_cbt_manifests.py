@@ -94,10 +94,16 @@ def test_the_pieces_agree(tmp_path: Path) -> None:
     assert mounts[sock_dir] == side_mounts[sock_dir]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes[mounts[sock_dir]]
+    # Tokens are checked for the audience the resource advertises.
+    (cr,) = documents(CDIR / "snapshotmetadataservice.yaml")
+    assert flags["audience"] == cr["spec"]["audience"]
+    # Ready from the sidecar's health endpoint, on the port it serves it.
+    probe = sidecar["readinessProbe"]["httpGet"]
+    (http,) = [p for p in sidecar["ports"] if p["name"] == probe["port"]]
+    assert probe["path"] == "/health" and f":{http['containerPort']}" == flags["http-endpoint"]
     # No 10-minute cap on streams.
     assert int(flags["max-streaming-duration-min"]) > 10
     # The resource: named after nbdgw's driver name, pointing at the sidecar's Service port.
-    (cr,) = documents(CDIR / "snapshotmetadataservice.yaml")
     assert cr["metadata"]["name"] == config.csi_driver_name
     svc = by_kind("service.yaml")["Service"]
     host, port = cr["spec"]["address"].rsplit(":", 1)
