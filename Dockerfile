@@ -40,7 +40,6 @@ RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then \
 COPY nbdcore ./nbdcore
 COPY gateway ./gateway
 COPY nbdgw ./nbdgw
-COPY csi ./csi
 # No build isolation: the build tools wait outside the venv (so none of them, nor their
 # dependencies, reach the runtime), and an isolated build would fetch them again without the
 # CA bundle. Then drop pip and the setuptools that ensurepip put in the venv, and compile once:

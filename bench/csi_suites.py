@@ -131,8 +131,8 @@ def benchmarks(fx: Fixtures) -> list[Benchmark]:
 async def _drain(sock: str, expect: int) -> dict[str, float]:
     import grpc
 
-    from csi.v1 import csi_pb2 as cpb
-    from csi.v1 import csi_pb2_grpc as cpb_grpc
+    from nbdgw.csi.v1 import csi_pb2 as cpb
+    from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 
     request = cpb.GetMetadataDeltaRequest(
         base_snapshot_id=f"disk/{BASE}", target_snapshot_id=f"disk/{TARGET}"

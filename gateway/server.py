@@ -33,7 +33,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 
-from csi.v1 import csi_pb2_grpc as csi_grpc
 from gateway.api.bitmaps import Backend, BitmapServicer
 from gateway.api.csi import IdentityServicer, SnapshotMetadataServicer
 from gateway.api.framing import add_bitmap_service
@@ -60,6 +59,7 @@ from nbdcore.aio.server import ExportConfig as NBDExportConfig
 from nbdcore.aio.server import NBDServer
 from nbdcore.storage.image import Image
 from nbdcore.uri import NBDURI
+from nbdgw.csi.v1 import csi_pb2_grpc as csi_grpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc

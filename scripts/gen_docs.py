@@ -312,7 +312,7 @@ def descriptor_set() -> Any:
     """The API's FileDescriptorSet, with comments (the pinned grpc_tools.protoc)."""
     from google.protobuf import descriptor_pb2
 
-    protos = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "nbdgw").rglob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "nbdgw" / "v1").rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "api.pb"
         subprocess.run(

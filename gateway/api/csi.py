@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from google.protobuf import wrappers_pb2
 
-from csi.v1 import csi_pb2 as cpb
-from csi.v1 import csi_pb2_grpc as cpb_grpc
 from gateway import __version__, errors
 from gateway.config import ConfigError, check_csi_block_size
 from gateway.errors import GatewayError
@@ -36,6 +34,8 @@ from nbdcore.aio.client import NBDClient
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, NBD_STATE_HOLE
 from nbdcore.exceptions import NBDError
 from nbdcore.extents import iter_extents
+from nbdgw.csi.v1 import csi_pb2 as cpb
+from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
 if TYPE_CHECKING:

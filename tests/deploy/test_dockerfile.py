@@ -112,7 +112,7 @@ def test_dockerignore_is_an_allow_list() -> None:
     ]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "nbdcore", "gateway", "nbdgw", "csi"}
+    assert allowed == {"pyproject.toml", "README.md", "nbdcore", "gateway", "nbdgw"}
     copied = set()
     for k, rest in instructions(ROOT / "Dockerfile"):
         if k == "COPY" and not rest.startswith("--from"):

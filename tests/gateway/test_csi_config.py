@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi.v1 import csi_pb2 as cpb
-from csi.v1 import csi_pb2_grpc as cpb_grpc
 from gateway.cli import build_parser
 from gateway.cli.serve import build_config
 from gateway.config import DEFAULT_CSI_DRIVER_NAME, ConfigError, load_file
+from nbdgw.csi.v1 import csi_pb2 as cpb
+from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from tests.gateway.cli_support import GatewayProcess, make_embedded_disk
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import pytest
 
-from csi.v1 import csi_pb2 as cpb
-from csi.v1 import csi_pb2_grpc as cpb_grpc
 from gateway.config import GatewayConfig
 from gateway.hosts.snapshots import Snapshots
 from nbdcore.aio.client import NBDClient
+from nbdgw.csi.v1 import csi_pb2 as cpb
+from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.test_csi_qmp import flat, nbdinfo_allocated, node_bin, stream

@@ -1,8 +1,8 @@
 """The CSI SnapshotMetadata service (gateway.api.csi) on its unix socket, against a running QEMU
 (10.0) whose disk gets writes before, between and after two checkpoints. Two clients: Python
-(csi.v1, generated from proto/csi/v1 by scripts/gen-proto) and Node (tests/clients/node/csi.js,
-loading the same .proto at run time). The delta covers exactly the writes between the
-checkpoints; allocated matches ``nbdinfo --map`` of the same point in time; every stream keeps
+(nbdgw.csi.v1, generated from proto/nbdgw/csi/v1 by scripts/gen-proto) and Node
+(tests/clients/node/csi.js, loading the same .proto at run time). The delta covers exactly
+the writes between the checkpoints; allocated matches ``nbdinfo --map`` of the same point in time; every stream keeps
 the spec's rules and resumes from any boundary or offset; bad input gets the spec's codes."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from csi.v1 import csi_pb2 as cpb
-from csi.v1 import csi_pb2_grpc as cpb_grpc
+from nbdgw.csi.v1 import csi_pb2 as cpb
+from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.test_node_client import NODE_DIR

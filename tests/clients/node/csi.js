@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // A Node client of the CSI SnapshotMetadata service nbdgw serves (@grpc/grpc-js +
-// @grpc/proto-loader loading proto/csi/v1/csi.proto at run time), over a unix socket as the
+// @grpc/proto-loader loading proto/nbdgw/csi/v1/csi.proto at run time), over a unix socket as the
 // external-snapshot-metadata sidecar calls it. Prints one JSON document:
 //   {"info": {...}, "capabilities": [...], "ready": bool, "streams": {NAME: [[type, capacity,
 //    [[offset, size], ...]], ...]}} or {"error": {"code": N, "details": "..."}} for a failed stream
@@ -54,7 +54,7 @@ function collect(call) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
-  const def = protoLoader.loadSync(path.join(PROTO_DIR, "csi", "v1", "csi.proto"), {
+  const def = protoLoader.loadSync(path.join(PROTO_DIR, "nbdgw", "csi", "v1", "csi.proto"), {
     keepCase: true,
     longs: String,
     enums: String,

@@ -15,8 +15,8 @@ rules those names break.
 """
 
 from collections import abc as _abc
-from csi.v1 import csi_pb2 as _csi_pb2
 from grpc import aio as _aio
+from nbdgw.csi.v1 import csi_pb2 as _csi_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from csi.v1 import csi_pb2 as csi_dot_v1_dot_csi__pb2
+from nbdgw.csi.v1 import csi_pb2 as nbdgw_dot_csi_dot_v1_dot_csi__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in csi/v1/csi_pb2_grpc.py depends on'
+        + ' but the generated code in nbdgw/csi/v1/csi_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class IdentityStub:
         """
         self.GetPluginInfo = channel.unary_unary(
                 '/csi.v1.Identity/GetPluginInfo',
-                request_serializer=csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
-                response_deserializer=csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.FromString,
+                request_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.FromString,
                 _registered_method=True)
         self.GetPluginCapabilities = channel.unary_unary(
                 '/csi.v1.Identity/GetPluginCapabilities',
-                request_serializer=csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
-                response_deserializer=csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
+                request_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
                 _registered_method=True)
         self.Probe = channel.unary_unary(
                 '/csi.v1.Identity/Probe',
-                request_serializer=csi_dot_v1_dot_csi__pb2.ProbeRequest.SerializeToString,
-                response_deserializer=csi_dot_v1_dot_csi__pb2.ProbeResponse.FromString,
+                request_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeResponse.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetPluginInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPluginInfo,
-                    request_deserializer=csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.FromString,
-                    response_serializer=csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.SerializeToString,
+                    request_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.FromString,
+                    response_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.SerializeToString,
             ),
             'GetPluginCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPluginCapabilities,
-                    request_deserializer=csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.FromString,
-                    response_serializer=csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.SerializeToString,
+                    request_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.FromString,
+                    response_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.SerializeToString,
             ),
             'Probe': grpc.unary_unary_rpc_method_handler(
                     servicer.Probe,
-                    request_deserializer=csi_dot_v1_dot_csi__pb2.ProbeRequest.FromString,
-                    response_serializer=csi_dot_v1_dot_csi__pb2.ProbeResponse.SerializeToString,
+                    request_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeRequest.FromString,
+                    response_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/GetPluginInfo',
-            csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
-            csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.FromString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/GetPluginCapabilities',
-            csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
-            csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/Probe',
-            csi_dot_v1_dot_csi__pb2.ProbeRequest.SerializeToString,
-            csi_dot_v1_dot_csi__pb2.ProbeResponse.FromString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeRequest.SerializeToString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,13 +194,13 @@ class SnapshotMetadataStub:
         """
         self.GetMetadataAllocated = channel.unary_stream(
                 '/csi.v1.SnapshotMetadata/GetMetadataAllocated',
-                request_serializer=csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
-                response_deserializer=csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
+                request_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
                 _registered_method=True)
         self.GetMetadataDelta = channel.unary_stream(
                 '/csi.v1.SnapshotMetadata/GetMetadataDelta',
-                request_serializer=csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
-                response_deserializer=csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
+                request_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
+                response_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
                 _registered_method=True)
 
 
@@ -226,13 +226,13 @@ def add_SnapshotMetadataServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetMetadataAllocated': grpc.unary_stream_rpc_method_handler(
                     servicer.GetMetadataAllocated,
-                    request_deserializer=csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.FromString,
-                    response_serializer=csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.SerializeToString,
+                    request_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.FromString,
+                    response_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.SerializeToString,
             ),
             'GetMetadataDelta': grpc.unary_stream_rpc_method_handler(
                     servicer.GetMetadataDelta,
-                    request_deserializer=csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.FromString,
-                    response_serializer=csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.SerializeToString,
+                    request_deserializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.FromString,
+                    response_serializer=nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,8 +260,8 @@ class SnapshotMetadata:
             request,
             target,
             '/csi.v1.SnapshotMetadata/GetMetadataAllocated',
-            csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
-            csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class SnapshotMetadata:
             request,
             target,
             '/csi.v1.SnapshotMetadata/GetMetadataDelta',
-            csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
-            csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
+            nbdgw_dot_csi_dot_v1_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,1 +1,0 @@
-"""Generated gRPC code of the CSI subset nbdgw serves (proto/csi/)."""

@@ -1,0 +1,1 @@
+"""Generated gRPC code of the CSI subset nbdgw serves (proto/nbdgw/csi/)."""
