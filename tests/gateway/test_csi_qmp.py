@@ -2,8 +2,9 @@
 (10.0) whose disk gets writes before, between and after two checkpoints. Two clients: Python
 (nbdgw.csi.v1, generated from proto/nbdgw/csi/v1 by scripts/gen-proto) and Node
 (tests/clients/node/csi.js, loading the same .proto at run time). The delta covers exactly
-the writes between the checkpoints; allocated matches ``nbdinfo --map`` of the same point in time; every stream keeps
-the spec's rules and resumes from any boundary or offset; bad input gets the spec's codes."""
+the writes between the checkpoints; allocated matches ``nbdinfo --map`` of the same point in
+time; every stream keeps the spec's rules and resumes from any boundary or offset; bad input
+gets the spec's codes."""
 
 from __future__ import annotations
 
