@@ -21,9 +21,11 @@ period for the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -56,7 +58,7 @@ from gateway.security.access import AccessInterceptor, Authenticator, OverallHea
 from gateway.security.certs import CertificateError, CertificateReloader
 from gateway.security.limits import Limiter
 from nbdcore.aio.server import ExportConfig as NBDExportConfig
-from nbdcore.aio.server import NBDServer
+from nbdcore.aio.server import NBDServer, stale_unix_socket
 from nbdcore.storage.image import Image
 from nbdcore.uri import NBDURI
 from nbdgw.csi.v1 import csi_pb2_grpc as csi_grpc
@@ -363,8 +365,16 @@ class Gateway:
         may open the socket; the sidecar authenticates the Kubernetes callers itself. Calls are
         counted and logged like those of the main port."""
         sock = path
+        # A socket left by a run that was killed is replaced; one a live server (another
+        # gateway) still answers on is not ours to take.
+        if not stale_unix_socket(sock):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot listen on the CSI socket {sock}: another process answers on it, or it"
+                " is not a socket",
+            )
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)  # left by a previous run that was killed
+            os.unlink(sock)
         server = grpc.aio.server(
             options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics)]
         )

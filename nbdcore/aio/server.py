@@ -107,7 +107,7 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def _stale_unix_socket(path: str) -> bool:
+def stale_unix_socket(path: str) -> bool:
     """Whether ``path`` is a socket file no server accepts on: only a refused connection says
     so. A connection accepted, or one that would wait (a live server with a full backlog),
     means a live server; any other file is not ours to remove."""
@@ -454,7 +454,7 @@ class NBDServer:
         try:
             sock = _bind_unix(path, mode)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or not _stale_unix_socket(path):
+            if exc.errno != errno.EADDRINUSE or not stale_unix_socket(path):
                 raise
             log.warning("replacing %s: a stale socket nothing listens on", path)
             with contextlib.suppress(FileNotFoundError):

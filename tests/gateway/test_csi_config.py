@@ -4,6 +4,7 @@ Probe that follows the gateway's readiness (not ready while an NBD host is down)
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gateway.cli.serve import build_config
 from gateway.config import DEFAULT_CSI_DRIVER_NAME, ConfigError, load_file
 from nbdgw.csi.v1 import csi_pb2 as cpb
 from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
-from tests.gateway.cli_support import GatewayProcess, make_embedded_disk
+from tests.gateway.cli_support import GatewayProcess, make_embedded_disk, nbdgw
 
 
 def parse(argv: list[str]):
@@ -52,7 +53,9 @@ def test_flags_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_serve_answers_identity(tmp_path: Path) -> None:
     disk = make_embedded_disk(tmp_path / "disk.img")
     sock = tmp_path / "csi.sock"
-    sock.write_text("stale")  # left by a killed run: replaced
+    # A socket left by a killed run (bound, nobody accepting): replaced.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(sock))
     args = ["--image", f"disk={disk.path}", "--csi-socket", str(sock)]
     args += ["--csi-driver-name", "csi.example.com"]
     with GatewayProcess(*args, data_dir=tmp_path / "data") as gw:
@@ -66,6 +69,20 @@ def test_serve_answers_identity(tmp_path: Path) -> None:
                 cpb.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE
             ]
             assert identity.Probe(cpb.ProbeRequest(), timeout=10).ready.value is True
+
+    # A socket a live process answers on, or a file that is no socket: never taken.
+    for taken in ("live", "file"):
+        other = tmp_path / f"{taken}.sock"
+        with socket.socket(socket.AF_UNIX) as live:
+            if taken == "live":
+                live.bind(str(other))
+                live.listen()
+            else:
+                other.write_text("not a socket")
+            args = ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / taken)]
+            proc = nbdgw("serve", *args, "--csi-socket", str(other))
+            assert proc.returncode == 1 and "another process answers on it" in proc.stderr
+            assert other.exists()
 
     # A host that is down: not ready (the sidecar keeps probing).
     args = ["--export", f"gone=nbd+unix:///x?socket={tmp_path / 'none.sock'}"]
