@@ -212,12 +212,8 @@ class Resolver:
                 f"base {base_id!r} and target {target_id!r} are snapshots of two different"
                 f" volumes ({export!r}, {target_export!r})",
             )
-        delta = getattr(self.gateway.snapshots, "checkpoint_delta", None)
         try:
-            if delta is not None:
-                found = await delta(export, base, target)
-                return Answer(found.size, list(merged(found.ranges)))
-            return await self._open_view_delta(export, base, target)
+            found = await self.gateway.snapshots.checkpoint_delta(export, base, target)
         except GatewayError as err:
             if err.reason == "SNAPSHOTS_NOT_SUPPORTED":
                 raise _failed_precondition(
@@ -229,31 +225,7 @@ class Resolver:
                     "base_snapshot_id", f"base {base_id!r} was taken after target {target_id!r}"
                 ) from None
             raise
-
-    async def _open_view_delta(self, export: str, base: str, target: str) -> Answer:
-        """Without ``checkpoint_delta`` (qmp hosts before it): the ``since:BASE`` fork of the open
-        snapshot that started TARGET is exactly the writes between the two."""
-        chain = await self._chain(export)
-        for checkpoint in (base, target):
-            if checkpoint not in chain:
-                raise _checkpoint_not_found(export, checkpoint)
-        if chain.index(base) > chain.index(target):
-            raise errors.invalid_field("base_snapshot_id", f"{base!r} is newer than {target!r}")
-        snap = await self._snapshot_of(export, target)
-        if snap is None:
-            raise await self._missing_point(export, target)
-        pool = snapshot_export_id(export, snap.name.rsplit("/", 1)[-1])
-        if base == target:
-            return Answer(await self._size(pool), [])
-        ctx = f"qemu:dirty-bitmap:since:{base}"
-        if ctx not in {f.context for f in snap.forks}:
-            raise _failed_precondition(
-                f"no change tracking covers {base!r} to {target!r} of {export!r}: the snapshot"
-                f" of {target!r} was not taken with since_checkpoint={base!r}",
-                export=export,
-            )
-        capacity, ranges = await self._read(pool, ctx, dirty=True)
-        return Answer(capacity, ranges)
+        return Answer(found.size, list(merged(found.ranges)))
 
     async def allocated(self, snapshot_id: str) -> Answer:
         export, checkpoint = parse_handle(snapshot_id, "snapshot_id")

@@ -18,7 +18,6 @@ import grpc
 import pytest
 
 from gateway.config import GatewayConfig
-from gateway.hosts.snapshots import Snapshots
 from nbdcore.aio.client import NBDClient
 from nbdgw.csi.v1 import csi_pb2 as cpb
 from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
@@ -29,16 +28,7 @@ from tests.gateway.test_node_client import NODE_DIR
 from tests.gateway.test_snapshots import SIZE, granules, make_disk
 from tests.gateway.test_snapshots_remote import Host
 
-pytestmark = [
-    pytest.mark.interop,
-    # Checkpoints on nbdcore hosts and Snapshots.checkpoint_delta come with the `checkpoints`
-    # branch (issue 12); until it is merged this test must fail, and says why.
-    pytest.mark.xfail(
-        not hasattr(Snapshots, "checkpoint_delta"),
-        reason="needs Snapshots.checkpoint_delta (checkpoints on nbdcore hosts)",
-        strict=True,
-    ),
-]
+pytestmark = pytest.mark.interop
 
 
 @pytest.mark.parametrize("kind", ["embedded", "remote"])
