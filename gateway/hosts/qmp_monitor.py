@@ -168,10 +168,20 @@ class Monitor:
     it must not interleave with another caller's.
     """
 
-    def __init__(self, path: str | Path, name: str = "qmp", *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "qmp",
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
         self.path = str(path)
         self.name = name
         self.timeout = timeout
+        # A dead monitor refuses at once; one that accepted but is slow to greet and negotiate
+        # (QEMU under TCG on a starved machine: seen past 10 s in CI) is given longer.
+        self.connect_timeout = connect_timeout
         self._qmp: QMPClient | None = None
         self.lock = asyncio.Lock()  # callers that need several commands in a row hold it
         self._io = asyncio.Lock()
@@ -190,7 +200,7 @@ class Monitor:
         await self._drop()
         qmp = QMPClient(self.name)
         try:
-            await asyncio.wait_for(qmp.connect(self.path), self.timeout)
+            await asyncio.wait_for(qmp.connect(self.path), self.connect_timeout)
         except (ConnectError, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
