@@ -254,6 +254,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             nbd_export_name=cfg.nbd_export,
             description=cfg.description,
             host=pool.host.name,
+            host_kind=pool.host.config.kind,
             state=pb.EXPORT_STATE_AVAILABLE if known is not None else pb.EXPORT_STATE_UNAVAILABLE,
             read_only=cfg.read_only,
         )

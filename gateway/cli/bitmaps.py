@@ -59,7 +59,7 @@ async def cmd_exports(args: argparse.Namespace) -> int:
     if args.json:
         print_json(exports)
         return 0
-    rows = [["NAME", "SIZE", "STATE", "HOST", "RO", "CLEAR", "DESCRIPTION"]]
+    rows = [["NAME", "SIZE", "STATE", "HOST", "KIND", "RO", "CLEAR", "DESCRIPTION"]]
     for e in exports:
         # A host that has not answered yet (or is down) told nothing of the export's size or
         # clear mode: '-', not a size of 0 and "unspecified".
@@ -72,6 +72,7 @@ async def cmd_exports(args: argparse.Namespace) -> int:
                 size if known else "-",
                 _enum_name(pb.ExportState, e.state, "EXPORT_STATE_"),
                 e.host,
+                e.host_kind or "-",
                 "yes" if e.read_only else "no",
                 clear if e.clear_mode != pb.CLEAR_MODE_UNSPECIFIED else "-",
                 e.description,

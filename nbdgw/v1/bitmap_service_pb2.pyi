@@ -435,6 +435,7 @@ class Export(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     CLEAR_MODE_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    HOST_KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `exports/{export}`."""
     nbd_export_name: _builtins.str
@@ -461,6 +462,11 @@ class Export(_message.Message):
     """The export's current generation (see SetExportGeneration); empty when none is set or the
     export does not use the ledger.
     """
+    host_kind: _builtins.str
+    """The kind of host that serves it: `nbd` (an NBD server: qemu-nbd, nbdkit, nbd-server,
+    `nbdgw nbd serve`), `embedded` (the gateway's own nbdcore host) or `qmp` (a running QEMU,
+    through its monitor). What the export can do (snapshots, clears) depends on it.
+    """
     @_builtins.property
     def block_sizes(self) -> Global___BlockSizes:
         """The block size constraints the host announced (NBD_INFO_BLOCK_SIZE); unset when it
@@ -486,10 +492,11 @@ class Export(_message.Message):
         read_only: _builtins.bool = ...,
         clear_mode: Global___ClearMode.ValueType = ...,
         generation: _builtins.str = ...,
+        host_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "flags", b"flags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "clear_mode", b"clear_mode", "description", b"description", "flags", b"flags", "generation", b"generation", "host", b"host", "name", b"name", "nbd_export_name", b"nbd_export_name", "read_only", b"read_only", "size_bytes", b"size_bytes", "state", b"state", "transmission_flags", b"transmission_flags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_sizes", b"block_sizes", "clear_mode", b"clear_mode", "description", b"description", "flags", b"flags", "generation", b"generation", "host", b"host", "host_kind", b"host_kind", "name", b"name", "nbd_export_name", b"nbd_export_name", "read_only", b"read_only", "size_bytes", b"size_bytes", "state", b"state", "transmission_flags", b"transmission_flags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,9 +75,10 @@ def test_a_down_host_shows_no_size_and_no_clear_mode(tmp_path: Path) -> None:
     gone = f"gone=nbd+unix:///x?socket={tmp_path / 'none.sock'}"
     with GatewayProcess("--export", gone, data_dir=tmp_path / "data") as gw:
         lines = cli("exports", "--target", gw.target, check=True).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "STATE", "HOST", "RO", "CLEAR", "DESCRIPTION"]
-    name, size, state, _host, _ro, clear = lines[1].split()[:6]
-    assert (name, size, state, clear) == ("gone", "-", "unavailable", "-")
+    header = ["NAME", "SIZE", "STATE", "HOST", "KIND", "RO", "CLEAR", "DESCRIPTION"]
+    assert lines[0].split() == header
+    name, size, state, _host, kind, _ro, clear = lines[1].split()[:7]
+    assert (name, size, state, kind, clear) == ("gone", "-", "unavailable", "nbd", "-")
 
 
 def test_json_is_the_apis_json(tmp_path: Path) -> None:
@@ -90,6 +91,7 @@ def test_json_is_the_apis_json(tmp_path: Path) -> None:
         snap = json.loads(cli("snapshots", "create", "sample", "--json", *t, check=True).stdout)
         listed = cli("snapshots", "list", "sample", *t, check=True).stdout.splitlines()
     assert export["sizeBytes"] == str(64 << 20) and export["clearMode"] == "CLEAR_MODE_AT_SOURCE"
+    assert export["hostKind"] == "embedded"
     assert {"granularityBytes", "dirtyBytes", "clearMode"} <= set(bitmaps[-1])
     assert snap["createTime"] and snap["forks"][0]["dirtyBytes"]
     assert listed[0].split()[:4] == ["NAME", "CREATED", "EXPORT", "STATE"]

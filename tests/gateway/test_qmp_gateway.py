@@ -309,6 +309,8 @@ async def test_cli(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
     assert "qemu:dirty-bitmap:b" in table and "65536" in table
     exports = await cli("exports")
     assert "qmp:" in exports and "available" in exports
+    row = next(line.split() for line in exports.splitlines() if line.startswith("d0 "))
+    assert row[2:5] == ["available", row[3], "qmp"]  # STATE, HOST, KIND
     out = await cli("snapshots", "create", "d0", "--id", "g", "--bitmap", "b", "--group", "d1")
     assert "d0@g" in out
     out = await cli("snapshots", "release", "d1", "g")
