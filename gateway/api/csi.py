@@ -220,7 +220,7 @@ class Resolver:
                     f"change tracking is not available for {export!r}: {err.message}",
                     export=export,
                 ) from None
-            if err.code == grpc.StatusCode.INVALID_ARGUMENT and "newer" in err.message:
+            if any(name == "base" for name, _ in errors.field_violations(err)):
                 raise errors.invalid_field(
                     "base_snapshot_id", f"base {base_id!r} was taken after target {target_id!r}"
                 ) from None
