@@ -602,3 +602,21 @@ def from_exception(
     if isinstance(exc, NBDError):
         return internal(f"export {export!r}: {exc}")
     return internal(f"export {export!r}: unexpected {type(exc).__name__}: {exc}")
+
+
+def bitmap_busy(export: str, bitmap: str, why: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.BITMAP_BUSY,
+        f"bitmap {bitmap!r} of export {export!r} is busy: {why}",
+        {"export": export, "bitmap": bitmap},
+        [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="BITMAP_BUSY", subject=f"exports/{export}", description=why
+                    )
+                ]
+            )
+        ],
+    )

@@ -62,6 +62,7 @@ from nbdcore.constants import (
 )
 from nbdcore.exceptions import NBDError
 from nbdcore.extents import ExtentBatch, iter_extents, merge_runs
+from nbdcore.storage.checkpoint import checkpoint_id
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -476,6 +477,16 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             if len(request.generation.encode()) > MAX_GENERATION_BYTES:
                 raise errors.invalid_fields(
                     [("generation", f"longer than {MAX_GENERATION_BYTES} bytes")]
+                )
+            checkpoint = checkpoint_id(ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX))
+            if ctx.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) and checkpoint:
+                # A checkpoint's bitmap is the gateway's record of what changed in one interval
+                # of the chain: a clear would drop those changes from every later "since".
+                raise errors.bitmap_busy(
+                    name,
+                    ctx,
+                    f"it is the bitmap of checkpoint {checkpoint!r}, kept by the gateway;"
+                    " delete the checkpoint (DeleteCheckpoint) instead of clearing it",
                 )
             # The position the consumer's copy was read at (None: no token).
             since = (

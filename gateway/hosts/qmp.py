@@ -69,24 +69,6 @@ def bitmap_exists(export: str, bitmap: str) -> GatewayError:
     )
 
 
-def bitmap_busy(export: str, bitmap: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        errors.Reason.BITMAP_BUSY,
-        f"bitmap {bitmap!r} of export {export!r} is busy: {why}",
-        {"export": export, "bitmap": bitmap},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="BITMAP_BUSY", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
-    )
-
-
 def read_through_snapshot(export: str, context: str) -> GatewayError:
     why = (
         "a running QEMU's recording bitmap is read through a snapshot (CreateSnapshot, then"
@@ -233,12 +215,14 @@ class QmpHost(Host):
             ctx = f"qemu:dirty-bitmap:{name}"
             raise errors.bitmap_not_found(pool.name, ctx, [f"qemu:dirty-bitmap:{n}" for n in found])
         if found[name].busy:
-            raise bitmap_busy(pool.name, name, "a snapshot holds it; release the snapshot first")
+            raise errors.bitmap_busy(
+                pool.name, name, "a snapshot holds it; release the snapshot first"
+            )
         try:
             await self.monitor.remove_bitmap(await self.monitor.resolve(node), name)
         except QMPFailure as exc:
             if exc.kind == "busy":
-                raise bitmap_busy(pool.name, name, str(exc)) from None
+                raise errors.bitmap_busy(pool.name, name, str(exc)) from None
             raise qmp_error(exc, pool.name, self) from None
 
     async def close(self) -> None:

@@ -41,7 +41,7 @@ from gateway.hosts.checkpoints import (
     read_dirty_runs,
 )
 from gateway.hosts.pool import ExportPool
-from gateway.hosts.qmp import QmpHost, bitmap_busy, qmp_error
+from gateway.hosts.qmp import QmpHost, qmp_error
 from gateway.hosts.qmp_monitor import (
     Fleece,
     QMPFailure,
@@ -264,7 +264,7 @@ class QmpSnapshots:
                             [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + n for n in present],
                         )
                     if b.busy or not b.recording:
-                        raise bitmap_busy(
+                        raise errors.bitmap_busy(
                             export, name, "it is in use by QEMU, or not recording (disabled)"
                         )
                     chosen[name] = b.granularity
@@ -348,7 +348,7 @@ class QmpSnapshots:
                 if exc.kind == "not_found" and "checkpoint" in str(exc):
                     raise checkpoint_not_found(export, checkpoint) from None
                 if exc.kind == "busy":
-                    raise bitmap_busy(export, checkpoint, str(exc)) from None
+                    raise errors.bitmap_busy(export, checkpoint, str(exc)) from None
                 raise qmp_error(exc, export, host) from None
 
     async def checkpoint_delta(self, export: str, base: str, target: str) -> CheckpointDelta:

@@ -27,6 +27,7 @@ from gateway.errors import GatewayError
 from nbdcore.aio.client import NBDClient
 from nbdcore.storage import Image
 from nbdcore.storage import checkpoint as ckpt
+from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import ENV, cli
@@ -206,6 +207,19 @@ async def test_backup_chain_with_checkpoints(start_gateway: Any, tmp_path: Path,
         assert reason(exc.value) == (grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
         listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
         assert list(listed.snapshots) == []
+        # A checkpoint's bitmap is the gateway's: ClearRange on it would drop an interval's
+        # changes from every later "since"; it is refused, whatever the token.
+        bitmaps = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="disk"))
+        owned = [b.context for b in bitmaps.bitmaps if "nbdgw-ckpt-" in b.context]
+        assert owned
+        for ctx in owned:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await run.stub.ClearRange(
+                    pb.ClearRangeRequest(
+                        export="disk", bitmap=ctx, offset=0, length=SIZE, unconditional=True
+                    )
+                )
+            assert reason(exc.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "BITMAP_BUSY")
         proc = await asyncio.to_thread(
             cli, "backup", "disk", str(tmp_path / "bad.img"), "--since", "nosuch",
             "--target", run.target,
