@@ -170,6 +170,39 @@ def _cap_strings(message: Message) -> None:
 # --- constructors, one per reason ---------------------------------------------------------
 
 
+def precondition_failed(
+    reason: str, message: str, metadata: dict[str, str], *, kind: str, subject: str, why: str
+) -> GatewayError:
+    """FAILED_PRECONDITION with one PreconditionFailure violation (``kind`` is its type)."""
+    violation = error_details_pb2.PreconditionFailure.Violation(
+        type=kind, subject=subject, description=why
+    )
+    return GatewayError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        reason,
+        message,
+        metadata,
+        [error_details_pb2.PreconditionFailure(violations=[violation])],
+    )
+
+
+def resource_error(
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    metadata: dict[str, str],
+    *,
+    resource_type: str,
+    resource_name: str,
+    description: str,
+) -> GatewayError:
+    """A status about one named resource (NOT_FOUND, ALREADY_EXISTS...) with its ResourceInfo."""
+    info = error_details_pb2.ResourceInfo(
+        resource_type=resource_type, resource_name=resource_name, description=description
+    )
+    return GatewayError(code, reason, message, metadata, [info])
+
+
 def invalid_field(name: str, description: str) -> GatewayError:
     return invalid_fields([(name, description)])
 
@@ -202,18 +235,14 @@ def field_violations(err: GatewayError) -> list[tuple[str, str]]:
 
 
 def export_not_found(export: str) -> GatewayError:
-    return GatewayError(
+    return resource_error(
         grpc.StatusCode.NOT_FOUND,
         Reason.EXPORT_NOT_FOUND,
         f"export {export!r} not found",
         {"export": export},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=EXPORT_TYPE,
-                resource_name=f"exports/{export}",
-                description="no export of this name is configured in the gateway",
-            )
-        ],
+        resource_type=EXPORT_TYPE,
+        resource_name=f"exports/{export}",
+        description="no export of this name is configured in the gateway",
     )
 
 
@@ -222,35 +251,27 @@ def health_service_not_found(service: str, *, exports: bool = True) -> GatewayEr
     answers only the overall statuses)."""
     names = "'' (liveness), 'nbdgw.v1.BitmapService' (readiness)"
     names += " or 'exports/{export}'" if exports else " (this port has no per-export status)"
-    return GatewayError(
+    return resource_error(
         grpc.StatusCode.NOT_FOUND,
         Reason.HEALTH_SERVICE_NOT_FOUND,
         f"no health status for {service!r}: ask for {names}",
         {"service": service},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=HEALTH_SERVICE_TYPE,
-                resource_name=service,
-                description="the gateway reports the health of no service of this name",
-            )
-        ],
+        resource_type=HEALTH_SERVICE_TYPE,
+        resource_name=service,
+        description="the gateway reports the health of no service of this name",
     )
 
 
 def bitmap_not_found(export: str, context: str, available: Sequence[str] = ()) -> GatewayError:
     offered = ", ".join(available) if available else "none"
-    return GatewayError(
+    return resource_error(
         grpc.StatusCode.NOT_FOUND,
         Reason.BITMAP_NOT_FOUND,
         f"export {export!r} has no metadata context {context!r} (offered: {offered})",
         {"export": export, "context": context, "offered": offered},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=BITMAP_TYPE,
-                resource_name=f"exports/{export}/bitmaps/{context}",
-                description="the export's NBD host does not offer this metadata context",
-            )
-        ],
+        resource_type=BITMAP_TYPE,
+        resource_name=f"exports/{export}/bitmaps/{context}",
+        description="the export's NBD host does not offer this metadata context",
     )
 
 
@@ -293,22 +314,13 @@ def invalid_token(kind: str, field_name: str, why: str) -> GatewayError:
 
 
 def clear_not_supported(export: str, context: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.CLEAR_NOT_SUPPORTED,
         f"cannot clear {context!r} of export {export!r}: {why}",
         {"export": export, "context": context},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="CLEAR_MODE",
-                        subject=f"exports/{export}/bitmaps/{context}",
-                        description=why,
-                    )
-                ]
-            )
-        ],
+        kind="CLEAR_MODE",
+        subject=f"exports/{export}/bitmaps/{context}",
+        why=why,
     )
 
 
@@ -317,20 +329,13 @@ def generation_mismatch(export: str, context: str, given: str, current: str) -> 
         f"the clear names generation {given!r} but the export's current generation is"
         f" {current!r}: data copied from another point in time cannot be acknowledged"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.GENERATION_MISMATCH,
         f"cannot clear {context!r} of export {export!r}: {why}",
         {"export": export, "context": context, "generation": given, "current_generation": current},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="GENERATION", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="GENERATION",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
@@ -340,58 +345,35 @@ def generation_required(export: str, context: str, current: str) -> GatewayError
         f" {current!r}: name the generation the range was copied from in 'generation' (the"
         " generation can change between the copy and the clear)"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.GENERATION_MISMATCH,
         f"cannot clear {context!r} of export {export!r}: {why}",
         {"export": export, "context": context, "generation": "", "current_generation": current},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="GENERATION", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="GENERATION",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
 def clear_token_required(export: str, context: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.CLEAR_TOKEN_REQUIRED,
         f"cannot clear {context!r} of export {export!r}: {why}",
         {"export": export, "context": context},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="CLEAR_TOKEN",
-                        subject=f"exports/{export}/bitmaps/{context}",
-                        description=why,
-                    )
-                ]
-            )
-        ],
+        kind="CLEAR_TOKEN",
+        subject=f"exports/{export}/bitmaps/{context}",
+        why=why,
     )
 
 
 def read_only(export: str, context: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.READ_ONLY,
         f"cannot clear {context!r} of export {export!r}: {why}",
         {"export": export, "context": context},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="READ_ONLY", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="READ_ONLY",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
@@ -400,20 +382,13 @@ def generations_not_supported(export: str) -> GatewayError:
         "the export's bitmaps clear at the source (CLEAR_MODE_AT_SOURCE): a generation scopes"
         " only the ledger of exports whose host cannot clear"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.GENERATIONS_NOT_SUPPORTED,
         f"export {export!r} has no generation: {why}",
         {"export": export},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="CLEAR_MODE", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="CLEAR_MODE",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
@@ -605,18 +580,11 @@ def from_exception(
 
 
 def bitmap_busy(export: str, bitmap: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return precondition_failed(
         Reason.BITMAP_BUSY,
         f"bitmap {bitmap!r} of export {export!r} is busy: {why}",
         {"export": export, "bitmap": bitmap},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="BITMAP_BUSY", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="BITMAP_BUSY",
+        subject=f"exports/{export}",
+        why=why,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2
 
 from gateway import errors
 from gateway.errors import GatewayError
@@ -49,34 +48,26 @@ class CheckpointDelta:
 
 
 def checkpoint_not_found(export: str, checkpoint: str) -> GatewayError:
-    return GatewayError(
+    return errors.resource_error(
         grpc.StatusCode.NOT_FOUND,
         CheckpointReason.CHECKPOINT_NOT_FOUND,
         f"export {export!r} has no checkpoint {checkpoint!r}",
         {"export": export, "checkpoint": checkpoint},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=CHECKPOINT_TYPE,
-                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
-                description="no checkpoint of this id (ListCheckpoints shows the chain)",
-            )
-        ],
+        resource_type=CHECKPOINT_TYPE,
+        resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+        description="no checkpoint of this id (ListCheckpoints shows the chain)",
     )
 
 
 def checkpoint_exists(export: str, checkpoint: str) -> GatewayError:
-    return GatewayError(
+    return errors.resource_error(
         grpc.StatusCode.ALREADY_EXISTS,
         CheckpointReason.CHECKPOINT_EXISTS,
         f"export {export!r} already has a checkpoint {checkpoint!r}",
         {"export": export, "checkpoint": checkpoint},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=CHECKPOINT_TYPE,
-                resource_name=f"exports/{export}/checkpoints/{checkpoint}",
-                description="choose another checkpoint_id",
-            )
-        ],
+        resource_type=CHECKPOINT_TYPE,
+        resource_name=f"exports/{export}/checkpoints/{checkpoint}",
+        description="choose another checkpoint_id",
     )
 
 

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2
 
 from gateway import errors
 from gateway.config import GatewayConfig, HostConfig
@@ -54,18 +53,14 @@ def qmp_error(exc: QMPFailure, export: str, host: Host) -> GatewayError:
 
 
 def bitmap_exists(export: str, bitmap: str) -> GatewayError:
-    return GatewayError(
+    return errors.resource_error(
         grpc.StatusCode.ALREADY_EXISTS,
         errors.Reason.BITMAP_EXISTS,
         f"export {export!r} already has a bitmap {bitmap!r}",
         {"export": export, "bitmap": bitmap},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type="nbdgw.dev/Bitmap",
-                resource_name=f"exports/{export}/bitmaps/qemu:dirty-bitmap:{bitmap}",
-                description="a bitmap of this name exists: remove it first or pick another name",
-            )
-        ],
+        resource_type="nbdgw.dev/Bitmap",
+        resource_name=f"exports/{export}/bitmaps/qemu:dirty-bitmap:{bitmap}",
+        description="a bitmap of this name exists: remove it first or pick another name",
     )
 
 
@@ -75,20 +70,13 @@ def read_through_snapshot(export: str, context: str) -> GatewayError:
         f" StreamExtents of {export}@SNAP): QEMU exports only frozen bitmaps read-only, and the"
         " snapshot's fork is the consistent answer while the VM writes"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return errors.precondition_failed(
         errors.Reason.BITMAP_BUSY,
         f"bitmap {context!r} of export {export!r}: {why}",
         {"export": export, "context": context},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="SNAPSHOT_REQUIRED", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="SNAPSHOT_REQUIRED",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 

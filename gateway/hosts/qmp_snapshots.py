@@ -28,9 +28,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.rpc import error_details_pb2
-
 from gateway import errors
 from gateway.config import ExportConfig
 from gateway.errors import GatewayError
@@ -78,20 +75,13 @@ def disk_busy(export: str, snapshot: str) -> GatewayError:
         f"the disk has an open snapshot {snapshot!r}: QEMU keeps one point in time per disk;"
         " release it first"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return errors.precondition_failed(
         QmpSnapshotReason.DISK_BUSY,
         f"export {export!r} cannot take another snapshot: {why}",
         {"export": export, "snapshot": snapshot},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="DISK_BUSY", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="DISK_BUSY",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 

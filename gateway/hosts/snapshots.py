@@ -92,34 +92,26 @@ class SnapshotReason:
 
 
 def snapshot_not_found(export: str, snapshot: str) -> GatewayError:
-    return GatewayError(
+    return errors.resource_error(
         grpc.StatusCode.NOT_FOUND,
         SnapshotReason.SNAPSHOT_NOT_FOUND,
         f"export {export!r} has no snapshot {snapshot!r} (never taken, or released already)",
         {"export": export, "snapshot": snapshot},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=SNAPSHOT_TYPE,
-                resource_name=f"exports/{export}/snapshots/{snapshot}",
-                description="no snapshot of this name (a released snapshot is gone)",
-            )
-        ],
+        resource_type=SNAPSHOT_TYPE,
+        resource_name=f"exports/{export}/snapshots/{snapshot}",
+        description="no snapshot of this name (a released snapshot is gone)",
     )
 
 
 def snapshot_exists(export: str, snapshot: str) -> GatewayError:
-    return GatewayError(
+    return errors.resource_error(
         grpc.StatusCode.ALREADY_EXISTS,
         SnapshotReason.SNAPSHOT_EXISTS,
         f"export {export!r} already has a snapshot {snapshot!r}",
         {"export": export, "snapshot": snapshot},
-        [
-            error_details_pb2.ResourceInfo(
-                resource_type=SNAPSHOT_TYPE,
-                resource_name=f"exports/{export}/snapshots/{snapshot}",
-                description="release it first, or choose another snapshot_id",
-            )
-        ],
+        resource_type=SNAPSHOT_TYPE,
+        resource_name=f"exports/{export}/snapshots/{snapshot}",
+        description="release it first, or choose another snapshot_id",
     )
 
 
@@ -144,20 +136,13 @@ def too_many_snapshots(export: str, why: str) -> GatewayError:
 
 
 def snapshots_not_supported(export: str, why: str) -> GatewayError:
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return errors.precondition_failed(
         SnapshotReason.SNAPSHOTS_NOT_SUPPORTED,
         f"export {export!r} cannot be snapshotted: {why}",
         {"export": export},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="SNAPSHOTS", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="SNAPSHOTS",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
