@@ -84,17 +84,19 @@ def checkpoint_error(
     return errors.invalid_field(field, str(exc))
 
 
-def remote_checkpoint_error(
-    export: str, reason: str, message: str, checkpoint: str
-) -> GatewayError | None:
-    """The GatewayError of a remote nbdcore host's checkpoint refusal (None: not one)."""
+def remote_checkpoint_error(export: str, error: dict[str, object]) -> GatewayError | None:
+    """The GatewayError of a remote nbdcore host's checkpoint refusal, ``error`` being the
+    extension's error object (docs/extension-snapshot.md); None: not a checkpoint refusal."""
+    reason, message = error.get("reason"), str(error.get("message", ""))
+    checkpoint = str(error.get("checkpoint", ""))
     if reason == "CHECKPOINT_NOT_FOUND":
         return checkpoint_not_found(export, checkpoint)
     if reason == "CHECKPOINT_EXISTS":
         return checkpoint_exists(export, checkpoint)
     if reason == "INVALID_CHECKPOINT":
-        field = "base" if "newer than" in message else "checkpoint_id"
-        return errors.invalid_field(field, message)
+        # "field" names the request key at fault; hosts older than it said so only in words.
+        field = error.get("field") or ("between" if "newer than" in message else "checkpoint")
+        return errors.invalid_field("base" if field == "between" else "checkpoint_id", message)
     return None
 
 

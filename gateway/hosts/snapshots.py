@@ -271,9 +271,7 @@ class Snapshots:
             return result
         reason, message = err.get("reason"), str(err.get("message", ""))
         snap_id = str(request.get("snapshot", ""))
-        ckpt_err = remote_checkpoint_error(
-            export, str(reason), message, str(err.get("checkpoint", ""))
-        )
+        ckpt_err = remote_checkpoint_error(export, err)
         if ckpt_err is not None:
             raise ckpt_err
         if reason == "BITMAP_NOT_FOUND":
@@ -285,8 +283,8 @@ class Snapshots:
             raise snapshot_not_found(export, snap_id)
         if reason in ("SNAPSHOTS_NOT_SUPPORTED", "EXPORT_NOT_FOUND"):
             raise snapshots_not_supported(export, f"its host says: {message}")
-        if reason == "INVALID_FIELD" and "snapshots already" in message:
-            # nbdcore hosts answer SnapshotLimitError with its message under INVALID_FIELD.
+        if reason == "INVALID_FIELD" and ("limit" in err or "snapshots already" in message):
+            # The snapshot limit comes as INVALID_FIELD with "limit" (older hosts: words only).
             raise too_many_snapshots(export, f"its host says: {message}")
         if reason == "INVALID_FIELD":
             field = "cluster_size_bytes" if "cluster" in message else "snapshot_id"

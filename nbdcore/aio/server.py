@@ -302,8 +302,10 @@ class NBDServer:
         from nbdcore.storage.errors import (
             CheckpointError,
             CheckpointExistsError,
+            CheckpointOrderError,
             NoSuchCheckpointError,
         )
+        from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError
 
         op, name, snap_id = request.get("op"), request.get("export"), request.get("snapshot")
         if op not in _SNAPSHOT_OPS or not isinstance(name, str):
@@ -372,12 +374,17 @@ class NBDServer:
             return _snapshot_error("CHECKPOINT_NOT_FOUND", str(exc), checkpoint=exc.checkpoint)
         except CheckpointExistsError as exc:
             return _snapshot_error("CHECKPOINT_EXISTS", str(exc), checkpoint=exc.checkpoint)
+        except CheckpointOrderError as exc:
+            return _snapshot_error("INVALID_CHECKPOINT", str(exc), field="between")
         except CheckpointError as exc:
-            return _snapshot_error("INVALID_CHECKPOINT", str(exc))
+            return _snapshot_error("INVALID_CHECKPOINT", str(exc), field="checkpoint")
         except NoSuchBitmapError as exc:
             return _snapshot_error("BITMAP_NOT_FOUND", str(exc), bitmap=exc.name)
         except SnapshotExistsError as exc:
             return _snapshot_error("SNAPSHOT_EXISTS", str(exc))
+        except SnapshotLimitError as exc:
+            # INVALID_FIELD as before, so older gateways still understand it; "limit" says why.
+            return _snapshot_error("INVALID_FIELD", str(exc), limit=str(MAX_SNAPSHOTS))
         except NoSuchSnapshotError as exc:
             return _snapshot_error("SNAPSHOT_NOT_FOUND", str(exc))
         except (SnapshotError, ValueError, TypeError) as exc:

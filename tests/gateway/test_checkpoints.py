@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway import errors
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from nbdcore.aio.client import NBDClient
@@ -357,6 +358,16 @@ async def test_fragmented_delta(start_gateway: Any, tmp_path: Path, kind: str) -
         delta = await run.gateway.snapshots.checkpoint_delta("disk", "c0", "c1")
         assert delta.ranges == [(g * G, G) for g in range(1, SIZE // G, 2)]
         assert (await run.gateway.snapshots.checkpoint_delta("disk", "c1", "c1")).ranges == []
+        # Backwards is the caller's "base" at fault; an unknown id is NOT_FOUND. A remote host
+        # says which in its reply's "field"/"checkpoint" keys, not in words.
+        with pytest.raises(GatewayError) as backwards:
+            await run.gateway.snapshots.checkpoint_delta("disk", "c1", "c0")
+        assert backwards.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in errors.field_violations(backwards.value)] == ["base"]
+        with pytest.raises(GatewayError) as unknown:
+            await run.gateway.snapshots.checkpoint_delta("disk", "c0", "nope")
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+        assert unknown.value.metadata["checkpoint"] == "nope"
         listed = await stub.ListSnapshots(spb.ListSnapshotsRequest(parent="disk"))
         assert list(listed.snapshots) == []  # nothing left behind
     finally:
