@@ -70,6 +70,7 @@ from nbdcore.uri import NBDURI
 # Matched with fullmatch: "$" also matches before a final newline ("disk\n" would pass).
 EXPORT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 EMBEDDED_HOST = "embedded"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 # The data folder holds the embedded host's socket, images and ledger: owner only, whatever
 # the umask (with umask 000 anyone could read, write or clear the disks around the API).
 DATA_DIR_MODE = 0o700
@@ -102,9 +103,17 @@ class HostConfig:
     # A running QEMU's monitor socket (the ``qmp`` host kind): the gateway owns the monitor and
     # starts QEMU's NBD server itself (gateway.hosts.qmp); ``uri`` is then None.
     qmp: str | None = None
+    # A libvirt-managed VM (the ``libvirt`` host kind, gateway.hosts.libvirt): the connection
+    # URI and the domain; libvirt's pull-mode backups serve its disks. ``uri`` is then None.
+    libvirt: str | None = None
+    domain: str | None = None
+    # Serve every disk of the domain (exports DOMAIN-DISK), found when the gateway starts.
+    all_disks: bool = False
 
     @property
     def kind(self) -> str:
+        if self.libvirt:
+            return "libvirt"
         return "qmp" if self.qmp else "embedded" if self.uri is None else "nbd"
 
     @property
@@ -126,7 +135,8 @@ class ExportConfig:
     # The point in time a read-only export shows: clears recorded in the ledger are scoped to it
     # (see gateway.ledger). None: only SetExportGeneration sets one.
     generation: str | None = None
-    # A qmp host's export: the QEMU block node or device it reads.
+    # A qmp host's export: the QEMU block node or device it reads; a libvirt host's: the
+    # disk's target (vda).
     node: str | None = None
     # The export shows one point in time for its whole life (a snapshot of a running QEMU):
     # ClearRange need not name the generation.
@@ -259,6 +269,33 @@ class GatewayConfig:
                          node=node)
         )  # fmt: skip
 
+    def add_libvirt_export(
+        self,
+        name: str,
+        uri: str,
+        domain: str,
+        disk: str,
+        *,
+        host: str | None = None,
+        description: str = "",
+    ) -> None:
+        """Disk ``disk`` (its target, such as vda) of libvirt domain ``domain`` at ``uri``;
+        its host is named ``libvirt:DOMAIN`` unless ``host`` names it."""
+        if not domain or not disk:
+            raise ConfigError(f"export {name!r}: a libvirt domain and disk (vda) are required")
+        host_name = host or f"libvirt:{domain}"
+        existing = self.hosts.get(host_name)
+        if existing is None:
+            self.hosts[host_name] = HostConfig(host_name, None, libvirt=uri, domain=domain)
+        elif (existing.libvirt, existing.domain) != (uri, domain):
+            raise ConfigError(
+                f"export {name!r}: host {host_name!r} is not domain {domain} at {uri}"
+            )
+        self.add_export(
+            ExportConfig(name=name, host=host_name, nbd_export=name, description=description,
+                         node=disk)
+        )  # fmt: skip
+
     def add_image_export(
         self, name: str, image: Path, *, description: str = "", read_only: bool = False
     ) -> None:
@@ -359,6 +396,15 @@ def parse_limit_args(items: list[str], base: Limits) -> Limits:
     return parse_limits(table, "--limit")
 
 
+def parse_libvirt_export_arg(text: str) -> tuple[str, str, str]:
+    """``NAME=DOMAIN:DISK`` -> (name, domain, disk)."""
+    name, sep, rest = text.partition("=")
+    domain, colon, disk = rest.rpartition(":")
+    if not sep or not name or not colon or not domain or not disk:
+        raise ConfigError(f"--libvirt-export {text!r}: expected NAME=DOMAIN:DISK")
+    return name, domain, disk
+
+
 def parse_qmp_export_arg(text: str) -> tuple[str, str, str]:
     """``NAME=QMP_SOCKET:NODE`` -> (name, socket, node)."""
     name, sep, rest = text.partition("=")
@@ -438,7 +484,7 @@ _TOP_KEYS = {
     "ledger_max_intervals",
 }
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
-_HOST_KEYS = {"name", "uri", "qmp", "max_connections"} | _TLS_KEYS
+_HOST_KEYS = {"name", "uri", "qmp", "libvirt", "domain", "disks", "max_connections"} | _TLS_KEYS
 _EXPORT_KEYS = {
     "name",
     "uri",
@@ -449,6 +495,7 @@ _EXPORT_KEYS = {
     "read_only",
     "generation",
     "node",
+    "disk",
 }
 
 
@@ -533,6 +580,23 @@ def apply_table(
         _check_keys(host, _HOST_KEYS, here)
         name, uri_text = host.get("name"), host.get("uri")
         qmp = host.get("qmp")
+        if isinstance(name, str) and "domain" in host and uri_text is None and qmp is None:
+            if name in config.hosts or name == EMBEDDED_HOST:
+                raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
+            domain, disks = host.get("domain"), host.get("disks", "named")
+            if not isinstance(domain, str) or not domain or disks not in ("all", "named"):
+                raise ConfigError(
+                    f"{here}: a libvirt host needs 'domain' (a string); 'disks' is"
+                    ' "all" or "named" (only the [[exports]] that name one)'
+                )
+            config.hosts[name] = HostConfig(
+                name,
+                None,
+                libvirt=str(host.get("libvirt", DEFAULT_LIBVIRT_URI)),
+                domain=domain,
+                all_disks=disks == "all",
+            )
+            continue
         if isinstance(name, str) and isinstance(qmp, str) and uri_text is None:
             if name in config.hosts or name == EMBEDDED_HOST:
                 raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
@@ -592,6 +656,19 @@ def apply_table(
                     raise ConfigError(f"{here}: a qmp host's export needs 'node' (a block node)")
                 config.add_qmp_export(
                     name, host_cfg.qmp, node, host=host_cfg.name, description=description
+                )
+                continue
+            if host_cfg is not None and host_cfg.libvirt:
+                disk = export.get("disk")
+                if not isinstance(disk, str) or not disk:
+                    raise ConfigError(f"{here}: a libvirt host's export needs 'disk' (vda)")
+                config.add_libvirt_export(
+                    name,
+                    host_cfg.libvirt,
+                    host_cfg.domain or "",
+                    disk,
+                    host=host_cfg.name,
+                    description=description,
                 )
                 continue
             if node is not None:

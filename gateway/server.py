@@ -45,9 +45,12 @@ from gateway.config import (
     EMBEDDED_HOST,
     ConfigError,
     GatewayConfig,
+    HostConfig,
     ensure_data_dir,
     parse_listen,
 )
+from gateway.hosts.libvirt import LibvirtHost, discover_disks
+from gateway.hosts.libvirt_snapshots import LibvirtSnapshots
 from gateway.hosts.pool import ExportPool, Host
 from gateway.hosts.qmp import QmpHost
 from gateway.hosts.qmp_snapshots import QmpSnapshots
@@ -217,6 +220,29 @@ class Gateway:
         self.snapshots = Snapshots(self)
         self.qmp_snapshots = QmpSnapshots(self)
         self.snapshots.qmp = self.qmp_snapshots
+        self.libvirt_snapshots = LibvirtSnapshots(self)
+        self.snapshots.libvirt = self.libvirt_snapshots
+
+    async def _add_libvirt_host(self, host_cfg: HostConfig) -> None:
+        cfg = self.config
+        if host_cfg.all_disks:  # every disk of the domain: exports DOMAIN-DISK
+            try:
+                disks = await discover_disks(host_cfg)
+            except Exception as exc:
+                raise ConfigError(
+                    f"host {host_cfg.name}: cannot list the disks of libvirt domain"
+                    f" {host_cfg.domain} ({exc}); name them in [[exports]] instead"
+                ) from None
+            for disk in disks:
+                name = f"{host_cfg.domain}-{disk.target}"
+                if name not in cfg.exports:
+                    cfg.add_libvirt_export(
+                        name, host_cfg.libvirt or "", host_cfg.domain or "", disk.target,
+                        host=host_cfg.name,
+                    )  # fmt: skip
+        host = LibvirtHost(host_cfg, cfg, self._host_changed, folder=cfg.data_dir / "libvirt")
+        self.libvirt_snapshots.attach(host)
+        self.hosts[host_cfg.name] = host
 
     async def start(self) -> Listening:
         cfg = self.config
@@ -233,6 +259,9 @@ class Gateway:
                 qmp_host = QmpHost(host_cfg, cfg, self._host_changed, folder=cfg.data_dir / "qmp")
                 self.qmp_snapshots.attach(qmp_host)
                 self.hosts[host_cfg.name] = qmp_host
+                continue
+            if host_cfg.libvirt:
+                await self._add_libvirt_host(host_cfg)
                 continue
             if host_cfg.name == EMBEDDED_HOST:
                 uri = NBDURI(scheme="nbd+unix", socket=nbd_socket)

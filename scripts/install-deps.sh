@@ -18,6 +18,12 @@ for p in qemu-img qemu-nbd qemu-io qemu-system-x86_64 nbdinfo nbdcopy nbdkit nbd
     command -v "$p" >/dev/null 2>&1 || need_apt=1
 done
 [ -f /usr/lib/python3/dist-packages/nbd.py ] || need_apt=1
+# libvirt for the libvirt host kind's tests: the daemons, virsh, and Debian's Python binding
+# (built for this libvirt; the venv sees it through links, below).
+for p in libvirtd virtlogd virsh; do
+    command -v "$p" >/dev/null 2>&1 || [ -x "/usr/sbin/$p" ] || need_apt=1
+done
+[ -f /usr/lib/python3/dist-packages/libvirt.py ] || need_apt=1
 # Debian's python3 has no venv/ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt=1
 need_node=0
@@ -46,7 +52,7 @@ fi
 if [ "$need_apt" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv nbdkit nbd-server \
-        openssl >/dev/null
+        openssl libvirt-daemon-system libvirt-clients python3-libvirt >/dev/null
 fi
 if [ "$need_node" = 1 ]; then
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -91,6 +97,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# Debian's libvirt binding, linked into the venv (not the whole dist-packages: only libvirt's
+# modules). Same CPython minor version, and built against the libvirt that runs here; PyPI's
+# libvirt-python would need libvirt-dev, pkg-config and a compiler for the same result.
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for f in /usr/lib/python3/dist-packages/libvirt.py /usr/lib/python3/dist-packages/libvirtaio.py \
+    /usr/lib/python3/dist-packages/libvirt_qemu.py /usr/lib/python3/dist-packages/libvirtmod*.so; do
+    [ -e "$f" ] && ln -sf "$f" "$SITE/"
+done
+"$VENV/bin/python" -c 'import libvirt' || { echo "install-deps: libvirt binding not importable"; exit 1; }
 # The Node client: exactly the locked packages, no install scripts; again only when the lock
 # file changed since the last install (the stamp is a copy of it).
 NODE_DIR=$ROOT/tests/clients/node

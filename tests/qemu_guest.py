@@ -54,8 +54,9 @@ def guest_block(i: int) -> bytes:
     return (unit * (BLOCK // len(unit) + 1))[:BLOCK]
 
 
-def build_initrd(folder: Path, count: int, pause: float) -> Path:
-    """A gzip'd newc initramfs: busybox, the virtio modules and the writing /init."""
+def build_initrd(folder: Path, count: int, pause: float, init_script: str = INIT) -> Path:
+    """A gzip'd newc initramfs: busybox, the virtio modules and the writing /init (``INIT``,
+    or a variant with the same fields)."""
     if not (GUEST_DIR / "vmlinuz").exists() or not (GUEST_DIR / "busybox").exists():
         missing(f"the test guest's kernel and busybox ({GUEST_DIR})")
     root = folder / "initramfs"
@@ -67,7 +68,7 @@ def build_initrd(folder: Path, count: int, pause: float) -> Path:
         shutil.copy(GUEST_DIR / "modules" / f"{m}.ko", root / "lib" / f"{m}.ko")
     init = root / "init"
     init.write_text(
-        INIT.format(modules=" ".join(MODULES), count=count, stride=STRIDE, block=BLOCK,
+        init_script.format(modules=" ".join(MODULES), count=count, stride=STRIDE, block=BLOCK,
                     pause=pause)
     )  # fmt: skip
     init.chmod(0o755)

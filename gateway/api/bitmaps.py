@@ -40,6 +40,7 @@ from gateway.api.names import (
 from gateway.api.names import fingerprint as _fingerprint
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
+from gateway.hosts.libvirt import LibvirtHost, snapshot_required
 from gateway.hosts.pool import ExportPool, KnownExport
 from gateway.hosts.qmp import QmpHost, read_through_snapshot
 from gateway.integrity import (
@@ -300,7 +301,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         unsupported = pb.CLEAR_MODE_UNSUPPORTED
         if context is not None and not context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
             return ClearPlan(unsupported, "only dirty bitmaps (qemu:dirty-bitmap:NAME) clear")
-        if isinstance(pool.host, QmpHost) and pool.config.node:
+        if isinstance(pool.host, (QmpHost, LibvirtHost)) and pool.config.node:
             return ClearPlan(unsupported, _QMP_LIVE_CLEAR)
         image = self._image(pool)
         if image is not None:
@@ -340,6 +341,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         return ClearPlan(pb.CLEAR_MODE_LEDGER_MASK, generation=generation)
 
     async def _known(self, pool: ExportPool) -> KnownExport:
+        if isinstance(pool.host, LibvirtHost) and pool.config.node:
+            return await pool.host.known(pool)  # a libvirt VM's disk has no NBD export
+
         async def fetch(client: NBDClient) -> KnownExport:
             assert pool.known is not None  # set by every lease
             return pool.known
@@ -402,8 +406,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 raise pool.host.unavailable(name)
             known = await self._known(pool)
             qmp_bitmaps = {}
-            if isinstance(pool.host, QmpHost):
-                # A running QEMU: its bitmaps from QMP, whatever its NBD export offers.
+            if isinstance(pool.host, (QmpHost, LibvirtHost)) and (
+                pool.config.node or isinstance(pool.host, QmpHost)
+            ):
+                # A running QEMU: its bitmaps from QMP (libvirt: its checkpoints), whatever
+                # its NBD export offers.
                 qmp_bitmaps = {
                     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b.name: b
                     for b in await pool.host.bitmaps(pool)
@@ -682,9 +689,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
 
         return await self._unary(context, body, lambda: pool)
 
-    def _qmp_pool(self, name: str, ctx: str) -> tuple[ExportPool, QmpHost]:
+    def _qmp_pool(self, name: str, ctx: str) -> tuple[ExportPool, QmpHost | LibvirtHost]:
         pool = self.backend.pool(name)
-        if not isinstance(pool.host, QmpHost):
+        if not isinstance(pool.host, (QmpHost, LibvirtHost)):
             raise errors.clear_not_supported(
                 name, ctx, "only exports of running QEMU VMs (qmp hosts) add and remove bitmaps"
             )
@@ -805,6 +812,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             ):
                 # QEMU exports a recording bitmap only writable (a moving answer anyway).
                 raise read_through_snapshot(plan.export, plan.context)
+            if isinstance(pool.host, LibvirtHost) and pool.config.node:
+                raise snapshot_required(plan.export)
             stream = _ExtentStream(
                 plan,
                 pool,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import (
     DEFAULT_CSI_DRIVER_NAME,
     DEFAULT_DATA_DIR,
+    DEFAULT_LIBVIRT_URI,
     DEFAULT_LISTEN,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -35,6 +36,7 @@ from gateway.config import (
     load_policy,
     load_tokens,
     parse_export_arg,
+    parse_libvirt_export_arg,
     parse_limit_args,
     parse_listen,
     parse_qmp_export_arg,
@@ -106,6 +108,22 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         help="serve a disk of a running QEMU: its monitor socket and block node (or device),"
         " e.g. vm1-disk0=/run/vm1/qmp.sock:drive0; the gateway owns that monitor"
         " (repeatable; $NBDGW_QMP_EXPORTS: space-separated)",
+    )
+    p.add_argument(
+        "--libvirt-export",
+        metavar="NAME=DOMAIN:DISK",
+        action="append",
+        default=None,
+        help="serve a disk of a libvirt-managed VM: its domain and disk target, e.g."
+        " vm1-vda=vm1:vda, through libvirt's checkpoints and pull-mode backups"
+        " (repeatable; $NBDGW_LIBVIRT_EXPORTS: space-separated)",
+    )
+    p.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        default=None,
+        help="the libvirt connection of --libvirt-export ($NBDGW_LIBVIRT_URI; default"
+        f" {DEFAULT_LIBVIRT_URI})",
     )
     p.add_argument(
         "--image",
@@ -384,6 +402,13 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     for item in qmp_exports:
         name, qmp, node = parse_qmp_export_arg(item)
         config.add_qmp_export(name, str(Path(qmp).absolute()), node)
+    libvirt_exports = args.libvirt_export
+    if libvirt_exports is None:
+        libvirt_exports = shlex.split(_env("LIBVIRT_EXPORTS") or "")
+    libvirt_uri = args.libvirt_uri or _env("LIBVIRT_URI") or DEFAULT_LIBVIRT_URI
+    for item in libvirt_exports:
+        name, domain, disk = parse_libvirt_export_arg(item)
+        config.add_libvirt_export(name, libvirt_uri, domain, disk)
     images = args.image
     if images is None:
         images = shlex.split(_env("IMAGES") or "")

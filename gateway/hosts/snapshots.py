@@ -42,6 +42,7 @@ from gateway.hosts.checkpoints import (
     read_dirty_runs,
     remote_checkpoint_error,
 )
+from gateway.hosts.libvirt import LibvirtHost
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp import QmpHost
 from nbdcore.aio.client import nbdgw_snapshot
@@ -61,6 +62,7 @@ from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
 if TYPE_CHECKING:
+    from gateway.hosts.libvirt_snapshots import LibvirtSnapshots
     from gateway.hosts.qmp_snapshots import QmpSnapshots
     from gateway.server import Gateway
     from nbdcore.storage import Image
@@ -168,6 +170,7 @@ class Snapshots:
         self.gateway = gateway
         self.lock = asyncio.Lock()  # one create or release at a time: exports come and go
         self.qmp: QmpSnapshots  # exports of running QEMU VMs (set by the gateway)
+        self.libvirt: LibvirtSnapshots  # exports of libvirt-managed VMs (set by the gateway)
 
     def _pool(self, export: str) -> ExportPool:
         pool = self.gateway.pools.get(export)
@@ -361,8 +364,28 @@ class Snapshots:
                 since=request.since_checkpoint,
             )
             return snapshot_message(export, infos[0])
+        if self._is_libvirt(export):
+            if request.max_preserved_bytes:
+                raise errors.invalid_field(
+                    "max_preserved_bytes",
+                    "libvirt's scratch images are bounded only by their file system",
+                )
+            members = list(dict.fromkeys([export, *group]))
+            for member in members[1:]:
+                if not self._is_libvirt(member):
+                    raise errors.invalid_field("group", f"{member!r} is not a libvirt export")
+            infos = await self.libvirt.create(
+                members,
+                snap_id,
+                forks,
+                checkpoint=request.checkpoint_id,
+                since=request.since_checkpoint,
+            )
+            return snapshot_message(export, infos[0])
         if group:
-            raise errors.invalid_field("group", "consistency groups are for qmp exports")
+            raise errors.invalid_field(
+                "group", "consistency groups are for qmp and libvirt exports"
+            )
         image = self._image(export)
         if image is None:
             async with self.lock:
@@ -426,6 +449,8 @@ class Snapshots:
         image = None
         if isinstance(pool.host, QmpHost) and pool.config.node:
             infos = await self.qmp.list_infos(export)
+        elif self._is_libvirt(export):
+            infos = await self.libvirt.list_infos(export)
         elif (image := self._image(export)) is None:
             result = await self._remote(export, {"op": "list"})
             infos = list(result.get("snapshots", []))
@@ -447,11 +472,17 @@ class Snapshots:
         pool = self._pool(export)
         return isinstance(pool.host, QmpHost) and bool(pool.config.node)
 
+    def _is_libvirt(self, export: str) -> bool:
+        pool = self._pool(export)
+        return isinstance(pool.host, LibvirtHost) and bool(pool.config.node)
+
     async def checkpoints(self, export: str) -> builtins.list[dict[str, Any]]:
         """The chain of ``export``, oldest first: ``{"id", "recording", "dirty_bytes",
         "granularity"}`` each."""
         if self._is_qmp(export):
             return await self.qmp.list_checkpoints(export)
+        if self._is_libvirt(export):
+            return await self.libvirt.list_checkpoints(export)
         image = self._image(export)
         if image is None:
             result = await self._remote(export, {"op": "checkpoints"})
@@ -468,6 +499,8 @@ class Snapshots:
         has no ``base`` or ``target``, INVALID_ARGUMENT when ``base`` is the newer."""
         if self._is_qmp(export):
             return await self.qmp.checkpoint_delta(export, base, target)
+        if self._is_libvirt(export):
+            return await self.libvirt.checkpoint_delta(export, base, target)
         image = self._image(export)
         if image is None:
             return await self._remote_delta(export, base, target)
@@ -513,6 +546,8 @@ class Snapshots:
         returns the neighbour's id (None: it was the oldest)."""
         if self._is_qmp(export):
             return await self.qmp.delete_checkpoint(export, checkpoint)
+        if self._is_libvirt(export):
+            return await self.libvirt.delete_checkpoint(export, checkpoint)
         image = self._image(export)
         async with self.lock:
             if image is None:
@@ -562,8 +597,9 @@ class Snapshots:
             raise errors.invalid_field("name", "required: exports/EXPORT/snapshots/SNAPSHOT")
         export, snap_id = snapshot_name(request.name)
         pool = self._pool(export)
-        if isinstance(pool.host, QmpHost) and pool.config.node:
-            done = await self.qmp.release(export, snap_id)
+        if isinstance(pool.host, (QmpHost, LibvirtHost)) and pool.config.node:
+            vms = self.qmp if isinstance(pool.host, QmpHost) else self.libvirt
+            done = await vms.release(export, snap_id)
             return spb.ReleaseSnapshotResponse(
                 merged=[
                     spb.ForkedBitmap(
