@@ -52,6 +52,7 @@ INSTALL = (
 # size clamped to 4 KiB..64 KiB, 64 KiB for a default qcow2. libvirt does not report it.
 GRANULARITY = 65536
 QEMU_USER = "libvirt-qemu"  # Debian's: QEMU's user under libvirt (the folder trap)
+ABORT_POLLS = 600  # x 50 ms: how long a backup job may take to end after abortJob
 
 
 def _libvirt() -> Any:
@@ -200,7 +201,22 @@ class Libvirt:
                 if "no job" not in str(exc):
                     raise
 
+        def gone(dom: Any) -> bool:
+            try:
+                dom.backupGetXMLDesc(0)
+            except lv.libvirtError as exc:
+                if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN_BACKUP:
+                    return True
+                raise
+            return False
+
         await self.call("abortJob", abort)
+        # libvirt ends the job asynchronously: the next backup would find it still there.
+        for _ in range(ABORT_POLLS):
+            if await self.call("backupGetXMLDesc", gone):
+                return
+            await asyncio.sleep(0.05)
+        raise LibvirtFailure("busy", "the backup job did not end after abortJob", "abortJob")
 
 
 def parse_disks(domain_xml: str) -> list[Disk]:

@@ -228,7 +228,8 @@ async def test_release_rule_failed_backups_and_kill_9(uri: str, data_dir: Path, 
             listed = await snaps.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
             assert [s.name for s in listed.snapshots] == ["exports/d0/snapshots/s1"]
             assert listed.snapshots[0].checkpoint_id == "c1"
-            assert await _view_runs(gw.target, "d0@s1", "c0") == runs
+            # The view streams minus what the ledger says was acknowledged before the kill.
+            assert await _view_runs(gw.target, "d0@s1", "c0") == runs[len(runs) // 2 :]
             # The consumer gives up: not everything was acknowledged, so the checkpoint the
             # snapshot created goes (libvirt merges it into c0), and "since c0" keeps it all.
             released = await snaps.ReleaseSnapshot(
