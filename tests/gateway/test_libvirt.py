@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, load_file
 from gateway.hosts.libvirt import _key
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -311,16 +311,26 @@ async def test_two_disks_are_one_instant(
 ) -> None:
     vm = LibvirtVM("nbdgw-t-two", disks=2, count=120, pause=0.05).start()
     try:
-        run = await start_gateway(config(uri, vm, data_dir))
+        # Every disk of the domain, found at start (exports DOMAIN-vda, DOMAIN-vdb).
+        toml = tmp_path / "nbdgw.toml"
+        toml.write_text(
+            f'[[hosts]]\nname = "vm"\nlibvirt = "{uri}"\ndomain = "{vm.name}"\ndisks = "all"\n'
+        )
+        cfg = load_file(toml)
+        cfg.data_dir = data_dir
+        run = await start_gateway(cfg)
+        d0, d1 = f"{vm.name}-vda", f"{vm.name}-vdb"
+        assert sorted(run.gateway.pools) == [d0, d1]
         snaps = spb_grpc.SnapshotServiceStub(run.channel)
         vm.run()
         await asyncio.to_thread(vm.wait_writes, 12)
         # One call on one disk: the job covers the domain's disks (a consistency group).
-        snap = await snaps.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", snapshot_id="s"))
-        assert sorted(snap.group) == ["exports/d0/snapshots/s", "exports/d1/snapshots/s"]
+        snap = await snaps.CreateSnapshot(spb.CreateSnapshotRequest(parent=d0, snapshot_id="s"))
+        both = [f"exports/{d0}/snapshots/s", f"exports/{d1}/snapshots/s"]
+        assert sorted(snap.group) == both
         await asyncio.to_thread(vm.wait_writes, len(vm.writes()) + 6)  # it keeps writing
         images = []
-        for export in ("d0@s", "d1@s"):
+        for export in (f"{d0}@s", f"{d1}@s"):
             s = await stream_all(run.stub, export=export, context="base:allocation",
                                  include_data=True)  # fmt: skip
             image = bytearray(SIZE)
@@ -339,12 +349,12 @@ async def test_two_disks_are_one_instant(
         assert a == set(range(len(a))) and b == set(range(len(b))), (sorted(a), sorted(b))
         assert len(a) - 1 <= len(b) <= len(a)
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await snaps.CreateSnapshot(spb.CreateSnapshotRequest(parent="d1"))
+            await snaps.CreateSnapshot(spb.CreateSnapshotRequest(parent=d1))
         assert reason(exc.value) == (grpc.StatusCode.FAILED_PRECONDITION, "DISK_BUSY")
         released = await snaps.ReleaseSnapshot(
-            spb.ReleaseSnapshotRequest(name="exports/d1/snapshots/s")
+            spb.ReleaseSnapshotRequest(name=f"exports/{d1}/snapshots/s")
         )
-        assert sorted(released.released) == ["exports/d0/snapshots/s", "exports/d1/snapshots/s"]
+        assert sorted(released.released) == both
         assert not vm.backup_job()
     finally:
         vm.stop()
