@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
 
 from gateway import errors
 from gateway.config import GatewayConfig, HostConfig
@@ -332,20 +331,13 @@ def snapshot_required(export: str) -> GatewayError:
         "libvirt serves a VM's disk over NBD only inside a pull-mode backup job: take a"
         f" snapshot (CreateSnapshot) and read {export}@SNAP"
     )
-    return GatewayError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+    return errors.precondition_failed(
         errors.Reason.BITMAP_BUSY,
         f"export {export!r} is read through a snapshot: {why}",
         {"export": export},
-        [
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type="SNAPSHOT_REQUIRED", subject=f"exports/{export}", description=why
-                    )
-                ]
-            )
-        ],
+        kind="SNAPSHOT_REQUIRED",
+        subject=f"exports/{export}",
+        why=why,
     )
 
 
