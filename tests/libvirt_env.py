@@ -84,16 +84,7 @@ def libvirtd() -> Iterator[str]:
         _wait(VIRTLOGD_SOCKET, "virtlogd")
         started.append(pid)
     if not _accepts(SOCKET):
-        (PRIVATE / "sock").mkdir(parents=True, exist_ok=True)
-        conf = PRIVATE / "libvirtd.conf"
-        conf.write_text(
-            f'unix_sock_dir = "{SOCKET.parent}"\n'
-            'unix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n'
-        )
-        pid = PRIVATE / "libvirtd.pid"
-        subprocess.run(["/usr/sbin/libvirtd", "-d", "-f", str(conf), "-p", str(pid)], check=True)
-        _wait(SOCKET, "libvirtd")
-        started.append(pid)
+        started.append(start_libvirtd())
     libvirt.registerErrorHandler(lambda _c, _e: None, None)  # the tests look at each error
     conn = libvirt.open(URI)
     conn.close()
@@ -103,6 +94,31 @@ def libvirtd() -> Iterator[str]:
         for pid in reversed(started):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+def start_libvirtd() -> Path:
+    """libvirtd on the private socket; returns its pid file."""
+    (PRIVATE / "sock").mkdir(parents=True, exist_ok=True)
+    conf = PRIVATE / "libvirtd.conf"
+    conf.write_text(
+        f'unix_sock_dir = "{SOCKET.parent}"\n'
+        'unix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+    )
+    pid = PRIVATE / "libvirtd.pid"
+    subprocess.run(["/usr/sbin/libvirtd", "-d", "-f", str(conf), "-p", str(pid)], check=True)
+    _wait(SOCKET, "libvirtd")
+    return pid
+
+
+def stop_libvirtd() -> None:
+    """Stop the private libvirtd (its domains keep running: libvirt finds them again)."""
+    pid = int((PRIVATE / "libvirtd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _accepts(SOCKET) or Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("libvirtd did not stop")
+        time.sleep(0.1)
 
 
 def open_connection() -> Any:

@@ -120,9 +120,12 @@ class Libvirt:
 
     def _call(self, operation: str, fn: Callable[[Any], T]) -> T:
         lv = _libvirt()
-        try:
-            if self._conn is None:
+        if self._conn is None:
+            try:
                 self._conn = lv.open(self.uri)
+            except lv.libvirtError as exc:  # libvirtd unreachable, whatever the error code
+                raise LibvirtFailure("unavailable", str(exc), "open") from None
+        try:
             return fn(self._conn.lookupByName(self.domain))
         except lv.libvirtError as exc:
             failure = _classify(lv, exc, operation)

@@ -32,9 +32,18 @@ from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import GatewayProcess, nbdgw
 from tests.gateway.conftest import call_error, stream_all
 from tests.gateway.test_snapshots import reason
-from tests.libvirt_env import LibvirtVM, guest_image, libvirtd
+from tests.libvirt_env import (
+    LibvirtVM,
+    guest_image,
+    libvirtd,
+    open_connection,
+    start_libvirtd,
+    stop_libvirtd,
+)
 
-pytestmark = [pytest.mark.interop, pytest.mark.slow]
+# A guest boots under TCG in each test, which then runs several backups: more than the
+# default 120 s on a loaded machine.
+pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(600)]
 
 SIZE = 16 << 20
 VIEW = "qemu:dirty-bitmap:since:"
@@ -286,6 +295,32 @@ async def test_release_rule_failed_backups_and_kill_9(uri: str, data_dir: Path, 
             assert not listed.snapshots
         assert vm.checkpoints() == {"c0": "", "c2": "c0", "c3": "c2"}
         assert not _job_file(data_dir, vm).exists()
+
+        # libvirtd goes away and comes back: UNAVAILABLE meanwhile, then served again.
+        vm.conn.close()
+        await asyncio.to_thread(stop_libvirtd)
+        try:
+            async with grpc.aio.insecure_channel(gw.target) as channel:
+                snaps = spb_grpc.SnapshotServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await snaps.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
+                assert reason(exc.value) == (grpc.StatusCode.UNAVAILABLE, "HOST_UNAVAILABLE")
+        finally:
+            await asyncio.to_thread(start_libvirtd)
+        vm.conn = open_connection()
+        vm.dom = vm.conn.lookupByName(vm.name)
+        async with grpc.aio.insecure_channel(gw.target) as channel:
+            snaps = spb_grpc.SnapshotServiceStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    listed = await snaps.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
+                    break
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                    assert time.monotonic() < deadline, "not served again after libvirtd came back"
+                    await asyncio.sleep(0.2)
+            assert [c.name.rsplit("/", 1)[1] for c in listed.checkpoints] == ["c0", "c2", "c3"]
 
         # The domain stops: the host goes down (UNAVAILABLE with a retry), clean errors.
         vm.dom.destroy()
