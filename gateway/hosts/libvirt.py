@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import pwd
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class Libvirt:
         self.uri = uri
         self.domain = domain
         self._conn: Any = None
+        self._opening = threading.Lock()  # calls run in several threads: one connection
 
     async def call(self, operation: str, fn: Callable[[Any], T]) -> T:
         """``fn(domain)`` in a thread; libvirt errors as LibvirtFailure."""
@@ -120,11 +122,12 @@ class Libvirt:
 
     def _call(self, operation: str, fn: Callable[[Any], T]) -> T:
         lv = _libvirt()
-        if self._conn is None:
-            try:
-                self._conn = lv.open(self.uri)
-            except lv.libvirtError as exc:  # libvirtd unreachable, whatever the error code
-                raise LibvirtFailure("unavailable", str(exc), "open") from None
+        with self._opening:
+            if self._conn is None:
+                try:
+                    self._conn = lv.open(self.uri)
+                except lv.libvirtError as exc:  # libvirtd unreachable, whatever the code
+                    raise LibvirtFailure("unavailable", str(exc), "open") from None
         try:
             return fn(self._conn.lookupByName(self.domain))
         except lv.libvirtError as exc:
@@ -144,8 +147,9 @@ class Libvirt:
 
     # --- what the host asks -----------------------------------------------------------------
 
-    async def running(self) -> bool:
-        return bool(await self.call("isActive", lambda d: d.isActive()))
+    async def run_id(self) -> int:
+        """The running domain's id (a new one at each start); -1 when it is not running."""
+        return int(await self.call("ID", lambda d: d.ID() if d.isActive() else -1))
 
     async def disks(self) -> list[Disk]:
         return parse_disks(await self.call("XMLDesc", lambda d: d.XMLDesc(0)))
@@ -388,7 +392,7 @@ class LibvirtHost(Host):
         self.libvirt = Libvirt(config.libvirt, config.domain)
         # Called after each probe that found the domain running: backup job recovery.
         self.on_running: Callable[[LibvirtHost], Awaitable[None]] | None = None
-        self._recovered = False
+        self._recovered_run = -1  # the domain's run (its id) whose jobs were recovered
         # NBD export names of the snapshots served now (nothing else is on the socket).
         self.serving: set[str] = set()
 
@@ -398,17 +402,17 @@ class LibvirtHost(Host):
 
     async def _probe_once(self) -> None:
         try:
-            running = await self.libvirt.running()
+            run = await self.libvirt.run_id()
         except LibvirtFailure as exc:
             raise ConnectionRefusedError(errno.ECONNREFUSED, str(exc)) from None
-        if not running:
-            self._recovered = False  # its jobs died with it: look again when it is back
+        if run < 0:
             raise ConnectionRefusedError(
                 errno.ECONNREFUSED, f"domain {self.config.domain} is not running"
             )
-        if not self._recovered and self.on_running is not None:
+        # A new run of the domain (or the gateway's start): its jobs died with the last one.
+        if run != self._recovered_run and self.on_running is not None:
             await self.on_running(self)
-            self._recovered = True
+        self._recovered_run = run
 
     async def connect(self, nbd_export: str, contexts: Sequence[str]) -> NBDClient:
         if nbd_export not in self.serving:
