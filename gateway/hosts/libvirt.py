@@ -356,18 +356,43 @@ def _key(name: str) -> str:
     return hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
 
 
-def prepare_folder(folder: Path) -> None:
+def prepare_folder(folder: Path, export: str) -> None:
     """The folder of the backup sockets and scratch images. QEMU runs as libvirt-qemu and
     creates both there ("Permission denied" from the NBD server otherwise): when the gateway
-    runs as root the folder is given to that user; its parents must let it through."""
+    runs as root the folder is given to that user; its parents must let it through, which is
+    checked here so that the error says what to do (DATA_DIR is 0700 when the gateway makes
+    it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam(QEMU_USER)
-        except KeyError:
-            return
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        folder.chmod(0o750)
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    folder.chmod(0o750)
+    for parent in folder.resolve().parents:
+        st = parent.stat()
+        if st.st_uid == user.pw_uid:
+            through = st.st_mode & 0o100
+        elif st.st_gid == user.pw_gid:
+            through = st.st_mode & 0o010
+        else:
+            through = st.st_mode & 0o001
+        if not through:
+            why = (
+                f"QEMU runs as {QEMU_USER} and creates the backup's socket and scratch images"
+                f" in {folder}, but cannot pass through {parent}: chmod o+x {parent} (or"
+                " choose a --data-dir it can reach)"
+            )
+            raise errors.precondition_failed(
+                errors.Reason.HOST_COMMAND_FAILED,
+                f"export {export!r} cannot be snapshotted: {why}",
+                {"export": export, "folder": str(parent)},
+                kind="FOLDER_PERMISSIONS",
+                subject=str(parent),
+                why=why,
+            )
 
 
 class LibvirtHost(Host):

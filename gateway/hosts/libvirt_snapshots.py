@@ -264,7 +264,7 @@ class LibvirtSnapshots:
             disks = self._disks(host)
             job = Job(snap_id, secrets.token_hex(4), since, checkpoint, disks, time.time())
             try:
-                prepare_folder(host.folder)
+                prepare_folder(host.folder, exports[0])
                 all_disks = [d.target for d in await host.libvirt.disks()]
                 spec = {
                     disk: (

@@ -3,21 +3,28 @@ behaviour against a real one is tests/gateway/test_libvirt.py)."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway.cli import build_parser
 from gateway.cli.serve import build_config
 from gateway.config import ConfigError, load_file, parse_libvirt_export_arg
+from gateway.errors import GatewayError
 from gateway.hosts.libvirt import (
+    QEMU_USER,
     backup_xml,
     checkpoint_xml,
     parse_backup,
     parse_checkpoint,
     parse_disks,
+    prepare_folder,
 )
+from tests.peers import missing
 
 
 def test_toml_hosts_and_exports(tmp_path: Path) -> None:
@@ -97,3 +104,26 @@ def test_parse_domain_and_checkpoint() -> None:
         " size='65536'/><disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>"
     )
     assert (c.name, c.parent, c.created, c.disks) == ("c2", "c1", 5, {"vda": 65536})
+
+
+def test_a_folder_qemu_cannot_reach_is_a_clear_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        missing("root (the folder is given to libvirt-qemu)", "run the tests as root")
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        missing(f"the user {QEMU_USER}", "run scripts/install-deps.sh (libvirt-daemon-system)")
+    private = tmp_path / "data"
+    private.mkdir(mode=0o700)  # as the gateway makes DATA_DIR
+    with pytest.raises(GatewayError) as err:
+        prepare_folder(private / "libvirt", "d0")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"chmod o+x {private}" in err.value.message
+    private.chmod(0o711)
+    for parent in tmp_path.parents:  # pytest's own folders are 0700 too
+        if not parent.stat().st_mode & 0o001:
+            with pytest.raises(GatewayError):
+                prepare_folder(private / "libvirt", "d0")
+            return
+    prepare_folder(private / "libvirt", "d0")
+    assert (private / "libvirt").stat().st_uid == pwd.getpwnam(QEMU_USER).pw_uid
