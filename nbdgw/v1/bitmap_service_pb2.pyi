@@ -464,8 +464,10 @@ class Export(_message.Message):
     """
     host_kind: _builtins.str
     """The kind of host that serves it: `nbd` (an NBD server: qemu-nbd, nbdkit, nbd-server,
-    `nbdgw nbd serve`), `embedded` (the gateway's own nbdcore host) or `qmp` (a running QEMU,
-    through its monitor). What the export can do (snapshots, clears) depends on it.
+    `nbdgw nbd serve`), `embedded` (the gateway's own nbdcore host), `qmp` (a running QEMU,
+    through its monitor) or `libvirt` (a disk of a libvirt domain, read through libvirt's
+    pull-mode backups). What the export can do (snapshots, clears) depends on it; a client
+    should treat a kind it does not know as an opaque name.
     """
     @_builtins.property
     def block_sizes(self) -> Global___BlockSizes:
