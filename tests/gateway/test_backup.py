@@ -422,39 +422,52 @@ def test_progress_counts_the_data_to_copy(
     assert f"of {human_bytes(disk.size)} laid  100.0%" in laid.stderr
 
 
-def test_ctrl_c_says_how_to_resume(
-    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk], tmp_path: Path
-) -> None:
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     """SIGINT in the middle of a backup: exit 130, one line saying what is saved and how to
-    go on; the same command with --resume then completes it."""
-    gw, _ = embedded_gateway
-    out = tmp_path / "inc.img"
-    args = ["backup", "disk", "--bitmap", "backup", str(out), "--target", gw.target]
-    args += ["--no-snapshot", "--checkpoint", "64k"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    go on; the same command with --resume then completes it. The disk is all data, large
+    enough that the backup is still running when the signal comes (its checkpoints do not
+    stop the stream)."""
+    size = 256 * MiB
+    disk = tmp_path / "disk.img"
+    image = Image.create(disk, size)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                if json.loads(state_path(out).read_text())["next_offset"] > 0:
-                    break
-            time.sleep(0.002)
-        assert proc.poll() is None, "the backup ended before it was interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        block = random.Random(7).randbytes(MiB)
+        for offset in range(0, size, MiB):
+            image.write(offset.to_bytes(8, "little") + block[8:], offset)  # each MiB its own
+        image.flush()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert "nbdgw backup: interrupted; the progress up to" in err
-    assert "run the same command with --resume to continue" in err
-    assert "Traceback" not in err
-    resumed = cli("backup", "disk", str(out), "--resume", "--target", gw.target)
-    assert resumed.returncode == 0, resumed.stderr
+        image.close()
+    out = tmp_path / "full.img"
+    with GatewayProcess("--image", f"disk={disk}", data_dir=tmp_path / "data") as gw:
+        args = ["backup", "disk", "--full", str(out), "--target", gw.target]
+        args += ["--no-snapshot", "--checkpoint", "1M"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    if json.loads(state_path(out).read_text())["next_offset"] > 0:
+                        break
+                time.sleep(0.002)
+            assert proc.poll() is None, "the backup ended before it was interrupted"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, err
+        assert "nbdgw backup: interrupted; the progress up to" in err
+        assert "run the same command with --resume to continue" in err
+        assert "Traceback" not in err
+        resumed = cli("backup", "disk", str(out), "--resume", "--target", gw.target)
+        assert resumed.returncode == 0, resumed.stderr
+    with out.open("rb") as f:
+        for offset in range(0, size, MiB):
+            assert f.read(MiB) == offset.to_bytes(8, "little") + block[8:], offset
