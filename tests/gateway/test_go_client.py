@@ -1,10 +1,12 @@
 """The Go client (tests/clients/go), built from the stubs scripts/gen-clients generates with buf
 and Debian's protoc-gen-go and protoc-gen-go-grpc, calls a real gateway process: the exports it
 lists, the extents it decodes and the rich error it reads must be what the gateway serves and
-what was written to the disk."""
+what was written to the disk; it checks the CRC32C of every data message, and a byte changed
+in flight (tests/gateway/corrupting_proxy.py) makes it fail naming the range."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from tests.gateway.cli_support import (
     granules,
     make_embedded_disk,
 )
+from tests.gateway.corrupting_proxy import CorruptingProxy
 from tests.peers import ROOT, tool
 
 pytestmark = pytest.mark.interop
@@ -103,6 +106,24 @@ def test_go_client_lists_streams_and_reads_rich_errors(
     assert rows[0][0] == 0 and sum(n for _, n, _ in rows) == disk.size
     assert [(o, n) for o, n, f in rows if f == 1] == granules(disk.dirty, disk.size)
 
+    # The data of the dirty extents, each message's CRC32C checked: the bytes on the disk.
+    data = got["data"]
+    assert data["end"] == disk.size and data["messages"] >= 1
+    assert [(o, n) for o, n, _ in merged([row[:3] for row in data["rows"]])] == granules(
+        disk.dirty, disk.size
+    )
+    data_bytes = 0
+    for off, length, flags, allocation, digest in data["rows"]:
+        content = bytes(disk.content[off : off + length])
+        assert flags == 1
+        if allocation == "ALLOCATION_DATA":
+            assert digest == hashlib.sha256(content).hexdigest(), f"data at {off}+{length}"
+            data_bytes += length
+        else:
+            assert allocation in ("ALLOCATION_ZERO", "ALLOCATION_HOLE") and digest == ""
+            assert content.count(0) == length
+    assert data_bytes == data["data_bytes"] > 0
+
     assert got["not_found"] == {
         "code": "NotFound",
         "reason": "EXPORT_NOT_FOUND",
@@ -118,3 +139,25 @@ def test_go_client_without_token_is_refused(
     proc = run_client(go_client, gw)
     assert proc.returncode == 1
     assert "ListExports" in proc.stderr and "Unauthenticated" in proc.stderr
+
+
+def test_go_client_fails_on_corruption_in_flight(
+    go_client: Path, gateway: tuple[GatewayProcess, EmbeddedDisk]
+) -> None:
+    """One byte of one data message flipped between the gateway and the client: the client
+    exits 1 naming the message's range, having printed nothing (it used none of the data)."""
+    gw, disk = gateway
+    with CorruptingProxy(gw.target) as proxy:
+        proc = subprocess.run(
+            [str(go_client), "-target", proxy.target, "-token", TOKEN, "-export", "disk"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=ENV,
+        )
+    assert proxy.flipped, "the proxy corrupted nothing"
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert proc.stdout == ""
+    assert "go client: the data of [" in proc.stderr and "is corrupt: CRC32C" in proc.stderr
+    start, end = proc.stderr.split("the data of [", 1)[1].split(")", 1)[0].split(", ")
+    assert 0 <= int(start) < int(end) <= disk.size

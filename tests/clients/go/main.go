@@ -1,6 +1,7 @@
 // A Go client of the nbdgw API, built by tests/gateway/test_go_client.py from the code that
 // scripts/gen-clients generates (proto/buf.gen.yaml): it proves the API is usable from Go with
-// plain generated stubs. It lists the exports, streams one context's extents, asks for an
+// plain generated stubs. It lists the exports, streams one context's extents, streams the data
+// of its set extents (checking every message's CRC32C before using its data), asks for an
 // export that does not exist, and prints what it saw as one JSON object for the test to check.
 //
 //	go run main.go -target 127.0.0.1:50051 -export disk -context qemu:dirty-bitmap:backup
@@ -8,9 +9,12 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"os"
 	"time"
@@ -35,6 +39,13 @@ type extents struct {
 	Rows     [][3]uint64 `json:"rows"` // offset, length, flags
 }
 
+type dataStream struct {
+	Messages  int             `json:"messages"`
+	End       uint64          `json:"end"`
+	DataBytes int             `json:"data_bytes"`
+	Rows      [][]interface{} `json:"rows"` // offset, length, flags, allocation, sha256 of the data
+}
+
 type rpcError struct {
 	Code   string            `json:"code"`
 	Reason string            `json:"reason"`
@@ -43,15 +54,36 @@ type rpcError struct {
 }
 
 type report struct {
-	Exports  []export `json:"exports"`
-	Pages    int      `json:"pages"`
-	Extents  extents  `json:"extents"`
-	NotFound rpcError `json:"not_found"`
+	Exports  []export   `json:"exports"`
+	Pages    int        `json:"pages"`
+	Extents  extents    `json:"extents"`
+	Data     dataStream `json:"data"`
+	NotFound rpcError   `json:"not_found"`
 }
 
 func fail(format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, "go client: "+format+"\n", args...)
 	os.Exit(1)
+}
+
+// CRC32C (Castagnoli), the checksum the gateway sends with every message's data.
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// checkData returns the data of msg once its CRC32C matches; it exits, naming the range, when
+// it does not, before any of the data is used.
+func checkData(msg *nbdgwv1.StreamExtentsResponse) []byte {
+	where := fmt.Sprintf("[%d, %d)", msg.Offset, msg.NextOffset)
+	if msg.DataCompression != "" {
+		// Not asked for: this client requests no compression.
+		fail("the data of %s is %s-compressed, which was not asked for", where, msg.DataCompression)
+	}
+	if msg.DataCrc32C == nil {
+		fail("the data of %s carries no CRC32C (a gateway too old?)", where)
+	}
+	if got := crc32.Checksum(msg.Data, castagnoli); got != *msg.DataCrc32C {
+		fail("the data of %s is corrupt: CRC32C %08x where the gateway sent %08x", where, got, *msg.DataCrc32C)
+	}
+	return msg.Data
 }
 
 func main() {
@@ -114,6 +146,49 @@ func main() {
 		for i, length := range msg.Lengths {
 			start := end + msg.OffsetDeltas[i]
 			out.Extents.Rows = append(out.Extents.Rows, [3]uint64{start, length, uint64(msg.Flags[i])})
+			end = start + length
+		}
+	}
+
+	// The data of the set extents: every message's CRC32C is checked before its data is used.
+	data, err := client.StreamExtents(ctx, &nbdgwv1.StreamExtentsRequest{
+		Export:      "exports/" + *exportName,
+		Context:     *contextName,
+		Filter:      nbdgwv1.ExtentFilter_EXTENT_FILTER_SET,
+		IncludeData: true,
+	})
+	if err != nil {
+		fail("StreamExtents with data: %v", err)
+	}
+	for {
+		msg, err := data.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fail("StreamExtents with data: %v", err)
+		}
+		payload := checkData(msg)
+		out.Data.Messages++
+		out.Data.End = msg.NextOffset
+		end, pos := msg.Offset, uint64(0)
+		for i, length := range msg.Lengths {
+			start := end + msg.OffsetDeltas[i]
+			allocation := nbdgwv1.Allocation_ALLOCATION_UNSPECIFIED
+			if i < len(msg.Allocation) {
+				allocation = msg.Allocation[i]
+			}
+			digest := ""
+			if allocation == nbdgwv1.Allocation_ALLOCATION_DATA {
+				if pos+length > uint64(len(payload)) {
+					fail("the data of [%d, %d) is shorter than its extents", msg.Offset, msg.NextOffset)
+				}
+				sum := sha256.Sum256(payload[pos : pos+length])
+				digest = hex.EncodeToString(sum[:])
+				pos += length
+				out.Data.DataBytes += int(length)
+			}
+			out.Data.Rows = append(out.Data.Rows, []interface{}{start, length, msg.Flags[i], allocation.String(), digest})
 			end = start + length
 		}
 	}
