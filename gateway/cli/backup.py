@@ -42,6 +42,7 @@ import json
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,7 @@ from gateway.integrity import (
     DataCorrupted,
     RangeDigest,
     message_data,
+    parse_response,
 )
 from gateway.server import keep_freed_memory
 from nbdcore.storage.store import fsync_dir
@@ -442,6 +444,18 @@ def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
         runs.append([offset, length])
 
 
+def _receiving_in_place(gw: Gateway) -> Gateway:
+    """``gw`` with a StreamExtents whose messages keep their data where it arrived
+    (:func:`gateway.integrity.parse_response`)."""
+    service = pb.DESCRIPTOR.services_by_name["BitmapService"].full_name
+    stream = gw.channel.unary_stream(
+        f"/{service}/StreamExtents",
+        request_serializer=pb.StreamExtentsRequest.SerializeToString,
+        response_deserializer=parse_response,
+    )
+    return dataclasses.replace(gw, stub=types.SimpleNamespace(StreamExtents=stream))
+
+
 class _Stopped(Exception):
     """A write not done because an earlier one failed (whose error is the one reported)."""
 
@@ -790,8 +804,13 @@ class _Backup:
             elif state.next_offset:
                 request.resume_offset = state.next_offset
             last = None
+            # Its messages are ReceivedMessage: they stand in for StreamExtentsResponse, their
+            # data a view of the bytes received (one copy less, and one more for msg.data).
             async for msg in stream_extents(
-                self.gw, request, retries=self._retries, on_retry=self.on_retry
+                _receiving_in_place(self.gw),
+                request,
+                retries=self._retries,
+                on_retry=self.on_retry,
             ):
                 self._apply(msg)
                 await self.writer.wait_room()

@@ -16,10 +16,12 @@ from gateway.integrity import (
     DIGESTS,
     Compressor,
     DataCorrupted,
+    DecodeError,
     RangeDigest,
     check_request,
     crc32c,
     message_data,
+    parse_response,
 )
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
@@ -190,3 +192,51 @@ def test_check_request_names_the_field() -> None:
     assert check_request("blake3", "zstd", 19) == []
     names = [f for f, _ in check_request("md5", "gzip", 22)]
     assert names == ["digest", "compression", "compression_level"]
+
+
+def full_message(data: bytes) -> pb.StreamExtentsResponse:
+    msg = data_message(data)
+    msg.resume_token, msg.clear_token, msg.range_end = "resume", "clear", 1 << 40
+    msg.offset_deltas.extend([0, 7, 300])
+    msg.lengths.extend([len(data), 1 << 35, 5])
+    msg.flags.extend([1, 0, 1])
+    msg.allocation.extend([pb.ALLOCATION_DATA, pb.ALLOCATION_HOLE, pb.ALLOCATION_ZERO])
+    msg.digest = bytes(32)
+    return msg
+
+
+@given(st.binary(max_size=3000))
+@settings(max_examples=50)
+def test_parse_response_is_protobuf_without_the_copy(data: bytes) -> None:
+    msg = full_message(data)
+    raw = msg.SerializeToString()
+    got = parse_response(raw)
+    assert isinstance(got.data, memoryview) and got.data.obj is raw  # a view, not a copy
+    assert bytes(got.data) == data
+    whole = pb.StreamExtentsResponse()
+    whole.CopyFrom(got.message)
+    whole.data = bytes(got.data)
+    assert whole == msg
+    assert got.next_offset == msg.next_offset and list(got.lengths) == list(msg.lengths)
+    assert bytes(message_data(got)) == data  # the CRC32C check reads the view
+
+
+def test_parse_response_takes_fields_in_any_order_and_the_last_data() -> None:
+    head = pb.StreamExtentsResponse(offset=5, next_offset=9).SerializeToString()
+    tail = pb.StreamExtentsResponse(clear_token="t").SerializeToString()
+    first = pb.StreamExtentsResponse(data=b"old").SerializeToString()
+    second = pb.StreamExtentsResponse(data=b"new!").SerializeToString()
+    raw = tail + first + head + second
+    got = parse_response(raw)
+    assert got.message == pb.StreamExtentsResponse(offset=5, next_offset=9, clear_token="t")
+    assert bytes(got.data) == bytes(pb.StreamExtentsResponse.FromString(raw).data) == b"new!"
+    assert bytes(parse_response(b"").data) == b""
+
+
+def test_parse_response_refuses_what_protobuf_refuses() -> None:
+    raw = full_message(b"x" * 100).SerializeToString()
+    for bad in (raw[:-1], raw[:50], raw + b"\x80", bytes([9 << 3 | 2, 0xFF])):
+        with pytest.raises(DecodeError):
+            parse_response(bad)
+    with pytest.raises(DecodeError):
+        parse_response(bytes([9 << 3 | 3]))  # a group: never in this message
