@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gateway.integrity import RangeDigest
 from tests.gateway.cli_support import (
     ENV,
     EmbeddedDisk,
@@ -134,6 +135,13 @@ def test_node_client_calls_every_rpc(
             assert allocation in ("ALLOCATION_ZERO", "ALLOCATION_HOLE")
             assert content.count(0) == length
     assert data_bytes == got["dirty_with_data"]["data_bytes"] > 0
+    # Node checked the stream's sha256 digest against the gateway's (it exits 1 when they
+    # differ): the digest of exactly these bytes, by gateway.integrity's definition.
+    ours = RangeDigest("sha256", 0)
+    for off, length, _, allocation, _ in data_rows:
+        if allocation == "ALLOCATION_DATA":
+            ours.update(int(off), disk.content[int(off) : int(off) + int(length)])
+    assert got["dirty_with_data"]["digest"] == ours.finish(disk.size).hex()
 
     # Resumed after a dropped call, by token and by offset: no gap, no repeat.
     resumed = got["resumed"]
