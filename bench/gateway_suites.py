@@ -194,6 +194,7 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
             yield {
                 "StreamExtents include_data": ours(*checked),
                 "StreamExtents + blake3 digest": ours(*checked, "--digest", "blake3"),
+                "StreamExtents, parsed in place": ours(*checked, "--in-place"),
                 "bare grpcio stream": bare_side(),
                 "bare grpcio relay": bare_side(target=relay),
                 "bare grpcio relay, blocking client": bare_side(target=relay_sync),
@@ -229,6 +230,13 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 "StreamExtents + blake3 digest",
                 "bare grpcio stream",
                 Target(">=", 0.9),
+            ),
+            Row(
+                "same as the first row, the client parsing as nbdgw backup does (the data left"
+                " in the bytes received: gateway.integrity.parse_response) / bare grpcio stream"
+                " of the file",
+                "StreamExtents, parsed in place",
+                "bare grpcio stream",
             ),
             Row(
                 "StreamExtents include_data / bare grpcio relay of the same bytes from the"

@@ -369,11 +369,20 @@ async def stream_extents(args: argparse.Namespace) -> None:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     start, cpu = time.perf_counter(), time.process_time()
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
-        stub = pb_grpc.BitmapServiceStub(channel)
+        stream: Any = pb_grpc.BitmapServiceStub(channel).StreamExtents
+        if args.in_place:
+            # As nbdgw backup receives: the data stays in the bytes grpc hands over.
+            from gateway.integrity import parse_response
+
+            stream = channel.unary_stream(
+                "/nbdgw.v1.BitmapService/StreamExtents",
+                request_serializer=pb.StreamExtentsRequest.SerializeToString,
+                response_deserializer=parse_response,
+            )
         extents = data = messages = 0
         next_offset = range_end = 0
         digest = b""
-        async for msg in stub.StreamExtents(request):
+        async for msg in stream(request):
             messages += 1
             extents += len(msg.lengths)
             data += len(msg.data) if check is None else len(check(msg))
@@ -452,6 +461,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--expect", type=int, help="at least this many extents")
     s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
     s.add_argument("--verify", action="store_true", help="check every message's CRC32C")
+    s.add_argument(
+        "--in-place",
+        action="store_true",
+        help="parse as nbdgw backup does: data left in the received bytes (parse_response)",
+    )
     s.add_argument("--digest", default="", help="ask for this digest (sha256, blake3)")
     s.add_argument("--compression", default="", help="ask for compressed data (zstd)")
     return p
