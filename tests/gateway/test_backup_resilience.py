@@ -16,6 +16,7 @@ import pytest
 
 from gateway.cli.backup import BackupState, state_path
 from nbdcore.aio.client import NBDClient
+from nbdcore.storage import Image
 from tests.gateway.cli_support import (
     ENV,
     GRANULARITY,
@@ -37,7 +38,20 @@ def test_backup_across_a_gateway_restart(tmp_path: Path, retries: int) -> None:
     """The gateway stops (SIGTERM) mid-backup and comes back on the same address. With
     retries, the backup resumes its stream from the resume token, with no gap and no repeat;
     without, it fails with one line that says how to continue, and --resume does."""
-    disk = make_embedded_disk(tmp_path / "disk.img")
+    # 128 MiB dirty after the first 9 MiB: the backup is still streaming when the gateway
+    # stops (its checkpoints do not hold the stream up).
+    disk = make_embedded_disk(tmp_path / "disk.img", size=192 * MiB)
+    image = Image.open(disk.path)
+    try:
+        block = random.Random(3).randbytes(MiB)
+        for offset in range(48 * MiB, 176 * MiB, MiB):
+            data = offset.to_bytes(8, "little") + block[8:]
+            image.write(data, offset)
+            disk.content[offset : offset + MiB] = data
+        disk.dirty.append((48 * MiB, 128 * MiB))
+        image.flush()
+    finally:
+        image.close()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
