@@ -23,6 +23,9 @@ Crash safety rests on one ordering, per checkpoint (a few MiB of stream at most)
    changed (see ``_Backup._recheck``), fsync'd;
 4. the state file is replaced again, without those runs.
 
+Without ``--clear`` there is no step 3, and steps 1-2 run in a thread while the stream goes
+on (:class:`_Writer`): the order is the same, only the stream does not wait for the disk.
+
 A crash before 2 leaves the range dirty: the resumed run copies it again (harmless). A crash
 after 2 leaves the runs in the state file: the resumed run clears and rechecks them first. Only
 a range that is on disk is ever cleared, and a write racing the backup is either in the output
