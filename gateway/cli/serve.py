@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument(
         "--libvirt-uri",
         metavar="URI",
-        default=None,
+        default=_env("LIBVIRT_URI"),
         help="the libvirt connection of --libvirt-export ($NBDGW_LIBVIRT_URI; default"
         f" {DEFAULT_LIBVIRT_URI})",
     )
@@ -405,7 +405,7 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     libvirt_exports = args.libvirt_export
     if libvirt_exports is None:
         libvirt_exports = shlex.split(_env("LIBVIRT_EXPORTS") or "")
-    libvirt_uri = args.libvirt_uri or _env("LIBVIRT_URI") or DEFAULT_LIBVIRT_URI
+    libvirt_uri = args.libvirt_uri or DEFAULT_LIBVIRT_URI
     for item in libvirt_exports:
         name, domain, disk = parse_libvirt_export_arg(item)
         config.add_libvirt_export(name, libvirt_uri, domain, disk)
