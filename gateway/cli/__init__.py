@@ -8,6 +8,9 @@ Start-up is lazy: ``main`` imports only the modules that register the command na
 command line (grpc and the gateway are never imported by ``nbdgw nbd copy``), and
 ``--version`` imports none. ``COMMAND_MODULES`` says which top-level commands each module adds;
 tests/unit/test_cli_startup.py checks it against what the modules register.
+
+The grammar is nouns with verbs (``nbdgw bitmap clear EXPORT``); the old spellings still work
+for a release, rewritten by :mod:`gateway.cli.aliases` with a notice on stderr.
 """
 
 from __future__ import annotations
@@ -22,24 +25,16 @@ from gateway import __version__
 # Module -> the top-level commands it registers. Order is the order of --help.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "gateway.cli.serve": ("serve",),
-    "gateway.cli.bitmaps": (
-        "exports",
-        "bitmaps",
-        "extents",
-        "clear",
-        "generation",
-        "remaining",
-        "add-bitmap",
-        "remove-bitmap",
-    ),
+    "gateway.cli.exports": ("export",),  # export list|generation
+    "gateway.cli.bitmaps": ("bitmap",),  # bitmap list|map|clear|remaining|add|remove
+    "gateway.cli.snapshots": ("snapshot", "checkpoint"),  # through the SnapshotService
     "gateway.cli.backup": ("backup", "restore"),
     "gateway.cli.verify": ("verify",),
-    "gateway.cli.snapshots": ("snapshots",),  # through the gateway (SnapshotService)
+    "gateway.cli.map": ("render",),  # SVG/HTML, straight from an NBD host
+    "nbdcore.tools.bitmap_cmds": ("disk",),  # disk create, disk bitmap ... (local images)
+    "nbdcore.tools.snapshot_cmds": ("disk",),  # disk snapshot ...
     "nbdcore.tools.client_cmds": ("nbd",),  # nbd list|map|copy
     "nbdcore.tools.server_cmds": ("nbd",),  # nbd serve
-    "nbdcore.tools.bitmap_cmds": ("bitmap", "disk"),
-    "nbdcore.tools.snapshot_cmds": ("snapshot",),  # of a local image
-    "gateway.cli.map": ("map",),
 }
 
 
@@ -89,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--version"]:
         print(f"nbdgw {__version__}")
         return 0
+    from gateway.cli.aliases import rewrite
+
+    args = rewrite(args)
     command = _command_of(args)
     if command is not None and command not in commands():
         import difflib

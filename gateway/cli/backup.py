@@ -348,11 +348,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     backup_snapshots.add_arguments(p)
     p.add_argument(
-        "--checkpoint",
+        "--save-every",
+        dest="checkpoint",  # the name run() reads: the state is saved at each "checkpoint"
         type=parse_size,
         default=32 << 20,
         metavar="SIZE",
-        help="fsync and record progress after this much data at most (default 32M)",
+        help="fsync and record progress after this much data at most (default 32M); "
+        "'--checkpoint SIZE' before 0.2",
     )
     p.add_argument(
         "--retries",

@@ -21,14 +21,46 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from gateway.cli.backup_state import BackupError, BackupState
-from gateway.cli.common import DIRTY_BITMAP_PREFIX, Gateway, describe_rpc_error, error_details
+from gateway.cli.common import (
+    DIRTY_BITMAP_PREFIX,
+    Gateway,
+    describe_rpc_error,
+    error_details,
+    parse_size,
+)
 from nbdcore.storage.checkpoint import SINCE_PREFIX
+from nbdcore.tools import deprecated
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+
+
+class CheckpointOrSaveEvery(argparse.Action):
+    """``--checkpoint``: a checkpoint's name, as in every command. Until 0.2 it was also the
+    old spelling of ``--save-every SIZE``: a value that reads as a size (``64M``, ``1048576``)
+    means that, with a notice (name checkpoints with a letter in them)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if option_string == "--checkpoint":
+            try:
+                size = parse_size(str(values))
+            except argparse.ArgumentTypeError:
+                pass
+            else:
+                deprecated("--checkpoint SIZE", "--save-every SIZE")
+                namespace.checkpoint = size
+                return
+        setattr(namespace, self.dest, values)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,19 +85,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not release the snapshot when the backup is complete",
     )
-    # Not --checkpoint: that one is the progress interval (SIZE) of nbdgw backup.
     p.add_argument(
+        "--checkpoint",
         "--checkpoint-id",
-        metavar="NAME",
+        dest="checkpoint_id",
+        metavar="CHECKPOINT",
         default="",
-        help="start checkpoint NAME at the snapshot's instant (the next backup can read what"
-        " changed since it with --since NAME)",
+        action=CheckpointOrSaveEvery,
+        help="start checkpoint CHECKPOINT at the snapshot's instant (the next backup can read"
+        " what changed since it with --since CHECKPOINT)",
     )
     p.add_argument(
         "--since",
         metavar="CHECKPOINT",
         default="",
-        help="copy what changed since checkpoint CHECKPOINT (an earlier --checkpoint-id): the"
+        help="copy what changed since checkpoint CHECKPOINT (an earlier --checkpoint): the"
         " snapshot's view qemu:dirty-bitmap:since:CHECKPOINT; needs no --bitmap",
     )
 
@@ -76,8 +110,8 @@ def since_context(args: argparse.Namespace) -> str:
         return ""
     if args.snapshot or args.snapshot_mode == "never":
         raise BackupError(
-            "--checkpoint-id and --since take their own snapshot: not with --snapshot or"
-            " --no-snapshot (use nbdgw snapshots create --checkpoint/--since, then --snapshot)"
+            "--checkpoint and --since take their own snapshot: not with --snapshot or"
+            " --no-snapshot (use nbdgw snapshot create --checkpoint/--since, then --snapshot)"
         )
     if not args.since:
         return ""

@@ -26,6 +26,10 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
+from nbdcore.tools import command_name
+from nbdgw import TLS as ClientTLS
+from nbdgw import AsyncClient, Retry
+from nbdgw import errors as client_errors
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
@@ -206,6 +210,31 @@ def connect(args: argparse.Namespace) -> Gateway:
     return Gateway(channel, pb_grpc.BitmapServiceStub(channel), metadata, args.timeout)
 
 
+def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
+    """The client library's AsyncClient, as the connection arguments say. ``retries``: how
+    often a call or stream is retried (resumed) after UNAVAILABLE; 0 for a command that
+    should fail at once (a person is waiting)."""
+    target, https = parse_target(args.target or "")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("--tls-cert and --tls-key go together")
+    tls = None
+    if https or args.tls_ca or args.tls_cert:
+        for path, what in ((args.tls_ca, "CA bundle"), (args.tls_cert, "certificate")):
+            _read(path, what)  # a missing file: one line naming the flag's file
+        _read(args.tls_key, "private key")
+        tls = ClientTLS(
+            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
+        )
+    return AsyncClient(
+        target,
+        token=args.token,
+        tls=tls,
+        timeout=args.timeout,
+        retry=Retry(attempts=retries),
+        on_retry=lambda event: warn(args)(str(event)),
+    )
+
+
 async def list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
     """Every metadata context of ``export`` (ListBitmaps, all pages)."""
     bitmaps: list[pb.Bitmap] = []
@@ -279,6 +308,89 @@ def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     return " ".join(text.split())  # one line, whatever the server put in its message
 
 
+# The API's words in server messages and BadRequest fields -> the CLI's: a request field is
+# the flag (or argument) that sets it, an RPC the command that calls it. The one place where
+# the gateway's vocabulary becomes the command line's.
+FIELD_FLAGS: dict[str, str] = {
+    "export": "EXPORT",
+    "parent": "EXPORT",
+    "offset": "--offset",
+    "length": "--length",
+    "bitmap": "--bitmap",
+    "bitmaps": "--bitmap",
+    "context": "--context",
+    "generation": "--generation",
+    "clear_token": "--clear-token",
+    "unconditional": "--unconditional",
+    "snapshot_id": "SNAPSHOT",
+    "cluster_size_bytes": "--cluster-size",
+    "max_preserved_bytes": "--max-size",
+    "on_full": "--on-full",
+    "group": "--group",
+    "checkpoint_id": "--checkpoint",
+    "since_checkpoint": "--since",
+    "granularity_bytes": "--granularity",
+    "resume_token": "--resume",
+}
+# Where a command sets a field otherwise: (command, field) -> its argument.
+COMMAND_FIELDS: dict[tuple[str, str], str] = {
+    ("nbdgw export generation", "generation"): "NAME",
+    ("nbdgw bitmap add", "bitmap"): "NAME",
+    ("nbdgw bitmap remove", "name"): "NAME",
+    ("nbdgw snapshot release", "name"): "SNAPSHOT",
+    ("nbdgw checkpoint delete", "name"): "CHECKPOINT",
+}
+METHOD_COMMANDS: dict[str, str] = {
+    "ListExports": "nbdgw export list",
+    "SetExportGeneration": "nbdgw export generation",
+    "ListBitmaps": "nbdgw bitmap list",
+    "StreamExtents": "nbdgw bitmap map",
+    "ClearRange": "nbdgw bitmap clear",
+    "StreamRemainingDirty": "nbdgw bitmap remaining",
+    "AddBitmap": "nbdgw bitmap add",
+    "RemoveBitmap": "nbdgw bitmap remove",
+    "CreateSnapshot": "nbdgw snapshot create",
+    "ListSnapshots": "nbdgw snapshot list",
+    "ReleaseSnapshot": "nbdgw snapshot release",
+    "ListCheckpoints": "nbdgw checkpoint list",
+    "DeleteCheckpoint": "nbdgw checkpoint delete",
+}
+_QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
+_METHOD = re.compile(r"\b(" + "|".join(METHOD_COMMANDS) + r")\b")
+
+
+def cli_flag(command: str, field: str) -> str | None:
+    """The argument of ``command`` that sets request field ``field`` (None: none known)."""
+    return COMMAND_FIELDS.get((command, field)) or FIELD_FLAGS.get(field)
+
+
+def cli_words(text: str, command: str) -> str:
+    """A gateway message in the command line's words: ``'generation'`` -> ``--generation``,
+    ``SetExportGeneration`` -> ``'nbdgw export generation'``."""
+    text = _QUOTED_FIELD.sub(lambda m: cli_flag(command, m.group(1)) or m.group(0), text)
+    return _METHOD.sub(lambda m: repr(METHOD_COMMANDS[m.group(1)]), text)
+
+
+def describe_call_error(exc: client_errors.CallError, command: str) -> str:
+    """One line: ``CODE: message [REASON]``, in the CLI's words, plus the first bad argument."""
+    text = f"{exc.code}: {cli_words(exc.message, command) or 'no message'}"
+    if exc.reason:
+        text += f" [{exc.reason}]"
+    for violation in exc.field_violations[:1]:
+        flag = cli_flag(command, violation.field) or violation.field
+        if flag and flag not in text:
+            text += f" ({flag})"
+    return " ".join(text.split())
+
+
+def client_unreachable(exc: client_errors.CallError, target: str) -> str | None:
+    """:func:`unreachable` for the client library's Unavailable."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError) and not exc.reason:
+        return unreachable(cause, target)
+    return None
+
+
 def unreachable(exc: grpc.aio.AioRpcError, target: str) -> str | None:
     """For a call that never reached a gateway (grpc's own UNAVAILABLE, no ErrorInfo): what
     went wrong in a few words and what to check, instead of grpc's resolver or C-core text."""
@@ -310,17 +422,23 @@ def command(
 
     @wraps(func)
     async def run(args: argparse.Namespace) -> int:
+        name = command_name(args)
         try:
             return await func(args)
+        except client_errors.CallError as exc:
+            target = getattr(args, "target", "")
+            text = client_unreachable(exc, target) or describe_call_error(exc, name)
+            print(f"{name}: {text}", file=sys.stderr)
+            return 1
         except grpc.aio.AioRpcError as exc:
             text = unreachable(exc, getattr(args, "target", "")) or describe_rpc_error(exc)
-            print(f"nbdgw {args.command}: {text}", file=sys.stderr)
+            print(f"{name}: {cli_words(text, name)}", file=sys.stderr)
             return 1
-        except CommandError as exc:
-            print(f"nbdgw {args.command}: error: {exc}", file=sys.stderr)
+        except (CommandError, client_errors.ConfigurationError) as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
             return 2
         except CommandFailed as exc:
-            print(f"nbdgw {args.command}: {exc}", file=sys.stderr)
+            print(f"{name}: {exc}", file=sys.stderr)
             return 1
         except BrokenPipeError:
             # `nbdgw extents ... | head`: the reader left; not an error of ours.
@@ -403,7 +521,7 @@ async def stream_extents(
 
 def warn(args: argparse.Namespace) -> Callable[[str], None]:
     """A one-line note on stderr, prefixed with the command's name."""
-    return lambda text: print(f"nbdgw {args.command}: {text}", file=sys.stderr, flush=True)
+    return lambda text: print(f"{command_name(args)}: {text}", file=sys.stderr, flush=True)
 
 
 def iter_rows(msg: pb.StreamExtentsResponse) -> Iterable[tuple[int, int, int, int]]:

@@ -1,4 +1,4 @@
-"""``nbdgw map``: a picture of where a disk is dirty, allocated and zero (SVG or HTML).
+"""``nbdgw render``: a picture of where a disk is dirty, allocated and zero (SVG or HTML).
 
 Reads the extents straight from the NBD host (no gateway needed) with one pipelined walk over
 every chosen metadata context, and downsamples them to the picture's width with exact per-pixel
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.cli import render
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
 from nbdcore.exceptions import UsageError
+from nbdcore.tools import nbd_tls, nbd_tls_options
 from nbdcore.tools.bitmap_cmds import parse_size
 
 if TYPE_CHECKING:
@@ -30,9 +31,9 @@ MAX_WIDTH = 16384
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add ``nbdgw map``."""
+    """Add ``nbdgw render``."""
     p = sub.add_parser(
-        "map",
+        "render",
         help="draw where a disk is dirty, allocated and zero (SVG or HTML)",
         description=(
             "Read the extent maps of an NBD export (base:allocation and dirty bitmaps) and draw "
@@ -92,9 +93,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("--offset", type=parse_size, default=0, help="start of the range (default 0)")
     p.add_argument("--length", type=parse_size, help="length of the range (default: to the end)")
     p.add_argument("--title", help="title of the picture (default: the export and host)")
-    p.add_argument("--tls-ca", metavar="FILE", help="CA certificates for nbds:// hosts")
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for nbds:// hosts")
-    p.add_argument("--tls-key", metavar="FILE", help="client key for nbds:// hosts")
+    nbd_tls_options(p)
     p.set_defaults(func=cmd_map)
 
 
@@ -161,16 +160,13 @@ async def cmd_map(args: argparse.Namespace) -> int:
     # Imported here: `nbdgw --help` and the other commands do not need the NBD client.
     from nbdcore.aio.client import NBDClient, list_meta_contexts
     from nbdcore.extents import iter_extents
-    from nbdcore.tls import TLSConfig
     from nbdcore.uri import NBDURI
 
     fmt = output_format(args.output, args.format)
     if not 1 <= args.width <= MAX_WIDTH:
         raise UsageError(f"--width must be between 1 and {MAX_WIDTH}")
     uri = NBDURI.parse(resolve_source(args.source, args.socket))
-    tls = None
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        tls = TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+    tls = nbd_tls(args)
 
     contexts = wanted_contexts(args)
     if contexts is None:
@@ -200,7 +196,7 @@ async def cmd_map(args: argparse.Namespace) -> int:
         raise UsageError(f"the extents covered {coverage.seen} of {length} bytes")
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    title = args.title or f"nbdgw map: export {export or '(default)'!r}"
+    title = args.title or f"nbdgw render: export {export or '(default)'!r}"
     picture = render.picture_from(
         coverage, contexts, title=title, export_size=size, notes=[_safe_uri(uri), stamp]
     )
@@ -209,7 +205,10 @@ async def cmd_map(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         write_atomically(args.output, text)
-        print(f"nbdgw map: wrote {args.output} ({fmt}, {len(contexts)} contexts)", file=sys.stderr)
+        print(
+            f"nbdgw render: wrote {args.output} ({fmt}, {len(contexts)} contexts)",
+            file=sys.stderr,
+        )
     return 0
 
 

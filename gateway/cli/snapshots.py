@@ -1,6 +1,8 @@
-"""``nbdgw snapshots list|create|release``: the SnapshotService of a running gateway.
+"""``nbdgw snapshot create|list|release`` and ``nbdgw checkpoint list|delete``: the
+SnapshotService of a running gateway, for any kind of host that takes snapshots and
+checkpoints (embedded, qmp, and whatever host kinds come).
 
-(``nbdgw snapshot`` without the s works on a local disk image: nbdcore.tools.snapshot_cmds.)
+(``nbdgw disk snapshot`` works on a local disk image: nbdcore.tools.snapshot_cmds.)
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from gateway.cli.common import (
     add_target_arguments,
     command,
     connect,
-    list_bitmaps,
+    open_client,
     parse_size,
     print_json,
     print_table,
 )
-from nbdcore.tools import subgroup
-from nbdgw.v1 import bitmap_service_pb2 as pb
+from nbdcore.tools import DeprecatedFlag, subgroup
+from nbdgw import BitmapKind
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
@@ -33,11 +35,11 @@ _ON_FULL = {
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add ``snapshots list|create|release``."""
+    """Add ``snapshot list|create|release`` and ``checkpoint list|delete``."""
     group = subgroup(
         groups,
-        "snapshots",
-        "snapshots of an export, through a running gateway (--target; see also: snapshot)",
+        "snapshot",
+        "snapshots of an export, through a running gateway (of a local image: disk snapshot)",
     )
 
     p = _one_line_errors(group.add_parser("list", help="list the snapshots of an export"))
@@ -57,12 +59,21 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         )
     )
     p.add_argument("export", metavar="EXPORT")
-    p.add_argument("--id", default="", help="the snapshot's id (default: one from the time)")
+    p.add_argument(
+        "snapshot",
+        metavar="SNAPSHOT",
+        nargs="?",
+        default="",
+        help="the snapshot's id (default: one from the time)",
+    )
+    # Old: 'snapshots create EXPORT --id ID'. Its own dest: a positional '?' left out would
+    # overwrite it.
+    p.add_argument("--id", default="", action=DeprecatedFlag, new="snapshot create EXPORT SNAPSHOT")
     p.add_argument(
         "--bitmap",
         action="append",
         default=[],
-        metavar="CONTEXT",
+        metavar="NAME",
         help="fork this dirty bitmap (qemu:dirty-bitmap:NAME or NAME; repeatable); default: "
         "every dirty bitmap of the export that records",
     )
@@ -98,7 +109,23 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     add_target_arguments(p)
     p.set_defaults(func=command(cmd_create))
 
-    p = _one_line_errors(group.add_parser("checkpoints", help="list the checkpoints of a disk"))
+    p = _one_line_errors(
+        group.add_parser("release", help="merge a snapshot's forks back and delete it")
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("snapshot", metavar="SNAPSHOT")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_release))
+
+    # Checkpoints start with a snapshot ('snapshot create --checkpoint ID'): one instant for
+    # the snapshot and the checkpoint, whatever the kind of host.
+    group = subgroup(
+        groups,
+        "checkpoint",
+        "checkpoints of an export (started by 'snapshot create --checkpoint ID')",
+    )
+    p = _one_line_errors(group.add_parser("list", help="list the checkpoints of an export"))
     p.add_argument("export", metavar="EXPORT")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     add_target_arguments(p)
@@ -106,23 +133,13 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
 
     p = _one_line_errors(
         group.add_parser(
-            "delete-checkpoint",
-            help="delete a checkpoint (its changes merge into the older neighbour)",
+            "delete", help="delete a checkpoint (its changes merge into the older neighbour)"
         )
     )
     p.add_argument("export", metavar="EXPORT")
-    p.add_argument("checkpoint", metavar="ID")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
     add_target_arguments(p)
     p.set_defaults(func=command(cmd_delete_checkpoint))
-
-    p = _one_line_errors(
-        group.add_parser("release", help="merge a snapshot's forks back and delete it")
-    )
-    p.add_argument("export", metavar="EXPORT")
-    p.add_argument("snapshot", metavar="ID")
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
-    add_target_arguments(p)
-    p.set_defaults(func=command(cmd_release))
 
 
 async def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -161,6 +178,7 @@ SNAPSHOT_HEADER = ["NAME", "CREATED", "EXPORT", "STATE", "FORKS (DIRTY BYTES)"]
 
 
 def _row(s: spb.Snapshot) -> list[str]:
+    """A snapshot as 'snapshot list' and 'snapshot create' show it (from its message)."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.create_time.seconds))
     state = "broken" if s.state == spb.SNAPSHOT_STATE_BROKEN else "ready"
     forks = " ".join(f"{f.context}({f.dirty_bytes})" for f in s.forks) or "-"
@@ -168,20 +186,8 @@ def _row(s: spb.Snapshot) -> list[str]:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with connect(args) as gw:
-        stub = spb_grpc.SnapshotServiceStub(gw.channel)
-        snapshots: list[spb.Snapshot] = []
-        token = ""
-        while True:
-            resp = await stub.ListSnapshots(
-                spb.ListSnapshotsRequest(parent=args.export, page_token=token),
-                metadata=gw.metadata,
-                timeout=gw.timeout,
-            )
-            snapshots += resp.snapshots
-            token = resp.next_page_token
-            if not token:
-                break
+    async with open_client(args) as client:
+        snapshots = [s.raw for s in await client.list_snapshots(args.export)]
     if args.json:
         print_json(spb.ListSnapshotsResponse(snapshots=snapshots))
     elif not snapshots:
@@ -194,24 +200,27 @@ async def cmd_list(args: argparse.Namespace) -> int:
 async def cmd_create(args: argparse.Namespace) -> int:
     if args.no_fork and args.bitmap:
         raise CommandError("--no-fork and --bitmap exclude each other")
-    async with connect(args) as gw:
-        forks = args.bitmap
-        if not forks and not args.no_fork and not args.since:
-            # As 'nbdgw snapshot create' does for a local image: every dirty bitmap that
-            # records, so that nothing written before the snapshot is left out of its forks
-            # (with --since, the fork is that checkpoint's view). The gateway's own bitmaps
-            # (checkpoints of running VMs, named nbdgw-...) are not the user's to fork.
+    forks = args.bitmap
+    if not forks and not args.no_fork and not args.since:
+        # As 'nbdgw disk snapshot create' does for a local image: every dirty bitmap that
+        # records, so that nothing written before the snapshot is left out of its forks
+        # (with --since, the fork is that checkpoint's view). The gateway's own bitmaps
+        # (checkpoints of running VMs, named nbdgw-...) are not the user's to fork.
+        async with open_client(args) as client:
             forks = [
                 b.context
-                for b in await list_bitmaps(gw, args.export)
-                if b.kind == pb.BITMAP_KIND_DIRTY_BITMAP
+                for b in await client.list_bitmaps(args.export)
+                if b.kind == BitmapKind.DIRTY_BITMAP
                 and b.recording
                 and not b.context.removeprefix(DIRTY_BITMAP_PREFIX).startswith(GATEWAY_BITMAPS)
             ]
+    # CreateSnapshot with a consistency group and checkpoints is not in the client library
+    # yet: the raw stub.
+    async with connect(args) as gw:
         snap = await spb_grpc.SnapshotServiceStub(gw.channel).CreateSnapshot(
             spb.CreateSnapshotRequest(
                 parent=args.export,
-                snapshot_id=args.id,
+                snapshot_id=args.snapshot or args.id,
                 bitmaps=forks,
                 cluster_size_bytes=args.cluster_size,
                 max_preserved_bytes=args.max_size,

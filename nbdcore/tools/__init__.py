@@ -1,23 +1,69 @@
-"""Command-line tools built on nbdcore (``nbdgw nbd ...``, ``nbdgw bitmap ...``)."""
+"""Command-line tools built on nbdcore (``nbdgw nbd ...``, ``nbdgw disk ...``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdcore.exceptions import NBDError
 
+if TYPE_CHECKING:
+    from nbdcore.tls import TLSConfig
+
+
+# The release that drops the old spellings of commands and flags (see deprecated()).
+REMOVED_IN = "0.2"
+
 
 def subgroup(groups: dict[str, Any], name: str, help: str) -> Any:
-    """The subparsers of command group ``name`` (``nbd``, ``bitmap``), created on first use so
-    that several modules can add commands to one group."""
+    """The subparsers of command group ``name`` (``nbd``, ``disk``; ``disk bitmap`` for a group
+    inside a group), created on first use so that several modules can add commands to one
+    group. The parsed words are ``command``, then ``WORDS_command`` (``disk_bitmap_command``)."""
     if name not in groups:
-        parser: argparse.ArgumentParser = groups[""].add_parser(name, help=help)
-        groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+        parent, _, word = name.rpartition(" ")
+        parser: argparse.ArgumentParser = groups[parent].add_parser(word, help=help)
+        groups[name] = parser.add_subparsers(
+            dest=f"{name.replace(' ', '_')}_command", metavar="COMMAND"
+        )
         parser.set_defaults(func=lambda _args, p=parser: (p.print_help(), 2)[1])
     return groups[name]
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one notice an old spelling prints (on stderr, once per use): it still works."""
+    print(
+        f"nbdgw: {old!r} is deprecated, use {new!r} (removed in {REMOVED_IN})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: ``p.add_argument("--old", action=DeprecatedFlag,
+    new="--new", dest=...)`` stores into the new flag's ``dest`` and prints the notice. Hidden
+    from --help and docs/cli.md."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any):
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        deprecated(option_string or self.option_strings[0], self.new)
+        if self.nargs == 0:
+            values = True if self.const is None else self.const
+        if isinstance(getattr(namespace, self.dest, None), list) and not isinstance(values, list):
+            getattr(namespace, self.dest).append(values)
+        else:
+            setattr(namespace, self.dest, values)
 
 
 def help_text(doc: str | None) -> str:
@@ -36,15 +82,43 @@ class DocstringFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_text(help_text(text))
 
 
-def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """``nbdgw nbd copy`` from the parsed words (``command``, then ``GROUP_command``)."""
-    words = [parser.prog]
+def nbd_tls_options(p: argparse.ArgumentParser) -> None:
+    """TLS to an NBD server: ``--nbd-tls-*``, as every command says it (``--tls-*`` is the
+    gateway's, in commands that talk to one); ``--tls-*`` still works here, with a notice."""
+    for what, helps in (
+        ("ca", "CA certificate to verify the NBD server (default for nbds://: the system's)"),
+        ("cert", "client certificate (PEM) for the NBD server"),
+        ("key", "client private key (PEM) for the NBD server"),
+    ):
+        p.add_argument(f"--nbd-tls-{what}", dest=f"nbd_tls_{what}", metavar="FILE", help=helps)
+        p.add_argument(
+            f"--tls-{what}",
+            dest=f"nbd_tls_{what}",
+            metavar="FILE",
+            action=DeprecatedFlag,
+            new=f"--nbd-tls-{what}",
+        )
+
+
+def nbd_tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings ``nbd_tls_options`` parsed (None: none given; an nbds:// URI still
+    gets TLS, configured from the URI)."""
+    if not (args.nbd_tls_ca or args.nbd_tls_cert or args.nbd_tls_key):
+        return None
+    from nbdcore.tls import TLSConfig
+
+    return TLSConfig(
+        ca_file=args.nbd_tls_ca, cert_file=args.nbd_tls_cert, key_file=args.nbd_tls_key
+    )
+
+
+def command_name(args: argparse.Namespace, prog: str = "nbdgw") -> str:
+    """``nbdgw disk bitmap add`` from the parsed words (``command``, then ``WORDS_command``)."""
+    words = [prog]
     command = getattr(args, "command", None)
-    if command:
+    while command:
         words.append(command)
-        sub = getattr(args, f"{command}_command", None)
-        if sub:
-            words.append(sub)
+        command = getattr(args, f"{'_'.join(words[1:])}_command", None)
     return " ".join(words)
 
 
@@ -76,6 +150,6 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     except KeyboardInterrupt:
         return 130
     except (NBDError, OSError) as exc:
-        print(f"{command_name(parser, args)}: {describe(exc)}", file=sys.stderr)
+        print(f"{command_name(args, parser.prog)}: {describe(exc)}", file=sys.stderr)
         return 1
     return int(result or 0)

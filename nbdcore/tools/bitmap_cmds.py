@@ -1,5 +1,6 @@
-"""``nbdgw bitmap ...`` and ``nbdgw disk create``: the persistent dirty bitmaps of a raw disk
-(``DISK.nbdgw/``), managed like ``qemu-img bitmap`` manages those of a qcow2 image.
+"""``nbdgw disk create`` and ``nbdgw disk bitmap ...``: the persistent dirty bitmaps of a raw
+disk (``DISK.nbdgw/``), managed like ``qemu-img bitmap`` manages those of a qcow2 image, no
+gateway involved (``nbdgw bitmap ...`` works on an export, through a gateway).
 
 Commands that only look (``list``, ``map``) open the image read-only and work while a server
 has it; the others need the image to themselves (an image in use fails with EBUSY).
@@ -29,9 +30,18 @@ def parse_size(text: str) -> int:
     return int(number) * (_UNITS[unit.lower()] if unit else 1)
 
 
+DISK_HELP = "local raw disk images, their bitmaps and snapshots (no gateway)"
+
+
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add ``bitmap add|remove|list|map|enable|disable|clear|merge`` and ``disk create``."""
-    bitmap = subgroup(groups, "bitmap", "manage the persistent dirty bitmaps of a raw disk")
+    """Add ``disk create`` and ``disk bitmap add|remove|list|map|enable|disable|clear|merge``."""
+    disk = subgroup(groups, "disk", DISK_HELP)
+    p = disk.add_parser("create", help="create a sparse raw disk image")
+    p.add_argument("disk", metavar="DISK")
+    p.add_argument("size", metavar="SIZE", type=parse_size, help="size, e.g. 1G")
+    p.set_defaults(func=cmd_disk_create)
+
+    bitmap = subgroup(groups, "disk bitmap", "the persistent dirty bitmaps of a raw disk image")
 
     p = bitmap.add_parser("add", help="add a bitmap (clean, enabled unless --disable)")
     p.add_argument(
@@ -84,12 +94,6 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="DST")
     p.set_defaults(func=cmd_merge)
-
-    disk = subgroup(groups, "disk", "raw disk images")
-    p = disk.add_parser("create", help="create a sparse raw disk image")
-    p.add_argument("disk", metavar="DISK")
-    p.add_argument("size", metavar="SIZE", type=parse_size, help="size, e.g. 1G")
-    p.set_defaults(func=cmd_disk_create)
 
 
 def _disk_name(parser: argparse.ArgumentParser) -> None:

@@ -25,12 +25,11 @@ from nbdcore.constants import (
     TransmissionFlag,
 )
 from nbdcore.exceptions import UsageError
-from nbdcore.tools import run, subgroup
+from nbdcore.tools import nbd_tls, nbd_tls_options, run, subgroup
 from nbdcore.tools.progress import Progress
 
 if TYPE_CHECKING:  # the client is imported by the commands, not at CLI start-up
     from nbdcore.aio.client import ExportInfo, NBDClient
-    from nbdcore.tls import TLSConfig
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
@@ -45,7 +44,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     )
     p.add_argument("uri", metavar="URI", help="nbd://, nbds://, nbd+unix:// or nbds+unix:// URI")
     p.add_argument("--json", action="store_true", help="JSON output")
-    _tls_options(p)
+    nbd_tls_options(p)
     p.set_defaults(func=list_cmd)
 
     p = nbd.add_parser(
@@ -63,7 +62,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
     )
     p.add_argument("--totals", action="store_true", help="print the total size of each type")
     p.add_argument("--json", action="store_true", help="JSON output")
-    _tls_options(p)
+    nbd_tls_options(p)
     p.set_defaults(func=map_cmd)
 
     p = nbd.add_parser(
@@ -102,22 +101,8 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
-    _tls_options(p)
+    nbd_tls_options(p)
     p.set_defaults(func=copy_cmd)
-
-
-def _tls_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server")
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="client private key (PEM)")
-
-
-def _tls(args: argparse.Namespace) -> TLSConfig | None:
-    if not (args.tls_ca or args.tls_cert or args.tls_key):
-        return None  # nbds:// URIs still get TLS, configured from the URI
-    from nbdcore.tls import TLSConfig
-
-    return TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 # --- nbd list ---------------------------------------------------------------------------------
@@ -198,7 +183,7 @@ async def list_cmd(args: argparse.Namespace) -> int:
     from nbdcore.uri import NBDURI
 
     uri = NBDURI.parse(args.uri)
-    exports = await list_exports(uri, tls=_tls(args))
+    exports = await list_exports(uri, tls=nbd_tls(args))
     records = [export_record(e, str(dataclasses.replace(uri, export=e.name))) for e in exports]
     if args.json:
         doc = {"TLS": uri.tls, "exports": records}
@@ -296,7 +281,7 @@ def format_totals(context: str, totals: dict[int, int], size: int, as_json: bool
 async def _connect(args: argparse.Namespace, contexts: list[str], **kwargs: Any) -> NBDClient:
     from nbdcore.aio.client import NBDClient
 
-    return await NBDClient.connect(args.uri, meta_contexts=contexts, tls=_tls(args), **kwargs)
+    return await NBDClient.connect(args.uri, meta_contexts=contexts, tls=nbd_tls(args), **kwargs)
 
 
 async def map_cmd(args: argparse.Namespace) -> int:
@@ -370,7 +355,7 @@ def copy_cmd(args: argparse.Namespace) -> int:
             request_size=args.request_size,
             # --requests counts the reads in flight in all; each connection gets its share.
             window=max(1, args.requests // args.connections),
-            tls=_tls(args),
+            tls=nbd_tls(args),
             progress=advance if progress.enabled else None,
         )
     finally:

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         dest="snapshots",
         action="store_false",
         help="do not export the disk's snapshots (by default each snapshot SNAP of the disk is"
-        " exported read-only as EXPORT@SNAP; see nbdgw snapshot)",
+        " exported read-only as EXPORT@SNAP; see nbdgw disk snapshot)",
     )
     p.add_argument(
         "--allow-snapshots",

@@ -1,7 +1,7 @@
-"""``nbdgw snapshot create|list|release``: point-in-time snapshots of a raw disk, with forked
+"""``nbdgw disk snapshot create|list|release``: point-in-time snapshots of a raw disk, with forked
 bitmaps (see ``nbdcore.storage.snapshot``), and how a server exports them.
 
-Like ``nbdgw bitmap``, ``create`` and ``release`` need the image to themselves (an image a
+Like ``nbdgw disk bitmap``, ``create`` and ``release`` need the image to themselves (an image a
 server has open fails with EBUSY: take snapshots of a served disk through the gateway's
 SnapshotService, whose embedded host owns the image); ``list`` opens it read-only.
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nbdcore.storage import Image
 from nbdcore.tools import subgroup
-from nbdcore.tools.bitmap_cmds import parse_size
+from nbdcore.tools.bitmap_cmds import DISK_HELP, parse_size
 
 if TYPE_CHECKING:
     from nbdcore.aio.server import ExportConfig
@@ -51,9 +51,12 @@ def snapshot_exports(export: str, image: Image) -> list[ExportConfig]:
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add ``snapshot create|list|release``."""
+    """Add ``disk snapshot create|list|release``."""
+    subgroup(groups, "disk", DISK_HELP)
     group = subgroup(
-        groups, "snapshot", "snapshots of a local raw disk image, no gateway (see also: snapshots)"
+        groups,
+        "disk snapshot",
+        "snapshots of a raw disk image (of an export, through a gateway: nbdgw snapshot)",
     )
 
     p = group.add_parser(

@@ -61,7 +61,12 @@ def test_version_imports_nothing_heavy() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["nbd", "copy", "--help"], ["nbd", "serve", "--help"], ["bitmap", "list", "--help"]],
+    [
+        ["nbd", "copy", "--help"],
+        ["nbd", "serve", "--help"],
+        ["disk", "bitmap", "list", "--help"],
+        ["disk", "snapshot", "create", "--help"],
+    ],
 )
 def test_nbdcore_commands_do_not_import_the_gateway(argv: list[str]) -> None:
     rc, out, modules = imported_by(*argv)
@@ -70,10 +75,18 @@ def test_nbdcore_commands_do_not_import_the_gateway(argv: list[str]) -> None:
 
 
 def test_a_gateway_command_imports_its_own_module_only() -> None:
-    rc, _, modules = imported_by("exports", "--help")
+    rc, _, modules = imported_by("export", "list", "--help")
     assert rc == 0
-    assert "gateway.cli.bitmaps" in modules
+    assert "gateway.cli.exports" in modules
     assert not {"gateway.cli.serve", "gateway.cli.backup", "gateway.cli.map"} & modules
+
+
+def test_an_old_spelling_starts_as_lazily_as_its_new_one() -> None:
+    rc, out, modules = imported_by("snapshot", "create", "--help")  # no file: the gateway's
+    assert rc == 0 and "usage: nbdgw snapshot create" in out
+    rc, out, modules = imported_by("exports", "--help")
+    assert rc == 0 and "usage: nbdgw export list" in out
+    assert "gateway.cli.exports" in modules and "gateway.cli.bitmaps" not in modules
 
 
 def test_a_typo_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,5 +96,5 @@ def test_a_typo_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert (
         err.strip()
-        == "nbdgw: unknown command 'exprots'; did you mean 'exports'? 'nbdgw --help' lists them"
+        == "nbdgw: unknown command 'exprots'; did you mean 'export'? 'nbdgw --help' lists them"
     )
