@@ -64,7 +64,7 @@ def map_context(args: argparse.Namespace) -> str:
     """``--context CONTEXT`` or ``--bitmap NAME`` (one of them, required)."""
     if (args.context is None) == (args.bitmap is None):
         raise CommandError("give --context CONTEXT (any metadata context) or --bitmap NAME")
-    return args.context if args.context is not None else full_context_name(args.bitmap)
+    return full_context_name(args.context if args.context is not None else args.bitmap)
 
 
 @command

@@ -355,6 +355,10 @@ METHOD_COMMANDS: dict[str, str] = {
     "ListCheckpoints": "nbdgw checkpoint list",
     "DeleteCheckpoint": "nbdgw checkpoint delete",
 }
+# Phrases whose quoted word is not a request field (a configuration key), said the CLI's way.
+PHRASES: dict[str, str] = {
+    "set 'generation' in the configuration": "set 'generation = NAME' in its [[exports]] table",
+}
 _QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
 _METHOD = re.compile(r"\b(" + "|".join(METHOD_COMMANDS) + r")\b")
 
@@ -367,19 +371,26 @@ def cli_flag(command: str, field: str) -> str | None:
 def cli_words(text: str, command: str) -> str:
     """A gateway message in the command line's words: ``'generation'`` -> ``--generation``,
     ``SetExportGeneration`` -> ``'nbdgw export generation'``."""
+    for phrase, words in PHRASES.items():
+        text = text.replace(phrase, words)
     text = _QUOTED_FIELD.sub(lambda m: cli_flag(command, m.group(1)) or m.group(0), text)
     return _METHOD.sub(lambda m: repr(METHOD_COMMANDS[m.group(1)]), text)
 
 
 def describe_call_error(exc: client_errors.CallError, command: str) -> str:
     """One line: ``CODE: message [REASON]``, in the CLI's words, plus the first bad argument."""
-    text = f"{exc.code}: {cli_words(exc.message, command) or 'no message'}"
+    message = cli_words(exc.message, command) or "no message"
+    flags = []
+    for violation in exc.field_violations:
+        flag = cli_flag(command, violation.field) or violation.field
+        # The gateway lists bad fields as "FIELD: why": name the argument instead.
+        message = re.sub(rf"\b{re.escape(violation.field)}: ", f"{flag}: ", message)
+        flags.append(flag)
+    text = f"{exc.code}: {message}"
     if exc.reason:
         text += f" [{exc.reason}]"
-    for violation in exc.field_violations[:1]:
-        flag = cli_flag(command, violation.field) or violation.field
-        if flag and flag not in text:
-            text += f" ({flag})"
+    if flags and flags[0] not in text:
+        text += f" ({flags[0]})"
     return " ".join(text.split())
 
 

@@ -56,11 +56,11 @@ def test_token_flag_and_env(
 ) -> None:
     gw, disk = token_gateway
     t = ["--target", gw.target]
-    line = assert_one_line_error(cli("exports", *t), 1)
-    assert line.startswith("nbdgw exports: UNAUTHENTICATED")
-    line = assert_one_line_error(cli("exports", *t, "--token", "wrong"), 1)
+    line = assert_one_line_error(cli("export", "list", *t), 1)
+    assert line.startswith("nbdgw export list: UNAUTHENTICATED")
+    line = assert_one_line_error(cli("export", "list", *t, "--token", "wrong"), 1)
     assert "UNAUTHENTICATED" in line
-    ok = cli("exports", *t, "--token", TOKEN, "--json")
+    ok = cli("export", "list", *t, "--token", TOKEN, "--json")
     assert ok.returncode == 0, ok.stderr
     assert '"exports/disk"' in ok.stdout
 
@@ -80,28 +80,36 @@ def test_tls_and_mutual_tls(disk: EmbeddedDisk, tmp_path: Path, certs: dict[str,
     tls += ["--grpc-tls-key-file", str(certs["server_key"])]
     with serve(disk, tmp_path, *tls) as gw:
         t = ["--target", gw.target, "--timeout", "10"]
-        ok = cli("exports", *t, "--tls-ca", str(certs["ca_pem"]))
+        ok = cli("export", "list", *t, "--tls-ca", str(certs["ca_pem"]))
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.splitlines()[1].split()[0] == "disk"
-        named = cli("bitmaps", "disk", *t, "--tls-ca", str(certs["ca_pem"]),
+        named = cli("bitmap", "list", "disk", *t, "--tls-ca", str(certs["ca_pem"]),
                     "--tls-server-name", "gateway.test")  # fmt: skip
         assert named.returncode == 0, named.stderr
         # A name the certificate does not carry, or no TLS at all: one line, no hang.
         line = assert_one_line_error(
-            cli("exports", *t, "--tls-ca", str(certs["ca_pem"]), "--tls-server-name", "x.test"),
+            cli(
+                "export",
+                "list",
+                *t,
+                "--tls-ca",
+                str(certs["ca_pem"]),
+                "--tls-server-name",
+                "x.test",
+            ),
             1,
         )
         assert "UNAVAILABLE" in line
-        line = assert_one_line_error(cli("exports", *t), 1)
+        line = assert_one_line_error(cli("export", "list", *t), 1)
         assert "UNAVAILABLE" in line or "DEADLINE_EXCEEDED" in line
 
     mtls = [*tls, "--grpc-tls-client-ca-file", str(certs["ca_pem"])]
     with serve(disk, tmp_path, *mtls) as gw:
         t = ["--target", gw.target, "--timeout", "10", "--tls-ca", str(certs["ca_pem"])]
         client = ["--tls-cert", str(certs["client_pem"]), "--tls-key", str(certs["client_key"])]
-        ok = cli("extents", "disk", "--bitmap", "backup", "--dirty", *t, *client)
+        ok = cli("bitmap", "map", "disk", "--context", "backup", "--dirty", *t, *client)
         assert ok.returncode == 0, ok.stderr
         assert len(ok.stdout.splitlines()) == len(granules(disk.dirty, disk.size))
         # Without a client certificate the handshake fails: UNAVAILABLE, one line.
-        line = assert_one_line_error(cli("exports", *t), 1)
+        line = assert_one_line_error(cli("export", "list", *t), 1)
         assert "UNAVAILABLE" in line

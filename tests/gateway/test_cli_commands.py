@@ -1,6 +1,6 @@
-"""``nbdgw exports|bitmaps|extents|clear`` against real gateway processes, in front of a real
-qemu-nbd (qcow2 bitmaps dirtied by qemu-io) and of the embedded nbdcore host; ``nbdinfo --map``
-on the same NBD host is the oracle for the extent maps, byte for byte."""
+"""``nbdgw export list`` and ``bitmap list|map|clear`` against real gateway processes, in front
+of a real qemu-nbd (qcow2 bitmaps dirtied by qemu-io) and of the embedded nbdcore host;
+``nbdinfo --map`` on the same NBD host is the oracle for the extent maps, byte for byte."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdcore.tools import REMOVED_IN
 from tests.gateway.cli_support import (
     GRANULARITY,
     EmbeddedDisk,
@@ -64,7 +65,7 @@ def test_extents_identical_to_nbdinfo_on_qemu_nbd(
     qemu_gateway: tuple[GatewayProcess, QemuNBD], context: str, json_output: bool
 ) -> None:
     gw, host = qemu_gateway
-    args = ["extents", "vm", "--bitmap", context, "--target", gw.target]
+    args = ["bitmap", "map", "vm", "--context", context, "--target", gw.target]
     ours = cli(*args, *(["--json"] if json_output else []), check=True).stdout
     theirs = nbdinfo(host.uri, context, json_output=json_output)
     assert ours == theirs
@@ -79,7 +80,9 @@ def test_extents_identical_to_nbdinfo_with_extended_headers(tmp_path: Path) -> N
     try:
         with GatewayProcess("--export", f"vm={host.uri}", data_dir=tmp_path / "data") as gw:
             for context in ("qemu:dirty-bitmap:b0", "base:allocation", "qemu:allocation-depth"):
-                ours = cli("extents", "vm", "--bitmap", context, "--json", "--target", gw.target)
+                ours = cli(
+                    "bitmap", "map", "vm", "--context", context, "--json", "--target", gw.target
+                )
                 assert ours.returncode == 0, ours.stderr
                 assert ours.stdout == nbdinfo(host.uri, context, json_output=True)
     finally:
@@ -90,7 +93,7 @@ def test_extents_short_bitmap_name_and_dirty_filter(
     qemu_gateway: tuple[GatewayProcess, QemuNBD],
 ) -> None:
     gw, host = qemu_gateway
-    ours = cli("extents", "vm", "--bitmap", "b0", "--dirty", "--json", "--target", gw.target)
+    ours = cli("bitmap", "map", "vm", "--context", "b0", "--dirty", "--json", "--target", gw.target)
     assert ours.returncode == 0, ours.stderr
     full = json.loads(nbdinfo(host.uri, "qemu:dirty-bitmap:b0", json_output=True))
     assert json.loads(ours.stdout) == [e for e in full if e["type"] == 1]
@@ -103,7 +106,7 @@ def test_extents_range_is_the_clipped_map(qemu_gateway: tuple[GatewayProcess, Qe
     gw, host = qemu_gateway
     start, length = 3 * MiB + 4096, 10 * MiB
     ours = cli(
-        "extents", "vm", "--bitmap", "b0", "--json", "--target", gw.target,
+        "bitmap", "map", "vm", "--context", "b0", "--json", "--target", gw.target,
         "--offset", str(start), "--length", "10M",
     )  # fmt: skip
     assert ours.returncode == 0, ours.stderr
@@ -117,14 +120,14 @@ def test_extents_range_is_the_clipped_map(qemu_gateway: tuple[GatewayProcess, Qe
 
 def test_exports_and_bitmaps(qemu_gateway: tuple[GatewayProcess, QemuNBD]) -> None:
     gw, host = qemu_gateway
-    out = cli("exports", "--target", gw.target, "--json", check=True).stdout
+    out = cli("export", "list", "--target", gw.target, "--json", check=True).stdout
     (export,) = json.loads(out)
     assert export["name"] == "exports/vm"
     assert int(export["sizeBytes"]) == host.disk.size  # the API's JSON: camelCase
-    text = cli("exports", "--target", gw.target, check=True).stdout.splitlines()
+    text = cli("export", "list", "--target", gw.target, check=True).stdout.splitlines()
     assert text[0].split()[:2] == ["NAME", "SIZE"] and text[1].split()[:2] == ["vm", "32M"]
 
-    out = cli("bitmaps", "vm", "--target", gw.target, "--json", check=True).stdout
+    out = cli("bitmap", "list", "vm", "--target", gw.target, "--json", check=True).stdout
     contexts = {b["context"]: b for b in json.loads(out)}
     assert set(contexts) == {
         "base:allocation",
@@ -132,14 +135,14 @@ def test_exports_and_bitmaps(qemu_gateway: tuple[GatewayProcess, QemuNBD]) -> No
         "qemu:dirty-bitmap:b0",
         "qemu:dirty-bitmap:b1",
     }
-    text = cli("bitmaps", "vm", "--target", gw.target, check=True).stdout
+    text = cli("bitmap", "list", "vm", "--target", gw.target, check=True).stdout
     assert "qemu:dirty-bitmap:b1" in text and "dirty-bitmap" in text
 
 
 def test_clear_refused_on_qemu_nbd(qemu_gateway: tuple[GatewayProcess, QemuNBD]) -> None:
     gw, _ = qemu_gateway
     proc = cli(
-        "clear", "vm", "--bitmap", "b0", "--offset", "0", "--length", "1M",
+        "bitmap", "clear", "vm", "--bitmap", "b0", "--offset", "0", "--length", "1M",
         "--target", gw.target,
     )  # fmt: skip
     line = assert_one_line_error(proc, 1)
@@ -153,24 +156,24 @@ def test_extents_and_clear_on_embedded_host(
     uri = gw.nbd_uri("disk")
     for context in ("qemu:dirty-bitmap:backup", "base:allocation"):
         for json_output in (True, False):
-            args = ["extents", "disk", "--bitmap", context, "--target", gw.target]
+            args = ["bitmap", "map", "disk", "--context", context, "--target", gw.target]
             ours = cli(*args, *(["--json"] if json_output else []), check=True).stdout
             assert ours == nbdinfo(uri, context, json_output=json_output)
 
     dirty = granules(disk.dirty, disk.size)
     # The export is writable: a clear carries the token of the stream that read the range.
     listed = cli(
-        "extents", "disk", "--bitmap", "backup", "--show-clear-token", "--target", gw.target
+        "bitmap", "map", "disk", "--context", "backup", "--show-clear-token", "--target", gw.target
     )
     token = listed.stderr.strip().removeprefix("clear token: ")
     assert listed.returncode == 0 and token and " " not in token, listed.stderr
-    refused = cli("clear", "disk", "--bitmap", "backup", "--offset", "0", "--length", "1M",
-                  "--target", gw.target)  # fmt: skip
+    refused = cli("bitmap", "clear", "disk", "--bitmap", "backup", "--offset", "0",
+                  "--length", "1M", "--target", gw.target)  # fmt: skip
     assert "[CLEAR_TOKEN_REQUIRED]" in assert_one_line_error(refused, 1)
     # Clear the second dirty run plus half a granule on each side: only whole granules go.
     off, length = dirty[1]
     proc = cli(
-        "clear", "disk", "--bitmap", "backup", "--json", "--target", gw.target,
+        "bitmap", "clear", "disk", "--bitmap", "backup", "--json", "--target", gw.target,
         "--offset", str(off - GRANULARITY // 2), "--length", str(length + GRANULARITY),
         "--clear-token", token,
     )  # fmt: skip
@@ -181,7 +184,9 @@ def test_extents_and_clear_on_embedded_host(
     assert int(resp["granularityBytes"]) == GRANULARITY
     assert resp["conditional"] and resp["keptRanges"] == []  # nothing wrote since
 
-    after = cli("extents", "disk", "--bitmap", "backup", "--dirty", "--json", "--target", gw.target)
+    after = cli(
+        "bitmap", "map", "disk", "--context", "backup", "--dirty", "--json", "--target", gw.target
+    )
     assert [(e["offset"], e["length"]) for e in json.loads(after.stdout)] == dirty[:1] + dirty[2:]
     # The NBD host itself (seen by nbdinfo) agrees: cleared at the source.
     full = json.loads(nbdinfo(uri, "qemu:dirty-bitmap:backup", json_output=True))
@@ -190,7 +195,7 @@ def test_extents_and_clear_on_embedded_host(
     # Text output: a summary line, then one line per cleared range.
     off, length = dirty[0]
     proc = cli(
-        "clear", "disk", "--bitmap", "qemu:dirty-bitmap:backup", "--target", gw.target,
+        "bitmap", "clear", "disk", "--bitmap", "qemu:dirty-bitmap:backup", "--target", gw.target,
         "--offset", str(off), "--length", str(length), "--unconditional",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -200,13 +205,13 @@ def test_extents_and_clear_on_embedded_host(
 
 
 BAD_ARGS = [
-    (["extents", "disk"], 2, "--bitmap"),
-    (["extents", "disk", "--bitmap", "b", "--offset", "12x"], 2, "invalid size"),
-    (["extents", "disk", "--bitmap", "b", "--length", "0"], 2, "--length"),
-    (["clear", "disk", "--bitmap", "b", "--offset", "0"], 2, "--length"),
-    (["extents", "disk", "--bitmap", "b", "--target", "nocolon"], 2, "HOST:PORT"),
-    (["exports", "--tls-cert", "/nonexistent"], 2, "--tls-key"),
-    (["exports", "--tls-ca", "/nonexistent/ca.pem"], 2, "cannot read"),
+    (["bitmap", "map", "disk"], 2, "--bitmap"),
+    (["bitmap", "map", "disk", "--context", "b", "--offset", "12x"], 2, "invalid size"),
+    (["bitmap", "map", "disk", "--context", "b", "--length", "0"], 2, "--length"),
+    (["bitmap", "clear", "disk", "--bitmap", "b", "--offset", "0"], 2, "--length"),
+    (["bitmap", "map", "disk", "--context", "b", "--target", "nocolon"], 2, "HOST:PORT"),
+    (["export", "list", "--tls-cert", "/nonexistent"], 2, "--tls-key"),
+    (["export", "list", "--tls-ca", "/nonexistent/ca.pem"], 2, "cannot read"),
     (["backup", "disk", "out.img"], 2, "--bitmap"),
 ]
 
@@ -218,7 +223,9 @@ def test_bad_arguments_are_one_line(args: list[str], code: int, needle: str) -> 
 
 
 def test_bad_arguments_in_a_real_process() -> None:
-    line = assert_one_line_error(nbdgw("clear", "disk", "--bitmap", "b", "--offset", "-1"), 2)
+    line = assert_one_line_error(
+        nbdgw("bitmap", "clear", "disk", "--bitmap", "b", "--offset", "-1"), 2
+    )
     assert "--offset" in line
 
 
@@ -227,20 +234,70 @@ def test_server_side_errors_are_one_line(
 ) -> None:
     gw, disk = embedded_gateway
     t = ["--target", gw.target]
-    line = assert_one_line_error(nbdgw("bitmaps", "nosuch", *t), 1)
-    assert line.startswith("nbdgw bitmaps: NOT_FOUND:") and line.endswith("[EXPORT_NOT_FOUND]")
-    line = assert_one_line_error(cli("extents", "disk", "--bitmap", "nosuch", *t), 1)
+    line = assert_one_line_error(nbdgw("bitmap", "list", "nosuch", *t), 1)
+    assert line.startswith("nbdgw bitmap list: NOT_FOUND:") and line.endswith("[EXPORT_NOT_FOUND]")
+    line = assert_one_line_error(cli("bitmap", "map", "disk", "--context", "nosuch", *t), 1)
     assert "NOT_FOUND" in line and "[BITMAP_NOT_FOUND]" in line
     line = assert_one_line_error(
-        cli("extents", "disk", "--bitmap", "backup", "--offset", str(disk.size), *t), 1
+        cli("bitmap", "map", "disk", "--context", "backup", "--offset", str(disk.size), *t), 1
     )
     assert "OUT_OF_RANGE" in line and "[RANGE_PAST_END]" in line
     line = assert_one_line_error(
-        cli("clear", "disk", "--bitmap", "base:allocation", "--offset", "0", "--length", "1M", *t),
+        cli(
+            "bitmap",
+            "clear",
+            "disk",
+            "--bitmap",
+            "base:allocation",
+            "--offset",
+            "0",
+            "--length",
+            "1M",
+            *t,
+        ),
         1,
     )
     assert "FAILED_PRECONDITION" in line
     # Nobody listens on the port the gateway had: UNAVAILABLE, still one line.
     gw.stop()
-    line = assert_one_line_error(cli("exports", *t, "--timeout", "5"), 1)
+    line = assert_one_line_error(cli("export", "list", *t, "--timeout", "5"), 1)
     assert "UNAVAILABLE" in line
+
+
+def test_old_spellings_still_work_with_one_notice(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk],
+) -> None:
+    """Until 0.2 every old spelling runs its new command, adding one line on stderr."""
+    gw, _ = embedded_gateway
+    t = ["--target", gw.target]
+    pairs = [
+        (["exports", *t], ["export", "list", *t], "'exports'", "'export list'"),
+        (["bitmaps", "disk", *t], ["bitmap", "list", "disk", *t], "'bitmaps'", "'bitmap list'"),
+        (
+            ["extents", "disk", "--bitmap", "base:allocation", *t],
+            ["bitmap", "map", "disk", "--context", "base:allocation", *t],
+            "'extents'",
+            "'bitmap map'",
+        ),
+        (
+            ["remaining", "disk", "--bitmap", "backup", *t],
+            ["bitmap", "remaining", "disk", "--bitmap", "backup", *t],
+            "'remaining'",
+            "'bitmap remaining'",
+        ),
+    ]
+    for old, new, old_words, new_words in pairs:
+        before, after = cli(*old), cli(*new, check=True)
+        assert (before.returncode, before.stdout) == (0, after.stdout), before.stderr
+        assert after.stderr == ""
+        assert before.stderr.splitlines() == [
+            f"nbdgw: {old_words} is deprecated, use {new_words} (removed in {REMOVED_IN})"
+        ]
+    made = cli("snapshots", "create", "disk", "--id", "old1", "--no-fork", *t)
+    assert made.returncode == 0, made.stderr
+    assert len(made.stderr.splitlines()) == 2  # the command's notice and --id's
+    listed = cli("snapshot", "list", "disk", *t, check=True).stdout
+    assert "old1" in listed
+    released = cli("snapshots", "release", "disk", "old1", *t)
+    assert released.returncode == 0 and released.stdout.startswith("released old1")
+    assert "old1" not in cli("snapshot", "list", "disk", *t, check=True).stdout

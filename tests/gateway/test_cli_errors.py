@@ -14,20 +14,20 @@ from tests.gateway.cli_support import GatewayProcess, assert_one_line_error, cli
 
 @pytest.mark.parametrize("target", ["http://127.0.0.1", "127.0.0.1", "dns:///x:1", "host:port"])
 def test_a_target_that_is_not_host_port(target: str) -> None:
-    line = assert_one_line_error(cli("exports", "--target", target), 2)
+    line = assert_one_line_error(cli("export", "list", "--target", target), 2)
     assert "--target must be HOST:PORT (for example 127.0.0.1:50051)" in line
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
 def test_a_deadline_must_be_positive(timeout: str) -> None:
-    line = assert_one_line_error(cli("exports", "--timeout", timeout), 2)
+    line = assert_one_line_error(cli("export", "list", "--timeout", timeout), 2)
     assert "--timeout" in line
 
 
 def test_an_http_url_is_the_plaintext_target(tmp_path: Path) -> None:
     with GatewayProcess(data_dir=tmp_path) as gw:
-        plain = cli("exports", "--target", gw.target, check=True).stdout
-        url = cli("exports", "--target", f"http://{gw.target}/", check=True).stdout
+        plain = cli("export", "list", "--target", gw.target, check=True).stdout
+        url = cli("export", "list", "--target", f"http://{gw.target}/", check=True).stdout
     assert url == plain and "sample" in url
 
 
@@ -46,8 +46,8 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
 
 def test_a_missing_file_names_the_file_without_errno(tmp_path: Path) -> None:
     missing = tmp_path / "nope.img"
-    line = assert_one_line_error(cli("bitmap", "list", str(missing)), 1)
-    assert line == f"nbdgw bitmap list: {missing}: No such file or directory"
+    line = assert_one_line_error(cli("disk", "bitmap", "list", str(missing)), 1)
+    assert line == f"nbdgw disk bitmap list: {missing}: No such file or directory"
 
 
 def test_serve_help_shows_no_rest_markup() -> None:
@@ -60,12 +60,12 @@ def test_a_gateway_that_is_not_there() -> None:
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again: nobody listens there
-    line = assert_one_line_error(cli("exports", "--target", f"127.0.0.1:{port}"), 1)
+    line = assert_one_line_error(cli("export", "list", "--target", f"127.0.0.1:{port}"), 1)
     assert line == (
-        f"nbdgw exports: UNAVAILABLE: cannot reach the gateway at 127.0.0.1:{port}: connection"
+        f"nbdgw export list: UNAVAILABLE: cannot reach the gateway at 127.0.0.1:{port}: connection"
         " refused; is 'nbdgw serve' running there? (--target or $NBDGW_TARGET)"
     )
-    line = assert_one_line_error(cli("exports", "--target", "nbdgw.invalid:50051"), 1)
+    line = assert_one_line_error(cli("export", "list", "--target", "nbdgw.invalid:50051"), 1)
     assert "cannot reach the gateway at nbdgw.invalid:50051: its host name does not resolve" in line
 
 
@@ -74,7 +74,7 @@ def test_a_down_host_shows_no_size_and_no_clear_mode(tmp_path: Path) -> None:
     'CLEAR unspecified'."""
     gone = f"gone=nbd+unix:///x?socket={tmp_path / 'none.sock'}"
     with GatewayProcess("--export", gone, data_dir=tmp_path / "data") as gw:
-        lines = cli("exports", "--target", gw.target, check=True).stdout.splitlines()
+        lines = cli("export", "list", "--target", gw.target, check=True).stdout.splitlines()
     header = ["NAME", "SIZE", "STATE", "HOST", "KIND", "RO", "CLEAR", "DESCRIPTION"]
     assert lines[0].split() == header
     name, size, state, _host, kind, _ro, clear = lines[1].split()[:7]
@@ -86,10 +86,10 @@ def test_json_is_the_apis_json(tmp_path: Path) -> None:
     and buf curl print it."""
     with GatewayProcess(data_dir=tmp_path) as gw:
         t = ["--target", gw.target]
-        (export,) = json.loads(cli("exports", "--json", *t, check=True).stdout)
-        bitmaps = json.loads(cli("bitmaps", "sample", "--json", *t, check=True).stdout)
-        snap = json.loads(cli("snapshots", "create", "sample", "--json", *t, check=True).stdout)
-        listed = cli("snapshots", "list", "sample", *t, check=True).stdout.splitlines()
+        (export,) = json.loads(cli("export", "list", "--json", *t, check=True).stdout)
+        bitmaps = json.loads(cli("bitmap", "list", "sample", "--json", *t, check=True).stdout)
+        snap = json.loads(cli("snapshot", "create", "sample", "--json", *t, check=True).stdout)
+        listed = cli("snapshot", "list", "sample", *t, check=True).stdout.splitlines()
     assert export["sizeBytes"] == str(64 << 20) and export["clearMode"] == "CLEAR_MODE_AT_SOURCE"
     assert export["hostKind"] == "embedded"
     assert {"granularityBytes", "dirtyBytes", "clearMode"} <= set(bitmaps[-1])
