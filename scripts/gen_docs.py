@@ -254,9 +254,11 @@ def render_settings() -> str:
 
 
 def render_client() -> str:
-    """The gateway-connection options the client commands share (exports, extents...)."""
+    """The gateway-connection options the client commands share (export list, bitmap map...)."""
     root = build_parser()
-    exports = next(sub for name, _, sub in subcommands(root, "nbdgw") if name == "nbdgw exports")
+    exports = next(
+        sub for name, _, sub in subcommands(root, "nbdgw") if name == "nbdgw export list"
+    )
     group = next(g for g in exports._action_groups if g.title == "gateway connection")
     rows = ["| Flag | Environment | Description |", "| --- | --- | --- |"]
     for action in group._group_actions:

@@ -135,7 +135,7 @@ async def check_checkpoint(gw: Gateway, export: str, checkpoint: str) -> None:
     if checkpoint not in ids:
         raise BackupError(
             f"export {export!r} has no checkpoint {checkpoint!r} (it has:"
-            f" {', '.join(ids) or 'none'}): take a full backup with --checkpoint-id"
+            f" {', '.join(ids) or 'none'}): take a full backup with --checkpoint"
         )
 
 

@@ -452,7 +452,7 @@ def command(
             print(f"{name}: {exc}", file=sys.stderr)
             return 1
         except BrokenPipeError:
-            # `nbdgw extents ... | head`: the reader left; not an error of ours.
+            # `nbdgw bitmap map ... | head`: the reader left; not an error of ours.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             return 0

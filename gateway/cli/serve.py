@@ -455,9 +455,9 @@ def _announce(listening: Listening, config: GatewayConfig, sample: bool) -> None
         lines.append(f"nbdgw: sample disk in {config.data_dir.absolute()}")
     lines += [
         "Try:",
-        f"  nbdgw exports{target}",
-        f"  nbdgw bitmaps {export}{target}",
-        f"  nbdgw extents {export} --bitmap {bitmap}{target}",
+        f"  nbdgw export list{target}",
+        f"  nbdgw bitmap list {export}{target}",
+        f"  nbdgw bitmap map {export} --context {bitmap}{target}",
         "  buf curl --protocol grpc"
         + (" --cacert CA_FILE" if config.grpc_tls_cert_file else " --http2-prior-knowledge")
         + (" -H 'authorization: Bearer TOKEN'" if config.tokens else "")

@@ -1,4 +1,4 @@
-"""``nbdgw map`` end to end against a real qemu-nbd serving a qcow2 with bitmaps dirtied by
+"""``nbdgw render`` end to end against a real qemu-nbd serving a qcow2 with bitmaps dirtied by
 qemu-io at known ranges; the oracle is ``nbdinfo --map --json`` on the same server."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def tracks_of(svg_path: Path) -> dict[tuple[str, str], ET.Element]:
 
 def test_default_map_shows_allocation_and_every_bitmap(served: str, tmp_path: Path) -> None:
     out = tmp_path / "map.svg"
-    assert main(["map", served, "-o", str(out), "--width", "128"]) == 0
+    assert main(["render", served, "-o", str(out), "--width", "128"]) == 0
     tracks = tracks_of(out)
     assert list(tracks) == [
         ("base:allocation", "allocated"),
@@ -172,7 +172,7 @@ def test_default_map_shows_allocation_and_every_bitmap(served: str, tmp_path: Pa
 def test_html_of_one_bitmap_by_export_name(served: str, tmp_path: Path) -> None:
     sock = served.split("socket=", 1)[1]
     out = tmp_path / "b1.html"
-    argv = ["map", "disk", "--socket", sock, "-b", "b1", "--no-allocation", "-o", str(out)]
+    argv = ["render", "disk", "--socket", sock, "-b", "b1", "--no-allocation", "-o", str(out)]
     assert main(argv) == 0
     html = out.read_text()
     rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class=\"n\">(\d+)</td>", html)
@@ -183,7 +183,7 @@ def test_html_of_one_bitmap_by_export_name(served: str, tmp_path: Path) -> None:
 
 def test_subrange_counts_only_its_bytes(served: str, tmp_path: Path) -> None:
     out = tmp_path / "sub.html"
-    argv = ["map", served, "-c", B0, "--offset", "1M", "--length", "5M", "-o", str(out)]
+    argv = ["render", served, "-c", B0, "--offset", "1M", "--length", "5M", "-o", str(out)]
     assert main(argv) == 0
     html = out.read_text()
     rows = dict(
@@ -215,7 +215,7 @@ def test_bad_requests_fail_with_one_line(
     served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     out = tmp_path / "x.svg"
-    assert main(["map", served, "-o", str(out), *argv]) == 1
+    assert main(["render", served, "-o", str(out), *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
@@ -224,12 +224,12 @@ def test_bad_requests_fail_with_one_line(
 def test_cli_errors_without_traceback(served: str, tmp_path: Path) -> None:
     cases = [
         (
-            ["map", "disk", "-o", str(tmp_path / "a.svg")],
+            ["render", "disk", "-o", str(tmp_path / "a.svg")],
             "is not an NBD URI, and there is no NBD socket",
         ),
-        (["map", served, "-o", str(tmp_path / "a.png")], "name it .svg or .html"),
-        (["map", "nbd+unix:///disk?socket=" + str(tmp_path / "none"), "-o", "-"], "cannot connect"),
-        (["map", served, "-o", str(tmp_path / "no" / "dir" / "a.svg")], "No such file"),
+        (["render", served, "-o", str(tmp_path / "a.png")], "name it .svg or .html"),
+        (["render", "nbd+unix:///disk?socket=" + str(tmp_path / "none"), "-o", "-"], "connect"),
+        (["render", served, "-o", str(tmp_path / "no" / "dir" / "a.svg")], "No such file"),
     ]
     for argv, message in cases:
         proc = subprocess.run(
@@ -282,8 +282,8 @@ def make_pki(d: Path) -> None:
 
 
 def test_map_over_tls(served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """nbds:// with --tls-ca/--tls-cert/--tls-key against qemu-nbd requiring TLS (and client
-    certificates); without them, one clear line."""
+    """nbds:// with --nbd-tls-ca/--nbd-tls-cert/--nbd-tls-key against qemu-nbd requiring TLS
+    (and client certificates); without them, one clear line."""
     disk = Path(served.split("socket=", 1)[1]).parent / "d.qcow2"
     pki = tmp_path / "pki"
     pki.mkdir()
@@ -308,17 +308,18 @@ def test_map_over_tls(served: str, tmp_path: Path, capsys: pytest.CaptureFixture
             time.sleep(0.05)
         uri = f"nbds://localhost:{port}/disk"
         out = tmp_path / "tls.html"
-        tls = ["--tls-ca", str(pki / "ca-cert.pem"), "--tls-cert", str(pki / "client-cert.pem")]
-        tls += ["--tls-key", str(pki / "client-key.pem")]
-        assert main(["map", uri, "-b", "b0", "-o", str(out), *tls]) == 0
+        tls = ["--nbd-tls-ca", str(pki / "ca-cert.pem")]
+        tls += ["--nbd-tls-cert", str(pki / "client-cert.pem")]
+        tls += ["--nbd-tls-key", str(pki / "client-key.pem")]
+        assert main(["render", uri, "-b", "b0", "-o", str(out), *tls]) == 0
         assert (
             f'<td>{B0}</td><td>dirty</td><td class="n">{64 * 1024 + 256 * 1024 + 1536 * 1024}<'
             in (out.read_text())
         )
         capsys.readouterr()
-        assert main(["map", f"nbd://localhost:{port}/disk", "-o", str(tmp_path / "p.svg")]) == 1
+        assert main(["render", f"nbd://localhost:{port}/disk", "-o", str(tmp_path / "p.svg")]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("nbdgw map: ") and err.count("\n") == 1 and "TLS" in err.upper()
+        assert err.startswith("nbdgw render: ") and err.count("\n") == 1 and "TLS" in err.upper()
         assert not (tmp_path / "p.svg").exists()
     finally:
         proc.terminate()

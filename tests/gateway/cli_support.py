@@ -142,7 +142,7 @@ class GatewayProcess:
 
 
 def dirty_map(target: str, export: str, bitmap: str) -> list[tuple[int, int]]:
-    out = cli("extents", export, "--bitmap", bitmap, "--dirty", "--json", "--target", target)
+    out = cli("bitmap", "map", export, "--context", bitmap, "--dirty", "--json", "--target", target)
     assert out.returncode == 0, out.stderr
     return [(e["offset"], e["length"]) for e in json.loads(out.stdout)]
 

@@ -255,7 +255,7 @@ def test_clear_of_a_fragmented_bitmap(tmp_path: Path) -> None:
         assert len(dirty_map(gw.target, "frag", "backup")) == 4650
         out = tmp_path / "frag.bak"
         args = ["backup", "frag", "--bitmap", "backup", str(out), "--clear", "--target", gw.target]
-        done = cli(*args, "--checkpoint", "1G", "--no-snapshot")  # the live export's gaps
+        done = cli(*args, "--save-every", "1G", "--no-snapshot")  # the live export's gaps
         assert done.returncode == 0, done.stderr
         assert dirty_map(gw.target, "frag", "backup") == []
     state = BackupState.load(state_path(out))

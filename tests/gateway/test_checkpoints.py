@@ -1,6 +1,6 @@
 """Checkpoint chains on nbdcore hosts (the gateway's embedded host and a separate
 ``nbdgw nbd serve`` process), with the same API and semantics as on running QEMU VMs
-(test_qmp_checkpoints.py): ``nbdgw backup --checkpoint-id C [--since B]`` starts the chain
+(test_qmp_checkpoints.py): ``nbdgw backup --checkpoint C [--since B]`` starts the chain
 itself; a write between two checkpoints is in "since" and nothing written before the base is;
 a chain restored with ``nbdgw restore`` (one incremental since an older checkpoint) equals the
 disk; ``Snapshots.checkpoint_delta`` (the CSI GetMetadataDelta) answers "between A and B";
@@ -116,7 +116,7 @@ async def test_backup_chain_with_checkpoints(start_gateway: Any, tmp_path: Path,
             return proc.stdout
 
         at_c0 = await read_disk(run)
-        await backup("full.img", "--full", "--checkpoint-id", "c0")
+        await backup("full.img", "--full", "--checkpoint", "c0")
         assert (tmp_path / "full.img").read_bytes() == at_c0
         listed = await stub.ListCheckpoints(spb.ListCheckpointsRequest(parent="disk"))
         assert [(c.name, c.recording, c.dirty_bytes) for c in listed.checkpoints] == [
@@ -171,7 +171,7 @@ async def test_backup_chain_with_checkpoints(start_gateway: Any, tmp_path: Path,
         )
         # Delete the newest: c0 records again, so a write now is in "since c0".
         proc = await asyncio.to_thread(
-            cli, "snapshots", "delete-checkpoint", "disk", "c2", "--target", run.target
+            cli, "checkpoint", "delete", "disk", "c2", "--target", run.target
         )
         assert proc.returncode == 0 and "merged into c0" in proc.stdout, proc.stderr
         w3 = await scatter(write, rng, 5)
@@ -377,7 +377,7 @@ async def test_fragmented_delta(start_gateway: Any, tmp_path: Path, kind: str) -
 
 def test_kill9_of_the_gateway_in_a_checkpoint_backup_chain(tmp_path: Path) -> None:
     """A gateway process with its embedded host serves a disk a writer keeps writing; a chain of
-    ``nbdgw backup --checkpoint-id cN --since cN-1`` runs, the gateway is killed with SIGKILL
+    ``nbdgw backup --checkpoint cN --since cN-1`` runs, the gateway is killed with SIGKILL
     while each backup runs, restarted, and the backup resumed. With the writer stopped, one last
     backup since the newest checkpoint: the chain restored equals the disk (nothing lost)."""
     rng = random.Random(5)
@@ -393,7 +393,7 @@ def test_kill9_of_the_gateway_in_a_checkpoint_backup_chain(tmp_path: Path) -> No
         chain = ["--full"] if i == 0 else ["--since", f"c{i - 1}"]
         return [
             sys.executable, "-m", "gateway", "backup", "disk", str(out), *chain,
-            "--checkpoint-id", f"c{i}", "--checkpoint", "256k", "--retries", "2",
+            "--checkpoint", f"c{i}", "--save-every", "256k", "--retries", "2",
             "--target", target, *extra,
         ]  # fmt: skip
 

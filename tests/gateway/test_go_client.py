@@ -88,7 +88,7 @@ def test_go_client_lists_streams_and_reads_rich_errors(
     got: dict[str, Any] = json.loads(proc.stdout)
 
     exports = json.loads(
-        cli("exports", "--json", "--target", gw.target, "--token", TOKEN, check=True).stdout
+        cli("export", "list", "--json", "--target", gw.target, "--token", TOKEN, check=True).stdout
     )
     assert [e["name"] for e in got["exports"]] == [e["name"] for e in exports]
     assert got["pages"] == 2  # page_size 1: the page token works from Go

@@ -68,7 +68,7 @@ def merged(rows: list[list[Any]]) -> list[tuple[int, int, int]]:
 
 
 def python_map(target: str, *extra: str) -> list[tuple[int, int, int]]:
-    proc = cli("extents", "disk", "--bitmap", CONTEXT, "--json", "--target", target, *extra,
+    proc = cli("bitmap", "map", "disk", "--context", CONTEXT, "--json", "--target", target, *extra,
                "--token", TOKEN)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(proc.stdout)]
@@ -102,7 +102,7 @@ def test_node_client_calls_every_rpc(
     assert got["health"] == {"": "SERVING", "nbdgw.v1.BitmapService": "SERVING"}
 
     exports = json.loads(
-        cli("exports", "--json", "--target", gw.target, "--token", TOKEN, check=True).stdout
+        cli("export", "list", "--json", "--target", gw.target, "--token", TOKEN, check=True).stdout
     )
     assert got["list_exports"]["pages"] == 2  # page_size 1: the page token works from Node
     assert [e["name"] for e in got["list_exports"]["exports"]] == [e["name"] for e in exports]
@@ -111,7 +111,7 @@ def test_node_client_calls_every_rpc(
     assert export["clear_mode"] == "CLEAR_MODE_AT_SOURCE" and export["read_only"] is False
 
     bitmaps = json.loads(
-        cli("bitmaps", "disk", "--json", "--target", gw.target, "--token", TOKEN).stdout
+        cli("bitmap", "list", "disk", "--json", "--target", gw.target, "--token", TOKEN).stdout
     )
     assert [b["context"] for b in got["list_bitmaps"]] == [b["context"] for b in bitmaps]
 

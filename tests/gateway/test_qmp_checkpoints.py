@@ -104,7 +104,7 @@ async def test_chain_since_any_checkpoint(
 
     listed = await run.snapshots.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
     assert [c.name.rsplit("/", 1)[1] for c in listed.checkpoints] == ["c0", "c1", "c2", "c3"]
-    proc = await asyncio.to_thread(nbdgw, "snapshots", "checkpoints", "d0", "--target", run.target)
+    proc = await asyncio.to_thread(nbdgw, "checkpoint", "list", "d0", "--target", run.target)
     assert proc.returncode == 0 and "c3  recording" in proc.stdout, proc.stderr
     assert [c.recording for c in listed.checkpoints] == [False, False, False, True]
 
@@ -115,14 +115,14 @@ async def test_chain_since_any_checkpoint(
     assert deleted.merged_into == "exports/d0/checkpoints/c0"
     # Deleting the newest makes the older neighbour record again.
     proc = await asyncio.to_thread(
-        nbdgw, "snapshots", "delete-checkpoint", "d0", "c3", "--target", run.target
+        nbdgw, "checkpoint", "delete", "d0", "c3", "--target", run.target
     )
     assert proc.returncode == 0 and "merged into c2" in proc.stdout, proc.stderr
     writer._pause.set()
     await asyncio.sleep(0.05)
     at = len(writer.writes)
     proc = await asyncio.to_thread(
-        nbdgw, "snapshots", "create", "d0", "--id", "s4", "--since", "c0", "--json",
+        nbdgw, "snapshot", "create", "d0", "s4", "--since", "c0", "--json",
         "--target", run.target,
     )  # fmt: skip
     writer._pause.clear()

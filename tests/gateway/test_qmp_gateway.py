@@ -301,22 +301,22 @@ async def test_cli(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    assert "recording" in await cli("add-bitmap", "d0", "b")
-    await cli("add-bitmap", "d1", "b", "--transient", "--granularity", "128K")
+    assert "recording" in await cli("bitmap", "add", "d0", "b")
+    await cli("bitmap", "add", "d1", "b", "--transient", "--granularity", "128K")
     assert vm.bitmaps("drive1")["b"]["granularity"] == 128 << 10
     assert not vm.bitmaps("drive1")["b"]["persistent"]
-    table = await cli("bitmaps", "d0")
+    table = await cli("bitmap", "list", "d0")
     assert "qemu:dirty-bitmap:b" in table and "65536" in table
-    exports = await cli("exports")
+    exports = await cli("export", "list")
     assert "qmp:" in exports and "available" in exports
     row = next(line.split() for line in exports.splitlines() if line.startswith("d0 "))
     assert row[2:5] == ["available", row[3], "qmp"]  # STATE, HOST, KIND
-    out = await cli("snapshots", "create", "d0", "--id", "g", "--bitmap", "b", "--group", "d1")
+    out = await cli("snapshot", "create", "d0", "g", "--bitmap", "b", "--group", "d1")
     assert "d0@g" in out
-    out = await cli("snapshots", "release", "d1", "g")
+    out = await cli("snapshot", "release", "d1", "g")
     assert "exports/d0/snapshots/g" in out
-    assert "removed qemu:dirty-bitmap:b" in await cli("remove-bitmap", "d1", "b")
-    proc = await asyncio.to_thread(nbdgw, "remove-bitmap", "d1", "b", "--target", run.target)
+    assert "removed qemu:dirty-bitmap:b" in await cli("bitmap", "remove", "d1", "b")
+    proc = await asyncio.to_thread(nbdgw, "bitmap", "remove", "d1", "b", "--target", run.target)
     assert proc.returncode != 0 and "qemu:dirty-bitmap:b" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
 

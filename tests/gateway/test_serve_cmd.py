@@ -113,7 +113,7 @@ async def test_sample_with_nothing_configured(tmp_path: Path) -> None:
         data = tmp_path / "nbdgw-data"
         assert (data / "sample.img").stat().st_size == 64 * MiB
         assert (data / "nbd.sock").exists()
-        assert "nbdgw extents sample --bitmap backup" in served.banner
+        assert "nbdgw bitmap map sample --context backup" in served.banner
         assert f"http://{served.target}/nbdgw.v1.BitmapService/StreamExtents" in served.banner
         assert await health(served, "") == health_pb2.HealthCheckResponse.SERVING
         assert (

@@ -386,16 +386,16 @@ async def test_snapshots_commands(start_gateway: Any, tmp_path: Path) -> None:
     t = ("--target", run.target)
 
     async def nbdgw(*args: str) -> Any:
-        return await asyncio.to_thread(cli, "snapshots", *args, *t)
+        return await asyncio.to_thread(cli, "snapshot", *args, *t)
 
-    made = await nbdgw("create", "disk", "--id", "n1", "--bitmap", "b", "--json")
+    made = await nbdgw("create", "disk", "n1", "--bitmap", "b", "--json")
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["export"] == "exports/disk@n1"
     listed = await nbdgw("list", "disk")
     header, row = listed.stdout.splitlines()
     assert header.split()[:2] == ["NAME", "CREATED"]
     assert row.split()[0] == "n1" and "qemu:dirty-bitmap:b(" in row
-    again = await nbdgw("create", "disk", "--id", "n1")
+    again = await nbdgw("create", "disk", "n1")
     assert again.returncode == 1
     assert again.stderr.strip().endswith("[SNAPSHOT_EXISTS]") and "\n" not in again.stderr.strip()
     released = await nbdgw("release", "disk", "n1")

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.cli import main
 from nbdcore.storage import Image
+from nbdcore.tools import REMOVED_IN
 from tests.peers import ROOT, tool
 
 G = 65536
@@ -66,7 +67,10 @@ def fails(*args: str | Path) -> str:
 
 
 def listing(disk: Path) -> dict[str, dict[str, object]]:
-    return {row["name"]: row for row in json.loads(nbdgw("bitmap", "list", disk, "--json").stdout)}
+    return {
+        row["name"]: row
+        for row in json.loads(nbdgw("disk", "bitmap", "list", disk, "--json").stdout)
+    }
 
 
 @pytest.fixture
@@ -88,13 +92,13 @@ def test_create_is_a_sparse_raw_disk(disk: Path) -> None:
     )
     assert info["virtual-size"] == 10 * 1024 * 1024
     assert info["actual-size"] < 1024 * 1024  # sparse
-    assert "no bitmaps" in nbdgw("bitmap", "list", disk).stdout
+    assert "no bitmaps" in nbdgw("disk", "bitmap", "list", disk).stdout
     assert "exists" in fails("disk", "create", disk, "1M")
 
 
 def test_add_list_remove(disk: Path) -> None:
-    nbdgw("bitmap", "add", disk, "backup")
-    nbdgw("bitmap", "add", "-g", "4K", "--disable", disk, "weekly snapshot")
+    nbdgw("disk", "bitmap", "add", disk, "backup")
+    nbdgw("disk", "bitmap", "add", "-g", "4K", "--disable", disk, "weekly snapshot")
     rows = listing(disk)
     assert rows == {
         "backup": {
@@ -112,32 +116,34 @@ def test_add_list_remove(disk: Path) -> None:
             "size": 10485760,
         },
     }
-    table = nbdgw("bitmap", "list", disk).stdout.splitlines()
+    table = nbdgw("disk", "bitmap", "list", disk).stdout.splitlines()
     assert table[0].split() == ["NAME", "GRANULARITY", "ENABLED", "DIRTY"]
     assert table[1].split() == ["backup", "65536", "yes", "0"]
-    nbdgw("bitmap", "remove", disk, "backup")
+    nbdgw("disk", "bitmap", "remove", disk, "backup")
     assert list(listing(disk)) == ["weekly snapshot"]
 
 
 def test_errors_are_one_line(disk: Path, tmp_path: Path) -> None:
-    nbdgw("bitmap", "add", disk, "b")
-    assert "already exists" in fails("bitmap", "add", disk, "b")
-    assert "no bitmap named 'nope'" in fails("bitmap", "remove", disk, "nope")
-    assert "no bitmap named 'nope'" in fails("bitmap", "clear", disk, "nope")
-    assert "no bitmap named 'nope'" in fails("bitmap", "merge", disk, "nope", "b")
-    assert "cannot be empty" in fails("bitmap", "add", disk, "")
-    assert "too long" in fails("bitmap", "add", disk, "n" * 1024)
-    assert "power of two" in fails("bitmap", "add", "-g", "1000", disk, "g")
-    assert "No such file" in fails("bitmap", "list", tmp_path / "missing.raw")
-    assert "No such file" in fails("bitmap", "add", tmp_path / "missing.raw", "b")
-    assert "outside" in fails("bitmap", "clear", disk, "b", "--offset", "11M", "--length", "1")
-    bad = nbdgw("bitmap", "add", "-g", "12Q", disk, "g", check=False)
+    nbdgw("disk", "bitmap", "add", disk, "b")
+    assert "already exists" in fails("disk", "bitmap", "add", disk, "b")
+    assert "no bitmap named 'nope'" in fails("disk", "bitmap", "remove", disk, "nope")
+    assert "no bitmap named 'nope'" in fails("disk", "bitmap", "clear", disk, "nope")
+    assert "no bitmap named 'nope'" in fails("disk", "bitmap", "merge", disk, "nope", "b")
+    assert "cannot be empty" in fails("disk", "bitmap", "add", disk, "")
+    assert "too long" in fails("disk", "bitmap", "add", disk, "n" * 1024)
+    assert "power of two" in fails("disk", "bitmap", "add", "-g", "1000", disk, "g")
+    assert "No such file" in fails("disk", "bitmap", "list", tmp_path / "missing.raw")
+    assert "No such file" in fails("disk", "bitmap", "add", tmp_path / "missing.raw", "b")
+    assert "outside" in fails(
+        "disk", "bitmap", "clear", disk, "b", "--offset", "11M", "--length", "1"
+    )
+    bad = nbdgw("disk", "bitmap", "add", "-g", "12Q", disk, "g", check=False)
     assert bad.returncode == 2 and "not a size" in bad.stderr
     assert list(listing(disk)) == ["b"]  # nothing was lost or half-made
 
 
 def test_clear_prints_exactly_what_it_cleared(disk: Path) -> None:
-    nbdgw("bitmap", "add", disk, "b")
+    nbdgw("disk", "bitmap", "add", disk, "b")
     with Image.open(disk) as image:
         image.write(b"\x01" * (5 * G), 2 * G + 100)  # granules 2..7 dirty
     assert listing(disk)["b"]["dirty_bytes"] == 6 * G
@@ -146,9 +152,11 @@ def test_clear_prints_exactly_what_it_cleared(disk: Path) -> None:
         "bitmap", "clear", disk, "b", "--offset", str(3 * G - 1), "--length", str(3 * G + 2)
     )
     assert out.stdout.splitlines() == [f"{3 * G} {3 * G}"]
-    out = nbdgw("bitmap", "clear", disk, "b", "--offset", "100", "--length", "1000", "--json")
+    out = nbdgw(
+        "disk", "bitmap", "clear", disk, "b", "--offset", "100", "--length", "1000", "--json"
+    )
     assert json.loads(out.stdout) == []
-    extents = json.loads(nbdgw("bitmap", "map", disk, "b", "--json").stdout)
+    extents = json.loads(nbdgw("disk", "bitmap", "map", disk, "b", "--json").stdout)
     assert [(e["offset"], e["length"], e["dirty"]) for e in extents] == [
         (0, 2 * G, False),
         (2 * G, G, True),
@@ -156,40 +164,40 @@ def test_clear_prints_exactly_what_it_cleared(disk: Path) -> None:
         (6 * G, 2 * G, True),
         (8 * G, 10 * 1024 * 1024 - 8 * G, False),
     ]
-    out = nbdgw("bitmap", "clear", disk, "b")  # the whole bitmap
+    out = nbdgw("disk", "bitmap", "clear", disk, "b")  # the whole bitmap
     assert out.stdout.splitlines() == [f"0 {10 * 1024 * 1024}"]
     assert listing(disk)["b"]["dirty_bytes"] == 0
 
 
 def test_enable_disable_merge(disk: Path) -> None:
-    nbdgw("bitmap", "add", "-g", "512", disk, "fine")
-    nbdgw("bitmap", "add", disk, "coarse")
-    nbdgw("bitmap", "disable", disk, "coarse")
+    nbdgw("disk", "bitmap", "add", "-g", "512", disk, "fine")
+    nbdgw("disk", "bitmap", "add", disk, "coarse")
+    nbdgw("disk", "bitmap", "disable", disk, "coarse")
     assert listing(disk)["coarse"]["enabled"] is False
     with Image.open(disk) as image:
         image.write(b"x", 5 * G + 7)
     rows = listing(disk)
     assert rows["fine"]["dirty_bytes"] == 512
     assert rows["coarse"]["dirty_bytes"] == 0
-    nbdgw("bitmap", "merge", disk, "fine", "coarse")
+    nbdgw("disk", "bitmap", "merge", disk, "fine", "coarse")
     assert listing(disk)["coarse"]["dirty_bytes"] == G
-    nbdgw("bitmap", "enable", disk, "coarse")
+    nbdgw("disk", "bitmap", "enable", disk, "coarse")
     assert listing(disk)["coarse"]["enabled"] is True
 
 
 def test_busy_image_and_readers(disk: Path) -> None:
-    nbdgw("bitmap", "add", disk, "b")
+    nbdgw("disk", "bitmap", "add", disk, "b")
     with Image.open(disk) as image:
         image.write(b"x", 0)
-        assert "in use" in fails("bitmap", "clear", disk, "b")
+        assert "in use" in fails("disk", "bitmap", "clear", disk, "b")
         # Looking works while a writer (a server) has the image.
         assert listing(disk)["b"]["dirty_bytes"] == G
-    nbdgw("bitmap", "clear", disk, "b")
+    nbdgw("disk", "bitmap", "clear", disk, "b")
 
 
 @pytest.mark.interop
 def test_data_seen_by_qemu_io(disk: Path) -> None:
-    nbdgw("bitmap", "add", disk, "b")
+    nbdgw("disk", "bitmap", "add", disk, "b")
     with Image.open(disk) as image:
         image.write(b"\xab" * 4096, 3 * G)
         image.write_zeroes(3 * G + 1024, 1024)
@@ -205,26 +213,40 @@ def test_data_seen_by_qemu_io(disk: Path) -> None:
 
 
 def test_help_lists_the_commands() -> None:
-    out = nbdgw("bitmap", "--help").stdout
+    out = nbdgw("disk", "bitmap", "--help").stdout
     for command in ("add", "remove", "list", "map", "enable", "disable", "clear", "merge"):
         assert command in out
 
 
 def test_as_subprocesses(disk: Path) -> None:
     """The real command: output, exit codes and one-line errors across a process boundary."""
-    assert run_subprocess("bitmap", "add", "-g", "64K", disk, "b").returncode == 0
+    assert run_subprocess("disk", "bitmap", "add", "-g", "64K", disk, "b").returncode == 0
     with Image.open(disk) as image:
         image.write(b"x", G + 1)
-    listed = run_subprocess("bitmap", "list", disk, "--json")
+    listed = run_subprocess("disk", "bitmap", "list", disk, "--json")
     assert listed.returncode == 0
     assert json.loads(listed.stdout)[0]["dirty_bytes"] == G
-    cleared = run_subprocess("bitmap", "clear", disk, "b", "--offset", "0", "--length", "1M")
+    cleared = run_subprocess(
+        "disk", "bitmap", "clear", disk, "b", "--offset", "0", "--length", "1M"
+    )
     assert (cleared.returncode, cleared.stdout) == (0, f"0 {1024 * 1024}\n")
+    dup = run_subprocess("disk", "bitmap", "add", disk, "b")
+    assert dup.returncode == 1
+    assert dup.stderr == "nbdgw disk bitmap add: bitmap 'b' already exists\n"
+    usage = run_subprocess("disk", "bitmap", "add", "-g", "lots", disk, "c")
+    assert usage.returncode == 2 and "not a size" in usage.stderr
+
+
+def test_the_old_spelling_on_a_file_still_works(disk: Path) -> None:
+    """Until 0.2, ``nbdgw bitmap VERB DISK`` with DISK an existing file is ``disk bitmap``."""
+    old = run_subprocess("bitmap", "add", "-g", "64K", disk, "b")
+    notice = f"nbdgw: 'bitmap add' is deprecated, use 'disk bitmap add' (removed in {REMOVED_IN})"
+    assert (old.returncode, old.stderr) == (0, notice + "\n")
+    listed = run_subprocess("bitmap", "list", disk, "--json")
+    assert json.loads(listed.stdout)[0]["name"] == "b"
     dup = run_subprocess("bitmap", "add", disk, "b")
     assert dup.returncode == 1
-    assert dup.stderr == "nbdgw bitmap add: bitmap 'b' already exists\n"
-    usage = run_subprocess("bitmap", "add", "-g", "lots", disk, "c")
-    assert usage.returncode == 2 and "not a size" in usage.stderr
+    assert dup.stderr.splitlines()[1] == "nbdgw disk bitmap add: bitmap 'b' already exists"
 
 
 @pytest.mark.interop
@@ -258,7 +280,7 @@ def test_same_dirty_map_as_qemu(tmp_path: Path, granularity: int) -> None:
 
     raw = tmp_path / "d.raw"
     nbdgw("disk", "create", raw, str(size))
-    nbdgw("bitmap", "add", "-g", str(granularity), raw, "b0")
+    nbdgw("disk", "bitmap", "add", "-g", str(granularity), raw, "b0")
     with Image.open(raw) as image:
         for op, offset, length in ops:
             if op == "zero":
@@ -267,7 +289,7 @@ def test_same_dirty_map_as_qemu(tmp_path: Path, granularity: int) -> None:
                 image.write(b"\x5a" * length, offset)
     ours = [
         (e["offset"], e["length"], int(e["dirty"]))
-        for e in json.loads(nbdgw("bitmap", "map", raw, "b0", "--json").stdout)
+        for e in json.loads(nbdgw("disk", "bitmap", "map", raw, "b0", "--json").stdout)
     ]
 
     sock = tmp_path / "nbd.sock"
