@@ -123,6 +123,7 @@ def render_cli() -> str:
         if not is_group(sub):
             anchor = name.replace(" ", "-")
             out.append(f"| [`{name}`](#{anchor}) | {cell(summary)} |")
+    out += render_old_spellings()
     for name, summary, sub in commands:
         if is_group(sub):
             continue
@@ -149,6 +150,57 @@ def render_cli() -> str:
             out += ["| Option | Description |", "| --- | --- |"]
             out += [f"| {option_text(a)} | {cell(help_text(a))} |" for a in rows]
     return "\n".join(out) + "\n"
+
+
+def render_old_spellings() -> list[str]:
+    """The table of old spellings (gateway/cli/aliases.py and the renamed flags)."""
+    from gateway.cli.aliases import table
+    from nbdcore.tools import REMOVED_IN
+
+    out = [
+        "",
+        "## Old spellings",
+        "",
+        f"The spellings before the noun-verb grammar still work until {REMOVED_IN}; each use",
+        "prints one line on stderr, `nbdgw: 'snapshots create' is deprecated, use 'snapshot",
+        f"create' (removed in {REMOVED_IN})`. An old local `bitmap VERB DISK` or `snapshot VERB",
+        "DISK` collides with the new gateway command of the same words: when the first argument",
+        "after the verb that is not an option names an existing file, it is the old local form",
+        "(reach an export whose name is also a file here as `exports/NAME`); `bitmap enable`,",
+        "`disable` and `merge` always are. `backup --checkpoint VALUE` with a VALUE that reads as",
+        "a size (`64M`, `1048576`) is the old `--save-every`: give checkpoints names with a",
+        "letter in them.",
+        "",
+        "One meaning per flag: `--context` is any metadata context, `--bitmap` a dirty bitmap",
+        "(`NAME` or `qemu:dirty-bitmap:NAME`); `--tls-*` is TLS to the gateway, `--nbd-tls-*`",
+        "TLS on an NBD connection (to a host, or a `nbd serve` server's own), `--grpc-tls-*`",
+        "the gateway's own; `--checkpoint` names a checkpoint.",
+        "",
+        "| Old spelling | New spelling |",
+        "| --- | --- |",
+    ]
+    out += [f"| `nbdgw {old}` | `nbdgw {new}` |" for old, new in table()]
+    out += [f"| `{old}` | `{new}` |" for old, new in OLD_FLAGS]
+    return out
+
+
+# Flags that changed their name (DeprecatedFlag and friends), for the table above.
+OLD_FLAGS = [
+    ("nbdgw extents --bitmap CONTEXT", "nbdgw bitmap map --context CONTEXT"),
+    ("nbdgw snapshots create EXPORT --id ID", "nbdgw snapshot create EXPORT ID"),
+    ("nbdgw backup --checkpoint SIZE", "nbdgw backup --save-every SIZE"),
+    ("nbdgw backup --checkpoint-id NAME", "nbdgw backup --checkpoint NAME"),
+    ("nbdgw nbd list, map, copy --tls-ca, --tls-cert, --tls-key", "--nbd-tls-ca, -cert, -key"),
+    ("nbdgw map --tls-ca, --tls-cert, --tls-key", "nbdgw render --nbd-tls-ca, -cert, -key"),
+    ("nbdgw nbd serve --tls-cert, --tls-key, --tls-ca", "--nbd-tls-cert-file, -key-file, -ca-file"),
+    ("nbdgw nbd serve --tls-required", "nbdgw nbd serve --nbd-tls-required"),
+    (
+        "nbdgw serve --tls-ca-file, -cert-file, -key-file",
+        "--nbd-tls-ca-file, -cert-file, -key-file",
+    ),
+    ("nbdgw serve --tls-server-hostname", "nbdgw serve --nbd-tls-server-hostname"),
+    ("nbdgw serve --no-tls-verify", "nbdgw serve --no-nbd-tls-verify"),
+]
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -241,6 +293,8 @@ def render_settings() -> str:
     ]
     for action in serve._actions:
         if isinstance(action, argparse._HelpAction) or not action.option_strings:
+            continue
+        if action.help is argparse.SUPPRESS:  # an old spelling (docs/cli.md lists them)
             continue
         env = ", ".join(f"`{v}`" for v in dict.fromkeys(ENV_RE.findall(action.help or "")))
         key, default = known.get(action.dest, ("", ""))

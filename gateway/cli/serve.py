@@ -43,7 +43,7 @@ from gateway.config import (
 )
 from gateway.sample import SAMPLE_BITMAP, SAMPLE_EXPORT
 from nbdcore.tls import TLSConfig
-from nbdcore.tools import DocstringFormatter
+from nbdcore.tools import DeprecatedFlag, DocstringFormatter
 
 # SQLite's synchronous modes the ledger accepts (gateway.ledger.Ledger).
 LEDGER_SYNCHRONOUS = ("full", "extra", "normal")
@@ -271,22 +271,37 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         " ($NBDGW_CSI_BLOCK_SIZE, default 0)",
     )
     tls = p.add_argument_group("TLS towards NBD hosts (nbds:// URIs given by --export)")
-    tls.add_argument("--tls-ca-file", default=_env("TLS_CA_FILE"), help="($NBDGW_TLS_CA_FILE)")
+    # --nbd-tls-*: the NBD side's TLS, as in every command (--tls-* is a gateway client's,
+    # --grpc-tls-* this gateway's own); the old --tls-*-file spellings still work until 0.2.
+    for name, env, helps in (
+        ("ca-file", "TLS_CA_FILE", "CA bundle to verify the hosts"),
+        ("cert-file", "TLS_CERT_FILE", "client certificate for the hosts"),
+        ("key-file", "TLS_KEY_FILE", "client private key for the hosts"),
+        ("server-hostname", "TLS_SERVER_HOSTNAME", "name to verify in the host's certificate"),
+    ):
+        dest = "tls_" + name.replace("-", "_")
+        tls.add_argument(
+            f"--nbd-tls-{name}",
+            dest=dest,
+            default=_env(env),
+            metavar="NAME" if name == "server-hostname" else "FILE",
+            help=f"{helps} (${'NBDGW_' + env})",
+        )
+        tls.add_argument(
+            f"--tls-{name}", dest=dest, default=argparse.SUPPRESS, action=DeprecatedFlag,
+            new=f"--nbd-tls-{name}",
+        )  # fmt: skip
     tls.add_argument(
-        "--tls-cert-file", default=_env("TLS_CERT_FILE"), help="($NBDGW_TLS_CERT_FILE)"
-    )
-    tls.add_argument("--tls-key-file", default=_env("TLS_KEY_FILE"), help="($NBDGW_TLS_KEY_FILE)")
-    tls.add_argument(
-        "--tls-server-hostname",
-        default=_env("TLS_SERVER_HOSTNAME"),
-        help="name to verify in the host's certificate ($NBDGW_TLS_SERVER_HOSTNAME)",
-    )
-    tls.add_argument(
-        "--no-tls-verify",
+        "--no-nbd-tls-verify",
+        dest="no_tls_verify",
         action="store_true",
         default=_env("NO_TLS_VERIFY"),
         help="do not verify NBD hosts' certificates ($NBDGW_NO_TLS_VERIFY)",
     )
+    tls.add_argument(
+        "--no-tls-verify", dest="no_tls_verify", nargs=0, default=argparse.SUPPRESS,
+        action=DeprecatedFlag, new="--no-nbd-tls-verify",
+    )  # fmt: skip
     obs = p.add_argument_group("metrics and logs")
     obs.add_argument(
         "--metrics-listen",

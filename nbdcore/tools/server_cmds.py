@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from nbdcore.exceptions import UsageError
-from nbdcore.tools import run, subgroup
+from nbdcore.tools import DeprecatedFlag, run, subgroup
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
@@ -59,12 +59,29 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "this host needs for point-in-time backups); off by default, since any client that "
         "can connect could then take snapshots",
     )
-    p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
-    p.add_argument("--tls-ca", metavar="FILE", help="CA that client certificates must chain to")
+    # --nbd-tls-*: the NBD side's TLS in every command (here the server's own; --tls-* is a
+    # gateway client's). The old --tls-* spellings still work until 0.2.
+    for name, dest, helps in (
+        ("cert-file", "tls_cert", "server certificate (PEM)"),
+        ("key-file", "tls_key", "server private key (PEM)"),
+        ("ca-file", "tls_ca", "CA that client certificates must chain to (asks for them)"),
+    ):
+        p.add_argument(f"--nbd-tls-{name}", dest=dest, metavar="FILE", help=helps)
+        old = "--tls-" + name.removesuffix("-file")
+        p.add_argument(
+            old, dest=dest, default=argparse.SUPPRESS, action=DeprecatedFlag,
+            new=f"--nbd-tls-{name}",
+        )  # fmt: skip
     p.add_argument(
-        "--tls-required", action="store_true", help="refuse clients that do not start TLS"
+        "--nbd-tls-required",
+        dest="tls_required",
+        action="store_true",
+        help="refuse clients that do not start TLS",
     )
+    p.add_argument(
+        "--tls-required", dest="tls_required", nargs=0, default=argparse.SUPPRESS,
+        action=DeprecatedFlag, new="--nbd-tls-required",
+    )  # fmt: skip
     p.add_argument("--max-connections", type=int, default=64, metavar="N")
     p.add_argument(
         "--no-clear-extension",
@@ -100,14 +117,17 @@ async def serve(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
-            raise UsageError("--tls-cert and --tls-key go together")
+            raise UsageError("--nbd-tls-cert-file and --nbd-tls-key-file go together")
         from nbdcore.tls import server_context
 
         tls = server_context(
             args.tls_cert, args.tls_key, args.tls_ca, require_client_cert=bool(args.tls_ca)
         )
     elif args.tls_required or args.tls_ca:
-        raise UsageError("--tls-required and --tls-ca need --tls-cert and --tls-key")
+        raise UsageError(
+            "--nbd-tls-required and --nbd-tls-ca-file need --nbd-tls-cert-file and"
+            " --nbd-tls-key-file"
+        )
     listen = _parse_listen(args.listen) if args.listen else None
 
     image = Image.open(args.disk, read_only=args.read_only)

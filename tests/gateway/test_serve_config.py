@@ -175,9 +175,9 @@ def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                 "s=nbds://h/s",
                 "--export",
                 "p=nbd://g/p",
-                "--tls-ca-file",
+                "--nbd-tls-ca-file",
                 "/ca.pem",
-                "--tls-server-hostname",
+                "--nbd-tls-server-hostname",
                 "h.example",
             ]
         )

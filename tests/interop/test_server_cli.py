@@ -61,7 +61,7 @@ def test_serve_tcp_port_zero(tmp_path: Path) -> None:
     [
         (["missing.raw", "--socket", "s"], "No such file"),
         (["d.raw", "--listen", "nonsense"], "HOST:PORT"),
-        (["d.raw", "--socket", "s", "--tls-required"], "--tls-cert"),
+        (["d.raw", "--socket", "s", "--nbd-tls-required"], "--nbd-tls-cert-file"),
         (["d.raw", "--socket", "s", "--bitmap", "nope"], "nope"),
     ],
 )

@@ -213,3 +213,25 @@ def test_the_docs_table_lists_every_old_spelling() -> None:
     assert rows["snapshots create"] == "snapshot create"
     assert rows["bitmap add DISK ..."] == "disk bitmap add"
     assert len(rows) == len(ALIASES) + 8 + 3
+
+
+def test_serving_sides_nbd_tls_and_the_old_spellings(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(["serve", "--nbd-tls-ca-file", "ca.pem", "--no-nbd-tls-verify"])
+    assert (args.tls_ca_file, args.no_tls_verify) == ("ca.pem", True)
+    args = parse(["serve"])
+    assert (args.tls_ca_file, args.tls_server_hostname) == (None, None)
+    assert notices(capsys) == []
+    args = parse(["serve", "--tls-ca-file", "old.pem", "--no-tls-verify"])
+    assert (args.tls_ca_file, args.no_tls_verify) == ("old.pem", True)
+    assert notices(capsys) == [
+        NOTICE.format("--tls-ca-file", "--nbd-tls-ca-file"),
+        NOTICE.format("--no-tls-verify", "--no-nbd-tls-verify"),
+    ]
+    args = parse(["nbd", "serve", "d.img", "--socket", "s", "--nbd-tls-cert-file", "c.pem"])
+    assert (args.tls_cert, args.tls_key, args.tls_required) == ("c.pem", None, False)
+    args = parse(["nbd", "serve", "d.img", "--socket", "s", "--tls-key", "k.pem", "--tls-required"])
+    assert (args.tls_key, args.tls_required) == ("k.pem", True)
+    assert notices(capsys) == [
+        NOTICE.format("--tls-key", "--nbd-tls-key-file"),
+        NOTICE.format("--tls-required", "--nbd-tls-required"),
+    ]
