@@ -13,6 +13,7 @@ from nbdgw import _core
 from nbdgw._models import (
     Bitmap,
     ByteRange,
+    Checkpoint,
     ClearResult,
     DataChunk,
     Export,
@@ -300,9 +301,15 @@ class AsyncClient:
         cluster_size: int = 0,
         max_preserved_bytes: int = 0,
         on_full: SnapshotOnFull = SnapshotOnFull.UNSPECIFIED,
+        group: Sequence[str] = (),
+        checkpoint: str = "",
+        since: str = "",
     ) -> Snapshot:
-        """A point-in-time snapshot of ``export``, forking ``bitmaps``. Not retried: a retry
-        after a lost answer could make a second snapshot."""
+        """A point-in-time snapshot of ``export``, forking ``bitmaps``; with the exports of
+        ``group`` at the same instant (a consistency group); starting checkpoint
+        ``checkpoint``; forking what changed since checkpoint ``since`` as
+        ``qemu:dirty-bitmap:since:SINCE``. Not retried: a retry after a lost answer could make
+        a second snapshot."""
         req = spb.CreateSnapshotRequest(
             parent=export,
             snapshot_id=snapshot_id,
@@ -310,6 +317,9 @@ class AsyncClient:
             cluster_size_bytes=cluster_size,
             max_preserved_bytes=max_preserved_bytes,
             on_full=int(on_full),  # type: ignore[arg-type]
+            group=list(group),
+            checkpoint_id=checkpoint,
+            since_checkpoint=since,
         )
         return _core.snapshot_from(
             await self._unary(self._snapshots, "CreateSnapshot", req, retry=False)
@@ -332,3 +342,36 @@ class AsyncClient:
         req = spb.ReleaseSnapshotRequest(name=_core.snapshot_name(export, snapshot))
         resp = await self._unary(self._snapshots, "ReleaseSnapshot", req, retry=False)
         return _core.forks_from(resp.merged)
+
+    # --- bitmaps and checkpoints -----------------------------------------------------------------
+
+    async def add_bitmap(
+        self, export: str, bitmap: str, *, granularity: int = 0, persistent: bool = True
+    ) -> Bitmap:
+        """Add dirty bitmap ``bitmap`` to ``export`` (hosts that can: running QEMU VMs); it
+        records every write from now on. ``granularity`` 0: the host's default. Not retried (a
+        retry after a lost answer would find it there)."""
+        req = pb.AddBitmapRequest(
+            parent=export, bitmap=bitmap, granularity_bytes=granularity, persistent=persistent
+        )
+        return _core.bitmap_from(await self._unary(self._bitmaps, "AddBitmap", req, retry=False))
+
+    async def remove_bitmap(self, export: str, bitmap: str) -> str:
+        """Remove dirty bitmap ``bitmap`` (``NAME`` or ``qemu:dirty-bitmap:NAME``) of
+        ``export``; returns its context. Not retried."""
+        req = pb.RemoveBitmapRequest(name=_core.bitmap_name(export, bitmap))
+        resp = await self._unary(self._bitmaps, "RemoveBitmap", req, retry=False)
+        return str(resp.context)
+
+    async def list_checkpoints(self, export: str) -> list[Checkpoint]:
+        """The checkpoints of ``export``, oldest first."""
+        req = spb.ListCheckpointsRequest(parent=export)
+        resp = await self._unary(self._snapshots, "ListCheckpoints", req)
+        return [_core.checkpoint_from(c) for c in resp.checkpoints]
+
+    async def delete_checkpoint(self, export: str, checkpoint: str) -> str:
+        """Delete a checkpoint: its interval merges into the older neighbour, whose id is
+        returned ("" when it was the oldest). Not retried."""
+        req = spb.DeleteCheckpointRequest(name=_core.checkpoint_name(export, checkpoint))
+        resp = await self._unary(self._snapshots, "DeleteCheckpoint", req, retry=False)
+        return str(resp.merged_into).rsplit("/", 1)[-1]

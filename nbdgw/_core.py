@@ -23,6 +23,7 @@ from nbdgw._models import (
     BitmapKind,
     BlockSizes,
     ByteRange,
+    Checkpoint,
     ClearMode,
     ClearResult,
     Export,
@@ -179,6 +180,38 @@ def remaining_request(
     if length is not None:
         req.length = length
     return req
+
+
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+
+
+def checkpoint_name(export: str, checkpoint: str) -> str:
+    """``exports/{export}/checkpoints/{checkpoint}``; a full name is taken as it is."""
+    if checkpoint.startswith(EXPORTS_PREFIX):
+        return checkpoint
+    return f"{EXPORTS_PREFIX}{export_id(export)}/checkpoints/{checkpoint}"
+
+
+def bitmap_name(export: str, bitmap: str) -> str:
+    """``exports/{export}/bitmaps/{context}``; a bitmap name without ``:`` is
+    ``qemu:dirty-bitmap:NAME``, and a full resource name is taken as it is."""
+    if bitmap.startswith(EXPORTS_PREFIX):
+        return bitmap
+    context = bitmap if ":" in bitmap else DIRTY_BITMAP_PREFIX + bitmap
+    return f"{EXPORTS_PREFIX}{export_id(export)}/bitmaps/{context}"
+
+
+def checkpoint_from(m: spb.Checkpoint) -> Checkpoint:
+    export, _, checkpoint_id = m.name.removeprefix(EXPORTS_PREFIX).partition("/checkpoints/")
+    return Checkpoint(
+        name=m.name,
+        id=checkpoint_id,
+        export=export,
+        recording=m.recording,
+        dirty_bytes=m.dirty_bytes,
+        granularity=m.granularity_bytes,
+        raw=m,
+    )
 
 
 def snapshot_name(export: str, snapshot: str) -> str:

@@ -324,3 +324,18 @@ class Snapshot:
     on_full: SnapshotOnFull
     state: SnapshotState
     raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A checkpoint of an export: the instant a snapshot started it (``checkpoint=`` of
+    :meth:`~nbdgw.Client.create_snapshot`), from which later snapshots fork what changed
+    since (``since=``). The newest one records; older ones are closed intervals."""
+
+    name: str  # exports/{export}/checkpoints/{id}
+    id: str
+    export: str
+    recording: bool
+    dirty_bytes: int
+    granularity: int
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message

@@ -19,7 +19,6 @@ from gateway.cli.common import (
     _one_line_errors,
     add_target_arguments,
     command,
-    connect,
     full_context_name,
     open_client,
     parse_size,
@@ -29,7 +28,6 @@ from gateway.cli.common import (
 from gateway.cli.exports import enum_word
 from nbdcore.tools import subgroup
 from nbdgw import ByteRange, ClearMode, ExtentFilter
-from nbdgw.v1 import bitmap_service_pb2 as pb
 
 
 def _check_length(args: argparse.Namespace) -> None:
@@ -181,38 +179,25 @@ async def cmd_remaining(args: argparse.Namespace) -> int:
     return 0
 
 
-# AddBitmap and RemoveBitmap are not in the client library yet: the raw stub.
 @command
 async def cmd_add(args: argparse.Namespace) -> int:
-    async with connect(args) as gw:
-        bm = await gw.stub.AddBitmap(
-            pb.AddBitmapRequest(
-                parent=args.export,
-                bitmap=args.name,
-                granularity_bytes=args.granularity,
-                persistent=not args.transient,
-            ),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
+    async with open_client(args) as client:
+        bitmap = await client.add_bitmap(
+            args.export, args.name, granularity=args.granularity, persistent=not args.transient
         )
     if args.json:
-        print_json([bm])
+        print_json([bitmap.raw])
         return 0
-    kind = "persistent" if bm.persistent else "transient"
-    print(f"added {bm.context} ({kind}, granularity {bm.granularity_bytes}): recording")
+    kind = "persistent" if bitmap.raw.persistent else "transient"
+    print(f"added {bitmap.context} ({kind}, granularity {bitmap.granularity}): recording")
     return 0
 
 
 @command
 async def cmd_remove(args: argparse.Namespace) -> int:
-    export = args.export.removeprefix("exports/")
-    async with connect(args) as gw:
-        resp = await gw.stub.RemoveBitmap(
-            pb.RemoveBitmapRequest(name=f"exports/{export}/bitmaps/{full_context_name(args.name)}"),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-    print(f"removed {resp.context}")
+    async with open_client(args) as client:
+        context = await client.remove_bitmap(args.export, args.name)
+    print(f"removed {context}")
     return 0
 
 

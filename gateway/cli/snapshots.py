@@ -24,13 +24,13 @@ from gateway.cli.common import (
     print_table,
 )
 from nbdcore.tools import DeprecatedFlag, subgroup
-from nbdgw import BitmapKind
+from nbdgw import BitmapKind, SnapshotOnFull
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
 _ON_FULL = {
-    "break": spb.SNAPSHOT_ON_FULL_BREAK_SNAPSHOT,
-    "fail-write": spb.SNAPSHOT_ON_FULL_FAIL_WRITE,
+    "break": SnapshotOnFull.BREAK_SNAPSHOT,
+    "fail-write": SnapshotOnFull.FAIL_WRITE,
 }
 
 
@@ -143,32 +143,21 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
 
 
 async def cmd_checkpoints(args: argparse.Namespace) -> int:
-    async with connect(args) as gw:
-        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ListCheckpoints(
-            spb.ListCheckpointsRequest(parent=args.export),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
+    async with open_client(args) as client:
+        checkpoints = await client.list_checkpoints(args.export)
     if args.json:
-        print_json(resp)
+        print_json(spb.ListCheckpointsResponse(checkpoints=[c.raw for c in checkpoints]))
         return 0
-    if not resp.checkpoints:
+    if not checkpoints:
         print(f"no checkpoints of {args.export}")
-    for c in resp.checkpoints:
-        state = "recording" if c.recording else "closed"
-        print(f"{c.name.rsplit('/', 1)[-1]}  {state}  {c.dirty_bytes}")
+    for c in checkpoints:
+        print(f"{c.id}  {'recording' if c.recording else 'closed'}  {c.dirty_bytes}")
     return 0
 
 
 async def cmd_delete_checkpoint(args: argparse.Namespace) -> int:
-    export = args.export.removeprefix("exports/")
-    async with connect(args) as gw:
-        resp = await spb_grpc.SnapshotServiceStub(gw.channel).DeleteCheckpoint(
-            spb.DeleteCheckpointRequest(name=f"exports/{export}/checkpoints/{args.checkpoint}"),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-    into = resp.merged_into.rsplit("/", 1)[-1] if resp.merged_into else ""
+    async with open_client(args) as client:
+        into = await client.delete_checkpoint(args.export, args.checkpoint)
     print(f"deleted {args.checkpoint}" + (f"; its changes merged into {into}" if into else ""))
     return 0
 
@@ -201,12 +190,12 @@ async def cmd_create(args: argparse.Namespace) -> int:
     if args.no_fork and args.bitmap:
         raise CommandError("--no-fork and --bitmap exclude each other")
     forks = args.bitmap
-    if not forks and not args.no_fork and not args.since:
-        # As 'nbdgw disk snapshot create' does for a local image: every dirty bitmap that
-        # records, so that nothing written before the snapshot is left out of its forks
-        # (with --since, the fork is that checkpoint's view). The gateway's own bitmaps
-        # (checkpoints of running VMs, named nbdgw-...) are not the user's to fork.
-        async with open_client(args) as client:
+    async with open_client(args) as client:
+        if not forks and not args.no_fork and not args.since:
+            # As 'nbdgw disk snapshot create' does for a local image: every dirty bitmap that
+            # records, so that nothing written before the snapshot is left out of its forks
+            # (with --since, the fork is that checkpoint's view). The gateway's own bitmaps
+            # (checkpoints of running VMs, named nbdgw-...) are not the user's to fork.
             forks = [
                 b.context
                 for b in await client.list_bitmaps(args.export)
@@ -214,31 +203,26 @@ async def cmd_create(args: argparse.Namespace) -> int:
                 and b.recording
                 and not b.context.removeprefix(DIRTY_BITMAP_PREFIX).startswith(GATEWAY_BITMAPS)
             ]
-    # CreateSnapshot with a consistency group and checkpoints is not in the client library
-    # yet: the raw stub.
-    async with connect(args) as gw:
-        snap = await spb_grpc.SnapshotServiceStub(gw.channel).CreateSnapshot(
-            spb.CreateSnapshotRequest(
-                parent=args.export,
-                snapshot_id=args.snapshot or args.id,
-                bitmaps=forks,
-                cluster_size_bytes=args.cluster_size,
-                max_preserved_bytes=args.max_size,
-                on_full=_ON_FULL[args.on_full],
-                group=args.group,
-                checkpoint_id=args.checkpoint,
-                since_checkpoint=args.since,
-            ),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
+        snap = await client.create_snapshot(
+            args.export,
+            snapshot_id=args.snapshot or args.id,
+            bitmaps=forks,
+            cluster_size=args.cluster_size,
+            max_preserved_bytes=args.max_size,
+            on_full=_ON_FULL[args.on_full],
+            group=args.group,
+            checkpoint=args.checkpoint,
+            since=args.since,
         )
     if args.json:
-        print_json(snap)
+        print_json(snap.raw)
     else:
-        print_table([SNAPSHOT_HEADER, _row(snap)])
+        print_table([SNAPSHOT_HEADER, _row(snap.raw)])
     return 0
 
 
+# ReleaseSnapshot's list of the snapshots it released (a consistency group) is not in the
+# client's answer (the merged forks): the raw stub.
 async def cmd_release(args: argparse.Namespace) -> int:
     export = args.export.removeprefix("exports/")
     async with connect(args) as gw:

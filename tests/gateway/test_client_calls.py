@@ -232,6 +232,31 @@ def test_clear_remaining_and_snapshots(
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
+def test_checkpoints(fresh: tuple[GatewayProcess, EmbeddedDisk], flavour: str) -> None:
+    gw, _ = fresh
+    with client(flavour, gw.target) as c:
+        assert c.call("list_checkpoints", "disk") == []
+        s0 = c.call("create_snapshot", "disk", snapshot_id="s0", checkpoint="c0")
+        assert s0.raw.checkpoint_id == "c0"
+        c.call("release_snapshot", "disk", "s0")
+        (c0,) = c.call("list_checkpoints", "disk")
+        assert isinstance(c0, nbdgw.Checkpoint)
+        assert (c0.name, c0.id, c0.export) == ("exports/disk/checkpoints/c0", "c0", "disk")
+        assert c0.recording and c0.dirty_bytes == 0 and c0.granularity > 0
+        # Nothing was written since c0: the view since it is clean.
+        s1 = c.call("create_snapshot", "disk", snapshot_id="s1", checkpoint="c1", since="c0")
+        assert [(f.context, f.dirty_bytes) for f in s1.forks] == [("qemu:dirty-bitmap:since:c0", 0)]
+        c.call("release_snapshot", "disk", "s1")
+        listed = c.call("list_checkpoints", "disk")
+        assert [(k.id, k.recording) for k in listed] == [("c0", False), ("c1", True)]
+        assert c.call("delete_checkpoint", "disk", "c1") == "c0"
+        assert c.call("delete_checkpoint", "exports/disk", "c0") == ""
+        assert c.call("list_checkpoints", "disk") == []
+        with pytest.raises(nbdgw.errors.NotFound):
+            c.call("delete_checkpoint", "disk", "c0")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_generations_on_a_ledger_export(tmp_path: Path, flavour: str) -> None:
     """A read-only qemu-nbd export clears through the ledger: a clear must name the current
     generation, and GenerationMismatch says which one that is."""
