@@ -358,6 +358,12 @@ METHOD_COMMANDS: dict[str, str] = {
 # Phrases whose quoted word is not a request field (a configuration key), said the CLI's way.
 PHRASES: dict[str, str] = {
     "set 'generation' in the configuration": "set 'generation = NAME' in its [[exports]] table",
+    "pass the clear_token of the StreamExtents message that carried the range (or set"
+    " unconditional if nothing writes the export)": "pass --clear-token with the token that"
+    " 'nbdgw bitmap map --show-clear-token' printed when it read the range (or --unconditional"
+    " if nothing writes the export)",
+    "set unconditional only if nothing writes the export": "give --unconditional only if"
+    " nothing writes the export",
 }
 _QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
 _METHOD = re.compile(r"\b(" + "|".join(METHOD_COMMANDS) + r")\b")

@@ -14,6 +14,7 @@ from typing import Any
 from gateway.cli.common import (
     DIRTY_BITMAP_PREFIX,
     CommandError,
+    CommandFailed,
     _one_line_errors,
     add_target_arguments,
     command,
@@ -25,6 +26,7 @@ from gateway.cli.common import (
 )
 from nbdcore.tools import DeprecatedFlag, subgroup
 from nbdgw import BitmapKind, SnapshotOnFull
+from nbdgw.errors import CallError
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
@@ -133,6 +135,29 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
 
     p = _one_line_errors(
         group.add_parser(
+            "create",
+            help="start a checkpoint now (a snapshot forking nothing, released at once)",
+            description="Start checkpoint CHECKPOINT of EXPORT at this instant: every write from"
+            " now on is recorded in it, for 'nbdgw backup --since CHECKPOINT' or 'nbdgw snapshot"
+            " create --since CHECKPOINT'. It takes a snapshot that forks no bitmap (the instant"
+            " of the checkpoint) and releases it at once; 'nbdgw backup --checkpoint' starts one"
+            " with its own snapshot instead.",
+        )
+    )
+    p.add_argument("export", metavar="EXPORT")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="EXPORT",
+        help="start it on this export of the same running QEMU at the same instant (repeatable)",
+    )
+    add_target_arguments(p)
+    p.set_defaults(func=command(cmd_create_checkpoint))
+
+    p = _one_line_errors(
+        group.add_parser(
             "delete", help="delete a checkpoint (its changes merge into the older neighbour)"
         )
     )
@@ -150,8 +175,32 @@ async def cmd_checkpoints(args: argparse.Namespace) -> int:
         return 0
     if not checkpoints:
         print(f"no checkpoints of {args.export}")
+        return 0
+    rows = [["NAME", "STATE", "DIRTY", "GRANULARITY"]]
     for c in checkpoints:
-        print(f"{c.id}  {'recording' if c.recording else 'closed'}  {c.dirty_bytes}")
+        state = "recording" if c.recording else "closed"
+        rows.append([c.id, state, str(c.dirty_bytes), str(c.granularity)])
+    print_table(rows)
+    return 0
+
+
+async def cmd_create_checkpoint(args: argparse.Namespace) -> int:
+    async with open_client(args) as client:
+        snap = await client.create_snapshot(
+            args.export, bitmaps=(), group=args.group, checkpoint=args.checkpoint
+        )
+        try:
+            await client.release_snapshot(args.export, snap.id)
+        except CallError as exc:
+            raise CommandFailed(
+                f"checkpoint {args.checkpoint} started, but its snapshot {snap.id} was not"
+                f" released ({exc}): release it with 'nbdgw snapshot release {args.export}"
+                f" {snap.id}'"
+            ) from None
+    print(
+        f"checkpoint {args.checkpoint} of {args.export} started: writes from now on are"
+        f" recorded (read them with 'nbdgw backup --since {args.checkpoint}')"
+    )
     return 0
 
 

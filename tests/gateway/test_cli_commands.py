@@ -169,7 +169,11 @@ def test_extents_and_clear_on_embedded_host(
     assert listed.returncode == 0 and token and " " not in token, listed.stderr
     refused = cli("bitmap", "clear", "disk", "--bitmap", "backup", "--offset", "0",
                   "--length", "1M", "--target", gw.target)  # fmt: skip
-    assert "[CLEAR_TOKEN_REQUIRED]" in assert_one_line_error(refused, 1)
+    line = assert_one_line_error(refused, 1)
+    assert "[CLEAR_TOKEN_REQUIRED]" in line
+    # In the CLI's words: its flags and commands, not the API's fields and RPCs.
+    assert "pass --clear-token with the token that 'nbdgw bitmap map --show-clear-token'" in line
+    assert "--unconditional" in line and "clear_token" not in line and "StreamExtents" not in line
     # Clear the second dirty run plus half a granule on each side: only whole granules go.
     off, length = dirty[1]
     proc = cli(
@@ -301,3 +305,29 @@ def test_old_spellings_still_work_with_one_notice(
     released = cli("snapshots", "release", "disk", "old1", *t)
     assert released.returncode == 0 and released.stdout.startswith("released old1")
     assert "old1" not in cli("snapshot", "list", "disk", *t, check=True).stdout
+
+
+def test_checkpoint_create_list_delete(
+    embedded_gateway: tuple[GatewayProcess, EmbeddedDisk],
+) -> None:
+    gw, _ = embedded_gateway
+    t = ["--target", gw.target]
+    assert cli("checkpoint", "list", "disk", *t, check=True).stdout == "no checkpoints of disk\n"
+    made = cli("checkpoint", "create", "disk", "k0", *t, check=True)
+    assert made.stdout.startswith("checkpoint k0 of disk started")
+    cli("checkpoint", "create", "disk", "k1", *t, check=True)
+    # Its snapshot is gone; the checkpoints stay, the newest recording.
+    assert "k0" not in cli("snapshot", "list", "disk", *t, check=True).stdout
+    rows = [line.split() for line in cli("checkpoint", "list", "disk", *t).stdout.splitlines()]
+    assert rows[0] == ["NAME", "STATE", "DIRTY", "GRANULARITY"]
+    assert [r[:2] for r in rows[1:]] == [["k0", "closed"], ["k1", "recording"]]
+    again = assert_one_line_error(cli("checkpoint", "create", "disk", "k1", *t), 1)
+    assert (
+        again.startswith("nbdgw checkpoint create: ALREADY_EXISTS")
+        and "[CHECKPOINT_EXISTS]" in again
+    )
+    deleted = cli("checkpoint", "delete", "disk", "k1", *t, check=True)
+    assert deleted.stdout == "deleted k1; its changes merged into k0\n"
+    cli("checkpoint", "delete", "disk", "k0", *t, check=True)
+    listed = json.loads(cli("checkpoint", "list", "disk", "--json", *t, check=True).stdout)
+    assert listed == {"checkpoints": []}

@@ -105,7 +105,14 @@ async def test_chain_since_any_checkpoint(
     listed = await run.snapshots.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
     assert [c.name.rsplit("/", 1)[1] for c in listed.checkpoints] == ["c0", "c1", "c2", "c3"]
     proc = await asyncio.to_thread(nbdgw, "checkpoint", "list", "d0", "--target", run.target)
-    assert proc.returncode == 0 and "c3  recording" in proc.stdout, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[:2] for line in proc.stdout.splitlines()]
+    assert rows[0] == ["NAME", "STATE"] and rows[1:] == [
+        ["c0", "closed"],
+        ["c1", "closed"],
+        ["c2", "closed"],
+        ["c3", "recording"],
+    ]
     assert [c.recording for c in listed.checkpoints] == [False, False, False, True]
 
     # Deleting c1 merges its interval into c0: "since c0" still has everything.
