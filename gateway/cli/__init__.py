@@ -19,6 +19,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from gateway import __version__
 
@@ -56,13 +57,15 @@ class _VersionAction(argparse.Action):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command, or with only those of the modules that add ``command``."""
-    parser = argparse.ArgumentParser(
+    from nbdcore.tools import OneLineParser
+
+    parser = OneLineParser(
         prog="nbdgw",
         description="A gRPC gateway to the change-tracking bitmaps of NBD-exported disks.",
     )
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {"": sub}
+    groups: dict[str, Any] = {"": sub}
     for name, names in COMMAND_MODULES.items():
         if command is None or command in names:
             importlib.import_module(name).register(sub, groups)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nbdcore.exceptions import NBDError
 
@@ -15,6 +16,46 @@ if TYPE_CHECKING:
 
 # The release that drops the old spellings of commands and flags (see deprecated()).
 REMOVED_IN = "0.2"
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line naming the command, with a "did you mean"
+    for a mistyped command (exit code 2). Its subparsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            import difflib  # only on this error: start-up stays lean
+
+            word, listed = match.groups()
+            choices = re.findall(r"'([^']*)'", listed)
+            close = difflib.get_close_matches(word, choices, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown command {word!r}; {hint}(one of: {', '.join(choices)})"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def unrecognized(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]
+) -> NoReturn:
+    """Report arguments no parser took, as the command they were given to (not the top
+    level), with the closest option of that command."""
+    words = command_name(args, parser.prog).split()[1:]
+    for word in words:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    options = [
+        o for a in parser._actions if a.help is not argparse.SUPPRESS for o in a.option_strings
+    ]
+    import difflib
+
+    flag = next((w.partition("=")[0] for w in extras if w.startswith("--")), None)
+    close = difflib.get_close_matches(flag, options, n=1) if flag else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 def subgroup(groups: dict[str, Any], name: str, help: str) -> Any:
@@ -68,8 +109,6 @@ class DeprecatedFlag(argparse.Action):
 
 def help_text(doc: str | None) -> str:
     """A docstring as a terminal shows it: ``x`` (reST) becomes 'x' and :role:`x` x."""
-    import re
-
     text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc or "")
     return re.sub(r"``([^`]+)``", r"'\1'", text)
 
@@ -136,7 +175,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     asyncio). The one runner of ``nbdgw`` and of these tools run alone: no command prints
     help (exit 2); an NBDError or OSError is one line on stderr, never a traceback, since a
     person caused it or the peer or the OS did (exit 1); Ctrl-C is exit 130."""
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        unrecognized(parser, args, extras)
     # asyncio and inspect only now: --help and argument errors should not pay their import.
     import asyncio
     import inspect

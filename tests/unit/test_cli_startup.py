@@ -98,3 +98,40 @@ def test_a_typo_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
         err.strip()
         == "nbdgw: unknown command 'exprots'; did you mean 'export'? 'nbdgw --help' lists them"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["bitmap", "lsit", "vm1"],
+            "nbdgw bitmap: error: unknown command 'lsit'; did you mean 'list'? (one of: list, map,"
+            " clear, remaining, add, remove) (see --help)",
+        ),
+        (
+            ["bitmap", "map", "vm1", "--contxt", "backup"],
+            "nbdgw bitmap map: error: unrecognized arguments: --contxt backup; did you mean"
+            " --context? (see --help)",
+        ),
+        (
+            ["disk", "bitmap", "list", "d.img", "--jsn"],
+            "nbdgw disk bitmap list: error: unrecognized arguments: --jsn; did you mean --json?"
+            " (see --help)",
+        ),
+        (
+            ["nbd", "copy", "nbd://h/e", "out", "--conections=2"],
+            "nbdgw nbd copy: error: unrecognized arguments: --conections=2; did you mean"
+            " --connections? (see --help)",
+        ),
+    ],
+)
+def test_a_typo_below_the_top_is_one_line_with_a_hint(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", line + "\n")
