@@ -30,6 +30,7 @@ from nbdcore.tools import command_name
 from nbdgw import TLS as ClientTLS
 from nbdgw import AsyncClient, Retry
 from nbdgw import errors as client_errors
+from nbdgw._core import error_from_rpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
@@ -364,6 +365,13 @@ PHRASES: dict[str, str] = {
     " if nothing writes the export)",
     "set unconditional only if nothing writes the export": "give --unconditional only if"
     " nothing writes the export",
+    "send the metadata 'authorization: Bearer TOKEN'": "give --token TOKEN (or $NBDGW_TOKEN)",
+}
+# What to do next, for the reasons whose message cannot say it in the CLI's words.
+REASON_HINTS: dict[str, str] = {
+    "EXPORT_NOT_FOUND": "'nbdgw export list' lists the exports",
+    "SNAPSHOT_NOT_FOUND": "'nbdgw snapshot list EXPORT' lists them",
+    "CHECKPOINT_NOT_FOUND": "'nbdgw checkpoint list EXPORT' lists them",
 }
 _QUOTED_FIELD = re.compile(r"'([a-z_]+)'")
 _METHOD = re.compile(r"\b(" + "|".join(METHOD_COMMANDS) + r")\b")
@@ -393,6 +401,8 @@ def describe_call_error(exc: client_errors.CallError, command: str) -> str:
         message = re.sub(rf"\b{re.escape(violation.field)}: ", f"{flag}: ", message)
         flags.append(flag)
     text = f"{exc.code}: {message}"
+    if exc.reason in REASON_HINTS:
+        text += f" ({REASON_HINTS[exc.reason]})"
     if exc.reason:
         text += f" [{exc.reason}]"
     if flags and flags[0] not in text:
@@ -447,9 +457,11 @@ def command(
             text = client_unreachable(exc, target) or describe_call_error(exc, name)
             print(f"{name}: {text}", file=sys.stderr)
             return 1
-        except grpc.aio.AioRpcError as exc:
-            text = unreachable(exc, getattr(args, "target", "")) or describe_rpc_error(exc)
-            print(f"{name}: {cli_words(text, name)}", file=sys.stderr)
+        except grpc.aio.AioRpcError as exc:  # a raw stub's (backup's data path)
+            said = unreachable(exc, getattr(args, "target", ""))
+            print(
+                f"{name}: {said or describe_call_error(error_from_rpc(exc), name)}", file=sys.stderr
+            )
             return 1
         except (CommandError, client_errors.ConfigurationError) as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)

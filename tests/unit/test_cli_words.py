@@ -63,3 +63,14 @@ def test_one_line_whatever_the_message() -> None:
     assert describe_call_error(exc, "nbdgw bitmap clear") == (
         "FAILED_PRECONDITION: first second line [CLEAR_NOT_SUPPORTED]"
     )
+
+
+def test_what_to_do_next_comes_before_the_reason() -> None:
+    exc = errors.NotFound("export 'nosuch' not found", code="NOT_FOUND", reason="EXPORT_NOT_FOUND")
+    assert describe_call_error(exc, "nbdgw bitmap list") == (
+        "NOT_FOUND: export 'nosuch' not found ('nbdgw export list' lists the exports)"
+        " [EXPORT_NOT_FOUND]"
+    )
+    assert cli_words(
+        "no token: send the metadata 'authorization: Bearer TOKEN'", "nbdgw export list"
+    ) == ("no token: give --token TOKEN (or $NBDGW_TOKEN)")
