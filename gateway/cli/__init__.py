@@ -57,11 +57,15 @@ class _VersionAction(argparse.Action):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command, or with only those of the modules that add ``command``."""
-    from nbdcore.tools import OneLineParser
+    from nbdcore.tools import REMOVED_IN, OneLineParser
 
     parser = OneLineParser(
         prog="nbdgw",
         description="A gRPC gateway to the change-tracking bitmaps of NBD-exported disks.",
+        epilog="Commands are nouns with verbs ('nbdgw bitmap map EXPORT --context CONTEXT'):"
+        " export, bitmap, snapshot and checkpoint through a gateway (--target), disk for local"
+        " images, nbd for NBD servers. The old spellings (exports, extents, snapshots ...)"
+        f" still work until {REMOVED_IN}, with a notice.",
     )
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -69,14 +69,17 @@ def map_context(args: argparse.Namespace) -> str:
 async def cmd_map(args: argparse.Namespace) -> int:
     context = map_context(args)
     _check_length(args)
-    async with open_client(args, retries=args.retries) as client:
-        printer = MapPrinter(context, sys.stdout, json_output=args.json)
-        # A zero-sized export has no range to stream; nbdinfo prints an empty map.
-        whole = args.offset is None and args.length is None
-        if whole and (await client.get_export(args.export)).size == 0:
+    printer = MapPrinter(context, sys.stdout, json_output=args.json)
+    # A zero-sized export has no range to stream; nbdinfo prints an empty map. Asked without
+    # retries: a gateway that is not there says so at once.
+    if args.offset is None and args.length is None:
+        async with open_client(args) as client:
+            size = (await client.get_export(args.export)).size
+        if size == 0:
             printer.begin()
             printer.end()
             return 0
+    async with open_client(args, retries=args.retries) as client:
         batches = client.iter_batches(
             args.export,
             context,

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -226,6 +227,8 @@ def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
         tls = ClientTLS(
             ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
         )
+    # The library logs its retries; the command says them itself (on_retry), once.
+    logging.getLogger("nbdgw").addHandler(logging.NullHandler())
     return AsyncClient(
         target,
         token=args.token,

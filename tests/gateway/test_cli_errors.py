@@ -67,6 +67,18 @@ def test_a_gateway_that_is_not_there() -> None:
     )
     line = assert_one_line_error(cli("export", "list", "--target", "nbdgw.invalid:50051"), 1)
     assert "cannot reach the gateway at nbdgw.invalid:50051: its host name does not resolve" in line
+    # Every command over the client says it the same way, in one line: the stream's resumes
+    # are for a gateway that went away, not one that was never there.
+    for argv in (
+        ["bitmap", "map", "vm", "--context", "base:allocation"],
+        ["bitmap", "remaining", "vm", "--bitmap", "b"],
+        ["snapshot", "list", "vm"],
+        ["checkpoint", "list", "vm"],
+        ["snapshot", "release", "vm", "s"],
+    ):
+        line = assert_one_line_error(cli(*argv, "--target", f"127.0.0.1:{port}"), 1)
+        name = " ".join(argv[:2])
+        assert line.startswith(f"nbdgw {name}: UNAVAILABLE: cannot reach the gateway at"), line
 
 
 def test_a_down_host_shows_no_size_and_no_clear_mode(tmp_path: Path) -> None:
