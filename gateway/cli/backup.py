@@ -319,9 +319,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", type=Path, help="the backup image to write")
     p.add_argument(
         "--bitmap",
-        metavar="CONTEXT",
-        help="the dirty bitmap (qemu:dirty-bitmap:NAME, or NAME); with --full it is optional "
-        "(base:allocation) and says what --clear clears",
+        metavar="NAME",
+        help="the dirty bitmap (NAME or qemu:dirty-bitmap:NAME); with --full it is optional "
+        "and says what --clear clears",
     )
     p.add_argument(
         "--full", action="store_true", default=None, help="copy all allocated data, not only dirty"
