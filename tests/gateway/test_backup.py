@@ -111,7 +111,7 @@ def test_killed_backup_with_clear_resumes_and_leaves_bitmap_clean(
     # The live export, whose bitmap clears as the backup goes (test_snapshot*.py: snapshots).
     args += ["--no-snapshot"]
     # Checkpoints every 64 KiB: many points at which to die.
-    args += ["--checkpoint", "64k"]
+    args += ["--save-every", "64k"]
     rng = random.Random(seed)
     threshold = rng.randrange(dirty[1][0], dirty[-2][0])
     killed = run_and_kill(args, state_path(out), threshold, disk.size)
@@ -167,7 +167,7 @@ def test_killed_full_backup_resumes_equal_to_source(
 ) -> None:
     gw, disk = qemu_gateway
     out = tmp_path / "full.img"
-    args = ["backup", "vm", "--full", str(out), "--target", gw.target, "--checkpoint", "64k"]
+    args = ["backup", "vm", "--full", str(out), "--target", gw.target, "--save-every", "64k"]
     threshold = random.Random(7).randrange(1 * MiB, 4 * MiB)
     run_and_kill(args, state_path(out), threshold, disk.size)
     resumed = cli(*args, "--resume")
@@ -440,7 +440,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     out = tmp_path / "full.img"
     with GatewayProcess("--image", f"disk={disk}", data_dir=tmp_path / "data") as gw:
         args = ["backup", "disk", "--full", str(out), "--target", gw.target]
-        args += ["--no-snapshot", "--checkpoint", "1M"]
+        args += ["--no-snapshot", "--save-every", "1M"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
             stdout=subprocess.DEVNULL,

@@ -86,7 +86,7 @@ def test_backup_with_digest_resumes_after_a_kill(
     gw, disk = gateway
     out = tmp_path / "full.img"
     args = ["backup", "disk", str(out), "--full", "--digest", "blake3", "--target", gw.target]
-    killed = run_and_kill([*args, "--checkpoint", "1M"], state_path(out), 3 * MiB, disk.size)
+    killed = run_and_kill([*args, "--save-every", "1M"], state_path(out), 3 * MiB, disk.size)
     assert killed["resume_token"] and killed["digest_state"]
     proc = cli(*args, "--resume")
     assert proc.returncode == 0, proc.stderr

@@ -62,7 +62,7 @@ def test_backup_across_a_gateway_restart(tmp_path: Path, retries: int) -> None:
     out = tmp_path / "inc.img"
     spath = state_path(out)
     cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--target", first.target]
-    cmd += ["--checkpoint", "64k", "--retries", str(retries)]
+    cmd += ["--save-every", "64k", "--retries", str(retries)]
     backup = subprocess.Popen(
         [sys.executable, "-m", "gateway", *cmd],
         stdout=subprocess.PIPE,
@@ -123,7 +123,7 @@ def test_writes_racing_a_clearing_backup_are_never_lost(tmp_path: Path, source: 
         out = tmp_path / "inc.img"
         cmd = ["backup", "disk", "--bitmap", "backup", str(out), "--clear", "--target", gw.target]
         backup = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *cmd, "--checkpoint", "256k"]
+            [sys.executable, "-m", "gateway", *cmd, "--save-every", "256k"]
             + (["--no-snapshot"] if source == "live" else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -31,7 +31,7 @@ def backup_killed_twice_then_resumed(
     target: str, export: str, bitmap: str, out: Path, dirty: list[tuple[int, int]], seed: int
 ) -> dict[str, Any]:
     args = ["backup", export, "--bitmap", bitmap, str(out), "--clear", "--target", target]
-    args += ["--checkpoint", "64k"]
+    args += ["--save-every", "64k"]
     rng = random.Random(seed)
     first = rng.randrange(dirty[0][0] + 1, dirty[len(dirty) // 2][0] + 1)
     killed = run_and_kill(args, state_path(out), first)
@@ -97,7 +97,7 @@ def test_resume_refused_after_a_generation_change(tmp_path: Path) -> None:
             dirty = dirty_map(gw.target, "vm", "b0")
             out = tmp_path / "inc.img"
             args = ["backup", "vm", "--bitmap", "b0", str(out), "--clear", "--target", gw.target]
-            args += ["--checkpoint", "64k"]
+            args += ["--save-every", "64k"]
             killed = run_and_kill(args, state_path(out), dirty[len(dirty) // 2][0])
             assert killed["generation"] == "snap-1"
             with grpc.insecure_channel(gw.target) as channel:

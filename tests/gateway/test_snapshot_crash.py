@@ -67,7 +67,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 def backup_cmd(target: str, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "gateway", "backup", "disk", str(out), "--bitmap", "b", "--clear",
-        "--checkpoint", "256k", "--retries", "2", "--target", target, *extra,
+        "--save-every", "256k", "--retries", "2", "--target", target, *extra,
     ]  # fmt: skip
 
 

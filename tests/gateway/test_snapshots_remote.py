@@ -169,7 +169,7 @@ async def test_kill9_of_the_host_in_the_backup_loop(
             out = tmp_path / f"inc{round_}.img"
             spath = out.with_name(out.name + ".nbdgw-backup.json")
             args = ["backup", "disk", str(out), "--bitmap", "b", "--clear", "--retries", "1"]
-            args += ["--checkpoint", "128k", "--target", run.target]
+            args += ["--save-every", "128k", "--target", run.target]
             await asyncio.sleep(1.0)  # dirty granules all over the disk: the backup has work
             backup = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway", *args, env=ENV,
