@@ -262,7 +262,9 @@ def serve_options() -> list[argparse.Action]:
     return [
         a
         for a in serve_parser()._actions
-        if a.option_strings and not isinstance(a, argparse._HelpAction)
+        if a.option_strings
+        and not isinstance(a, argparse._HelpAction)
+        and a.help is not argparse.SUPPRESS  # an old spelling, hidden (docs/cli.md)
     ]
 
 
@@ -445,11 +447,14 @@ async def test_metrics_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_client_connection_options_have_environment_variables(monkeypatch) -> None:
-    """The gateway-connection options of the client commands (exports, extents, backup...)."""
+    """The gateway-connection options of the client commands (export list, bitmap map...)."""
 
     def exports_parser() -> argparse.ArgumentParser:
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-        return sub.choices["exports"]
+        group = next(
+            a for a in sub.choices["export"]._actions if isinstance(a, argparse._SubParsersAction)
+        )
+        return group.choices["list"]
 
     group = next(g for g in exports_parser()._action_groups if g.title == "gateway connection")
     assert len(group._group_actions) >= 7
