@@ -164,8 +164,10 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
                 spb.DeleteCheckpointRequest(name="exports/d0/checkpoints/c1")
             )
         assert reason(exc.value) == (grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
-        # The CLI's add-bitmap/remove-bitmap are libvirt checkpoints here.
-        proc = await asyncio.to_thread(nbdgw, "add-bitmap", "d0", "manual", "--target", run.target)
+        # The CLI's bitmap add/remove are libvirt checkpoints here.
+        proc = await asyncio.to_thread(
+            nbdgw, "bitmap", "add", "d0", "manual", "--target", run.target
+        )
         assert proc.returncode == 0, proc.stderr
         assert vm.checkpoints()["manual"] == "c3"
         with pytest.raises(grpc.aio.AioRpcError) as exc:
