@@ -9,11 +9,16 @@ wall time, streams/s, MB/s of data, extents/s and the p50/p99/max of per-stream 
 to last message), and of time to first message. With ``--flood N``, N unauthenticated or
 wrong-token calls run during the load (they must all fail UNAUTHENTICATED).
 
-``--slow-readers N`` (issue 15): instead, N data streams over the whole disk that read one
-message and then stop reading for ``--hold`` seconds, then leave (N at most 60: the embedded
-host serves 64 connections). Reports the gateway's
-resident memory (VmRSS, MiB) before, at its peak while they are held, and settled: once they
-are gone (after ``--settle`` seconds). Freed stream buffers must go back to the system.
+``--slow-readers N`` (issue 15): instead, N data streams over the whole disk that read at most
+one message and then stop reading for ``--hold`` seconds, then leave. ``--raw-readers N``: the
+same from a raw HTTP/2 client (tests/gateway/raw_h2.py): N streams on one connection whose
+receive window is zero, never read. Both report the gateway's resident memory (VmRSS, MiB)
+before, at its peak while they are held, and settled: once they are gone (after ``--settle``
+seconds), and how many streams got data budget (``streaming``) or waited for it.
+``--budget-mib M`` configures the bound (``buffered_data_mib``; a quarter of it per identity,
+the 4 identities of the load); without it the gateway's defaults apply (128 MiB, 32 per
+identity: 48 streams hold 96 MiB at most, under them). Freed stream buffers must go back to
+the system.
 
 The tests run the same driver (tests/gateway/test_security_load.py) for correctness only.
 """
@@ -204,37 +209,76 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+ALL_DATA = pb.StreamExtentsRequest(
+    export="disk", context="base:allocation", filter=pb.EXTENT_FILTER_ALL, include_data=True
+)
+
+
+async def _held(pid: int, hold: float, peak: float) -> float:
+    """The gateway's peak RSS over ``hold`` seconds."""
+    end = time.monotonic() + hold
+    while time.monotonic() < end:
+        peak = max(peak, rss_mib(pid))
+        await asyncio.sleep(0.1)
+    return peak
+
+
 async def slow_readers(target: str, pid: int, n: int, hold: float, settle: float) -> dict[str, Any]:
-    """N data streams that stop reading after one message; the gateway's RSS around them."""
+    """N data streams that stop reading after one message (those that get data budget; the
+    others wait for it); the gateway's RSS around them."""
     before = rss_mib(pid)
     options = [("grpc.max_receive_message_length", 16 * MiB)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(4)]
-    request = pb.StreamExtentsRequest(
-        export="disk", context="base:allocation", filter=pb.EXTENT_FILTER_ALL, include_data=True
-    )
-    peak = before
     try:
         calls = []
         for i in range(n):
             stub = pb_grpc.BitmapServiceStub(channels[i % 4])
             token = TOKENS[f"agent{i % len(TOKENS)}"]
             calls.append(
-                stub.StreamExtents(request, metadata=(("authorization", f"Bearer {token}"),))
+                stub.StreamExtents(ALL_DATA, metadata=(("authorization", f"Bearer {token}"),))
             )
-        firsts = await asyncio.gather(*(c.read() for c in calls))
-        assert all(f is not grpc.aio.EOF and f.data for f in firsts)
-        end = time.monotonic() + hold
-        while time.monotonic() < end:
-            peak = max(peak, rss_mib(pid))
-            await asyncio.sleep(0.1)
+        firsts = [asyncio.ensure_future(c.read()) for c in calls]
+        peak = await _held(pid, hold, before)
+        streaming = sum(1 for f in firsts if f.done() and not f.exception())
         for c in calls:
             c.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
     finally:
         for ch in channels:
             await ch.close()
     await asyncio.sleep(settle)
     return {
         "slow_readers": n,
+        "streaming": streaming,
+        "rss_before_mib": round(before, 1),
+        "rss_peak_mib": round(peak, 1),
+        "rss_settled_mib": round(rss_mib(pid), 1),
+    }
+
+
+async def raw_readers(target: str, pid: int, n: int, hold: float, settle: float) -> dict[str, Any]:
+    """N data streams on one raw HTTP/2 connection with a zero receive window (the server can
+    send them nothing), never read; the gateway's RSS around them."""
+    from tests.gateway.raw_h2 import RawH2
+
+    before = rss_mib(pid)
+    conn = await RawH2.connect(target, window=0)
+    try:
+        for i in range(n):
+            token = TOKENS[f"agent{i % len(TOKENS)}"]
+            conn.call(
+                "/nbdgw.v1.BitmapService/StreamExtents",
+                {"authorization": f"Bearer {token}"},
+                ALL_DATA.SerializeToString(),
+            )
+        peak = await _held(pid, hold, before)
+        refused = dict(conn.statuses())
+    finally:
+        await conn.close()
+    await asyncio.sleep(settle)
+    return {
+        "raw_readers": n,
+        "ended_by_status": refused,  # grpc-status -> calls (8: a per-connection cap)
         "rss_before_mib": round(before, 1),
         "rss_peak_mib": round(peak, 1),
         "rss_settled_mib": round(rss_mib(pid), 1),
@@ -247,6 +291,8 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--slow-readers", type=int, default=0, metavar="N")
+    parser.add_argument("--raw-readers", type=int, default=0, metavar="N")
+    parser.add_argument("--budget-mib", type=int, default=0, metavar="M")
     parser.add_argument("--hold", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--settle", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--json", metavar="FILE")
@@ -258,20 +304,24 @@ def main() -> None:
         disk = make_disk(d / "disk.img")
         tokens = write_tokens(d / "tokens")
         # Slow readers hold their NBD connection: one each, or the rest would queue for one.
-        extra = ["--max-connections", str(args.slow_readers + 4)] if args.slow_readers else []
+        readers = max(args.slow_readers, args.raw_readers)
+        extra = ["--max-connections", str(readers + 4)] if readers else []
+        if args.budget_mib:
+            extra += ["--limit", f"buffered_data_mib={args.budget_mib}"]
+            extra += ["--limit", f"buffered_data_per_identity_mib={max(1, args.budget_mib // 4)}"]
         gw = GatewayProcess(
             "--image", f"disk={disk}", "--token-file", str(tokens), *extra, data_dir=d / "gw"
         ).start()
         try:
             out = []
             for _ in range(args.rounds):
-                if args.slow_readers:
+                if readers:
                     assert gw.proc is not None
+                    run = raw_readers if args.raw_readers else slow_readers
                     summary = asyncio.run(
-                        slow_readers(
-                            gw.target, gw.proc.pid, args.slow_readers, args.hold, args.settle
-                        )
+                        run(gw.target, gw.proc.pid, readers, args.hold, args.settle)
                     )
+                    summary["budget_mib"] = args.budget_mib or "default"
                 else:
                     summary = asyncio.run(run_load(gw.target, args.streams, args.flood)).summary()
                 print(json.dumps(summary))
@@ -291,6 +341,7 @@ __all__ = [
     "StreamResult",
     "asdict",
     "make_disk",
+    "raw_readers",
     "rss_mib",
     "run_load",
     "slow_readers",

@@ -378,6 +378,8 @@ _INT_LIMITS = (
     "clear_burst",
     "max_unauthenticated",
     "max_unauthenticated_per_connection",
+    "max_calls",
+    "max_calls_per_connection",
 )
 
 

@@ -19,6 +19,10 @@ go-grpc-prometheus, the names dashboards for gRPC services already use:
   connections), ``nbdgw_nbd_reconnects_total{host}`` (times a host came back after being down);
 - ``nbdgw_clear_ledger_entries{export}``: byte ranges (merged) recorded in the clear ledger, for
   the scopes loaded since the start;
+- ``nbdgw_stream_data_buffered_bytes`` / ``nbdgw_stream_data_budget_bytes`` (StreamExtents data in
+  flight, and the most there may be), ``nbdgw_stream_data_waiting_streams``,
+  ``nbdgw_stream_data_budget_waits_total``, ``nbdgw_limited_calls_total{limit}`` (calls refused
+  or cut by each limit of gateway.security.limits);
 - ``nbdgw_token_file_valid`` (0 once a reload of the token file failed closed, until it reads
   well again) and ``nbdgw_token_file_reload_errors_total``;
 - ``nbdgw_build_info{version}`` and the client library's ``process_*`` / ``python_*``.
@@ -173,6 +177,45 @@ class _StateCollector(Collector):
         for export, count in sorted(self.metrics.ledger_entries().items()):
             entries.add_metric([export], float(count))
         yield entries
+        limiter = self.metrics.limiter()
+        if limiter is not None:  # gateway.security.limits.Limiter
+            budget = limiter.budget
+            yield GaugeMetricFamily(
+                "nbdgw_stream_data_buffered_bytes",
+                "StreamExtents data read from hosts and not yet taken by grpc (the budget used).",
+                value=float(budget.used),
+            )
+            yield GaugeMetricFamily(
+                "nbdgw_stream_data_budget_bytes",
+                "The most StreamExtents data that may be in flight at once (buffered_data_mib).",
+                value=float(budget.total),
+            )
+            yield GaugeMetricFamily(
+                "nbdgw_stream_data_waiting_streams",
+                "Streams waiting for data budget (others' slow readers hold it).",
+                value=float(budget.waiting),
+            )
+            yield CounterMetricFamily(
+                "nbdgw_stream_data_budget_waits",
+                "Data messages that had to wait for budget before being read.",
+                value=float(budget.waits),
+            )
+            limited = CounterMetricFamily(
+                "nbdgw_limited_calls",
+                "Calls refused, cut or cancelled by a limit (gateway.security.limits).",
+                labels=["limit"],
+            )
+            for name, value in (
+                ("streams", limiter.refused_streams),
+                ("calls", limiter.refused_calls),
+                ("unauthenticated", limiter.refused_unauthenticated),
+                ("clear_rate", limiter.refused_clears),
+                ("stall_timeout", limiter.stalled),
+                ("request_timeout", limiter.request_timeouts),
+                ("call_timeout", limiter.timed_out),
+            ):
+                limited.add_metric([name], float(value))
+            yield limited
         tokens = self.metrics.tokens()
         if tokens is not None and hasattr(tokens, "reload_errors"):  # a TokenFile
             yield GaugeMetricFamily(
@@ -253,6 +296,7 @@ class Metrics:
         self._hosts: Callable[[], Iterable[Any]] = tuple
         self._ledger: Callable[[], Any] = lambda: None
         self.tokens: Callable[[], Any] = lambda: None
+        self.limiter: Callable[[], Any] = lambda: None
         self._host_up: dict[str, bool] = {}
         r.register(_StateCollector(self))
         if process:
@@ -274,6 +318,11 @@ class Metrics:
         """Read the bearer tokens (gateway.security.access.TokenFile, or None) from
         ``tokens()``: whether the file read well, and how many reloads failed."""
         self.tokens = tokens
+
+    def track_limiter(self, limiter: Callable[[], Any]) -> None:
+        """Read the limits' state (gateway.security.limits.Limiter) from ``limiter()``: the data
+        budget in use, streams waiting for it, calls refused or cut by each limit."""
+        self.limiter = limiter
 
     def host_samples(self) -> list[HostSample]:
         samples = []
@@ -584,13 +633,16 @@ class ObservabilityInterceptor(_Interceptor):
         return handler
 
 
-def _counted_requests(call: _Call, requests: Any) -> Any:
+def _counted_requests(call: _Call, requests: Any, method: str = "") -> Any:
     if not hasattr(requests, "__aiter__"):
         return requests
 
     async def counted() -> AsyncIterator[Any]:
         async for item in requests:
             call.received()
+            # StreamExtents runs request-streaming (gateway.security.access.receiving).
+            if method == STREAM_EXTENTS and call.stream_export is None:
+                call.stream_export = _export_label(item)
             yield item
 
     return counted()
@@ -626,7 +678,7 @@ def _wrap_streaming(
     def begin(request: Any, context: Any) -> tuple[_Call, Any]:
         call = _Call(metrics, method, grpc_type, context)
         if streaming_request:
-            request = _counted_requests(call, request)
+            request = _counted_requests(call, request, method)
         else:
             call.received()
             if method == STREAM_EXTENTS:

@@ -216,6 +216,7 @@ class Gateway:
         self.metrics.track_hosts(lambda: list(self.hosts.values()))
         self.metrics.track_ledger(lambda: getattr(self.backend, "ledger", None))
         self.metrics.track_tokens(lambda: self.config.tokens)
+        self.metrics.track_limiter(lambda: self.limiter)
         self.metrics_server: MetricsServer | None = None
         self.snapshots = Snapshots(self)
         self.qmp_snapshots = QmpSnapshots(self)

@@ -337,6 +337,15 @@ LIMITS_HELP = {
     " connection; then RESOURCE_EXHAUSTED",
     "unauthenticated_timeout": "seconds a call without credentials may last; then"
     " DEADLINE_EXCEEDED",
+    "max_calls": "calls of any kind open at once, in total; then RESOURCE_EXHAUSTED",
+    "max_calls_per_connection": "calls of any kind open at once on one client connection; then"
+    " RESOURCE_EXHAUSTED",
+    "request_timeout": "seconds from a call's headers to its request message; then"
+    " DEADLINE_EXCEEDED",
+    "buffered_data_mib": "MiB of StreamExtents data read from hosts and not yet taken by grpc,"
+    " in total; a stream over it waits its turn",
+    "buffered_data_per_identity_mib": "MiB of that budget one identity's streams may hold (one"
+    " connection's, without authentication)",
 }
 
 

@@ -52,6 +52,7 @@ from gateway.integrity import (
     crc32c,
 )
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
+from gateway.security.limits import stream_budget
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -1340,6 +1341,12 @@ class _ExtentStream:
             raise errors.shutting_down()
         reads = None
         if msg.reads:
+            if not stream_budget().try_take(msg.data_len):
+                # Over the gateway's data budget (gateway.security.limits): wait without
+                # holding a message or a spare buffer, so that waiting pins nothing.
+                await self._flush()
+                self._spare = None
+                await stream_budget().take(msg.data_len)
             # The data goes straight into the buffer the message is sent from, each read at
             # its place in the message (a message may cut several extents).
             buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare, self._tail)
@@ -1447,6 +1454,8 @@ class _ExtentStream:
         if self.shutdown.is_set():
             raise errors.shutting_down()
         await self.context.write(message)
+        if reads is not None:
+            stream_budget().give(msg.data_len)  # grpc has taken it
         self.messages += 1
         self.sent_offset = msg.end
         if self.digest is not None:

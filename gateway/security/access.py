@@ -524,6 +524,8 @@ class AccessInterceptor(_Interceptor):
                     if identity and policy and not policy.allows(identity.name, "list", export):
                         raise permission_denied(identity.name, "list", export)
                 if refused is None:
+                    # Authenticated, or no authentication configured: a Watch may last (the
+                    # call caps of every call bound how many, gateway.security.limits).
                     return await inner(request, context)
                 slot = self.limiter.open_unauthenticated(str(context.peer()))
             except GatewayError as err:
@@ -533,14 +535,7 @@ class AccessInterceptor(_Interceptor):
             with slot:
                 return await self.limiter.run_unauthenticated(inner(request, context), context)
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler if unary else grpc.unary_stream_rpc_method_handler
-        )
-        return factory(
-            behaviour,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return receiving(self.limiter, handler, behaviour, streaming_response=not unary)
 
     # --- deciding -------------------------------------------------------------------------
 
@@ -590,11 +585,7 @@ class AccessInterceptor(_Interceptor):
                         return None
                 return await self.limiter.run_unary(inner(request, context), context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return receiving(self.limiter, handler, unary, streaming_response=False)
         if handler.unary_stream is not None:
             inner = handler.unary_stream
             if inspect.isasyncgenfunction(inner):
@@ -611,14 +602,13 @@ class AccessInterceptor(_Interceptor):
                     self.denied += 1
                     await _abort(context, err)
                     return
-                with slot:
+                # The data budget is shared by identity; with no authentication configured
+                # every caller is "default": by connection, then.
+                owner = identity.name if identity.via != "none" else str(context.peer())
+                with slot, self.limiter.stream_lease(owner):
                     await self.limiter.run_stream(inner, request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return receiving(self.limiter, handler, stream, streaming_response=True)
         # Client-streaming methods: none in the API; authenticate and authorize (no export).
         for kind in ("stream_unary", "stream_stream"):
             inner = getattr(handler, kind)
@@ -711,6 +701,36 @@ def _writing(gen_behaviour: Behaviour) -> Behaviour:
     return behaviour
 
 
+def receiving(
+    limiter: Limiter, handler: Any, behaviour: Behaviour, *, streaming_response: bool
+) -> Any:
+    """A handler running ``behaviour(request, context)`` (a unary-request method's) that counts
+    the call in ``limiter``'s per-connection and total call limits from its headers on, and
+    waits for its request message at most ``request_timeout`` seconds: grpc itself runs a
+    unary-request handler only once the message is in, and held a call sent as headers with
+    no body open for as long as the client liked. The handler is request-streaming so that
+    it runs at once; on the wire the call is the same (observability labels calls by their
+    declared type)."""
+
+    async def receive(requests: Any, context: Any) -> Any:
+        try:
+            slot = limiter.open_call(str(context.peer()))
+        except GatewayError as err:
+            await _abort(context, err)
+            return None
+        with slot:
+            request = await limiter.receive_request(requests, context)
+            return await behaviour(request, context)
+
+    kind = "stream_stream" if streaming_response else "stream_unary"
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(
+        receive,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class OverallHealthInterceptor(_Interceptor):
     """For the plaintext health port (the kubelet's): only the overall statuses. A per-export
     name is NOT_FOUND whether the export exists or not, and every call is one without
@@ -750,12 +770,7 @@ class OverallHealthInterceptor(_Interceptor):
             with slot:
                 return await self.limiter.run_unauthenticated(inner(request, context), context)
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler if unary else grpc.unary_stream_rpc_method_handler
-        )
-        wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
-            behaviour,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        wrapped: grpc.RpcMethodHandler[Any, Any] = receiving(
+            self.limiter, handler, behaviour, streaming_response=not unary
         )
         return wrapped

@@ -13,14 +13,29 @@
   at most ``max_unauthenticated`` at once, ``max_unauthenticated_per_connection`` per client
   connection (RESOURCE_EXHAUSTED beyond), each cut after ``unauthenticated_timeout`` seconds
   (DEADLINE_EXCEEDED): 10,000 token-less Health.Watch streams held the memory of 10,000 calls.
+- Every call, authenticated or not, and on a gateway without authentication: at most
+  ``max_calls`` open at once and ``max_calls_per_connection`` on one client connection
+  (RESOURCE_EXHAUSTED beyond), and its request message must arrive within ``request_timeout``
+  seconds of its headers (DEADLINE_EXCEEDED): a call sent as headers with no body was held
+  open for as long as the client liked, and without authentication 10,000 Health.Watch
+  streams were held with no limit at all.
+- Data in flight (:class:`DataBudget`): a StreamExtents data message takes its size from a
+  gateway-wide budget (``buffered_data_mib``) before it is read from the host, and gives it
+  back once grpc has taken it. A stream that cannot get budget waits (holding no buffer), in
+  turn; one identity holds at most ``buffered_data_per_identity_mib`` of it. Each never-reading
+  stream pinned ~4.6 MiB until its stall timeout (two 1 MiB messages, their copies, grpc's):
+  without a budget, 256 of them pinned over 1 GiB; with it, what they pin is about 2.3 times
+  the budget, whatever their number.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -34,6 +49,7 @@ T = TypeVar("T")
 
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+MiB = 1024 * 1024
 
 
 @dataclass
@@ -47,6 +63,11 @@ class Limits:
     max_unauthenticated: int = 64  # calls without an identity open at once (health probes)
     max_unauthenticated_per_connection: int = 4
     unauthenticated_timeout: float = 10.0  # seconds such a call may last
+    max_calls: int = 1024  # calls of any kind open at once
+    max_calls_per_connection: int = 256  # ... on one client connection
+    request_timeout: float = 10.0  # seconds from a call's headers to its request message
+    buffered_data_mib: float = 128.0  # StreamExtents data read and not yet taken by grpc
+    buffered_data_per_identity_mib: float = 32.0  # ... of it held by one identity's streams
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -58,6 +79,8 @@ class Limits:
             self.max_streams_per_identity,
             self.max_unauthenticated,
             self.max_unauthenticated_per_connection,
+            self.max_calls,
+            self.max_calls_per_connection,
         )
         if not all(isinstance(n, int) for n in counts) or not isinstance(self.clear_burst, int):
             raise ValueError("stream and call limits and the clear burst must be integers")
@@ -67,6 +90,10 @@ class Limits:
             raise ValueError("clear rate must be >= 0 and its burst >= 1")
         if self.stall_timeout < 0 or self.unary_timeout < 0 or self.unauthenticated_timeout <= 0:
             raise ValueError("timeouts must be >= 0")
+        if self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.buffered_data_mib < 1 or self.buffered_data_per_identity_mib < 1:
+            raise ValueError("the buffered data budgets must be at least 1 MiB")
 
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
@@ -110,6 +137,142 @@ class TokenBucket:
         return (n - self.tokens) / self.rate
 
 
+class DataBudget:
+    """Bytes of StreamExtents data in flight, gateway-wide: read (or being read) from a host and
+    not yet taken by grpc. ``total`` in all, ``share`` for one owner (an identity).
+
+    Takes are granted first come, first served, with one exception: a take held back only by
+    its owner's share does not hold up the takes of other owners behind it (one identity's
+    stalled streams must not starve the others). A take larger than what is left is granted
+    once its owner (or everyone, for the total) holds nothing: a small budget slows streams
+    down, it never blocks one for good.
+    """
+
+    def __init__(self, total: int, share: int) -> None:
+        self.total = total
+        self.share = share
+        self.used = 0
+        self.used_by: dict[str, int] = {}
+        self.peak = 0
+        self.waits = 0  # takes that had to wait (a metric)
+        self._queue: deque[tuple[str, int, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def _share_ok(self, owner: str, n: int) -> bool:
+        held = self.used_by.get(owner, 0)
+        return held == 0 or held + n <= self.share
+
+    def _total_ok(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.total
+
+    def _grant(self, owner: str, n: int) -> None:
+        self.used += n
+        self.used_by[owner] = self.used_by.get(owner, 0) + n
+        self.peak = max(self.peak, self.used)
+
+    def try_take(self, owner: str, n: int) -> bool:
+        """Take ``n`` bytes now if that is fair: False if it must wait its turn."""
+        if any(self._share_ok(o, m) for o, m, _ in self._queue):
+            return False  # someone waits for the total: after them
+        if not (self._total_ok(n) and self._share_ok(owner, n)):
+            return False
+        self._grant(owner, n)
+        return True
+
+    async def take(self, owner: str, n: int) -> None:
+        """Take ``n`` bytes, waiting for them in turn."""
+        if self.try_take(owner, n):
+            return
+        self.waits += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (owner, n, waiter)
+        self._queue.append(entry)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(owner, n)  # granted as it was cancelled: not ours after all
+            elif entry in self._queue:  # (a wake-up may have dropped it already)
+                self._queue.remove(entry)
+                self._wake()
+            raise
+
+    def give(self, owner: str, n: int) -> None:
+        self.used -= n
+        left = self.used_by[owner] - n
+        if left:
+            self.used_by[owner] = left
+        else:
+            del self.used_by[owner]
+        self._wake()
+
+    def _wake(self) -> None:
+        for entry in list(self._queue):
+            owner, n, waiter = entry
+            if waiter.done():  # cancelled: its task has not run its cleanup yet
+                self._queue.remove(entry)
+                continue
+            if not self._share_ok(owner, n):
+                continue  # its owner holds its share: the others may go ahead
+            if not self._total_ok(n):
+                break  # first come, first served for the total
+            self._queue.remove(entry)
+            self._grant(owner, n)
+            waiter.set_result(None)
+
+
+class BudgetLease:
+    """One stream's use of the :class:`DataBudget`: what it holds is given back when the stream
+    ends (:meth:`close`), however it ends."""
+
+    def __init__(self, budget: DataBudget | None, owner: str) -> None:
+        self.budget = budget
+        self.owner = owner
+        self.held = 0
+
+    def try_take(self, n: int) -> bool:
+        if self.budget is None:
+            return True
+        if self.budget.try_take(self.owner, n):
+            self.held += n
+            return True
+        return False
+
+    async def take(self, n: int) -> None:
+        if self.budget is not None:
+            await self.budget.take(self.owner, n)
+            self.held += n
+
+    def give(self, n: int) -> None:
+        if self.budget is not None and n:
+            n = min(n, self.held)
+            self.held -= n
+            self.budget.give(self.owner, n)
+
+    def close(self) -> None:
+        self.give(self.held)
+
+
+# The lease of the StreamExtents call being served (set by the access interceptor); streams
+# run without one (a servicer tested on its own) take from no budget.
+CURRENT_LEASE: contextvars.ContextVar[BudgetLease | None] = contextvars.ContextVar(
+    "nbdgw_budget_lease", default=None
+)
+
+
+def stream_budget() -> BudgetLease:
+    """The data budget of the current stream: take a data message's size before reading it from
+    the host, give it back once ``context.write`` returned (gateway.api.bitmaps)."""
+    lease = CURRENT_LEASE.get()
+    return _UNLIMITED if lease is None else lease
+
+
+_UNLIMITED = BudgetLease(None, "")
+
+
 @dataclass
 class Limiter:
     limits: Limits = field(default_factory=Limits)
@@ -126,6 +289,17 @@ class Limiter:
     unauthenticated: int = 0
     unauthenticated_per_peer: dict[str, int] = field(default_factory=dict)
     refused_unauthenticated: int = 0
+    calls: int = 0
+    calls_per_peer: dict[str, int] = field(default_factory=dict)
+    refused_calls: int = 0
+    request_timeouts: int = 0  # calls whose request message did not come in time
+    budget: DataBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        lim = self.limits
+        self.budget = DataBudget(
+            int(lim.buffered_data_mib * MiB), int(lim.buffered_data_per_identity_mib * MiB)
+        )
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -196,6 +370,68 @@ class Limiter:
             task.cancel()
             raise
         task.result()
+
+    @contextlib.contextmanager
+    def stream_lease(self, owner: str) -> Iterator[BudgetLease]:
+        """The budget lease of one stream, current while it runs, given back when it ends."""
+        lease = BudgetLease(self.budget, owner)
+        reset = CURRENT_LEASE.set(lease)
+        try:
+            yield lease
+        finally:
+            lease.close()
+            CURRENT_LEASE.reset(reset)
+
+    # --- every call -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _call_slot(self, peer: str) -> Iterator[None]:
+        self.calls += 1
+        self.calls_per_peer[peer] = self.calls_per_peer.get(peer, 0) + 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            left = self.calls_per_peer[peer] - 1
+            if left:
+                self.calls_per_peer[peer] = left
+            else:
+                del self.calls_per_peer[peer]
+
+    def open_call(self, peer: str) -> contextlib.AbstractContextManager[None]:
+        """A slot for any call from connection ``peer``, or RESOURCE_EXHAUSTED."""
+        lim = self.limits
+        if self.calls >= lim.max_calls:
+            self.refused_calls += 1
+            raise resource_exhausted(
+                f"the gateway serves {lim.max_calls} calls at most; retry later", 1.0, "calls"
+            )
+        if self.calls_per_peer.get(peer, 0) >= lim.max_calls_per_connection:
+            self.refused_calls += 1
+            raise resource_exhausted(
+                f"{lim.max_calls_per_connection} calls are open on this connection, its limit;"
+                " retry once one ends, or open another connection",
+                1.0,
+                "calls_per_connection",
+            )
+        return self._call_slot(peer)
+
+    async def receive_request(self, requests: Any, context: Any) -> Any:
+        """The one request message of a call, once it came: within ``request_timeout`` seconds
+        of the call's headers, else the call ends with DEADLINE_EXCEEDED."""
+        timeout = self.limits.request_timeout
+        try:
+            return await asyncio.wait_for(anext(aiter(requests)), timeout)
+        except TimeoutError:
+            self.request_timeouts += 1
+            await _abort(
+                context,
+                deadline_exceeded(f"no request message came within {timeout:g} s of the headers"),
+            )
+        except StopAsyncIteration:
+            # No message: the client went away (grpc's own unary path calls that a cancel).
+            raise asyncio.CancelledError from None
+        raise AssertionError("abort returned")  # pragma: no cover
 
     # --- calls without an identity --------------------------------------------------------
 
