@@ -16,9 +16,9 @@ receive window is zero, never read. Both report the gateway's resident memory (V
 before, at its peak while they are held, and settled: once they are gone (after ``--settle``
 seconds), and how many streams got data budget (``streaming``) or waited for it.
 ``--budget-mib M`` configures the bound (``buffered_data_mib``; a quarter of it per identity,
-the 4 identities of the load); without it the gateway's defaults apply (128 MiB, 32 per
-identity: 48 streams hold 96 MiB at most, under them). Freed stream buffers must go back to
-the system.
+the 4 identities of the load); without it the gateway's defaults apply (64 MiB, 16 per
+identity). Freed stream buffers must go back to the system. ``--raw-readers`` above 60 meets
+the embedded host's 64 NBD clients (the excess streams end UNAVAILABLE).
 
 The tests run the same driver (tests/gateway/test_security_load.py) for correctness only.
 """

@@ -22,7 +22,9 @@ exports (the interceptor pages over the visible ones itself).
 gRPC interceptors see only the method name and metadata, not the request nor the peer's
 certificate; so :class:`AccessInterceptor` wraps the method handler: the wrapper authenticates
 with the call's context, reads the export from the request, authorizes, takes the limits
-(:mod:`gateway.security.limits`), then runs the servicer's own behaviour. Health
+(:mod:`gateway.security.limits`), then runs the servicer's own behaviour. Every wrapper runs
+request-streaming (:func:`receiving`), so that a call counts from its headers on and its
+request message has a deadline. Health
 (``grpc.health.v1``) stays open to everyone; everything else, reflection included, needs an
 identity.
 """
@@ -621,11 +623,18 @@ class AccessInterceptor(_Interceptor):
             identity = await self._admit(method, None, context)
             if identity is None:
                 return None
-            result = inner(request_iterator, context)
-            if inspect.isawaitable(result):
-                return await result
-            async for item in result:  # pragma: no cover - no such method today
-                await context.write(item)
+            try:
+                slot = self.limiter.open_call(str(context.peer()))
+            except GatewayError as err:
+                self.denied += 1
+                await _abort(context, err)
+                return None
+            with slot:
+                result = inner(request_iterator, context)
+                if inspect.isawaitable(result):
+                    return await result
+                async for item in result:  # pragma: no cover - no such method today
+                    await context.write(item)
             return None
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")

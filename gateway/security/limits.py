@@ -66,8 +66,8 @@ class Limits:
     max_calls: int = 1024  # calls of any kind open at once
     max_calls_per_connection: int = 256  # ... on one client connection
     request_timeout: float = 10.0  # seconds from a call's headers to its request message
-    buffered_data_mib: float = 128.0  # StreamExtents data read and not yet taken by grpc
-    buffered_data_per_identity_mib: float = 32.0  # ... of it held by one identity's streams
+    buffered_data_mib: float = 64.0  # StreamExtents data read and not yet taken by grpc
+    buffered_data_per_identity_mib: float = 16.0  # ... of it held by one identity's streams
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
