@@ -155,6 +155,7 @@ class DataBudget:
         self.used_by: dict[str, int] = {}
         self.peak = 0
         self.waits = 0  # takes that had to wait (a metric)
+        self.given = 0  # bytes given back so far: it stops growing when every holder stalls
         self._queue: deque[tuple[str, int, asyncio.Future[None]]] = deque()
 
     @property
@@ -202,6 +203,7 @@ class DataBudget:
 
     def give(self, owner: str, n: int) -> None:
         self.used -= n
+        self.given += n
         left = self.used_by[owner] - n
         if left:
             self.used_by[owner] = left

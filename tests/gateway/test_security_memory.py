@@ -96,13 +96,25 @@ def limited_config(tmp_path: Path, limits: Limits, *, tokens: bool = True) -> Ga
     return config
 
 
-async def until(check: Any, seconds: float = 20.0, step: float = 0.02) -> None:
+async def until(check: Any, seconds: float = 20.0, step: float = 0.02, what: Any = None) -> None:
     """Poll ``check`` (state the gateway changes without telling anyone) until it holds."""
     for _ in range(int(seconds / step)):
         if check():
             return
         await asyncio.sleep(step)
-    assert check(), "condition not reached in time"
+    assert check(), f"condition not reached in time ({vars(what) if what else ''})"
+
+
+async def stalled_holding(budget: DataBudget, held: int) -> None:
+    """Wait until the streams hold ``held`` bytes of ``budget`` and none has given any back for
+    a second (every holder's write is stalled; while a client's windows still take messages,
+    its stream keeps giving and taking)."""
+    for _ in range(100):
+        given = budget.given
+        await asyncio.sleep(1.0)
+        if budget.used == held and budget.given == given:
+            return
+    raise AssertionError(f"the streams did not stall: {vars(budget)}")
 
 
 async def test_never_reading_streams_hold_their_share_and_the_others_go_on(
@@ -120,9 +132,9 @@ async def test_never_reading_streams_hold_their_share_and_the_others_go_on(
         assert (await stalled.read()).data  # then never read again
         # Its writes stall once the client's windows are full: it holds a's whole share (the
         # message grpc holds and the next one), and a's next streams wait, holding nothing.
-        await until(lambda: budget.used_by.get("a") == 2 * MiB)
+        await stalled_holding(budget, 2 * MiB)
         more = [stub.StreamExtents(request, metadata=bearer(A)) for _ in range(2)]
-        await until(lambda: budget.waiting == 2)
+        await until(lambda: budget.waiting == 2, what=budget)
         # Identity b streams all 48 MiB meanwhile.
         data = 0
         async for msg in run.stub.StreamExtents(request, metadata=bearer(B)):
