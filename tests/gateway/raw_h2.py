@@ -89,16 +89,12 @@ class RawH2:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         assert self._conn is not None
         try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    return
-                for event in self._conn.receive_data(data):
-                    self._on(event)
-                self._flush()
-                self._changed.set()
-        except (ConnectionError, OSError):
-            return
+            with contextlib.suppress(ConnectionError, OSError):  # the peer or we closed it
+                while data := await reader.read(65536):
+                    for event in self._conn.receive_data(data):
+                        self._on(event)
+                    self._flush()
+                    self._changed.set()
         finally:
             self.closed.set()
             self._changed.set()
