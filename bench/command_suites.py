@@ -277,7 +277,7 @@ def commands_startup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
             "python -c pass": _starts([sys.executable, "-c", "pass"]),
             "nbdgw --version": _starts(nbdgw_cmd("--version")),
             "nbdgw nbd copy --help": _starts(nbdgw_cmd("nbd", "copy", "--help")),
-            "nbdgw exports --help": _starts(nbdgw_cmd("exports", "--help")),
+            "nbdgw export list --help": _starts(nbdgw_cmd("export", "list", "--help")),
         }
 
     goal = Target(">=", 0.5)  # at most twice python -c pass
@@ -295,8 +295,8 @@ def commands_startup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 goal,
             ),
             Row(
-                "nbdgw exports --help (imports grpc) / python -c pass",
-                "nbdgw exports --help",
+                "nbdgw export list --help (imports grpc) / python -c pass",
+                "nbdgw export list --help",
                 "python -c pass",
             ),
         ],
