@@ -71,6 +71,7 @@ class Reason:
     INTERNAL = "INTERNAL"
     # SetExportGeneration on an export whose bitmaps clear at the source (no ledger).
     GENERATIONS_NOT_SUPPORTED = "GENERATIONS_NOT_SUPPORTED"
+    BITMAP_MANAGEMENT_NOT_SUPPORTED = "BITMAP_MANAGEMENT_NOT_SUPPORTED"
     # A health check of a name that is neither "", the BitmapService nor exports/{export}.
     HEALTH_SERVICE_NOT_FOUND = "HEALTH_SERVICE_NOT_FOUND"
     UNAUTHENTICATED = "UNAUTHENTICATED"
@@ -577,6 +578,21 @@ def from_exception(
     if isinstance(exc, NBDError):
         return internal(f"export {export!r}: {exc}")
     return internal(f"export {export!r}: unexpected {type(exc).__name__}: {exc}")
+
+
+def bitmap_management_not_supported(export: str, host_kind: str) -> GatewayError:
+    why = (
+        f"the gateway adds and removes bitmaps only on qmp and libvirt hosts; this export's host"
+        f" is {host_kind!r}, whose bitmaps are its own configuration"
+    )
+    return precondition_failed(
+        Reason.BITMAP_MANAGEMENT_NOT_SUPPORTED,
+        f"export {export!r} cannot add or remove bitmaps: {why}",
+        {"export": export, "host_kind": host_kind},
+        kind="HOST_KIND",
+        subject=f"exports/{export}",
+        why=why,
+    )
 
 
 def bitmap_busy(export: str, bitmap: str, why: str) -> GatewayError:

@@ -16,6 +16,8 @@
           ├── FailedPrecondition  FAILED_PRECONDITION: ``violations``
           │    ├── GenerationMismatch   ``generation``, ``current_generation``
           │    ├── ClearNotSupported, GenerationsNotSupported, SnapshotsNotSupported
+      │    ├── BitmapManagementNotSupported   AddBitmap/RemoveBitmap off qmp/libvirt
+          │    ├── BitmapManagementNotSupported   AddBitmap/RemoveBitmap off qmp/libvirt
           │    ├── ClearTokenRequired   a clear of a writable export without a clear token
           │    └── ReadOnly
           ├── Unavailable         UNAVAILABLE (host or gateway down): ``retry_after`` and, for a
@@ -42,6 +44,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AlreadyExists",
+    "BitmapManagementNotSupported",
     "BitmapNotFound",
     "CallError",
     "Cancelled",
@@ -252,6 +255,13 @@ class GenerationMismatch(FailedPrecondition):
 
 class ClearNotSupported(FailedPrecondition):
     reasons = ("CLEAR_NOT_SUPPORTED",)
+
+
+class BitmapManagementNotSupported(FailedPrecondition):
+    """AddBitmap/RemoveBitmap on an export whose host's bitmaps the gateway does not manage
+    (only qmp and libvirt hosts add and remove bitmaps)."""
+
+    reasons = ("BITMAP_MANAGEMENT_NOT_SUPPORTED",)
 
 
 class ClearTokenRequired(FailedPrecondition):

@@ -693,9 +693,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
     def _qmp_pool(self, name: str, ctx: str) -> tuple[ExportPool, QmpHost | LibvirtHost]:
         pool = self.backend.pool(name)
         if not isinstance(pool.host, (QmpHost, LibvirtHost)):
-            raise errors.clear_not_supported(
-                name, ctx, "only exports of running QEMU VMs (qmp hosts) add and remove bitmaps"
-            )
+            raise errors.bitmap_management_not_supported(name, pool.host.config.kind)
         if not pool.host.up:
             raise pool.host.unavailable(name)
         return pool, pool.host

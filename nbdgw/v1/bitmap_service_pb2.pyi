@@ -319,6 +319,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """QEMU refused a monitor command (metadata `command`, `qemu_error`); the code depends on
     what it said (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED...).
     """
+    ERROR_REASON_BITMAP_MANAGEMENT_NOT_SUPPORTED: _ErrorReason.ValueType  # 34
+    """FAILED_PRECONDITION: AddBitmap or RemoveBitmap on an export whose host the gateway cannot
+    add bitmaps to (only `qmp` and `libvirt` hosts: for the others, bitmaps are the host's own
+    configuration, e.g. `qemu-nbd -B` or `nbdgw disk bitmap add`).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons of `google.rpc.ErrorInfo` (domain `nbdgw.dev`). `ErrorInfo.reason` holds
@@ -414,6 +419,11 @@ PreconditionFailure says why.
 ERROR_REASON_HOST_COMMAND_FAILED: ErrorReason.ValueType  # 26
 """QEMU refused a monitor command (metadata `command`, `qemu_error`); the code depends on
 what it said (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED...).
+"""
+ERROR_REASON_BITMAP_MANAGEMENT_NOT_SUPPORTED: ErrorReason.ValueType  # 34
+"""FAILED_PRECONDITION: AddBitmap or RemoveBitmap on an export whose host the gateway cannot
+add bitmaps to (only `qmp` and `libvirt` hosts: for the others, bitmaps are the host's own
+configuration, e.g. `qemu-nbd -B` or `nbdgw disk bitmap add`).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

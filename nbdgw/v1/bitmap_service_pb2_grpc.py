@@ -203,17 +203,19 @@ class BitmapServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddBitmap(self, request, context):
-        """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
-        from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
-        a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+        """Adds a dirty bitmap to an export of a running VM (a `qmp` host; on a `libvirt` host, a
+        checkpoint of that name): it records every write from now on (change tracking turned on).
+        ALREADY_EXISTS (BITMAP_EXISTS) when the disk has a bitmap of that name;
+        FAILED_PRECONDITION (BITMAP_MANAGEMENT_NOT_SUPPORTED) for other hosts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveBitmap(self, request, context):
-        """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
-        while a snapshot holds it.
+        """Removes a dirty bitmap of an export of a running VM. FAILED_PRECONDITION (BITMAP_BUSY)
+        while a snapshot holds it; (BITMAP_MANAGEMENT_NOT_SUPPORTED) for hosts other than `qmp`
+        and `libvirt`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

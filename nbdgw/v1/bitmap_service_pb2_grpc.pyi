@@ -139,13 +139,15 @@ class BitmapServiceStub:
     like a StreamExtents message (the same flow control, resume tokens and errors).
     """
     AddBitmap: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.AddBitmapRequest, _bitmap_service_pb2.Bitmap]
-    """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
-    from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
-    a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+    """Adds a dirty bitmap to an export of a running VM (a `qmp` host; on a `libvirt` host, a
+    checkpoint of that name): it records every write from now on (change tracking turned on).
+    ALREADY_EXISTS (BITMAP_EXISTS) when the disk has a bitmap of that name;
+    FAILED_PRECONDITION (BITMAP_MANAGEMENT_NOT_SUPPORTED) for other hosts.
     """
     RemoveBitmap: _grpc.UnaryUnaryMultiCallable[_bitmap_service_pb2.RemoveBitmapRequest, _bitmap_service_pb2.RemoveBitmapResponse]
-    """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
-    while a snapshot holds it.
+    """Removes a dirty bitmap of an export of a running VM. FAILED_PRECONDITION (BITMAP_BUSY)
+    while a snapshot holds it; (BITMAP_MANAGEMENT_NOT_SUPPORTED) for hosts other than `qmp`
+    and `libvirt`.
     """
 
 @_typing.type_check_only
@@ -234,13 +236,15 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     like a StreamExtents message (the same flow control, resume tokens and errors).
     """
     AddBitmap: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.AddBitmapRequest, _bitmap_service_pb2.Bitmap]  # type: ignore[assignment]
-    """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
-    from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
-    a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+    """Adds a dirty bitmap to an export of a running VM (a `qmp` host; on a `libvirt` host, a
+    checkpoint of that name): it records every write from now on (change tracking turned on).
+    ALREADY_EXISTS (BITMAP_EXISTS) when the disk has a bitmap of that name;
+    FAILED_PRECONDITION (BITMAP_MANAGEMENT_NOT_SUPPORTED) for other hosts.
     """
     RemoveBitmap: _aio.UnaryUnaryMultiCallable[_bitmap_service_pb2.RemoveBitmapRequest, _bitmap_service_pb2.RemoveBitmapResponse]  # type: ignore[assignment]
-    """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
-    while a snapshot holds it.
+    """Removes a dirty bitmap of an export of a running VM. FAILED_PRECONDITION (BITMAP_BUSY)
+    while a snapshot holds it; (BITMAP_MANAGEMENT_NOT_SUPPORTED) for hosts other than `qmp`
+    and `libvirt`.
     """
 
 class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -374,9 +378,10 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bitmap_service_pb2.AddBitmapRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bitmap_service_pb2.Bitmap, _abc.Awaitable[_bitmap_service_pb2.Bitmap]]:
-        """Adds a dirty bitmap to an export of a running QEMU (a `qmp` host): it records every write
-        from now on (change tracking turned on). ALREADY_EXISTS (BITMAP_EXISTS) when the disk has
-        a bitmap of that name; FAILED_PRECONDITION (CLEAR_NOT_SUPPORTED) for other hosts.
+        """Adds a dirty bitmap to an export of a running VM (a `qmp` host; on a `libvirt` host, a
+        checkpoint of that name): it records every write from now on (change tracking turned on).
+        ALREADY_EXISTS (BITMAP_EXISTS) when the disk has a bitmap of that name;
+        FAILED_PRECONDITION (BITMAP_MANAGEMENT_NOT_SUPPORTED) for other hosts.
         """
 
     @_abc_1.abstractmethod
@@ -385,8 +390,9 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bitmap_service_pb2.RemoveBitmapRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bitmap_service_pb2.RemoveBitmapResponse, _abc.Awaitable[_bitmap_service_pb2.RemoveBitmapResponse]]:
-        """Removes a dirty bitmap of an export of a running QEMU. FAILED_PRECONDITION (BITMAP_BUSY)
-        while a snapshot holds it.
+        """Removes a dirty bitmap of an export of a running VM. FAILED_PRECONDITION (BITMAP_BUSY)
+        while a snapshot holds it; (BITMAP_MANAGEMENT_NOT_SUPPORTED) for hosts other than `qmp`
+        and `libvirt`.
         """
 
 def add_BitmapServiceServicer_to_server(servicer: BitmapServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,7 +2,8 @@
 generation on an export that clears at the source is GENERATIONS_NOT_SUPPORTED, a clear of a
 context that is not a dirty bitmap is CLEAR_NOT_SUPPORTED on a live and a snapshot export alike
 (READ_ONLY only for an image open read-only), the snapshot limit is RESOURCE_EXHAUSTED with a
-QuotaFailure, and max_preserved_bytes 0 is the documented default, not "no limit"."""
+QuotaFailure, AddBitmap off a VM host is BITMAP_MANAGEMENT_NOT_SUPPORTED, and
+max_preserved_bytes 0 is the documented default, not "no limit"."""
 
 from __future__ import annotations
 
@@ -176,6 +177,24 @@ async def test_clear_refusals_have_one_reason_per_cause(gw: Any) -> None:
         pb.ClearRangeRequest(export=snap.export, bitmap="backup", length=MiB)
     )
     assert cleared.clear_mode == pb.CLEAR_MODE_AT_SOURCE and cleared.cleared_bytes > 0
+
+
+async def test_add_and_remove_bitmap_off_vm_hosts_is_not_a_clear_refusal(gw: Any) -> None:
+    """AddBitmap/RemoveBitmap on an embedded or a plain NBD host: a reason of its own (it was
+    CLEAR_NOT_SUPPORTED with 'cannot clear' in its words), naming the host's kind."""
+    for export in ("disk", "down"):
+        err = await call_error(
+            gw.stub.AddBitmap(pb.AddBitmapRequest(parent=f"exports/{export}", bitmap="b9"))
+        )
+        assert_reason(err, grpc.StatusCode.FAILED_PRECONDITION, "BITMAP_MANAGEMENT_NOT_SUPPORTED")
+        assert "clear" not in err.message, err.message
+        assert err.info.metadata["host_kind"] == ("embedded" if export == "disk" else "nbd")
+    err = await call_error(
+        gw.stub.RemoveBitmap(
+            pb.RemoveBitmapRequest(name="exports/disk/bitmaps/qemu:dirty-bitmap:backup")
+        )
+    )
+    assert_reason(err, grpc.StatusCode.FAILED_PRECONDITION, "BITMAP_MANAGEMENT_NOT_SUPPORTED")
 
 
 # --- snapshots ------------------------------------------------------------------------------
