@@ -181,6 +181,19 @@ class DirtyMap:
         return _parse_map(path, raw)
 
 
+def load_complete(path: Path) -> tuple[BackupState, dict[str, Any], list[tuple[int, int]]]:
+    """A finished backup of 'nbdgw backup' (restore and verify read them): its state, its
+    map's header and the ranges it holds; BackupError when it is none or is unfinished."""
+    try:
+        state = BackupState.load(state_path(path))
+    except FileNotFoundError:
+        raise BackupError(f"{state_path(path)} is missing: {path} is no nbdgw backup") from None
+    if not state.complete:
+        raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
+    header, runs = DirtyMap.load(map_path(path))
+    return state, header, runs
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     offset = 0
@@ -1266,13 +1279,7 @@ def restore(args: argparse.Namespace) -> int:
     previous: tuple[Path, BackupState] | None = None
     # Check everything before changing anything: a bad argument leaves BASE as it was.
     for path in args.incrementals:
-        try:
-            state = BackupState.load(state_path(path))
-        except FileNotFoundError:
-            raise BackupError(f"{state_path(path)} is missing: {path} is no nbdgw backup") from None
-        if not state.complete:
-            raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
-        header, runs = DirtyMap.load(map_path(path))
+        state, header, runs = load_complete(path)
         if create and previous is None:
             if not state.full:
                 raise BackupError(

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.backup import DirtyMap, map_path
-from gateway.cli.backup_state import BackupError, BackupState, state_path
+from gateway.cli.backup import load_complete
+from gateway.cli.backup_state import BackupError
 from gateway.cli.common import (
     CommandError,
     _one_line_errors,
@@ -69,17 +69,6 @@ class _Layer:
         return out
 
 
-def _load(path: Path) -> tuple[BackupState, list[tuple[int, int]]]:
-    try:
-        state = BackupState.load(state_path(path))
-    except FileNotFoundError:
-        raise BackupError(f"{state_path(path)} is missing: {path} is no nbdgw backup") from None
-    if not state.complete:
-        raise BackupError(f"{path} is incomplete: finish it with 'nbdgw backup --resume'")
-    _, runs = DirtyMap.load(map_path(path))
-    return state, runs
-
-
 def file_digest(algorithm: str, layers: list[_Layer], start: int, end: int) -> bytes:
     """The digest of ``[start, end)`` of the image the layers make (the last one on top)."""
     digest = RangeDigest(algorithm, start)
@@ -122,7 +111,10 @@ async def run(args: argparse.Namespace) -> int:
     if args.segment <= 0:
         raise CommandError("--segment must be positive")
     chain = [args.backup, *args.incrementals]
-    loaded = [(path, *_load(path)) for path in chain]
+    loaded = []
+    for path in chain:
+        state, _, runs = load_complete(path)
+        loaded.append((path, state, runs))
     base_state = loaded[0][1]
     if not base_state.full:
         raise BackupError(f"{args.backup} is an incremental: the chain starts with a full backup")
