@@ -343,8 +343,8 @@ class Snapshots:
         snap_id = request.snapshot_id or time.strftime(
             "snap-%Y%m%dT%H%M%SZ-", time.gmtime()
         ) + secrets.token_hex(2)
-        pool = self._pool(export)
-        if isinstance(pool.host, QmpHost) and pool.config.node:
+        vm = self._vm(export)
+        if vm is self.qmp:
             if request.max_preserved_bytes:
                 raise errors.invalid_field(
                     "max_preserved_bytes",
@@ -352,8 +352,7 @@ class Snapshots:
                 )
             members = list(dict.fromkeys([export, *group]))
             for member in members[1:]:
-                other = self._pool(member)
-                if not (isinstance(other.host, QmpHost) and other.config.node):
+                if self._vm(member) is not self.qmp:
                     raise errors.invalid_field("group", f"{member!r} is not a qmp export")
             infos = await self.qmp.create(
                 members,
@@ -364,7 +363,7 @@ class Snapshots:
                 since=request.since_checkpoint,
             )
             return snapshot_message(export, infos[0])
-        if self._is_libvirt(export):
+        if vm is self.libvirt:
             if request.max_preserved_bytes:
                 raise errors.invalid_field(
                     "max_preserved_bytes",
@@ -372,7 +371,7 @@ class Snapshots:
                 )
             members = list(dict.fromkeys([export, *group]))
             for member in members[1:]:
-                if not self._is_libvirt(member):
+                if self._vm(member) is not self.libvirt:
                     raise errors.invalid_field("group", f"{member!r} is not a libvirt export")
             infos = await self.libvirt.create(
                 members,
@@ -445,12 +444,9 @@ class Snapshots:
     async def list(self, request: spb.ListSnapshotsRequest) -> spb.ListSnapshotsResponse:
         export = export_id(request.parent, "parent")
         size = page_size(request.page_size)
-        pool = self._pool(export)
         image = None
-        if isinstance(pool.host, QmpHost) and pool.config.node:
-            infos = await self.qmp.list_infos(export)
-        elif self._is_libvirt(export):
-            infos = await self.libvirt.list_infos(export)
+        if (vm := self._vm(export)) is not None:
+            infos = await vm.list_infos(export)
         elif (image := self._image(export)) is None:
             result = await self._remote(export, {"op": "list"})
             infos = list(result.get("snapshots", []))
@@ -468,21 +464,23 @@ class Snapshots:
             next_page_token=encode_page(scope, end) if end < len(snaps) else "",
         )
 
-    def _is_qmp(self, export: str) -> bool:
+    def _vm(self, export: str) -> QmpSnapshots | LibvirtSnapshots | None:
+        """The snapshots of ``export``'s VM host kind (a disk of a running QEMU or of a libvirt
+        domain: the same methods), or None for an nbdcore or plain NBD host."""
         pool = self._pool(export)
-        return isinstance(pool.host, QmpHost) and bool(pool.config.node)
-
-    def _is_libvirt(self, export: str) -> bool:
-        pool = self._pool(export)
-        return isinstance(pool.host, LibvirtHost) and bool(pool.config.node)
+        if not pool.config.node:
+            return None
+        if isinstance(pool.host, QmpHost):
+            return self.qmp
+        if isinstance(pool.host, LibvirtHost):
+            return self.libvirt
+        return None
 
     async def checkpoints(self, export: str) -> builtins.list[dict[str, Any]]:
         """The chain of ``export``, oldest first: ``{"id", "recording", "dirty_bytes",
         "granularity"}`` each."""
-        if self._is_qmp(export):
-            return await self.qmp.list_checkpoints(export)
-        if self._is_libvirt(export):
-            return await self.libvirt.list_checkpoints(export)
+        if (vm := self._vm(export)) is not None:
+            return await vm.list_checkpoints(export)
         image = self._image(export)
         if image is None:
             result = await self._remote(export, {"op": "checkpoints"})
@@ -497,10 +495,8 @@ class Snapshots:
         """The ranges written between checkpoints ``base`` and ``target`` of ``export`` (the
         CSI GetMetadataDelta): any kind of host. Raises CHECKPOINT_NOT_FOUND when the chain
         has no ``base`` or ``target``, INVALID_ARGUMENT when ``base`` is the newer."""
-        if self._is_qmp(export):
-            return await self.qmp.checkpoint_delta(export, base, target)
-        if self._is_libvirt(export):
-            return await self.libvirt.checkpoint_delta(export, base, target)
+        if (vm := self._vm(export)) is not None:
+            return await vm.checkpoint_delta(export, base, target)
         image = self._image(export)
         if image is None:
             return await self._remote_delta(export, base, target)
@@ -544,10 +540,8 @@ class Snapshots:
     async def delete(self, export: str, checkpoint: str) -> str | None:
         """Delete a checkpoint of ``export``, merging its interval into the older neighbour;
         returns the neighbour's id (None: it was the oldest)."""
-        if self._is_qmp(export):
-            return await self.qmp.delete_checkpoint(export, checkpoint)
-        if self._is_libvirt(export):
-            return await self.libvirt.delete_checkpoint(export, checkpoint)
+        if (vm := self._vm(export)) is not None:
+            return await vm.delete_checkpoint(export, checkpoint)
         image = self._image(export)
         async with self.lock:
             if image is None:
@@ -596,10 +590,8 @@ class Snapshots:
         if not request.name:
             raise errors.invalid_field("name", "required: exports/EXPORT/snapshots/SNAPSHOT")
         export, snap_id = snapshot_name(request.name)
-        pool = self._pool(export)
-        if isinstance(pool.host, (QmpHost, LibvirtHost)) and pool.config.node:
-            vms = self.qmp if isinstance(pool.host, QmpHost) else self.libvirt
-            done = await vms.release(export, snap_id)
+        if (vm := self._vm(export)) is not None:
+            done = await vm.release(export, snap_id)
             return spb.ReleaseSnapshotResponse(
                 merged=[
                     spb.ForkedBitmap(
