@@ -201,7 +201,9 @@ class Gateway:
         self.nbd_server: NBDServer | None = None
         self.health = HealthServicer(self._export_health)
         self.shutdown = asyncio.Event()
-        self.backend = Backend(self.pools, self.images, self.shutdown)
+        self.backend = Backend(
+            self.pools, self.images, self.shutdown, embedded=lambda: self.nbd_server
+        )
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.csi_server: grpc.aio.Server | None = None

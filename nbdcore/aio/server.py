@@ -55,7 +55,13 @@ from nbdcore.constants import (
     Rep,
     TransmissionFlag,
 )
-from nbdcore.exceptions import ClientProtocolError, OptionError, UsageError
+from nbdcore.exceptions import (
+    ClientProtocolError,
+    ConnectionLostError,
+    OptionError,
+    RequestError,
+    UsageError,
+)
 from nbdcore.server import (
     DEFAULT_MAX_EXTENTS,
     Disconnect,
@@ -440,6 +446,31 @@ class NBDServer:
     def lookup(self, name: str) -> ExportDescriptor | None:
         export = self._find(name)
         return export.descriptor(self.limits.max_payload) if export else None
+
+    async def pread_into(self, name: str, buf: memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes of export ``name`` at ``offset`` into ``buf``, as a READ
+        would, without the wire: for the process that embeds this server (the gateway streams
+        an embedded export's data this way, one copy from the image instead of a reply sent
+        and received on the same event loop). Runs in the export's reader threads, like a
+        READ that cannot use sendfile. If the call is cancelled, the read may still land in
+        ``buf``. Errors: UsageError (no such export), RequestError (EINVAL out of range, EIO
+        a failed read), ConnectionLostError (the server is closing)."""
+        export = self._exports.get(name)
+        if export is None:
+            raise UsageError(f"no export named {name!r}")
+        image = export.config.image
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if offset < 0 or offset + len(view) > image.size:
+            raise RequestError(Errno.EINVAL, "read past the end of the export", offset)
+        if self._closing:
+            raise ConnectionLostError("the NBD server is closing")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(export.reader, image.readinto, view, offset)
+        except OSError as exc:
+            raise RequestError(Errno.EIO, str(exc), offset) from exc
+        except RuntimeError as exc:  # the reader threads were shut down: the server closed
+            raise ConnectionLostError("the NBD server closed") from exc
 
     def exports_list(self) -> list[ExportDescriptor]:
         return [e.descriptor(self.limits.max_payload) for e in self._exports.values()]
