@@ -36,7 +36,7 @@ def _client_malloc(args: argparse.Namespace) -> None:
     1 MiB message is otherwise a fresh mmap that the client page-faults in; see
     docs/benchmarks.md, gateway-data)."""
     if args.keep_freed_memory:
-        from gateway.server import keep_freed_memory
+        from nbdcore.memory import keep_freed_memory
 
         keep_freed_memory()
 
@@ -288,7 +288,7 @@ async def bare_grpc_server(args: argparse.Namespace) -> None:
     import grpc
 
     if args.keep_freed_memory:
-        from gateway.server import keep_freed_memory
+        from nbdcore.memory import keep_freed_memory
 
         keep_freed_memory()
 

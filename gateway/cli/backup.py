@@ -84,7 +84,7 @@ from gateway.integrity import (
     message_data,
     parse_response,
 )
-from gateway.server import keep_freed_memory
+from nbdcore.memory import keep_freed_memory
 from nbdcore.storage.store import fsync_dir
 from nbdcore.tools.progress import Progress
 from nbdgw.v1 import bitmap_service_pb2 as pb

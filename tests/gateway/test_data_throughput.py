@@ -1,4 +1,4 @@
-"""The gateway process's allocator tuning for data streams (gateway.server.keep_freed_memory)."""
+"""The gateway process's allocator tuning for data streams (nbdcore.memory.keep_freed_memory)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests import peers
 
 PROBE = """
 import ctypes, sys
-from gateway.server import keep_freed_memory
+from nbdcore.memory import keep_freed_memory
 ok = keep_freed_memory() if sys.argv[1] == "tune" else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -44,7 +44,7 @@ def test_keep_freed_memory_serves_megabyte_buffers_from_the_heap() -> None:
 # alone gives nothing back (only the top of the heap is trimmed), malloc_trim(0) does.
 HELD = """
 import ctypes, sys
-from gateway.server import give_back_freed_memory, keep_freed_memory
+from nbdcore.memory import give_back_freed_memory, keep_freed_memory
 keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
