@@ -83,6 +83,10 @@ def _probe_punch(directory: Path) -> bool:
     return True
 
 
+# preadv2(2) flag; 0 where Python does not have it (not Linux): no reads without waiting.
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
 def _not_fast() -> OSError:
     return OSError(errno.ENOTSUP, "zeroing this range would not be fast (it writes zeroes)")
 
@@ -102,6 +106,14 @@ class Disk(ABC):
     @abstractmethod
     def preadinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the bytes from ``offset``."""
+
+    def try_preadinto(self, buf: memoryview, offset: int) -> int:
+        """Fill the start of ``buf`` with what can be read without waiting (for the disk, or
+        for a lock a writer holds); returns how many bytes that was (0: nothing, read it with
+        :meth:`preadinto`). For a caller on an event loop: a page-cache hit is cheaper read
+        there than handed to a thread. Ranges are checked as :meth:`preadinto` does."""
+        self.check_range(offset, len(buf))
+        return 0
 
     @abstractmethod
     def pwrite(self, data: bytes | memoryview, offset: int) -> None: ...
@@ -178,6 +190,7 @@ class RawFileDisk(Disk):
             not self._block_device and not read_only and _probe_punch(self.path.parent)
         )
         self._can_zero_range = True
+        self._nowait = _RWF_NOWAIT != 0  # preadv2 RWF_NOWAIT (Linux 4.14); cleared if refused
         self._closed = False
         self._lock = threading.Lock()
 
@@ -193,6 +206,30 @@ class RawFileDisk(Disk):
         buf = bytearray(length)
         self.preadinto(memoryview(buf), offset)
         return bytes(buf)
+
+    def try_preadinto(self, buf: memoryview, offset: int) -> int:
+        length = len(buf)
+        self.check_range(offset, length)
+        if not self._nowait:
+            return 0
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        done = 0
+        while done < length:
+            try:
+                # RWF_NOWAIT: what the page cache holds, EAGAIN (or a short read) where the
+                # disk would have to be read.
+                n = os.preadv(self._fd, [view[done:]], offset + done, _RWF_NOWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._nowait = False  # this file system (or kernel) cannot: stop asking
+                    break
+                raise
+            if n == 0:
+                break  # at the end of a shrunk file, or nothing cached: preadinto decides
+            done += n
+        return done
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
         length = len(buf)
@@ -339,6 +376,10 @@ class MemoryDisk(Disk):
             n = min(cs - start, length - pos)
             yield index, start, n, pos
             pos += n
+
+    def try_preadinto(self, buf: memoryview, offset: int) -> int:
+        self.preadinto(buf, offset)  # memory: nothing to wait for
+        return len(buf)
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
         view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf

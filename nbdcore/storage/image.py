@@ -331,6 +331,11 @@ class Image:
     def readinto(self, buf: memoryview, offset: int) -> None:
         self.disk.preadinto(buf, offset)
 
+    def try_readinto(self, buf: memoryview, offset: int) -> int:
+        """The start of :meth:`readinto` that needs no waiting (Disk.try_preadinto): how many
+        bytes were read (a snapshot's disk reads none this way: it may wait for a write)."""
+        return self.disk.try_preadinto(buf, offset)
+
     def write(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         self._check_writable()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from nbdcore.storage import Disk, MemoryDisk, RangeError, RawFileDisk
 from nbdcore.storage.disk import DATA, HOLE
+from tests import peers
 
 SIZE = 1 << 20
 BLOCK = 4096
@@ -235,3 +236,90 @@ def test_memory_disk_fresh_is_one_hole() -> None:
     disk.pwrite(b"z", disk.size - 1)
     assert list(disk.allocation(0, disk.size)) == [(0, 3 * 65536, HOLE), (3 * 65536, 5, DATA)]
     assert disk.pread(disk.size - 2, 2) == b"\0z"
+
+
+# --- reads that never wait (Disk.try_preadinto) -------------------------------------------------
+
+
+def _raw_with(tmp_path: Path, data: bytes) -> RawFileDisk:
+    path = tmp_path / "d.raw"
+    path.write_bytes(data)  # just written: in the page cache
+    return RawFileDisk(path)
+
+
+def _nowait_works(disk: RawFileDisk) -> bool:
+    """Whether this kernel and file system answer preadv2(RWF_NOWAIT) on a cached page."""
+    try:
+        return os.preadv(disk.fd, [bytearray(1)], 0, os.RWF_NOWAIT) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def test_try_preadinto_reads_a_cached_file_whole(tmp_path: Path) -> None:
+    data = os.urandom(SIZE)
+    disk = _raw_with(tmp_path, data)
+    if not _nowait_works(disk):
+        # Linux >= 4.14 on ext4/xfs/btrfs has it (CI: Debian 12); elsewhere nothing is tried.
+        peers.missing("preadv2(RWF_NOWAIT) on this file system", "run on Linux >= 4.14")
+    buf = bytearray(SIZE // 2)
+    assert disk.try_preadinto(memoryview(buf), 1000) == len(buf)
+    assert bytes(buf) == data[1000 : 1000 + len(buf)]
+    with pytest.raises(RangeError):
+        disk.try_preadinto(memoryview(bytearray(10)), SIZE - 5)
+    disk.close()
+
+
+def test_try_preadinto_stops_where_the_disk_would_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short read, then EAGAIN: what was read is kept and counted, the rest is left to
+    preadinto; a file system that refuses the flag is not asked again."""
+    data = os.urandom(SIZE)
+    disk = _raw_with(tmp_path, data)
+    real = os.preadv
+    calls: list[int] = []
+
+    def short_then_eagain(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append(flags)
+        if len(calls) == 1:
+            view = buffers[0][:4096]
+            return real(fd, [view], offset, 0)
+        raise BlockingIOError(errno.EAGAIN, "would block")
+
+    monkeypatch.setattr(os, "preadv", short_then_eagain)
+    buf = bytearray(65536)
+    n = disk.try_preadinto(memoryview(buf), 8192)
+    if not calls:
+        peers.missing("os.RWF_NOWAIT in this Python", "run CPython on Linux")
+    assert n == 4096
+    assert bytes(buf[:n]) == data[8192 : 8192 + n]
+    monkeypatch.setattr(os, "preadv", real)
+    disk.preadinto(memoryview(buf)[n:], 8192 + n)
+    assert bytes(buf) == data[8192 : 8192 + len(buf)]
+
+    def refused(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append(flags)
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "preadv", refused)
+    calls.clear()
+    assert disk.try_preadinto(memoryview(buf), 0) == 0
+    assert disk.try_preadinto(memoryview(buf), 0) == 0
+    assert len(calls) == 1  # asked once, then known
+    disk.close()
+
+
+def test_try_preadinto_of_memory_and_snapshot_disks(tmp_path: Path) -> None:
+    from nbdcore.storage import Image
+
+    mem = MemoryDisk(SIZE)
+    mem.pwrite(b"x" * 100, 50)
+    buf = bytearray(200)
+    assert mem.try_preadinto(memoryview(buf), 0) == 200  # memory never waits
+    assert bytes(buf) == bytes(50) + b"x" * 100 + bytes(50)
+    with Image.create(tmp_path / "i.img", SIZE) as image:
+        image.write(b"y" * 4096, 0)
+        snap = image.create_snapshot("s")
+        # A snapshot's read may wait for the image's writer (copy-on-write): never tried here.
+        assert snap.try_readinto(memoryview(buf), 0) == 0
+        assert image.try_readinto(memoryview(buf), 0) in (0, 200)
