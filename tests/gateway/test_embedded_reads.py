@@ -168,6 +168,10 @@ async def test_server_pread_into_checks_its_arguments(tmp_path: Path) -> None:
         buf = bytearray(MiB)
         await server.pread_into("d", memoryview(buf), 3 * MiB + 5)
         assert bytes(buf) == want[3 * MiB + 5 : 4 * MiB + 5]
+        # Bigger than what is read on the loop at once (2 MiB): the rest comes from a thread.
+        big = bytearray(5 * MiB)
+        await server.pread_into("d", memoryview(big), MiB + 3)
+        assert bytes(big) == want[MiB + 3 : 6 * MiB + 3]
         with pytest.raises(UsageError, match="no export named 'x'"):
             await server.pread_into("x", memoryview(buf), 0)
         with pytest.raises(RequestError) as past:
