@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 _SCRATCH_SIZE: Final = 256 * 1024
+_JOIN_SEND: Final = 64 * 1024  # queued chunks up to this much in all are joined into one write
 _HEADER_READ: Final = 4096
 _DISC_GRACE: Final = 3.0  # seconds a server gets to finish in-flight requests after DISC
 _T = TypeVar("_T")
@@ -187,6 +188,7 @@ class NBDClient(ClientSession):
         self._slots = asyncio.Semaphore(max_in_flight)
         self._writable = asyncio.Event()
         self._writable.set()
+        self._flush_pending = False  # a _flush_soon is scheduled
 
     # --- public attributes ----------------------------------------------------------------------
 
@@ -339,10 +341,27 @@ class NBDClient(ClientSession):
         self._flush()
 
     def _flush(self) -> None:
+        self._flush_pending = False
         data = self._conn.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
+            if len(data) > 1 and sum(map(len, data)) <= _JOIN_SEND:
+                # Request headers (a gather of READs): one write, one syscall.
+                self._transport.write(b"".join(data))
+                return
             for chunk in data:
                 self._transport.write(chunk)
+
+    def _flush_soon(self) -> None:
+        """Send what is queued once the tasks ready in this loop iteration have run: the
+        requests of a gather (a message's READs) leave in one write, and the server is woken
+        once, not per request."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_if_pending)
+
+    def _flush_if_pending(self) -> None:
+        if self._flush_pending:  # else a _flush since has sent everything
+            self._flush()
 
     def _fail(self, exc: NBDError) -> None:
         """The connection is unusable: every waiter gets ``exc``, the socket is closed."""
@@ -415,7 +434,7 @@ class NBDClient(ClientSession):
             self._sent_at[cookie] = self._loop.time()
             if self._watchdog is None:
                 self._watchdog = self._loop.call_later(self._timeout, self._check_deadline)
-        self._flush()
+        self._flush_soon()
         if not self._writable.is_set():
             await self._writable.wait()
         reply = await fut
