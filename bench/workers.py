@@ -372,7 +372,7 @@ async def stream_extents(args: argparse.Namespace) -> None:
         stream: Any = pb_grpc.BitmapServiceStub(channel).StreamExtents
         if args.in_place:
             # As nbdgw backup receives: the data stays in the bytes grpc hands over.
-            from gateway.integrity import parse_response
+            from nbdgw._wire import parse_response
 
             stream = channel.unary_stream(
                 "/nbdgw.v1.BitmapService/StreamExtents",

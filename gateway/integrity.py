@@ -36,8 +36,6 @@ import blake3
 import crc32c as _crc32c
 import zstandard
 
-from nbdgw.v1 import bitmap_service_pb2 as pb
-
 DIGEST_BLOCK = 1 << 20
 DIGEST_VERSION = b"nbdgw-digest-v1"
 
@@ -194,90 +192,11 @@ class DataCorrupted(Exception):
 _DECOMPRESSOR = zstandard.ZstdDecompressor()
 
 
-# --- receiving without copying the data ----------------------------------------------------------
-
-# StreamExtentsResponse.data: field 9, wire type 2 (length-delimited).
-_DATA_FIELD = 9
-_LENGTH_DELIMITED = 2
-
-
-class ReceivedMessage:
-    """A StreamExtentsResponse as it arrived, its data left where it arrived.
-
-    Parsing a 1 MiB data message with protobuf copies its data, and reading ``msg.data``
-    copies it again; :func:`parse_response` (a gRPC response deserializer) parses every
-    other field and keeps ``data`` as a view of the received bytes. Every field reads as on
-    the message itself, except ``data``, which is that view.
-    """
-
-    __slots__ = ("data", "message")
-
-    def __init__(self, message: pb.StreamExtentsResponse, data: memoryview) -> None:
-        self.message = message
-        self.data = data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.message, name)
-
-
-def _varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[pos]  # IndexError past the end: a truncated message
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("a varint longer than 10 bytes")
-
-
-def parse_response(raw: bytes) -> ReceivedMessage:
-    """A StreamExtentsResponse deserializer for the data path: the top-level fields are walked
-    (a dozen per message), the ``data`` field is cut out as a view of ``raw`` and the rest
-    (a few hundred bytes) is parsed by protobuf. A repeated ``data`` field counts as
-    protobuf counts it: the last one wins."""
-    view = memoryview(raw)
-    rest: list[memoryview] = []
-    data = view[:0]
-    pos = kept = 0
-    try:
-        while pos < len(raw):
-            start = pos
-            key, pos = _varint(raw, pos)
-            wire_type = key & 7
-            if wire_type == 0:
-                _, pos = _varint(raw, pos)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == _LENGTH_DELIMITED:
-                length, pos = _varint(raw, pos)
-                if key >> 3 == _DATA_FIELD:
-                    rest.append(view[kept:start])
-                    data = view[pos : pos + length]
-                    kept = pos + length
-                pos += length
-            else:
-                raise ValueError(f"wire type {wire_type}")
-        if pos != len(raw):
-            raise ValueError("a field runs past the end")
-    except (IndexError, ValueError) as exc:
-        raise DecodeError(f"a StreamExtentsResponse that does not parse: {exc}") from None
-    rest.append(view[kept:])
-    return ReceivedMessage(pb.StreamExtentsResponse.FromString(b"".join(rest)), data)
-
-
-class DecodeError(ValueError):
-    """Bytes that are no StreamExtentsResponse."""
-
-
-def message_data(msg: pb.StreamExtentsResponse | ReceivedMessage) -> bytes | memoryview:
-    """The data of ``msg``, decompressed and checked against its CRC32C; raises
-    :class:`DataCorrupted` when it does not match (or is unreadable)."""
-    data = msg.data
+def message_data(msg: Any) -> bytes | memoryview:
+    """The data of ``msg`` (a StreamExtentsResponse, or a message received in place by the
+    client: ``nbdgw._wire.parse_response``), decompressed and checked against its CRC32C;
+    raises :class:`DataCorrupted` when it does not match (or is unreadable)."""
+    data: bytes | memoryview = msg.data
     if not data:
         return data
     if msg.data_compression:

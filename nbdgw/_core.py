@@ -12,13 +12,11 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC
 from typing import Any
 
-import crc32c
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from nbdgw import errors
+from nbdgw import _wire, errors
 from nbdgw._models import (
-    Allocation,
     Bitmap,
     BitmapKind,
     BlockSizes,
@@ -33,6 +31,7 @@ from nbdgw._models import (
     ExtentFilter,
     ForkedBitmap,
     GenerationChange,
+    Release,
     RetryEvent,
     Snapshot,
     SnapshotOnFull,
@@ -43,6 +42,8 @@ from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# StreamExtents is called through its own multicallable, with the in-place deserializer.
+STREAM_EXTENTS = "/nbdgw.v1.BitmapService/StreamExtents"
 EXPORTS_PREFIX = "exports/"
 
 # The detail types the gateway sends (AIP-193); others are ignored, not fatal.
@@ -303,6 +304,10 @@ def forks_from(forks: Iterable[spb.ForkedBitmap]) -> tuple[ForkedBitmap, ...]:
     return tuple(ForkedBitmap(f.context, f.granularity_bytes, f.dirty_bytes) for f in forks)
 
 
+def release_from(m: spb.ReleaseSnapshotResponse) -> Release:
+    return Release(forks_from(m.merged), tuple(m.released), raw=m)
+
+
 def snapshot_from(m: spb.Snapshot) -> Snapshot:
     parent, _, snap_id = m.name.removeprefix(EXPORTS_PREFIX).partition("/snapshots/")
     return Snapshot(
@@ -394,33 +399,32 @@ class StreamResume:
         return self.retries.next_delay(error, self.position)
 
 
-def batch_from(msg: pb.StreamExtentsResponse) -> ExtentBatch:
+def batch_from(msg: Any, data: memoryview | None = None) -> ExtentBatch:
+    """The batch of one StreamExtents message (a :class:`~nbdgw._wire.ReceivedMessage` from
+    the clients' streams); ``data``: its checked data (:func:`message_data`), for a data
+    stream."""
     return ExtentBatch(
-        msg.offset, msg.next_offset, msg.range_end, msg.resume_token, msg, msg.clear_token
+        msg.offset,
+        msg.next_offset,
+        msg.range_end,
+        msg.resume_token,
+        msg,
+        msg.clear_token,
+        data,
     )
 
 
-def check_data(batch: ExtentBatch) -> None:
-    """The data of a message is exactly the bytes of its DATA extents, and what the gateway
-    read: its CRC32C (``data_crc32c``, in every message with data) matches."""
-    msg = batch.raw
-    where = f"[{batch.offset}, {batch.next_offset})"
-    if msg.data_compression:  # only sent when asked for, and this client does not ask
-        raise errors.StreamError(f"the data of {where} is {msg.data_compression}-compressed")
-    need = sum(e.length for e in batch.extents() if e.allocation == Allocation.DATA)
-    if need != len(msg.data):
-        raise errors.StreamError(
-            f"the message at {batch.offset} carries {len(msg.data)} bytes of data for"
-            f" {need} bytes of DATA extents"
-        )
-    if msg.data:
-        if not msg.HasField("data_crc32c"):
-            raise errors.StreamError(f"the data of {where} carries no CRC32C")
-        got = crc32c.crc32c(msg.data)
-        if got != msg.data_crc32c:
-            raise errors.DataCorrupted(
-                f"the data of {where} is corrupt: CRC32C {got:08x} where the gateway sent"
-                f" {msg.data_crc32c:08x}",
-                batch.offset,
-                batch.next_offset,
-            )
+def message_data(msg: Any) -> memoryview:
+    """The data of a message, decompressed and checked: exactly the bytes of its DATA extents,
+    and what the gateway read (its CRC32C, ``data_crc32c``, in every message with data)."""
+    allocation = msg.allocation  # always there in a data stream; without it, no data
+    need = 0
+    if allocation:
+        data = pb.ALLOCATION_DATA
+        need = sum(n for n, a in zip(msg.lengths, allocation, strict=True) if a == data)
+    return _wire.checked_data(msg, need)
+
+
+def check_data(batch: ExtentBatch) -> memoryview:
+    """:func:`message_data` of a batch's message."""
+    return message_data(batch.raw)

@@ -192,11 +192,16 @@ class DataChunk:
 class ExtentBatch:
     """One StreamExtents message: the extents (and data) found in ``[offset, next_offset)``.
 
-    ``raw`` is the protobuf message itself, with any field this version of the client does
-    not know. ``resume_token`` continues a stream after this batch (``resume_token=`` of the
-    iterators), even in another process. ``clear_token`` (a live writable export's dirty
-    bitmap) is what a clear of the ranges this batch carried passes (``clear_range``): only
-    what was not written since the batch was read is cleared.
+    ``raw`` is the message as received, with any field this version of the client does not
+    know; every field reads as on the protobuf message, except that ``raw.data`` is a
+    read-only view of the bytes received (as sent: compressed, if the stream asked for it)
+    and ``raw.message`` the protobuf message without them. ``data`` (a data stream) is the
+    message's data, decompressed and checked against its CRC32C: the bytes of the DATA
+    extents, in order, a read-only view that copies nothing. ``resume_token`` continues a
+    stream after this batch (``resume_token=`` of the iterators), even in another process.
+    ``clear_token`` (a live writable export's dirty bitmap) is what a clear of the ranges
+    this batch carried passes (``clear_range``): only what was not written since the batch
+    was read is cleared.
     """
 
     offset: int
@@ -205,6 +210,7 @@ class ExtentBatch:
     resume_token: str
     raw: Any = field(repr=False, compare=False)
     clear_token: str = ""
+    data: memoryview | None = field(default=None, repr=False, compare=False)
 
     def extents(self) -> Iterator[Extent]:
         msg = self.raw
@@ -220,7 +226,9 @@ class ExtentBatch:
 
     def chunks(self) -> Iterator[DataChunk]:
         """The extents with their data (the stream must have been asked for data)."""
-        data = memoryview(self.raw.data).toreadonly()
+        data = self.data
+        if data is None:
+            data = memoryview(self.raw.data).toreadonly()
         pos = 0
         for e in self.extents():
             if e.allocation == Allocation.DATA:
@@ -304,6 +312,30 @@ class ForkedBitmap:
     context: str
     granularity: int
     dirty_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What ReleaseSnapshot did: the forks merged back into the live bitmaps (``merged``:
+    what each still held), and every snapshot it released (``released``, resource names
+    ``exports/{export}/snapshots/{id}``): the one named and the rest of its consistency
+    group.
+
+    It iterates, counts and indexes as ``merged`` (the answer of nbdgw before 0.2, a tuple
+    of the forks), so code written for that goes on working."""
+
+    merged: tuple[ForkedBitmap, ...]
+    released: tuple[str, ...]
+    raw: Any = field(default=None, repr=False, compare=False)  # the protobuf message
+
+    def __iter__(self) -> Iterator[ForkedBitmap]:
+        return iter(self.merged)
+
+    def __len__(self) -> int:
+        return len(self.merged)
+
+    def __getitem__(self, index: int) -> ForkedBitmap:
+        return self.merged[index]
 
 
 @dataclass(frozen=True, slots=True)

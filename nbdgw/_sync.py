@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from nbdgw import _core
+from nbdgw import _core, _wire
 from nbdgw._models import (
     Bitmap,
     ByteRange,
@@ -20,8 +20,8 @@ from nbdgw._models import (
     Extent,
     ExtentBatch,
     ExtentFilter,
-    ForkedBitmap,
     GenerationChange,
+    Release,
     RetryEvent,
     Snapshot,
     SnapshotOnFull,
@@ -76,6 +76,13 @@ class Client:
             self._channel = grpc.secure_channel(spec.target, spec.credentials, spec.options)
         self._bitmaps: Any = pb_grpc.BitmapServiceStub(self._channel)
         self._snapshots: Any = spb_grpc.SnapshotServiceStub(self._channel)
+        # StreamExtents' data stays in the bytes gRPC received (nbdgw._wire): one copy less.
+        self._stream_extents: Any = self._channel.unary_stream(
+            _core.STREAM_EXTENTS,
+            request_serializer=pb.StreamExtentsRequest.SerializeToString,
+            response_deserializer=_wire.parse_response,
+            _registered_method=True,  # type: ignore[call-arg]  # as generated stubs do
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -99,10 +106,11 @@ class Client:
             self._retrying(event)
             time.sleep(event.delay)
 
-    def _stream(self, method: str, request: Any) -> Iterator[Any]:
-        resume = _core.StreamResume(method, request, self.retry)
+    def _stream(self, method: str, request: Any, retry: Retry | None = None) -> Iterator[Any]:
+        resume = _core.StreamResume(method, request, retry or self.retry)
+        stub = self._stream_extents if method == "StreamExtents" else getattr(self._bitmaps, method)
         while True:
-            call = getattr(self._bitmaps, method)(resume.request, metadata=self._metadata)
+            call = stub(resume.request, metadata=self._metadata)
             try:
                 for msg in call:
                     resume.accept(msg)
@@ -151,14 +159,16 @@ class Client:
             if not token:
                 return out
 
-    def stream_extents(self, request: pb.StreamExtentsRequest) -> Iterator[ExtentBatch]:
+    def stream_extents(
+        self, request: pb.StreamExtentsRequest, *, retry: Retry | None = None
+    ) -> Iterator[ExtentBatch]:
         """StreamExtents for a request built by hand (fields this client does not know pass
-        through untouched), resumed like :meth:`iter_batches`."""
-        for msg in self._stream("StreamExtents", request):
-            batch = _core.batch_from(msg)
-            if request.include_data:
-                _core.check_data(batch)
-            yield batch
+        through untouched: a digest, compression...), resumed like :meth:`iter_batches`, within
+        ``retry`` (default: the client's). With ``include_data``, each batch's ``data`` is
+        checked (and decompressed) before it is yielded."""
+        for msg in self._stream("StreamExtents", request, retry):
+            data = _core.message_data(msg) if request.include_data else None
+            yield _core.batch_from(msg, data)
 
     def iter_batches(
         self,
@@ -330,12 +340,13 @@ class Client:
             if not token:
                 return out
 
-    def release_snapshot(self, export: str, snapshot: str) -> tuple[ForkedBitmap, ...]:
-        """Release a snapshot; returns its bitmaps as merged back into the export's. Not
-        retried (a second release would find nothing)."""
+    def release_snapshot(self, export: str, snapshot: str) -> Release:
+        """Release a snapshot (and the rest of its consistency group): what its forks still
+        held merges back into the export's bitmaps (``merged``), and ``released`` names every
+        snapshot released. Not retried (a second release would find nothing)."""
         req = spb.ReleaseSnapshotRequest(name=_core.snapshot_name(export, snapshot))
         resp = self._unary(self._snapshots, "ReleaseSnapshot", req, retry=False)
-        return _core.forks_from(resp.merged)
+        return _core.release_from(resp)
 
     # --- bitmaps and checkpoints -----------------------------------------------------------------
 

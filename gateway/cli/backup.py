@@ -45,13 +45,10 @@ import json
 import os
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from gateway.cli import backup_snapshots
 from gateway.cli.backup_state import (
@@ -61,32 +58,28 @@ from gateway.cli.backup_state import (
 )
 from gateway.cli.common import (
     CommandError,
-    Gateway,
     _one_line_errors,
     add_target_arguments,
     command,
-    connect,
-    describe_rpc_error,
+    describe_error,
     full_context_name,
     iter_rows,
-    list_bitmaps,
+    open_client,
     parse_size,
-    retry_delay,
-    stream_extents,
+    stream_retry,
     warn,
 )
 from gateway.integrity import (
     COMPRESSION_ZSTD,
     DIGESTS,
     ZSTD_LEVELS,
-    DataCorrupted,
     RangeDigest,
-    message_data,
-    parse_response,
 )
 from nbdcore.memory import keep_freed_memory
 from nbdcore.storage.store import fsync_dir
 from nbdcore.tools.progress import Progress
+from nbdgw import AsyncClient, Bitmap, BitmapKind, ClearMode, ExtentBatch, Retry
+from nbdgw import errors as client_errors
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
@@ -462,18 +455,6 @@ def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
         runs.append([offset, length])
 
 
-def _receiving_in_place(gw: Gateway) -> Gateway:
-    """``gw`` with a StreamExtents whose messages keep their data where it arrived
-    (:func:`gateway.integrity.parse_response`)."""
-    service = pb.DESCRIPTOR.services_by_name["BitmapService"].full_name
-    stream = gw.channel.unary_stream(
-        f"/{service}/StreamExtents",
-        request_serializer=pb.StreamExtentsRequest.SerializeToString,
-        response_deserializer=parse_response,
-    )
-    return dataclasses.replace(gw, stub=types.SimpleNamespace(StreamExtents=stream))
-
-
 class _Stopped(Exception):
     """A write not done because an earlier one failed (whose error is the one reported)."""
 
@@ -550,14 +531,14 @@ class _Backup:
 
     def __init__(
         self,
-        gw: Gateway,
+        client: AsyncClient,
         state: BackupState,
         spath: Path,
         out: OutputImage,
         checkpoint: int,
         dirty_map: DirtyMap,
     ) -> None:
-        self.gw = gw
+        self.client = client
         self.state = state
         self.spath = spath
         self.out = out
@@ -572,7 +553,8 @@ class _Backup:
         self.last_sync = time.monotonic()
         self.copied = 0
         self.processed = 0  # bytes of the extents streamed (data, zeroes, holes)
-        self.on_retry: Callable[[str], None] | None = None
+        # How a stream is resumed (--retries); the client's own calls are not retried.
+        self.retry = Retry(attempts=0)
         self.recheck = True
         self.digest: RangeDigest | None = None  # with --digest: ours, of what was received
         self.compress = 0  # with --compress: the zstd level
@@ -665,38 +647,30 @@ class _Backup:
         kept: list[list[int]] = []
 
         async def clear(offset: int, length: int) -> None:
-            request = pb.ClearRangeRequest(
-                export=self.source,
-                bitmap=state.context,
-                offset=offset,
-                length=length,
-                generation=state.generation,
-            )
-            if token:
-                request.clear_token = token
-            else:
-                request.unconditional = True
             attempt = 0
             while True:
                 try:
                     async with slots:
-                        resp = await self.gw.stub.ClearRange(
-                            request, metadata=self.gw.metadata, timeout=self.gw.timeout
+                        result = await self.client.clear_range(
+                            self.source,
+                            state.context,
+                            offset,
+                            length,
+                            generation=state.generation,
+                            clear_token=token,
+                            unconditional=not token,
                         )
                     break
-                except grpc.aio.AioRpcError as exc:
+                except client_errors.ResourceExhausted as exc:
                     # Over the gateway's rate limit: wait as long as its RetryInfo says. A
                     # RESOURCE_EXHAUSTED without RetryInfo (the ledger's interval cap) does not
                     # pass with time: report it at once.
-                    delay = None
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        delay = retry_delay(exc)
-                    if delay is None or attempt >= 100:
+                    if exc.retry_after is None or attempt >= 100:
                         raise
                     attempt += 1
-                    await asyncio.sleep(delay)
-            state.bytes_cleared += resp.cleared_bytes
-            kept.extend([r.offset, r.length] for r in resp.kept_ranges)
+                    await asyncio.sleep(exc.retry_after)
+            state.bytes_cleared += result.cleared_bytes
+            kept.extend([r.offset, r.length] for r in result.kept)
 
         # Not a TaskGroup: its ExceptionGroup would hide the gRPC error from the one-line report.
         tasks = [asyncio.ensure_future(clear(offset, length)) for offset, length in runs]
@@ -742,15 +716,14 @@ class _Backup:
             include_data=True,
         )
         token = ""
-        async for msg in stream_extents(
-            self.gw, request, retries=self._retries, on_retry=self.on_retry
-        ):
+        async for batch in self.client.stream_extents(request, retry=self.retry):
             # Every message of one stream carries the same token; a resumed stream's is newer,
             # so the first is the one that covers every byte written to the output here.
-            token = token or msg.clear_token
-            data = memoryview(msg.data)
+            token = token or batch.clear_token
+            data = batch.data
+            assert data is not None  # a data stream's, checked
             pos = 0
-            for start, n, _flags, allocation in iter_rows(msg):
+            for start, n, _flags, allocation in iter_rows(batch.raw):
                 chunk = None
                 if allocation == pb.ALLOCATION_DATA:
                     chunk = data[pos : pos + n]
@@ -780,12 +753,11 @@ class _Backup:
                 filter=pb.EXTENT_FILTER_ALL,
                 include_data=True,
             )
-            async for msg in stream_extents(
-                self.gw, request, retries=self._retries, on_retry=self.on_retry
-            ):
-                data = memoryview(message_data(msg))
+            async for batch in self.client.stream_extents(request, retry=self.retry):
+                data = batch.data
+                assert data is not None  # a data stream's, checked
                 pos = 0
-                for offset, length, _flags, allocation in iter_rows(msg):
+                for offset, length, _flags, allocation in iter_rows(batch.raw):
                     chunk = None
                     if allocation == pb.ALLOCATION_DATA:
                         chunk = data[pos : pos + length]
@@ -822,19 +794,14 @@ class _Backup:
             elif state.next_offset:
                 request.resume_offset = state.next_offset
             last = None
-            # Its messages are ReceivedMessage: they stand in for StreamExtentsResponse, their
-            # data a view of the bytes received (one copy less, and one more for msg.data).
-            async for msg in stream_extents(
-                _receiving_in_place(self.gw),
-                request,
-                retries=self._retries,
-                on_retry=self.on_retry,
-            ):
-                self._apply(msg)
+            # The client checks each message's data (CRC32C, zstd) and leaves it in the bytes
+            # gRPC received: batch.data is a view of them, written without another copy.
+            async for batch in self.client.stream_extents(request, retry=self.retry):
+                self._apply(batch)
                 await self.writer.wait_room()
-                last = msg
-                progress.update(self.processed, position=msg.next_offset / state.size)
-                if msg.next_offset >= state.size:
+                last = batch
+                progress.update(self.processed, position=batch.next_offset / state.size)
+                if batch.next_offset >= state.size:
                     break
                 if (
                     self.unsynced >= self.checkpoint_bytes
@@ -844,13 +811,13 @@ class _Backup:
                 ):
                     await self.writer.drain()  # the digest's state is the writer's
                     if self.digest is not None:
-                        state.resume_token = msg.resume_token
+                        state.resume_token = batch.resume_token
                         chain, block = self.digest.state
                         state.digest_state = [chain.hex(), block]
                     if state.clear:
-                        await self.checkpoint(msg.next_offset, final=False)
+                        await self.checkpoint(batch.next_offset, final=False)
                     else:
-                        await self._commit_in_background(msg.next_offset)
+                        await self._commit_in_background(batch.next_offset)
             await self.writer.drain()
             await self.writer.committed()
             if self.digest is not None and last is not None:
@@ -858,8 +825,6 @@ class _Backup:
         # A stream that ends with OK covered the whole range.
         await self.checkpoint(state.size, final=True)
         progress.update(self.processed, position=1.0, force=True)
-
-    _retries = 5
 
     def _resume_digest(self) -> RangeDigest:
         """Our digest of what the stream delivered: new, or as the last checkpoint left it,
@@ -887,25 +852,28 @@ class _Backup:
             pos += len(chunk)
         return digest
 
-    def _check_digest(self, last: pb.StreamExtentsResponse) -> None:
+    def _check_digest(self, last: ExtentBatch) -> None:
         assert self.digest is not None
         ours = self.digest.finish(self.state.size)
-        if not last.digest:
+        theirs = bytes(last.raw.digest)
+        if not theirs:
             raise BackupError("the gateway sent no digest (is it older than this nbdgw?)")
-        if last.digest != ours:
+        if theirs != ours:
             raise BackupError(
                 f"the {self.state.digest_algorithm} digest of the data received"
-                f" ({ours.hex()}) differs from the gateway's ({last.digest.hex()}): the"
+                f" ({ours.hex()}) differs from the gateway's ({theirs.hex()}): the"
                 " backup is not what the disk held; start a new backup"
             )
         self.state.digest = ours.hex()
         self.state.digest_state = []
 
-    def _apply(self, msg: pb.StreamExtentsResponse) -> None:
-        """Account for ``msg`` here (extents, dirty runs, progress) and hand its data to the
+    def _apply(self, batch: ExtentBatch) -> None:
+        """Account for ``batch`` here (extents, dirty runs, progress) and hand its data to the
         writer thread (:meth:`_store`): the event loop goes on receiving the next messages
-        while the CRC32C check, the writes and the digest of this one run without the GIL."""
+        while the writes and the digest of this one run without the GIL. The client checked
+        its data (CRC32C, and the size of its DATA extents) before it came here."""
         state = self.state
+        msg = batch.raw
         writes: list[tuple[int, int]] = []  # data rows: (offset, length), in stream order
         zeros: list[tuple[int, int]] = []
         for offset, length, flags, allocation in iter_rows(msg):
@@ -921,7 +889,7 @@ class _Backup:
             if flags & 1:
                 if state.clear:
                     if not self.dirty:
-                        self.token = msg.clear_token
+                        self.token = batch.clear_token
                     _merge_run(self.dirty, offset, length)
                 if not state.full:  # a full backup's map is the whole disk already
                     _merge_run(self.mapped, offset, length)
@@ -929,29 +897,18 @@ class _Backup:
         state.bytes_written += data_bytes
         self.copied += data_bytes
         self.unsynced += data_bytes + 16 * len(msg.lengths)
-        self.writer.submit(lambda: self._store(msg, writes, zeros))
+        data = batch.data
+        assert data is not None  # a data stream's
+        self.writer.submit(lambda: self._store(data, writes, zeros))
 
     def _store(
         self,
-        msg: pb.StreamExtentsResponse,
+        data: memoryview,
         writes: list[tuple[int, int]],
         zeros: list[tuple[int, int]],
     ) -> None:
-        """In the writer thread, in stream order: check the message's data, write it."""
-        try:
-            # Checked whole before any of it is written: a corrupt message writes nothing.
-            data = memoryview(message_data(msg))
-        except DataCorrupted as exc:
-            raise BackupError(
-                f"{exc}; the progress up to {self.state.next_offset} is saved: run the same"
-                " command with --resume to continue"
-            ) from None
-        expected = sum(length for _, length in writes)
-        if len(data) != expected:
-            raise BackupError(
-                f"the gateway sent {len(data)} bytes of data for extents of {expected} bytes"
-                f" in [{msg.offset}, {msg.next_offset})"
-            )
+        """In the writer thread, in stream order: write a message's data (checked whole by
+        the client before any of it came here: a corrupt message writes nothing)."""
         pos = 0
         for offset, length in writes:
             chunk = data[pos : pos + length]
@@ -994,26 +951,28 @@ async def run(args: argparse.Namespace) -> int:
     # Each message's ~1 MiB buffers (grpc's, the parsed message's) come from glibc's heap
     # again, not from fresh mmaps page-faulted in: a third of this process's CPU time.
     keep_freed_memory()
-    async with connect(args) as gw:
-        export = await gw.stub.GetExport(
-            pb.GetExportRequest(name=args.export), metadata=gw.metadata, timeout=gw.timeout
-        )
-        size = export.size_bytes
-        export_name = export.name.removeprefix("exports/") or args.export
-        bitmaps = {b.context: b for b in await list_bitmaps(gw, args.export)}
+    # The calls fail at once (a person is waiting); the data streams resume (--retries).
+    async with open_client(args) as client:
+        export = await client.get_export(args.export)
+        size = export.size
+        export_name = export.id or args.export
+        bitmaps = {b.context: b for b in await client.list_bitmaps(args.export)}
         if since:  # a view of the snapshot still to take
-            await backup_snapshots.check_checkpoint(gw, args.export, args.since)
-            bitmaps[context] = pb.Bitmap(context=context)
+            await backup_snapshots.check_checkpoint(client, args.export, args.since)
+            bitmaps[context] = Bitmap(
+                name="", export=export_name, context=context, kind=BitmapKind.DIRTY_BITMAP,
+                export_size=size,
+            )  # fmt: skip
         if context not in bitmaps and args.snapshot:
             # A context only the snapshot has (a running QEMU's since:CHECKPOINT view).
             snap_export = f"{args.export.removeprefix('exports/')}@{args.snapshot}"
-            bitmaps.update({b.context: b for b in await list_bitmaps(gw, snap_export)})
+            bitmaps.update({b.context: b for b in await client.list_bitmaps(snap_export)})
         if context not in bitmaps:
             offered = ", ".join(sorted(bitmaps)) or "none"
             raise BackupError(
                 f"export {export_name!r} has no context {context!r} (offered: {offered})"
             )
-        if args.clear and bitmaps[context].clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+        if args.clear and bitmaps[context].clear_mode == ClearMode.UNSUPPORTED:
             # A running QEMU's live bitmap clears only through a snapshot's fork: refused
             # unless the backup reads a snapshot whose fork clears (decided before anything
             # is written).
@@ -1021,12 +980,12 @@ async def run(args: argparse.Namespace) -> int:
             if args.snapshot:
                 source = f"{export_name}@{args.snapshot}"
             elif args.snapshot_mode != "never" and await backup_snapshots.takes_snapshots(
-                gw, args.export
+                client, args.export
             ):
                 source = "a snapshot"
             if source and source != "a snapshot":
-                found = {b.context: b for b in await list_bitmaps(gw, source)}.get(context)
-                if found is None or found.clear_mode == pb.CLEAR_MODE_UNSUPPORTED:
+                found = {b.context: b for b in await client.list_bitmaps(source)}.get(context)
+                if found is None or found.clear_mode == ClearMode.UNSUPPORTED:
                     source = ""
             if not source:
                 why = bitmaps[context].clear_unsupported_reason or "the gateway refuses"
@@ -1037,7 +996,7 @@ async def run(args: argparse.Namespace) -> int:
         if prepared is None:
             done = BackupState.load(spath)  # complete; its snapshot may still need releasing
             if done.snapshot and not args.keep_snapshot:
-                await snapshots.release_snapshot(gw, done)
+                await snapshots.release_snapshot(client, done)
             print(f"{output}: backup already complete", file=sys.stderr)
             return 0
         state, create = prepared
@@ -1051,7 +1010,7 @@ async def run(args: argparse.Namespace) -> int:
                 )
             state.generation = generation
             state.save(spath)
-        await snapshots.take_snapshot(gw, args, state, spath, warn(args))
+        await snapshots.take_snapshot(client, args, state, spath, warn(args))
 
         header = {
             "format": MAP_FORMAT,
@@ -1075,30 +1034,30 @@ async def run(args: argparse.Namespace) -> int:
             raise
         backup: _Backup | None = None
         try:
-            backup = _Backup(gw, state, spath, out, args.checkpoint, dirty_map)
-            backup._retries = args.retries
+            backup = _Backup(client, state, spath, out, args.checkpoint, dirty_map)
+            backup.retry = stream_retry(args.retries)
             backup.compress = args.compress or 0
-            backup.on_retry = warn(args)
             # A ledger-masked bitmap belongs to a point-in-time export: nothing writes to what
             # it describes, so there is no race to recheck for.
-            backup.recheck = (
-                args.recheck and bitmaps[context].clear_mode != pb.CLEAR_MODE_LEDGER_MASK
-            )
+            backup.recheck = args.recheck and bitmaps[context].clear_mode != ClearMode.LEDGER_MASK
             if state.snapshot:  # a snapshot does not change either
                 backup.source = snapshots.source_export(state)
                 backup.recheck = False
-            backup.clear_gap = max(bitmaps[context].granularity_bytes, 64 << 10)
+            backup.clear_gap = max(bitmaps[context].granularity, 64 << 10)
             # To do: the dirty bytes of an incremental started now (ListBitmaps counts them);
             # a full backup or a resumed one shows how far through the disk it is instead.
-            dirty = bitmaps[context].dirty_bytes
+            dirty = bitmaps[context].dirty_bytes or 0  # None: not known
             fresh = not state.full and state.next_offset == 0 and dirty > 0
             progress = Progress(dirty if fresh else None, enabled=args.progress)
             try:
                 await backup.run(progress)
-            except grpc.aio.AioRpcError as exc:
+            except client_errors.NbdgwError as exc:  # a call failed, a stream broke its promise
+                said = describe_error(exc, args)
+                if isinstance(exc, client_errors.DataCorrupted):
+                    said += "; nothing of it was stored"
                 raise BackupError(
-                    f"{describe_rpc_error(exc)}; the progress up to {state.next_offset} is "
-                    "saved: run the same command with --resume to continue"
+                    f"{said}; the progress up to {state.next_offset} is saved: run the same"
+                    " command with --resume to continue"
                 ) from None
             except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C
                 progress.close()
@@ -1115,7 +1074,7 @@ async def run(args: argparse.Namespace) -> int:
             out.close()
             dirty_map.close()
         if state.snapshot and not args.keep_snapshot:
-            await snapshots.release_snapshot(gw, state)
+            await snapshots.release_snapshot(client, state)
 
     kind = "full" if state.full else "incremental"
     source = f" (snapshot {state.snapshot})" if state.snapshot else ""

@@ -23,20 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from gateway.cli.backup_state import BackupError, BackupState
 from gateway.cli.common import (
     DIRTY_BITMAP_PREFIX,
-    Gateway,
-    describe_rpc_error,
-    error_details,
+    describe_call_error,
     parse_size,
 )
 from nbdcore.storage.checkpoint import SINCE_PREFIX
 from nbdcore.tools import deprecated
-from nbdgw.v1 import snapshot_service_pb2 as spb
-from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
+from nbdgw import AsyncClient, Snapshot, SnapshotState
+from nbdgw import errors as client_errors
+
+_COMMAND = "nbdgw backup"
 
 
 class CheckpointOrSaveEvery(argparse.Action):
@@ -123,15 +121,13 @@ def since_context(args: argparse.Namespace) -> str:
     return f"{DIRTY_BITMAP_PREFIX}{SINCE_PREFIX}{args.since}"
 
 
-async def check_checkpoint(gw: Gateway, export: str, checkpoint: str) -> None:
+async def check_checkpoint(client: AsyncClient, export: str, checkpoint: str) -> None:
     """Refuse ``--since C`` before anything is written when the export has no checkpoint C."""
     try:
-        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ListCheckpoints(
-            spb.ListCheckpointsRequest(parent=export), metadata=gw.metadata, timeout=gw.timeout
-        )
-    except grpc.aio.AioRpcError as exc:
-        raise BackupError(f"cannot read the checkpoints: {describe_rpc_error(exc)}") from None
-    ids = [c.name.rsplit("/", 1)[-1] for c in resp.checkpoints]
+        ids = [c.id for c in await client.list_checkpoints(export)]
+    except client_errors.CallError as exc:
+        why = describe_call_error(exc, _COMMAND)
+        raise BackupError(f"cannot read the checkpoints: {why}") from None
     if checkpoint not in ids:
         raise BackupError(
             f"export {export!r} has no checkpoint {checkpoint!r} (it has:"
@@ -150,48 +146,31 @@ def snapshot_id(state: BackupState) -> str:
     return f"backup-{stamp}-{int(state.started * 1e6) % 1_000_000:06d}"
 
 
-def _not_supported(exc: grpc.aio.AioRpcError) -> bool:
-    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a gateway without SnapshotService
-        return True
-    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and any(
-        getattr(d, "reason", "") == "SNAPSHOTS_NOT_SUPPORTED" for d in error_details(exc)
-    )
+def _not_supported(exc: client_errors.CallError) -> bool:
+    # UNIMPLEMENTED: a gateway without SnapshotService.
+    return exc.code == "UNIMPLEMENTED" or isinstance(exc, client_errors.SnapshotsNotSupported)
 
 
-async def takes_snapshots(gw: Gateway, export: str) -> bool:
+async def takes_snapshots(client: AsyncClient, export: str) -> bool:
     """Whether the gateway takes snapshots of ``export`` (asked without taking one)."""
     try:
-        await spb_grpc.SnapshotServiceStub(gw.channel).ListSnapshots(
-            spb.ListSnapshotsRequest(parent=export, page_size=1),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-    except grpc.aio.AioRpcError as exc:
+        await client.list_snapshots(export)
+    except client_errors.CallError as exc:
         if _not_supported(exc):
             return False
         raise
     return True
 
 
-async def find_snapshot(gw: Gateway, export: str, snapshot: str) -> spb.Snapshot | None:
-    stub = spb_grpc.SnapshotServiceStub(gw.channel)
-    token = ""
-    while True:
-        resp = await stub.ListSnapshots(
-            spb.ListSnapshotsRequest(parent=export, page_token=token),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-        for snap in resp.snapshots:
-            if snap.name.rsplit("/", 1)[-1] == snapshot:
-                return snap
-        token = resp.next_page_token
-        if not token:
-            return None
+async def find_snapshot(client: AsyncClient, export: str, snapshot: str) -> Snapshot | None:
+    for snap in await client.list_snapshots(export):
+        if snap.id == snapshot:
+            return snap
+    return None
 
 
 async def take_snapshot(
-    gw: Gateway,
+    client: AsyncClient,
     args: argparse.Namespace,
     state: BackupState,
     spath: Path,
@@ -201,15 +180,15 @@ async def take_snapshot(
     again, or "" for the live export."""
     try:
         if state.snapshot:
-            found = await find_snapshot(gw, state.export, state.snapshot)
-            if found is not None and found.state != spb.SNAPSHOT_STATE_BROKEN:
+            found = await find_snapshot(client, state.export, state.snapshot)
+            if found is not None and found.state != SnapshotState.BROKEN:
                 return
             if args.snapshot:
                 why = "is gone" if found is None else "is broken (it ran out of space)"
                 raise BackupError(f"snapshot {state.snapshot!r} of {state.export!r} {why}")
             if found is not None:
                 # Ours, and useless now: release it (its fork merges back) and start over.
-                await release_snapshot(gw, state)
+                await release_snapshot(client, state)
                 note(f"snapshot {state.snapshot} ran out of space; taking a new one")
             else:
                 # Its fork went back into the live bitmap: a new snapshot holds it.
@@ -223,10 +202,10 @@ async def take_snapshot(
         elif args.resume:
             return  # it read the live export so far: a snapshot now would mix two instants
         elif args.snapshot:
-            found = await find_snapshot(gw, state.export, args.snapshot)
+            found = await find_snapshot(client, state.export, args.snapshot)
             if found is None:
                 raise BackupError(f"export {state.export!r} has no snapshot {args.snapshot!r}")
-            if found.state == spb.SNAPSHOT_STATE_BROKEN:
+            if found.state == SnapshotState.BROKEN:
                 raise BackupError(
                     f"snapshot {args.snapshot!r} is broken (it ran out of space): release it"
                     " (its forks merge back) and take a new one"
@@ -242,55 +221,47 @@ async def take_snapshot(
         since = state.context.removeprefix(view) if state.context.startswith(view) else ""
         dirty = state.context.startswith(DIRTY_BITMAP_PREFIX) and not since
         forks = [state.context] if dirty else []
-        stub = spb_grpc.SnapshotServiceStub(gw.channel)
         checkpoint = args.checkpoint_id
         while True:
             try:
-                await stub.CreateSnapshot(
-                    spb.CreateSnapshotRequest(
-                        parent=state.export,
-                        snapshot_id=state.snapshot,
-                        bitmaps=forks,
-                        checkpoint_id=checkpoint,
-                        since_checkpoint=since,
-                    ),
-                    metadata=gw.metadata,
-                    timeout=gw.timeout,
+                await client.create_snapshot(
+                    state.export,
+                    snapshot_id=state.snapshot,
+                    bitmaps=forks,
+                    checkpoint=checkpoint,
+                    since=since,
                 )
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                    if await find_snapshot(gw, state.export, state.snapshot) is not None:
-                        return  # taken just before a crash: ours
-                    reasons = {getattr(d, "reason", "") for d in error_details(exc)}
-                    if checkpoint and args.resume and "CHECKPOINT_EXISTS" in reasons:
-                        # Started with this backup's first snapshot, which is gone: kept.
-                        checkpoint = ""
-                        continue
-                    raise BackupError(describe_rpc_error(exc)) from None
+            except client_errors.AlreadyExists as exc:
+                if await find_snapshot(client, state.export, state.snapshot) is not None:
+                    return  # taken just before a crash: ours
+                if checkpoint and args.resume and exc.reason == "CHECKPOINT_EXISTS":
+                    # Started with this backup's first snapshot, which is gone: kept.
+                    checkpoint = ""
+                    continue
+                raise BackupError(describe_call_error(exc, _COMMAND)) from None
+            except client_errors.CallError as exc:
                 if _not_supported(exc) and not (checkpoint or since):
                     state.snapshot = ""  # not an nbdcore host: read the live export
                     state.save(spath)
                     return
                 raise
-    except grpc.aio.AioRpcError as exc:
+    except client_errors.CallError as exc:
         if _not_supported(exc) and not state.snapshot:
             return
-        raise BackupError(f"cannot take a snapshot: {describe_rpc_error(exc)}") from None
+        why = describe_call_error(exc, _COMMAND)
+        raise BackupError(f"cannot take a snapshot: {why}") from None
 
 
-async def release_snapshot(gw: Gateway, state: BackupState) -> None:
+async def release_snapshot(client: AsyncClient, state: BackupState) -> None:
     """Release the backup's snapshot: its fork's remaining bits merge back."""
-    stub = spb_grpc.SnapshotServiceStub(gw.channel)
     try:
-        await stub.ReleaseSnapshot(
-            spb.ReleaseSnapshotRequest(name=f"exports/{state.export}/snapshots/{state.snapshot}"),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:  # released already: fine
-            raise BackupError(
-                f"the backup is complete but its snapshot {state.snapshot} was not released:"
-                f" {describe_rpc_error(exc)}; release it with ReleaseSnapshot"
-            ) from None
+        await client.release_snapshot(state.export, state.snapshot)
+    except client_errors.NotFound:
+        pass  # released already: fine
+    except client_errors.CallError as exc:
+        raise BackupError(
+            f"the backup is complete but its snapshot {state.snapshot} was not released:"
+            f" {describe_call_error(exc, _COMMAND)}; release it with 'nbdgw snapshot release"
+            f" {state.export} {state.snapshot}'"
+        ) from None

@@ -1,5 +1,6 @@
 """What every command against a running gateway shares: the target and credential flags, the
-connection, one-line errors with their ErrorInfo reason, the extent stream and its printing.
+client library's AsyncClient built from them (the commands are a thin layer over it), one-line
+errors with their ErrorInfo reason, and the printing of extents.
 
 The gateway is ``--target HOST:PORT`` (or ``$NBDGW_TARGET``, default 127.0.0.1:50051), with an
 optional bearer token (``--token`` / ``$NBDGW_TOKEN``) and TLS (``--tls-ca``, ``--tls-cert``,
@@ -10,36 +11,25 @@ reason, and the command exits with 1. Bad arguments print one line and exit with
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
 
 from nbdcore.tools import command_name
 from nbdgw import TLS as ClientTLS
-from nbdgw import AsyncClient, Retry
+from nbdgw import AsyncClient, Retry, RetryEvent
 from nbdgw import errors as client_errors
-from nbdgw._core import error_from_rpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
-from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-# A data message holds at most 1 MiB of data plus its columns; leave room above the 4 MiB
-# default so that a gateway configured for more extents per message is still readable.
-MAX_RECEIVE_MESSAGE = 64 << 20
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 
@@ -161,22 +151,6 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 # --- Connection ------------------------------------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    """An open channel to a gateway, with the stub and the metadata every call carries."""
-
-    channel: grpc.aio.Channel
-    stub: Any  # pb_grpc.BitmapServiceStub over an aio channel
-    metadata: tuple[tuple[str, str], ...]
-    timeout: float
-
-    async def __aenter__(self) -> Gateway:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.channel.close(None)
-
-
 def _read(path: str | None, what: str) -> bytes | None:
     if path is None:
         return None
@@ -186,36 +160,11 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise CommandError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def connect(args: argparse.Namespace) -> Gateway:
-    """Open a channel as the connection arguments say (the channel connects lazily)."""
-    target, tls = parse_target(args.target or "")
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
-        ("grpc.enable_http_proxy", 0),
-    ]
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CommandError("--tls-cert and --tls-key go together")
-    if tls or args.tls_ca or args.tls_cert:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(args.tls_ca, "CA bundle"),
-            private_key=_read(args.tls_key, "private key"),
-            certificate_chain=_read(args.tls_cert, "certificate"),
-        )
-        if args.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-        channel = grpc.aio.secure_channel(target, creds, options=options)
-    else:
-        channel = grpc.aio.insecure_channel(target, options=options)
-    metadata: tuple[tuple[str, str], ...] = ()
-    if args.token:
-        metadata = (("authorization", f"Bearer {args.token}"),)
-    return Gateway(channel, pb_grpc.BitmapServiceStub(channel), metadata, args.timeout)
-
-
 def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
-    """The client library's AsyncClient, as the connection arguments say. ``retries``: how
-    often a call or stream is retried (resumed) after UNAVAILABLE; 0 for a command that
-    should fail at once (a person is waiting)."""
+    """The client library's AsyncClient, as the connection arguments say: every command that
+    talks to a gateway goes through it. ``retries``: how often a call or stream is retried
+    (resumed) after UNAVAILABLE; 0 for a command that should fail at once (a person is
+    waiting). A long stream can be given its own (:func:`stream_retry`)."""
     target, https = parse_target(args.target or "")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandError("--tls-cert and --tls-key go together")
@@ -235,81 +184,28 @@ def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
         tls=tls,
         timeout=args.timeout,
         retry=Retry(attempts=retries),
-        on_retry=lambda event: warn(args)(str(event)),
+        on_retry=lambda event: warn(args)(retry_note(event, command_name(args))),
     )
 
 
-async def list_bitmaps(gw: Gateway, export: str) -> list[pb.Bitmap]:
-    """Every metadata context of ``export`` (ListBitmaps, all pages)."""
-    bitmaps: list[pb.Bitmap] = []
-    token = ""
-    while True:
-        resp = await gw.stub.ListBitmaps(
-            pb.ListBitmapsRequest(parent=export, page_token=token),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
-        bitmaps.extend(resp.bitmaps)
-        token = resp.next_page_token
-        if not token:
-            return bitmaps
+def stream_retry(retries: int) -> Retry:
+    """How a data stream of backup or verify is resumed: ``retries`` times in a row without
+    progress, after 0.5 s, doubled each time up to 8 s (or longer when the gateway asks)."""
+    return Retry(attempts=retries, backoff=0.5, max_backoff=8.0)
+
+
+def retry_note(event: RetryEvent, command: str) -> str:
+    """The one-line note a command prints before the client retries a call or resumes a
+    stream."""
+    why = describe_call_error(event.error, command)
+    wait = f"in {event.delay:.1f}s (attempt {event.attempt} of {event.attempts})"
+    if event.method.startswith("Stream"):
+        where = "before the first message" if event.position is None else f"at {event.position}"
+        return f"stream interrupted {where} ({why}); resuming {wait}"
+    return f"{METHOD_COMMANDS.get(event.method, event.method)!r} failed ({why}); retrying {wait}"
 
 
 # --- Errors ----------------------------------------------------------------------------------
-
-
-def error_details(exc: grpc.aio.AioRpcError) -> list[Any]:
-    """The decoded ``google.rpc.Status`` details of a failed call (ErrorInfo, BadRequest...)."""
-    raw = None
-    trailers: Any = exc.trailing_metadata() or ()
-    for key, value in trailers:
-        if key == STATUS_DETAILS_KEY:
-            raw = value
-    if not isinstance(raw, bytes):
-        return []
-    status = status_pb2.Status()
-    try:
-        status.ParseFromString(raw)
-    except Exception:  # a malformed trailer must not hide the error itself
-        return []
-    known = (
-        error_details_pb2.ErrorInfo,
-        error_details_pb2.BadRequest,
-        error_details_pb2.ResourceInfo,
-        error_details_pb2.PreconditionFailure,
-        error_details_pb2.RetryInfo,
-    )
-    details = []
-    for detail in status.details:
-        for cls in known:
-            if detail.Is(cls.DESCRIPTOR):
-                message = cls()
-                detail.Unpack(message)
-                details.append(message)
-    return details
-
-
-def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
-    """How long the server asked us to wait (RetryInfo), if it did."""
-    for detail in error_details(exc):
-        if isinstance(detail, error_details_pb2.RetryInfo):
-            return float(detail.retry_delay.ToTimedelta().total_seconds())
-    return None
-
-
-def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
-    """One line: ``CODE: message [REASON]`` plus the first bad field, if any."""
-    code = exc.code()
-    name = code.name if code is not None else "UNKNOWN"
-    text = f"{name}: {(exc.details() or '').strip() or 'no message'}"
-    for detail in error_details(exc):
-        if isinstance(detail, error_details_pb2.ErrorInfo) and detail.reason:
-            text += f" [{detail.reason}]"
-        elif isinstance(detail, error_details_pb2.BadRequest):
-            for violation in detail.field_violations[:1]:
-                if violation.field and violation.field not in text:
-                    text += f" (field {violation.field})"
-    return " ".join(text.split())  # one line, whatever the server put in its message
 
 
 # The API's words in server messages and BadRequest fields -> the CLI's: a request field is
@@ -414,19 +310,10 @@ def describe_call_error(exc: client_errors.CallError, command: str) -> str:
 
 
 def client_unreachable(exc: client_errors.CallError, target: str) -> str | None:
-    """:func:`unreachable` for the client library's Unavailable."""
-    cause = exc.__cause__
-    if isinstance(cause, grpc.aio.AioRpcError) and not exc.reason:
-        return unreachable(cause, target)
-    return None
-
-
-def unreachable(exc: grpc.aio.AioRpcError, target: str) -> str | None:
     """For a call that never reached a gateway (grpc's own UNAVAILABLE, no ErrorInfo): what
     went wrong in a few words and what to check, instead of grpc's resolver or C-core text."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE or error_details(exc):
+    if exc.code != "UNAVAILABLE" or exc.reason or exc.details:
         return None
-    details = exc.details() or ""
     why = "no answer"
     for words, meaning in (
         ("Connection refused", "connection refused"),
@@ -436,13 +323,22 @@ def unreachable(exc: grpc.aio.AioRpcError, target: str) -> str | None:
         ("handshake", "the TLS handshake failed (check --tls-ca and --tls-server-name)"),
         ("Socket closed", "it closed the connection (TLS to a plaintext port, or the reverse?)"),
     ):
-        if words in details:
+        if words in exc.message:
             why = meaning
             break
     return (
         f"UNAVAILABLE: cannot reach the gateway at {target or DEFAULT_TARGET}: {why}; is "
         "'nbdgw serve' running there? (--target or $NBDGW_TARGET)"
     )
+
+
+def describe_error(exc: client_errors.NbdgwError, args: argparse.Namespace) -> str:
+    """One line for any error of the client library, in the words of the running command."""
+    if isinstance(exc, client_errors.CallError):
+        return client_unreachable(exc, getattr(args, "target", "")) or describe_call_error(
+            exc, command_name(args)
+        )
+    return str(exc)
 
 
 def command(
@@ -455,20 +351,12 @@ def command(
         name = command_name(args)
         try:
             return await func(args)
-        except client_errors.CallError as exc:
-            target = getattr(args, "target", "")
-            text = client_unreachable(exc, target) or describe_call_error(exc, name)
-            print(f"{name}: {text}", file=sys.stderr)
-            return 1
-        except grpc.aio.AioRpcError as exc:  # a raw stub's (backup's data path)
-            said = unreachable(exc, getattr(args, "target", ""))
-            print(
-                f"{name}: {said or describe_call_error(error_from_rpc(exc), name)}", file=sys.stderr
-            )
-            return 1
         except (CommandError, client_errors.ConfigurationError) as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             return 2
+        except client_errors.NbdgwError as exc:  # a failed call, a broken stream
+            print(f"{name}: {describe_error(exc, args)}", file=sys.stderr)
+            return 1
         except CommandFailed as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return 1
@@ -479,76 +367,6 @@ def command(
             return 0
 
     return run
-
-
-# --- Streaming with resume ---------------------------------------------------------------------
-
-
-# How a stream can end early and be resumed: the host or gateway went away (UNAVAILABLE), the
-# gateway cut a stream it found stalled (DEADLINE_EXCEEDED: the stream itself has no deadline),
-# or it refused one stream too many for now (RESOURCE_EXHAUSTED, with RetryInfo).
-_RESUMABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-
-async def stream_extents(
-    gw: Gateway,
-    request: pb.StreamExtentsRequest,
-    *,
-    retries: int = 5,
-    backoff: float = 0.5,
-    on_retry: Callable[[str], None] | None = None,
-) -> AsyncIterator[pb.StreamExtentsResponse]:
-    """StreamExtents, resumed with its resume token when the stream ends early.
-
-    A gateway shutting down or losing its NBD host ends the stream with UNAVAILABLE and the
-    resume position; the same request with ``resume_token`` continues with no gap and no
-    repeat (the API's promise), so the caller sees one uninterrupted sequence of messages.
-    ``on_retry`` gets a one-line note for the user before each retry.
-    """
-    attempt = 0
-    position: int | None = None
-    req = pb.StreamExtentsRequest()
-    req.CopyFrom(request)
-    while True:
-        call = gw.stub.StreamExtents(req, metadata=gw.metadata)
-        try:
-            async for msg in call:
-                attempt = 0
-                position = msg.next_offset
-                req.resume_token = msg.resume_token
-                req.ClearField("resume_offset")
-                yield msg
-            return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _RESUMABLE or attempt >= retries:
-                raise
-            attempt += 1
-            delay = backoff * 2 ** (attempt - 1)
-            for detail in error_details(exc):
-                if isinstance(detail, error_details_pb2.ErrorInfo):
-                    if detail.metadata.get("resume_token"):
-                        req.resume_token = detail.metadata["resume_token"]
-                        req.ClearField("resume_offset")
-                    # TypeError: no resume_offset before the first message (position None).
-                    with contextlib.suppress(ValueError, TypeError):
-                        position = int(detail.metadata.get("resume_offset", position))
-                elif isinstance(detail, error_details_pb2.RetryInfo):
-                    delay = max(delay, detail.retry_delay.ToTimedelta().total_seconds())
-            if on_retry is not None:
-                where = "before the first message" if position is None else f"at {position}"
-                on_retry(
-                    f"stream interrupted {where} ({describe_rpc_error(exc)}); "
-                    f"resuming in {delay:.1f}s (attempt {attempt} of {retries})"
-                )
-            await asyncio.sleep(delay)
-        finally:
-            call.cancel()
 
 
 def warn(args: argparse.Namespace) -> Callable[[str], None]:

@@ -18,7 +18,6 @@ from gateway.cli.common import (
     _one_line_errors,
     add_target_arguments,
     command,
-    connect,
     open_client,
     parse_size,
     print_json,
@@ -28,7 +27,6 @@ from nbdcore.tools import DeprecatedFlag, subgroup
 from nbdgw import BitmapKind, SnapshotOnFull
 from nbdgw.errors import CallError
 from nbdgw.v1 import snapshot_service_pb2 as spb
-from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 
 _ON_FULL = {
     "break": SnapshotOnFull.BREAK_SNAPSHOT,
@@ -270,22 +268,16 @@ async def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-# ReleaseSnapshot's list of the snapshots it released (a consistency group) is not in the
-# client's answer (the merged forks): the raw stub.
 async def cmd_release(args: argparse.Namespace) -> int:
-    export = args.export.removeprefix("exports/")
-    async with connect(args) as gw:
-        resp = await spb_grpc.SnapshotServiceStub(gw.channel).ReleaseSnapshot(
-            spb.ReleaseSnapshotRequest(name=f"exports/{export}/snapshots/{args.snapshot}"),
-            metadata=gw.metadata,
-            timeout=gw.timeout,
-        )
+    async with open_client(args) as client:
+        release = await client.release_snapshot(args.export, args.snapshot)
     if args.json:
-        print_json(resp)
+        print_json(release.raw)
     else:
-        merged = ", ".join(f"{m.context} {m.dirty_bytes} bytes" for m in resp.merged) or "nothing"
-        print(f"released {args.snapshot}; merged back: {merged}")
-        others = [n for n in resp.released if n != f"exports/{export}/snapshots/{args.snapshot}"]
+        merged = ", ".join(f"{m.context} {m.dirty_bytes} bytes" for m in release.merged)
+        print(f"released {args.snapshot}; merged back: {merged or 'nothing'}")
+        named = f"exports/{args.export.removeprefix('exports/')}/snapshots/{args.snapshot}"
+        others = [n for n in release.released if n != named]
         if others:
             print(f"released with it (its consistency group): {', '.join(others)}")
     return 0

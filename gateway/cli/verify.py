@@ -29,12 +29,12 @@ from gateway.cli.common import (
     _one_line_errors,
     add_target_arguments,
     command,
-    connect,
+    open_client,
     parse_size,
-    stream_extents,
-    warn,
+    stream_retry,
 )
 from gateway.integrity import DIGEST_BLOCK, DIGESTS, RangeDigest
+from nbdgw import AsyncClient
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DESCRIPTION = """Check backups made by 'nbdgw backup' without copying anything again: each
@@ -87,8 +87,12 @@ def file_digest(algorithm: str, layers: list[_Layer], start: int, end: int) -> b
     return digest.finish(end)
 
 
+# A digest stream is resumed as backup's data stream is, by default.
+_RETRY = stream_retry(5)
+
+
 async def gateway_digest(
-    gw: Any, args: argparse.Namespace, algorithm: str, start: int, end: int
+    client: AsyncClient, args: argparse.Namespace, algorithm: str, start: int, end: int
 ) -> bytes:
     request = pb.StreamExtentsRequest(
         export=args.export,
@@ -98,12 +102,12 @@ async def gateway_digest(
         filter=pb.EXTENT_FILTER_ALL,
         digest=algorithm,
     )
-    last = None
-    async for msg in stream_extents(gw, request, on_retry=warn(args)):
-        last = msg
-    if last is None or not last.digest:
+    digest = b""
+    async for batch in client.stream_extents(request, retry=_RETRY):
+        digest = bytes(batch.raw.digest)
+    if not digest:
         raise BackupError("the gateway sent no digest (is it older than this nbdgw?)")
-    return bytes(last.digest)
+    return digest
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -145,11 +149,11 @@ async def run(args: argparse.Namespace) -> int:
                 )
         # 2. The chain against the export, segment by segment; a segment that differs is cut
         # in eighths again, down to one digest block, to name where.
-        async with connect(args) as gw:
+        async with open_client(args) as client:
 
             async def same(start: int, end: int) -> bool:
                 theirs, ours = await asyncio.gather(
-                    gateway_digest(gw, args, algorithm, start, end),
+                    gateway_digest(client, args, algorithm, start, end),
                     asyncio.to_thread(file_digest, algorithm, layers, start, end),
                 )
                 return theirs == ours

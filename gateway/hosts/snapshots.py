@@ -616,7 +616,8 @@ class Snapshots:
                         context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name, dirty_bytes=int(n)
                     )
                     for name, n in merged_bits.items()
-                ]
+                ],
+                released=[f"exports/{export}/snapshots/{snap_id}"],  # no groups here
             )
         async with self.lock:
             snap = image.snapshots.get(snap_id)
@@ -634,7 +635,9 @@ class Snapshots:
                     self._add_exports(export, image.snapshots[snap_id])
                 raise
         log.info("export %s: snapshot %s released", export, snap_id)
-        return spb.ReleaseSnapshotResponse(merged=merged)
+        return spb.ReleaseSnapshotResponse(
+            merged=merged, released=[f"exports/{export}/snapshots/{snap_id}"]
+        )
 
 
 def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:

@@ -307,3 +307,50 @@ def test_timeouts() -> None:
         with pytest.raises(errors.ConfigurationError, match="timeout"):
             nbdgw.Client("127.0.0.1:1", timeout=bad)
     nbdgw.Client("127.0.0.1:1", timeout=None).close()  # no deadline: on purpose
+
+
+def test_received_data_is_decompressed_and_checked_in_place() -> None:
+    """What the clients' StreamExtents deserializer and check do with a message's bytes: the
+    data stays a view of them; zstd data is decoded; a bad frame or an unknown compression is
+    refused with the range named."""
+    import zstandard
+
+    from nbdgw import _wire
+
+    data = bytes(range(256)) * 64
+    m = pb.StreamExtentsResponse(
+        offset=0, next_offset=len(data), range_end=len(data), resume_token="t",
+        offset_deltas=[0], lengths=[len(data)], flags=[0], allocation=[pb.ALLOCATION_DATA],
+        data=data, data_crc32c=crc32c.crc32c(data),
+    )  # fmt: skip
+    raw = m.SerializeToString()
+    got = _wire.parse_response(raw)
+    checked = _core.message_data(got)
+    assert checked.obj is raw and checked.readonly and bytes(checked) == data
+    batch = _core.batch_from(got, checked)
+    assert [bytes(c.data or b"") for c in batch.chunks()] == [data]
+
+    m.data = zstandard.ZstdCompressor(write_content_size=True).compress(data)
+    m.data_compression = "zstd"
+    assert bytes(_core.message_data(_wire.parse_response(m.SerializeToString()))) == data
+    m.data = m.data[:-3]
+    with pytest.raises(errors.DataCorrupted, match=r"data of \[0, 16384\) is corrupt: its zstd"):
+        _core.message_data(m)
+    m.data_compression = "gzip"
+    with pytest.raises(errors.StreamError, match="gzip-compressed"):
+        _core.message_data(m)
+
+
+def test_release_keeps_what_it_released() -> None:
+    from nbdgw.v1 import snapshot_service_pb2 as spb
+
+    fork = spb.ForkedBitmap(context="qemu:dirty-bitmap:b", granularity_bytes=4, dirty_bytes=8)
+    resp = spb.ReleaseSnapshotResponse(
+        merged=[fork],
+        released=["exports/d0/snapshots/g", "exports/d1/snapshots/g"],
+    )
+    release = _core.release_from(resp)
+    assert release.released == ("exports/d0/snapshots/g", "exports/d1/snapshots/g")
+    assert release.merged == (nbdgw.ForkedBitmap("qemu:dirty-bitmap:b", 4, 8),)
+    assert list(release) == list(release.merged) and release[0] == release.merged[0]
+    assert release.raw is resp and "raw" not in repr(release)

@@ -16,13 +16,12 @@ from gateway.integrity import (
     DIGESTS,
     Compressor,
     DataCorrupted,
-    DecodeError,
     RangeDigest,
     check_request,
     crc32c,
     message_data,
-    parse_response,
 )
+from nbdgw._wire import DecodeError, parse_response  # the client's in-place receiving
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 B = DIGEST_BLOCK

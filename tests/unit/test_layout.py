@@ -164,3 +164,22 @@ def test_nbdcore_stands_alone() -> None:
         if not target.startswith("nbdcore")
     )
     assert wrong == []
+
+
+def test_the_command_line_talks_through_the_client() -> None:
+    """The commands are a thin layer over the client library (nbdgw.AsyncClient): no module
+    of gateway.cli builds gRPC stubs or channels of its own, so every command gets the
+    client's resume, error decoding, data checks and in-place receiving."""
+    wrong = []
+    for path in sorted((ROOT / "gateway" / "cli").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.endswith("_pb2_grpc") or name == "grpc" or name.startswith("grpc."):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert wrong == []
