@@ -404,6 +404,11 @@ async def test_snapshots_commands(start_gateway: Any, tmp_path: Path) -> None:
     assert gone.returncode == 1 and "[SNAPSHOT_NOT_FOUND]" in gone.stderr
     none = await nbdgw("list", "disk")
     assert none.stdout.strip() == "no snapshots of disk"
+    # --json: the API's answer, with the snapshots the release took (the client's Release).
+    assert (await nbdgw("create", "disk", "n2", "--no-fork")).returncode == 0
+    answer = await nbdgw("release", "disk", "n2", "--json")
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout) == {"merged": [], "released": ["exports/disk/snapshots/n2"]}
 
 
 async def test_a_full_snapshot_breaks_and_says_so(start_gateway: Any, tmp_path: Path) -> None:
