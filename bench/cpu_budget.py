@@ -13,9 +13,9 @@ least once, where nbdcopy has two.
 Pipelines (copies go to tmpfs, as the commands benchmarks):
 - ``nbdcopy URI FILE`` and ``nbdgw backup --full`` through a gateway in front of qemu-nbd;
 - ``nbdcopy URI null:`` and ``nbdgw nbd copy URI null:``;
-- StreamExtents include_data drained by a Python client (bench.workers stream-extents, CRC32C
-  checked) from a gateway in front of qemu-nbd, and from a gateway's embedded host serving a
-  copy of the file;
+- StreamExtents include_data received by the Python client library (bench.workers
+  stream-extents --library: nbdgw.AsyncClient, every CRC32C checked) from a gateway in front of
+  qemu-nbd, and from a gateway's embedded host serving a copy of the file;
 - a bare grpcio server streaming the file, drained by a raw client (the issue's baseline).
 
 Nothing here is a test; figures for the record are taken on an idle machine.
@@ -176,7 +176,7 @@ def pipelines(stack: ExitStack, fx: Fixtures) -> tuple[list[Pipeline], int]:
     nbdcopy = procs.tool("nbdcopy")
     file_ = out / "copy.raw"
     stream = [sys.executable, "-m", "bench.workers", "stream-extents"]
-    both = ["--context", "base:allocation", "--include-data", "--verify"]
+    both = ["--context", "base:allocation", "--include-data", "--library"]
     env = procs.worker_env()
     return [
         Pipeline(

@@ -367,6 +367,9 @@ async def stream_extents(args: argparse.Namespace) -> None:
         # As a client that stores the data must: CRC32C (and zstd) of every message.
         from gateway.integrity import message_data as check
     options = [("grpc.max_receive_message_length", 64 << 20)]
+    if args.library:
+        await _stream_with_library(args, request)
+        return
     start, cpu = time.perf_counter(), time.process_time()
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         stream: Any = pb_grpc.BitmapServiceStub(channel).StreamExtents
@@ -388,6 +391,33 @@ async def stream_extents(args: argparse.Namespace) -> None:
             data += len(msg.data) if check is None else len(check(msg))
             next_offset, range_end = msg.next_offset, msg.range_end
             digest = msg.digest
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if next_offset != range_end or range_end == 0:
+        raise SystemExit(f"stream ended at {next_offset} of {range_end}")
+    if args.expect is not None and extents < args.expect:
+        raise SystemExit(f"{extents} extents, expected at least {args.expect}")
+    if args.digest and len(digest) != 32:
+        raise SystemExit(f"asked for a {args.digest} digest, got {digest.hex()!r}")
+    _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end, cpu=cpu)
+
+
+async def _stream_with_library(args: argparse.Namespace, request: Any) -> None:
+    """The same stream as a user of the Python client library receives it:
+    ``nbdgw.AsyncClient.stream_extents`` (data left in the received bytes, each message's data
+    checked against its CRC32C before it is yielded, resumable)."""
+    from nbdgw import AsyncClient
+
+    start, cpu = time.perf_counter(), time.process_time()
+    extents = data = messages = 0
+    next_offset = range_end = 0
+    digest = b""
+    async with AsyncClient(args.target, timeout=None) as client:
+        async for batch in client.stream_extents(request):
+            messages += 1
+            extents += len(batch.raw.lengths)
+            data += 0 if batch.data is None else len(batch.data)
+            next_offset, range_end = batch.next_offset, batch.range_end
+            digest = batch.raw.digest
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if next_offset != range_end or range_end == 0:
         raise SystemExit(f"stream ended at {next_offset} of {range_end}")
@@ -461,6 +491,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--expect", type=int, help="at least this many extents")
     s.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt, as nbdgw")
     s.add_argument("--verify", action="store_true", help="check every message's CRC32C")
+    s.add_argument(
+        "--library",
+        action="store_true",
+        help="receive through nbdgw.AsyncClient (in place, every CRC32C checked)",
+    )
     s.add_argument(
         "--in-place",
         action="store_true",
