@@ -7,12 +7,21 @@ The certificate directory layout follows qemu and libnbd (GnuTLS x509 credential
 
 from __future__ import annotations
 
-import ssl
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nbdcore.exceptions import URIError
 from nbdcore.uri import NBDURI
+
+# ssl is imported where a context is made: a plain connection (nbdgw nbd copy without TLS)
+# should not pay for it at start-up.
+if TYPE_CHECKING:
+    import ssl
+
+
+# In a tls-certificates=DIR, as qemu and libnbd name them.
+_CERTDIR_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +33,8 @@ class TLSConfig:
     server_hostname: str | None = None
 
     def client_context(self) -> ssl.SSLContext:
+        import ssl
+
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the spec requires 1.2 support
         if not self.verify_peer:
@@ -42,11 +53,11 @@ class TLSConfig:
         ca = cert = key = None
         certdir = opts.get("tls-certificates")
         if certdir:
-            d = Path(certdir)
-            if (d / "ca-cert.pem").exists():
-                ca = str(d / "ca-cert.pem")
-            if (d / "client-cert.pem").exists() and (d / "client-key.pem").exists():
-                cert, key = str(d / "client-cert.pem"), str(d / "client-key.pem")
+            ca, cert, key = (os.path.join(certdir, f) for f in _CERTDIR_FILES)
+            if not os.path.exists(ca):
+                ca = None
+            if not (os.path.exists(cert) and os.path.exists(key)):
+                cert = key = None
         hostname = opts.get("tls-hostname") or (None if uri.is_unix else uri.host)
         return cls(ca, cert, key, uri.verify_peer, hostname)
 
@@ -55,6 +66,8 @@ def server_context(
     cert_file: str, key_file: str, ca_file: str | None = None, require_client_cert: bool = False
 ) -> ssl.SSLContext:
     """Context for an NBD server: its certificate, and optionally client-certificate checks."""
+    import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from nbdcore import negotiate
 from nbdcore.client import (
@@ -42,13 +41,18 @@ from nbdcore.session import ClientSession, StatusAnswer
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
 
+# ssl is imported when a connection starts TLS: a plain copy should not pay for it at start-up.
+if TYPE_CHECKING:
+    import ssl
+
 __all__ = ["NBDClient"]
 
 _SCRATCH_SIZE: Final = 256 * 1024
 DEFAULT_REQUEST_SIZE: Final = 512 * 1024
 DEFAULT_WINDOW: Final = 4
-# What a blocking socket raises when SO_RCVTIMEO / SO_SNDTIMEO expire (EAGAIN), plain or TLS.
-_TIMED_OUT: Final = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# What a blocking socket raises when SO_RCVTIMEO / SO_SNDTIMEO expire (EAGAIN); a TLS socket
+# adds ssl.SSLWantReadError and ssl.SSLWantWriteError (NBDClient._start_tls).
+_TIMED_OUT: Final[tuple[type[OSError], ...]] = (BlockingIOError,)
 
 
 class NBDClient(ClientSession):
@@ -63,6 +67,8 @@ class NBDClient(ClientSession):
         self._failure: NBDError | None = None
         self._closed = False
         self._head = 16  # bytes to read at the start of a reply, set once negotiated
+        self._tls = False
+        self._timed_out = _TIMED_OUT
 
     # --- connecting -------------------------------------------------------------------------------
 
@@ -162,6 +168,8 @@ class NBDClient(ClientSession):
             return result
 
     def _start_tls(self, tls: TLSConfig, u: NBDURI) -> None:
+        import ssl
+
         hostname = tls.server_hostname or (None if u.is_unix else u.host)
         try:
             ctx = tls.client_context()
@@ -173,6 +181,8 @@ class NBDClient(ClientSession):
             raise HandshakeError(f"TLS handshake failed: {exc}") from exc
         except OSError as exc:
             raise ConnectionLostError(f"connection lost during the TLS handshake: {exc}") from exc
+        self._tls = True
+        self._timed_out = (*_TIMED_OUT, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._conn.tls_established()
 
     # --- public attributes ----------------------------------------------------------------------
@@ -189,7 +199,7 @@ class NBDClient(ClientSession):
             return
         try:
             self._sock.sendall(b"".join(data) if len(data) > 1 else data[0])
-        except _TIMED_OUT:  # SO_SNDTIMEO expired
+        except self._timed_out:  # SO_SNDTIMEO expired
             self._fail(NBDTimeoutError(f"the server took nothing for {self._timeout} s"))
         except OSError as exc:
             self._fail(ConnectionLostError(f"connection lost: {exc}"))
@@ -202,7 +212,7 @@ class NBDClient(ClientSession):
         try:
             target = conn.get_buffer()
             if target is not None:
-                if isinstance(sock, ssl.SSLSocket):
+                if self._tls:  # no MSG_WAITALL on an SSLSocket
                     n = sock.recv_into(target)
                 else:
                     n = sock.recv_into(target, 0, socket.MSG_WAITALL)
@@ -219,7 +229,7 @@ class NBDClient(ClientSession):
                     conn.receive_data(view[:n])
             if not n:
                 conn.receive_eof()
-        except _TIMED_OUT:  # SO_RCVTIMEO expired
+        except self._timed_out:  # SO_RCVTIMEO expired
             self._fail(NBDTimeoutError(f"no answer from the server within {self._timeout} s"))
         except NBDError as exc:
             self._fail(exc)

@@ -8,6 +8,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,16 @@ def test_nbdcore_commands_do_not_import_the_gateway(argv: list[str]) -> None:
     rc, out, modules = imported_by(*argv)
     assert rc == 0 and "usage: nbdgw" in out
     assert heavy(modules) == []
+
+
+def test_nbd_copy_runs_without_asyncio_or_ssl(tmp_path: Path) -> None:
+    """The blocking copy's whole path (parse, import the engine, connect: refused here) pays
+    for neither asyncio nor ssl at start-up (a third of it, docs/benchmarks.md)."""
+    uri = f"nbd+unix:///disk?socket={tmp_path / 'none.sock'}"
+    rc, _, modules = imported_by("nbd", "copy", uri, "null:")
+    assert rc == 1
+    assert "nbdcore.sync.copy" in modules  # it got as far as connecting
+    assert heavy(modules) == [] and "ssl" not in modules
 
 
 def test_a_gateway_command_imports_its_own_module_only() -> None:
