@@ -34,6 +34,7 @@ from bench.suites import (
     nbdcopy_what,
     optional,
 )
+from nbdcore.sync.copy import DEFAULT_IN_FLIGHT, DEFAULT_REQUEST_SIZE
 
 
 def compile_bytecode() -> None:
@@ -57,6 +58,9 @@ def nbdgw_cmd(*args: str) -> list[str]:
 
 
 def commands_copy(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
+    # What `nbdgw nbd copy` does by default (qemu-nbd offers multi-conn on a read-only export).
+    window = max(1, DEFAULT_IN_FLIGHT // NBDCOPY_CONNECTIONS)
+
     @contextmanager
     def setup() -> Iterator[Sides]:
         data = fx.data_raw()
@@ -78,9 +82,9 @@ def commands_copy(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
         setup=setup,
         rows=[
             Row(
-                f"nbdgw nbd copy URI null: ({NBDCOPY_CONNECTIONS} connections, 8 x 512 KiB in"
-                f" flight each) / {nbdcopy_what()} URI null:; both whole processes, start"
-                " and exit included",
+                f"nbdgw nbd copy URI null: ({NBDCOPY_CONNECTIONS} connections, {window} x"
+                f" {DEFAULT_REQUEST_SIZE >> 20} MiB in flight each) / {nbdcopy_what()} URI null:;"
+                " both whole processes, start and exit included",
                 "nbdgw nbd copy",
                 "nbdcopy",
                 Target(">=", 1.2),

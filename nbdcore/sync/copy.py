@@ -22,7 +22,7 @@ from typing import Final, Protocol
 
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, NBD_STATE_ZERO
 from nbdcore.exceptions import NBDError, UsageError
-from nbdcore.sync.client import DEFAULT_REQUEST_SIZE, NBDClient
+from nbdcore.sync.client import NBDClient
 from nbdcore.tls import TLSConfig
 from nbdcore.uri import NBDURI
 
@@ -35,7 +35,14 @@ STRIPE: Final = 64 << 20
 # CPU count (2 on 2 CPUs). Here each connection is a thread taking the GIL between its
 # syscalls, so more threads than CPUs would only add contention.
 DEFAULT_CONNECTIONS: Final = min(4, os.cpu_count() or 1)
-DEFAULT_WINDOW: Final = 2  # reads in flight per connection
+# Reads in flight in all, split over the connections (at least one each), of 1 MiB each. What
+# costs qemu-nbd 7.2 least CPU per byte, and us too (half the requests of 512 KiB): 2 GiB over
+# 2 connections, 1 x 1 MiB each, about 0.9-1.0 s of qemu-nbd's CPU; 2 x 512 KiB each 1.1-1.3 s,
+# 2 x 1 MiB each 1.1-1.6 s, 1 x 4 MiB each 1.6 s: the more data in flight, the less of it is
+# still in the CPU caches when the server sends it and when we receive it
+# (bench/results/2026-12-07/copy/inproc-*.txt, docs/benchmarks.md).
+DEFAULT_IN_FLIGHT: Final = 2
+DEFAULT_REQUEST_SIZE: Final = 1 << 20
 SPARSE_UNIT: Final = 65536  # zero detection granularity of copies into regular files
 
 
@@ -137,7 +144,7 @@ def copy_export(
     *,
     connections: int = DEFAULT_CONNECTIONS,
     request_size: int = DEFAULT_REQUEST_SIZE,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     tls: TLSConfig | None = None,
     timeout: float | None = 30.0,
     progress: Callable[[int, int], None] | None = None,
@@ -145,8 +152,9 @@ def copy_export(
 ) -> CopyResult:
     """Copy the export at ``uri`` into ``sink``; ``progress(n, size)`` is called (from the
     workers, one at a time) as each ``n`` bytes of the export's ``size`` are done. The first
-    error stops every worker and is raised once all have stopped."""
-    if connections < 1 or window < 1 or request_size < 4096 or stripe < 1:
+    error stops every worker and is raised once all have stopped. ``window``: reads in
+    flight per connection (default: :data:`DEFAULT_IN_FLIGHT` over the connections used)."""
+    if connections < 1 or (window is not None and window < 1) or request_size < 4096 or stripe < 1:
         raise UsageError("connections and window must be >= 1, request_size >= 4096, stripe >= 1")
     start = time.monotonic()
     contexts = [CONTEXT_BASE_ALLOCATION]
@@ -162,6 +170,8 @@ def copy_export(
         # Stripes are whole blocks (and whole requests), so no read straddles two workers.
         unit = max(block, 4096)
         stripe = max(stripe - stripe % unit, unit)
+        if window is None:
+            window = max(1, DEFAULT_IN_FLIGHT // len(clients))
         job = _Job(size, stripe, sink, request_size, window, block, progress)
         if len(clients) == 1:
             job.work(first)

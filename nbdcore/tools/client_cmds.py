@@ -83,17 +83,21 @@ def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> No
         "number of CPUs, at most 4 as nbdcopy)",
     )
     p.add_argument(
-        "--requests", type=int, default=8, metavar="N", help="reads in flight (default 8)"
+        "--requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reads in flight in all, shared by the connections (default 2, at least one per "
+        "connection)",
     )
     p.add_argument(
         "--request-size",
         type=int,
-        # 512 KiB: qemu-nbd serves reads of 1 MiB and more from fresh mmap memory that it
-        # page-faults (docs/benchmarks.md). 2 GiB to /dev/null from a fresh qemu-nbd, 4
-        # connections: 2.4-2.6 s, 1 MiB 2.6-3.3 s (526K faults), 4 MiB 2.3-3.2 s.
-        default=512 << 10,
+        # 1 MiB, one read in flight per connection: what costs qemu-nbd 7.2 and us the least
+        # CPU per byte (nbdcore.sync.copy.DEFAULT_IN_FLIGHT says why).
+        default=None,
         metavar="BYTES",
-        help="bytes per read (default 512 KiB, capped at the server's maximum)",
+        help="bytes per read (default 1 MiB, capped at the server's maximum)",
     )
     p.add_argument(
         "--progress",
@@ -318,12 +322,21 @@ async def map_cmd(args: argparse.Namespace) -> int:
 
 def copy_cmd(args: argparse.Namespace) -> int:
     """Through :func:`nbdcore.sync.copy.copy_export`: blocking connections in threads."""
-    from nbdcore.sync.copy import DEFAULT_CONNECTIONS, FileSink, NullSink, Sink, copy_export
+    from nbdcore.sync.copy import (
+        DEFAULT_CONNECTIONS,
+        DEFAULT_REQUEST_SIZE,
+        FileSink,
+        NullSink,
+        Sink,
+        copy_export,
+    )
 
     if args.connections is None:
         args.connections = DEFAULT_CONNECTIONS
-
-    if args.requests < 1 or args.request_size < 4096 or args.connections < 1:
+    if args.request_size is None:
+        args.request_size = DEFAULT_REQUEST_SIZE
+    requests = 1 if args.requests is None else args.requests
+    if requests < 1 or args.request_size < 4096 or args.connections < 1:
         raise UsageError("--requests and --connections must be >= 1 and --request-size >= 4096")
     to_stdout = args.file == "-"
     fd = -1
@@ -353,8 +366,9 @@ def copy_cmd(args: argparse.Namespace) -> int:
             sink,
             connections=args.connections,
             request_size=args.request_size,
-            # --requests counts the reads in flight in all; each connection gets its share.
-            window=max(1, args.requests // args.connections),
+            # --requests counts the reads in flight in all; each connection gets its share
+            # (by default, copy_export shares its own default over the connections it opens).
+            window=None if args.requests is None else max(1, args.requests // args.connections),
             tls=nbd_tls(args),
             progress=advance if progress.enabled else None,
         )

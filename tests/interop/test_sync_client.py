@@ -259,6 +259,31 @@ def test_copy_null_sink_counts_data(nbdkit) -> None:  # type: ignore[no-untyped-
     assert result.size == 4 * MiB and 65536 + 4096 <= result.bytes_read < 4 * MiB
 
 
+def test_copy_default_requests_fit_a_small_maximum(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The default 1 MiB reads are cut to the server's maximum block size (256 KiB here, with
+    512-byte blocks; nbdkit fails any larger request), over the default connections."""
+    uri = nbdkit(
+        "--filter=blocksize-policy",
+        "data",
+        "( 0x5a * 3000000 ) @4194304 ( 0x11 * 70000 )",
+        "size=8M",
+        "blocksize-minimum=512",
+        "blocksize-maximum=262144",
+        "blocksize-error-policy=error",
+    )
+    out = tmp_path / "out.raw"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        result = copy_export(uri, FileSink(fd, sequential=False, sparse=True))
+    finally:
+        os.close(fd)
+    expected = bytearray(8 * MiB)
+    expected[:3000000] = b"\x5a" * 3000000
+    expected[4 * MiB : 4 * MiB + 70000] = b"\x11" * 70000
+    assert out.read_bytes() == expected
+    assert 3000000 + 70000 <= result.bytes_read < 8 * MiB
+
+
 def test_copy_host_killed_midway_fails_cleanly(tmp_path: Path) -> None:
     """The host dies during the copy: one clear error, every worker ends, no hang."""
     img = tmp_path / "big.raw"
