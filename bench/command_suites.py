@@ -83,7 +83,7 @@ def commands_copy(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
         rows=[
             Row(
                 f"nbdgw nbd copy URI null: ({NBDCOPY_CONNECTIONS} connections, {window} x"
-                f" {DEFAULT_REQUEST_SIZE >> 20} MiB in flight each) / {nbdcopy_what()} URI null:;"
+                f" {DEFAULT_REQUEST_SIZE >> 10} KiB in flight each) / {nbdcopy_what()} URI null:;"
                 " both whole processes, start and exit included",
                 "nbdgw nbd copy",
                 "nbdcopy",

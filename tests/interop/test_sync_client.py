@@ -260,7 +260,7 @@ def test_copy_null_sink_counts_data(nbdkit) -> None:  # type: ignore[no-untyped-
 
 
 def test_copy_default_requests_fit_a_small_maximum(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The default 1 MiB reads are cut to the server's maximum block size (256 KiB here, with
+    """The default 960 KiB reads are cut to the server's maximum block size (256 KiB here, with
     512-byte blocks; nbdkit fails any larger request), over the default connections."""
     uri = nbdkit(
         "--filter=blocksize-policy",
