@@ -284,6 +284,21 @@ def test_copy_default_requests_fit_a_small_maximum(nbdkit, tmp_path: Path) -> No
     assert 3000000 + 70000 <= result.bytes_read < 8 * MiB
 
 
+def test_copy_over_tls(tls_server: tuple[Path, int], qcow2: Path, tmp_path: Path) -> None:
+    """The copy's defaults over TLS (ssl imported only when TLS starts; a payload of 960 KiB
+    spans many TLS records, read without MSG_WAITALL), into a sparse file."""
+    d, port = tls_server
+    uri = f"nbds://localhost:{port}/disk?tls-certificates={d / 'pki'}"
+    out = tmp_path / "out.raw"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        result = copy_export(uri, FileSink(fd, sequential=False, sparse=True), timeout=20)
+    finally:
+        os.close(fd)
+    assert result.connections >= 1 and result.size == 64 * MiB
+    assert out.read_bytes() == raw_of(qcow2, tmp_path)
+
+
 def test_copy_host_killed_midway_fails_cleanly(tmp_path: Path) -> None:
     """The host dies during the copy: one clear error, every worker ends, no hang."""
     img = tmp_path / "big.raw"
