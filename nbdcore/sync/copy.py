@@ -37,13 +37,14 @@ STRIPE: Final = 64 << 20
 DEFAULT_CONNECTIONS: Final = min(4, os.cpu_count() or 1)
 # Reads in flight in all, split over the connections (at least one each), of 960 KiB each:
 # what costs qemu-nbd 7.2 the least CPU per byte, and us too (fewer requests than 512 KiB).
-# 2 GiB over 2 connections, 1 read each: 0.8-0.95 s of qemu-nbd's CPU; 2 x 512 KiB each
-# 1.1-1.3 s, 2 x 1 MiB each 1.1-1.6 s, 1 x 4 MiB each 1.6 s: the more data in flight, the less
-# of it is still in the CPU caches when it is sent and received. Not 1 MiB: each BLOCK_STATUS
-# makes qemu-nbd 7.2 calloc and free a 1 MiB extent array, which sets glibc's mmap threshold
-# just above 1 MiB, and a 1 MiB READ buffer (1 MiB plus its alignment) lands above it: a fresh
-# mmap per read, 220-235K page faults and 1.4-1.6 s of its CPU per 2 GiB; 1020 KiB had none,
-# 960 KiB keeps a margin (bench/results/2026-12-07/copy/, docs/benchmarks.md).
+# 2 GiB over 2 connections from a long-running qemu-nbd, 1 read each: 0.8-1.0 s of its CPU;
+# 2 x 512 KiB each 1.1-1.3 s, 2 x 1 MiB each 1.1-1.6 s (no page faults in any): the more data
+# in flight, the less of it is still in the CPU caches when it is sent and received. Not
+# 1 MiB: each BLOCK_STATUS makes qemu-nbd 7.2 calloc and free a 1 MiB extent array, which
+# sets glibc's mmap threshold just above 1 MiB, and a 1 MiB READ buffer (1 MiB plus its
+# alignment) lands above it: from a fresh qemu-nbd, a new mmap per read, 220-235K page faults
+# and 1.4-1.6 s of its CPU per 2 GiB; 1020 KiB had none, 960 KiB keeps a margin
+# (bench/results/2026-12-07/copy/, docs/benchmarks.md).
 DEFAULT_IN_FLIGHT: Final = 2
 DEFAULT_REQUEST_SIZE: Final = 960 << 10
 SPARSE_UNIT: Final = 65536  # zero detection granularity of copies into regular files
