@@ -391,6 +391,21 @@ async def stream_extents(args: argparse.Namespace) -> None:
             data += len(msg.data) if check is None else len(check(msg))
             next_offset, range_end = msg.next_offset, msg.range_end
             digest = msg.digest
+    _finish(args, start, cpu, extents, data, messages, next_offset, range_end, digest)
+
+
+def _finish(
+    args: argparse.Namespace,
+    start: float,
+    cpu: float,
+    extents: int,
+    data: int,
+    messages: int,
+    next_offset: int,
+    range_end: int,
+    digest: bytes,
+) -> None:
+    """Check that a drained stream was whole (and had its digest), then print its figures."""
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if next_offset != range_end or range_end == 0:
         raise SystemExit(f"stream ended at {next_offset} of {range_end}")
@@ -418,14 +433,7 @@ async def _stream_with_library(args: argparse.Namespace, request: Any) -> None:
             data += 0 if batch.data is None else len(batch.data)
             next_offset, range_end = batch.next_offset, batch.range_end
             digest = batch.raw.digest
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    if next_offset != range_end or range_end == 0:
-        raise SystemExit(f"stream ended at {next_offset} of {range_end}")
-    if args.expect is not None and extents < args.expect:
-        raise SystemExit(f"{extents} extents, expected at least {args.expect}")
-    if args.digest and len(digest) != 32:
-        raise SystemExit(f"asked for a {args.digest} digest, got {digest.hex()!r}")
-    _emit(seconds=elapsed, extents=extents, bytes=data, messages=messages, size=range_end, cpu=cpu)
+    _finish(args, start, cpu, extents, data, messages, next_offset, range_end, digest)
 
 
 # --- dispatch -----------------------------------------------------------------------------------
