@@ -31,8 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +125,6 @@ class Pipeline:
         }
 
 
-@contextmanager
-def qemu_nbd(image: Path, work: Path) -> Iterator[tuple[str, int]]:
-    """qemu-nbd 7.2 serving the raw ``image`` read-only; yields (URI, pid)."""
-    sock = work / "qemu-nbd.sock"
-    cmd = [procs.tool("qemu-nbd"), "-t", "-e", "8", "-r", "-f", "raw", "-x", "disk"]
-    cmd += ["-k", str(sock), str(image)]
-    uri = procs.unix_uri(sock)
-    with procs.background(cmd, procs.nbd_ready(uri), log=work / "qemu-nbd.log") as proc:
-        yield uri, proc.pid
-
-
 def _expect_bytes(size: int) -> Callable[[str], None]:
     def check(out: str) -> None:
         got = json.loads(out.strip().splitlines()[-1])["bytes"]
@@ -159,20 +148,13 @@ def pipelines(stack: ExitStack, fx: Fixtures) -> tuple[list[Pipeline], int]:
     compile_bytecode()
     work = stack.enter_context(procs.tempdir())
     out = stack.enter_context(procs.tmpfs_dir(2 * size))
-    uri, qemu = stack.enter_context(qemu_nbd(data.file, work))
+    uri, qemu_proc = stack.enter_context(procs.qemu_nbd_process(data.file, "raw", work))
+    qemu = qemu_proc.pid
     target, gw = stack.enter_context(gateway(uri, work))
     copy = work / "embedded.raw"
     shutil.copyfile(data.file, copy)
     embedded_target, embedded = stack.enter_context(gateway(uri, work, image=copy))
-    bare_target = stack.enter_context(bare_grpc_server(["--file", data.file], work))
-    bare_pid = int(
-        subprocess.run(
-            ["pgrep", "-f", "--", f"--port-file {work / 'bare.port'}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()[0]
-    )
+    bare_target, bare = stack.enter_context(bare_grpc_server(["--file", data.file], work))
     nbdcopy = procs.tool("nbdcopy")
     file_ = out / "copy.raw"
     stream = [sys.executable, "-m", "bench.workers", "stream-extents"]
@@ -222,7 +204,7 @@ def pipelines(stack: ExitStack, fx: Fixtures) -> tuple[list[Pipeline], int]:
                 "--message-size",
                 str(DATA_MESSAGE),
             ],
-            {"bare server": bare_pid},
+            {"bare server": bare.pid},
             check=_expect_bytes(size),
             env=env,
         ),

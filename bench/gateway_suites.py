@@ -172,11 +172,11 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
             copy = work / "embedded.raw"
             shutil.copyfile(data.file, copy)
             embedded = optional(stack, gateway(uri, work, image=copy))
-            bare = stack.enter_context(bare_grpc_server(["--file", data.file], work))
-            relay = stack.enter_context(
+            bare, _ = stack.enter_context(bare_grpc_server(["--file", data.file], work))
+            relay, _ = stack.enter_context(
                 bare_grpc_server(["--nbd", uri, "--keep-freed-memory"], work, name="relay")
             )
-            relay_sync = stack.enter_context(
+            relay_sync, _ = stack.enter_context(
                 bare_grpc_server(
                     ["--nbd", uri, "--keep-freed-memory", "--sync"], work, name="relay-sync"
                 )
@@ -296,14 +296,17 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
 
 
 @contextmanager
-def bare_grpc_server(source: list[str], work: Path, name: str = "bare") -> Iterator[str]:
+def bare_grpc_server(
+    source: list[str], work: Path, name: str = "bare"
+) -> Iterator[tuple[str, procs.Background]]:
+    """A bare grpcio server (bench.workers bare-grpc-server); yields (HOST:PORT, process)."""
     port_file = work / f"{name}.port"
     cmd = [sys.executable, "-m", "bench.workers", "bare-grpc-server", *map(str, source)]
     cmd += ["--message-size", str(DATA_MESSAGE), "--port-file", str(port_file)]
     with procs.background(
         cmd, port_file.exists, log=work / f"{name}-grpc.log", env=procs.worker_env()
-    ):
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
+    ) as proc:
+        yield f"127.0.0.1:{port_file.read_text().strip()}", proc
 
 
 def gateway_rss(fx: Fixtures, opts: dict[str, int]) -> Benchmark:

@@ -227,6 +227,24 @@ def qemu_nbd(
     """qemu-nbd 7.2 (or 10, which offers extended headers) serving ``image`` as export
     ``disk`` on a unix socket; yields the URI. ``-e 8``: room for nbdcopy's connections and
     ours; ``-t``: stay up between clients."""
+    with qemu_nbd_process(
+        image, fmt, workdir, bitmaps=bitmaps, name=name, read_only=read_only, qemu10=qemu10
+    ) as (uri, _):
+        yield uri
+
+
+@contextmanager
+def qemu_nbd_process(
+    image: Path,
+    fmt: str,
+    workdir: Path,
+    *,
+    bitmaps: Sequence[str] = (),
+    name: str = "qemu-nbd",
+    read_only: bool = True,
+    qemu10: bool = False,
+) -> Iterator[tuple[str, Background]]:
+    """:func:`qemu_nbd`, yielding the process too (for its CPU time)."""
     sock = workdir / f"{name}.sock"
     binary = qemu10_tool("qemu-nbd") if qemu10 else tool("qemu-nbd")
     cmd = [binary, "-t", "-e", "8", "-f", fmt, "-x", "disk", "-k", str(sock)]
@@ -236,8 +254,8 @@ def qemu_nbd(
         cmd += ["-B", b]
     cmd.append(str(image))
     uri = unix_uri(sock)
-    with background(cmd, nbd_ready(uri), log=workdir / f"{name}.log"):
-        yield uri
+    with background(cmd, nbd_ready(uri), log=workdir / f"{name}.log") as proc:
+        yield uri, proc
 
 
 def peak_rss_mib(pid: int) -> float:
