@@ -97,6 +97,14 @@ MAX_COMPACT_STATUS_CHUNK: Final = 4 + 8 * MAX_EXTENTS_PER_CHUNK
 MAX_EXTENDED_STATUS_CHUNK: Final = 8 + 16 * MAX_EXTENTS_PER_CHUNK
 MAX_COMPACT_LENGTH: Final = 0xFFFFFFFF
 MIN_CONTENT_CHUNKS: Final = 64  # what any READ may be split into, however short
+# The READ size for moving a disk's bytes (``nbd copy``, the gateway's data streams): what costs
+# qemu-nbd 7.2 the least CPU per byte, and us too (fewer requests than 512 KiB). Not 1 MiB: each
+# BLOCK_STATUS makes qemu-nbd 7.2 calloc and free a 1 MiB extent array, which sets glibc's mmap
+# threshold just above 1 MiB, and a 1 MiB READ buffer (1 MiB plus its alignment) lands above it:
+# from a fresh qemu-nbd, a new mmap per read, 220-235K page faults and 1.4-1.6 s of its CPU per
+# 2 GiB; 1020 KiB had none, 960 KiB keeps a margin (bench/results/2026-12-07/copy/,
+# docs/benchmarks.md). Servers with a smaller maximum payload get theirs.
+BULK_READ: Final = 960 << 10
 # Plain ints for the per-chunk paths: ``int & IntFlag`` goes through enum's __rand__.
 _FLAG_DF: Final = int(CmdFlag.DF)
 

@@ -55,6 +55,7 @@ from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, m
 from gateway.security.limits import stream_budget
 from nbdcore.aio.client import NBDClient
 from nbdcore.aio.server import NBDServer
+from nbdcore.client import BULK_READ
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_ALLOCATION_DEPTH,
@@ -77,10 +78,11 @@ U64_MAX = (1 << 64) - 1
 DEFAULT_EXTENTS_PER_MESSAGE = 4096
 MAX_EXTENTS_PER_MESSAGE = 65536
 MAX_DATA_PER_MESSAGE = 1 << 20
-# NBD READs of a data message are at most this long: qemu-nbd 7.2 allocates a buffer per READ,
-# and glibc gives it 1 MiB or more from fresh mmap memory that it page-faults in and unmaps for
-# every request (2.4-2.8 s of qemu-nbd CPU per 2 GiB with 1 MiB reads; docs/benchmarks.md).
-MAX_READ_REQUEST = 512 << 10
+# A data message from an NBD host carries at most one READ of BULK_READ (960 KiB, below what makes
+# qemu-nbd 7.2 mmap every READ buffer): one request per message costs the gateway and the host
+# less than 1 MiB in two 512 KiB READs (per 2 GiB, alternating: gateway CPU -0.2 s, qemu-nbd
+# -0.2 s, wall -9%; docs/benchmarks.md). Embedded exports are read without NBD: 1 MiB.
+NBD_DATA_PER_MESSAGE = BULK_READ
 # A filtered stream over a long run of unselected extents still reports progress this often,
 # so that its resume position advances and the client sees it is alive.
 PROGRESS_INTERVAL = 1.0
@@ -1072,8 +1074,6 @@ class _LocalReads:
 
     __slots__ = ("_name", "_server")
 
-    step = MAX_DATA_PER_MESSAGE  # no NBD payload limit: one read per piece of a message
-
     def __init__(self, server: NBDServer, name: str) -> None:
         self._server = server
         self._name = name
@@ -1099,6 +1099,8 @@ class _ExtentStream:
     ) -> None:
         self.plan = plan
         self.local = local
+        # Data bytes per message: each piece of it is one read (see NBD_DATA_PER_MESSAGE).
+        self.per_message = MAX_DATA_PER_MESSAGE if local is not None else NBD_DATA_PER_MESSAGE
         self.ledger = ledger
         self.mask_scope = mask_scope
         self.remaining = remaining  # StreamRemainingDirty: its own message type
@@ -1244,22 +1246,15 @@ class _ExtentStream:
         start and the resume position again (read from the host, not sent). Returns the rows
         from the resume position on."""
         assert self.digest is not None
-        scratch = memoryview(bytearray(MAX_DATA_PER_MESSAGE))
+        scratch = memoryview(bytearray(NBD_DATA_PER_MESSAGE))
         for i in range(len(lengths)):
             length = lengths[i]
             take = min(length, self._rehash_until - offset)
             kind = kinds[i] if kinds is not None else pb.ALLOCATION_DATA
             if kind == pb.ALLOCATION_DATA and _delivered(self.plan.filter, flags[i]):
-                for at in range(0, take, MAX_DATA_PER_MESSAGE):
-                    n = min(MAX_DATA_PER_MESSAGE, take - at)
-                    await asyncio.gather(
-                        *(
-                            client.pread_into(
-                                scratch[a : a + min(MAX_READ_REQUEST, n - a)], offset + at + a
-                            )
-                            for a in range(0, n, MAX_READ_REQUEST)
-                        )
-                    )
+                for at in range(0, take, NBD_DATA_PER_MESSAGE):
+                    n = min(NBD_DATA_PER_MESSAGE, take - at)
+                    await client.pread_into(scratch[:n], offset + at)
                     self.digest.update(offset + at, scratch[:n])
             offset += take
             if offset >= self._rehash_until:
@@ -1344,14 +1339,16 @@ class _ExtentStream:
         kinds: array[int] | None,
         sel: list[int] | None,
     ) -> _Message:
-        """Row by row: data extents are cut so that no message carries more than 1 MiB."""
+        """Row by row: data extents are cut so that no message carries more than
+        ``per_message`` bytes of data (at most 1 MiB)."""
         plan = self.plan
+        cap = self.per_message
         for i in range(len(lengths)) if sel is None else sel:
             start, length = bounds[i], lengths[i]
             kind = kinds[i] if kinds is not None else pb.ALLOCATION_DATA
             if kind == pb.ALLOCATION_DATA:
-                while msg.data_len + length > MAX_DATA_PER_MESSAGE:
-                    part = MAX_DATA_PER_MESSAGE - msg.data_len
+                while msg.data_len + length > cap:
+                    part = cap - msg.data_len
                     if part:
                         msg.add(start, part, flags[i], kind)
                         msg.reads.append((start, part))
@@ -1362,7 +1359,7 @@ class _ExtentStream:
                 msg.reads.append((start, length))
                 msg.data_len += length
             msg.add(start, length, flags[i], kind)
-            if len(msg) >= plan.max_extents or msg.data_len >= MAX_DATA_PER_MESSAGE:
+            if len(msg) >= plan.max_extents or msg.data_len >= cap:
                 msg = await self._send(client, msg)
         return msg
 
@@ -1382,17 +1379,15 @@ class _ExtentStream:
                 await self._flush()
                 self._spare = None
                 await stream_budget().take(msg.data_len)
-            # The data goes straight into the buffer the message is sent from, each read at
-            # its place in the message (a message may cut several extents).
+            # The data goes straight into the buffer the message is sent from, one read per
+            # piece at its place in the message (a message may cut several extents; the NBD
+            # client splits a read above the host's maximum payload).
             buf = DataMessageBuffer(self._head(msg), msg.data_len, self._spare, self._tail)
             self._spare = None
             reader: NBDClient | _LocalReads = client if self.local is None else self.local
-            step = MAX_READ_REQUEST if self.local is None else self.local.step
             pieces, pos = [], 0
             for o, n in msg.reads:
-                for at in range(0, n, step):
-                    size = min(step, n - at)
-                    pieces.append(reader.pread_into(buf.data[pos + at : pos + at + size], o + at))
+                pieces.append(reader.pread_into(buf.data[pos : pos + n], o))
                 pos += n
             landing = asyncio.gather(*pieces)
             reads = _Reads(buf, asyncio.ensure_future(landing))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from nbdcore.client import BULK_READ
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, NBD_STATE_ZERO
 from nbdcore.exceptions import NBDError, UsageError
 from nbdcore.sync.client import NBDClient
@@ -35,18 +36,13 @@ STRIPE: Final = 64 << 20
 # CPU count (2 on 2 CPUs). Here each connection is a thread taking the GIL between its
 # syscalls, so more threads than CPUs would only add contention.
 DEFAULT_CONNECTIONS: Final = min(4, os.cpu_count() or 1)
-# Reads in flight in all, split over the connections (at least one each), of 960 KiB each:
-# what costs qemu-nbd 7.2 the least CPU per byte, and us too (fewer requests than 512 KiB).
-# 2 GiB over 2 connections from a long-running qemu-nbd, 1 read each: 0.8-1.0 s of its CPU;
-# 2 x 512 KiB each 1.1-1.3 s, 2 x 1 MiB each 1.1-1.6 s (no page faults in any): the more data
-# in flight, the less of it is still in the CPU caches when it is sent and received. Not
-# 1 MiB: each BLOCK_STATUS makes qemu-nbd 7.2 calloc and free a 1 MiB extent array, which
-# sets glibc's mmap threshold just above 1 MiB, and a 1 MiB READ buffer (1 MiB plus its
-# alignment) lands above it: from a fresh qemu-nbd, a new mmap per read, 220-235K page faults
-# and 1.4-1.6 s of its CPU per 2 GiB; 1020 KiB had none, 960 KiB keeps a margin
+# Reads in flight in all, split over the connections (at least one each), of BULK_READ (960 KiB)
+# each. 2 GiB over 2 connections from a long-running qemu-nbd, 1 read each: 0.8-1.0 s of its
+# CPU; 2 x 512 KiB each 1.1-1.3 s, 2 x 1 MiB each 1.1-1.6 s (no page faults in any): the more
+# data in flight, the less of it is still in the CPU caches when it is sent and received
 # (bench/results/2026-12-07/copy/, docs/benchmarks.md).
 DEFAULT_IN_FLIGHT: Final = 2
-DEFAULT_REQUEST_SIZE: Final = 960 << 10
+DEFAULT_REQUEST_SIZE: Final = BULK_READ
 SPARSE_UNIT: Final = 65536  # zero detection granularity of copies into regular files
 
 

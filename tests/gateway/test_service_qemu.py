@@ -12,7 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from gateway.api.bitmaps import NBD_DATA_PER_MESSAGE
 from gateway.config import GatewayConfig
+from gateway.integrity import RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import (
     QEMU_B0_BULK,
@@ -93,13 +95,41 @@ async def test_data_equals_what_qemu_io_wrote(qemu_nbd: QemuNBD, start_gateway) 
     carried = b"".join(data[o] for o in sorted(data))
     for _off, n, pat in [*QEMU_B0_DATA, QEMU_B0_BULK]:
         assert bytes([pat]) * n in carried
-    # The bulk range comes in at most 1 MiB pieces, so in at least 8 messages.
+    # From an NBD host a message carries at most one READ's worth (BULK_READ, 960 KiB): the
+    # 8 MiB bulk range fills what the message before it left, then whole 960 KiB messages.
     bulk_off, bulk_len, _ = QEMU_B0_BULK
-    pieces = [s for s in data if bulk_off <= s < bulk_off + bulk_len]
-    assert len(pieces) >= bulk_len // MiB
+    pieces = [len(data[s]) for s in sorted(data) if bulk_off <= s < bulk_off + bulk_len]
+    assert all(len(m.data) <= NBD_DATA_PER_MESSAGE for m in got.messages)
+    assert pieces[1:-1] == [NBD_DATA_PER_MESSAGE] * (len(pieces) - 2)
+    assert len(pieces) >= bulk_len // NBD_DATA_PER_MESSAGE
     # Clean data (written before b0) and b1's data are not carried.
     for off, _n, _ in [QEMU_CLEAN, *QEMU_B1_DATA]:
         assert off not in data
+
+
+async def test_digest_of_a_host_stream_survives_resumes(qemu_nbd: QemuNBD, start_gateway) -> None:
+    """From an NBD host, data messages end off the digest's 1 MiB blocks (960 KiB each): a
+    resume at any of them hashes the block's start again from the host, and the digest is the
+    one of the bytes qemu-io wrote."""
+    gw = await start_gateway(config_for(("vm", qemu_nbd.uri)))
+    raw = qemu_nbd.disk.raw.read_bytes()
+    fields = dict(
+        export="vm", context="b0", filter=pb.EXTENT_FILTER_SET, include_data=True, digest="blake3"
+    )
+    whole = await stream_all(gw.stub, **fields)
+    expected = RangeDigest("blake3", 0)
+    for start, length, _flags, kind in whole.rows:
+        if kind == pb.ALLOCATION_DATA:
+            expected.update(start, raw[start : start + length])
+    digest = whole.messages[-1].digest
+    assert digest == expected.finish(whole.messages[-1].range_end)
+    ends = [m.next_offset for m in whole.messages]
+    assert any(e % MiB for e in ends), "some message ends inside a digest block"
+    for k in range(1, len(whole.messages)):
+        rest = await stream_all(gw.stub, resume_token=whole.messages[k - 1].resume_token, **fields)
+        assert rest.messages[0].offset == whole.messages[k - 1].next_offset
+        assert rest.messages[-1].digest == digest, f"resumed after message {k}"
+        assert rest.data == {s: b for s, b in whole.data.items() if s >= rest.messages[0].offset}
 
 
 async def test_filters_and_merge_allocation(qemu_nbd: QemuNBD, start_gateway) -> None:
