@@ -1453,9 +1453,11 @@ class _ExtentStream:
             await reads.landing
             data = reads.buf.data
             if self.digest is not None:
-                # In a thread: hashlib and blake3 release the GIL, so a MiB is hashed on the
-                # other core while the loop goes on (the next message's reads are in flight).
-                await asyncio.to_thread(_feed, self.digest, msg.reads, data)
+                # On the loop: a MiB takes blake3 about 0.3 ms here. In a thread (hashlib
+                # and blake3 release the GIL) the hop and the GIL's return to a busy loop cost
+                # more than the overlap gains: the gateway's CPU per GiB 2.87 to 2.35 s
+                # inline (docs/benchmarks.md, "Ideas for the data path").
+                _feed(self.digest, msg.reads, data)
         digest = b""
         if self.digest is not None and msg.end == self.range_end:
             digest = self.digest.finish(self.range_end)
