@@ -197,6 +197,41 @@ class Fixtures:
             )
         )
 
+    def incremental_sparse_qcow2(self) -> Fixture:
+        """A qcow2 image of ``data.raw``'s size holding only the granules ``incremental_qcow2``
+        dirties (same offsets, same pattern), the rest unallocated: what a copy of just the
+        changed data reads. nbdcopy cannot be told which ranges to copy; from this image it
+        copies exactly those (it skips holes), in the same 64 KiB pieces."""
+        name = "incremental-10pct-sparse.qcow2"
+        if fx := self._cached(name):
+            return fx
+        data = self.data_raw()
+        self._log(f"building {name}")
+        start = time.monotonic()
+        final = self.dir / name
+        tmp = self.dir / (name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        subprocess.run(
+            [procs.tool("qemu-img"), "create", "-q", "-f", "qcow2", str(tmp), str(data.size)],
+            check=True,
+        )
+        granules = range(0, data.size // GRANULE, self.INCREMENTAL_EVERY)
+        cmds = []
+        for g in granules:
+            cmds += ["-c", f"write -q -P {self.INCREMENTAL_PATTERN} {g * GRANULE} {GRANULE}"]
+        subprocess.run([procs.tool("qemu-io"), "-f", "qcow2", *cmds, str(tmp)], check=True)
+        tmp.rename(final)
+        return self._store(
+            Fixture(
+                name,
+                str(final),
+                data.size,
+                len(granules),  # allocated granules, each its own extent
+                None,
+                round(time.monotonic() - start, 1),
+            )
+        )
+
     # --- an nbdcore Image with a fragmented bitmap -----------------------------------------------
 
     def bitmap_image(self) -> Fixture:
