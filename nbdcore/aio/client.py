@@ -115,39 +115,55 @@ class _Protocol(asyncio.BufferedProtocol):
         conn = self._conn
         try:
             if self._direct:
-                if not conn.buffer_filled(nbytes) and not self._drain():
+                filled = conn.buffer_filled(nbytes)
+                # Take what the kernel already holds now (the rest of the payload, the
+                # replies behind it) rather than after another trip through the event loop.
+                if not self._drain() and not filled:
                     return
             else:
                 conn.receive_data(self._scratch[:nbytes])
-                if conn.get_buffer() is not None:
-                    # A READ payload started: take what the kernel already holds now rather
-                    # than after another trip through the event loop.
-                    self._drain()
+                self._drain()
         except NBDError as exc:
             self._client._fail(exc)
             return
         self._client._dispatch()
 
     def _drain(self) -> bool:
-        """Read what the kernel already holds straight into the pending payload. True when
-        the payload completed (events may be waiting); errors and EOF are left for the
-        transport's next read to find."""
+        """Read what the kernel already holds: straight into the pending READ payload, and,
+        while READ replies are outstanding, the replies behind it, so that replies that
+        arrived together are parsed in one go instead of one trip through the event loop
+        each (about a third of the CPU of a 64 KiB READ). Bounded by the requests in flight.
+        True when something was parsed that may have made events; errors and EOF are left
+        for the transport's next read to find."""
         sock = self._sock
         conn = self._conn
         if sock is None:
             return False
+        parsed = False
         while True:
             target = conn.get_buffer()
-            if target is None:
-                return True
+            if target is not None:
+                try:
+                    n = sock.recv_into(target)
+                except OSError:  # BlockingIOError included: nothing more for now
+                    return parsed
+                if n == 0:
+                    return parsed
+                if conn.buffer_filled(n):
+                    parsed = True
+                continue
+            if not conn.reads_in_flight:
+                return parsed
+            # Between replies: the next header (and a little of its payload, copied once).
+            head = self._scratch[:_HEADER_READ]
             try:
-                n = sock.recv_into(target)
-            except OSError:  # BlockingIOError included: nothing more for now
-                return False
+                n = sock.recv_into(head)
+            except OSError:
+                return parsed
             if n == 0:
-                return False
-            if conn.buffer_filled(n):
-                return True
+                return parsed
+            conn.receive_data(head[:n])
+            parsed = True
 
     def eof_received(self) -> bool | None:
         self._conn.receive_eof()
