@@ -12,7 +12,6 @@ NBD_STATE_ZERO`` (a hole reads as zeroes), data is ``0`` (it may hold zeroes, no
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -42,7 +41,9 @@ _ZERO_VIEW: Final = memoryview(_ZEROES)
 
 def _load_fallocate() -> ctypes._NamedFuncPointer | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols, libc's among them: ctypes.util.find_library("c") would
+        # run `ldconfig -p` in a child process at every import of this module.
+        libc = ctypes.CDLL(None, use_errno=True)
         func = libc.fallocate
     except (OSError, AttributeError):
         return None
