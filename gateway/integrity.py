@@ -27,14 +27,13 @@ more, without sending it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import blake3
-import crc32c as _crc32c
-import zstandard
 
 DIGEST_BLOCK = 1 << 20
 DIGEST_VERSION = b"nbdgw-digest-v1"
@@ -60,6 +59,10 @@ _RECORD = struct.Struct(">QQ")
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``value`` (the CRC of what came before)."""
+    # On first use: the package's __init__ reads its metadata (~25 ms), which the commands
+    # that move no data (their --help, verify) need not pay.
+    import crc32c as _crc32c
+
     return int(_crc32c.crc32c(data, value))
 
 
@@ -167,6 +170,8 @@ class Compressor:
     than compressing a small one)."""
 
     def __init__(self, level: int) -> None:
+        import zstandard  # only for streams that ask for compression
+
         self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
 
     def compress(self, data: bytes | bytearray | memoryview) -> bytes | None:
@@ -189,7 +194,11 @@ class DataCorrupted(Exception):
         self.next_offset = next_offset
 
 
-_DECOMPRESSOR = zstandard.ZstdDecompressor()
+@functools.cache
+def _decompressor() -> Any:
+    import zstandard  # only for streams that ask for compression
+
+    return zstandard.ZstdDecompressor()
 
 
 def message_data(msg: Any) -> bytes | memoryview:
@@ -204,13 +213,15 @@ def message_data(msg: Any) -> bytes | memoryview:
             raise DataCorrupted(
                 msg.offset, msg.next_offset, f"unknown data_compression {msg.data_compression!r}"
             )
+        import zstandard  # only for streams that ask for compression
+
         try:
             # The gateway writes the content size in every frame: the bound is checked before
             # anything is allocated (decompress trusts the size a frame declares).
             size = zstandard.frame_content_size(data)
             if not 0 <= size <= MAX_MESSAGE_DATA:
                 raise zstandard.ZstdError(f"the frame declares {size} bytes")
-            data = _DECOMPRESSOR.decompress(data)
+            data = _decompressor().decompress(data)
         except zstandard.ZstdError as exc:
             raise DataCorrupted(
                 msg.offset, msg.next_offset, f"its zstd frame does not decode ({exc})"
