@@ -29,8 +29,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "gateway.cli.exports": ("export",),  # export list|generation
     "gateway.cli.bitmaps": ("bitmap",),  # bitmap list|map|clear|remaining|add|remove
     "gateway.cli.snapshots": ("snapshot", "checkpoint"),  # through the SnapshotService
-    "gateway.cli.backup": ("backup", "restore"),
-    "gateway.cli.verify": ("verify",),
+    "gateway.cli.backup_args": ("backup", "restore", "verify"),  # engines: backup, verify
     "gateway.cli.map": ("render",),  # SVG/HTML, straight from an NBD host
     "nbdcore.tools.bitmap_cmds": ("disk",),  # disk create, disk bitmap ... (local images)
     "nbdcore.tools.snapshot_cmds": ("disk",),  # disk snapshot ...

@@ -58,20 +58,15 @@ from gateway.cli.backup_state import (
 )
 from gateway.cli.common import (
     CommandError,
-    _one_line_errors,
-    add_target_arguments,
-    command,
     describe_error,
     full_context_name,
     iter_rows,
     open_client,
-    parse_size,
     stream_retry,
     warn,
 )
 from gateway.integrity import (
     COMPRESSION_ZSTD,
-    DIGESTS,
     ZSTD_LEVELS,
     RangeDigest,
 )
@@ -81,22 +76,6 @@ from nbdcore.tools.progress import Progress
 from nbdgw import AsyncClient, Bitmap, BitmapKind, ClearMode, ExtentBatch, Retry
 from nbdgw import errors as client_errors
 from nbdgw.v1 import bitmap_service_pb2 as pb
-
-DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
-through the gateway into OUTPUT, a sparse raw image the size of the export: an incremental
-backup. Dirty ranges that read as zeroes become holes. Progress is fsync'd and recorded in
-OUTPUT.nbdgw-backup.json, so an interrupted backup continues exactly with --resume. With
---clear, each range is cleared in the bitmap (ClearRange) once it is safely on disk. The dirty
-ranges are recorded in OUTPUT.nbdgw-dirty (fsync'd before they are cleared): 'nbdgw restore'
-uses it to lay the incremental over a full image, zero ranges included."""
-
-RESTORE_DESCRIPTION = """Apply backups made by 'nbdgw backup' onto BASE, a raw image (a copy of a
-full backup, or of the disk at the first backup), in place and in order: for each INCREMENTAL,
-every range its map (INCREMENTAL.nbdgw-dirty) records as dirty is copied from INCREMENTAL,
-holes and zeroes included (a dirty range that reads as zeroes is zeroed in BASE); the other
-ranges of BASE are left as they are. A full backup in the list replaces all of BASE. A missing
-BASE is created from the first backup, which must then be a full one. The backups must be of one
-export and listed oldest first: a list out of order is refused before anything is written."""
 
 MAP_SUFFIX = ".nbdgw-dirty"
 MAP_FORMAT = "nbdgw-dirty-map"
@@ -318,72 +297,6 @@ class OutputImage:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("export", metavar="EXPORT")
-    p.add_argument("output", metavar="OUTPUT", type=Path, help="the backup image to write")
-    p.add_argument(
-        "--bitmap",
-        metavar="NAME",
-        help="the dirty bitmap (NAME or qemu:dirty-bitmap:NAME); with --full it is optional "
-        "and says what --clear clears",
-    )
-    p.add_argument(
-        "--full", action="store_true", default=None, help="copy all allocated data, not only dirty"
-    )
-    p.add_argument(
-        "--clear",
-        action="store_true",
-        default=None,
-        help="clear each dirty range in the bitmap once it is safely on disk",
-    )
-    add_progress_argument(p)
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the interrupted backup recorded in OUTPUT.nbdgw-backup.json, as it was "
-        "started (its bitmap, --full and --clear are recorded there)",
-    )
-    p.add_argument(
-        "--no-recheck",
-        dest="recheck",
-        action="store_false",
-        help="with --clear, do not read the cleared ranges again (only safe when nothing "
-        "writes to the disk during the backup)",
-    )
-    backup_snapshots.add_arguments(p)
-    p.add_argument(
-        "--save-every",
-        dest="checkpoint",  # the name run() reads: the state is saved at each "checkpoint"
-        type=parse_size,
-        default=32 << 20,
-        metavar="SIZE",
-        help="fsync and record progress after this much data at most (default 32M); "
-        "'--checkpoint SIZE' before 0.2",
-    )
-    p.add_argument(
-        "--retries",
-        type=int,
-        default=5,
-        help="resume an interrupted stream this many times (default 5)",
-    )
-    p.add_argument(
-        "--digest",
-        choices=sorted(DIGESTS),
-        help="also check a digest of all the data against the gateway's, and record it in "
-        "OUTPUT.nbdgw-backup.json for 'nbdgw verify' (every message's CRC32C is checked "
-        "anyway)",
-    )
-    p.add_argument(
-        "--compress",
-        type=int,
-        nargs="?",
-        const=1,
-        metavar="LEVEL",
-        help="ask the gateway for zstd-compressed data (LEVEL 1-19, default 1): worth it when "
-        "the link to the gateway is slower than about 2 Gbit/s (docs/concepts.md#integrity)",
-    )
 
 
 _RECHECK_GAP = 1 << 20
@@ -1158,34 +1071,6 @@ def _prepare(
     return state, create
 
 
-def add_progress_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="a progress line on stderr: bytes done of bytes to do, rate, time left "
-        "(default: when stderr is a terminal)",
-    )
-
-
-def add_restore_arguments(p: argparse.ArgumentParser) -> None:
-    add_progress_argument(p)
-    p.add_argument(
-        "base",
-        metavar="BASE",
-        type=Path,
-        help="the raw image to update in place; created (sparse) when missing, from the full "
-        "backup that must then come first",
-    )
-    p.add_argument(
-        "incrementals",
-        metavar="INCREMENTAL",
-        type=Path,
-        nargs="+",
-        help="backups made by 'nbdgw backup', oldest first (checked)",
-    )
-
-
 def apply_incremental(
     base: OutputImage,
     incremental: Path,
@@ -1283,31 +1168,3 @@ def _check_chain(earlier: tuple[Path, BackupState], later: tuple[Path, BackupSta
         raise BackupError(
             f"{after} was taken ({when} UTC) before {before}: list the backups oldest first"
         )
-
-
-async def _restore(args: argparse.Namespace) -> int:
-    return await asyncio.to_thread(restore, args)
-
-
-def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add backup and restore."""
-    p = _one_line_errors(
-        sub.add_parser(
-            "backup",
-            help="copy the dirty (or all) data of an export into a local sparse image",
-            description=DESCRIPTION,
-        )
-    )
-    add_arguments(p)
-    add_target_arguments(p)
-    p.set_defaults(func=command(run))
-
-    p = _one_line_errors(
-        sub.add_parser(
-            "restore",
-            help="lay backups made by 'nbdgw backup' over a raw image, in place",
-            description=RESTORE_DESCRIPTION,
-        )
-    )
-    add_restore_arguments(p)
-    p.set_defaults(func=command(_restore))

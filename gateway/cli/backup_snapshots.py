@@ -21,18 +21,19 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import nbdgw
 from gateway.cli.backup_state import BackupError, BackupState
 from gateway.cli.common import (
     DIRTY_BITMAP_PREFIX,
     describe_call_error,
     parse_size,
 )
-from nbdcore.storage.checkpoint import SINCE_PREFIX
 from nbdcore.tools import deprecated
-from nbdgw import AsyncClient, Snapshot, SnapshotState
-from nbdgw import errors as client_errors
+
+if TYPE_CHECKING:
+    from nbdgw import AsyncClient, Snapshot
 
 _COMMAND = "nbdgw backup"
 
@@ -118,6 +119,8 @@ def since_context(args: argparse.Namespace) -> str:
             "--since reads the changes since a checkpoint: no --bitmap, and no --clear (the"
             " checkpoints keep the changes; delete old checkpoints instead)"
         )
+    from nbdcore.storage.checkpoint import SINCE_PREFIX  # nbdcore.storage: ~10 ms, --since only
+
     return f"{DIRTY_BITMAP_PREFIX}{SINCE_PREFIX}{args.since}"
 
 
@@ -125,7 +128,7 @@ async def check_checkpoint(client: AsyncClient, export: str, checkpoint: str) ->
     """Refuse ``--since C`` before anything is written when the export has no checkpoint C."""
     try:
         ids = [c.id for c in await client.list_checkpoints(export)]
-    except client_errors.CallError as exc:
+    except nbdgw.errors.CallError as exc:
         why = describe_call_error(exc, _COMMAND)
         raise BackupError(f"cannot read the checkpoints: {why}") from None
     if checkpoint not in ids:
@@ -146,16 +149,16 @@ def snapshot_id(state: BackupState) -> str:
     return f"backup-{stamp}-{int(state.started * 1e6) % 1_000_000:06d}"
 
 
-def _not_supported(exc: client_errors.CallError) -> bool:
+def _not_supported(exc: nbdgw.errors.CallError) -> bool:
     # UNIMPLEMENTED: a gateway without SnapshotService.
-    return exc.code == "UNIMPLEMENTED" or isinstance(exc, client_errors.SnapshotsNotSupported)
+    return exc.code == "UNIMPLEMENTED" or isinstance(exc, nbdgw.errors.SnapshotsNotSupported)
 
 
 async def takes_snapshots(client: AsyncClient, export: str) -> bool:
     """Whether the gateway takes snapshots of ``export`` (asked without taking one)."""
     try:
         await client.list_snapshots(export)
-    except client_errors.CallError as exc:
+    except nbdgw.errors.CallError as exc:
         if _not_supported(exc):
             return False
         raise
@@ -181,7 +184,7 @@ async def take_snapshot(
     try:
         if state.snapshot:
             found = await find_snapshot(client, state.export, state.snapshot)
-            if found is not None and found.state != SnapshotState.BROKEN:
+            if found is not None and found.state != nbdgw.SnapshotState.BROKEN:
                 return
             if args.snapshot:
                 why = "is gone" if found is None else "is broken (it ran out of space)"
@@ -205,7 +208,7 @@ async def take_snapshot(
             found = await find_snapshot(client, state.export, args.snapshot)
             if found is None:
                 raise BackupError(f"export {state.export!r} has no snapshot {args.snapshot!r}")
-            if found.state == SnapshotState.BROKEN:
+            if found.state == nbdgw.SnapshotState.BROKEN:
                 raise BackupError(
                     f"snapshot {args.snapshot!r} is broken (it ran out of space): release it"
                     " (its forks merge back) and take a new one"
@@ -217,6 +220,8 @@ async def take_snapshot(
             return
         state.snapshot = snapshot_id(state)
         state.save(spath)  # before it exists: see the module docstring
+        from nbdcore.storage.checkpoint import SINCE_PREFIX  # as above; not for --help
+
         view = DIRTY_BITMAP_PREFIX + SINCE_PREFIX
         since = state.context.removeprefix(view) if state.context.startswith(view) else ""
         dirty = state.context.startswith(DIRTY_BITMAP_PREFIX) and not since
@@ -232,7 +237,7 @@ async def take_snapshot(
                     since=since,
                 )
                 return
-            except client_errors.AlreadyExists as exc:
+            except nbdgw.errors.AlreadyExists as exc:
                 if await find_snapshot(client, state.export, state.snapshot) is not None:
                     return  # taken just before a crash: ours
                 if checkpoint and args.resume and exc.reason == "CHECKPOINT_EXISTS":
@@ -240,13 +245,13 @@ async def take_snapshot(
                     checkpoint = ""
                     continue
                 raise BackupError(describe_call_error(exc, _COMMAND)) from None
-            except client_errors.CallError as exc:
+            except nbdgw.errors.CallError as exc:
                 if _not_supported(exc) and not (checkpoint or since):
                     state.snapshot = ""  # not an nbdcore host: read the live export
                     state.save(spath)
                     return
                 raise
-    except client_errors.CallError as exc:
+    except nbdgw.errors.CallError as exc:
         if _not_supported(exc) and not state.snapshot:
             return
         why = describe_call_error(exc, _COMMAND)
@@ -257,9 +262,9 @@ async def release_snapshot(client: AsyncClient, state: BackupState) -> None:
     """Release the backup's snapshot: its fork's remaining bits merge back."""
     try:
         await client.release_snapshot(state.export, state.snapshot)
-    except client_errors.NotFound:
+    except nbdgw.errors.NotFound:
         pass  # released already: fine
-    except client_errors.CallError as exc:
+    except nbdgw.errors.CallError as exc:
         raise BackupError(
             f"the backup is complete but its snapshot {state.snapshot} was not released:"
             f" {describe_call_error(exc, _COMMAND)}; release it with 'nbdgw snapshot release"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import nbdgw
 from gateway.cli.common import (
     CommandError,
     MapPrinter,
@@ -27,7 +28,9 @@ from gateway.cli.common import (
 )
 from gateway.cli.exports import enum_word
 from nbdcore.tools import subgroup
-from nbdgw import ByteRange, ClearMode, ExtentFilter
+
+if TYPE_CHECKING:
+    from nbdgw import ByteRange
 
 
 def _check_length(args: argparse.Namespace) -> None:
@@ -85,7 +88,7 @@ async def cmd_map(args: argparse.Namespace) -> int:
             context,
             offset=args.offset or 0,
             length=args.length,
-            filter=ExtentFilter.SET if args.dirty else ExtentFilter.ALL,
+            filter=nbdgw.ExtentFilter.SET if args.dirty else nbdgw.ExtentFilter.ALL,
         )
         first = True
         token = ""
@@ -122,7 +125,7 @@ async def cmd_clear(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.raw)
         return 0
-    mode = enum_word(result.clear_mode) if result.clear_mode != ClearMode.UNSPECIFIED else "-"
+    mode = enum_word(result.clear_mode) if result.clear_mode != nbdgw.ClearMode.UNSPECIFIED else "-"
     n = len(result.cleared)
     print(
         f"cleared {result.cleared_bytes} bytes in {n} range{'s' if n != 1 else ''} of {bitmap} "
@@ -159,7 +162,7 @@ async def cmd_remaining(args: argparse.Namespace) -> int:
         )
         async for r in remaining:
             if ranges and ranges[-1].end == r.offset:
-                ranges[-1] = ByteRange(ranges[-1].offset, ranges[-1].length + r.length)
+                ranges[-1] = nbdgw.ByteRange(ranges[-1].offset, ranges[-1].length + r.length)
             else:
                 ranges.append(r)
     total = sum(r.length for r in ranges)

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from google.protobuf import json_format
-
+import nbdgw
 from nbdcore.tools import command_name
-from nbdgw import TLS as ClientTLS
-from nbdgw import AsyncClient, Retry, RetryEvent
-from nbdgw import errors as client_errors
-from nbdgw.v1 import bitmap_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from nbdgw import AsyncClient, Retry, RetryEvent
+    from nbdgw.v1 import bitmap_service_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
@@ -173,17 +171,19 @@ def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
         for path, what in ((args.tls_ca, "CA bundle"), (args.tls_cert, "certificate")):
             _read(path, what)  # a missing file: one line naming the flag's file
         _read(args.tls_key, "private key")
-        tls = ClientTLS(
+        tls = nbdgw.TLS(
             ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
         )
+    import logging  # ~10 ms that --help need not pay; grpc loads it anyway
+
     # The library logs its retries; the command says them itself (on_retry), once.
     logging.getLogger("nbdgw").addHandler(logging.NullHandler())
-    return AsyncClient(
+    return nbdgw.AsyncClient(
         target,
         token=args.token,
         tls=tls,
         timeout=args.timeout,
-        retry=Retry(attempts=retries),
+        retry=nbdgw.Retry(attempts=retries),
         on_retry=lambda event: warn(args)(retry_note(event, command_name(args))),
     )
 
@@ -191,7 +191,7 @@ def open_client(args: argparse.Namespace, *, retries: int = 0) -> AsyncClient:
 def stream_retry(retries: int) -> Retry:
     """How a data stream of backup or verify is resumed: ``retries`` times in a row without
     progress, after 0.5 s, doubled each time up to 8 s (or longer when the gateway asks)."""
-    return Retry(attempts=retries, backoff=0.5, max_backoff=8.0)
+    return nbdgw.Retry(attempts=retries, backoff=0.5, max_backoff=8.0)
 
 
 def retry_note(event: RetryEvent, command: str) -> str:
@@ -290,7 +290,7 @@ def cli_words(text: str, command: str) -> str:
     return _METHOD.sub(lambda m: repr(METHOD_COMMANDS[m.group(1)]), text)
 
 
-def describe_call_error(exc: client_errors.CallError, command: str) -> str:
+def describe_call_error(exc: nbdgw.errors.CallError, command: str) -> str:
     """One line: ``CODE: message [REASON]``, in the CLI's words, plus the first bad argument."""
     message = cli_words(exc.message, command) or "no message"
     flags = []
@@ -309,7 +309,7 @@ def describe_call_error(exc: client_errors.CallError, command: str) -> str:
     return " ".join(text.split())
 
 
-def client_unreachable(exc: client_errors.CallError, target: str) -> str | None:
+def client_unreachable(exc: nbdgw.errors.CallError, target: str) -> str | None:
     """For a call that never reached a gateway (grpc's own UNAVAILABLE, no ErrorInfo): what
     went wrong in a few words and what to check, instead of grpc's resolver or C-core text."""
     if exc.code != "UNAVAILABLE" or exc.reason or exc.details:
@@ -332,9 +332,9 @@ def client_unreachable(exc: client_errors.CallError, target: str) -> str | None:
     )
 
 
-def describe_error(exc: client_errors.NbdgwError, args: argparse.Namespace) -> str:
+def describe_error(exc: nbdgw.errors.NbdgwError, args: argparse.Namespace) -> str:
     """One line for any error of the client library, in the words of the running command."""
-    if isinstance(exc, client_errors.CallError):
+    if isinstance(exc, nbdgw.errors.CallError):
         return client_unreachable(exc, getattr(args, "target", "")) or describe_call_error(
             exc, command_name(args)
         )
@@ -351,10 +351,10 @@ def command(
         name = command_name(args)
         try:
             return await func(args)
-        except (CommandError, client_errors.ConfigurationError) as exc:
+        except (CommandError, nbdgw.errors.ConfigurationError) as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             return 2
-        except client_errors.NbdgwError as exc:  # a failed call, a broken stream
+        except nbdgw.errors.NbdgwError as exc:  # a failed call, a broken stream
             print(f"{name}: {describe_error(exc, args)}", file=sys.stderr)
             return 1
         except CommandFailed as exc:
@@ -503,6 +503,8 @@ def api_json(message: Any) -> dict[str, Any]:
     """A message in the API's JSON mapping (proto3 JSON: lowerCamelCase names, uint64 as
     strings, enums by name), every field present: what grpcurl or buf curl print, so that
     `--json` of every command reads like the API itself."""
+    from google.protobuf import json_format  # ~10 ms, for --json only
+
     out: dict[str, Any] = json_format.MessageToDict(
         message, always_print_fields_with_no_presence=True
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import nbdgw
 from gateway.cli.common import (
     _one_line_errors,
     add_target_arguments,
@@ -14,7 +15,6 @@ from gateway.cli.common import (
     print_table,
 )
 from nbdcore.tools import subgroup
-from nbdgw import ClearMode, ExportState
 
 
 def human_size(size: int) -> str:
@@ -40,7 +40,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
     for e in exports:
         # A host that has not answered yet (or is down) told nothing of the export's size or
         # clear mode: '-', not a size of 0 and "unspecified".
-        known = e.state == ExportState.AVAILABLE or e.size > 0
+        known = e.state == nbdgw.ExportState.AVAILABLE or e.size > 0
         size = str(e.size) if args.bytes else human_size(e.size)
         rows.append(
             [
@@ -50,7 +50,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
                 e.host,
                 e.raw.host_kind or "-",
                 "yes" if e.read_only else "no",
-                enum_word(e.clear_mode) if e.clear_mode != ClearMode.UNSPECIFIED else "-",
+                enum_word(e.clear_mode) if e.clear_mode != nbdgw.ClearMode.UNSPECIFIED else "-",
                 e.description,
             ]
         )

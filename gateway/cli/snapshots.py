@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import nbdgw
 from gateway.cli.common import (
     DIRTY_BITMAP_PREFIX,
     CommandError,
@@ -24,14 +25,12 @@ from gateway.cli.common import (
     print_table,
 )
 from nbdcore.tools import DeprecatedFlag, subgroup
-from nbdgw import BitmapKind, SnapshotOnFull
-from nbdgw.errors import CallError
-from nbdgw.v1 import snapshot_service_pb2 as spb
 
-_ON_FULL = {
-    "break": SnapshotOnFull.BREAK_SNAPSHOT,
-    "fail-write": SnapshotOnFull.FAIL_WRITE,
-}
+if TYPE_CHECKING:
+    from nbdgw.v1 import snapshot_service_pb2 as spb
+
+# --on-full -> the SnapshotOnFull member (by name: the models load with the client, not --help).
+_ON_FULL = {"break": "BREAK_SNAPSHOT", "fail-write": "FAIL_WRITE"}
 
 
 def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
@@ -169,6 +168,8 @@ async def cmd_checkpoints(args: argparse.Namespace) -> int:
     async with open_client(args) as client:
         checkpoints = await client.list_checkpoints(args.export)
     if args.json:
+        from nbdgw.v1 import snapshot_service_pb2 as spb  # loaded by the client already
+
         print_json(spb.ListCheckpointsResponse(checkpoints=[c.raw for c in checkpoints]))
         return 0
     if not checkpoints:
@@ -189,7 +190,7 @@ async def cmd_create_checkpoint(args: argparse.Namespace) -> int:
         )
         try:
             await client.release_snapshot(args.export, snap.id)
-        except CallError as exc:
+        except nbdgw.errors.CallError as exc:
             raise CommandFailed(
                 f"checkpoint {args.checkpoint} started, but its snapshot {snap.id} was not"
                 f" released ({exc}): release it with 'nbdgw snapshot release {args.export}"
@@ -215,6 +216,8 @@ SNAPSHOT_HEADER = ["NAME", "CREATED", "EXPORT", "STATE", "FORKS (DIRTY BYTES)"]
 
 def _row(s: spb.Snapshot) -> list[str]:
     """A snapshot as 'snapshot list' and 'snapshot create' show it (from its message)."""
+    from nbdgw.v1 import snapshot_service_pb2 as spb  # loaded by the client already
+
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.create_time.seconds))
     state = "broken" if s.state == spb.SNAPSHOT_STATE_BROKEN else "ready"
     forks = " ".join(f"{f.context}({f.dirty_bytes})" for f in s.forks) or "-"
@@ -225,6 +228,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
     async with open_client(args) as client:
         snapshots = [s.raw for s in await client.list_snapshots(args.export)]
     if args.json:
+        from nbdgw.v1 import snapshot_service_pb2 as spb  # loaded by the client already
+
         print_json(spb.ListSnapshotsResponse(snapshots=snapshots))
     elif not snapshots:
         print(f"no snapshots of {args.export}")
@@ -246,7 +251,7 @@ async def cmd_create(args: argparse.Namespace) -> int:
             forks = [
                 b.context
                 for b in await client.list_bitmaps(args.export)
-                if b.kind == BitmapKind.DIRTY_BITMAP
+                if b.kind == nbdgw.BitmapKind.DIRTY_BITMAP
                 and b.recording
                 and not b.context.removeprefix(DIRTY_BITMAP_PREFIX).startswith(GATEWAY_BITMAPS)
             ]
@@ -256,7 +261,7 @@ async def cmd_create(args: argparse.Namespace) -> int:
             bitmaps=forks,
             cluster_size=args.cluster_size,
             max_preserved_bytes=args.max_size,
-            on_full=_ON_FULL[args.on_full],
+            on_full=nbdgw.SnapshotOnFull[_ON_FULL[args.on_full]],
             group=args.group,
             checkpoint=args.checkpoint,
             since=args.since,

@@ -20,30 +20,17 @@ import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gateway.cli.backup import load_complete
 from gateway.cli.backup_state import BackupError
 from gateway.cli.common import (
     CommandError,
-    _one_line_errors,
-    add_target_arguments,
-    command,
     open_client,
-    parse_size,
     stream_retry,
 )
-from gateway.integrity import DIGEST_BLOCK, DIGESTS, RangeDigest
+from gateway.integrity import DIGEST_BLOCK, RangeDigest
 from nbdgw import AsyncClient
 from nbdgw.v1 import bitmap_service_pb2 as pb
-
-DESCRIPTION = """Check backups made by 'nbdgw backup' without copying anything again: each
-file against the digest recorded when it was made (--digest), then the image the chain
-restores to (BACKUP, a full backup, with each INCREMENTAL's dirty ranges laid over it, as
-'nbdgw restore' would) against the export's current content (or a snapshot's: EXPORT@SNAPSHOT),
-which the gateway reads and hashes without sending it. Exit code 0 when everything matches,
-1 otherwise; a difference is named to the MiB: a --segment that differs is compared again in
-smaller pieces."""
 
 _CHUNK = 1 << 20
 
@@ -183,39 +170,3 @@ async def run(args: argparse.Namespace) -> int:
         for layer in layers:
             os.close(layer.fd)
     return 1 if failures else 0
-
-
-def register(sub: argparse._SubParsersAction[Any], groups: dict[str, Any]) -> None:
-    """Add verify."""
-    p = _one_line_errors(
-        sub.add_parser(
-            "verify",
-            help="check a backup chain against its digests and against the export",
-            description=DESCRIPTION,
-        )
-    )
-    p.add_argument("export", metavar="EXPORT", help="the export (or EXPORT@SNAPSHOT)")
-    p.add_argument("backup", metavar="BACKUP", type=Path, help="a full backup")
-    p.add_argument(
-        "incrementals",
-        metavar="INCREMENTAL",
-        type=Path,
-        nargs="*",
-        help="incremental backups taken after it, oldest first",
-    )
-    p.add_argument(
-        "--digest",
-        choices=sorted(DIGESTS),
-        help="the digest to compare the chain with the export (default: the full backup's, "
-        "or blake3)",
-    )
-    p.add_argument(
-        "--segment",
-        type=parse_size,
-        default=1 << 30,
-        metavar="SIZE",
-        help="compare the export in segments of this size (default 1G); one that differs is "
-        "compared again in smaller pieces, down to 1M",
-    )
-    add_target_arguments(p)
-    p.set_defaults(func=command(run))
