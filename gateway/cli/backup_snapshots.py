@@ -119,7 +119,7 @@ def since_context(args: argparse.Namespace) -> str:
             "--since reads the changes since a checkpoint: no --bitmap, and no --clear (the"
             " checkpoints keep the changes; delete old checkpoints instead)"
         )
-    from nbdcore.storage.checkpoint import SINCE_PREFIX  # nbdcore.storage: ~10 ms, --since only
+    from nbdcore.storage.checkpoint import SINCE_PREFIX  # nbdcore.storage: ~20 ms, --since only
 
     return f"{DIRTY_BITMAP_PREFIX}{SINCE_PREFIX}{args.since}"
 
