@@ -70,8 +70,8 @@ from gateway.integrity import (
     ZSTD_LEVELS,
     RangeDigest,
 )
+from nbdcore.durable import fsync_dir
 from nbdcore.memory import keep_freed_memory
-from nbdcore.storage.store import fsync_dir
 from nbdcore.tools.progress import Progress
 from nbdgw import AsyncClient, Bitmap, BitmapKind, ClearMode, ExtentBatch, Retry
 from nbdgw import errors as client_errors

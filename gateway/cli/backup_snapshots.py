@@ -27,6 +27,7 @@ import nbdgw
 from gateway.cli.backup_state import BackupError, BackupState
 from gateway.cli.common import (
     DIRTY_BITMAP_PREFIX,
+    SINCE_PREFIX,
     describe_call_error,
     parse_size,
 )
@@ -119,9 +120,7 @@ def since_context(args: argparse.Namespace) -> str:
             "--since reads the changes since a checkpoint: no --bitmap, and no --clear (the"
             " checkpoints keep the changes; delete old checkpoints instead)"
         )
-    from nbdcore.storage.checkpoint import SINCE_PREFIX  # nbdcore.storage: ~20 ms, --since only
-
-    return f"{DIRTY_BITMAP_PREFIX}{SINCE_PREFIX}{args.since}"
+    return f"{SINCE_PREFIX}{args.since}"
 
 
 async def check_checkpoint(client: AsyncClient, export: str, checkpoint: str) -> None:
@@ -220,10 +219,11 @@ async def take_snapshot(
             return
         state.snapshot = snapshot_id(state)
         state.save(spath)  # before it exists: see the module docstring
-        from nbdcore.storage.checkpoint import SINCE_PREFIX  # as above; not for --help
-
-        view = DIRTY_BITMAP_PREFIX + SINCE_PREFIX
-        since = state.context.removeprefix(view) if state.context.startswith(view) else ""
+        since = (
+            state.context.removeprefix(SINCE_PREFIX)
+            if state.context.startswith(SINCE_PREFIX)
+            else ""
+        )
         dirty = state.context.startswith(DIRTY_BITMAP_PREFIX) and not since
         forks = [state.context] if dirty else []
         checkpoint = args.checkpoint_id

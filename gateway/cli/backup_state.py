@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.common import CommandFailed
+from nbdcore.durable import write_atomic
 
 STATE_SUFFIX = ".nbdgw-backup.json"
 STATE_VERSION = 1
@@ -89,6 +90,4 @@ class BackupState:
     def save(self, path: Path) -> None:
         """Replace ``path`` atomically: a crash leaves the old or the new state, never half."""
         self.updated = time.time()
-        from nbdcore.storage.store import write_atomic  # nbdcore.storage: ~10 ms, not for --help
-
         write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n")

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+# A snapshot's view of the changes since checkpoint C, as the API names it (since_checkpoint).
+SINCE_PREFIX = DIRTY_BITMAP_PREFIX + "since:"
 
 
 class CommandError(Exception):

@@ -64,6 +64,10 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+# Re-exported: the store's callers (image, snapshot) write their files with these.
+from nbdcore.durable import fsync_dir as fsync_dir
+from nbdcore.durable import write_atomic as write_atomic
+from nbdcore.durable import write_file as write_file
 from nbdcore.storage.bitmap import (
     DirtyBitmap,
     bits_length,
@@ -98,36 +102,6 @@ def boot_id() -> str:
     except OSError:
         # Without a boot id every unclean shutdown counts as a machine crash: conservative.
         return "unknown"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` whole (short writes retried) and fsync it; ``exclusive``
-    refuses a file that already exists instead of truncating it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync(dir)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_file(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def discard_snapshots(directory: Path) -> None:
