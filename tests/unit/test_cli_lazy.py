@@ -63,3 +63,14 @@ def test_the_check_sees_a_client_import() -> None:
     rc, _, modules = imported_by("export", "list", "--target", "127.0.0.1:1", "--timeout", "5")
     assert rc == 1
     assert {"grpc", "asyncio", "nbdgw._core"} <= set(runtime_only(modules))
+
+
+def test_the_since_prefix_is_the_apis() -> None:
+    """The CLI keeps its own copy of the since-view's name (importing the storage for one
+    string would cost every backup its start-up); it must stay the server's."""
+    from gateway.cli.common import DIRTY_BITMAP_PREFIX, SINCE_PREFIX
+    from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
+    from nbdcore.storage.checkpoint import SINCE_PREFIX as STORAGE_SINCE
+
+    assert DIRTY_BITMAP_PREFIX == CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
+    assert SINCE_PREFIX == CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + STORAGE_SINCE
