@@ -158,7 +158,7 @@ def commands_backup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
         rows=[
             Row(
                 "nbdgw backup --full through the gateway (one StreamExtents stream, CRC32C"
-                " checked and written in a thread, fsync every 32 MiB in the background) / "
+                " checked and written on the event loop, fsync every 32 MiB in the background) / "
                 f"{nbdcopy_what()} URI FILE from the host; both whole processes into the same"
                 " directory on tmpfs, start and exit included",
                 "nbdgw backup --full",
@@ -230,7 +230,7 @@ def commands_incremental(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
         rows=[
             Row(
                 "nbdgw backup --bitmap b0 through the gateway (one StreamExtents stream, filter"
-                " SET, CRC32C checked and written in a thread, fsync every 32 MiB in the"
+                " SET, CRC32C checked and written on the event loop, fsync every 32 MiB in the"
                 " background), dirty bytes per second / "
                 f"{nbdcopy_what()} URI FILE of the whole disk, disk bytes per second; both"
                 " whole processes into the same directory on tmpfs, start and exit included",

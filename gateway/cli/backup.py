@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -310,8 +309,6 @@ _PRECISE_CLEAR_RUNS = 64
 # Rounds of copying again what conditional clears kept (written meanwhile); what a busy disk
 # still rewrites after that stays dirty, for the next backup.
 _KEPT_ROUNDS = 3
-# Messages (1 MiB of data each at most) received and waiting for the writer thread.
-_WRITES_IN_FLIGHT = 4
 
 
 def _intersections(runs: list[list[int]], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -368,62 +365,29 @@ def _merge_run(runs: list[list[int]], offset: int, length: int) -> None:
         runs.append([offset, length])
 
 
-class _Stopped(Exception):
-    """A write not done because an earlier one failed (whose error is the one reported)."""
+class _Committer:
+    """Commits a stream's checkpoints (fsync, then the state file) in a thread while the stream
+    goes on: the stream does not stop for the disk at every checkpoint, only at the end.
 
-
-class _Writer:
-    """The threads that write a stream's messages and commit its checkpoints while the event
-    loop receives the next messages (os.pwrite, fsync, the CRC32C and the digests release the
-    GIL).
-
-    One thread checks and writes the messages, in order; at most :data:`_WRITES_IN_FLIGHT`
-    wait for it (:meth:`wait_room`). :meth:`drain` waits for all of them and raises the first
-    error of one (a corrupt message, a failed write): a checkpoint drains before it syncs, so
-    it never records a position whose data is not written. Another thread commits a
-    checkpoint (fsync, then the state file) while the writes go on (:meth:`commit`): the
-    stream does not stop for the disk at every checkpoint, only at the end.
+    The messages themselves are written on the event loop as they come (os.pwrite, the
+    digest): a writer thread bought nothing on an idle machine and cost more than it gained on
+    a busy one, the hop to it and the GIL's way back to a busy loop (client CPU per GiB of a
+    full backup 2.07 against 2.08 s at load 1-2, 2.34 against 2.55 s at load 5;
+    docs/benchmarks.md).
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdgw-backup-write")
-        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdgw-backup-sync")
-        self._pending: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdgw-backup-sync")
         self._commit: asyncio.Future[None] | None = None
-        self._failed = False
-
-    def _run(self, pool: ThreadPoolExecutor, job: Callable[[], None]) -> asyncio.Future[None]:
-        future = asyncio.get_running_loop().run_in_executor(pool, job)
-        # Marked as retrieved: one dropped by close() after an error is not logged again.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return future
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._pending.append(self._run(self._pool, lambda: self._write(job)))
-
-    def _write(self, job: Callable[[], None]) -> None:
-        # After a failed message nothing more is written, as if the stream had stopped there.
-        if self._failed:
-            raise _Stopped
-        try:
-            job()
-        except BaseException:
-            self._failed = True
-            raise
-
-    async def wait_room(self) -> None:
-        while len(self._pending) > _WRITES_IN_FLIGHT:
-            await self._pending.popleft()
-
-    async def drain(self) -> None:
-        while self._pending:
-            await self._pending.popleft()
 
     async def commit(self, job: Callable[[], None]) -> None:
         """Run ``job`` (a checkpoint's syncs and state) in the background, once the previous
         one is done (checkpoints are committed in order)."""
         await self.committed()
-        self._commit = self._run(self._sync_pool, job)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, job)
+        # Marked as retrieved: one dropped by close() after an error is not logged again.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._commit = future
 
     async def committed(self) -> None:
         """Wait for the last :meth:`commit`; raises its error."""
@@ -432,11 +396,9 @@ class _Writer:
             await commit
 
     def close(self) -> None:
-        """Stop: the writes not started are dropped; a write or a commit running is waited
-        for (both use the output's file descriptor, which is closed after this)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._sync_pool.shutdown(wait=True)
-        self._pending.clear()
+        """Stop: a commit running is waited for (it uses the output's file descriptor, which
+        is closed after this)."""
+        self._pool.shutdown(wait=True)
 
 
 class _Backup:
@@ -474,12 +436,11 @@ class _Backup:
         self.clear_gap = 64 << 10
         # What it reads and clears: the export, or its snapshot (gateway.cli.backup_snapshots).
         self.source = state.export
-        self.writer = _Writer()
+        self.committer = _Committer()
 
     async def checkpoint(self, next_offset: int, *, final: bool) -> None:
         """fsync; record the new position with the runs still to clear; clear them; recheck
         them; record that they are done (see the module docstring for why this order)."""
-        await self.writer.drain()
         self.out.sync()
         state = self.state
         state.next_offset = next_offset
@@ -530,7 +491,7 @@ class _Backup:
 
     async def _commit_in_background(self, next_offset: int) -> None:
         """A checkpoint that clears nothing (a backup without --clear), committed by the
-        writer's sync thread while the stream goes on: the output and the map are fsync'd,
+        committer's thread while the stream goes on: the output and the map are fsync'd,
         then the state file records ``next_offset`` (the same order as :meth:`checkpoint`).
         ``state.next_offset`` moves only once that is done: it is the progress saved."""
         state = self.state
@@ -546,7 +507,7 @@ class _Backup:
             saved.save(self.spath)
             state.next_offset = next_offset
 
-        await self.writer.commit(commit)
+        await self.committer.commit(commit)
         self.unsynced = 0
         self.last_sync = time.monotonic()
 
@@ -711,7 +672,6 @@ class _Backup:
             # gRPC received: batch.data is a view of them, written without another copy.
             async for batch in self.client.stream_extents(request, retry=self.retry):
                 self._apply(batch)
-                await self.writer.wait_room()
                 last = batch
                 progress.update(self.processed, position=batch.next_offset / state.size)
                 if batch.next_offset >= state.size:
@@ -722,7 +682,6 @@ class _Backup:
                     or len(self.mapped) >= _MAX_MAPPED_RUNS
                     or time.monotonic() - self.last_sync >= 5.0
                 ):
-                    await self.writer.drain()  # the digest's state is the writer's
                     if self.digest is not None:
                         state.resume_token = batch.resume_token
                         chain, block = self.digest.state
@@ -731,8 +690,7 @@ class _Backup:
                         await self.checkpoint(batch.next_offset, final=False)
                     else:
                         await self._commit_in_background(batch.next_offset)
-            await self.writer.drain()
-            await self.writer.committed()
+            await self.committer.committed()
             if self.digest is not None and last is not None:
                 self._check_digest(last)
         # A stream that ends with OK covered the whole range.
@@ -781,10 +739,9 @@ class _Backup:
         self.state.digest_state = []
 
     def _apply(self, batch: ExtentBatch) -> None:
-        """Account for ``batch`` here (extents, dirty runs, progress) and hand its data to the
-        writer thread (:meth:`_store`): the event loop goes on receiving the next messages
-        while the writes and the digest of this one run without the GIL. The client checked
-        its data (CRC32C, and the size of its DATA extents) before it came here."""
+        """Account for ``batch`` (extents, dirty runs, progress) and write its data
+        (:meth:`_store`). The client checked its data (CRC32C, and the size of its DATA
+        extents) before it came here."""
         state = self.state
         msg = batch.raw
         writes: list[tuple[int, int]] = []  # data rows: (offset, length), in stream order
@@ -812,7 +769,7 @@ class _Backup:
         self.unsynced += data_bytes + 16 * len(msg.lengths)
         data = batch.data
         assert data is not None  # a data stream's
-        self.writer.submit(lambda: self._store(data, writes, zeros))
+        self._store(data, writes, zeros)
 
     def _store(
         self,
@@ -820,8 +777,8 @@ class _Backup:
         writes: list[tuple[int, int]],
         zeros: list[tuple[int, int]],
     ) -> None:
-        """In the writer thread, in stream order: write a message's data (checked whole by
-        the client before any of it came here: a corrupt message writes nothing)."""
+        """Write a message's data, in stream order (checked whole by the client before any of
+        it came here: a corrupt message writes nothing)."""
         pos = 0
         for offset, length in writes:
             chunk = data[pos : pos + length]
@@ -983,7 +940,7 @@ async def run(args: argparse.Namespace) -> int:
             progress.close()
         finally:
             if backup is not None:
-                backup.writer.close()  # before the file it writes to is closed
+                backup.committer.close()  # before the file it syncs is closed
             out.close()
             dirty_map.close()
         if state.snapshot and not args.keep_snapshot:
