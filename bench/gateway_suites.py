@@ -218,13 +218,14 @@ def gateway_data(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
             }
 
     both = (
-        "1 MiB messages, one stream, each drained by a Python grpc.aio client in its own process"
+        "messages of up to 1 MiB (960 KiB, one NBD READ, from qemu-nbd), one stream, each"
+        " drained by a Python grpc.aio client in its own process"
         " (channel open to stream end, process start not counted)"
     )
     return Benchmark(
         name="gateway-data",
         title=f"data of a {_size(fx.sizes.data_bytes)} all-data raw image through StreamExtents"
-        " (include_data, 1 MiB messages)",
+        " (include_data, messages of up to 1 MiB)",
         metric=GIB_S,
         setup=setup,
         rows=[
