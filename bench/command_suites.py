@@ -322,7 +322,7 @@ def commands_startup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 goal,
             ),
             Row(
-                "nbdgw export list --help (imports grpc) / python -c pass",
+                "nbdgw export list --help (a gateway command) / python -c pass",
                 "nbdgw export list --help",
                 "python -c pass",
             ),
