@@ -180,11 +180,7 @@ class Fixtures:
             [qemu_img, "bitmap", "--add", "--granularity", str(GRANULE), *fmt, str(tmp), BITMAP],
             check=True,
         )
-        granules = range(0, data.size // GRANULE, self.INCREMENTAL_EVERY)
-        cmds = []
-        for g in granules:
-            cmds += ["-c", f"write -q -P {self.INCREMENTAL_PATTERN} {g * GRANULE} {GRANULE}"]
-        subprocess.run([procs.tool("qemu-io"), *fmt, *cmds, str(tmp)], check=True)
+        granules = self._write_incremental_granules(tmp, data.size)
         tmp.rename(final)
         return self._store(
             Fixture(
@@ -196,6 +192,16 @@ class Fixtures:
                 round(time.monotonic() - start, 1),
             )
         )
+
+    def _write_incremental_granules(self, qcow2: Path, size: int) -> range:
+        """Write one 64 KiB granule in ten of ``qcow2`` (one qemu-io, pattern 0xA7); returns
+        the granules written."""
+        granules = range(0, size // GRANULE, self.INCREMENTAL_EVERY)
+        cmds = []
+        for g in granules:
+            cmds += ["-c", f"write -q -P {self.INCREMENTAL_PATTERN} {g * GRANULE} {GRANULE}"]
+        subprocess.run([procs.tool("qemu-io"), "-f", "qcow2", *cmds, str(qcow2)], check=True)
+        return granules
 
     def incremental_sparse_qcow2(self) -> Fixture:
         """A qcow2 image of ``data.raw``'s size holding only the granules ``incremental_qcow2``
@@ -215,11 +221,7 @@ class Fixtures:
             [procs.tool("qemu-img"), "create", "-q", "-f", "qcow2", str(tmp), str(data.size)],
             check=True,
         )
-        granules = range(0, data.size // GRANULE, self.INCREMENTAL_EVERY)
-        cmds = []
-        for g in granules:
-            cmds += ["-c", f"write -q -P {self.INCREMENTAL_PATTERN} {g * GRANULE} {GRANULE}"]
-        subprocess.run([procs.tool("qemu-io"), "-f", "qcow2", *cmds, str(tmp)], check=True)
+        granules = self._write_incremental_granules(tmp, data.size)
         tmp.rename(final)
         return self._store(
             Fixture(
