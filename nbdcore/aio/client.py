@@ -132,7 +132,7 @@ class _Protocol(asyncio.BufferedProtocol):
         """Read what the kernel already holds: straight into the pending READ payload, and,
         while READ replies are outstanding, the replies behind it, so that replies that
         arrived together are parsed in one go instead of one trip through the event loop
-        each (about a third of the CPU of a 64 KiB READ). Bounded by the requests in flight.
+        each (about a fifth of the CPU of a 64 KiB READ). Bounded by the requests in flight.
         True when something was parsed that may have made events; errors and EOF are left
         for the transport's next read to find."""
         sock = self._sock
