@@ -1,5 +1,9 @@
 """`nbdgw backup` from two checkouts in turn (PYTHONPATH), one gateway (this checkout's) in front
-of qemu-nbd: ``python abtrees.py ROUNDS full|incremental OLD NEW`` from the repository root."""
+of qemu-nbd: ``python abtrees.py ROUNDS full|incremental OLD NEW`` from the repository root.
+Each client runs with PYTHONSAFEPATH=1 and PYTHONPATH=TREE. (Until 2026-12-07 15:40 it set
+PYTHONPATH only: ``python -m`` puts the working directory first on sys.path, so both sides ran
+the repository root's code, and the trees comparison it printed at 13:19 compared main with
+itself; see backup-inline-write.txt.)"""
 
 import os
 import statistics
@@ -28,6 +32,13 @@ for t in trees:
         env=env0,
         stdout=subprocess.DEVNULL,
     )
+for t in trees:
+    code = subprocess.run(
+        [sys.executable, "-c", "import gateway.cli.backup as b; print(b.__file__)"],
+        env=dict(env0, PYTHONPATH=t, PYTHONSAFEPATH="1"), capture_output=True, text=True,
+        check=True,
+    ).stdout.strip()  # fmt: skip
+    assert code.startswith(t), (code, t)  # each side runs its own tree's code
 with ExitStack() as st:
     work = st.enter_context(procs.tempdir())
     if kind == "full":
@@ -56,7 +67,7 @@ with ExitStack() as st:
                 str(out / "b.img"),
             ]
             g0, q0 = proc_cpu(gw.pid), proc_cpu(q.pid)
-            w, c, _ = run_measured(cmd, dict(env0, PYTHONPATH=t))
+            w, c, _ = run_measured(cmd, dict(env0, PYTHONPATH=t, PYTHONSAFEPATH="1"))
             g1, q1 = proc_cpu(gw.pid), proc_cpu(q.pid)
             for f in out.glob("*"):
                 f.unlink()
