@@ -1081,6 +1081,9 @@ class _LocalReads:
     def pread_into(self, buf: memoryview, offset: int) -> Awaitable[None]:
         return self._server.pread_into(self._name, buf, offset)
 
+    def pread_many_into(self, pieces: list[tuple[memoryview, int]]) -> asyncio.Future[Any]:
+        return asyncio.gather(*(self.pread_into(buf, offset) for buf, offset in pieces))
+
 
 class _ExtentStream:
     """One StreamExtents call: reads batches, shapes them into messages, writes them."""
@@ -1387,10 +1390,9 @@ class _ExtentStream:
             reader: NBDClient | _LocalReads = client if self.local is None else self.local
             pieces, pos = [], 0
             for o, n in msg.reads:
-                pieces.append(reader.pread_into(buf.data[pos : pos + n], o))
+                pieces.append((buf.data[pos : pos + n], o))
                 pos += n
-            landing = asyncio.gather(*pieces)
-            reads = _Reads(buf, asyncio.ensure_future(landing))
+            reads = _Reads(buf, reader.pread_many_into(pieces))
         queued, self._queued = self._queued, (msg, reads)
         self._made += 1
         if queued is not None:
@@ -1501,7 +1503,7 @@ class _Reads:
     """The NBD reads of a queued data message, landing in its buffer."""
 
     buf: DataMessageBuffer
-    landing: asyncio.Future[list[None]]
+    landing: asyncio.Future[Any]
 
 
 def _feed(digest: RangeDigest, reads: list[tuple[int, int]], data: memoryview) -> None:

@@ -236,6 +236,11 @@ class MultiConnClient:
             self._read_piece(view[p : p + step], offset + p) for p in self._steps(len(view))
         )
 
+    def pread_many_into(self, pieces: Sequence[tuple[memoryview, int]]) -> asyncio.Future[None]:
+        """:meth:`NBDClient.pread_many_into` on the least busy connection: a batch stays on
+        one connection, so that its READs leave in one write."""
+        return asyncio.ensure_future(self._on(lambda c: c.pread_many_into(pieces)))
+
     async def _read_piece(self, view: memoryview, offset: int) -> None:
         await self._on(lambda c: c.pread_into(view, offset))
 

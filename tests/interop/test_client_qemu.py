@@ -6,8 +6,10 @@ the independent reference for every map.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -172,6 +174,58 @@ async def test_qemu72_reads_match_qemu_io(qemu72: str) -> None:
         with pytest.raises(RequestError, match="EINVAL"):
             await client.pread(64 * MiB, 4096)
         assert await client.pread(0, 4) == b"\x11" * 4
+
+
+async def test_qemu72_read_batches_match_single_reads(qemu72: str) -> None:
+    """pread_many_into: scattered pieces (the written ranges, holes, a piece across a write's
+    edge) land where single reads put the same bytes, also with more pieces than the
+    in-flight window (each reply's slot then carries the next piece)."""
+    spots = [
+        (0, 64 * 1024),
+        (1 * MiB, 128 * 1024),
+        (5 * MiB - 512, 4608),
+        (2 * MiB, 256 * 1024),
+        (40 * MiB, 1024),
+        (63 * MiB, 4096),
+    ]
+    async with await NBDClient.connect(qemu72, max_in_flight=8) as client:
+        for spread in (spots, spots * 3):  # 6 pieces fit the window of 8; 18 do not
+            buf = bytearray(sum(n for _, n in spread))
+            view, pieces, pos = memoryview(buf), [], 0
+            for off, n in spread:
+                pieces.append((view[pos : pos + n], off))
+                pos += n
+            await client.pread_many_into(pieces)
+            expected = b"".join([await client.pread(off, n) for off, n in spread])
+            assert buf == expected
+            assert buf[:4] == b"\x11" * 4 and b"\x33" * 4096 in buf and b"\x44" * 1024 in buf
+        assert client._slots.free == 8
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+async def test_qemu72_read_batches_overlapping_in_a_small_window(qemu72: str, window: int) -> None:
+    """Many batches at once, of 1 to 40 pieces, in a window of ``window`` requests: each slot
+    passes from batch to batch and none waits forever (a stall fails on the timeout)."""
+    rng = random.Random(window)
+    async with await NBDClient.connect(qemu72, max_in_flight=window) as client:
+        batches = []
+        for _ in range(24):
+            spots = [
+                (rng.randrange(0, 64 * MiB - 8192), rng.randrange(1, 8192))
+                for _ in range(rng.randint(1, 40))
+            ]
+            bufs = [bytearray(n) for _, n in spots]
+            batches.append((spots, bufs))
+        futures = [
+            client.pread_many_into(
+                [(memoryview(b), off) for b, (off, _) in zip(bufs, spots, strict=True)]
+            )
+            for spots, bufs in batches
+        ]
+        await asyncio.wait_for(asyncio.gather(*futures), 60)
+        for spots, bufs in batches:
+            assert [bytes(b) for b in bufs] == [await client.pread(off, n) for off, n in spots]
+        assert client._slots.free == window
 
 
 async def test_qemu72_usage_errors(qemu72: str) -> None:

@@ -551,3 +551,224 @@ async def test_server_refusing_meta_contexts(tmp_path: Path, code: int) -> None:
         with pytest.raises(UsageError, match="no metadata context"):
             await client.block_status(0, 512)
         await client.close()
+
+
+# --- batches of READs (pread_many_into) ----------------------------------------------------------
+
+
+def pieces_of(buf: bytearray, offsets: list[int], n: int) -> list[tuple[memoryview, int]]:
+    view = memoryview(buf)
+    return [(view[i * n : (i + 1) * n], off) for i, off in enumerate(offsets)]
+
+
+async def test_read_batch_lands_every_piece_from_out_of_order_replies(tmp_path: Path) -> None:
+    arrived: list[int] = []
+
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = [await read_request(reader) for _ in range(5)]
+        arrived.extend(r[3] for r in reqs)
+        for _, _, cookie, offset, length in reversed(reqs):
+            writer.write(data(cookie, offset, bytes([offset >> 16]) * length))
+        _, _, cookie, offset, length = await read_request(reader)
+        writer.write(data(cookie, offset, b"\x07" * length))
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri, max_in_flight=8)
+        buf = bytearray(5 * 4096)
+        offsets = [9 << 16, 2 << 16, 7 << 16, 4 << 16, 1 << 16]
+        await client.pread_many_into(pieces_of(buf, offsets, 4096))
+        assert arrived == offsets  # sent in order, one READ per piece
+        assert [buf[i * 4096] for i in range(5)] == [9, 2, 7, 4, 1]
+        assert buf == b"".join(bytes([o >> 16]) * 4096 for o in offsets)
+        # Every slot came back with its reply.
+        assert client._slots.free == 8
+        assert await client.pread(0, 16) == b"\x07" * 16
+        await client.close()
+
+
+async def test_read_batch_error_fails_it_and_frees_every_slot(tmp_path: Path) -> None:
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = [await read_request(reader) for _ in range(3)]
+        for i, (_, _, cookie, offset, length) in enumerate(reqs):
+            if i == 1:
+                writer.write(chunk(cookie, ReplyType.ERROR, wire.encode_error_payload(5, "bad")))
+            else:
+                writer.write(data(cookie, offset, b"x" * length))
+            await writer.drain()
+        _, _, cookie, offset, length = await read_request(reader)
+        writer.write(data(cookie, offset, b"y" * length))
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri, max_in_flight=4)
+        buf = bytearray(3 * 512)
+        with pytest.raises(RequestError, match=r"EIO.*bad"):
+            await client.pread_many_into(pieces_of(buf, [0, 512, 1024], 512))
+        # The reply after the error still came (it frees its slot); the connection lives on.
+        assert await client.pread(0, 8) == b"y" * 8
+        assert client._slots.free == 4
+        await client.close()
+
+
+async def test_read_batch_cancelled_frees_slots_as_late_replies_land(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = [await read_request(reader) for _ in range(2)]
+        await release.wait()
+        for _, _, cookie, offset, length in reqs:
+            writer.write(data(cookie, offset, b"z" * length))
+        _, _, cookie, offset, length = await read_request(reader)
+        writer.write(data(cookie, offset, b"w" * length))
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri, max_in_flight=2)
+        buf = bytearray(2 * 512)
+        fut = client.pread_many_into(pieces_of(buf, [0, 512], 512))
+        await asyncio.sleep(0.05)
+        fut.cancel()
+        # The server still owes both replies: their slots stay taken until they arrive.
+        assert client._slots.free == 0
+        release.set()
+        # The next read waits for a slot, gets it when the late replies land (in ``buf``).
+        assert await client.pread(4096, 8) == b"w" * 8
+        assert buf == b"z" * 1024 and client._slots.free == 2
+        await client.close()
+
+
+async def test_read_batch_above_the_window_keeps_it_bounded(tmp_path: Path) -> None:
+    most_unanswered = 0
+
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most_unanswered
+        served = 0
+        while served < 7:
+            # Take every request that arrives within a moment, then answer them all.
+            reqs = [await read_request(reader)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    while True:
+                        reqs.append(await read_request(reader))
+            most_unanswered = max(most_unanswered, len(reqs))
+            for _, _, cookie, offset, length in reqs:
+                writer.write(data(cookie, offset, bytes([offset // 512]) * length))
+                served += 1
+            await writer.drain()
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri, max_in_flight=3)
+        buf = bytearray(7 * 512)
+        await client.pread_many_into(pieces_of(buf, [i * 512 for i in range(7)], 512))
+        assert buf == b"".join(bytes([i]) * 512 for i in range(7))
+        assert most_unanswered == 3
+        assert client._slots.free == 3
+        await client.close()
+
+
+async def test_read_batch_eof_and_stall_fail_it(tmp_path: Path) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+
+    async with server(tmp_path, after_go(hang_up)) as uri:
+        client = await connect(uri)
+        with pytest.raises(ConnectionLostError):
+            await client.pread_many_into(pieces_of(bytearray(1024), [0, 512], 512))
+        # Once the connection failed, a batch fails at once with the same error.
+        with pytest.raises(ConnectionLostError):
+            await client.pread_many_into(pieces_of(bytearray(512), [0], 512))
+        await client.close()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async with server(tmp_path, after_go(stall)) as uri:
+        client = await connect(uri, timeout=0.3)
+        with pytest.raises(NBDTimeoutError):
+            await client.pread_many_into(pieces_of(bytearray(512), [0], 512))
+        await client.close()
+
+
+async def test_read_batch_refused_piece_fails_it_and_returns_its_slots(tmp_path: Path) -> None:
+    async with server(tmp_path, after_go(replying(lambda c, o, n: data(c, o, b"q" * n)))) as uri:
+        client = await connect(uri, max_in_flight=4)
+        good = bytearray(512)
+        with pytest.raises(UsageError, match="read-only"):
+            await client.pread_many_into([(memoryview(good), 0), (memoryview(bytes(512)), 512)])
+        with pytest.raises(UsageError, match="outside the export"):
+            await client.pread_many_into([(memoryview(bytearray(512)), SIZE)])
+        # The READ queued before the refused piece went out and its reply landed.
+        assert await client.pread(0, 4) == b"q" * 4
+        assert good == b"q" * 512 and client._slots.free == 4
+        assert await client.pread_many_into([]) is None
+        await client.close()
+
+
+async def test_read_batch_waits_for_a_busy_window_without_a_task(tmp_path: Path) -> None:
+    most_unanswered = 0
+
+    async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most_unanswered
+        served = 0
+        while served < 6:
+            reqs = [await read_request(reader)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    while True:
+                        reqs.append(await read_request(reader))
+            most_unanswered = max(most_unanswered, len(reqs))
+            for _, _, cookie, offset, length in reqs:
+                writer.write(data(cookie, offset, bytes([offset // 512]) * length))
+                served += 1
+            await writer.drain()
+
+    async with server(tmp_path, after_go(transmission)) as uri:
+        client = await connect(uri, max_in_flight=2)
+        first, second = bytearray(2 * 512), bytearray(4 * 512)
+        a = client.pread_many_into(pieces_of(first, [0, 512], 512))
+        # The window is full: the second batch waits for a slot, then each reply's slot
+        # carries its next piece.
+        b = client.pread_many_into(pieces_of(second, [i * 512 for i in range(2, 6)], 512))
+        readers = [
+            t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("NBDClient.")
+        ]
+        assert readers == []  # no Task per READ, and none to wait for the window
+        await asyncio.gather(a, b)
+        assert first == b"".join(bytes([i]) * 512 for i in range(2))
+        assert second == b"".join(bytes([i]) * 512 for i in range(2, 6))
+        assert most_unanswered == 2 and client._slots.free == 2
+        await client.close()
+
+
+async def test_read_batch_waiting_for_a_slot_fails_when_the_connection_does(
+    tmp_path: Path,
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.1)
+
+    async with server(tmp_path, after_go(hang_up)) as uri:
+        client = await connect(uri, max_in_flight=1)
+        a = client.pread_many_into(pieces_of(bytearray(512), [0], 512))
+        b = client.pread_many_into(pieces_of(bytearray(1024), [512, 1024], 512))
+        for fut in (a, b):
+            with pytest.raises(ConnectionLostError):
+                await asyncio.wait_for(fut, 5)
+        await client.close()
+
+
+async def test_window_hands_a_cancelled_waiters_slot_on() -> None:
+    from nbdcore.aio.client import _Window
+
+    window = _Window(1, asyncio.get_running_loop())
+    assert window.take_up_to(2) == 1 and window.take_up_to(1) == 0
+    first = asyncio.ensure_future(window.take())
+    second = asyncio.ensure_future(window.take())
+    await asyncio.sleep(0)
+    window.give(1)  # to ``first``, which is cancelled before it runs
+    first.cancel()
+    await asyncio.sleep(0)
+    await asyncio.wait_for(second, 1)  # the slot went on to ``second``
+    assert window.free == 0 and window.take_up_to(1) == 0
+    window.give(1)
+    assert window.take_up_to(3) == 1

@@ -90,6 +90,21 @@ async def test_reads_spread_over_connections(
         assert await mc.pread(12345, 3 * MiB + 7) == image.read(12345, 3 * MiB + 7)
 
 
+async def test_read_batches_land_where_asked(served: tuple[str, Image]) -> None:
+    uri, image = served
+    async with await MultiConnClient.connect(uri, connections=2) as mc:
+        spots = [(7 * MiB, 4096), (12345, 65536), (0, 1), (SIZE - 512, 512)]
+        bufs = [bytearray(n) for _, n in spots]
+        batches = [
+            mc.pread_many_into(
+                [(memoryview(b), off) for b, (off, _) in zip(bufs, spots, strict=True)]
+            )
+            for _ in range(2)
+        ]
+        await asyncio.gather(*batches)
+        assert [bytes(b) for b in bufs] == [image.read(off, n) for off, n in spots]
+
+
 async def test_write_flush_then_read_from_every_connection(served: tuple[str, Image]) -> None:
     uri, image = served
     data = os.urandom(3 * MiB)
