@@ -22,10 +22,10 @@ unless it speaks the extension.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final
 
+from nbdcore._record import Frozen
 from nbdcore.constants import Cmd, Opt, ReplyType
 from nbdcore.wire import WireError
 
@@ -92,32 +92,49 @@ MAX_CLEARED_RUNS: Final = 65536
 MAX_CLEARED_CHUNK: Final = CLEARED_HEADER.size + CLEARED_RUN.size * MAX_CLEARED_RUNS
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(Frozen):
     """A point in the write history of one bitmap (an NBD_REPLY_TYPE_X_NBDGW_POSITION chunk)."""
 
-    context_id: int
-    history_id: int
-    sequence: int
+    __slots__ = ("context_id", "history_id", "sequence")
+    context_id: Final[int]
+    history_id: Final[int]
+    sequence: Final[int]
+
+    def __init__(self, context_id: int, history_id: int, sequence: int) -> None:
+        self.context_id = context_id
+        self.history_id = history_id
+        self.sequence = sequence
 
 
-@dataclass(frozen=True, slots=True)
-class ClearRequest:
+class ClearRequest(Frozen):
     """The decoded payload of NBD_CMD_X_NBDGW_CLEAR; ``since`` is the position (history id,
     sequence) of a conditional clear."""
 
-    length: int
-    context_id: int
-    since: tuple[int, int] | None = None
+    __slots__ = ("context_id", "length", "since")
+    length: Final[int]
+    context_id: Final[int]
+    since: Final[tuple[int, int] | None]
+
+    def __init__(self, length: int, context_id: int, since: tuple[int, int] | None = None) -> None:
+        self.length = length
+        self.context_id = context_id
+        self.since = since
 
 
-@dataclass(frozen=True, slots=True)
-class Cleared:
+class Cleared(Frozen):
     """The decoded NBD_REPLY_TYPE_X_NBDGW_CLEARED chunk."""
 
-    context_id: int
-    granularity: int
-    runs: tuple[tuple[int, int], ...]
+    __slots__ = ("context_id", "granularity", "runs")
+    context_id: Final[int]
+    granularity: Final[int]
+    runs: Final[tuple[tuple[int, int], ...]]
+
+    def __init__(
+        self, context_id: int, granularity: int, runs: tuple[tuple[int, int], ...]
+    ) -> None:
+        self.context_id = context_id
+        self.granularity = granularity
+        self.runs = runs
 
     @property
     def cleared_bytes(self) -> int:

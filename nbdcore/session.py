@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
+from nbdcore._record import Frozen
 from nbdcore.client import ClientConnection, ExportReady, Reply
 from nbdcore.constants import TransmissionFlag
 from nbdcore.exceptions import UsageError
@@ -18,13 +18,17 @@ from nbdcore.wire import BlockSize
 StatusAnswer: TypeAlias = "dict[str, tuple[array[int], array[int]]]"
 
 
-@dataclass(frozen=True, slots=True)
-class StatusRequest:
+class StatusRequest(Frozen):
     """A checked BLOCK_STATUS call: ``send`` queues it on the connection (returns the cookie),
     ``answer`` turns the reply into context name -> (lengths, flags)."""
 
-    send: Callable[[], int]
-    answer: Callable[[Reply], StatusAnswer]
+    __slots__ = ("answer", "send")
+    send: Final[Callable[[], int]]
+    answer: Final[Callable[[Reply], StatusAnswer]]
+
+    def __init__(self, send: Callable[[], int], answer: Callable[[Reply], StatusAnswer]) -> None:
+        self.send = send
+        self.answer = answer
 
 
 class ClientSession:

@@ -8,9 +8,9 @@ The certificate directory layout follows qemu and libnbd (GnuTLS x509 credential
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from nbdcore._record import Frozen
 from nbdcore.exceptions import URIError
 from nbdcore.uri import NBDURI
 
@@ -24,13 +24,27 @@ if TYPE_CHECKING:
 _CERTDIR_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
-@dataclass(frozen=True, slots=True)
-class TLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify_peer: bool = True
-    server_hostname: str | None = None
+class TLSConfig(Frozen):
+    __slots__ = ("ca_file", "cert_file", "key_file", "server_hostname", "verify_peer")
+    ca_file: Final[str | None]
+    cert_file: Final[str | None]
+    key_file: Final[str | None]
+    verify_peer: Final[bool]
+    server_hostname: Final[str | None]
+
+    def __init__(
+        self,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify_peer: bool = True,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.verify_peer = verify_peer
+        self.server_hostname = server_hostname
 
     def client_context(self) -> ssl.SSLContext:
         import ssl

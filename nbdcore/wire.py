@@ -10,9 +10,9 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from dataclasses import dataclass
 from typing import Final
 
+from nbdcore._record import Frozen
 from nbdcore.constants import (
     IHAVEOPT,
     NBD_EXTENDED_REPLY_MAGIC,
@@ -187,11 +187,16 @@ def decode_rep_meta_context(payload: bytes | memoryview) -> tuple[int, str]:
 # NBD_REP_INFO bodies -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BlockSize:
-    minimum: int
-    preferred: int
-    maximum: int
+class BlockSize(Frozen):
+    __slots__ = ("maximum", "minimum", "preferred")
+    minimum: Final[int]
+    preferred: Final[int]
+    maximum: Final[int]
+
+    def __init__(self, minimum: int, preferred: int, maximum: int) -> None:
+        self.minimum = minimum
+        self.preferred = preferred
+        self.maximum = maximum
 
 
 def encode_info_export(size: int, flags: int) -> bytes:

@@ -17,9 +17,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Final, Protocol
 
+from nbdcore._record import Frozen
 from nbdcore.client import BULK_READ
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, NBD_STATE_ZERO
 from nbdcore.exceptions import NBDError, UsageError
@@ -130,12 +130,18 @@ class FileSink:
             os.ftruncate(self.fd, size)
 
 
-@dataclass(frozen=True)
-class CopyResult:
-    size: int
-    bytes_read: int  # data read from the server (the rest read as zeroes)
-    connections: int
-    seconds: float
+class CopyResult(Frozen):
+    __slots__ = ("bytes_read", "connections", "seconds", "size")
+    size: Final[int]
+    bytes_read: Final[int]  # data read from the server (the rest read as zeroes)
+    connections: Final[int]
+    seconds: Final[float]
+
+    def __init__(self, size: int, bytes_read: int, connections: int, seconds: float) -> None:
+        self.size = size
+        self.bytes_read = bytes_read
+        self.connections = connections
+        self.seconds = seconds
 
 
 def copy_export(
