@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import stat
 import sys
@@ -160,6 +159,8 @@ def export_record(info: ExportInfo, uri: str) -> dict[str, Any]:
 
 
 def format_list_text(records: Iterable[dict[str, Any]]) -> str:
+    import json  # json in the functions that use it: `nbd copy` starts ~2 ms sooner
+
     out = []
     for rec in records:
         out.append(f"export={json.dumps(rec['export-name'])}:")
@@ -182,6 +183,7 @@ def format_list_text(records: Iterable[dict[str, Any]]) -> str:
 
 async def list_cmd(args: argparse.Namespace) -> int:
     import dataclasses
+    import json
 
     from nbdcore.aio.client import list_exports
     from nbdcore.uri import NBDURI
@@ -228,6 +230,8 @@ class MapPrinter:
         if suffix is None:
             descr = describe(self._context, value)
             if self.as_json:
+                import json
+
                 suffix = f', "description": {json.dumps(descr)}}}' if descr is not None else "}"
             else:
                 suffix = f"  {descr}\n" if descr is not None else "\n"
@@ -262,6 +266,8 @@ def format_totals(context: str, totals: dict[int, int], size: int, as_json: bool
     """nbdinfo --map --totals: bytes per status value, ascending, with a percentage."""
     if size == 0:
         return "[]\n" if as_json else ""
+    import json
+
     lines = []
     for value in sorted(totals):
         count = totals[value]

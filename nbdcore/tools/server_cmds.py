@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import sys
 from typing import Any
 
@@ -159,7 +158,8 @@ async def serve(args: argparse.Namespace) -> int:
             await server.start_unix(args.socket, mode=args.socket_mode)
             where = f"nbd+unix:///{args.export}?socket={args.socket}"
         print(f"serving {args.disk} at {where}", flush=True)
-        import asyncio  # here: `nbdgw nbd ... --help` need not import it
+        import asyncio  # here: `nbdgw nbd ...` (copy, --help) need not import these
+        import signal
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
