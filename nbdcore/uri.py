@@ -15,9 +15,10 @@ settings libnbd knows (``tls-certificates``, ``tls-verify-peer``, ``tls-hostname
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from nbdcore.constants import NBD_DEFAULT_PORT
@@ -41,6 +42,11 @@ class NBDURI:
     socket: str | None = None
     export: str = ""
     tls_options: dict[str, str] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> NBDURI:
+        """A copy with ``changes`` (field=value), as ``dataclasses.replace``: callers use this,
+        so that NBDURI can stop being a dataclass (its import costs ``nbd copy`` ~14 ms)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def tls(self) -> bool:

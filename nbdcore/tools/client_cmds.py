@@ -182,7 +182,6 @@ def format_list_text(records: Iterable[dict[str, Any]]) -> str:
 
 
 async def list_cmd(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from nbdcore.aio.client import list_exports
@@ -190,7 +189,7 @@ async def list_cmd(args: argparse.Namespace) -> int:
 
     uri = NBDURI.parse(args.uri)
     exports = await list_exports(uri, tls=nbd_tls(args))
-    records = [export_record(e, str(dataclasses.replace(uri, export=e.name))) for e in exports]
+    records = [export_record(e, str(uri.replace(export=e.name))) for e in exports]
     if args.json:
         doc = {"TLS": uri.tls, "exports": records}
         sys.stdout.write(json.dumps(doc, indent="\t") + "\n")

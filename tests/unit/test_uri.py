@@ -107,3 +107,13 @@ def test_default_client_context_verifies() -> None:
 def test_server_context_needs_a_ca_for_client_certs(tmp_path: Path) -> None:
     with pytest.raises((ValueError, OSError, ssl.SSLError)):
         server_context(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
+
+
+def test_replace_changes_only_what_it_is_given() -> None:
+    uri = NBDURI.parse("nbds://h:10810/a?tls-verify-peer=false")
+    other = uri.replace(export="b/c")
+    assert str(other) == "nbds://h:10810/b/c?tls-verify-peer=false"
+    assert (other.export, uri.export) == ("b/c", "a") and other.tls_options == uri.tls_options
+    assert str(uri.replace(tls_options={})) == "nbds://h:10810/a"
+    with pytest.raises(TypeError):
+        uri.replace(hostname="x")
