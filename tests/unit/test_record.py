@@ -5,8 +5,10 @@ dataclasses (with inspect and ast)."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import inspect
+import pickle
 import subprocess
 import sys
 from array import array
@@ -118,6 +120,28 @@ def test_fields_are_final_and_events_are_frozen(
         with pytest.raises(FrozenInstanceError):
             delattr(rec, name)
     assert rec == cls(*args, **kwargs)
+
+
+def outcome(f: Any, obj: object) -> str:
+    try:
+        return repr(f(obj))
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize(
+    ("cls", "args", "kwargs"), SAMPLES, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_records_copy_and_pickle_as_the_dataclasses_did(
+    cls: type[Record], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    rec, old = cls(*args, **kwargs), as_dataclass(cls)(*args, **kwargs)
+    assert copy_module.copy(rec) == rec
+    assert outcome(copy_module.deepcopy, rec) == outcome(copy_module.deepcopy, old)
+    if outcome(pickle.dumps, (args, kwargs)) not in ("TypeError", "PicklingError"):
+        # As its fields pickle (RequestError's errno does not survive, record or not).
+        a, kw = pickle.loads(pickle.dumps((args, kwargs)))
+        assert outcome(lambda r: pickle.loads(pickle.dumps(r)), rec) == repr(cls(*a, **kw))
 
 
 def test_the_core_does_not_import_dataclasses() -> None:
