@@ -9,7 +9,6 @@ fragmentation.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import sys
@@ -214,4 +213,4 @@ async def cmd_map(args: argparse.Namespace) -> int:
 
 def _safe_uri(uri: NBDURI) -> str:
     """The URI as shown in the picture: without TLS options (they may name key files)."""
-    return str(dataclasses.replace(uri, tls_options={}))
+    return str(uri.replace(tls_options={}))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -441,4 +440,4 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def _with_export(uri: NBDURI, export: str) -> NBDURI:
-    return dataclasses.replace(uri, export=export)
+    return uri.replace(export=export)
