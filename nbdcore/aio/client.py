@@ -177,9 +177,9 @@ class _ReadBatch:
             return
         failure = self._client._failure
         if self.future.done() or failure is not None or self._unsent() <= 0:
+            # Not needed (every piece left has a slot) or no use: the slot goes on.
             self._client._slots.give(1)
-            if not self.future.done():
-                assert failure is not None
+            if failure is not None and not self.future.done():
                 self.future.set_exception(failure)
             return
         self._send(1)
@@ -223,6 +223,11 @@ class _ReadBatch:
         finally:
             self._in_flight += i - first
             self._next = i
+            if self._waiting is not None and self._unsent() <= 0:
+                # Every piece left has a slot: stop waiting in the window's queue, where a
+                # waiter makes everyone else wait behind it.
+                waiting, self._waiting = self._waiting, None
+                client._slots.forget(waiting)
             if i > first:
                 if timeout is not None and client._watchdog is None:
                     client._watchdog = client._loop.call_later(timeout, client._check_deadline)

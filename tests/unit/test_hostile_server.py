@@ -704,7 +704,9 @@ async def test_read_batch_refused_piece_fails_it_and_returns_its_slots(tmp_path:
         await client.close()
 
 
-async def test_read_batch_waits_for_a_busy_window_without_a_task(tmp_path: Path) -> None:
+async def test_read_batch_waits_for_a_busy_window_without_a_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     most_unanswered = 0
 
     async def transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -738,6 +740,8 @@ async def test_read_batch_waits_for_a_busy_window_without_a_task(tmp_path: Path)
         assert second == b"".join(bytes([i]) * 512 for i in range(2, 6))
         assert most_unanswered == 2 and client._slots.free == 2
         await client.close()
+    # Slots are handed over in callbacks, whose exceptions asyncio would only log.
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 async def test_read_batch_waiting_for_a_slot_fails_when_the_connection_does(
