@@ -47,6 +47,11 @@ class ProtocolError(NBDError):
         super().__init__(f"{self.side} protocol violation: {message}")
         self.detail = message
 
+    def __reduce__(self) -> tuple[type[ProtocolError], tuple[str]]:
+        # Pickle (multiprocessing, a process pool) rebuilds an exception from its args, which
+        # here hold the formatted text, not what __init__ takes.
+        return type(self), (self.detail,)
+
 
 class ServerProtocolError(ProtocolError):
     side: Side = "server"
@@ -80,6 +85,9 @@ class OptionError(HandshakeError):
         self.code = code
         self.server_message = message
 
+    def __reduce__(self) -> tuple[type[OptionError], tuple[int, int, str]]:
+        return type(self), (self.option, self.code, self.server_message)
+
 
 class RequestError(NBDError):
     """A transmission command failed; ``errno`` is the NBD error value."""
@@ -95,6 +103,9 @@ class RequestError(NBDError):
         if message:
             text += f": {message}"
         super().__init__(text)
+
+    def __reduce__(self) -> tuple[type[RequestError], tuple[int, str, int | None]]:
+        return type(self), (self.raw_errno, self.server_message, self.offset)
 
 
 class ConnectionLostError(NBDError):
