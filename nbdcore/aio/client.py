@@ -218,7 +218,6 @@ class _ReadBatch:
             client._slots.give(end - i)
             if not self.future.done():
                 self.future.set_exception(exc)
-            self._next = i
             self._stop()
         finally:
             self._in_flight += i - first
