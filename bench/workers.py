@@ -365,7 +365,7 @@ async def stream_extents(args: argparse.Namespace) -> None:
     check: Callable[[Any], bytes] | None = None
     if args.verify:
         # As a client that stores the data must: CRC32C (and zstd) of every message.
-        from gateway.integrity import message_data as check
+        from nbdgw._core import message_data as check
     options = [("grpc.max_receive_message_length", 64 << 20)]
     if args.library:
         await _stream_with_library(args, request)

@@ -163,14 +163,23 @@ class AsyncClient:
                 return out
 
     async def stream_extents(
-        self, request: pb.StreamExtentsRequest, *, retry: Retry | None = None
+        self,
+        request: pb.StreamExtentsRequest,
+        *,
+        retry: Retry | None = None,
+        check_digest: bool = False,
     ) -> AsyncIterator[ExtentBatch]:
         """StreamExtents for a request built by hand (fields this client does not know pass
         through untouched: a digest, compression...), resumed like :meth:`iter_batches`, within
         ``retry`` (default: the client's). With ``include_data``, each batch's ``data`` is
-        checked (and decompressed) before it is yielded."""
+        checked (and decompressed) before it is yielded. With ``check_digest`` (a request with
+        ``digest`` and ``include_data``, read from the start of its range), the client hashes
+        what it receives and compares with the gateway's digest before the last batch."""
+        check = _core.DigestCheck(request) if check_digest else None
         async for msg in self._stream("StreamExtents", request, retry):
             data = _core.message_data(msg) if request.include_data else None
+            if check is not None and data is not None:
+                check.add(msg, data)
             yield _core.batch_from(msg, data)
 
     def iter_batches(
@@ -185,9 +194,18 @@ class AsyncClient:
         include_data: bool = False,
         max_extents_per_message: int = 0,
         resume_token: str = "",
+        digest: str = "",
+        compression: str = "",
+        compression_level: int = 0,
     ) -> AsyncIterator[ExtentBatch]:
         """The stream's messages as they come: packed extents, their data, and where to
-        resume. The other iterators are built on this one."""
+        resume. The other iterators are built on this one.
+
+        ``digest`` (``"blake3"`` or ``"sha256"``): the last batch's ``digest`` is the gateway's
+        digest of the range (nbdgw.integrity); with ``include_data`` the client computes its
+        own from what it received and raises ``errors.DataCorrupted`` before the last batch
+        when they differ. ``compression="zstd"`` (``compression_level`` 1-19) has the data
+        sent compressed; each batch's ``data`` is decompressed and checked as ever."""
         req = _core.stream_request(
             export,
             context,
@@ -198,8 +216,11 @@ class AsyncClient:
             include_data=include_data,
             max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
+            digest=digest,
+            compression=compression,
+            compression_level=compression_level,
         )
-        return self.stream_extents(req)
+        return self.stream_extents(req, check_digest=bool(digest) and include_data)
 
     async def iter_extents(
         self,
@@ -238,9 +259,14 @@ class AsyncClient:
         filter: ExtentFilter = ExtentFilter.ALL,
         max_extents_per_message: int = 0,
         resume_token: str = "",
+        digest: str = "",
+        compression: str = "",
+        compression_level: int = 0,
     ) -> AsyncIterator[DataChunk]:
         """The extents with their bytes (``filter=ExtentFilter.SET``: only the dirty ones);
-        extents that read as zeroes come with ``data=None``."""
+        extents that read as zeroes come with ``data=None``. ``digest`` and ``compression``:
+        as in :meth:`iter_batches` (a digest that does not match raises before the last
+        chunks)."""
         async for batch in self.iter_batches(
             export,
             context,
@@ -250,6 +276,9 @@ class AsyncClient:
             include_data=True,
             max_extents_per_message=max_extents_per_message,
             resume_token=resume_token,
+            digest=digest,
+            compression=compression,
+            compression_level=compression_level,
         ):
             for chunk in batch.chunks():
                 yield chunk

@@ -38,6 +38,7 @@ from nbdgw._models import (
     SnapshotState,
 )
 from nbdgw._options import Retry
+from nbdgw.integrity import COMPRESSION_ZSTD, DIGESTS, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
@@ -156,7 +157,18 @@ def stream_request(
     include_data: bool,
     max_extents_per_message: int,
     resume_token: str,
+    digest: str = "",
+    compression: str = "",
+    compression_level: int = 0,
 ) -> pb.StreamExtentsRequest:
+    if digest and digest not in DIGESTS:
+        raise errors.ConfigurationError(f"unknown digest {digest!r} (known: {', '.join(DIGESTS)})")
+    if compression and compression != COMPRESSION_ZSTD:
+        raise errors.ConfigurationError(
+            f"unknown compression {compression!r} (known: {COMPRESSION_ZSTD})"
+        )
+    if compression_level and not compression:
+        raise errors.ConfigurationError("compression_level without compression")
     req = pb.StreamExtentsRequest(
         export=export,
         context=context,
@@ -166,6 +178,9 @@ def stream_request(
         include_data=include_data,
         max_extents_per_message=max_extents_per_message,
         resume_token=resume_token,
+        digest=digest,
+        compression=compression,
+        compression_level=compression_level,
     )
     if length is not None:
         req.length = length
@@ -423,6 +438,63 @@ def message_data(msg: Any) -> memoryview:
         data = pb.ALLOCATION_DATA
         need = sum(n for n, a in zip(msg.lengths, allocation, strict=True) if a == data)
     return _wire.checked_data(msg, need)
+
+
+class DigestCheck:
+    """The client's own digest (:mod:`nbdgw.integrity`) of the data a stream delivers,
+    compared with the one the gateway sends in the stream's last message.
+
+    The digest covers the stream's whole range, so only a stream this client reads from the
+    start of its range can be checked (its own resumes included); one resumed from a token of
+    an earlier run cannot, and is refused. A match proves that what the client received, cut
+    and resumed however it was, is what the gateway read: CRC32C checks each message on its
+    own (a random corruption passes it once in 2^32 messages), the digest the whole."""
+
+    def __init__(self, request: pb.StreamExtentsRequest) -> None:
+        if request.digest not in DIGESTS:
+            raise errors.ConfigurationError(
+                f"unknown digest {request.digest!r} (known: {', '.join(DIGESTS)})"
+            )
+        if not request.include_data:
+            raise errors.ConfigurationError("a digest is checked on the data a stream delivers")
+        if request.resume_token or request.HasField("resume_offset"):
+            raise errors.ConfigurationError(
+                "a digest covers the whole range: a stream resumed from an earlier run cannot"
+                " check it (compare batch.digest with your own, as nbdgw backup does)"
+            )
+        self.start = request.offset
+        self._digest = RangeDigest(request.digest, request.offset)
+
+    def add(self, msg: Any, data: memoryview) -> None:
+        """Hash the DATA rows of ``msg`` (its checked ``data``); at the last message, compare.
+        Raises :class:`~nbdgw.errors.DataCorrupted` naming the range when they differ."""
+        digest = self._digest
+        if len(data):
+            pos, at = msg.offset, 0
+            data_kind = pb.ALLOCATION_DATA
+            for delta, length, kind in zip(
+                msg.offset_deltas, msg.lengths, msg.allocation, strict=True
+            ):
+                pos += delta
+                if kind == data_kind:
+                    digest.update(pos, data[at : at + length])
+                    at += length
+                pos += length
+        if msg.next_offset < msg.range_end:
+            return
+        mine = digest.finish(msg.range_end)
+        theirs = bytes(msg.digest)
+        where = f"[{self.start}, {msg.range_end})"
+        if not theirs:
+            raise errors.StreamError(f"the stream of {where} ended without the digest it asked for")
+        if mine != theirs:
+            raise errors.DataCorrupted(
+                f"the data of {where} is corrupt: its {digest.algorithm} digest is"
+                f" {mine.hex()} here and {theirs.hex()} at the gateway; every message passed"
+                " its CRC32C, so distrust all of the stream's data",
+                self.start,
+                msg.range_end,
+            )
 
 
 def check_data(batch: ExtentBatch) -> memoryview:

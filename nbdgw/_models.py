@@ -212,6 +212,12 @@ class ExtentBatch:
     clear_token: str = ""
     data: memoryview | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def digest(self) -> bytes:
+        """In the last batch of a stream that asked for a ``digest``: the gateway's digest of
+        the range (:mod:`nbdgw.integrity`); empty otherwise."""
+        return bytes(self.raw.digest)
+
     def extents(self) -> Iterator[Extent]:
         msg = self.raw
         pos = msg.offset

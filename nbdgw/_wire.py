@@ -13,13 +13,13 @@ import threading
 from typing import Any
 
 from nbdgw import errors
+from nbdgw.integrity import COMPRESSION_ZSTD
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 # StreamExtentsResponse.data: field 9, wire type 2 (length-delimited).
 _DATA_FIELD = 9
 _LENGTH_DELIMITED = 2
 
-COMPRESSION_ZSTD = "zstd"
 # A decompressed message never holds more data than the gateway puts in one (1 MiB); the bound
 # keeps a hostile frame from making the client allocate more.
 MAX_MESSAGE_DATA = 1 << 20

@@ -64,16 +64,13 @@ from gateway.cli.common import (
     stream_retry,
     warn,
 )
-from gateway.integrity import (
-    COMPRESSION_ZSTD,
-    ZSTD_LEVELS,
-    RangeDigest,
-)
+from gateway.integrity import ZSTD_LEVELS
 from nbdcore.durable import fsync_dir
 from nbdcore.memory import keep_freed_memory
 from nbdcore.tools.progress import Progress
 from nbdgw import AsyncClient, Bitmap, BitmapKind, ClearMode, ExtentBatch, Retry
 from nbdgw import errors as client_errors
+from nbdgw.integrity import COMPRESSION_ZSTD, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 MAP_SUFFIX = ".nbdgw-dirty"

@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.cli import backup_snapshots
 from gateway.cli.common import _one_line_errors, add_target_arguments, command, parse_size
-from gateway.integrity import DIGESTS
+from nbdgw.integrity import DIGESTS
 
 DESCRIPTION = """Copy the dirty data of an export (with --full: all of its allocated data)
 through the gateway into OUTPUT, a sparse raw image the size of the export: an incremental

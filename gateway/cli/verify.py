@@ -28,8 +28,8 @@ from gateway.cli.common import (
     open_client,
     stream_retry,
 )
-from gateway.integrity import DIGEST_BLOCK, RangeDigest
 from nbdgw import AsyncClient
+from nbdgw.integrity import DIGEST_BLOCK, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 _CHUNK = 1 << 20

@@ -6,6 +6,13 @@ in the first ``count`` messages of at least ``min_message`` bytes, it flips one 
 middle, which lies inside the ``data`` field of a StreamExtents data message (its other fields
 are a few hundred bytes at its start and its CRC at its end). Loopback plaintext only: there is
 no TLS to notice, and gRPC itself carries no checksum, which is the point of the test.
+
+With ``fix_crc``, it also rewrites the message's ``data_crc32c`` (its last 5 bytes: the tag of
+field 13, fixed32, then 4 bytes little-endian) to the CRC32C of the altered data, as a
+corruption that CRC32C misses would look (once in 2^32 messages): only the stream digest can
+then see it. CRC32C is linear, so the new value is the old one XOR the CRC of the error
+pattern alone: ``crc(0x40, m zeros) ^ crc(m + 1 zeros)``, with ``m`` the data bytes after the
+flipped one.
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+from gateway.integrity import crc32c
+
 _FRAME_HEADER = struct.Struct(">I")  # 24-bit length in the first 3 bytes, then type
 _DATA = 0x0
+_CRC_TAG = 13 << 3 | 5  # data_crc32c: field 13, wire type 5 (fixed32)
 _PADDED = 0x8
 
 
@@ -28,18 +38,24 @@ class _GrpcStream:
     remaining: int = 0  # bytes of the current message still to come
     length: int = 0  # of the current message
     flip_at: int = -1  # position in the current message to flip, -1 for none
+    crc_delta: bytes = b""  # with fix_crc: XOR of the CRC field's 4 bytes, once flipped
 
 
 class CorruptingProxy:
     """``with CorruptingProxy("127.0.0.1:PORT") as proxy:`` then point the client at
     ``proxy.target``. ``flipped`` lists the (message length, position) of each flip."""
 
-    def __init__(self, target: str, *, min_message: int = 64 << 10, count: int = 1) -> None:
+    def __init__(
+        self, target: str, *, min_message: int = 64 << 10, count: int = 1, fix_crc: bool = False
+    ) -> None:
         host, port = target.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.min_message = min_message
         self.count = count
+        self.fix_crc = fix_crc
         self.flipped: list[tuple[int, int]] = []
+        self.crc_fixed = 0  # messages whose CRC field was rewritten
+        self.crc_not_found = 0  # messages where the last 5 bytes were not a CRC field
         self.target = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -122,6 +138,7 @@ class CorruptingProxy:
                     s.length = s.remaining = struct.unpack(">I", s.prefix[1:5])[0]
                     s.prefix.clear()
                     s.flip_at = -1
+                    s.crc_delta = b""
                     if s.length >= self.min_message and len(self.flipped) < self.count:
                         s.flip_at = s.length // 2
                 continue
@@ -130,5 +147,26 @@ class CorruptingProxy:
             if 0 <= s.flip_at - at < take:
                 payload[pos + s.flip_at - at] ^= 0x40
                 self.flipped.append((s.length, s.flip_at))
+                if self.fix_crc:
+                    m = s.length - 5 - s.flip_at - 1
+                    delta = crc32c(b"\x40" + bytes(m)) ^ crc32c(bytes(m + 1))
+                    s.crc_delta = delta.to_bytes(4, "little")
+            if s.crc_delta:
+                self._fix_crc(s, payload, pos, at, take)
             s.remaining -= take
             pos += take
+
+    def _fix_crc(self, s: _GrpcStream, payload: bytearray, pos: int, at: int, take: int) -> None:
+        """XOR the CRC field's bytes that lie in ``payload[pos : pos + take]``."""
+        tag_at = s.length - 5
+        for i in range(max(at, tag_at), min(at + take, s.length)):
+            if i == tag_at:
+                if payload[pos + i - at] != _CRC_TAG:
+                    self.crc_not_found += 1
+                    s.crc_delta = b""
+                    return
+                continue
+            payload[pos + i - at] ^= s.crc_delta[i - tag_at - 1]
+            if i == s.length - 1:
+                self.crc_fixed += 1
+                s.crc_delta = b""

@@ -1,7 +1,7 @@
 """The client resumes a stream across a gateway killed (SIGKILL) or stopped (SIGTERM) mid-stream
 and restarted on the same address: the consumer sees every extent and every byte exactly once,
-as nbdinfo and the image itself say. The disk is served by a real qemu-nbd, which outlives the
-gateway."""
+as nbdinfo and the image itself say, and the stream's digest, checked by the client, matches.
+The disk is served by a real qemu-nbd, which outlives the gateway."""
 
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def test_stream_survives_a_killed_gateway(tmp_path: Path, flavour: str, sig: int
         "on_retry": events.append,
     }
     # Small messages: the client cannot have the rest of the stream buffered when it dies.
-    stream = {"filter": nbdgw.ExtentFilter.ALL, "max_extents_per_message": 2}
+    # With a digest, which the client checks over its own resumes: the token carries the
+    # gateway's state, the client keeps its own.
+    stream = {"filter": nbdgw.ExtentFilter.ALL, "max_extents_per_message": 2, "digest": "blake3"}
 
     def consume(chunk: nbdgw.DataChunk) -> None:
         # Keep a copy: a view would pin every message.

@@ -12,7 +12,9 @@ import grpc
 import pytest
 
 from gateway.config import GatewayConfig
-from gateway.integrity import RangeDigest, crc32c, message_data
+from gateway.integrity import crc32c
+from nbdgw._core import message_data
+from nbdgw.integrity import RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB, call_error, rich, rows_of, stream_all
 from tests.gateway.test_service_embedded import SIZE, make_image

@@ -225,15 +225,21 @@ def test_importing_the_generated_code_stays_cheap() -> None:
 
 def test_the_client_stands_alone() -> None:
     """The client library needs nothing of the gateway or nbdcore, and they need nothing of
-    it: it can ship alone, and the CLI can be built on it."""
+    it: it can ship alone, and the CLI can be built on it. Both sides share what defines the
+    wire: the generated code (nbdgw.v1) and nbdgw.integrity (the stream digest and the
+    compression names), a leaf that imports nothing of either."""
+    edges = graph()
     wrong = sorted(
         (name, target)
-        for name, targets in graph().items()
+        for name, targets in edges.items()
         for target in targets
         if name.startswith("nbdgw") != target.startswith("nbdgw")
         and not name.startswith("gateway.cli")
+        and target != "nbdgw.integrity"
     )
     assert wrong == []
+    assert edges["nbdgw.integrity"] == set()
+    assert "nbdgw.integrity" in edges["gateway.integrity"]
 
 
 def test_enum_values_newer_than_the_client_still_decode() -> None:
@@ -354,3 +360,54 @@ def test_release_keeps_what_it_released() -> None:
     assert release.merged == (nbdgw.ForkedBitmap("qemu:dirty-bitmap:b", 4, 8),)
     assert list(release) == list(release.merged) and release[0] == release.merged[0]
     assert release.raw is resp and "raw" not in repr(release)
+
+
+def _digest_messages(content: bytes, cut: int) -> list[pb.StreamExtentsResponse]:
+    """Two data messages over ``content`` at 0, cut at ``cut``, the last with the digest."""
+    from nbdgw.integrity import RangeDigest
+
+    size = len(content)
+    out = []
+    for lo, hi in ((0, cut), (cut, size)):
+        m = pb.StreamExtentsResponse(offset=lo, next_offset=hi, range_end=size, resume_token="t")
+        m.offset_deltas.append(0)
+        m.lengths.append(hi - lo)
+        m.allocation.append(pb.ALLOCATION_DATA)
+        out.append(m)
+    d = RangeDigest("sha256", 0)
+    d.update(0, content)
+    out[-1].digest = d.finish(size)
+    return out
+
+
+def test_digest_check_compares_at_the_last_message() -> None:
+    content = bytes(range(256)) * 9000  # about 2.2 MiB: three digest blocks
+    request = pb.StreamExtentsRequest(include_data=True, digest="sha256")
+    first, last = _digest_messages(content, 1_000_000)
+    check = _core.DigestCheck(request)
+    check.add(first, memoryview(content)[:1_000_000])
+    check.add(last, memoryview(content)[1_000_000:])  # matches: no error
+
+    altered = bytearray(content)
+    altered[1_500_000] ^= 1
+    check = _core.DigestCheck(request)
+    check.add(first, memoryview(altered)[:1_000_000])
+    with pytest.raises(errors.DataCorrupted, match=r"\[0, 2304000\) is corrupt: its sha256") as e:
+        check.add(last, memoryview(altered)[1_000_000:])
+    assert (e.value.offset, e.value.next_offset) == (0, len(content))
+
+    last.ClearField("digest")
+    check = _core.DigestCheck(request)
+    check.add(first, memoryview(content)[:1_000_000])
+    with pytest.raises(errors.StreamError, match="ended without the digest it asked for"):
+        check.add(last, memoryview(content)[1_000_000:])
+
+
+def test_digest_check_refuses_what_it_cannot_check() -> None:
+    with pytest.raises(errors.ConfigurationError, match="on the data a stream delivers"):
+        _core.DigestCheck(pb.StreamExtentsRequest(digest="blake3"))
+    with pytest.raises(errors.ConfigurationError, match="unknown digest"):
+        _core.DigestCheck(pb.StreamExtentsRequest(include_data=True, digest="crc"))
+    resumed = pb.StreamExtentsRequest(include_data=True, digest="blake3", resume_offset=4096)
+    with pytest.raises(errors.ConfigurationError, match="earlier run"):
+        _core.DigestCheck(resumed)

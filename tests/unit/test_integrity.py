@@ -1,5 +1,6 @@
-"""gateway.integrity: the digest's definition, checked against a direct computation of it, and
-the client's check of a message's data (CRC32C, zstd)."""
+"""nbdgw.integrity: the digest's definition, checked against a direct computation of it;
+nbdgw._wire: the client's check of a message's data (CRC32C, zstd); gateway.integrity: the
+gateway's side."""
 
 from __future__ import annotations
 
@@ -11,17 +12,10 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.integrity import (
-    DIGEST_BLOCK,
-    DIGESTS,
-    Compressor,
-    DataCorrupted,
-    RangeDigest,
-    check_request,
-    crc32c,
-    message_data,
-)
-from nbdgw._wire import DecodeError, parse_response  # the client's in-place receiving
+from gateway.integrity import Compressor, check_request, crc32c
+from nbdgw._wire import DecodeError, checked_data, parse_response  # the client's checks
+from nbdgw.errors import DataCorrupted, StreamError
+from nbdgw.integrity import DIGEST_BLOCK, DIGESTS, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 
 B = DIGEST_BLOCK
@@ -149,37 +143,37 @@ def data_message(data: bytes, *, compress: bool = False) -> pb.StreamExtentsResp
     return msg
 
 
-def test_message_data_checks_the_crc() -> None:
+def test_client_check_of_a_message() -> None:
     data = b"disk bytes " * 1000
-    assert message_data(data_message(data)) == data
-    assert message_data(data_message(data, compress=True)) == data
+    assert checked_data(data_message(data), len(data)) == data
+    assert checked_data(data_message(data, compress=True), len(data)) == data
     bad = data_message(data)
     bad.data = data[:500] + b"X" + data[501:]
     with pytest.raises(DataCorrupted, match=r"\[4096, 15096\) is corrupt: CRC32C"):
-        message_data(bad)
+        checked_data(bad, len(data))
     missing = data_message(data)
     missing.ClearField("data_crc32c")
-    with pytest.raises(DataCorrupted, match="no CRC32C"):
-        message_data(missing)
+    with pytest.raises(StreamError, match="no CRC32C"):
+        checked_data(missing, len(data))
 
 
-def test_message_data_refuses_a_bad_frame() -> None:
+def test_client_check_refuses_a_bad_frame() -> None:
     msg = data_message(b"abc" * 5000, compress=True)
     frame = bytearray(msg.data)
     frame[len(frame) // 2] ^= 0xFF
     msg.data = bytes(frame)
     with pytest.raises(DataCorrupted):
-        message_data(msg)
+        checked_data(msg, 15000)
     # A frame that would decompress to more than one message may hold is refused too.
     big = zstandard.ZstdCompressor().compress(bytes(4 << 20))
     bomb = pb.StreamExtentsResponse(offset=0, next_offset=1, data=big, data_compression="zstd")
     bomb.data_crc32c = 0
     with pytest.raises(DataCorrupted, match="does not decode"):
-        message_data(bomb)
+        checked_data(bomb, 4 << 20)
     odd = data_message(b"abc")
     odd.data_compression = "lz4"
-    with pytest.raises(DataCorrupted, match="unknown data_compression"):
-        message_data(odd)
+    with pytest.raises(StreamError, match="lz4-compressed, which this client cannot read"):
+        checked_data(odd, 3)
 
 
 def test_compressor_keeps_incompressible_data_raw() -> None:
@@ -217,7 +211,7 @@ def test_parse_response_is_protobuf_without_the_copy(data: bytes) -> None:
     whole.data = bytes(got.data)
     assert whole == msg
     assert got.next_offset == msg.next_offset and list(got.lengths) == list(msg.lengths)
-    assert bytes(message_data(got)) == data  # the CRC32C check reads the view
+    assert bytes(checked_data(got, len(data))) == data  # the CRC32C check reads the view
 
 
 def test_parse_response_takes_fields_in_any_order_and_the_last_data() -> None:
