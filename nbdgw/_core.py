@@ -38,7 +38,7 @@ from nbdgw._models import (
     SnapshotState,
 )
 from nbdgw._options import Retry
-from nbdgw.integrity import COMPRESSION_ZSTD, DIGESTS, RangeDigest
+from nbdgw.integrity import COMPRESSION_ZSTD, DIGESTS, ZSTD_LEVELS, RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
@@ -169,6 +169,11 @@ def stream_request(
         )
     if compression_level and not compression:
         raise errors.ConfigurationError("compression_level without compression")
+    if compression_level and compression_level not in ZSTD_LEVELS:
+        raise errors.ConfigurationError(
+            f"compression_level must be {ZSTD_LEVELS.start} to {ZSTD_LEVELS.stop - 1}"
+            " (0: zstd's default)"
+        )
     req = pb.StreamExtentsRequest(
         export=export,
         context=context,
@@ -451,6 +456,8 @@ class DigestCheck:
     own (a random corruption passes it once in 2^32 messages), the digest the whole."""
 
     def __init__(self, request: pb.StreamExtentsRequest) -> None:
+        if not request.digest:
+            raise errors.ConfigurationError("check_digest without a digest in the request")
         if request.digest not in DIGESTS:
             raise errors.ConfigurationError(
                 f"unknown digest {request.digest!r} (known: {', '.join(DIGESTS)})"
@@ -464,6 +471,7 @@ class DigestCheck:
             )
         self.start = request.offset
         self._digest = RangeDigest(request.digest, request.offset)
+        self.done = False  # the last message came, and was compared
 
     def add(self, msg: Any, data: memoryview) -> None:
         """Hash the DATA rows of ``msg`` (its checked ``data``); at the last message, compare.
@@ -480,20 +488,34 @@ class DigestCheck:
                     digest.update(pos, data[at : at + length])
                     at += length
                 pos += length
+            if pos > msg.next_offset:
+                raise errors.StreamError(
+                    f"the message at {msg.offset} has rows up to {pos}, past its next_offset"
+                    f" {msg.next_offset}"
+                )
         if msg.next_offset < msg.range_end:
             return
+        self.done = True
         mine = digest.finish(msg.range_end)
         theirs = bytes(msg.digest)
         where = f"[{self.start}, {msg.range_end})"
         if not theirs:
             raise errors.StreamError(f"the stream of {where} ended without the digest it asked for")
         if mine != theirs:
-            raise errors.DataCorrupted(
+            raise errors.DigestMismatch(
                 f"the data of {where} is corrupt: its {digest.algorithm} digest is"
                 f" {mine.hex()} here and {theirs.hex()} at the gateway; every message passed"
-                " its CRC32C, so distrust all of the stream's data",
+                " its CRC32C, so discard all of the stream's data and read the range again",
                 self.start,
                 msg.range_end,
+            )
+
+    def ended(self) -> None:
+        """The stream ended with OK: its last message, and so the verdict, must have come."""
+        if not self.done:
+            raise errors.StreamError(
+                f"the stream from {self.start} ended without its last message: its digest"
+                " was not checked"
             )
 
 

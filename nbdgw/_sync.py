@@ -178,6 +178,8 @@ class Client:
             if check is not None and data is not None:
                 check.add(msg, data)
             yield _core.batch_from(msg, data)
+        if check is not None:
+            check.ended()
 
     def iter_batches(
         self,

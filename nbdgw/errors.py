@@ -118,6 +118,13 @@ class DataCorrupted(StreamError):
         self.next_offset = next_offset
 
 
+class DigestMismatch(DataCorrupted):
+    """The digest of what a stream delivered, computed here, is not the gateway's: every
+    message passed its CRC32C, but something in ``[offset, next_offset)``, the whole range of
+    the stream, differs. Unlike a message's :class:`DataCorrupted`, the data was already
+    handed out: discard everything stored from the stream and read the range again."""
+
+
 class CallError(NbdgwError):
     """The gateway (or gRPC on its behalf) ended a call with an error status."""
 

@@ -43,8 +43,10 @@ DIGESTS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "blake3": _bl
 DIGEST_SIZE = 32  # both
 
 # The one compression a request may ask for (``compression``), and a message may carry
-# (``data_compression``).
+# (``data_compression``), and its levels (``compression_level``; 20-22, zstd's "ultra", need
+# far more memory per stream).
 COMPRESSION_ZSTD = "zstd"
+ZSTD_LEVELS = range(1, 20)
 
 _ZEROS = bytes(DIGEST_BLOCK)
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -59,6 +61,7 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 class _Hash(Protocol):
     def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
     def digest(self) -> bytes: ...
+    def copy(self) -> _Hash: ...
 
 
 class RangeDigest:
@@ -125,11 +128,23 @@ class RangeDigest:
             self._pos = offset
             view = view[len(piece) :]
 
+    def copy(self) -> RangeDigest:
+        """An independent copy, hashing state included (to continue from here again later)."""
+        other = RangeDigest.__new__(RangeDigest)
+        other.algorithm, other._new = self.algorithm, self._new
+        other._chain, other._lo = self._chain, self._lo
+        other._end, other._pos = self._end, self._pos
+        other._block = None if self._block is None else self._block.copy()
+        return other
+
     def finish(self, end: int) -> bytes:
-        """The digest of the range that ends at ``end``."""
+        """The digest of the range that ends at ``end``. Afterwards :attr:`state` is the
+        state at ``end`` (the last block is in the chain), so a resume there adds nothing."""
         if end < self._pos:
             raise ValueError(f"the range ends at {end}, before data at {self._pos}")
         self._close(min(end, self._end))
+        self._lo = self._pos = end
+        self._end = (end // DIGEST_BLOCK + 1) * DIGEST_BLOCK
         return self._chain
 
     def _close(self, hi: int) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import operator
+import os
 import struct
 import time
 from array import array
@@ -47,6 +48,7 @@ from gateway.integrity import (
     COMPRESSION_ZSTD,
     DEFAULT_ZSTD_LEVEL,
     Compressor,
+    DigestStates,
     RangeDigest,
     check_request,
     crc32c,
@@ -128,16 +130,35 @@ def bitmap_kind(context: str) -> pb.BitmapKind.ValueType:
 
 _RESUME = struct.Struct(">BQ16s")
 _RESUME_VERSION = 1
-# A stream with a digest: version 2 also carries the digest's state (gateway.integrity): the
+# A stream with a digest: version 2 also carries the digest's state (nbdgw.integrity): the
 # chain value before the block that starts at the last field, whose delivered data up to the
 # position is hashed again on resume.
 _RESUME_DIGEST = struct.Struct(">BQ16s32sQ")
 _RESUME_DIGEST_VERSION = 2
+# Version 3 adds the id of the stream that issued it: the gateway keeps the exact digest state
+# at each message end of recent streams (gateway.integrity.DigestStates), so a resume on the
+# same gateway continues from what was delivered, without reading the block again.
+_RESUME_DIGEST_ID = struct.Struct(">BQ16s32sQ8s")
+_RESUME_DIGEST_ID_VERSION = 3
+_RESUME_FORMATS = {
+    _RESUME_VERSION: _RESUME,
+    _RESUME_DIGEST_VERSION: _RESUME_DIGEST,
+    _RESUME_DIGEST_ID_VERSION: _RESUME_DIGEST_ID,
+}
 
 
-def encode_resume(fingerprint: bytes, offset: int, digest: tuple[bytes, int] | None = None) -> str:
+def encode_resume(
+    fingerprint: bytes,
+    offset: int,
+    digest: tuple[bytes, int] | None = None,
+    stream_id: bytes = b"",
+) -> str:
     if digest is None:
         raw = _RESUME.pack(_RESUME_VERSION, offset, fingerprint)
+    elif stream_id:
+        raw = _RESUME_DIGEST_ID.pack(
+            _RESUME_DIGEST_ID_VERSION, offset, fingerprint, *digest, stream_id
+        )
     else:
         raw = _RESUME_DIGEST.pack(_RESUME_DIGEST_VERSION, offset, fingerprint, *digest)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -147,21 +168,29 @@ def decode_resume(token: str, fingerprint: bytes) -> int:
     return decode_resume_state(token, fingerprint)[0]
 
 
-def decode_resume_state(token: str, fingerprint: bytes) -> tuple[int, tuple[bytes, int] | None]:
-    """The position of a resume token, and the digest state it carries (None: no digest)."""
-    digest = None
+def decode_resume_state(
+    token: str, fingerprint: bytes
+) -> tuple[int, tuple[bytes, int] | None, bytes | None]:
+    """The position of a resume token, the digest state it carries (None: no digest), and the
+    id of the stream that issued it (version 3; None before)."""
+    digest, stream_id = None, None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        version = raw[0] if raw else 0
-        if version == _RESUME_DIGEST_VERSION:
-            version, offset, fp, chain, block = _RESUME_DIGEST.unpack(raw)
-            digest = (chain, block)
-        else:
-            version, offset, fp = _RESUME.unpack(raw)
-    except (ValueError, struct.error):
+    except ValueError:
         raise errors.invalid_token("resume", "resume_token", "malformed token") from None
-    if version not in (_RESUME_VERSION, _RESUME_DIGEST_VERSION):
+    version = raw[0] if raw else 0
+    layout = _RESUME_FORMATS.get(version)
+    if layout is None:
         raise errors.invalid_token("resume", "resume_token", f"unknown token version {version}")
+    try:
+        fields = layout.unpack(raw)
+    except struct.error:
+        raise errors.invalid_token("resume", "resume_token", "malformed token") from None
+    offset, fp = fields[1], fields[2]
+    if version >= _RESUME_DIGEST_VERSION:
+        digest = (fields[3], fields[4])
+    if version == _RESUME_DIGEST_ID_VERSION:
+        stream_id = fields[5]
     if fp != fingerprint:
         raise errors.invalid_token(
             "resume",
@@ -170,7 +199,7 @@ def decode_resume_state(token: str, fingerprint: bytes) -> tuple[int, tuple[byte
             " merge_allocation, include_data and digest must be the same as when it was"
             " issued)",
         )
-    return int(offset), digest
+    return int(offset), digest, stream_id
 
 
 # --- the servicer ---------------------------------------------------------------------------
@@ -187,6 +216,8 @@ class Backend:
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     # StreamExtents calls in progress (for introspection: how far each has got).
     streams: set[_ExtentStream] = field(default_factory=set)
+    # The exact digest states of recent digest streams, for their resumes (gateway.integrity).
+    digest_states: DigestStates = field(default_factory=DigestStates)
     ledger: Ledger | None = None
     # Opens the ledger on first need (SetExportGeneration); None when no export can use it.
     open_ledger: Callable[[], Awaitable[Ledger]] | None = None
@@ -838,6 +869,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 mask_scope=self._mask_scope,
                 remaining=remaining,
                 local=self._local_reads(pool),
+                states=self.backend.digest_states,
             )
             self.backend.streams.add(stream)
             try:
@@ -921,7 +953,7 @@ class _StreamPlan:
     resume_token: str
     resume_offset: int | None
     max_extents: int
-    digest: str = ""  # gateway.integrity.DIGESTS
+    digest: str = ""  # nbdgw.integrity.DIGESTS
     compression: str = ""
     compression_level: int = DEFAULT_ZSTD_LEVEL
 
@@ -1002,12 +1034,13 @@ class _StreamPlan:
         """Whether the stream reads the data: to send it, or to hash it for the digest."""
         return self.include_data or bool(self.digest)
 
-    def start(self, end: int) -> tuple[int, RangeDigest | None]:
-        """Where the stream starts (the range start, or the resume position), and its digest
-        (resumed from the token's state)."""
-        state = None
+    def start(self, end: int) -> tuple[int, RangeDigest | None, bytes | None]:
+        """Where the stream starts (the range start, or the resume position), its digest
+        (resumed from the token's state: the chain before the block that holds the position),
+        and the id of the stream that issued the token (None: not known)."""
+        state, stream_id = None, None
         if self.resume_token:
-            pos, state = decode_resume_state(self.resume_token, self.fingerprint)
+            pos, state, stream_id = decode_resume_state(self.resume_token, self.fingerprint)
             field_name = "resume_token"
         elif self.resume_offset is not None:
             pos, field_name = self.resume_offset, "resume_offset"
@@ -1018,13 +1051,13 @@ class _StreamPlan:
                 [(field_name, f"resume position {pos} is outside the range [{self.offset}, {end}]")]
             )
         if not self.digest:
-            return pos, None
+            return pos, None, None
         if state is None:
-            return pos, RangeDigest(self.digest, self.offset)
+            return pos, RangeDigest(self.digest, self.offset), None
         chain, block = state
         if not self.offset <= block <= pos:
             raise errors.invalid_token("resume", "resume_token", "malformed digest state")
-        return pos, RangeDigest(self.digest, block, chain=chain)
+        return pos, RangeDigest(self.digest, block, chain=chain), stream_id
 
 
 class _Message:
@@ -1099,9 +1132,13 @@ class _ExtentStream:
         mask_scope: Callable[[ExportPool, str], Scope | None] | None = None,
         remaining: bool = False,
         local: _LocalReads | None = None,
+        states: DigestStates | None = None,
     ) -> None:
         self.plan = plan
         self.local = local
+        # The exact digest state at each message end, for resumes (gateway.integrity).
+        self.states = states if states is not None else DigestStates()
+        self._stream_id = os.urandom(8)
         # Data bytes per message: each piece of it is one read (see NBD_DATA_PER_MESSAGE).
         self.per_message = MAX_DATA_PER_MESSAGE if local is not None else NBD_DATA_PER_MESSAGE
         self.ledger = ledger
@@ -1126,16 +1163,20 @@ class _ExtentStream:
         self._compressor = Compressor(plan.compression_level) if plan.compression else None
 
     def token(self, offset: int) -> str:
-        """The resume token of ``offset``: with a digest, its state so far (a resume hashes
-        again what was delivered since the start of the block it names)."""
-        state = self.digest.state if self.digest is not None else None
-        return encode_resume(self.plan.fingerprint, offset, state)
+        """The resume token of ``offset``: with a digest, this stream's id (its exact state at
+        each message end is kept in :attr:`states`) and its chain so far (a resume that finds
+        no kept state hashes again what was delivered since the start of the block it names).
+        """
+        if self.digest is None:
+            return encode_resume(self.plan.fingerprint, offset)
+        return encode_resume(self.plan.fingerprint, offset, self.digest.state, self._stream_id)
 
     def sent_token(self) -> str:
         """The resume token of ``sent_offset``, for an error. The digest may already hold the
         data of a message that was then not sent (the gateway shut down before writing it):
         its state as of the last message written is the one that goes with the position."""
-        return encode_resume(self.plan.fingerprint, self.sent_offset, self._sent_state)
+        stream_id = self._stream_id if self._sent_state is not None else b""
+        return encode_resume(self.plan.fingerprint, self.sent_offset, self._sent_state, stream_id)
 
     async def run(self) -> None:
         plan = self.plan
@@ -1157,11 +1198,21 @@ class _ExtentStream:
     async def _stream(self, client: NBDClient, contexts: list[str]) -> None:
         plan = self.plan
         self.range_end = _check_range(plan.offset, plan.length, client.size)
-        start, self.digest = plan.start(self.range_end)
+        start, self.digest, issuer = plan.start(self.range_end)
+        kept = None
+        if self.digest is not None and issuer is not None:
+            kept = self.states.get(issuer, start)
+        if kept is not None:
+            self.digest = kept  # exactly what was delivered up to ``start``: nothing to read
         self.sent_offset = start
-        self._sent_state = self.digest.state if self.digest is not None else None
+        self._sent_state = None
+        if self.digest is not None:
+            self._sent_state = self.digest.state
+            if kept is not None or self.digest.position >= start:
+                # Exact at ``start`` (not so before a rehash: it is not kept then).
+                self.states.put(self._stream_id, start, self.digest)
         walk = start
-        if self.digest is not None and self.digest.position < start:
+        if kept is None and self.digest is not None and self.digest.position < start:
             walk, self._rehash_until = self.digest.position, start
         self.started = True
         have_alloc = CONTEXT_BASE_ALLOCATION in client.meta_contexts
@@ -1461,8 +1512,10 @@ class _ExtentStream:
                 # inline (docs/benchmarks.md, "Ideas for the data path").
                 _feed(self.digest, msg.reads, data)
         digest = b""
-        if self.digest is not None and msg.end == self.range_end:
-            digest = self.digest.finish(self.range_end)
+        if self.digest is not None:
+            if msg.end == self.range_end:
+                digest = self.digest.finish(self.range_end)
+            self.states.put(self._stream_id, msg.end, self.digest)
         if reads is None or not self.plan.include_data:
             message = extents_message(
                 self._head_fields(msg),

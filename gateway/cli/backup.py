@@ -707,10 +707,10 @@ class _Backup:
             digest = RangeDigest(state.digest_algorithm, block, chain=chain)
         except (ValueError, IndexError, TypeError):
             raise BackupError(
-                f"{self.spath}: no usable digest state to resume from; start a new backup"
+                f"{self.spath}: no usable digest state to resume from; {restart_advice(state)}"
             ) from None
         if not state.resume_token or not 0 <= block <= state.next_offset:
-            raise BackupError(f"{self.spath}: no usable resume token; start a new backup")
+            raise BackupError(f"{self.spath}: no usable resume token; {restart_advice(state)}")
         pos = block
         while pos < state.next_offset:
             chunk = os.pread(self.out.fd, min(_ZERO_CHUNK, state.next_offset - pos), pos)
@@ -730,7 +730,7 @@ class _Backup:
             raise BackupError(
                 f"the {self.state.digest_algorithm} digest of the data received"
                 f" ({ours.hex()}) differs from the gateway's ({theirs.hex()}): the"
-                " backup is not what the disk held; start a new backup"
+                f" backup is not what the disk held; {restart_advice(self.state)}"
             )
         self.state.digest = ours.hex()
         self.state.digest_state = []
@@ -891,7 +891,7 @@ async def run(args: argparse.Namespace) -> int:
             raise BackupError(
                 f"{map_path(output)} is missing: the backup was started without a dirty map "
                 "(by an older nbdgw, or the file was deleted), so nothing would record which "
-                "ranges it copied; start a new backup"
+                f"ranges it copied; {restart_advice(state)}"
             )
         dirty_map = DirtyMap(map_path(output), header)
         try:
@@ -978,8 +978,19 @@ def _check_resume(
     if state.size != size:
         raise BackupError(
             f"the export's size changed from {state.size} to {size} since the backup started; "
-            "start a new backup"
+            f"{restart_advice(state)}"
         )
+
+
+def restart_advice(state: BackupState) -> str:
+    """What to do instead of going on with ``state``'s backup. Once it cleared ranges from the
+    bitmap, a new incremental would miss them: only a full backup has them."""
+    if state.clear and state.bytes_cleared:
+        return (
+            f"start a new full backup (--full): this one already cleared {state.bytes_cleared}"
+            " bytes of dirty ranges from the bitmap, which a new incremental would miss"
+        )
+    return "start a new backup"
 
 
 def _load_state(spath: Path) -> BackupState:

@@ -56,7 +56,7 @@ class BackupState:
     started: float = field(default_factory=time.time)
     snapshot: str = ""  # the snapshot read, "" for the live export (gateway.cli.backup_snapshots)
     # With --digest: the algorithm, and once complete the digest of what the stream delivered
-    # (hex; gateway.integrity.RangeDigest), checked against the gateway's. Until then, what a
+    # (hex; nbdgw.integrity.RangeDigest), checked against the gateway's. Until then, what a
     # resumed run needs: the last checkpoint's resume token (it carries the gateway's digest
     # state) and our own digest's state (chain hex, block start), whose block is read again
     # from OUTPUT.

@@ -1,6 +1,6 @@
 """``nbdgw verify EXPORT BACKUP [INCREMENTAL...]``: check a backup chain without copying it again.
 
-Two checks, both with the stream digest of :mod:`gateway.integrity`:
+Two checks, both with the stream digest of :mod:`nbdgw.integrity`:
 
 1. each backup against itself: the digest recorded when it was made (``nbdgw backup
    --digest``) against the digest of its file now (a full backup: the disk as it was; an

@@ -12,7 +12,12 @@ field 13, fixed32, then 4 bytes little-endian) to the CRC32C of the altered data
 corruption that CRC32C misses would look (once in 2^32 messages): only the stream digest can
 then see it. CRC32C is linear, so the new value is the old one XOR the CRC of the error
 pattern alone: ``crc(0x40, m zeros) ^ crc(m + 1 zeros)``, with ``m`` the data bytes after the
-flipped one.
+flipped one. That assumes the data field runs up to the CRC field and the CRC field is last:
+true of the uncompressed messages of a ``base:allocation`` stream other than a digest
+stream's last one (a compressed message has ``data_compression`` after the CRC, a digest
+stream's last message its ``digest``, a dirty bitmap's stream a clear token between the data
+and the CRC). ``crc_not_found`` counts the messages whose last 5 bytes were not a CRC field;
+a test must also see that the altered message got through its CRC32C check.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 import nbdgw
-from nbdgw.errors import ConfigurationError, DataCorrupted
+from nbdgw.errors import ConfigurationError, DigestMismatch
 from nbdgw.integrity import RangeDigest
 from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, cli, make_embedded_disk
 from tests.gateway.client_support import FLAVOURS, Flavoured, client
 from tests.gateway.corrupting_proxy import CorruptingProxy
+from tests.gateway.test_service_embedded import make_image
 
 pytestmark = pytest.mark.interop
 
@@ -31,6 +32,15 @@ def served(
     disk = make_embedded_disk(d / "disk.img")
     with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
         yield gw, disk
+
+
+@pytest.fixture(scope="module")
+def compressible(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, Path]]:
+    """A disk of the sample pattern, which zstd compresses."""
+    d = tmp_path_factory.mktemp("digest-zstd")
+    path = make_image(d / "disk.img")
+    with GatewayProcess("--image", f"disk={path}", data_dir=d / "data") as gw:
+        yield gw, path
 
 
 def digest_of(algorithm: str, content: bytes | bytearray, start: int = 0) -> bytes:
@@ -98,6 +108,26 @@ def test_iterators_check_the_digest_of_what_they_received(
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
+def test_digest_of_compressed_data_is_of_the_data(
+    compressible: tuple[GatewayProcess, Path], flavour: str
+) -> None:
+    gw, path = compressible
+    content = path.read_bytes()
+    with client(flavour, gw.target) as c:
+        batches = c.call(
+            "iter_batches",
+            "disk",
+            "base:allocation",
+            include_data=True,
+            digest="blake3",
+            compression="zstd",
+            compression_level=5,
+        )
+    assert any(b.raw.data_compression == "zstd" for b in batches), "nothing was compressed"
+    assert batches[-1].digest == digest_of("blake3", content)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_digest_stops_a_corruption_that_crc32c_misses(
     served: tuple[GatewayProcess, EmbeddedDisk], flavour: str
 ) -> None:
@@ -119,7 +149,7 @@ def test_digest_stops_a_corruption_that_crc32c_misses(
         stream = c.client.iter_batches(
             "disk", "base:allocation", include_data=True, digest="blake3"
         )
-        with pytest.raises(DataCorrupted, match=r"blake3 digest is [0-9a-f]{64} here") as info:
+        with pytest.raises(DigestMismatch, match=r"blake3 digest is [0-9a-f]{64} here") as info:
             drain(c, stream, received)
     assert proxy.crc_fixed == 1
     assert (info.value.offset, info.value.next_offset) == (0, disk.size)

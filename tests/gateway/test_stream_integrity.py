@@ -5,14 +5,17 @@ its data), zstd, and the refusal of unknown names."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from gateway.api.bitmaps import decode_resume_state, encode_resume
 from gateway.config import GatewayConfig
 from gateway.integrity import crc32c
+from nbdcore.aio.client import NBDClient
 from nbdgw._core import message_data
 from nbdgw.integrity import RangeDigest
 from nbdgw.v1 import bitmap_service_pb2 as pb
@@ -97,7 +100,8 @@ async def test_digest_survives_a_resume_inside_a_block(start_gateway: Any, disk:
     # The first message ends inside the first 1 MiB block (three granules of data at 0): the
     # resumed gateway hashes its start again. Every other message end is tried too.
     assert 0 < whole[0].next_offset < 1 * MiB
-    for k in range(1, len(whole)):
+    # The last message's token too: a resume there sends one empty message with the digest.
+    for k in range(1, len(whole) + 1):
         head = []
         async for m in gw.stub.StreamExtents(request):
             head.append(m)
@@ -186,3 +190,122 @@ async def test_digest_resumes_after_a_shutdown(start_gateway: Any, disk: Path) -
         rest = await stream_all(gw.stub, **fields, resume_token=err.info.metadata["resume_token"])
         assert rest.messages[0].offset == got[-1].next_offset
         assert rest.messages[-1].digest == want, f"stopped after message {k}"
+
+
+async def test_digest_only_stream_resumes_from_its_last_token(
+    start_gateway: Any, disk: Path
+) -> None:
+    """Without data the last message's token is made after the digest is finished: it must
+    not count the last block twice."""
+    gw = await start_gateway(config_of(disk))
+    request = pb.StreamExtentsRequest(
+        export="disk", context="base:allocation", digest="sha256", max_extents_per_message=3
+    )
+    whole = [m async for m in gw.stub.StreamExtents(request)]
+    for k, last in enumerate(whole, 1):
+        resumed = pb.StreamExtentsRequest()
+        resumed.CopyFrom(request)
+        resumed.resume_token = last.resume_token
+        tail = [m async for m in gw.stub.StreamExtents(resumed)]
+        assert tail[-1].digest == whole[-1].digest, f"resumed after message {k} of {len(whole)}"
+
+
+def dirty_digest_request() -> pb.StreamExtentsRequest:
+    # Small messages on the dirty bitmap: the first ends inside the first 1 MiB block, after
+    # data of that block was delivered (three granules at 0).
+    return pb.StreamExtentsRequest(
+        export="disk",
+        context="backup",
+        filter=pb.EXTENT_FILTER_SET,
+        include_data=True,
+        digest="sha256",
+        max_extents_per_message=1,
+    )
+
+
+async def first_messages(
+    gw: Any, request: pb.StreamExtentsRequest, k: int
+) -> list[pb.StreamExtentsResponse]:
+    head = []
+    async for m in gw.stub.StreamExtents(request):
+        head.append(m)
+        if len(head) == k:
+            break
+    return head
+
+
+def resumed_from(request: pb.StreamExtentsRequest, token: str) -> pb.StreamExtentsRequest:
+    again = pb.StreamExtentsRequest()
+    again.CopyFrom(request)
+    again.resume_token = token
+    return again
+
+
+async def test_digest_resumes_after_the_delivered_ranges_were_cleared(
+    start_gateway: Any, disk: Path
+) -> None:
+    """A backup that clears as it goes (``nbdgw backup --clear``) and resumes: the ranges it
+    cleared no longer pass the filter, but they were delivered and the digest covers them."""
+    gw = await start_gateway(config_of(disk))
+    request = dirty_digest_request()
+    want = [m async for m in gw.stub.StreamExtents(request)][-1].digest
+    head = await first_messages(gw, request, 1)
+    assert 0 < head[-1].next_offset < 1 * MiB
+    cleared = await gw.stub.ClearRange(
+        pb.ClearRangeRequest(
+            export="disk",
+            bitmap="backup",
+            offset=0,
+            length=head[-1].next_offset,
+            clear_token=head[-1].clear_token,
+        )
+    )
+    assert cleared.cleared_bytes > 0
+    tail = [m async for m in gw.stub.StreamExtents(resumed_from(request, head[-1].resume_token))]
+    assert tail[0].offset == head[-1].next_offset
+    assert tail[-1].digest == want
+
+
+async def test_digest_resumes_after_a_write_to_what_was_delivered(
+    start_gateway: Any, disk: Path
+) -> None:
+    """A live disk written, between the delivery and the resume, where the stream had been:
+    the digest is of what was delivered, not of what the disk holds now."""
+    config = config_of(disk)
+    gw = await start_gateway(config)
+    request = dirty_digest_request()
+    want = [m async for m in gw.stub.StreamExtents(request)][-1].digest
+    head = await first_messages(gw, request, 1)
+    uri = f"nbd+unix:///disk?socket={(config.data_dir / 'nbd.sock').absolute()}"
+    writer = await NBDClient.connect(uri)
+    try:
+        await writer.pwrite(b"\xee" * 4096, 4096)  # inside the first granule, delivered
+        await writer.flush()
+    finally:
+        await writer.close()
+    tail = [m async for m in gw.stub.StreamExtents(resumed_from(request, head[-1].resume_token))]
+    assert tail[-1].digest == want
+
+
+async def test_digest_resume_without_the_kept_state_reads_the_block_again(
+    start_gateway: Any, disk: Path
+) -> None:
+    """A token whose stream's state is not kept (a version 2 token, as a gateway restart or
+    an old gateway leaves): the block is read again, right when nothing changed."""
+    gw = await start_gateway(config_of(disk))
+    request = dirty_digest_request()
+    want = [m async for m in gw.stub.StreamExtents(request)][-1].digest
+    head = await first_messages(gw, request, 2)
+    token = head[-1].resume_token
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert raw[0] == 3  # this gateway's tokens name their stream
+    position, state, stream_id = decode_resume_state(token, raw[9:25])
+    assert state is not None and stream_id is not None and state[1] < position
+    old = encode_resume(raw[9:25], position, state)
+    tail = [m async for m in gw.stub.StreamExtents(resumed_from(request, old))]
+    assert tail[-1].digest == want
+    # A token of an unknown version says so.
+    bad = base64.urlsafe_b64encode(bytes([7]) + raw[1:]).decode().rstrip("=")
+    err = await call_error(gw.stub.StreamExtents(resumed_from(request, bad)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown token version 7" in err.message

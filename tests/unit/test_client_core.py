@@ -235,7 +235,7 @@ def test_the_client_stands_alone() -> None:
         for target in targets
         if name.startswith("nbdgw") != target.startswith("nbdgw")
         and not name.startswith("gateway.cli")
-        and target != "nbdgw.integrity"
+        and (name, target) != ("gateway.integrity", "nbdgw.integrity")
     )
     assert wrong == []
     assert edges["nbdgw.integrity"] == set()
@@ -392,15 +392,31 @@ def test_digest_check_compares_at_the_last_message() -> None:
     altered[1_500_000] ^= 1
     check = _core.DigestCheck(request)
     check.add(first, memoryview(altered)[:1_000_000])
-    with pytest.raises(errors.DataCorrupted, match=r"\[0, 2304000\) is corrupt: its sha256") as e:
+    with pytest.raises(errors.DigestMismatch, match=r"\[0, 2304000\) is corrupt: its sha256") as e:
         check.add(last, memoryview(altered)[1_000_000:])
     assert (e.value.offset, e.value.next_offset) == (0, len(content))
+    assert isinstance(e.value, errors.DataCorrupted) and "discard all" in str(e.value)
+    check.ended()  # the verdict came (a mismatch)
 
     last.ClearField("digest")
     check = _core.DigestCheck(request)
     check.add(first, memoryview(content)[:1_000_000])
     with pytest.raises(errors.StreamError, match="ended without the digest it asked for"):
         check.add(last, memoryview(content)[1_000_000:])
+
+    # A stream that ends OK before its last message gives no verdict: that is an error too.
+    check = _core.DigestCheck(request)
+    with pytest.raises(errors.StreamError, match="ended without its last message"):
+        check.ended()
+    check.add(first, memoryview(content)[:1_000_000])
+    with pytest.raises(errors.StreamError, match="ended without its last message"):
+        check.ended()
+    # Rows that run past the message's end are a broken promise, not a ValueError.
+    long = pb.StreamExtentsResponse()
+    long.CopyFrom(first)
+    long.lengths[0] += 4096
+    with pytest.raises(errors.StreamError, match="past its next_offset"):
+        _core.DigestCheck(request).add(long, memoryview(content)[: 1_000_000 + 4096])
 
 
 def test_digest_check_refuses_what_it_cannot_check() -> None:
@@ -411,3 +427,18 @@ def test_digest_check_refuses_what_it_cannot_check() -> None:
     resumed = pb.StreamExtentsRequest(include_data=True, digest="blake3", resume_offset=4096)
     with pytest.raises(errors.ConfigurationError, match="earlier run"):
         _core.DigestCheck(resumed)
+    with pytest.raises(errors.ConfigurationError, match="check_digest without a digest"):
+        _core.DigestCheck(pb.StreamExtentsRequest(include_data=True))
+    base: dict[str, Any] = {
+        "offset": 0,
+        "length": None,
+        "filter": nbdgw.ExtentFilter.ALL,
+        "merge_allocation": False,
+        "include_data": True,
+        "max_extents_per_message": 0,
+        "resume_token": "",
+    }
+    with pytest.raises(errors.ConfigurationError, match="compression_level must be 1 to 19"):
+        _core.stream_request("d", "c", **base, compression="zstd", compression_level=20)
+    ok = _core.stream_request("d", "c", **base, compression="zstd", compression_level=19)
+    assert (ok.compression, ok.compression_level) == ("zstd", 19)

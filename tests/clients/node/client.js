@@ -183,7 +183,7 @@ function checkData(msg) {
     );
 }
 
-// The stream digest (gateway/integrity.py, RangeDigest, which defines it): the range in 1 MiB
+// The stream digest (nbdgw/integrity.py, RangeDigest, which defines it): the range in 1 MiB
 // blocks; each block holding a non-zero byte of delivered data (everything else counts as
 // zeros) extends chain = H(chain || lo || hi || H(block)), from H("nbdgw-digest-v1\0" alg).
 // sha256 only: Node's crypto has no blake3.
