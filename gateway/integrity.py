@@ -1,7 +1,7 @@
 """The gateway's side of StreamExtents' integrity: CRC32C per message, the stream digest
 (defined in :mod:`nbdgw.integrity`, which the Python clients share, and re-exported here for
-the servicer) and the zstd encoding of a message's data. The clients' checks are in
-:mod:`nbdgw._wire`.
+the servicer, with the check of a request's names) and the zstd encoding of a message's data.
+The clients' checks are in :mod:`nbdgw._wire`.
 
 CRC32C (Castagnoli) is the storage world's per-message check (iSCSI, ext4 metadata, Cloud
 Storage's gRPC API): the ``crc32c`` package computes it with the CPU's CRC instructions (SSE4.2
@@ -15,11 +15,14 @@ from collections import OrderedDict
 
 from nbdgw.integrity import (
     COMPRESSION_ZSTD,
+    COMPRESSIONS,
+    DEFAULT_ZSTD_LEVEL,
     DIGEST_BLOCK,
     DIGEST_SIZE,
     DIGESTS,
     ZSTD_LEVELS,
     RangeDigest,
+    check_request,
     is_zero,
 )
 
@@ -38,9 +41,6 @@ __all__ = [
     "crc32c",
     "is_zero",
 ]
-
-COMPRESSIONS = (COMPRESSION_ZSTD,)
-DEFAULT_ZSTD_LEVEL = 3  # zstd's own default
 
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -107,22 +107,3 @@ class DigestStates:
         """A copy of the state kept for ``(stream_id, position)``, or None."""
         digest = self._states.get((stream_id, position))
         return None if digest is None else digest.copy()
-
-
-def check_request(digest: str, compression: str, level: int) -> list[tuple[str, str]]:
-    """The field violations of a StreamExtentsRequest's integrity fields."""
-    violations = []
-    if digest and digest not in DIGESTS:
-        violations.append(("digest", f"unknown digest {digest!r} (known: {', '.join(DIGESTS)})"))
-    if compression and compression not in COMPRESSIONS:
-        violations.append(
-            ("compression", f"unknown compression {compression!r} (known: {COMPRESSION_ZSTD})")
-        )
-    if level and level not in ZSTD_LEVELS:
-        violations.append(
-            (
-                "compression_level",
-                f"must be {ZSTD_LEVELS.start} to {ZSTD_LEVELS.stop - 1} (0: {DEFAULT_ZSTD_LEVEL})",
-            )
-        )
-    return violations

@@ -1,6 +1,7 @@
 """The stream digest of StreamExtents: what a request's ``digest`` asks the gateway for, defined
 here once for the gateway and every Python client (the library checks a stream's digest with
-it, ``nbdgw backup`` records it, ``nbdgw verify`` recomputes it from files).
+it, ``nbdgw backup`` records it, ``nbdgw verify`` recomputes it from files), with the names
+a request may use for it and for compression, and their check (:func:`check_request`).
 
 The strong digest (:class:`RangeDigest`) must give the same answer for a stream cut into
 messages in any way, for a resumed stream, for a stream that carries no data (the gateway
@@ -46,7 +47,9 @@ DIGEST_SIZE = 32  # both
 # (``data_compression``), and its levels (``compression_level``; 20-22, zstd's "ultra", need
 # far more memory per stream).
 COMPRESSION_ZSTD = "zstd"
+COMPRESSIONS = (COMPRESSION_ZSTD,)
 ZSTD_LEVELS = range(1, 20)
+DEFAULT_ZSTD_LEVEL = 3  # zstd's own default
 
 _ZEROS = bytes(DIGEST_BLOCK)
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -160,3 +163,23 @@ class RangeDigest:
             k = min(n, DIGEST_BLOCK)
             block.update(_ZEROS_VIEW[:k])
             n -= k
+
+
+def check_request(digest: str, compression: str, level: int) -> list[tuple[str, str]]:
+    """The field violations of a StreamExtentsRequest's integrity fields: (field, why) pairs,
+    which the gateway answers as INVALID_ARGUMENT and the Python client raises before sending."""
+    violations = []
+    if digest and digest not in DIGESTS:
+        violations.append(("digest", f"unknown digest {digest!r} (known: {', '.join(DIGESTS)})"))
+    if compression and compression not in COMPRESSIONS:
+        violations.append(
+            ("compression", f"unknown compression {compression!r} (known: {COMPRESSION_ZSTD})")
+        )
+    if level and level not in ZSTD_LEVELS:
+        violations.append(
+            (
+                "compression_level",
+                f"must be {ZSTD_LEVELS.start} to {ZSTD_LEVELS.stop - 1} (0: {DEFAULT_ZSTD_LEVEL})",
+            )
+        )
+    return violations
