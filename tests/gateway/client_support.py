@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 import nbdgw
+from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, make_embedded_disk
 
 FLAVOURS = ["sync", "async"]
 
@@ -49,6 +52,17 @@ class Flavoured:
         else:
             self.runner.run(self.client.close())
             self.runner.close()
+
+
+def serve_embedded(
+    factory: pytest.TempPathFactory, name: str
+) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
+    """The body of a module's fixture: a gateway serving a fresh ``make_embedded_disk`` as
+    export ``disk`` (``yield from serve_embedded(tmp_path_factory, "NAME")``)."""
+    d = factory.mktemp(name)
+    disk = make_embedded_disk(d / "disk.img")
+    with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
+        yield gw, disk
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from tests.gateway.cli_support import (
     make_embedded_disk,
     make_qemu_disk,
 )
-from tests.gateway.client_support import FLAVOURS, client, merged_extents
+from tests.gateway.client_support import FLAVOURS, client, merged_extents, serve_embedded
 from tests.gateway.conftest import nbdinfo_map
 
 pytestmark = pytest.mark.interop
@@ -34,10 +34,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
     """One gateway for the tests that change nothing."""
-    d = tmp_path_factory.mktemp("client")
-    disk = make_embedded_disk(d / "disk.img")
-    with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
-        yield gw, disk
+    yield from serve_embedded(tmp_path_factory, "client")
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import pytest
 import nbdgw
 from nbdgw.errors import ConfigurationError, DigestMismatch
 from nbdgw.integrity import RangeDigest
-from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, cli, make_embedded_disk
-from tests.gateway.client_support import FLAVOURS, Flavoured, client
+from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, cli
+from tests.gateway.client_support import FLAVOURS, Flavoured, client, serve_embedded
 from tests.gateway.corrupting_proxy import CorruptingProxy
-from tests.gateway.test_service_embedded import make_image
+from tests.gateway.test_client_inplace import compressible  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.interop
 
@@ -28,19 +28,7 @@ pytestmark = pytest.mark.interop
 def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
-    d = tmp_path_factory.mktemp("digest")
-    disk = make_embedded_disk(d / "disk.img")
-    with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
-        yield gw, disk
-
-
-@pytest.fixture(scope="module")
-def compressible(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, Path]]:
-    """A disk of the sample pattern, which zstd compresses."""
-    d = tmp_path_factory.mktemp("digest-zstd")
-    path = make_image(d / "disk.img")
-    with GatewayProcess("--image", f"disk={path}", data_dir=d / "data") as gw:
-        yield gw, path
+    yield from serve_embedded(tmp_path_factory, "digest")
 
 
 def digest_of(algorithm: str, content: bytes | bytearray, start: int = 0) -> bytes:
@@ -109,7 +97,8 @@ def test_iterators_check_the_digest_of_what_they_received(
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_digest_of_compressed_data_is_of_the_data(
-    compressible: tuple[GatewayProcess, Path], flavour: str
+    compressible: tuple[GatewayProcess, Path],  # noqa: F811
+    flavour: str,
 ) -> None:
     gw, path = compressible
     content = path.read_bytes()

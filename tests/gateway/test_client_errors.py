@@ -13,7 +13,7 @@ import pytest
 import nbdgw
 from nbdgw import errors
 from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, make_certs, make_embedded_disk
-from tests.gateway.client_support import FLAVOURS, client
+from tests.gateway.client_support import FLAVOURS, client, serve_embedded
 
 pytestmark = pytest.mark.interop
 TOKEN = "backup-s3cret"
@@ -25,10 +25,7 @@ FAST = nbdgw.Retry(attempts=2, backoff=0.01, max_backoff=0.01)
 def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
-    d = tmp_path_factory.mktemp("errors")
-    disk = make_embedded_disk(d / "disk.img")
-    with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
-        yield gw, disk
+    yield from serve_embedded(tmp_path_factory, "errors")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import nbdgw
 from nbdgw.errors import DataCorrupted
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.cli_support import EmbeddedDisk, GatewayProcess, make_embedded_disk
-from tests.gateway.client_support import FLAVOURS, client
+from tests.gateway.client_support import FLAVOURS, client, serve_embedded
 from tests.gateway.corrupting_proxy import CorruptingProxy
 from tests.gateway.test_service_embedded import make_image
 
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.interop
 def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, EmbeddedDisk]]:
-    d = tmp_path_factory.mktemp("inplace")
-    disk = make_embedded_disk(d / "disk.img")
-    with GatewayProcess("--image", f"disk={disk.path}", data_dir=d / "data") as gw:
-        yield gw, disk
+    yield from serve_embedded(tmp_path_factory, "inplace")
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,24 @@ async def test_digest_is_the_disk_content_however_the_stream_is_cut(
     assert dirty.messages[-1].digest != digest
 
 
+async def first_messages(
+    gw: Any, request: pb.StreamExtentsRequest, k: int
+) -> list[pb.StreamExtentsResponse]:
+    head = []
+    async for m in gw.stub.StreamExtents(request):
+        head.append(m)
+        if len(head) == k:
+            break
+    return head
+
+
+def resumed_from(request: pb.StreamExtentsRequest, token: str) -> pb.StreamExtentsRequest:
+    again = pb.StreamExtentsRequest()
+    again.CopyFrom(request)
+    again.resume_token = token
+    return again
+
+
 async def test_digest_survives_a_resume_inside_a_block(start_gateway: Any, disk: Path) -> None:
     gw = await start_gateway(config_of(disk))
     request = pb.StreamExtentsRequest(
@@ -102,15 +120,10 @@ async def test_digest_survives_a_resume_inside_a_block(start_gateway: Any, disk:
     assert 0 < whole[0].next_offset < 1 * MiB
     # The last message's token too: a resume there sends one empty message with the digest.
     for k in range(1, len(whole) + 1):
-        head = []
-        async for m in gw.stub.StreamExtents(request):
-            head.append(m)
-            if len(head) == k:
-                break
-        resumed = pb.StreamExtentsRequest()
-        resumed.CopyFrom(request)
-        resumed.resume_token = head[-1].resume_token
-        tail = [m async for m in gw.stub.StreamExtents(resumed)]
+        head = await first_messages(gw, request, k)
+        tail = [
+            m async for m in gw.stub.StreamExtents(resumed_from(request, head[-1].resume_token))
+        ]
         assert tail[0].offset == head[-1].next_offset
         assert tail[-1].digest == whole[-1].digest, f"resumed after message {k}"
         assert [r for m in head + tail for r in rows_of(m)] == rows
@@ -203,10 +216,7 @@ async def test_digest_only_stream_resumes_from_its_last_token(
     )
     whole = [m async for m in gw.stub.StreamExtents(request)]
     for k, last in enumerate(whole, 1):
-        resumed = pb.StreamExtentsRequest()
-        resumed.CopyFrom(request)
-        resumed.resume_token = last.resume_token
-        tail = [m async for m in gw.stub.StreamExtents(resumed)]
+        tail = [m async for m in gw.stub.StreamExtents(resumed_from(request, last.resume_token))]
         assert tail[-1].digest == whole[-1].digest, f"resumed after message {k} of {len(whole)}"
 
 
@@ -221,24 +231,6 @@ def dirty_digest_request() -> pb.StreamExtentsRequest:
         digest="sha256",
         max_extents_per_message=1,
     )
-
-
-async def first_messages(
-    gw: Any, request: pb.StreamExtentsRequest, k: int
-) -> list[pb.StreamExtentsResponse]:
-    head = []
-    async for m in gw.stub.StreamExtents(request):
-        head.append(m)
-        if len(head) == k:
-            break
-    return head
-
-
-def resumed_from(request: pb.StreamExtentsRequest, token: str) -> pb.StreamExtentsRequest:
-    again = pb.StreamExtentsRequest()
-    again.CopyFrom(request)
-    again.resume_token = token
-    return again
 
 
 async def test_digest_resumes_after_the_delivered_ranges_were_cleared(
