@@ -329,7 +329,7 @@ LIMITS_HELP = {
     "clear_rate": "ClearRange calls per second and identity (0: unlimited)",
     "clear_burst": "ClearRange calls an identity may make in a burst above the rate",
     "stall_timeout": "seconds a stream may wait for its client to read (0: no limit); then"
-    " DEADLINE_EXCEEDED",
+    " DEADLINE_EXCEEDED, with the resume position",
     "unary_timeout": "seconds a unary call may take (0: no limit); then DEADLINE_EXCEEDED",
     "max_unauthenticated": "calls without credentials open at once, in total (health probes,"
     " when tokens are required); then RESOURCE_EXHAUSTED",

@@ -358,15 +358,20 @@ class Limiter:
                 since = watched.writing_since
                 if since is not None and self.clock() - since > stall:
                     self.stalled += 1
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    await _abort(
-                        context,
-                        deadline_exceeded(
-                            f"the client read nothing for {stall:g} s; stream cancelled"
-                        ),
+                    cut = deadline_exceeded(
+                        f"the client read nothing for {stall:g} s; stream cancelled"
                     )
+                    # The stalled write raises ``cut`` in the behaviour, which ends the call
+                    # with it as with any failure: StreamExtents adds where to resume.
+                    watched.cut = cut
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        # Cancelled between writes (one had just ended): no position to give.
+                        await _abort(context, cut)
+                    except GatewayError as err:  # a behaviour that lets its errors through
+                        await _abort(context, err)
                     return
         except asyncio.CancelledError:  # the call itself was cancelled (client went away)
             task.cancel()
@@ -535,11 +540,16 @@ class _WatchedContext:
         self._context = context
         self._clock = clock
         self.writing_since: float | None = None
+        self.cut: GatewayError | None = None  # set when the limiter cancels a stalled write
 
     async def write(self, message: Any) -> None:
         self.writing_since = self._clock()
         try:
             await self._context.write(message)
+        except asyncio.CancelledError:
+            if self.cut is None:
+                raise
+            raise self.cut from None
         finally:
             self.writing_since = None
 

@@ -287,7 +287,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 18
     """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
-    client stopped reading).
+    client stopped reading; for a stream, the resume position in metadata).
     """
     ERROR_REASON_GENERATION_MISMATCH: _ErrorReason.ValueType  # 19
     """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one
@@ -388,7 +388,7 @@ QuotaFailure and no RetryInfo: the ledger's cleared ranges per generation
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 18
 """DEADLINE_EXCEEDED: the gateway's own time limit (a unary call too long, or a stream whose
-client stopped reading).
+client stopped reading; for a stream, the resume position in metadata).
 """
 ERROR_REASON_GENERATION_MISMATCH: ErrorReason.ValueType  # 19
 """FAILED_PRECONDITION: ClearRange named a generation that is not the export's current one

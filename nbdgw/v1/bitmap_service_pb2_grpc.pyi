@@ -84,8 +84,9 @@ class BitmapServiceStub:
     extents.
 
     Every message says where to resume (`next_offset`, `resume_token`): a stream that ends
-    early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
-    repeat, by sending the same request again with `resume_token` set. The status of such an
+    early (UNAVAILABLE: host lost, gateway shutting down; DEADLINE_EXCEEDED: the client read
+    nothing for the gateway's `stall_timeout`) is continued, with no gap and no repeat, by
+    sending the same request again with `resume_token` set. The status of such an
     early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
     `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
     for clients that do not decode status details. A stream that ends with OK covered the
@@ -181,8 +182,9 @@ class BitmapServiceAsyncStub(BitmapServiceStub):
     extents.
 
     Every message says where to resume (`next_offset`, `resume_token`): a stream that ends
-    early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
-    repeat, by sending the same request again with `resume_token` set. The status of such an
+    early (UNAVAILABLE: host lost, gateway shutting down; DEADLINE_EXCEEDED: the client read
+    nothing for the gateway's `stall_timeout`) is continued, with no gap and no repeat, by
+    sending the same request again with `resume_token` set. The status of such an
     early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
     `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
     for clients that do not decode status details. A stream that ends with OK covered the
@@ -299,8 +301,9 @@ class BitmapServiceServicer(metaclass=_abc_1.ABCMeta):
         extents.
 
         Every message says where to resume (`next_offset`, `resume_token`): a stream that ends
-        early (UNAVAILABLE: host lost, gateway shutting down) is continued, with no gap and no
-        repeat, by sending the same request again with `resume_token` set. The status of such an
+        early (UNAVAILABLE: host lost, gateway shutting down; DEADLINE_EXCEEDED: the client read
+        nothing for the gateway's `stall_timeout`) is continued, with no gap and no repeat, by
+        sending the same request again with `resume_token` set. The status of such an
         early end also carries the resume position in its ErrorInfo metadata (`resume_offset`,
         `resume_token`), repeated as the trailers `nbdgw-resume-offset` and `nbdgw-resume-token`
         for clients that do not decode status details. A stream that ends with OK covered the

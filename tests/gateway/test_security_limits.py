@@ -17,7 +17,7 @@ from gateway.security.limits import Limiter, Limits, TokenBucket
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from tests.gateway.conftest import MiB
-from tests.gateway.security_support import bearer, fails, guard  # noqa: F401
+from tests.gateway.security_support import bearer, fails, failure, guard  # noqa: F401
 from tests.gateway.test_service_embedded import make_image
 
 A = "token-of-identity-a"
@@ -102,12 +102,37 @@ async def test_stream_limits_and_stalled_reader(
             break
         await asyncio.sleep(0.05)
     # The stalled stream is cancelled by the gateway; what the client buffered, then the status.
+    received = [first]
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        while await stalled.read() is not grpc.aio.EOF:
-            pass
+        while (msg := await stalled.read()) is not grpc.aio.EOF:
+            received.append(msg)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "read nothing" in (info.value.details() or "")
     assert limiter.stalled == 1
+    # As after any failure of a started stream, the status says where to resume: at most what
+    # the client received (the cut write's message may or may not have gone out).
+    cut = failure(info.value)
+    resume_at = int(cut.metadata["resume_offset"])
+    assert first.next_offset <= resume_at <= received[-1].next_offset < BIG
+    trailers = dict(info.value.trailing_metadata() or ())
+    assert trailers["nbdgw-resume-offset"] == str(resume_at)
+    rest = [
+        m
+        async for m in gw.stub().StreamExtents(
+            pb.StreamExtentsRequest(
+                export="big",
+                context="base:allocation",
+                include_data=True,
+                resume_token=cut.metadata["resume_token"],
+            ),
+            metadata=bearer(A),
+        )
+    ]
+    assert rest[0].offset == resume_at and rest[-1].next_offset == BIG
+    # What was received up to the position, then the resumed stream: the image, byte for byte.
+    got = b"".join(m.data for m in received if m.next_offset <= resume_at)
+    got += b"".join(m.data for m in rest)
+    assert got == (bytes(range(256)) * (BIG // 256))
     for _ in range(100):
         if limiter.streams == 0:
             break
