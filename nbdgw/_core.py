@@ -162,8 +162,6 @@ def stream_request(
     compression_level: int = 0,
 ) -> pb.StreamExtentsRequest:
     _refuse_bad_names(digest, compression, compression_level)
-    if compression_level and not compression:
-        raise errors.ConfigurationError("compression_level without compression")
     req = pb.StreamExtentsRequest(
         export=export,
         context=context,

@@ -175,7 +175,16 @@ def check_request(digest: str, compression: str, level: int) -> list[tuple[str, 
         violations.append(
             ("compression", f"unknown compression {compression!r} (known: {COMPRESSION_ZSTD})")
         )
-    if level and level not in ZSTD_LEVELS:
+    if level and not compression:
+        # Most likely a forgotten compression="zstd": refused rather than sent uncompressed.
+        violations.append(
+            (
+                "compression_level",
+                f"compression_level {level} without compression: it is the level of"
+                f' compression="{COMPRESSION_ZSTD}"',
+            )
+        )
+    elif level and level not in ZSTD_LEVELS:
         violations.append(
             (
                 "compression_level",

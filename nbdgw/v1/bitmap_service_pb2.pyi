@@ -917,8 +917,8 @@ class StreamExtentsRequest(_message.Message):
     shrink it (see `StreamExtentsResponse.data_compression`).
     """
     compression_level: _builtins.int
-    """The zstd level, 1 (fastest) to 19; 0 means 3 (zstd's default). Other values are
-    INVALID_ARGUMENT.
+    """The zstd level, 1 (fastest) to 19; 0 means 3 (zstd's default). Other values, and a level
+    without `compression`, are INVALID_ARGUMENT.
     """
     def __init__(
         self,

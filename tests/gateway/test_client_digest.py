@@ -169,7 +169,7 @@ def test_digest_options_are_checked_before_anything_is_sent(flavour: str) -> Non
             c.call("iter_data", "disk", "base:allocation", digest="md5")
         with pytest.raises(ConfigurationError, match="unknown compression 'gzip'"):
             c.call("iter_batches", "disk", "base:allocation", compression="gzip")
-        with pytest.raises(ConfigurationError, match="compression_level without compression"):
+        with pytest.raises(ConfigurationError, match="compression_level 3 without compression"):
             c.call("iter_data", "disk", "base:allocation", compression_level=3)
         # The digest covers the whole range: a stream resumed from an earlier run's token
         # cannot check it.

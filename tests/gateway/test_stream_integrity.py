@@ -157,6 +157,8 @@ async def test_zstd_data_decompresses_to_the_same_bytes(start_gateway: Any, disk
             {"compression": "zstd", "compression_level": 22, "include_data": True},
             "compression_level",
         ),
+        # A level alone: most likely a forgotten compression="zstd".
+        ({"compression_level": 5, "include_data": True}, "compression_level"),
     ],
 )
 async def test_unknown_names_are_invalid_argument(

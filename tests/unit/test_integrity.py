@@ -185,6 +185,8 @@ def test_check_request_names_the_field() -> None:
     assert check_request("blake3", "zstd", 19) == []
     names = [f for f, _ in check_request("md5", "gzip", 22)]
     assert names == ["digest", "compression", "compression_level"]
+    assert [f for f, _ in check_request("", "", 5)] == ["compression_level"]
+    assert check_request("", "zstd", 0) == []
 
 
 def full_message(data: bytes) -> pb.StreamExtentsResponse:
