@@ -25,12 +25,15 @@ import pytest
 
 from gateway.config import GatewayConfig, load_file
 from gateway.hosts.libvirt import _key
+from nbdgw.csi.v1 import csi_pb2 as cpb
+from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
 from tests.gateway.cli_support import GatewayProcess, nbdgw
 from tests.gateway.conftest import call_error, stream_all
+from tests.gateway.test_csi_qmp import flat, stream
 from tests.gateway.test_snapshots import reason
 from tests.libvirt_env import (
     LibvirtVM,
@@ -40,6 +43,7 @@ from tests.libvirt_env import (
     start_libvirtd,
     stop_libvirtd,
 )
+from tests.qemu_vm import GRANULE, granules
 
 # A guest boots under TCG in each test, which then runs several backups: more than the
 # default 120 s on a loaded machine.
@@ -101,7 +105,9 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
 ) -> None:
     vm = LibvirtVM("nbdgw-t-chain", count=200, pause=0.1).start()
     try:
-        run = await start_gateway(config(uri, vm, data_dir))
+        cfg = config(uri, vm, data_dir)
+        cfg.csi_socket = str(tmp_path / "csi.sock")
+        run = await start_gateway(cfg)
         snaps = spb_grpc.SnapshotServiceStub(run.channel)
         export = await run.stub.GetExport(pb.GetExportRequest(name="exports/d0"))
         assert (export.host_kind, export.size_bytes) == ("libvirt", SIZE)
@@ -144,6 +150,44 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
         k3 = prefix_of(base.read_bytes(), writes, incs[2][1], incs[2][2])
         assert k0 < ks[0] < ks[1] < k3
 
+        # CSI GetMetadataDelta between any two checkpoints joined by snapshots that created
+        # one incremental from another (c0 -> c1 -> c2, c0 -> c3): exactly the granules the
+        # guest wrote between their instants, composed across links.
+        csi = grpc.aio.insecure_channel(f"unix:{cfg.csi_socket}")
+        meta = cpb_grpc.SnapshotMetadataStub(csi)
+
+        async def delta(base: str, target: str) -> set[int]:
+            req = cpb.GetMetadataDeltaRequest(
+                base_snapshot_id=f"d0/{base}", target_snapshot_id=f"d0/{target}"
+            )
+            msgs = await stream(meta.GetMetadataDelta(req))
+            assert all(m.volume_capacity_bytes == SIZE for m in msgs)
+            return granules(flat(msgs))
+
+        def written(low: int, high: int) -> set[int]:
+            return {off // GRANULE for _, off in writes[low:high]}
+
+        instants = {"c0": k0, "c1": ks[0], "c2": ks[1], "c3": k3}
+        for base, target in (("c0", "c1"), ("c1", "c2"), ("c0", "c2"), ("c0", "c3")):
+            want = written(instants[base], instants[target])
+            assert want and await delta(base, target) == want, (base, target)
+        assert await delta("c2", "c2") == set()
+
+        async def refused(base: str, target: str) -> tuple[grpc.StatusCode, str]:
+            req = cpb.GetMetadataDeltaRequest(
+                base_snapshot_id=f"d0/{base}", target_snapshot_id=f"d0/{target}"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stream(meta.GetMetadataDelta(req))
+            return exc.value.code(), exc.value.details() or ""
+
+        # c3 was taken since c0: nothing recorded joins c1 or c2 to it.
+        code, message = await refused("c2", "c3")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+        assert "no record" in message and "since_checkpoint" in message
+        assert (await refused("c2", "c0"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert (await refused("c0", "nope"))[0] == grpc.StatusCode.NOT_FOUND
+
         # Checkpoints over gRPC: the chain with its parents; deleting one merges it.
         listed = await snaps.ListCheckpoints(spb.ListCheckpointsRequest(parent="d0"))
         ids = [c.name.rsplit("/", 1)[1] for c in listed.checkpoints]
@@ -159,6 +203,9 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
         )
         assert deleted.merged_into == "exports/d0/checkpoints/c0"
         assert vm.checkpoints() == {"c0": "", "c2": "c0", "c3": "c2"}
+        # The writes between c0 and c2 did not change: the links through c1 still answer.
+        assert await delta("c0", "c2") == written(k0, ks[1])
+        await csi.close()
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await snaps.DeleteCheckpoint(
                 spb.DeleteCheckpointRequest(name="exports/d0/checkpoints/c1")

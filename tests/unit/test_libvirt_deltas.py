@@ -1,0 +1,84 @@
+"""The gateway's record of what was written between a libvirt disk's checkpoints
+(gateway.hosts.libvirt_deltas): paths of links, a name taken again, pruning, damaged files.
+The whole loop against a real libvirtd and a writing guest is in tests/gateway/test_libvirt.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.hosts.libvirt_deltas import Links, union
+
+G = 65536
+C0, C1, C2, C3 = ("c0", 100), ("c1", 200), ("c2", 300), ("c3", 400)
+
+
+def links_with(tmp_path: Path) -> Links:
+    links = Links(tmp_path / "links")
+    links.record("vda", C0, C1, G, 1 << 30, [(0, G), (5 * G, 2 * G)])
+    links.record("vda", C1, C2, G, 1 << 30, [(G, G), (6 * G, 3 * G)])
+    links.record("vdb", C0, C1, G, 1 << 30, [(9 * G, G)])
+    return links
+
+
+def runs_of(links: Links, disk: str, base: tuple[str, int], target: tuple[str, int]) -> object:
+    path = links.path(disk, base, target)
+    return None if path is None else union(link.read_runs() for link in path)
+
+
+def test_a_path_is_the_union_of_its_links(tmp_path: Path) -> None:
+    links = links_with(tmp_path)
+    assert runs_of(links, "vda", C0, C1) == [(0, G), (5 * G, 2 * G)]
+    # Touching and overlapping runs of the two links are joined.
+    assert runs_of(links, "vda", C0, C2) == [(0, 2 * G), (5 * G, 4 * G)]
+    assert runs_of(links, "vdb", C0, C1) == [(9 * G, G)]
+    # Nothing joins these: no link leads there, or only backwards.
+    assert runs_of(links, "vdb", C0, C2) is None
+    assert runs_of(links, "vda", C2, C0) is None
+    assert runs_of(links, "vda", C1, C3) is None
+
+
+def test_a_name_taken_again_is_another_checkpoint(tmp_path: Path) -> None:
+    """c1 deleted, then a new c1 created later: the link to the old one must not stand for the
+    new one (it would miss every write between the two)."""
+    links = links_with(tmp_path)
+    assert runs_of(links, "vda", C0, ("c1", 250)) is None
+    assert runs_of(links, "vda", ("c1", 250), C2) is None
+
+
+def test_the_shortest_path_is_taken(tmp_path: Path) -> None:
+    links = links_with(tmp_path)
+    links.record("vda", C0, C2, G, 1 << 30, [(20 * G, G)])
+    path = links.path("vda", C0, C2)
+    assert path is not None and [(k.base, k.target) for k in path] == [(C0, C2)]
+
+
+def test_prune_keeps_what_joins_current_checkpoints(tmp_path: Path) -> None:
+    links = links_with(tmp_path)
+    links.record("vda", C2, C3, G, 1 << 30, [(30 * G, G)])
+    # c1 deleted (merged into c0): the links through it still join c0 and c2.
+    assert links.prune("vda", [C0, C2, C3]) == 0
+    assert runs_of(links, "vda", C0, C3) == [(0, 2 * G), (5 * G, 4 * G), (30 * G, G)]
+    # c0 deleted too: c0 -> c1 -> c2 can no longer be asked for; c2 -> c3 can.
+    assert links.prune("vda", [C2, C3]) == 2
+    assert [(k.base, k.target) for k in links.links("vda")] == [(C2, C3)]
+    # The other disk's links are its own.
+    assert len(links.links("vdb")) == 1
+
+
+def test_damaged_or_unknown_files_are_left_out(tmp_path: Path) -> None:
+    links = links_with(tmp_path)
+    (links.folder / "junk.link").write_bytes(b"not json\n")
+    (links.folder / "future.link").write_bytes(b'{"version": 99}\n')
+    assert len(links.links()) == 3
+    # A file whose runs were cut short says so rather than answering less.
+    (one,) = [k for k in links.links("vdb")]
+    one.path.write_bytes(one.path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="0 runs, the header says 1"):
+        one.read_runs()
+
+
+def test_no_folder_no_links(tmp_path: Path) -> None:
+    links = Links(tmp_path / "absent")
+    assert links.links() == [] and links.path("vda", C0, C1) is None
