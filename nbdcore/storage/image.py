@@ -6,7 +6,8 @@ changes and *again after*, and both happen before the call returns:
 - before: a crash after the data reached the disk cannot leave the granule clean;
 - after: a ``clear_bitmap_range`` that runs between the two marks (another thread, or another
   task of the server interleaving) cannot leave a granule clean while it holds data that the
-  clearer never saw.
+  clearer never saw. Also after a data change that *failed*: a write cut short by ENOSPC,
+  EFBIG or EIO may have landed part of its bytes (:meth:`Image._changing`).
 
 Persistent images keep their bitmaps in a ``BitmapStore`` (see ``nbdcore.storage.store`` for
 the crash-safety scheme); ``Image.memory`` images keep them in memory only.
@@ -19,10 +20,11 @@ the writes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -340,11 +342,8 @@ class Image:
         view = memoryview(data).cast("B")
         self._check_writable()
         self.disk.check_range(offset, len(view))
-        with self._io_lock:
-            self._preserve(offset, len(view))
-            self._mark(offset, len(view))
+        with self._io_lock, self._changing(offset, len(view)):
             self.disk.pwrite(view, offset)
-            self._mark(offset, len(view))
         if fua:
             self._sync_fua()
 
@@ -370,21 +369,16 @@ class Image:
         with self._io_lock:
             if fast and (self._snapshots or not self.disk.can_zero_fast):
                 raise OSError(errno.ENOTSUP, "zeroing this range would not be fast")
-            self._preserve(offset, length)
-            self._mark(offset, length)
-            self.disk.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
-            self._mark(offset, length)
+            with self._changing(offset, length):
+                self.disk.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
         if fua:
             self._sync_fua()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
         self.disk.check_range(offset, length)
-        with self._io_lock:
-            self._preserve(offset, length)
-            self._mark(offset, length)
+        with self._io_lock, self._changing(offset, length):
             self.disk.trim(offset, length)
-            self._mark(offset, length)
         if fua:
             self._sync_fua()
 
@@ -426,6 +420,20 @@ class Image:
             raise OSError(errno.EBADF, "the image is closed")
         if self.read_only:
             raise read_only_error("the image")
+
+    @contextlib.contextmanager
+    def _changing(self, offset: int, length: int) -> Iterator[None]:
+        """Around a change of the data in ``[offset, offset + length)``; the caller holds
+        _io_lock. Copy-before-write into the snapshots, then the two marks (module docstring):
+        the second one even when the change fails, since a failed write may have landed part
+        of its bytes, and a reader whose position is past the first mark must not clear them
+        unseen."""
+        self._preserve(offset, length)
+        self._mark(offset, length)
+        try:
+            yield
+        finally:
+            self._mark(offset, length)
 
     def _mark(self, offset: int, length: int) -> None:
         # DirtyBitmap.mark_dirty is a no-op on a disabled bitmap.

@@ -5,8 +5,11 @@ what survives a restart of the process and what a crash of the machine forgets."
 
 from __future__ import annotations
 
+import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +24,7 @@ from nbdcore.exceptions import RequestError, ServerProtocolError, UsageError
 from nbdcore.server import Request, ServerConnection
 from nbdcore.storage import DirtyBitmap
 from nbdcore.storage.bitmap import MAX_HISTORY_REGIONS, history_length
+from nbdcore.storage.disk import MemoryDisk
 from nbdcore.storage.image import Image
 from nbdcore.storage.store import IN_USE, store_dir
 from tests.unit.test_server_support import Chunk, go, joined, opt, parse_replies, start
@@ -133,6 +137,59 @@ def test_merge_counts_as_written() -> None:
     _, kept = live.clear_range_since(0, 8 * GRAN, since)
     assert (3 * GRAN, GRAN) in kept or any(a <= 3 * GRAN < a + n for a, n in kept)
     assert live.is_dirty(3 * GRAN)
+
+
+class CutShortDisk(MemoryDisk):
+    """A disk whose data changes land half their bytes, then fail as a full file system makes
+    os.pwrite fail; ``between`` runs first, where a reader takes its position and reads."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.between: Callable[[], None] = lambda: None
+
+    def _cut(self, offset: int, length: int, change: Callable[[int, int], None]) -> None:
+        self.between()
+        change(offset, length // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        self._cut(offset, len(view), lambda o, n: MemoryDisk.pwrite(self, view[:n], o))
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False
+    ) -> None:
+        self._cut(offset, length, lambda o, n: MemoryDisk.write_zeroes(self, o, n))
+
+    def trim(self, offset: int, length: int) -> None:
+        self._cut(offset, length, lambda o, n: MemoryDisk.trim(self, o, n))
+
+
+@pytest.mark.parametrize("change", ["write", "write_zeroes", "trim"])
+def test_a_failed_write_is_stamped_after_what_it_changed(change: str) -> None:
+    """A write cut short (ENOSPC, EFBIG, EIO) may have changed part of the data: a reader
+    whose position is between the write's first mark and its data saw the old bytes, so its
+    clear must keep the granule."""
+    disk = CutShortDisk(4 * GRAN)
+    image = Image(disk)
+    image.add_bitmap("b", granularity=GRAN)
+    MemoryDisk.pwrite(disk, b"A" * GRAN, 0)
+    seen: dict[str, Any] = {}
+
+    def reader() -> None:
+        seen["position"] = image.bitmaps["b"].position
+        seen["copy"] = image.read(0, GRAN)
+
+    disk.between = reader
+    with pytest.raises(OSError, match="No space"):
+        if change == "write":
+            image.write(b"B" * GRAN, 0)
+        else:
+            getattr(image, change)(0, GRAN)
+    assert image.read(0, GRAN) != seen["copy"]  # half of it changed
+    cleared, kept = image.clear_bitmap_range_since("b", 0, GRAN, seen["position"])
+    assert (cleared, kept) == ([], [(0, GRAN)])
+    assert image.bitmaps["b"].is_dirty(0)
 
 
 # --- persistence ---------------------------------------------------------------------------
