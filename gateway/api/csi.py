@@ -29,6 +29,7 @@ from google.protobuf import wrappers_pb2
 from gateway import __version__, errors
 from gateway.config import ConfigError, check_csi_block_size
 from gateway.errors import GatewayError
+from gateway.hosts.checkpoints import merged
 from gateway.hosts.snapshots import snapshot_export_id
 from nbdcore.aio.client import NBDClient
 from nbdcore.constants import CONTEXT_BASE_ALLOCATION, NBD_STATE_HOLE
@@ -81,22 +82,6 @@ def parse_handle(value: str, field_name: str) -> tuple[str, str]:
 
 
 # --- the stream rules (pure) ---------------------------------------------------------------------
-
-
-def merged(ranges: Iterable[Range]) -> Iterator[Range]:
-    """Sorted ranges with touching and overlapping ones joined."""
-    cur: Range | None = None
-    for off, length in ranges:
-        if length <= 0:
-            continue
-        if cur is not None and off <= cur[0] + cur[1]:
-            cur = (cur[0], max(cur[0] + cur[1], off + length) - cur[0])
-            continue
-        if cur is not None:
-            yield cur
-        cur = (off, length)
-    if cur is not None:
-        yield cur
 
 
 def blocks(ranges: Iterable[Range], block_size: int) -> Iterator[Range]:

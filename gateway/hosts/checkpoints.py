@@ -8,6 +8,7 @@ and remote ``nbdgw nbd serve`` hosts through NBD_OPT_X_NBDGW_SNAPSHOT) and for r
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -118,3 +119,19 @@ async def read_dirty_runs(pool: ExportPool, context: str) -> list[tuple[int, int
 
     await pool.run([context], read)
     return runs
+
+
+def merged(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Sorted ranges with touching and overlapping ones joined (empty ones dropped)."""
+    cur: tuple[int, int] | None = None
+    for off, length in ranges:
+        if length <= 0:
+            continue
+        if cur is not None and off <= cur[0] + cur[1]:
+            cur = (cur[0], max(cur[0] + cur[1], off + length) - cur[0])
+            continue
+        if cur is not None:
+            yield cur
+        cur = (off, length)
+    if cur is not None:
+        yield cur

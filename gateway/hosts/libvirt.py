@@ -175,8 +175,9 @@ class Libvirt:
         await self.call("checkpointCreateXML", lambda d: d.checkpointCreateXML(xml, 0))
 
     async def delete_checkpoint(self, name: str) -> None:
-        """libvirt merges the checkpoint's bitmap into its parent's (its child's interval
-        grows back over it when it has no parent)."""
+        """libvirt removes the checkpoint's bitmap (9.0: each checkpoint's bitmap records until
+        it is deleted, so the older ones' "since" loses nothing; older libvirt merged it
+        into its parent's)."""
         await self.call("checkpointDelete", lambda d: d.checkpointLookupByName(name).delete(0))
 
     async def backup_begin(self, backup: str, checkpoint: str | None) -> None:
@@ -513,7 +514,7 @@ class LibvirtHost(Host):
         raise errors.internal(f"libvirt created checkpoint {name!r} but does not list it")
 
     async def remove_bitmap(self, pool: ExportPool, name: str) -> None:
-        """Delete checkpoint ``name`` (libvirt merges its bitmap into its parent's)."""
+        """Delete checkpoint ``name`` (libvirt removes its bitmap; see delete_checkpoint)."""
         if not pool.config.node:
             raise errors.read_only(pool.name, name, "a snapshot's views go with the snapshot")
         found = {b.name for b in await self.bitmaps(pool)}

@@ -9,54 +9,76 @@ exports "since C", frozen at N's instant. The gateway reads it then and keeps it
 *link* C -> N per disk; GetMetadataDelta(A, B) is the union of the links of a path from A to B.
 
 A link stays true when libvirt deletes a checkpoint (the writes between two instants do not
-change), so paths may pass through checkpoints that are gone. What identifies a checkpoint is
-its name *and* its creation time: a name deleted and taken again later is another instant, and
-a link to the old one must not stand for the new one (it would miss the writes in between).
+change), so paths may pass through checkpoints that are gone. A checkpoint is identified by its
+name and creation time (:func:`instant_of`; libvirt's creation time is in whole seconds, and a
+redefined checkpoint's is whatever its XML says: trusted as given). A name deleted and taken
+again within the same second would have the same identity, so recording the link that ends at
+a new checkpoint first removes every other link touching that identity: the checkpoint did not
+exist before the job that created it, so they can only be about the old one.
 
-Each link is one file in the host's folder: a JSON header line, then the runs as pairs of
-little-endian uint64 (offset, length), written to a temporary file, fsync'd and renamed.
+Each link is one file in a folder of the gateway's own (not libvirt's, which QEMU's user may
+write): a JSON header line (the job that recorded it, the two instants, a CRC-32 of the runs),
+then the runs as pairs of little-endian uint64 (offset, length), written to a temporary file,
+fsync'd and renamed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
+import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.hosts.checkpoints import merged
+
+if TYPE_CHECKING:
+    from gateway.hosts.libvirt import Checkpoint
 
 # A checkpoint as libvirt knows it at one time: (name, creation time in seconds).
 Instant = tuple[str, int]
 
 _SUFFIX = ".link"
-_VERSION = 1
+_VERSION = 2
+
+
+def instant_of(checkpoint: Checkpoint) -> Instant:
+    return (checkpoint.name, checkpoint.created)
 
 
 @dataclass(frozen=True)
 class Link:
-    """The writes to ``disk`` between checkpoint ``base`` and checkpoint ``target``."""
+    """The writes to ``disk`` between checkpoint ``base`` and checkpoint ``target``, recorded
+    by the backup job ``job``."""
 
     path: Path
+    job: str
     disk: str
     base: Instant
     target: Instant
-    granularity: int
     size: int
     runs: int  # how many (offset, length) pairs the file holds
+    crc: int  # CRC-32 of those pairs as stored
 
     def read_runs(self) -> list[tuple[int, int]]:
+        """The runs; ValueError when the file is not what its header says."""
         with open(self.path, "rb") as f:
             f.readline()
-            pairs = array("Q")
-            pairs.frombytes(f.read())
+            raw = f.read()
+        if len(raw) != 16 * self.runs or zlib.crc32(raw) != self.crc:
+            raise ValueError(f"{self.path}: damaged ({len(raw) // 16} of {self.runs} runs)")
+        pairs = array("Q")
+        pairs.frombytes(raw)
         if sys.byteorder != "little":
             pairs.byteswap()
-        if len(pairs) != 2 * self.runs:
-            raise ValueError(f"{self.path}: {len(pairs) // 2} runs, the header says {self.runs}")
-        return list(zip(pairs[0::2], pairs[1::2], strict=True))
+        runs = list(zip(pairs[0::2], pairs[1::2], strict=True))
+        if any(off + length > self.size for off, length in runs):
+            raise ValueError(f"{self.path}: a run past the disk's end ({self.size})")
+        return runs
 
 
 class Links:
@@ -67,31 +89,40 @@ class Links:
 
     def record(
         self,
+        job: str,
         disk: str,
         base: Instant,
         target: Instant,
-        granularity: int,
         size: int,
         runs: Sequence[tuple[int, int]],
     ) -> Link:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        header = {
-            "version": _VERSION,
-            "disk": disk,
-            "base": list(base),
-            "target": list(target),
-            "granularity": granularity,
-            "size": size,
-            "runs": len(runs),
-        }
+        """Keep the link ``base`` -> ``target`` that job ``job`` saw, ``target`` being the
+        checkpoint that job created: every other link touching ``target``'s identity is about
+        an older checkpoint of the same name and second, and goes."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in self.links(disk):
+            if old.job != job and target in (old.base, old.target):
+                old.path.unlink(missing_ok=True)
         pairs = array("Q", (v for run in runs for v in run))
         if sys.byteorder != "little":
             pairs.byteswap()
-        path = self.folder / f"{secrets.token_hex(8)}{_SUFFIX}"
+        raw = pairs.tobytes()
+        crc = zlib.crc32(raw)
+        header = {
+            "version": _VERSION,
+            "job": job,
+            "disk": disk,
+            "base": list(base),
+            "target": list(target),
+            "size": size,
+            "runs": len(runs),
+            "crc": crc,
+        }
+        path = self.folder / f"{job}.{disk.encode().hex()}{_SUFFIX}"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(json.dumps(header).encode() + b"\n")
-            f.write(pairs.tobytes())
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -100,10 +131,10 @@ class Links:
             os.fsync(fd)  # the rename itself
         finally:
             os.close(fd)
-        return Link(path, disk, base, target, granularity, size, len(runs))
+        return Link(path, job, disk, base, target, size, len(runs), crc)
 
     def links(self, disk: str | None = None) -> list[Link]:
-        """The links kept (of ``disk``); unreadable files are left out."""
+        """The links kept (of ``disk``); files that are not links are left out."""
         found = []
         try:
             paths = sorted(self.folder.glob(f"*{_SUFFIX}"))
@@ -117,12 +148,13 @@ class Links:
                     continue
                 link = Link(
                     path,
+                    str(head["job"]),
                     str(head["disk"]),
                     (str(head["base"][0]), int(head["base"][1])),
                     (str(head["target"][0]), int(head["target"][1])),
-                    int(head["granularity"]),
                     int(head["size"]),
                     int(head["runs"]),
+                    int(head["crc"]),
                 )
             except (OSError, ValueError, KeyError, IndexError, TypeError):
                 continue
@@ -139,32 +171,30 @@ class Links:
         came: dict[Instant, Link] = {}
         frontier = [base]
         seen = {base}
-        while frontier:
+        while frontier and target not in seen:
             step = []
             for at in frontier:
                 for link in by_base.get(at, ()):
-                    if link.target in seen:
-                        continue
-                    seen.add(link.target)
-                    came[link.target] = link
-                    step.append(link.target)
+                    if link.target not in seen:
+                        seen.add(link.target)
+                        came[link.target] = link
+                        step.append(link.target)
             frontier = step
-            if target in seen:
-                break
         if target not in came:
             return None
         path = []
         at = target
         while at != base:
-            link = came[at]
-            path.append(link)
-            at = link.base
+            path.append(came[at])
+            at = came[at].base
         return path[::-1]
 
     def prune(self, disk: str, chain: Iterable[Instant]) -> int:
         """Remove the links of ``disk`` that no path between two of the checkpoints ``chain``
         (the ones libvirt has now) can use: those no current checkpoint reaches, and those that
-        lead to none. Returns how many were removed."""
+        lead to none; and temporary files a crash left. Returns how many links were removed."""
+        for tmp in self.folder.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
         links = self.links(disk)
         now = set(chain)
         reach = _closure(now, [(k.base, k.target) for k in links])  # from a current one
@@ -190,14 +220,6 @@ def _closure(start: set[Instant], steps: list[tuple[Instant, Instant]]) -> set[I
     return found
 
 
-def union(ranges: Iterable[list[tuple[int, int]]]) -> list[tuple[int, int]]:
-    """The sorted, merged union of runs."""
-    allruns = sorted(r for runs in ranges for r in runs)
-    out: list[tuple[int, int]] = []
-    for off, length in allruns:
-        if out and off <= out[-1][0] + out[-1][1]:
-            end = max(out[-1][0] + out[-1][1], off + length)
-            out[-1] = (out[-1][0], end - out[-1][0])
-        else:
-            out.append((off, length))
-    return out
+def union(path: Iterable[Link]) -> list[tuple[int, int]]:
+    """The sorted, merged union of the runs of ``path``'s links (ValueError: a damaged one)."""
+    return list(merged(sorted(run for link in path for run in link.read_runs())))

@@ -11,11 +11,10 @@ snapshot; ClearRange on the view goes to the ledger under the snapshot's fixed g
 
 ReleaseSnapshot ends the job (``abortJob``: a pull backup never ends by itself). The release
 rule for the checkpoint N the snapshot created: it is kept, unless the consumer acknowledged
-part of the view (ClearRange) but not all of it; then N is deleted and libvirt merges its bitmap
-into its parent's, so that the checkpoint the consumer will back up from again still covers
-every write since it. libvirt never clears a checkpoint's bitmap, it only merges them, so
-"since C" loses nothing whatever the rule does: the rule only decides whether N remains a base
-to back up from. (docs/running-vms.md, "libvirt".)
+part of the view (ClearRange) but not all of it; then N is deleted, so that the consumer backs
+up from C again. libvirt never clears a checkpoint's bitmap, and deleting N does not touch C's
+tracking, so "since C" loses nothing whatever the rule does: the rule only decides whether N
+remains a base to back up from. (docs/running-vms.md, "libvirt".)
 
 Recovery: a job file in the folder, written before the job starts, names the snapshot, its
 token (hence its ledger generation), its view and checkpoint. At the first probe that finds the
@@ -38,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import errors
 from gateway.config import ExportConfig
+from gateway.errors import GatewayError
 from gateway.hosts.checkpoints import (
     CheckpointDelta,
+    checkpoint_error,
     checkpoint_exists,
     checkpoint_not_found,
     read_dirty_runs,
@@ -49,18 +50,19 @@ from gateway.hosts.libvirt import (
     Checkpoint,
     LibvirtFailure,
     LibvirtHost,
+    _key,
     backup_xml,
     checkpoint_xml,
     libvirt_error,
     parse_backup,
     prepare_folder,
 )
-from gateway.hosts.libvirt_deltas import Instant, Links, union
+from gateway.hosts.libvirt_deltas import Instant, Links, instant_of, union
 from gateway.hosts.pool import ExportPool
 from gateway.hosts.qmp_snapshots import disk_busy
 from gateway.ledger import Scope
 from nbdcore.constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
-from nbdcore.storage.checkpoint import SINCE_PREFIX
+from nbdcore.storage.checkpoint import SINCE_PREFIX, order_error
 from nbdcore.tools.snapshot_cmds import SEPARATOR
 
 if TYPE_CHECKING:
@@ -79,6 +81,11 @@ class Job:
     checkpoint: str  # the checkpoint the job created ("" none)
     exports: dict[str, str]  # gateway export -> disk target
     created: float
+    # The creation times of ``since`` and ``checkpoint`` as libvirt listed them once the job
+    # had started (0: not known, a job file of an older gateway): what the job's view is
+    # between (libvirt_deltas).
+    since_created: int = 0
+    checkpoint_created: int = 0
 
     @property
     def view(self) -> str:
@@ -107,12 +114,13 @@ def _save(host: LibvirtHost, job: Job) -> None:
 
 
 def links_of(host: LibvirtHost) -> Links:
-    """The host's record of what was written between its checkpoints (libvirt_deltas)."""
-    return Links(host.nbd_socket.with_suffix(".links"))
+    """The host's record of what was written between its checkpoints (libvirt_deltas), in
+    the gateway's data folder: not in the host's folder, which QEMU's user may write."""
+    return Links(host.folder.parent / "libvirt-links" / _key(host.config.name))
 
 
 def _instants(chain: list[Checkpoint]) -> dict[str, Instant]:
-    return {c.name: (c.name, c.created) for c in chain}
+    return {c.name: instant_of(c) for c in chain}
 
 
 def _load(host: LibvirtHost) -> Job | None:
@@ -123,6 +131,18 @@ def _load(host: LibvirtHost) -> Job | None:
     except (ValueError, TypeError) as exc:
         log.error("host %s: job file unreadable (%s); ignored", host.name, exc)
         return None
+
+
+def _no_record(export: str, base: str, target: str, why: str) -> GatewayError:
+    # As the CSI service answers a host that has no change tracking at all.
+    return errors.precondition_failed(
+        "CHANGE_TRACKING_UNAVAILABLE",
+        f"export {export!r}: {why}",
+        {"export": export, "base": base, "target": target},
+        kind="CHECKPOINT_DELTA",
+        subject=f"exports/{export}/checkpoints/{target}",
+        why=why,
+    )
 
 
 class LibvirtSnapshots:
@@ -278,6 +298,8 @@ class LibvirtSnapshots:
                     backup_xml(host.nbd_socket, spec, all_disks, since),
                     checkpoint_xml(checkpoint) if checkpoint else None,
                 )
+                if since and checkpoint:
+                    await self._note_instants(host, job)
             except LibvirtFailure as exc:
                 job_file(host).unlink(missing_ok=True)
                 if exc.kind == "busy":
@@ -418,7 +440,7 @@ class LibvirtSnapshots:
 
     async def checkpoint_delta(self, export: str, base: str, target: str) -> CheckpointDelta:
         """Written between checkpoints ``base`` and ``target``: the union of the links the
-        gateway recorded from one to the other (libvirt_deltas: libvirt cannot say it)."""
+        gateway recorded from one to the other (libvirt_deltas: libvirt cannot say)."""
         host = self._host(export)
         pool = self.gateway.pools[export]
         disk = pool.config.node or ""
@@ -436,57 +458,74 @@ class LibvirtSnapshots:
             older.add(at)
             at = parents.get(at, "")
         if base not in older:
-            raise errors.invalid_field(
-                "base",
-                f"checkpoint {base!r} is newer than {target!r}: ask from the older to the newer",
-            )
+            raise checkpoint_error(export, order_error(base, target))
         links = links_of(host)
-        path = await asyncio.to_thread(links.path, disk, instants[base], instants[target])
-        if path is None:
-            why = (
-                f"the gateway has no record of what was written to disk {disk} between"
-                f" checkpoints {base!r} and {target!r}: libvirt only tells what changed since a"
-                " checkpoint up to now, so the gateway records it when a snapshot incremental"
-                " from one checkpoint creates the next (CreateSnapshot with since_checkpoint"
-                " and checkpoint_id); checkpoints made otherwise (virsh, AddBitmap, a snapshot"
-                " without since_checkpoint) have no such record"
-            )
-            from gateway.hosts.snapshots import SnapshotReason
-
-            # The CSI service answers it as FAILED_PRECONDITION, "change tracking is not
-            # available for EXPORT: WHY", as for a host that has none.
-            raise errors.precondition_failed(
-                SnapshotReason.SNAPSHOTS_NOT_SUPPORTED,
-                why,
-                {"export": export, "base": base, "target": target},
-                kind="CHECKPOINT_DELTA",
-                subject=f"exports/{export}/checkpoints/{target}",
-                why=why,
-            )
-        runs = await asyncio.to_thread(lambda: union(link.read_runs() for link in path))
+        async with self.lock:  # no prune meanwhile
+            path = await asyncio.to_thread(links.path, disk, instants[base], instants[target])
+            if path is None:
+                raise _no_record(
+                    export,
+                    base,
+                    target,
+                    f"the gateway has no record of what was written to disk {disk} between"
+                    f" checkpoints {base!r} and {target!r}: libvirt only tells what changed"
+                    " since a checkpoint up to now, so the gateway records it when a snapshot"
+                    " incremental from one checkpoint creates the next (CreateSnapshot with"
+                    " since_checkpoint and checkpoint_id); checkpoints made otherwise (virsh,"
+                    " AddBitmap, a snapshot without since_checkpoint) have none, and a record"
+                    " that failed says why in the gateway's log",
+                )
+            try:
+                runs = await asyncio.to_thread(union, path)
+            except (OSError, ValueError) as exc:
+                raise _no_record(
+                    export, base, target, f"the gateway's record is unreadable: {exc}"
+                ) from None
         return CheckpointDelta(export, base, target, size, GRANULARITY, runs)
+
+    async def _note_instants(self, host: LibvirtHost, job: Job) -> None:
+        """Write down, in the job file, which checkpoints the job's view is between: libvirt's
+        list right after the job started (a name may later be deleted and taken again)."""
+        try:
+            instants = _instants(await host.libvirt.checkpoints())
+            if job.since in instants and job.checkpoint in instants:
+                job.since_created = instants[job.since][1]
+                job.checkpoint_created = instants[job.checkpoint][1]
+                _save(host, job)
+        except (LibvirtFailure, OSError) as exc:
+            # The job runs: serve it. Only its link will be missing (logged).
+            job.checkpoint_created = 0
+            log.warning("snapshot %s: the instants of its view not noted (%s)", job.snapshot, exc)
 
     async def _record_links(self, host: LibvirtHost, job: Job) -> None:
         """Keep what the job's view shows, "since ``job.since``" frozen at the instant
-        ``job.checkpoint`` was created, as the link between the two for every disk of the
-        job (once). A failure is logged: the snapshot serves its backup all the same, and only
-        a GetMetadataDelta through this link will say it has no record."""
-        if not (job.since and job.checkpoint):
+        ``job.checkpoint`` was created, as the link between the two for every disk of the job
+        (once per job: at creation, and at release in case the gateway died in between). Only
+        when libvirt still lists the very checkpoints the job started with. A failure is
+        logged: the snapshot serves its backup all the same, and a GetMetadataDelta that needs
+        the link says it has none."""
+        if not (job.since and job.checkpoint and job.checkpoint_created):
             return
+        base = (job.since, job.since_created)
+        target = (job.checkpoint, job.checkpoint_created)
         links = links_of(host)
         try:
             instants = _instants(await host.libvirt.checkpoints())
-            base, target = instants.get(job.since), instants.get(job.checkpoint)
-            if base is None or target is None:
-                return  # deleted already: nothing can ask for it any more
-            have = {(k.disk, k.base, k.target) for k in await asyncio.to_thread(links.links)}
+            if instants.get(job.since) != base or instants.get(job.checkpoint) != target:
+                log.warning(
+                    "snapshot %s: checkpoint %s or %s is no longer the one the job started"
+                    " with; the writes between them are not recorded",
+                    job.snapshot, job.since, job.checkpoint,
+                )  # fmt: skip
+                return
+            have = {(k.job, k.disk) for k in await asyncio.to_thread(links.links)}
             for export, disk in job.exports.items():
-                if (disk, base, target) in have:
+                if (job.token, disk) in have:
                     continue
                 pool = self.gateway.pools[job.pool_name(export)]
                 runs = await read_dirty_runs(pool, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + job.view)
                 size = (await host.known(self.gateway.pools[export])).size
-                await asyncio.to_thread(links.record, disk, base, target, GRANULARITY, size, runs)
+                await asyncio.to_thread(links.record, job.token, disk, base, target, size, runs)
                 removed = await asyncio.to_thread(links.prune, disk, instants.values())
                 if removed:
                     log.info("host %s: %d links of disk %s no longer of use, removed",
@@ -495,11 +534,8 @@ class LibvirtSnapshots:
             log.warning(
                 "snapshot %s: could not record the writes between checkpoints %s and %s (%s);"
                 " GetMetadataDelta between them will say so",
-                job.snapshot,
-                job.since,
-                job.checkpoint,
-                exc,
-            )
+                job.snapshot, job.since, job.checkpoint, exc,
+            )  # fmt: skip
 
     # --- recovery -----------------------------------------------------------------------------
 

@@ -78,6 +78,24 @@ def checkpoint_id(bitmap: str) -> str:
     return m["id"] if m else ""
 
 
+RESERVED_PREFIX: Final = "nbdgw-"  # checkpoints' bitmaps, and any scratch bitmap of ours
+
+
+def reserved_bitmap(name: str) -> str | None:
+    """Why ``name`` cannot be added or removed as a bitmap of one's own (None: it can): the
+    checkpoint chain's bitmaps (and the gateway's scratch ones) and snapshots' views. Added,
+    such a name passes for a checkpoint or a view; removed, a checkpoint's writes are lost to
+    every "since" view of an older one."""
+    if name.startswith(RESERVED_PREFIX):
+        return (
+            f"bitmap names starting with {RESERVED_PREFIX!r} are the gateway's (checkpoints:"
+            " CreateSnapshot checkpoint_id, DeleteCheckpoint)"
+        )
+    if name.startswith((SINCE_PREFIX, BETWEEN_PREFIX)):
+        return f"names starting with {SINCE_PREFIX!r} or {BETWEEN_PREFIX!r} are snapshots' views"
+    return None
+
+
 def between_view(base: str, target: str) -> str:
     """The name of a snapshot's view of what was written between ``base`` and ``target``."""
     return f"{BETWEEN_PREFIX}{base}:{target}"
@@ -134,10 +152,15 @@ def between(chain: Sequence[Link], base: str, target: str) -> list[Link]:
     """The checkpoints whose OR is "changed between ``base`` and ``target``"."""
     a, b = _index(chain, base), _index(chain, target)
     if a > b:
-        raise CheckpointOrderError(
-            f"checkpoint {base!r} is newer than {target!r}: ask from the older to the newer"
-        )
+        raise order_error(base, target)
     return list(chain[a:b])
+
+
+def order_error(base: str, target: str) -> CheckpointOrderError:
+    """The refusal of a delta asked from the newer checkpoint to the older."""
+    return CheckpointOrderError(
+        f"checkpoint {base!r} is newer than {target!r}: ask from the older to the newer"
+    )
 
 
 def neighbour(chain: Sequence[Link], checkpoint: str) -> tuple[Link, Link | None]:

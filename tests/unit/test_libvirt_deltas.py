@@ -11,20 +11,21 @@ import pytest
 from gateway.hosts.libvirt_deltas import Links, union
 
 G = 65536
+SIZE = 1 << 30
 C0, C1, C2, C3 = ("c0", 100), ("c1", 200), ("c2", 300), ("c3", 400)
 
 
 def links_with(tmp_path: Path) -> Links:
     links = Links(tmp_path / "links")
-    links.record("vda", C0, C1, G, 1 << 30, [(0, G), (5 * G, 2 * G)])
-    links.record("vda", C1, C2, G, 1 << 30, [(G, G), (6 * G, 3 * G)])
-    links.record("vdb", C0, C1, G, 1 << 30, [(9 * G, G)])
+    links.record("j1", "vda", C0, C1, SIZE, [(0, G), (5 * G, 2 * G)])
+    links.record("j1", "vdb", C0, C1, SIZE, [(9 * G, G)])
+    links.record("j2", "vda", C1, C2, SIZE, [(G, G), (6 * G, 3 * G)])
     return links
 
 
 def runs_of(links: Links, disk: str, base: tuple[str, int], target: tuple[str, int]) -> object:
     path = links.path(disk, base, target)
-    return None if path is None else union(link.read_runs() for link in path)
+    return None if path is None else union(path)
 
 
 def test_a_path_is_the_union_of_its_links(tmp_path: Path) -> None:
@@ -37,6 +38,9 @@ def test_a_path_is_the_union_of_its_links(tmp_path: Path) -> None:
     assert runs_of(links, "vdb", C0, C2) is None
     assert runs_of(links, "vda", C2, C0) is None
     assert runs_of(links, "vda", C1, C3) is None
+    # A job records each disk once: again is the same file.
+    links.record("j2", "vda", C1, C2, SIZE, [(G, G), (6 * G, 3 * G)])
+    assert len(links.links("vda")) == 2
 
 
 def test_a_name_taken_again_is_another_checkpoint(tmp_path: Path) -> None:
@@ -45,20 +49,28 @@ def test_a_name_taken_again_is_another_checkpoint(tmp_path: Path) -> None:
     links = links_with(tmp_path)
     assert runs_of(links, "vda", C0, ("c1", 250)) is None
     assert runs_of(links, "vda", ("c1", 250), C2) is None
+    # Within the same second the identities are equal: the job that creates the new c1
+    # drops every link of the old one before it records its own.
+    links.record("j3", "vda", C0, C1, SIZE, [(40 * G, G)])
+    assert runs_of(links, "vda", C0, C1) == [(40 * G, G)]
+    assert runs_of(links, "vda", C0, C2) is None  # c1 -> c2 was about the old c1
+    assert runs_of(links, "vdb", C0, C1) == [(9 * G, G)]  # another disk's, another job's
 
 
 def test_the_shortest_path_is_taken(tmp_path: Path) -> None:
     links = links_with(tmp_path)
-    links.record("vda", C0, C2, G, 1 << 30, [(20 * G, G)])
+    links.record("j4", "vda", C0, C2, SIZE, [(20 * G, G)])
     path = links.path("vda", C0, C2)
     assert path is not None and [(k.base, k.target) for k in path] == [(C0, C2)]
 
 
 def test_prune_keeps_what_joins_current_checkpoints(tmp_path: Path) -> None:
     links = links_with(tmp_path)
-    links.record("vda", C2, C3, G, 1 << 30, [(30 * G, G)])
-    # c1 deleted (merged into c0): the links through it still join c0 and c2.
+    links.record("j5", "vda", C2, C3, SIZE, [(30 * G, G)])
+    (links.folder / "crashed.tmp").write_bytes(b"half")
+    # c1 deleted: the links through it still join c0 and c2.
     assert links.prune("vda", [C0, C2, C3]) == 0
+    assert not (links.folder / "crashed.tmp").exists()
     assert runs_of(links, "vda", C0, C3) == [(0, 2 * G), (5 * G, 4 * G), (30 * G, G)]
     # c0 deleted too: c0 -> c1 -> c2 can no longer be asked for; c2 -> c3 can.
     assert links.prune("vda", [C2, C3]) == 2
@@ -67,16 +79,20 @@ def test_prune_keeps_what_joins_current_checkpoints(tmp_path: Path) -> None:
     assert len(links.links("vdb")) == 1
 
 
-def test_damaged_or_unknown_files_are_left_out(tmp_path: Path) -> None:
+def test_damaged_or_unknown_files_are_refused(tmp_path: Path) -> None:
     links = links_with(tmp_path)
     (links.folder / "junk.link").write_bytes(b"not json\n")
     (links.folder / "future.link").write_bytes(b'{"version": 99}\n')
     assert len(links.links()) == 3
-    # A file whose runs were cut short says so rather than answering less.
-    (one,) = [k for k in links.links("vdb")]
-    one.path.write_bytes(one.path.read_bytes()[:-8])
-    with pytest.raises(ValueError, match="0 runs, the header says 1"):
-        one.read_runs()
+    (one,) = links.links("vdb")
+    raw = bytearray(one.path.read_bytes())
+    raw[-3] ^= 0x40  # a flipped bit in the runs
+    one.path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged"):
+        union([one])
+    one.path.write_bytes(bytes(raw[:-16]))  # a run short
+    with pytest.raises(ValueError, match="damaged"):
+        union([one])
 
 
 def test_no_folder_no_links(tmp_path: Path) -> None:
