@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import logging
 import operator
@@ -68,7 +69,7 @@ from nbdcore.constants import (
 )
 from nbdcore.exceptions import NBDError
 from nbdcore.extents import ExtentBatch, iter_extents, merge_runs
-from nbdcore.storage.checkpoint import checkpoint_id
+from nbdcore.storage.checkpoint import checkpoint_id, reserved_bitmap
 from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import bitmap_service_pb2_grpc as pb_grpc
@@ -763,6 +764,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 bitmap = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
                 if not ctx.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX) or not bitmap:
                     violations.append(("bitmap", "a dirty bitmap name (qemu:dirty-bitmap:NAME)"))
+                elif why := reserved_bitmap(bitmap):
+                    violations.append(("bitmap", why))
             except GatewayError as err:
                 violations += errors.field_violations(err)
             g = request.granularity_bytes
@@ -801,6 +804,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             nonlocal pool
             export, ctx = bitmap_resource(request.name)
             bitmap = ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)
+            if why := reserved_bitmap(bitmap):
+                raise errors.invalid_field("name", why)
             pool, host = self._qmp_pool(export, ctx)
             await host.remove_bitmap(pool, bitmap)
             log.info("export %s: bitmap %s removed", export, bitmap)
@@ -851,6 +856,9 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         try:
             plan = _StreamPlan.from_request(request)
             pool = self.backend.pool(plan.export)
+            plan = plan.at_instant(
+                (pool.config.generation or "") if pool.config.fixed_generation else ""
+            )
             if (
                 isinstance(pool.host, QmpHost)
                 and pool.config.node
@@ -956,6 +964,7 @@ class _StreamPlan:
     digest: str = ""  # nbdgw.integrity.DIGESTS
     compression: str = ""
     compression_level: int = DEFAULT_ZSTD_LEVEL
+    instant: str = ""  # at_instant
 
     @classmethod
     def from_request(cls, r: pb.StreamExtentsRequest) -> _StreamPlan:
@@ -1005,6 +1014,14 @@ class _StreamPlan:
             compression=r.compression if r.include_data else "",
             compression_level=r.compression_level or DEFAULT_ZSTD_LEVEL,
         )
+        return plan
+
+    def at_instant(self, instant: str) -> _StreamPlan:
+        """The plan for an export whose point in time is ``instant`` (a VM snapshot's fixed
+        generation; "" for the others), its resume token checked: a token of a snapshot
+        released and taken again under the same name is another instant's, refused rather than
+        resumed into a mix of the two."""
+        plan = dataclasses.replace(self, instant=instant) if instant else self
         if plan.resume_token:
             pos = decode_resume(plan.resume_token, plan.fingerprint)
             if plan.resume_offset is not None and plan.resume_offset != pos:
@@ -1027,6 +1044,7 @@ class _StreamPlan:
             self.include_data,
             # Only when set: the tokens of streams without a digest stay as they were.
             *([self.digest] if self.digest else []),
+            *([{"instant": self.instant}] if self.instant else []),
         )
 
     @property

@@ -343,6 +343,7 @@ class Monitor:
         one instant for all of them. On failure nothing of it stays.
         """
         made: list[Fleece] = []
+        sent = False
         try:
             for f in fleeces:
                 info = await self.node(f.node)
@@ -403,22 +404,33 @@ class Monitor:
                         **{"job-id": f.job, "auto-dismiss": True, "auto-finalize": True},
                     )
                 )
+            sent = True
             await self.execute("transaction", {"actions": actions})
-        except BaseException:
+        except BaseException as exc:
+            if sent and not (isinstance(exc, QMPFailure) and exc.kind != "unavailable"):
+                # QEMU may have run the transaction (the monitor timed out or went away, or
+                # the gateway is stopping): the forks may hold the live bitmaps' bits now.
+                # The images stay, so that the recovery at the next monitor session finds
+                # the fleeces, serves them again or rolls them back (forks merged).
+                log.warning("snapshot %s: the transaction's outcome is unknown (%s); left to"
+                            " recovery", fleeces[0].snapshot if fleeces else "?", exc)  # fmt: skip
+                raise
             for f in made:
                 with contextlib.suppress(QMPFailure):
                     await self._drop_node(f.fleece_node)
                 with contextlib.suppress(OSError):
                     f.path.unlink()
             raise
-        for f in fleeces:
-            await self.add_export(
-                f.export_id,
-                f.fleece_node,
-                f.nbd_name,
-                bitmaps=list(f.forks),
-                description=f"nbdgw snapshot {f.snapshot} of {f.export}",
-            )
+
+    async def export_fleece(self, f: Fleece) -> None:
+        """Export a fleecing node on QEMU's NBD server (after :meth:`create_fleeces`)."""
+        await self.add_export(
+            f.export_id,
+            f.fleece_node,
+            f.nbd_name,
+            bitmaps=list(f.forks),
+            description=f"nbdgw snapshot {f.snapshot} of {f.export}",
+        )
 
     async def _drop_node(self, node: str) -> None:
         try:

@@ -281,6 +281,28 @@ class QmpSnapshots:
                 if exc.kind == "busy":
                     raise disk_busy(exports[0], "(not made by this gateway)") from None
                 raise qmp_error(exc, exports[0], host) from None
+            exported: list[Fleece] = []
+            try:
+                for f in fleeces:
+                    await host.monitor.export_fleece(f)
+                    exported.append(f)
+            except QMPFailure as exc:
+                # The forks hold the live bitmaps' bits: give them back before failing (and
+                # leave alone an export of that id that is not ours).
+                for f in fleeces:
+                    try:
+                        if f in exported:
+                            await host.monitor.remove_export(f.export_id)
+                        await self._give_back(host, f)
+                    except QMPFailure as again:
+                        log.error(
+                            "snapshot %s of %s: rollback failed (%s); the recovery at the next"
+                            " monitor session retries",
+                            snap_id,
+                            f.export,
+                            again,
+                        )
+                raise qmp_error(exc, exports[0], host) from None
             now = time.time()
             snaps = [QmpSnapshot(f.export, f, now, host) for f in fleeces]
             for snap in snaps:
@@ -424,8 +446,11 @@ class QmpSnapshots:
             return {"merged": merged, "released": released}
 
     async def _unacknowledged(self, snap: QmpSnapshot) -> dict[str, list[tuple[int, int]]]:
-        """Per fork: the granule-aligned ranges still dirty that nobody acknowledged."""
+        """Per fork: the granule-aligned ranges still dirty that nobody acknowledged (the
+        last granule clipped to the disk's end: merge_ranges writes them into an image of the
+        disk's size, which fails past its end)."""
         pool = self.gateway.pools[snap.pool_name]
+        size = self._size(snap)
         contexts = [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in snap.fleece.forks]
         ledger = await self._ledger()
         masks: dict[str, IntervalSet] = {
@@ -444,11 +469,12 @@ class QmpSnapshots:
                             continue
                         # A granule stays dirty unless every byte of it was acknowledged.
                         for gs in range(off - off % g, off + length, g):
-                            if mask.covered(gs, gs + g) < g:
+                            n = min(g, size - gs) if size else g
+                            if mask.covered(gs, gs + n) < n:
                                 if runs and runs[-1][0] + runs[-1][1] == gs:
-                                    runs[-1] = (runs[-1][0], runs[-1][1] + g)
+                                    runs[-1] = (runs[-1][0], runs[-1][1] + n)
                                 else:
-                                    runs.append((gs, g))
+                                    runs.append((gs, n))
                 out[ctx.removeprefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)] = runs
 
         await pool.run(contexts, read)
@@ -558,8 +584,12 @@ class QmpSnapshots:
         log.info("snapshot %s of %s: served again after a restart", f.snapshot, f.export)
 
     async def _rollback(self, host: QmpHost, f: Fleece) -> None:
+        await host.monitor.remove_export(f.export_id)
+        await self._give_back(host, f)
+
+    async def _give_back(self, host: QmpHost, f: Fleece) -> None:
+        """Undo a fleece that is not served: its forks merged back whole, the node gone."""
         mon = host.monitor
-        await mon.remove_export(f.export_id)
         await mon.cancel_job(f.job)
         live = {b.name for b in (await mon.node(f.node)).bitmaps}
         for bitmap in f.forks:

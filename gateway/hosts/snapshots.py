@@ -57,7 +57,7 @@ from nbdcore.storage import (
 )
 from nbdcore.storage import checkpoint as ckpt
 from nbdcore.storage.errors import CheckpointError
-from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError
+from nbdcore.storage.snapshot import MAX_SNAPSHOTS, SnapshotLimitError, validate_snapshot_name
 from nbdcore.tools.snapshot_cmds import SEPARATOR, snapshot_export
 from nbdgw.v1 import snapshot_service_pb2 as spb
 
@@ -338,6 +338,18 @@ class Snapshots:
                 group.append(export_id(value, f"group[{i}]"))
             except GatewayError as err:
                 violations += errors.field_violations(err)
+        if request.snapshot_id:
+            # Checked here for every kind of host: a VM's snapshot id names files (its fleecing
+            # image) and NBD exports (EXPORT@SNAP), and must survive a restart's recovery.
+            try:
+                validate_snapshot_name(request.snapshot_id)
+            except SnapshotError as exc:
+                violations.append(("snapshot_id", str(exc)))
+        if request.checkpoint_id:
+            try:
+                ckpt.validate_id(request.checkpoint_id)
+            except CheckpointError as exc:
+                violations.append(("checkpoint_id", str(exc)))
         if violations:
             raise errors.invalid_fields(violations)
         snap_id = request.snapshot_id or time.strftime(

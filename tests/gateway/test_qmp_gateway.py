@@ -65,6 +65,15 @@ async def test_bitmaps_over_grpc(vm: GuestlessVM, start_gateway: Any, tmp_path: 
     assert live_bitmaps(vm)["b"]["recording"]
     err = await call_error(run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b")))
     assert (err.code, err.info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "BITMAP_EXISTS")
+    # The checkpoint chain's names and the views' are not a user's: a fake checkpoint, or a
+    # live bitmap taken for a view (its forks were dropped at release, their bits with them).
+    for name in ("nbdgw-ckpt-000099-fake", "since:x", "between:a:b"):
+        err = await call_error(run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap=name)))
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "bitmap" in err.message, name
+    err = await call_error(run.stub.RemoveBitmap(pb.RemoveBitmapRequest(
+        name="exports/d0/bitmaps/qemu:dirty-bitmap:nbdgw-ckpt-000001-c0")))  # fmt: skip
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "DeleteCheckpoint" in err.message
+    assert set(live_bitmaps(vm)) == {"b"}
 
     writer = Writer(vm, run.host.nbd_socket).open()
     for i in range(5):
@@ -193,6 +202,19 @@ async def test_consistency_group_and_races(
     w1 = Writer(vm, run.host.nbd_socket, node="drive1").open()
     w0.write_pattern(0, 4096, 1)
     w1.write_pattern(GRANULE, 4096, 2)
+    # Ids that name files and exports: refused before QEMU is asked anything (a path was
+    # written outside DATA_DIR, "a/b" could not be released, "a@b" was lost at a restart).
+    folder_before = sorted(p.name for p in run.host.folder.iterdir())
+    for field, value in (("snapshot_id", "../../../escaped"), ("snapshot_id", "a/b"),
+                         ("snapshot_id", "a@b"), ("checkpoint_id", "c/1")):  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await run.snapshots.CreateSnapshot(
+                spb.CreateSnapshotRequest(parent="d0", bitmaps=["b"], **{field: value})
+            )
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (value, exc.value)
+        assert field in (exc.value.details() or "")
+    assert sorted(p.name for p in run.host.folder.iterdir()) == folder_before
+    assert not (tmp_path.parent / "escaped").exists()
     snap = await run.snapshots.CreateSnapshot(
         spb.CreateSnapshotRequest(parent="d0", group=["d1"], snapshot_id="g", bitmaps=["b"])
     )
@@ -356,3 +378,68 @@ def granules_of(vm: GuestlessVM) -> set[int]:
     from tests.gateway.test_qmp_backup import _dirty_granules
 
     return _dirty_granules(vm)
+
+
+async def test_release_on_a_disk_whose_size_is_not_a_whole_granule(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """A "10 GB" disk of 10^10 bytes is not a multiple of 64 KiB: releasing a snapshot with an
+    acknowledged granule and the last, partial granule dirty merged a whole granule past the
+    disk's end back, which QEMU refused, and the disk stayed busy."""
+    size = 16 * GRANULE + 1536
+    machine = GuestlessVM(tmp_path / "vm", "7", disks=1, size=size).start()
+    try:
+        run = await start_qmp(start_gateway, tmp_path, machine)
+        await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+        w = Writer(machine, run.host.nbd_socket).open()
+        w.write_pattern(0, 4096, 1)
+        w.write_pattern(size - 512, 512, 2)
+        w.close()
+        await run.snapshots.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+        )
+        await run.stub.ClearRange(
+            pb.ClearRangeRequest(export="d0@s", bitmap="b", offset=0, length=GRANULE)
+        )
+        released = await run.snapshots.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s")
+        )
+        assert [m.dirty_bytes for m in released.merged] == [1536]
+        # The last granule is dirty again in the live bitmap, the acknowledged one is not.
+        await run.snapshots.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="d0", snapshot_id="t", bitmaps=["b"])
+        )
+        s = await stream_all(run.stub, export="d0@t", context=CTX, filter=pb.EXTENT_FILTER_SET)
+        assert [(o, n) for o, n, f, _ in s.rows if f & 1] == [(16 * GRANULE, 1536)]
+        # A resume token of snapshot t does not resume a later snapshot that is also named t:
+        # another instant (the stream would mix the two).
+        req = pb.StreamExtentsRequest(export="d0@t", context="base:allocation",
+                                      max_extents_per_message=1)  # fmt: skip
+        first = await anext(aiter(run.stub.StreamExtents(req)))
+        await run.snapshots.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/t")
+        )
+        await run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", snapshot_id="t"))
+        req.resume_token = first.resume_token
+        err = await call_error(run.stub.StreamExtents(req))
+        assert (err.code, err.info.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_RESUME_TOKEN",
+        )
+        await run.snapshots.ReleaseSnapshot(
+            spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/t")
+        )
+        # Someone else's NBD export already has the name the snapshot's would take: QEMU has
+        # run the transaction (the fork holds the live bits) when the export fails. The
+        # fork goes back into the live bitmap, and the other export stays.
+        machine.cmd("block-export-add", type="nbd", id="theirs", name="d0@u",
+                    **{"node-name": "drive0"})  # fmt: skip
+        err = await call_error(run.snapshots.CreateSnapshot(
+            spb.CreateSnapshotRequest(parent="d0", snapshot_id="u", bitmaps=["b"])))  # fmt: skip
+        assert err.code != grpc.StatusCode.OK
+        assert live_bitmaps(machine)["b"]["count"] == GRANULE  # the last granule, still dirty
+        assert "theirs" in {e["id"] for e in machine.cmd("query-block-exports")}
+        listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
+        assert not listed.snapshots
+    finally:
+        machine.stop()
