@@ -42,6 +42,7 @@ from gateway.api.names import (
 from gateway.api.names import fingerprint as _fingerprint
 from gateway.config import EMBEDDED_HOST
 from gateway.errors import GatewayError
+from gateway.hosts.checkpoints import merged
 from gateway.hosts.libvirt import LibvirtHost, snapshot_required
 from gateway.hosts.pool import ExportPool, KnownExport
 from gateway.hosts.qmp import QmpHost, read_through_snapshot
@@ -56,6 +57,7 @@ from gateway.integrity import (
 )
 from gateway.ledger import GenerationChangedError, Ledger, LedgerError, Scope, mask_table
 from gateway.security.limits import stream_budget
+from nbdcore import clear_ext
 from nbdcore.aio.client import NBDClient
 from nbdcore.aio.server import NBDServer
 from nbdcore.client import BULK_READ
@@ -65,9 +67,10 @@ from nbdcore.constants import (
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
+    Errno,
     TransmissionFlag,
 )
-from nbdcore.exceptions import NBDError
+from nbdcore.exceptions import NBDError, RequestError
 from nbdcore.extents import ExtentBatch, iter_extents, merge_runs
 from nbdcore.storage.checkpoint import checkpoint_id, reserved_bitmap
 from nbdcore.storage.image import Image
@@ -639,7 +642,18 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                     )
                 if since is None:
                     raise self._token_required(name, ctx)
-                cleared, kept = await client.clear_since(request.offset, request.length, ctx, since)
+                try:
+                    cleared, kept = await client.clear_since(
+                        request.offset, request.length, ctx, since
+                    )
+                except RequestError as exc:
+                    if exc.errno != Errno.EOVERFLOW:
+                        raise
+                    # Too fragmented for one reply; the host cleared nothing.
+                    runs, g, kept_runs = await _clear_since_in_pieces(
+                        client, request.offset, request.length, ctx, since
+                    )
+                    return plan, _at_source(runs, g, kept_runs)
                 return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
             # A clear without a generation would be recorded under whatever generation is
             # current when it arrives, which may be a newer point in time than the one copied.
@@ -895,6 +909,30 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure in StreamExtents")
             await _abort(context, _resumable(_map(exc, pool), stream))
+
+
+async def _clear_since_in_pieces(
+    client: NBDClient, offset: int, length: int, ctx: str, since: tuple[int, int]
+) -> tuple[list[tuple[int, int]], int, list[tuple[int, int]]]:
+    """A conditional clear in pieces of at most MAX_CLEARED_RUNS granules, whose replies always
+    fit (a host refuses one that would not with NBD_EOVERFLOW, having cleared nothing): the
+    cleared runs, the granularity, the kept runs. The granularity comes from a clear of one
+    byte, which no granule lies wholly inside: it clears nothing."""
+    probe, _ = await client.clear_since(offset, 1, ctx, since)
+    g = probe.granularity
+    end = offset + length
+    step = clear_ext.MAX_CLEARED_RUNS * g
+    cleared: list[tuple[int, int]] = []
+    kept: list[tuple[int, int]] = []
+    at = offset
+    while at < end:
+        # Piece ends on granule boundaries: no granule is cut between two pieces.
+        stop = min(end, -(-at // g) * g + step)
+        c, k = await client.clear_since(at, stop - at, ctx, since)
+        cleared += c.runs
+        kept += k.runs
+        at = stop
+    return list(merged(cleared)), g, list(merged(kept))
 
 
 def _at_source(

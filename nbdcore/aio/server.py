@@ -42,7 +42,7 @@ from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from nbdcore import wire
+from nbdcore import clear_ext, wire
 from nbdcore.constants import (
     CONTEXT_BASE_ALLOCATION,
     CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
@@ -1242,7 +1242,10 @@ def _clear_since(
     image: Image, name: str, offset: int, length: int, since: tuple[int, int], fua: bool
 ) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
     bitmap = _bitmap(image, name)
-    runs, kept = image.clear_bitmap_range_since(name, offset, length, since)
+    # Refused (NBD_EOVERFLOW) before anything is cleared when the reply could not carry it.
+    runs, kept = image.clear_bitmap_range_since(
+        name, offset, length, since, max_runs=clear_ext.MAX_CLEARED_RUNS
+    )
     if fua:
         image.flush()
     return bitmap.granularity, runs, kept

@@ -29,6 +29,7 @@ position of an older history then clears nothing.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import secrets
 import struct
@@ -293,7 +294,7 @@ class DirtyBitmap:
         return [(start, min(end << self._shift, self.size) - start)]
 
     def clear_range_since(
-        self, offset: int, length: int, since: Position
+        self, offset: int, length: int, since: Position, *, max_runs: int | None = None
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Clear the granules wholly inside ``[offset, offset + length)`` that were not marked
         after position ``since``; returns ``(cleared, kept)`` byte runs (in order, whole
@@ -303,6 +304,9 @@ class DirtyBitmap:
         disks of at most ``MAX_HISTORY_REGIONS`` granules; a whole region beyond): their bits
         stay as they are. A position of another history, or from the future, keeps the whole
         range: a clear is never blind.
+
+        ``max_runs``: refuse with OSError(EOVERFLOW), having cleared nothing, when the cleared
+        or the kept runs would be more (what one reply can carry).
         """
         self._check_range(offset, length)
         first, end = self._inner_granules(offset, length)
@@ -318,9 +322,16 @@ class DirtyBitmap:
             at = first
             for a, b in [*kept, (end, end)]:
                 if at < a:
-                    self._set(at, a, False)
                     cleared.append((at, a))
                 at = b
+            if max_runs is not None and max(len(cleared), len(kept)) > max_runs:
+                raise OSError(
+                    errno.EOVERFLOW,
+                    f"clearing [{offset}, {offset + length}) would leave {len(kept)} runs kept"
+                    f" and {len(cleared)} cleared, more than {max_runs}: clear smaller ranges",
+                )
+            for a, b in cleared:
+                self._set(a, b, False)
         return self._byte_runs(cleared), self._byte_runs(kept)
 
     def _byte_runs(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

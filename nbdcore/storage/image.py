@@ -226,13 +226,13 @@ class Image:
         return self.bitmap(name).clear_range(offset, length)
 
     def clear_bitmap_range_since(
-        self, name: str, offset: int, length: int, since: Position
+        self, name: str, offset: int, length: int, since: Position, *, max_runs: int | None = None
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Clear the granules of bitmap ``name`` wholly inside the range and not written after
         position ``since``; returns the ``(cleared, kept)`` byte runs (see
-        ``DirtyBitmap.clear_range_since``)."""
+        ``DirtyBitmap.clear_range_since``, and its ``max_runs``)."""
         self._check_writable()
-        return self.bitmap(name).clear_range_since(offset, length, since)
+        return self.bitmap(name).clear_range_since(offset, length, since, max_runs=max_runs)
 
     def bitmap_position(self, name: str) -> Position:
         """The current point of bitmap ``name``'s write history."""

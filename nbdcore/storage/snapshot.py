@@ -502,12 +502,12 @@ class Snapshot(Image):
         return self.bitmap(name).clear_range(offset, length)
 
     def clear_bitmap_range_since(
-        self, name: str, offset: int, length: int, since: Position
+        self, name: str, offset: int, length: int, since: Position, *, max_runs: int | None = None
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """As ``Image.clear_bitmap_range_since``: nothing writes a fork, so only a position of
         another history keeps anything."""
         self._check_present()
-        return self.bitmap(name).clear_range_since(offset, length, since)
+        return self.bitmap(name).clear_range_since(offset, length, since, max_runs=max_runs)
 
     def bitmap_position(self, name: str) -> Position:
         return self.bitmap(name).position

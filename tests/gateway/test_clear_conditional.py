@@ -6,6 +6,7 @@ exports need no token. Writes go straight to the host over NBD, never through th
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 
 from gateway.config import GatewayConfig
 from nbdcore.aio.client import NBDClient
+from nbdcore.clear_ext import MAX_CLEARED_RUNS
+from nbdcore.storage.image import Image
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
 from nbdgw.v1 import snapshot_service_pb2_grpc as spb_grpc
@@ -146,3 +149,39 @@ async def test_snapshot_exports_need_no_token(tmp_path: Path, start_gateway: Any
         pb.ClearRangeRequest(export="disk@s1", bitmap="b0", offset=0, length=2 * MiB)
     )
     assert resp.cleared_bytes == 2 * MiB and not resp.conditional
+
+
+async def test_a_clear_too_fragmented_for_one_reply_is_done_in_pieces(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    """More kept runs than one NBD reply carries (clear_ext.MAX_CLEARED_RUNS): the host
+    refuses with NBD_EOVERFLOW before clearing anything (it used to clear, then fail the
+    reply: EINVAL, with the bitmap changed), and the gateway clears in pieces."""
+    g, runs = 512, MAX_CLEARED_RUNS + 1
+    size = 2 * runs * g
+    image = Image.create(tmp_path / "frag.raw", size)
+    image.add_bitmap("b0", granularity=g)
+    image.write(b"\x01" * size, 0)
+    image.close()
+    peer = NbdcoreHost(tmp_path / "frag.raw", tmp_path / "frag.sock").start()
+    try:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("disk", peer.uri)
+        gw = await start_gateway(cfg)
+        token = await token_of(gw.stub)
+        async with await NBDClient.connect(peer.uri) as client:
+            for first in range(0, runs, 512):  # every other granule, written after the read
+                await asyncio.gather(
+                    *(client.pwrite(b"w", 2 * i * g) for i in range(first, min(runs, first + 512)))
+                )
+        resp = await gw.stub.ClearRange(
+            pb.ClearRangeRequest(
+                export="disk", bitmap="b0", offset=0, length=size, clear_token=token
+            )
+        )
+        kept = [(2 * i * g, g) for i in range(runs)]
+        assert ranges(resp.kept_ranges) == kept
+        assert ranges(resp.cleared_ranges) == [((2 * i + 1) * g, g) for i in range(runs)]
+        assert await dirty_runs(peer.uri, B0) == kept
+    finally:
+        peer.stop()

@@ -120,6 +120,20 @@ def test_large_disks_keep_whole_regions() -> None:
     assert bitmap.is_dirty(5 * granularity) and not bitmap.is_dirty(0)
 
 
+def test_a_clear_whose_runs_overflow_clears_nothing() -> None:
+    bitmap = DirtyBitmap("m", 10 * GRAN, GRAN)
+    bitmap.mark_dirty(0, 10 * GRAN)
+    since = bitmap.position
+    for g in (1, 4, 7):
+        bitmap.mark_dirty(g * GRAN, 1)
+    with pytest.raises(OSError, match="3 runs kept and 4 cleared, more than 3") as exc:
+        bitmap.clear_range_since(0, 10 * GRAN, since, max_runs=3)
+    assert exc.value.errno == errno.EOVERFLOW
+    assert bitmap.dirty_bytes() == 10 * GRAN
+    cleared, kept = bitmap.clear_range_since(0, 10 * GRAN, since, max_runs=4)
+    assert (len(cleared), len(kept)) == (4, 3)
+
+
 def test_disabled_bitmaps_still_record_history() -> None:
     bitmap = DirtyBitmap("m", 4 * GRAN, GRAN, enabled=False)
     since = bitmap.position
