@@ -906,6 +906,15 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 # ends the write with an error of its own. Nothing failed here.
                 log.debug("StreamExtents: the client went away (%s)", type(exc).__name__)
                 raise asyncio.CancelledError from None
+            if pool is not None and self.backend.pools.get(pool.name) is not pool:
+                # The export went away under the stream (a snapshot released): no host to wait
+                # for, and nothing to resume.
+                gone = dataclasses.replace(
+                    errors.export_not_found(pool.name),
+                    message=f"export {pool.name!r} was removed during the stream (released)",
+                )
+                await _abort(context, gone)
+                return
             if not isinstance(exc, (OSError, NBDError)):
                 log.exception("unexpected failure in StreamExtents")
             await _abort(context, _resumable(_map(exc, pool), stream))

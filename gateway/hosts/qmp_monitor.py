@@ -247,7 +247,12 @@ class Monitor:
             return name
         for dev in await self.execute("query-block"):
             inserted = dev.get("inserted") or {}
-            if name in (dev.get("device"), dev.get("qdev")) and inserted.get("node-name"):
+            qdev = str(dev.get("qdev") or "")
+            # qdev is a QOM path; a -device id=ID is /machine/peripheral/ID/...
+            ids = {dev.get("device"), qdev}
+            if qdev.startswith("/machine/peripheral/"):
+                ids.add(qdev.split("/")[3])
+            if name in ids and inserted.get("node-name"):
                 return str(inserted["node-name"])
         raise QMPFailure("not_found", f"QEMU has no block node or device {name!r}")
 

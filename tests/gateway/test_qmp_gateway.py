@@ -33,15 +33,19 @@ def vm(request: pytest.FixtureRequest, tmp_path: Path):
     machine.stop()
 
 
-def qmp_config(tmp_path: Path, vm: GuestlessVM, disks: int = 1) -> GatewayConfig:
+def qmp_config(
+    tmp_path: Path, vm: GuestlessVM, disks: int = 1, node: str = "drive{i}"
+) -> GatewayConfig:
     config = GatewayConfig(data_dir=tmp_path / "data")
     for i in range(disks):
-        config.add_qmp_export(f"d{i}", str(vm.qmp_path), f"drive{i}")
+        config.add_qmp_export(f"d{i}", str(vm.qmp_path), node.format(i=i))
     return config
 
 
-async def start_qmp(start_gateway: Any, tmp_path: Path, vm: GuestlessVM, disks: int = 1) -> Any:
-    run = await start_gateway(qmp_config(tmp_path, vm, disks))
+async def start_qmp(
+    start_gateway: Any, tmp_path: Path, vm: GuestlessVM, disks: int = 1, node: str = "drive{i}"
+) -> Any:
+    run = await start_gateway(qmp_config(tmp_path, vm, disks, node))
     run.snapshots = spb_grpc.SnapshotServiceStub(run.channel)
     (host,) = run.gateway.hosts.values()
     run.host = host
@@ -443,3 +447,29 @@ async def test_release_on_a_disk_whose_size_is_not_a_whole_granule(
         assert not listed.snapshots
     finally:
         machine.stop()
+
+
+async def test_a_stream_of_a_snapshot_released_under_it(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    """The snapshot is gone, not the host: NOT_FOUND, not UNAVAILABLE with a resume position
+    that a client would retry for ever."""
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    w = Writer(vm, run.host.nbd_socket).open()
+    for g in range(0, vm.disks[0].size // GRANULE, 4):
+        w.write_pattern(g * GRANULE, 4096, g)
+    w.close()
+    await run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", snapshot_id="s"))
+    call = run.stub.StreamExtents(
+        pb.StreamExtentsRequest(
+            export="d0@s", context="base:allocation", include_data=True, max_extents_per_message=1
+        )
+    )
+    first = await call.read()  # then stop reading: the gateway waits on flow control
+    assert first.data
+    await run.snapshots.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s"))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND, exc.value
+    assert "released" in (exc.value.details() or "")

@@ -27,7 +27,10 @@ async def test_guest_writes_around_a_snapshot(
 ) -> None:
     vm = GuestVM(tmp_path / "vm", version, count=40, pause=0.1).start()
     try:
-        run = await start_qmp(start_gateway, tmp_path, vm)
+        # The disk named as the docs allow: by its node name, or by its device's id (-device
+        # ...,id=vd0), which QEMU reports only inside a QOM path.
+        node = "drive0" if version == "7" else "vd0"
+        run = await start_qmp(start_gateway, tmp_path, vm, node=node)
         await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
         vm.run()
         before = await asyncio.to_thread(vm.wait_writes, 8)
