@@ -65,7 +65,7 @@ from gateway.cli.common import (
     warn,
 )
 from gateway.integrity import ZSTD_LEVELS
-from nbdcore.durable import fsync_dir
+from nbdcore.durable import fsync_dir, write_atomic
 from nbdcore.memory import keep_freed_memory
 from nbdcore.tools.progress import Progress
 from nbdgw import AsyncClient, Bitmap, BitmapKind, ClearMode, ExtentBatch, Retry
@@ -1029,6 +1029,8 @@ def _prepare(
             full=bool(args.full),
             clear=bool(args.clear),
             digest_algorithm=args.digest or "",
+            since=getattr(args, "since", "") or "",
+            checkpoint=getattr(args, "checkpoint_id", "") or "",
         )
         # The state first: a crash right after leaves something --resume understands.
         state.save(spath)
@@ -1086,6 +1088,9 @@ def restore(args: argparse.Namespace) -> int:
     size = -1 if create else base_path.stat().st_size
     plans = []
     previous: tuple[Path, BackupState] | None = None
+    # The checkpoints the backups so far reach (None: unknown); an existing BASE: what an
+    # earlier restore into it, or the backup it is a copy of, says.
+    covered, after = (None, 0.0) if create else _restored(base_path)
     # Check everything before changing anything: a bad argument leaves BASE as it was.
     for path in args.incrementals:
         state, header, runs = load_complete(path)
@@ -1102,6 +1107,12 @@ def restore(args: argparse.Namespace) -> int:
             )
         if previous is not None:
             _check_chain(previous, (path, state))
+        elif state.started <= after:
+            raise BackupError(
+                f"{path} was taken before what {base_path} already holds: list the backups"
+                " oldest first (BASE is restored up to a later one)"
+            )
+        covered = _check_since(covered, path, state)
         previous = (path, state)
         plans.append((path, runs))
     total = sum(length for _, runs in plans for _, length in runs)
@@ -1116,7 +1127,60 @@ def restore(args: argparse.Namespace) -> int:
         base.sync()
     finally:
         base.close()
+    if previous is not None:
+        record = {
+            "checkpoints": sorted(covered) if covered is not None else None,
+            "started": previous[1].started,
+            # BASE as this restore left it: a record of a file changed since (a backup copied
+            # over it) is not used.
+            "mtime_ns": base_path.stat().st_mtime_ns,
+        }
+        write_atomic(_restored_path(base_path), json.dumps(record).encode() + b"\n")
     return 0
+
+
+def _restored_path(base: Path) -> Path:
+    return base.with_name(base.name + ".nbdgw-restored.json")
+
+
+def _restored(base: Path) -> tuple[set[str] | None, float]:
+    """What BASE holds already: (the checkpoints it reaches, None when unknown; when the last
+    backup laid into it was taken). From the record of the last restore into it, else from
+    the state of the backup it is (or a copy of, with its state file beside it)."""
+    try:
+        record = json.loads(_restored_path(base).read_text())
+        if record.get("mtime_ns") == base.stat().st_mtime_ns:
+            checkpoints = record.get("checkpoints")
+            return (set(checkpoints) if checkpoints is not None else None), float(record["started"])
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackupError(f"{_restored_path(base)} is unreadable ({exc}): remove it") from None
+    try:
+        state = BackupState.load(state_path(base))
+    except (OSError, ValueError, TypeError, BackupError):
+        return None, 0.0  # a disk nbdgw did not make: nothing to check it against
+    if not state.complete:
+        return None, 0.0
+    return _check_since(None, base, state), state.started
+
+
+def _check_since(covered: set[str] | None, path: Path, state: BackupState) -> set[str] | None:
+    """An incremental since checkpoint C follows backups that reach C: one made by a backup
+    before it in the list (a missing link, or a later full before an older incremental, would
+    leave a wrong disk). Returns the checkpoints reached with ``path``; None when unknown
+    (backups of bitmaps, or made by an nbdgw that did not record them): not checked."""
+    if state.full:
+        return {state.checkpoint} if state.checkpoint else None
+    if covered is not None and state.since and state.since not in covered:
+        raise BackupError(
+            f"{path} holds the changes since checkpoint {state.since!r}, but the backups"
+            f" before it reach checkpoint(s) {', '.join(sorted(covered))}: a backup is missing"
+            " in between, or the list is not in order"
+        )
+    if covered is not None and state.checkpoint:
+        return covered | {state.checkpoint}
+    return covered
 
 
 def _check_chain(earlier: tuple[Path, BackupState], later: tuple[Path, BackupState]) -> None:

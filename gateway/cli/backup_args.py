@@ -27,7 +27,9 @@ every range its map (INCREMENTAL.nbdgw-dirty) records as dirty is copied from IN
 holes and zeroes included (a dirty range that reads as zeroes is zeroed in BASE); the other
 ranges of BASE are left as they are. A full backup in the list replaces all of BASE. A missing
 BASE is created from the first backup, which must then be a full one. The backups must be of one
-export and listed oldest first: a list out of order is refused before anything is written."""
+export and listed oldest first: a list out of order, or an incremental since a checkpoint that
+no backup before it reaches (--since, --checkpoint-id: one is missing), is refused before
+anything is written, also across calls on one BASE (BASE.nbdgw-restored.json)."""
 
 
 VERIFY_DESCRIPTION = """Check backups made by 'nbdgw backup' without copying anything again: each

@@ -55,6 +55,10 @@ class BackupState:
     generation: str = ""
     started: float = field(default_factory=time.time)
     snapshot: str = ""  # the snapshot read, "" for the live export (gateway.cli.backup_snapshots)
+    # With --since C / --checkpoint-id N: the checkpoint the changes are since, and the one the
+    # backup's snapshot created; restore checks a chain with them.
+    since: str = ""
+    checkpoint: str = ""
     # With --digest: the algorithm, and once complete the digest of what the stream delivered
     # (hex; nbdgw.integrity.RangeDigest), checked against the gateway's. Until then, what a
     # resumed run needs: the last checkpoint's resume token (it carries the gateway's digest

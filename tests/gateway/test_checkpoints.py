@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,39 @@ async def test_backup_chain_with_checkpoints(start_gateway: Any, tmp_path: Path,
         )  # fmt: skip
         assert proc.returncode != 0 and "no checkpoint 'nosuch'" in proc.stderr, proc.stderr
         assert not (tmp_path / "bad.img").exists()
+
+        # restore checks that each incremental follows what comes before it.
+        await backup("fullb.img", "--full", "--checkpoint", "d1")
+        await scatter(write, rng, 6)
+        await backup("incb1.img", "--since", "d1", "--checkpoint-id", "d2")
+        await scatter(write, rng, 6)
+        await backup("inc3.img", "--since", "d2", "--checkpoint-id", "d3")
+        at_d3 = await read_disk(run)
+
+        def restore(base: str, *backups: str) -> Any:
+            args = [str(tmp_path / b) for b in (base, *backups)]
+            return cli("restore", *args)
+
+        proc = await asyncio.to_thread(restore, "new.img", "fullb.img", "inc3.img")  # a gap
+        assert proc.returncode != 0 and "since checkpoint 'd2'" in proc.stderr
+        assert "missing" in proc.stderr and not (tmp_path / "new.img").exists()
+        proc = await asyncio.to_thread(restore, "new.img", "fullb.img", "incb1.img", "inc3.img")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "new.img").read_bytes() == at_d3
+        # In place, over two calls: a copy of the full backup with its state file, then the
+        # record the first restore leaves.
+        for suffix in ("", ".nbdgw-backup.json"):
+            shutil.copy(tmp_path / f"fullb.img{suffix}", tmp_path / f"copy.img{suffix}")
+        proc = await asyncio.to_thread(restore, "copy.img", "inc3.img")
+        assert proc.returncode != 0 and "missing" in proc.stderr
+        proc = await asyncio.to_thread(restore, "copy.img", "incb1.img")
+        assert proc.returncode == 0, proc.stderr
+        proc = await asyncio.to_thread(restore, "copy.img", "incb1.img")  # again
+        assert proc.returncode != 0 and "taken before" in proc.stderr
+        proc = await asyncio.to_thread(restore, "copy.img", "inc3.img")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "copy.img").read_bytes() == at_d3
+
     finally:
         if host is not None:
             host.stop()
