@@ -668,7 +668,14 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             slots = asyncio.Semaphore(max(1, pool.host.settings.max_idle_per_export))
             self._clear_slots[name] = slots
         async with slots:
-            plan, done = await pool.run([ctx], on_host)
+            try:
+                plan, done = await pool.run([ctx], on_host)
+            except RequestError as exc:
+                if exc.errno != Errno.EPERM:
+                    raise
+                # The host's storage is read-only (nbdgw nbd serve --read-only): not the
+                # caller's permission, which PERMISSION_DENIED would say.
+                raise errors.read_only(name, ctx, f"host {pool.host.name}: {exc}") from None
         if done is False:
             raise errors.bitmap_not_found(name, ctx, await self._offered(pool))
         if plan.mode == pb.CLEAR_MODE_AT_SOURCE:

@@ -113,6 +113,23 @@ async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -
     assert resp.cleared_bytes == G and not resp.conditional
 
 
+async def test_a_read_only_host_image_is_read_only(tmp_path: Path, start_gateway: Any) -> None:
+    """nbdgw nbd serve --read-only offers the clear extension, whose clears then fail with
+    NBD_EPERM: READ_ONLY (FAILED_PRECONDITION), not the caller's PERMISSION_DENIED."""
+    make_image(tmp_path / "ro.raw", SIZE, [(0, MiB)])
+    peer = NbdcoreHost(tmp_path / "ro.raw", tmp_path / "ro.sock", extra=("--read-only",)).start()
+    try:
+        cfg = GatewayConfig(data_dir=tmp_path / "gw")
+        cfg.add_uri_export("ro", peer.uri)
+        gw = await start_gateway(cfg)
+        err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(
+            export="ro", bitmap="b0", offset=0, length=G, unconditional=True)))  # fmt: skip
+        assert (err.code, err.info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "READ_ONLY")
+        assert await dirty_runs(peer.uri, B0) == [(0, MiB)]
+    finally:
+        peer.stop()
+
+
 async def test_tokens_survive_restarts_of_the_gateway_and_the_host(
     tmp_path: Path, start_gateway: Any, host: NbdcoreHost
 ) -> None:
