@@ -545,14 +545,17 @@ class Monitor:
         with contextlib.suppress(FileNotFoundError):
             fleece.path.unlink()
 
-    async def drop_merge_leftovers(self, folder: Path) -> None:
+    async def drop_merge_leftovers(self, folder: Path, exports: Iterable[str]) -> None:
         """Scratch nodes and images of a merge-back that a crash interrupted (the merge-back is
-        redone whole from the fork, which is still there)."""
+        redone whole from the fork, which is still there): this QEMU's, of ``exports`` (the
+        folder is shared with the other QEMU hosts, whose merges may be running)."""
         for name in await self.nodes():
             if name.startswith(MERGE_NODE.format(token="")):
                 await self._drop_node(name)
+        ours = set(exports)
         for path in await asyncio.to_thread(_merge_files, folder):
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            if path.name.split("@", 1)[0] in ours:
+                await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def find_fleeces(self, folder: Path) -> list[tuple[Fleece, bool]]:
         """What earlier gateways left: every fleecing image in ``folder`` with whether QEMU

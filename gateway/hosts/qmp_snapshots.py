@@ -530,7 +530,9 @@ class QmpSnapshots:
         """Find what earlier gateways (or this one, before QEMU restarted) left in QEMU."""
         async with self.lock:
             try:
-                await host.monitor.drop_merge_leftovers(host.folder)
+                await host.monitor.drop_merge_leftovers(
+                    host.folder, [p.name for p in host.pools if p.config.node]
+                )
                 found = await host.monitor.find_fleeces(host.folder)
                 jobs = {j.get("device") for j in await host.monitor.execute("query-block-jobs")}
             except QMPFailure as exc:

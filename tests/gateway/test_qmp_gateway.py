@@ -445,6 +445,14 @@ async def test_release_on_a_disk_whose_size_is_not_a_whole_granule(
         assert "theirs" in {e["id"] for e in machine.cmd("query-block-exports")}
         listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
         assert not listed.snapshots
+        # Recovery drops the scratch images of this host's interrupted merge-backs, not those
+        # of another QEMU host's exports, whose merge may be running (the folder is shared).
+        ours = run.host.folder / "d0@s.0a0b0c0d-0.fleece.6200.merge"
+        theirs = run.host.folder / "vm2-disk@s.0a0b0c0d-0.fleece.6200.merge"
+        for path in (ours, theirs):
+            path.write_bytes(b"")
+        await run.gateway.qmp_snapshots.recover(run.host)
+        assert not ours.exists() and theirs.exists()
     finally:
         machine.stop()
 
