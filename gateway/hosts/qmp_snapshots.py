@@ -253,6 +253,14 @@ class QmpSnapshots:
                             CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
                             [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + n for n in present],
                         )
+                    if b.inconsistent:
+                        # QEMU stopped without storing it: its bits cannot be trusted.
+                        raise errors.bitmap_busy(
+                            export,
+                            name,
+                            "it is inconsistent (QEMU stopped without storing it): remove it"
+                            " (RemoveBitmap), add it again and take a full backup",
+                        )
                     if b.busy or not b.recording:
                         raise errors.bitmap_busy(
                             export, name, "it is in use by QEMU, or not recording (disabled)"

@@ -7,6 +7,7 @@ groups, racing creates, QEMU dying and coming back, and recovery after the gatew
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,18 @@ async def test_qemu_dies_and_comes_back(
     await wait_health(run.channel, "nbdgw.v1.BitmapService", 1)  # SERVING
     listed = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="d0"))
     assert CTX in {b.context for b in listed.bitmaps}  # persistent: QEMU stored it at exit
+    # Killed, QEMU cannot store it: loaded again, it is inconsistent, and a fork says so.
+    vm.stop(signal.SIGKILL)
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 2)
+    vm.start()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 1)
+    listed = await run.stub.ListBitmaps(pb.ListBitmapsRequest(parent="d0"))
+    assert {b.context: b.inconsistent for b in listed.bitmaps}[CTX]
+    err = await call_error(
+        run.snapshots.CreateSnapshot(spb.CreateSnapshotRequest(parent="d0", bitmaps=["b"]))
+    )
+    assert (err.code, err.info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "BITMAP_BUSY")
+    assert "inconsistent" in err.message and "full backup" in err.message
 
 
 async def test_restart_serves_the_snapshot_again(
