@@ -534,9 +534,12 @@ class Monitor:
             ]  # fmt: skip
             if victim.recording:
                 actions.append(_action("block-dirty-bitmap-enable", node=node, name=older.bitmap))
-            # Both record until the removal: a write in between is in both, never lost.
+            # The removal in the same transaction: a connection lost between two commands left
+            # both recording, and the older one recorded for ever (nothing repaired it).
+            actions.append(_action("block-dirty-bitmap-remove", node=node, name=victim.bitmap))
             await self.execute("transaction", {"actions": actions})
-        await self.remove_bitmap(node, victim.bitmap)
+        else:
+            await self.remove_bitmap(node, victim.bitmap)
         return older.id if older is not None else None
 
     async def drop_fleece(self, fleece: Fleece) -> None:
