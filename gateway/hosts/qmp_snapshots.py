@@ -561,6 +561,15 @@ class QmpSnapshots:
                     await self._unserve(snap)
             for f, live in found:
                 pool = self.gateway.pools.get(f.export)
+                if pool is None and live:
+                    # In this QEMU, of an export no longer configured (renamed?): its forks
+                    # hold dirty bits that only a release under that name merges back.
+                    log.warning(
+                        "snapshot %s of %s is in QEMU (%s), but no export %s is configured:"
+                        " its forks hold dirty bits; configure the export again to release it",
+                        f.snapshot, f.export, f.fleece_node, f.export,
+                    )  # fmt: skip
+                    continue
                 if pool is None or pool.host is not host or not pool.config.node:
                     continue  # another host's, or an export no longer configured
                 try:

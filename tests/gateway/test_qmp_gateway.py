@@ -7,6 +7,7 @@ groups, racing creates, QEMU dying and coming back, and recovery after the gatew
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -35,18 +36,23 @@ def vm(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def qmp_config(
-    tmp_path: Path, vm: GuestlessVM, disks: int = 1, node: str = "drive{i}"
+    tmp_path: Path, vm: GuestlessVM, disks: int = 1, node: str = "drive{i}", name: str = "d{i}"
 ) -> GatewayConfig:
     config = GatewayConfig(data_dir=tmp_path / "data")
     for i in range(disks):
-        config.add_qmp_export(f"d{i}", str(vm.qmp_path), node.format(i=i))
+        config.add_qmp_export(name.format(i=i), str(vm.qmp_path), node.format(i=i))
     return config
 
 
 async def start_qmp(
-    start_gateway: Any, tmp_path: Path, vm: GuestlessVM, disks: int = 1, node: str = "drive{i}"
+    start_gateway: Any,
+    tmp_path: Path,
+    vm: GuestlessVM,
+    disks: int = 1,
+    node: str = "drive{i}",
+    name: str = "d{i}",
 ) -> Any:
-    run = await start_gateway(qmp_config(tmp_path, vm, disks, node))
+    run = await start_gateway(qmp_config(tmp_path, vm, disks, node, name))
     run.snapshots = spb_grpc.SnapshotServiceStub(run.channel)
     (host,) = run.gateway.hosts.values()
     run.host = host
@@ -300,7 +306,7 @@ async def test_qemu_dies_and_comes_back(
 
 
 async def test_restart_serves_the_snapshot_again(
-    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = await start_qmp(start_gateway, tmp_path, vm)
     await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
@@ -316,6 +322,12 @@ async def test_restart_serves_the_snapshot_again(
     # A gateway that stops without releasing (as after kill -9, QEMU keeps everything).
     await run.gateway.stop(grace=0)
     writer.write_pattern(10 * GRANULE, 4096, 9)
+    # Restarted with the export renamed: the snapshot's forks are in QEMU, and the log says
+    # which export to configure again to release them.
+    caplog.set_level(logging.WARNING, logger="nbdgw.qmp")
+    renamed = await start_qmp(start_gateway, tmp_path, vm, node="drive{i}", name="renamed{i}")
+    assert any("no export d0 is configured" in r.getMessage() for r in caplog.records)
+    await renamed.gateway.stop(grace=0)
     run2 = await start_qmp(start_gateway, tmp_path, vm)
     listed = await run2.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
     assert [s.name for s in listed.snapshots] == ["exports/d0/snapshots/s"]
