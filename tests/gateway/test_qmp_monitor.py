@@ -65,6 +65,7 @@ async def test_fleecing_point_in_time_and_precise_merge_back(vm: GuestlessVM, tm
     await asyncio.sleep(0.05)
     at = len(writer.writes)
     await mon.create_fleeces([f])
+    await mon.export_fleece(f)
     writer._pause.clear()
     await asyncio.sleep(0.5)
     writer.stop()
