@@ -547,11 +547,11 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                     f"it is the bitmap of checkpoint {checkpoint!r}, kept by the gateway;"
                     " delete the checkpoint (DeleteCheckpoint) instead of clearing it",
                 )
+            pool = self.backend.pool(name)  # an unknown export is NOT_FOUND, whatever the token
             # The position the consumer's copy was read at (None: no token).
             since = (
                 decode_clear_token(request.clear_token, name, ctx) if request.clear_token else None
             )
-            pool = self.backend.pool(name)
             image = self._image(pool)
             if image is not None:
                 return await self._clear_embedded(pool, image, ctx, request, since)

@@ -106,6 +106,10 @@ async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -
     other = await token_of(gw.stub, "other")
     err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(**base, clear_token=other)))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "another" in err.message
+    # An unknown export is NOT_FOUND, whatever the token says.
+    err = await call_error(gw.stub.ClearRange(
+        pb.ClearRangeRequest(**{**base, "export": "nosuch"}, clear_token=other)))  # fmt: skip
+    assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "EXPORT_NOT_FOUND")
     # Nothing was cleared by any of them.
     assert await dirty_runs(host.uri, B0) == [(0, 4 * MiB)]
     # The caller's word that nothing writes still clears.
