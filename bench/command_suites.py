@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import procs
 from bench.fixtures import BITMAP, GRANULE, Fixtures
-from bench.gateway_suites import gateway
+from bench.gateway_suites import DATA_MESSAGE, bare_grpc_server, gateway
 from bench.harness import GIB_S, Benchmark, Metric, Row, Side, Target
 from bench.suites import (
     NBDCOPY_CONNECTIONS,
@@ -138,8 +138,13 @@ def commands_backup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 backup["nbdgw backup --full"] = gw
             nbdcopy_out = out / "nbdcopy.raw"
             flushed = out / "nbdcopy-flush.raw"
+            bare, _ = stack.enter_context(bare_grpc_server(["--file", data.file], work))
+            bare_out = out / "bare-grpc.raw"
+            drain = [sys.executable, "-m", "bench.workers", "bare-grpc-drain", bare]
+            drain += ["--message-size", str(DATA_MESSAGE), "--out", str(bare_out)]
             yield {
                 **backup,
+                "bare grpcio stream into a file": _to_file(drain, bare_out, data.file, data.size),
                 "nbdcopy to a file": _to_file(
                     nbdcopy_cmd(uri, str(nbdcopy_out)), nbdcopy_out, data.file, data.size
                 ),
@@ -169,6 +174,23 @@ def commands_backup(fx: Fixtures, opts: dict[str, int]) -> Benchmark:
                 "same, recording a blake3 digest / nbdcopy URI FILE",
                 "nbdgw backup --full, blake3 digest",
                 "nbdcopy to a file",
+            ),
+            # The ceiling of any gateway built on grpcio here: the bytes of the file itself
+            # (no NBD, no qemu-nbd, no protobuf, no checksum, no state) streamed by a bare
+            # grpcio server and written by a minimal grpc.aio client. The target row's 0.8x
+            # is above it on this machine (docs/benchmarks.md, "The ceiling").
+            Row(
+                "bare grpcio server streaming the file (1 MiB messages, no NBD, no protobuf),"
+                " a minimal grpc.aio client os.pwrite()ing each message into tmpfs, fsync at"
+                " the end / nbdcopy URI FILE; both whole processes, start and exit included",
+                "bare grpcio stream into a file",
+                "nbdcopy to a file",
+            ),
+            Row(
+                "nbdgw backup --full (as the first row) / the bare grpcio stream into a file"
+                " (the row above): what the gateway, NBD and qemu-nbd cost over the ceiling",
+                "nbdgw backup --full",
+                "bare grpcio stream into a file",
             ),
             # nbdcopy without --flush leaves the file's last pages in the page cache (it starts
             # their writeback, sync_file_range, and exits); the backup is on disk when it ends.
