@@ -14,7 +14,8 @@ nothing else). Only a QMP host's first probe is awaited: it recovers the host's 
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Gateway.stop`): every health status turns NOT_SERVING, open
 StreamExtents calls end at their next message boundary with UNAVAILABLE
-(GATEWAY_SHUTTING_DOWN) carrying their resume position, then the server stops with a grace
+(GATEWAY_SHUTTING_DOWN) carrying their resume position, new calls are answered the same until
+they stop coming (gateway.drain: grpc would cancel them), then the server stops with a grace
 period for the rest.
 """
 
@@ -48,6 +49,7 @@ from gateway.config import (
     ensure_data_dir,
     parse_listen,
 )
+from gateway.drain import Drain
 from gateway.hosts.libvirt import LibvirtHost, discover_disks
 from gateway.hosts.libvirt_snapshots import LibvirtSnapshots
 from gateway.hosts.pool import ExportPool, Host
@@ -64,6 +66,7 @@ from nbdcore.aio.server import NBDServer, stale_unix_socket
 from nbdcore.memory import give_back_freed_memory, keep_freed_memory
 from nbdcore.storage.image import Image
 from nbdcore.uri import NBDURI
+from nbdgw.csi.v1 import csi_pb2 as csi_pb
 from nbdgw.csi.v1 import csi_pb2_grpc as csi_grpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
 from nbdgw.v1 import snapshot_service_pb2 as spb
@@ -147,6 +150,10 @@ class Listening:
         return f"{host}:{self.port}"
 
 
+# The CSI sidecar's probes: answered (not ready) while the gateway drains, as health checks.
+CSI_IDENTITY = f"/{csi_pb.DESCRIPTOR.services_by_name['Identity'].full_name}/"
+
+
 class Gateway:
     """The whole gateway. ``await start()``, then ``await stop()`` (or ``await serve()``)."""
 
@@ -158,6 +165,8 @@ class Gateway:
         self.nbd_server: NBDServer | None = None
         self.health = HealthServicer(self._export_health)
         self.shutdown = asyncio.Event()
+        self.drain = Drain(self.shutdown)  # the API port's; the CSI socket has its own
+        self.csi_drain = Drain(self.shutdown, open_prefixes=(CSI_IDENTITY,))
         self.backend = Backend(
             self.pools, self.images, self.shutdown, embedded=lambda: self.nbd_server
         )
@@ -266,9 +275,8 @@ class Gateway:
             cfg.policy,
             self.limiter,
         )
-        server = grpc.aio.server(
-            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics), access]
-        )
+        interceptors = [ObservabilityInterceptor(self.metrics), self.drain, access]
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         # StreamExtents sends data messages it serialized itself (gateway.api.framing).
         add_bitmap_service(BitmapServicer(self.backend), server)
         spb_grpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.snapshots), server)
@@ -365,7 +373,8 @@ class Gateway:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
         server = grpc.aio.server(
-            options=GRPC_OPTIONS, interceptors=[ObservabilityInterceptor(self.metrics)]
+            options=GRPC_OPTIONS,
+            interceptors=[ObservabilityInterceptor(self.metrics), self.csi_drain],
         )
         csi_grpc.add_IdentityServicer_to_server(IdentityServicer(self), server)
         csi_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataServicer(self), server)
@@ -491,6 +500,15 @@ class Gateway:
         grace = self.config.grace_period if grace is None else grace
         try:
             await self.health.enter_graceful_shutdown()
+            # New calls are refused UNAVAILABLE until they stop coming (gateway.drain), half
+            # the grace at most; the calls already running go on meanwhile.
+            settled = await asyncio.gather(
+                self.drain.settle(grace / 2), self.csi_drain.settle(grace / 2)
+            )
+            refused = self.drain.refused + self.csi_drain.refused
+            if refused:
+                log.info("refused %d new calls while stopping (%.2fs)", refused, max(settled))
+            grace = max(0.0, grace - max(settled))
             if self.server is not None:
                 await self.server.stop(grace)
             if self.health_server is not None:

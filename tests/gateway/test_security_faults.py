@@ -177,3 +177,63 @@ async def test_gateway_fault_mid_stream_and_mid_clear(tmp_path: Path, how: signa
         assert len(acked) >= 20
     finally:
         gw.stop()
+
+
+async def sigterm_under_calls(gw: GatewayProcess) -> list[tuple[grpc.StatusCode, str]]:
+    """16 callers send ClearRange after ClearRange without pause; SIGTERM once 200 are done.
+    Returns each caller's last call's code and reason."""
+    assert gw.proc is not None
+    endings: list[tuple[grpc.StatusCode, str]] = []
+    busy = asyncio.Event()
+    calls = 0
+    async with grpc.aio.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.BitmapServiceStub(channel)
+
+        async def caller(i: int) -> None:
+            nonlocal calls
+            offset, length = clear_range(i)
+            request = pb.ClearRangeRequest(
+                export="disk", bitmap="b1", offset=offset, length=length, unconditional=True
+            )
+            while True:
+                try:
+                    await stub.ClearRange(request, metadata=bearer(TOKEN), timeout=10)
+                except grpc.aio.AioRpcError as err:
+                    endings.append((err.code(), failure(err).reason))
+                    return
+                calls += 1
+                if calls >= 200:
+                    busy.set()
+
+        callers = [asyncio.create_task(caller(i)) for i in range(16)]
+        await asyncio.wait_for(busy.wait(), 60)
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*callers), 30)
+    return endings
+
+
+async def test_calls_arriving_at_a_stopping_gateway_are_unavailable_not_cancelled(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while callers send one call after another: every caller's last call ends
+    UNAVAILABLE (a client retries it elsewhere), none CANCELLED (which a client takes for its
+    own doing and does not retry). grpc cancels a call that reaches it once its server has
+    begun to stop, so the gateway first answers new calls GATEWAY_SHUTTING_DOWN until they
+    stop coming, and only then stops its server."""
+    disk = make_disk(tmp_path / "disk.img")
+    (tmp_path / "tokens").write_text(f"backup {TOKEN}\n")
+    args = ("--image", f"disk={disk}", "--token-file", str(tmp_path / "tokens"))
+    endings: list[tuple[grpc.StatusCode, str]] = []
+    for _ in range(3):  # the race is narrow: a few stops make a regression show
+        gw = GatewayProcess(*args, data_dir=tmp_path / "gw").start()
+        try:
+            endings += await sigterm_under_calls(gw)
+            assert gw.proc is not None
+            assert await asyncio.to_thread(gw.proc.wait, 30) == 0
+        finally:
+            gw.stop()
+    codes = [code for code, _reason in endings]
+    assert grpc.StatusCode.CANCELLED not in codes, endings
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, endings
+    # The stopping gateway answered them itself (a caller may also find it gone already).
+    assert any(reason == "GATEWAY_SHUTTING_DOWN" for _code, reason in endings), endings
