@@ -548,14 +548,10 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                     " delete the checkpoint (DeleteCheckpoint) instead of clearing it",
                 )
             pool = self.backend.pool(name)  # an unknown export is NOT_FOUND, whatever the token
-            # The position the consumer's copy was read at (None: no token).
-            since = (
-                decode_clear_token(request.clear_token, name, ctx) if request.clear_token else None
-            )
             image = self._image(pool)
             if image is not None:
-                return await self._clear_embedded(pool, image, ctx, request, since)
-            return await self._clear_remote(pool, ctx, request, since)
+                return await self._clear_embedded(pool, image, ctx, request)
+            return await self._clear_remote(pool, ctx, request)
 
         return await self._unary(context, body, lambda: pool)
 
@@ -571,13 +567,21 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             " export)",
         )
 
+    @staticmethod
+    def _since(request: pb.ClearRangeRequest, name: str, ctx: str) -> tuple[int, int] | None:
+        """The position the consumer's copy was read at (None: no token). Decoded once the
+        bitmap is known to exist: a token names one bitmap, so for an unknown bitmap it would
+        always be "read from another bitmap", where NOT_FOUND is the answer."""
+        if not request.clear_token:
+            return None
+        return decode_clear_token(request.clear_token, name, ctx)
+
     async def _clear_embedded(
         self,
         pool: ExportPool,
         image: Image,
         ctx: str,
         request: pb.ClearRangeRequest,
-        since: tuple[int, int] | None,
     ) -> pb.ClearRangeResponse:
         name = pool.name
         plan = self._clear_plan(pool, None, ctx)
@@ -590,6 +594,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
             raise errors.bitmap_not_found(
                 name, ctx, [CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + b for b in image.bitmaps]
             )
+        since = self._since(request, name, ctx)
         _check_range(request.offset, request.length, image.size)
         granularity = image.bitmaps[short].granularity
         # The image is shared with the embedded NBD server's worker thread; Image locks
@@ -612,7 +617,6 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
         pool: ExportPool,
         ctx: str,
         request: pb.ClearRangeRequest,
-        since: tuple[int, int] | None,
     ) -> pb.ClearRangeResponse:
         """A clear on a remote host, decided and (at the source) done on one leased connection:
         at the source through the host's NBD clear extension (NBD_CMD_X_NBDGW_CLEAR), or in the
@@ -626,6 +630,7 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 return plan, None
             if ctx not in client.meta_contexts:
                 return plan, False
+            since = self._since(request, name, ctx)
             _check_range(request.offset, request.length, client.size)
             if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
                 if client.read_only or (since is None and request.unconditional):

@@ -68,6 +68,10 @@ async def test_a_write_after_the_read_is_kept(
         uri = f"nbd+unix:///disk?socket={(tmp_path / 'gw' / 'nbd.sock').absolute()}"
     token = await token_of(gw.stub)
     assert token
+    # A bitmap the export lacks is NOT_FOUND, though the token names another (test_refusals).
+    err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(
+        export="disk", bitmap="nosuch", offset=0, length=G, clear_token=token)))  # fmt: skip
+    assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "BITMAP_NOT_FOUND")
     # Written after the read: granules 3 and 40 (the second one clean before).
     await write(uri, 3 * G + 100, b"x" * 10)
     await write(uri, 40 * G, b"y" * 4096)
@@ -110,6 +114,11 @@ async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -
     err = await call_error(gw.stub.ClearRange(
         pb.ClearRangeRequest(**{**base, "export": "nosuch"}, clear_token=other)))  # fmt: skip
     assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "EXPORT_NOT_FOUND")
+    # So is an unknown bitmap: a token names one bitmap, so for any other it is "from another
+    # bitmap", which would hide what is wrong.
+    err = await call_error(gw.stub.ClearRange(
+        pb.ClearRangeRequest(**{**base, "bitmap": "nosuch"}, clear_token=other)))  # fmt: skip
+    assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "BITMAP_NOT_FOUND")
     # Nothing was cleared by any of them.
     assert await dirty_runs(host.uri, B0) == [(0, 4 * MiB)]
     # The caller's word that nothing writes still clears.
