@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -653,9 +654,13 @@ async def _run(*argv: str, stdin: bytes | None = None) -> None:
 
 
 async def _qemu_img_create(path: Path, size: int, cluster_size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except OSError as exc:  # a command of QEMU's host that failed, as qemu-img's own failures
+        kind = "no_space" if exc.errno == errno.ENOSPC else "failed"
+        raise QMPFailure(kind, f"cannot create {path}: {exc}") from None
     await _run(
         "qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
         str(path), str(size),

@@ -91,6 +91,10 @@ class QmpSnapshot:
     fleece: Fleece
     created: float
     host: QmpHost
+    # What a release found unacknowledged in the forks, kept in case it fails part-way: the
+    # retry cannot read the forks again (their export is gone by then), and merging them back
+    # whole would drop every acknowledgement (safe, but the next backup copies it all again).
+    unacknowledged: dict[str, list[tuple[int, int]]] | None = None
 
     @property
     def name(self) -> str:
@@ -491,13 +495,15 @@ class QmpSnapshots:
     async def _release_one(self, snap: QmpSnapshot) -> dict[str, tuple[int, int]]:
         host, f = snap.host, snap.fleece
         forks = await self._fork_state(snap)
-        try:
-            todo = await self._unacknowledged(snap)
-        except Exception as exc:
-            # The fork could not be read: merging all of it back is the safe choice.
-            log.warning("snapshot %s of %s: forks unreadable (%s); merging all back", snap.name,
-                        snap.export, exc)  # fmt: skip
-            todo = {}
+        todo = snap.unacknowledged
+        if todo is None:
+            try:
+                todo = snap.unacknowledged = await self._unacknowledged(snap)
+            except Exception as exc:
+                # The fork could not be read: merging all of it back is the safe choice.
+                log.warning("snapshot %s of %s: forks unreadable (%s); merging all back",
+                            snap.name, snap.export, exc)  # fmt: skip
+                todo = {}
         disk_size = self._size(snap)
         await self._unserve(snap)
         result: dict[str, tuple[int, int]] = {}

@@ -506,3 +506,45 @@ async def test_a_stream_of_a_snapshot_released_under_it(
             pass
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND, exc.value
     assert "released" in (exc.value.details() or "")
+
+
+async def test_a_release_that_fails_part_way_keeps_the_acknowledgements(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+) -> None:
+    """The release stops part-way: the fork's export is gone, its merge cannot create its
+    scratch image (a full file system does this; here a directory is in its way). The retry
+    cannot read the fork any more: it merged all of it back, and the acknowledgements were
+    lost (the next backup copied everything again). It now merges exactly what the first
+    attempt found unacknowledged."""
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    writer = Writer(vm, run.host.nbd_socket).open()
+    for i in range(4):
+        writer.write_pattern(i * 2 * GRANULE, 4096, i)
+    writer.close()
+    await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+    )
+    for g in (0, 2):  # the first two written granules are backed up and acknowledged
+        await run.stub.ClearRange(
+            pb.ClearRangeRequest(export="d0@s", bitmap="b", offset=g * GRANULE, length=GRANULE)
+        )
+    (fleece,) = (tmp_path / "data").rglob("*.fleece.qcow2")
+    blocker = fleece.with_suffix(f".{b'b'.hex()}.merge")  # the merge's scratch image
+    blocker.mkdir()
+    (blocker / "x").write_bytes(b"")
+    err = await call_error(
+        run.snapshots.ReleaseSnapshot(spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s"))
+    )
+    assert err.code != grpc.StatusCode.OK and str(blocker) in err.message
+    listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="exports/d0"))
+    assert [s.name for s in listed.snapshots] == ["exports/d0/snapshots/s"]
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    released = await run.snapshots.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s")
+    )
+    assert [(m.context, m.dirty_bytes) for m in released.merged] == [(CTX, 2 * GRANULE)]
+    # Nothing wrote since the instant: the live bitmap holds exactly the two unacknowledged.
+    assert live_bitmaps(vm)["b"]["count"] == 2 * GRANULE
+    assert not list((tmp_path / "data").rglob("*.fleece.qcow2"))
