@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +141,47 @@ class Fleece:
     views: dict[str, list[str]] = field(default_factory=dict)
     # A checkpoint started at the instant: (its new bitmap, the one that stops recording).
     checkpoint: tuple[str, str | None] | None = None
+    created: float = 0.0  # when the point in time was taken (time.time())
+
+    @property
+    def record(self) -> Path:
+        """What QEMU does not keep of the point in time (its checkpoint, views, creation time),
+        beside the image: a gateway restarted under an open snapshot reads it back."""
+        return self.path.with_suffix(".json")
+
+    def save_record(self) -> None:
+        data = {
+            "checkpoint": list(self.checkpoint) if self.checkpoint is not None else None,
+            "views": self.views,
+            "created": self.created,
+        }
+        tmp = self.record.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.record)
+
+    def load_record(self) -> None:
+        """Read back what :meth:`save_record` kept; without it (an image made before records
+        were kept), the snapshot is served without its checkpoint."""
+        try:
+            with open(self.record) as f:
+                data = json.load(f)
+            checkpoint = data["checkpoint"]
+            self.checkpoint = (str(checkpoint[0]), checkpoint[1]) if checkpoint else None
+            self.views = {str(k): [str(b) for b in v] for k, v in data["views"].items()}
+            self.created = float(data["created"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            log.warning("snapshot %s of %s: no record of its checkpoint (%s)", self.snapshot,
+                        self.export, exc)  # fmt: skip
+
+    def remove_files(self) -> None:
+        """The record first: an image without one is served without its checkpoint, while a
+        record without its image would be a leftover."""
+        for path in (self.record, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     @property
     def fleece_node(self) -> str:
@@ -356,6 +399,8 @@ class Monitor:
                 f.size = info.size
                 await _qemu_img_create(f.path, info.size, cluster_size)
                 made.append(f)
+                f.created = time.time()
+                await asyncio.to_thread(f.save_record)
                 await self.execute(
                     "blockdev-add",
                     {
@@ -425,7 +470,7 @@ class Monitor:
                 with contextlib.suppress(QMPFailure):
                     await self._drop_node(f.fleece_node)
                 with contextlib.suppress(OSError):
-                    f.path.unlink()
+                    f.remove_files()
             raise
 
     async def export_fleece(self, f: Fleece) -> None:
@@ -546,8 +591,7 @@ class Monitor:
     async def drop_fleece(self, fleece: Fleece) -> None:
         """Remove the fleecing node (with its forks) and its image."""
         await self._drop_node(fleece.fleece_node)
-        with contextlib.suppress(FileNotFoundError):
-            fleece.path.unlink()
+        fleece.remove_files()
 
     async def drop_merge_leftovers(self, folder: Path, exports: Iterable[str]) -> None:
         """Scratch nodes and images of a merge-back that a crash interrupted (the merge-back is
@@ -574,6 +618,7 @@ class Monitor:
                 continue
             token, index = m["token"], int(m["index"])
             f = Fleece(m["export"], m["snap"], token, index, node="", path=path)
+            await asyncio.to_thread(f.load_record)
             live = f.fleece_node in nodes
             if live:
                 f.forks = {b["name"]: int(b["granularity"]) for b in _named(nodes[f.fleece_node])}

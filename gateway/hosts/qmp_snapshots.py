@@ -315,8 +315,7 @@ class QmpSnapshots:
                             again,
                         )
                 raise qmp_error(exc, exports[0], host) from None
-            now = time.time()
-            snaps = [QmpSnapshot(f.export, f, now, host) for f in fleeces]
+            snaps = [QmpSnapshot(f.export, f, f.created, host) for f in fleeces]
             for snap in snaps:
                 await self._serve(snap)
             log.info("snapshot %s of %s taken in QEMU (token %s)", snap_id, exports, token)
@@ -604,7 +603,9 @@ class QmpSnapshots:
 
     async def _readopt(self, host: QmpHost, f: Fleece) -> None:
         await self._ensure_export(host, f)
-        created = f.path.stat().st_mtime if f.path.exists() else time.time()
+        # Without its record (an image of an older gateway), the image's mtime, which every
+        # copy-before-write moves: a time after the instant.
+        created = f.created or (f.path.stat().st_mtime if f.path.exists() else time.time())
         await self._serve(QmpSnapshot(f.export, f, created, host))
         log.info("snapshot %s of %s: served again after a restart", f.snapshot, f.export)
 
@@ -642,7 +643,7 @@ class QmpSnapshots:
             log.error(
                 "snapshot %s of %s: image unreadable (%s); removed", f.snapshot, f.export, exc
             )
-            f.path.unlink(missing_ok=True)
+            f.remove_files()
             return
         try:
             info = await mon.node(node)

@@ -314,11 +314,12 @@ async def test_restart_serves_the_snapshot_again(
     for i in range(4):
         writer.write_pattern(i * GRANULE, 4096, i)
     await run.snapshots.CreateSnapshot(
-        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"], checkpoint_id="k1")
     )
     await run.stub.ClearRange(
         pb.ClearRangeRequest(export="d0@s", bitmap="b", offset=0, length=GRANULE)
     )
+    (before,) = (await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))).snapshots
     # A gateway that stops without releasing (as after kill -9, QEMU keeps everything).
     await run.gateway.stop(grace=0)
     writer.write_pattern(10 * GRANULE, 4096, 9)
@@ -331,6 +332,11 @@ async def test_restart_serves_the_snapshot_again(
     run2 = await start_qmp(start_gateway, tmp_path, vm)
     listed = await run2.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
     assert [s.name for s in listed.snapshots] == ["exports/d0/snapshots/s"]
+    # What QEMU does not keep (the checkpoint the snapshot started, its instant) is read back
+    # from the gateway's record beside the fleecing image.
+    (after,) = listed.snapshots
+    assert before.checkpoint_id == after.checkpoint_id == "k1"
+    assert after.create_time == before.create_time
     remaining = await stream_all(run2.stub, export="d0@s", context=CTX, filter=pb.EXTENT_FILTER_SET)
     # The acknowledgement survived the restart (same generation).
     assert granules([(o, n) for o, n, f, _ in remaining.rows if f & 1]) == {1, 2, 3}
@@ -339,6 +345,7 @@ async def test_restart_serves_the_snapshot_again(
     )
     assert [m.dirty_bytes for m in released.merged] == [3 * GRANULE]
     assert live_bitmaps(vm)["b"]["count"] == 4 * GRANULE  # granules 1-3 and the new write
+    assert not list((tmp_path / "data").rglob("*.fleece.*"))  # the image and its record
     writer.close()
 
 
