@@ -92,7 +92,7 @@ def _classify(lv: Any, exc: Any, operation: str) -> LibvirtFailure:
 @dataclass(frozen=True)
 class Disk:
     target: str  # vda
-    source: str  # its image file ("" for another kind of source)
+    source: str  # what its <source> names: an image file, a device, a pool/volume, a name
     driver: str  # qcow2, raw
 
 
@@ -226,6 +226,15 @@ class Libvirt:
         raise LibvirtFailure("busy", "the backup job did not end after abortJob", "abortJob")
 
 
+def _source_of(source: ET.Element | None) -> str:
+    """What a disk's <source> names: a file, a block device, or a volume or network name."""
+    if source is None:
+        return ""
+    if source.get("volume"):
+        return f"{source.get('pool', '')}/{source.get('volume')}"
+    return str(source.get("file") or source.get("dev") or source.get("name") or "")
+
+
 def parse_disks(domain_xml: str) -> list[Disk]:
     out = []
     for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
@@ -236,7 +245,7 @@ def parse_disks(domain_xml: str) -> list[Disk]:
         out.append(
             Disk(
                 target=str(target.get("dev")),
-                source=str(source.get("file", "")) if source is not None else "",
+                source=_source_of(source),
                 driver=str(driver.get("type", "")) if driver is not None else "",
             )
         )

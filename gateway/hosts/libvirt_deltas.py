@@ -16,10 +16,16 @@ again within the same second would have the same identity, so recording the link
 a new checkpoint first removes every other link touching that identity: the checkpoint did not
 exist before the job that created it, so they can only be about the old one.
 
+A disk is its target name (``vda``) *and* its source (the image file, device or volume the
+domain's XML names): another image plugged in at the same target must not inherit the links of
+the old one, whose writes it never had (a delta from them would be wrong, silently). Links of a
+target whose source has changed are used for nothing and pruned. (Links recorded before the
+source was kept have none, and are taken as the target's.)
+
 Each link is one file in a folder of the gateway's own (not libvirt's, which QEMU's user may
-write): a JSON header line (the job that recorded it, the two instants, a CRC-32 of the runs),
-then the runs as pairs of little-endian uint64 (offset, length), written to a temporary file,
-fsync'd and renamed.
+write): a JSON header line (the job that recorded it, the disk, the two instants, a CRC-32 of
+the runs), then the runs as pairs of little-endian uint64 (offset, length), written to a
+temporary file, fsync'd and renamed.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class Link:
     path: Path
     job: str
     disk: str
+    source: str | None  # the disk's source when recorded (None: recorded before it was kept)
     base: Instant
     target: Instant
     size: int
@@ -91,6 +98,7 @@ class Links:
         self,
         job: str,
         disk: str,
+        source: str,
         base: Instant,
         target: Instant,
         size: int,
@@ -112,6 +120,7 @@ class Links:
             "version": _VERSION,
             "job": job,
             "disk": disk,
+            "source": source,
             "base": list(base),
             "target": list(target),
             "size": size,
@@ -131,10 +140,11 @@ class Links:
             os.fsync(fd)  # the rename itself
         finally:
             os.close(fd)
-        return Link(path, job, disk, base, target, size, len(runs), crc)
+        return Link(path, job, disk, source, base, target, size, len(runs), crc)
 
-    def links(self, disk: str | None = None) -> list[Link]:
-        """The links kept (of ``disk``); files that are not links are left out."""
+    def links(self, disk: str | None = None, source: str | None = None) -> list[Link]:
+        """The links kept (of ``disk``, and with ``source`` of the disk whose source it is);
+        files that are not links are left out."""
         found = []
         try:
             paths = sorted(self.folder.glob(f"*{_SUFFIX}"))
@@ -150,6 +160,7 @@ class Links:
                     path,
                     str(head["job"]),
                     str(head["disk"]),
+                    None if head.get("source") is None else str(head["source"]),
                     (str(head["base"][0]), int(head["base"][1])),
                     (str(head["target"][0]), int(head["target"][1])),
                     int(head["size"]),
@@ -158,15 +169,19 @@ class Links:
                 )
             except (OSError, ValueError, KeyError, IndexError, TypeError):
                 continue
-            if disk is None or link.disk == disk:
-                found.append(link)
+            if disk is not None and link.disk != disk:
+                continue
+            if source is not None and link.source not in (None, source):
+                continue
+            found.append(link)
         return found
 
-    def path(self, disk: str, base: Instant, target: Instant) -> list[Link] | None:
-        """Links of ``disk`` that lead from ``base`` to ``target``, one after the other (the
-        fewest), or None when the links kept do not join them."""
+    def path(self, disk: str, source: str, base: Instant, target: Instant) -> list[Link] | None:
+        """Links of ``disk`` (whose source is ``source``) that lead from ``base`` to
+        ``target``, one after the other (the fewest), or None when the links kept do not join
+        them."""
         by_base: dict[Instant, list[Link]] = {}
-        for link in self.links(disk):
+        for link in self.links(disk, source):
             by_base.setdefault(link.base, []).append(link)
         came: dict[Instant, Link] = {}
         frontier = [base]
@@ -189,19 +204,21 @@ class Links:
             at = came[at].base
         return path[::-1]
 
-    def prune(self, disk: str, chain: Iterable[Instant]) -> int:
+    def prune(self, disk: str, source: str, chain: Iterable[Instant]) -> int:
         """Remove the links of ``disk`` that no path between two of the checkpoints ``chain``
-        (the ones libvirt has now) can use: those no current checkpoint reaches, and those that
-        lead to none; and temporary files a crash left. Returns how many links were removed."""
+        (the ones libvirt has now) can use: those of another source, those no current
+        checkpoint reaches, and those that lead to none; and temporary files a crash left.
+        Returns how many links were removed."""
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         links = self.links(disk)
+        ours = [k for k in links if k.source in (None, source)]
         now = set(chain)
-        reach = _closure(now, [(k.base, k.target) for k in links])  # from a current one
-        back = _closure(now, [(k.target, k.base) for k in links])  # to a current one
+        reach = _closure(now, [(k.base, k.target) for k in ours])  # from a current one
+        back = _closure(now, [(k.target, k.base) for k in ours])  # to a current one
         removed = 0
         for link in links:
-            if link.base not in reach or link.target not in back:
+            if link not in ours or link.base not in reach or link.target not in back:
                 link.path.unlink(missing_ok=True)
                 removed += 1
         return removed

@@ -113,6 +113,14 @@ def _save(host: LibvirtHost, job: Job) -> None:
     tmp.replace(path)  # the job file is the recovery's only memory: never half written
 
 
+async def _source(host: LibvirtHost, disk: str) -> str:
+    """What the domain's ``disk`` reads now (libvirt_deltas: a disk is its target and this)."""
+    for found in await host.libvirt.disks():
+        if found.target == disk:
+            return found.source
+    return ""
+
+
 def links_of(host: LibvirtHost) -> Links:
     """The host's record of what was written between its checkpoints (libvirt_deltas), in
     the gateway's data folder: not in the host's folder, which QEMU's user may write."""
@@ -460,8 +468,14 @@ class LibvirtSnapshots:
         if base not in older:
             raise checkpoint_error(export, order_error(base, target))
         links = links_of(host)
+        try:
+            source = await _source(host, disk)
+        except LibvirtFailure as exc:
+            raise libvirt_error(exc, export, host) from None
         async with self.lock:  # no prune meanwhile
-            path = await asyncio.to_thread(links.path, disk, instants[base], instants[target])
+            path = await asyncio.to_thread(
+                links.path, disk, source, instants[base], instants[target]
+            )
             if path is None:
                 raise _no_record(
                     export,
@@ -519,14 +533,18 @@ class LibvirtSnapshots:
                 )  # fmt: skip
                 return
             have = {(k.job, k.disk) for k in await asyncio.to_thread(links.links)}
+            sources = {d.target: d.source for d in await host.libvirt.disks()}
             for export, disk in job.exports.items():
                 if (job.token, disk) in have:
                     continue
                 pool = self.gateway.pools[job.pool_name(export)]
                 runs = await read_dirty_runs(pool, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + job.view)
                 size = (await host.known(self.gateway.pools[export])).size
-                await asyncio.to_thread(links.record, job.token, disk, base, target, size, runs)
-                removed = await asyncio.to_thread(links.prune, disk, instants.values())
+                source = sources.get(disk, "")
+                await asyncio.to_thread(
+                    links.record, job.token, disk, source, base, target, size, runs
+                )
+                removed = await asyncio.to_thread(links.prune, disk, source, instants.values())
                 if removed:
                     log.info("host %s: %d links of disk %s no longer of use, removed",
                              host.name, removed, disk)  # fmt: skip
