@@ -635,11 +635,11 @@ class Snapshots:
             snap = image.snapshots.get(snap_id)
             if snap is None:
                 raise snapshot_not_found(export, snap_id)
-            merged = _forks(snap)
+            granularity = {name: b.granularity for name, b in snap.bitmaps.items()}
             # New clients no longer find it; then the forks merge back.
             await self._remove_exports(export, snap_id)
             try:
-                await asyncio.to_thread(image.release_snapshot, snap_id)
+                counts = await asyncio.to_thread(image.release_snapshot, snap_id)
             except NoSuchSnapshotError:
                 raise snapshot_not_found(export, snap_id) from None
             except BaseException:
@@ -647,21 +647,17 @@ class Snapshots:
                     self._add_exports(export, image.snapshots[snap_id])
                 raise
         log.info("export %s: snapshot %s released", export, snap_id)
+        merged = [
+            spb.ForkedBitmap(
+                context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
+                granularity_bytes=granularity[name],
+                dirty_bytes=n,  # counted as it merged: clears that raced the release are in
+            )
+            for name, n in counts.items()
+        ]
         return spb.ReleaseSnapshotResponse(
             merged=merged, released=[f"exports/{export}/snapshots/{snap_id}"]
         )
-
-
-def _forks(snap: Snapshot) -> list[spb.ForkedBitmap]:
-    return [
-        spb.ForkedBitmap(
-            context=CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + name,
-            granularity_bytes=bitmap.granularity,
-            # A view merges back nowhere (the checkpoints hold its writes).
-            dirty_bytes=0 if name in snap.views else bitmap.dirty_bytes(),
-        )
-        for name, bitmap in snap.bitmaps.items()
-    ]
 
 
 def snapshot_message(export: str, info: dict[str, Any]) -> spb.Snapshot:

@@ -370,15 +370,10 @@ class NBDServer:
                     )
                 )
                 return {"snapshot": _snapshot_info(name, snap)}
-            snap = image.snapshot(snap_id)
-            merged = {
-                fork: 0 if fork in snap.views else bitmap.dirty_bytes()
-                for fork, bitmap in snap.bitmaps.items()
-            }
+            image.snapshot(snap_id)  # an unknown snapshot leaves the exports alone
             if f"{name}@{snap_id}" in self._exports:
                 self.remove_export(f"{name}@{snap_id}")
-            image.release_snapshot(snap_id)
-            return {"merged": merged}
+            return {"merged": image.release_snapshot(snap_id)}
         except NoSuchCheckpointError as exc:
             return _snapshot_error("CHECKPOINT_NOT_FOUND", str(exc), checkpoint=exc.checkpoint)
         except CheckpointExistsError as exc:

@@ -312,13 +312,15 @@ class Image:
             self._snapshots[name] = snap
             return snap
 
-    def release_snapshot(self, name: str) -> None:
-        """Merge the snapshot's forks back into the live bitmaps, then delete it."""
+    def release_snapshot(self, name: str) -> dict[str, int]:
+        """Merge the snapshot's forks back into the live bitmaps, then delete it. Returns the
+        dirty bytes each fork merged back (0 for a view, which merges nowhere)."""
         self._check_writable()
         with self._io_lock, self._meta_lock:
             snap = self.snapshot(name)
-            snap._release(self._bitmaps, self._store)
+            merged = snap._release(self._bitmaps, self._store)
             del self._snapshots[name]
+        return merged
 
     def _preserve(self, offset: int, length: int) -> None:
         # Copy-before-write into every snapshot; the caller holds _io_lock.

@@ -715,12 +715,27 @@ class Snapshot(Image):
 
     # --- internals: life cycle -----------------------------------------------------------
 
-    def _release(self, live_bitmaps: dict[str, DirtyBitmap], store: BitmapStore | None) -> None:
-        """Merge the forks back (durably), then delete the snapshot (rule 3)."""
+    def _release(
+        self, live_bitmaps: dict[str, DirtyBitmap], store: BitmapStore | None
+    ) -> dict[str, int]:
+        """Merge the forks back (durably), then delete the snapshot (rule 3). Returns the
+        dirty bytes each fork merged back (0 for a view): exactly what merged, whatever clears
+        raced the release."""
+        merged: dict[str, int] = {}
         with self._lock:
             for name, fork in self._bitmaps.items():
-                if name not in self.views:  # a view merges back nowhere: the chain holds it
-                    live_bitmaps[name].merge_from(fork)
+                merged[name] = 0
+                if name in self.views:  # a view merges back nowhere: the chain holds it
+                    continue
+                # The fork's bits at one instant (a clear in flight lands before or after
+                # them, never in the middle of the merge), counted and merged. A clear that
+                # lands after them is acknowledged and changes nothing: the live bitmap keeps
+                # those bits (the safe direction).
+                frozen = DirtyBitmap(
+                    name, fork.size, fork.granularity, bits=bytearray(fork.copy_bits())
+                )
+                merged[name] = frozen.dirty_bytes()
+                live_bitmaps[name].merge_from(frozen)
             if store is not None:
                 store.sync()
             self._backing.discard("released")
@@ -728,6 +743,7 @@ class Snapshot(Image):
                 fork.detach()
             self._backing.close()
             self.released = True
+        return merged
 
     def _checkpoint_started(self) -> None:
         # The start is durable in the bitmaps: never roll it forward again (the checkpoint may

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -27,6 +28,7 @@ from nbdcore.storage import (
     SnapshotFullError,
     SnapshotUnavailableError,
 )
+from nbdcore.storage.snapshot import Snapshot
 from nbdcore.storage.store import IN_USE, SNAPSHOTS, store_dir
 
 C = 4096  # cluster size in the tests
@@ -386,3 +388,48 @@ def test_same_name_again_beside_remains(disk: Path) -> None:
     with Image.open(disk) as image:  # a writable open deletes the remains
         assert not image.snapshots
         assert list(root.iterdir()) == []
+
+
+def _clear_granules_downwards(snap: Snapshot, granules: int, go: threading.Event) -> None:
+    go.set()
+    for k in reversed(range(granules)):  # against the merge, which goes upwards
+        try:
+            snap.clear_bitmap_range("b", k * C, C)
+        except SnapshotUnavailableError:
+            return  # released
+
+
+def test_release_reports_exactly_what_merged_while_clears_race_it(tmp_path: Path) -> None:
+    """ReleaseSnapshot's ``merged`` counts came from the forks before the merge, so a clear of
+    a fork that landed in between was counted and not merged: the report said more than the
+    live bitmap got. Now the count is of the very bits merged, whatever races."""
+    size = 1 << 30  # 262,144 granules: a merge long enough for clears to land inside it
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns often: the race shows
+    try:
+        with Image.create(tmp_path / "big.raw", size) as image:
+            image.add_bitmap("b", granularity=C)
+            for attempt in range(5):
+                image.bitmaps["b"].mark_all()
+                snap = image.create_snapshot(f"s{attempt}", bitmaps=["b"], cluster_size=C)
+                assert image.bitmaps["b"].dirty_bytes() == 0  # the fork took the bits
+                go = threading.Event()
+                t = threading.Thread(target=_clear_granules_downwards, args=(snap, size // C, go))
+                t.start()
+                go.wait()
+                merged = image.release_snapshot(f"s{attempt}")
+                t.join()
+                # Nothing wrote since the instant: the live bitmap holds exactly what merged.
+                assert merged == {"b": image.bitmaps["b"].dirty_bytes()}
+                image.clear_bitmap("b")
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_release_returns_what_merged(disk: Path) -> None:
+    with Image.open(disk) as image:
+        image.write(b"y" * C, 0)
+        image.write(b"y", SIZE - 1)  # the last, partial granule counts its real size
+        snap = image.create_snapshot("s", bitmaps=["b"], cluster_size=C)
+        snap.clear_bitmap_range("b", 0, C)
+        assert image.release_snapshot("s") == {"b": SIZE % C}
