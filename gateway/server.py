@@ -401,6 +401,14 @@ class Gateway:
                 continue
             assert export.image is not None
             image = Image.open(export.image, read_only=export.read_only)
+            if image.writer_active and image.bitmaps:
+                log.warning(
+                    "export %s: %s is open for writing by another process; its bitmaps are"
+                    " served as they were at the start and miss that process's later writes"
+                    " (incremental backups would miss them)",
+                    export.name,
+                    export.image,
+                )
             self.images[export.name] = image
             exports.append(
                 NBDExportConfig(

@@ -145,6 +145,12 @@ class Image:
         return self._store is not None and self._store.recovered
 
     @property
+    def writer_active(self) -> bool:
+        """True when the image was opened read-only while another process had it open for
+        writing: its bitmaps are a copy of that moment and miss that process's later writes."""
+        return self._store is not None and self._store.writer_active
+
+    @property
     def can_clear_bitmaps(self) -> bool:
         """Whether ``clear_bitmap_range`` may work (a snapshot clears its forks while
         read-only)."""

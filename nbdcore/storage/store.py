@@ -47,7 +47,9 @@ The crash-safety scheme, and why it is safe (the rule: when in doubt a granule i
    since a history that lost stamps could hand out a sequence number twice.
 6. One writer at a time (``flock`` on ``lock``); readers (``read_only=True``) take no lock and
    copy the bits into memory; a reader that finds ``in-use`` from another boot reports every
-   granule dirty without writing anything.
+   granule dirty without writing anything. A reader's copy does not follow a writer's later
+   writes: a reader that finds the lock held says so (``writer_active``), so that a server
+   reading the disk while another process writes it can warn that its bitmaps are frozen.
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class BitmapStore:
         self._lock_fd: int | None = None
         self.recovered = False  # True when an unclean shutdown made every bitmap dirty
         self.machine_crashed = False  # True when the last writer's machine went down
+        self.writer_active = False  # a reader's: a writer held the lock when it opened
         try:
             self._open()
         except BaseException:
@@ -183,7 +186,9 @@ class BitmapStore:
                 return
             self.dir.mkdir(mode=DIR_MODE)
             fsync_dir(self.dir.parent)
-        if not self.read_only:
+        if self.read_only:
+            self.writer_active = _lock_held(self.dir / LOCK)
+        else:
             self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -359,3 +364,19 @@ class BitmapStore:
     def update(self, bitmap: DirtyBitmap) -> None:
         """Persist a change of ``bitmap.enabled``."""
         self._write_meta(bitmap)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a writer holds the store's lock now (a shared lock cannot be had), without
+    keeping any lock: a reader must never block a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken
+    return False

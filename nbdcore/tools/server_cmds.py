@@ -130,6 +130,14 @@ async def serve(args: argparse.Namespace) -> int:
     listen = _parse_listen(args.listen) if args.listen else None
 
     image = Image.open(args.disk, read_only=args.read_only)
+    if image.writer_active and image.bitmaps:
+        print(
+            f"warning: {args.disk} is open for writing by another process: its bitmaps are"
+            " served as they were now and miss that process's later writes (an incremental"
+            " backup from this server would miss them); serve it from the writing process",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         export = ExportConfig(
             name=args.export,
@@ -157,7 +165,6 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             await server.start_unix(args.socket, mode=args.socket_mode)
             where = f"nbd+unix:///{args.export}?socket={args.socket}"
-        print(f"serving {args.disk} at {where}", flush=True)
         import asyncio  # here: `nbdgw nbd ...` (copy, --help) need not import these
         import signal
 
@@ -166,6 +173,8 @@ async def serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        # Only now: a supervisor may stop the server as soon as it reads this line.
+        print(f"serving {args.disk} at {where}", flush=True)
         try:
             await stop.wait()
         finally:

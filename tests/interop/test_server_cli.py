@@ -56,6 +56,44 @@ def test_serve_tcp_port_zero(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_serve_read_only_warns_when_another_process_writes(tmp_path: Path) -> None:
+    """A read-only server copies the bitmaps when it opens: writes by the process that has the
+    image open for writing are not in them. An incremental backup from it would miss them, so
+    it says so; without a writer (the common case) it says nothing."""
+    disk = tmp_path / "d.raw"
+    Image.create(disk, 4 * MiB).close()
+    writer = Image.open(disk)
+    writer.add_bitmap("b0")
+
+    def serve() -> str:
+        proc = subprocess.Popen(
+            [*SERVE, str(disk), "--listen", "127.0.0.1:0", "--export", "x", "--read-only"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert "nbd://" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        return err
+
+    try:
+        assert "open for writing by another process" in serve()
+    finally:
+        writer.close()
+    assert "open for writing" not in serve()
+    # A read-only open never blocks the writer that comes next.
+    reader = Image.open(disk, read_only=True)
+    try:
+        assert not reader.writer_active
+        Image.open(disk).close()
+    finally:
+        reader.close()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
