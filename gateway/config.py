@@ -39,6 +39,7 @@ Precedence: flags > environment > file > defaults. The TOML file::
     [[hosts]]                       # a running QEMU, through its monitor (docs/running-vms.md)
     name = "vm1"
     qmp = "/run/vm1/qmp.sock"
+    command_timeout = 60.0          # seconds a monitor command may take (default 10)
 
     [[exports]]                     # one of its disks: a block node (or device) name
     name = "vm1-disk0"
@@ -103,6 +104,10 @@ class HostConfig:
     # A running QEMU's monitor socket (the ``qmp`` host kind): the gateway owns the monitor and
     # starts QEMU's NBD server itself (gateway.hosts.qmp); ``uri`` is then None.
     qmp: str | None = None
+    # How long a monitor command may take (None: connect_timeout). A snapshot's transaction
+    # drains the VM's disks first, which slow storage can make last: an outcome the gateway
+    # did not see is left to recovery (docs/running-vms.md), so a longer wait is cheaper.
+    command_timeout: float | None = None
     # A libvirt-managed VM (the ``libvirt`` host kind, gateway.hosts.libvirt): the connection
     # URI and the domain; libvirt's pull-mode backups serve its disks. ``uri`` is then None.
     libvirt: str | None = None
@@ -486,7 +491,16 @@ _TOP_KEYS = {
     "ledger_max_intervals",
 }
 _TLS_KEYS = {"tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify", "tls_server_hostname"}
-_HOST_KEYS = {"name", "uri", "qmp", "libvirt", "domain", "disks", "max_connections"} | _TLS_KEYS
+_HOST_KEYS = {
+    "name",
+    "uri",
+    "qmp",
+    "command_timeout",
+    "libvirt",
+    "domain",
+    "disks",
+    "max_connections",
+} | _TLS_KEYS
 _EXPORT_KEYS = {
     "name",
     "uri",
@@ -599,10 +613,22 @@ def apply_table(
                 all_disks=disks == "all",
             )
             continue
+        timeout = host.get("command_timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ConfigError(f"{here}: command_timeout must be a positive number of seconds")
+        if timeout is not None and not isinstance(qmp, str):
+            raise ConfigError(f"{here}: command_timeout is for qmp hosts")
         if isinstance(name, str) and isinstance(qmp, str) and uri_text is None:
             if name in config.hosts or name == EMBEDDED_HOST:
                 raise ConfigError(f"{here}: host {name!r} is configured twice (or reserved)")
-            config.hosts[name] = HostConfig(name, None, qmp=str(base / qmp))
+            config.hosts[name] = HostConfig(
+                name,
+                None,
+                qmp=str(base / qmp),
+                command_timeout=None if timeout is None else float(timeout),
+            )
             continue
         if not isinstance(name, str) or not isinstance(uri_text, str) or qmp is not None:
             raise ConfigError(

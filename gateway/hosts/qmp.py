@@ -110,7 +110,8 @@ class QmpHost(Host):
         super().__init__(
             config, settings, on_change, uri=NBDURI(scheme="nbd+unix", socket=str(self.nbd_socket))
         )
-        self.monitor = Monitor(config.qmp, f"nbdgw-{config.name}", timeout=settings.connect_timeout)
+        timeout = config.command_timeout or settings.connect_timeout
+        self.monitor = Monitor(config.qmp, f"nbdgw-{config.name}", timeout=timeout)
         # Called after each (re)connection to QEMU has been prepared: snapshot recovery.
         self.on_prepared: Callable[[QmpHost], Awaitable[None]] | None = None
         self._prepared_session = -1

@@ -133,6 +133,9 @@ image = "disks/img.raw"
             "twice",
         ),
         ('[[hosts]]\nname = "h"\nuri = "nbd://h"\ntls_ca_file = 3\n', "must be a string"),
+        ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = 0\n', "positive number"),
+        ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = "1m"\n', "positive"),
+        ('[[hosts]]\nname = "h"\nuri = "nbd://h"\ncommand_timeout = 5\n', "for qmp hosts"),
         ('listen = "x"\n', "HOST:PORT"),
         ('grace_period = "soon"\n', "soon"),
         ("listen = [", "gw.toml"),
@@ -145,6 +148,23 @@ def test_load_file_errors(tmp_path: Path, toml: str, needle: str) -> None:
         load_file(path)
     assert needle in str(info.value)
     assert str(path) in str(info.value)  # says which file
+
+
+def test_a_qmp_hosts_command_timeout(tmp_path: Path) -> None:
+    """How long the monitor waits for QEMU (a snapshot's transaction drains the disks first)."""
+    from gateway.hosts.qmp import QmpHost
+
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[[hosts]]\nname = "slow"\nqmp = "slow.sock"\ncommand_timeout = 90\n'
+        '[[hosts]]\nname = "q"\nqmp = "q.sock"\n'
+    )
+    cfg = load_file(path)
+    assert cfg.hosts["slow"].command_timeout == 90.0
+    assert cfg.hosts["q"].command_timeout is None
+    slow = QmpHost(cfg.hosts["slow"], cfg, folder=tmp_path)
+    default = QmpHost(cfg.hosts["q"], cfg, folder=tmp_path)
+    assert (slow.monitor.timeout, default.monitor.timeout) == (90.0, cfg.connect_timeout)
 
 
 def parse(argv: list[str]):
