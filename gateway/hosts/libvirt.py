@@ -361,7 +361,7 @@ def snapshot_required(export: str) -> GatewayError:
 # --- the host -----------------------------------------------------------------------------------
 
 
-def _key(name: str) -> str:
+def host_key(name: str) -> str:
     # A unix socket path is at most 107 bytes: a digest of the host's name.
     return hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
 
@@ -420,7 +420,7 @@ class LibvirtHost(Host):
     ) -> None:
         assert config.libvirt is not None and config.domain is not None
         self.folder = folder
-        self.nbd_socket = folder / f"{_key(config.name)}.nbd.sock"
+        self.nbd_socket = folder / f"{host_key(config.name)}.nbd.sock"
         super().__init__(
             config, settings, on_change, uri=NBDURI(scheme="nbd+unix", socket=str(self.nbd_socket))
         )

@@ -50,9 +50,9 @@ from gateway.hosts.libvirt import (
     Checkpoint,
     LibvirtFailure,
     LibvirtHost,
-    _key,
     backup_xml,
     checkpoint_xml,
+    host_key,
     libvirt_error,
     parse_backup,
     prepare_folder,
@@ -124,7 +124,7 @@ async def _source(host: LibvirtHost, disk: str) -> str:
 def links_of(host: LibvirtHost) -> Links:
     """The host's record of what was written between its checkpoints (libvirt_deltas), in
     the gateway's data folder: not in the host's folder, which QEMU's user may write."""
-    return Links(host.folder.parent / "libvirt-links" / _key(host.config.name))
+    return Links(host.folder.parent / "libvirt-links" / host_key(host.config.name))
 
 
 def _instants(chain: list[Checkpoint]) -> dict[str, Instant]:

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from gateway.config import GatewayConfig, load_file
-from gateway.hosts.libvirt import _key
+from gateway.hosts.libvirt import host_key
 from nbdgw.csi.v1 import csi_pb2 as cpb
 from nbdgw.csi.v1 import csi_pb2_grpc as cpb_grpc
 from nbdgw.v1 import bitmap_service_pb2 as pb
@@ -207,7 +207,7 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
         assert await delta("c0", "c2") == written(k0, ks[1])
         # A link lost between the snapshot's creation and its release (the gateway died in
         # between) is recorded at the release.
-        folder = data_dir / "libvirt-links" / _key(f"libvirt:{vm.name}")
+        folder = data_dir / "libvirt-links" / host_key(f"libvirt:{vm.name}")
         kept = set(folder.glob("*.link"))
         await asyncio.to_thread(vm.wait_writes, len(vm.writes()) + 3)
         low = len(vm.writes())
@@ -249,7 +249,7 @@ async def test_backups_through_libvirt_restore_byte_for_byte(
 
 
 def _job_file(data_dir: Path, vm: LibvirtVM) -> Path:
-    return data_dir / "libvirt" / f"{_key(f'libvirt:{vm.name}')}.nbd.job.json"
+    return data_dir / "libvirt" / f"{host_key(f'libvirt:{vm.name}')}.nbd.job.json"
 
 
 async def _view_runs(target: str, export: str, since: str) -> list[tuple[int, int]]:
