@@ -645,12 +645,27 @@ class QmpSnapshots:
             )
             f.remove_files()
             return
+        merged: list[str] = []
         try:
             info = await mon.node(node)
             live = {b.name for b in (await mon.node(f.node)).bitmaps}
             for b in info.bitmaps:
                 if b.name in live:
                     await mon.merge_back(f, b.name)
+                    merged.append(b.name)
         finally:
             await mon.drop_fleece(f)
-        log.warning("snapshot %s of %s: QEMU restarted; forks merged back", f.snapshot, f.export)
+        if merged:
+            log.warning("snapshot %s of %s: QEMU restarted; forks %s merged back", f.snapshot,
+                        f.export, ", ".join(merged))  # fmt: skip
+        else:
+            # QEMU stores bitmaps only when it closes an image cleanly: killed, it stored
+            # neither the forks nor the live bitmaps (those it had stored before are now
+            # inconsistent, those it never stored are gone).
+            log.warning(
+                "snapshot %s of %s: QEMU restarted without storing the snapshot's forks (was it"
+                " killed?): nothing to merge back. The disk's bitmaps of that time are"
+                " inconsistent or gone (ListBitmaps): take a full backup",
+                f.snapshot,
+                f.export,
+            )

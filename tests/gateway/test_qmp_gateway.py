@@ -380,7 +380,7 @@ async def test_cli(vm: GuestlessVM, start_gateway: Any, tmp_path: Path) -> None:
 
 
 async def test_qemu_restarts_under_an_open_snapshot(
-    vm: GuestlessVM, start_gateway: Any, tmp_path: Path
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """QEMU stops (cleanly: it stores its persistent bitmaps, the forks in the fleecing image
     too) while a snapshot is open; when it is back the gateway merges the forks back from the
@@ -395,6 +395,7 @@ async def test_qemu_restarts_under_an_open_snapshot(
     )
     writer.write_pattern(20 * GRANULE, 4096, 7)  # after the instant: in b
     writer.close()
+    caplog.set_level(logging.WARNING, logger="nbdgw.qmp")
     vm.stop()
     await wait_health(run.channel, "nbdgw.v1.BitmapService", 2)  # NOT_SERVING
     err = await call_error(
@@ -407,6 +408,35 @@ async def test_qemu_restarts_under_an_open_snapshot(
     assert not listed.snapshots  # QEMU lost the point in time
     assert not list((tmp_path / "data").rglob("*.fleece.qcow2"))
     assert granules_of(vm) == {0, 4, 8, 20}
+    assert any("forks b merged back" in r.getMessage() for r in caplog.records)
+
+
+async def test_qemu_killed_under_an_open_snapshot_is_said_plainly(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed, QEMU stores nothing: neither the forks in the fleecing image nor a bitmap added
+    since it started (gone when it is back). The log said "forks merged back" all the same;
+    it now says that nothing could be, and what to do."""
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    writer = Writer(vm, run.host.nbd_socket).open()
+    writer.write_pattern(0, 4096, 1)
+    writer.close()
+    await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+    )
+    caplog.set_level(logging.WARNING, logger="nbdgw.qmp")
+    vm.stop(signal.SIGKILL)
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 2)  # NOT_SERVING
+    vm.start()
+    await wait_health(run.channel, "nbdgw.v1.BitmapService", 1)  # SERVING
+    said = [r.getMessage() for r in caplog.records]
+    assert any("without storing the snapshot's forks" in m for m in said), said
+    assert not any("merged back" in m for m in said), said
+    listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="d0"))
+    assert not listed.snapshots
+    assert not list((tmp_path / "data").rglob("*.fleece.*"))
+    assert "b" not in live_bitmaps(vm)  # never stored: gone, as the log says
 
 
 def granules_of(vm: GuestlessVM) -> set[int]:
