@@ -449,11 +449,31 @@ def _export_label(request: Any) -> str:
     return name.removeprefix("exports/").split("/", 1)[0] or "unknown"
 
 
+class InFlight:
+    """The calls running now, health and reflection aside (a health Watch lasts as long as
+    its watcher), and when the last one ended: a graceful stop waits for them (gateway.drain),
+    since a client whose call is running sends its next one the moment it ends."""
+
+    __slots__ = ("count", "last_end")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_end = float("-inf")  # time.monotonic()
+
+    def start(self) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        self.last_end = time.monotonic()
+
+
 class _Call:
     """One call being observed: labels, clock, message counts; ``finish`` records it."""
 
     __slots__ = (
         "context",
+        "in_flight",
         "labels",
         "method",
         "metrics",
@@ -463,7 +483,14 @@ class _Call:
         "stream_export",
     )
 
-    def __init__(self, metrics: Metrics | None, method: str, grpc_type: str, context: Any):
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        method: str,
+        grpc_type: str,
+        context: Any,
+        in_flight: InFlight | None = None,
+    ):
         self.metrics = metrics
         self.method = method
         self.context = context
@@ -475,6 +502,9 @@ class _Call:
         self.start = time.perf_counter()
         if self.series is not None:
             self.series.started.inc()
+        self.in_flight = None if method.startswith(QUIET_PREFIXES) else in_flight
+        if self.in_flight is not None:
+            self.in_flight.start()
 
     def received(self, n: int = 1) -> None:
         if self.series is not None:
@@ -489,6 +519,9 @@ class _Call:
             self.metrics.count_stream_message(self.stream_export, message)
 
     def finish(self, exc: BaseException | None) -> None:
+        if self.in_flight is not None:
+            self.in_flight.end()
+            self.in_flight = None  # once, whatever path ends the call
         code = self._code(exc)
         elapsed = time.perf_counter() - self.start
         if self.series is not None:
@@ -589,8 +622,9 @@ class ObservabilityInterceptor(_Interceptor):
     """Counts, times and logs every call, streams included. Put it first in the server's
     interceptor list so that it also sees the calls later interceptors refuse."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, in_flight: InFlight | None = None) -> None:
         self.metrics = metrics
+        self.in_flight = in_flight
 
     async def intercept_service(
         self,
@@ -621,9 +655,13 @@ class ObservabilityInterceptor(_Interceptor):
             # whose headers fail with a request-streaming handler (not to wait for a body).
             grpc_type = declared_type(method) or grpc_type
             if streaming_response:
-                behaviour = _wrap_streaming(metrics, method, grpc_type, inner, streaming_request)
+                behaviour = _wrap_streaming(
+                    metrics, method, grpc_type, inner, streaming_request, self.in_flight
+                )
             else:
-                behaviour = _wrap_unary(metrics, method, grpc_type, inner, streaming_request)
+                behaviour = _wrap_unary(
+                    metrics, method, grpc_type, inner, streaming_request, self.in_flight
+                )
             factory = getattr(grpc, f"{kind}_rpc_method_handler")
             return factory(
                 behaviour,
@@ -649,10 +687,15 @@ def _counted_requests(call: _Call, requests: Any, method: str = "") -> Any:
 
 
 def _wrap_unary(
-    metrics: Metrics | None, method: str, grpc_type: str, inner: Any, streaming_request: bool
+    metrics: Metrics | None,
+    method: str,
+    grpc_type: str,
+    inner: Any,
+    streaming_request: bool,
+    in_flight: InFlight | None = None,
 ) -> Any:
     async def behaviour(request: Any, context: Any) -> Any:
-        call = _Call(metrics, method, grpc_type, context)
+        call = _Call(metrics, method, grpc_type, context, in_flight)
         if streaming_request:
             request = _counted_requests(call, request)
         else:
@@ -673,10 +716,15 @@ def _wrap_unary(
 
 
 def _wrap_streaming(
-    metrics: Metrics | None, method: str, grpc_type: str, inner: Any, streaming_request: bool
+    metrics: Metrics | None,
+    method: str,
+    grpc_type: str,
+    inner: Any,
+    streaming_request: bool,
+    in_flight: InFlight | None = None,
 ) -> Any:
     def begin(request: Any, context: Any) -> tuple[_Call, Any]:
-        call = _Call(metrics, method, grpc_type, context)
+        call = _Call(metrics, method, grpc_type, context, in_flight)
         if streaming_request:
             request = _counted_requests(call, request, method)
         else:

@@ -57,7 +57,7 @@ from gateway.hosts.qmp import QmpHost
 from gateway.hosts.qmp_snapshots import QmpSnapshots
 from gateway.hosts.snapshots import Snapshots
 from gateway.ledger import Ledger
-from gateway.observability import Metrics, MetricsServer, ObservabilityInterceptor
+from gateway.observability import InFlight, Metrics, MetricsServer, ObservabilityInterceptor
 from gateway.security.access import AccessInterceptor, Authenticator, OverallHealthInterceptor
 from gateway.security.certs import CertificateError, CertificateReloader
 from gateway.security.limits import Limiter
@@ -165,8 +165,10 @@ class Gateway:
         self.nbd_server: NBDServer | None = None
         self.health = HealthServicer(self._export_health)
         self.shutdown = asyncio.Event()
-        self.drain = Drain(self.shutdown)  # the API port's; the CSI socket has its own
-        self.csi_drain = Drain(self.shutdown, open_prefixes=(CSI_IDENTITY,))
+        # The API port's calls and the CSI socket's, each counted while they run.
+        self.in_flight, self.csi_in_flight = InFlight(), InFlight()
+        self.drain = Drain(self.shutdown, self.in_flight)
+        self.csi_drain = Drain(self.shutdown, self.csi_in_flight, open_prefixes=(CSI_IDENTITY,))
         self.backend = Backend(
             self.pools, self.images, self.shutdown, embedded=lambda: self.nbd_server
         )
@@ -275,7 +277,7 @@ class Gateway:
             cfg.policy,
             self.limiter,
         )
-        interceptors = [ObservabilityInterceptor(self.metrics), self.drain, access]
+        interceptors = [ObservabilityInterceptor(self.metrics, self.in_flight), self.drain, access]
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         # StreamExtents sends data messages it serialized itself (gateway.api.framing).
         add_bitmap_service(BitmapServicer(self.backend), server)
@@ -374,7 +376,10 @@ class Gateway:
             os.unlink(sock)
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
-            interceptors=[ObservabilityInterceptor(self.metrics), self.csi_drain],
+            interceptors=[
+                ObservabilityInterceptor(self.metrics, self.csi_in_flight),
+                self.csi_drain,
+            ],
         )
         csi_grpc.add_IdentityServicer_to_server(IdentityServicer(self), server)
         csi_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataServicer(self), server)
@@ -508,8 +513,8 @@ class Gateway:
         grace = self.config.grace_period if grace is None else grace
         try:
             await self.health.enter_graceful_shutdown()
-            # New calls are refused UNAVAILABLE until they stop coming (gateway.drain), half
-            # the grace at most; the calls already running go on meanwhile.
+            # New calls are refused UNAVAILABLE until they stop coming and the running ones
+            # have ended (gateway.drain), half the grace at most.
             settled = await asyncio.gather(
                 self.drain.settle(grace / 2), self.csi_drain.settle(grace / 2)
             )
