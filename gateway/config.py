@@ -164,6 +164,13 @@ def check_interval(seconds: float) -> float:
     return seconds
 
 
+def check_grace_period(seconds: float) -> float:
+    # Infinite would never stop the server; NaN became 0 and cut every running call.
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"grace period {seconds}: must be 0 or more seconds (and finite)")
+    return seconds
+
+
 DEFAULT_CSI_DRIVER_NAME = "nbdgw.dev"
 DEFAULT_CSI_BLOCK_SIZE = 0  # CSI answers: 0 VARIABLE_LENGTH extents, N FIXED_LENGTH N-byte blocks
 
@@ -548,7 +555,7 @@ def apply_table(
         if key in data:
             setattr(config, key, check_choice(key.replace("_", " "), str(data[key]), allowed))
     if "grace_period" in data:
-        config.grace_period = float(data["grace_period"])
+        config.grace_period = check_grace_period(float(data["grace_period"]))
     if "host_check_interval" in data:
         config.host_check_interval = check_interval(float(data["host_check_interval"]))
     if "reflection" in data:

@@ -30,6 +30,7 @@ from gateway.config import (
     GatewayConfig,
     check_choice,
     check_csi_block_size,
+    check_grace_period,
     check_interval,
     check_max_intervals,
     load_file,
@@ -347,7 +348,7 @@ def build_config(args: argparse.Namespace) -> tuple[GatewayConfig, bool]:
     if args.data_dir:
         config.data_dir = Path(args.data_dir)
     if args.grace_period is not None:
-        config.grace_period = float(args.grace_period)
+        config.grace_period = check_grace_period(float(args.grace_period))
     if args.host_check_interval is not None:
         config.host_check_interval = check_interval(float(args.host_check_interval))
     if args.max_connections is not None:

@@ -138,6 +138,9 @@ image = "disks/img.raw"
         ('[[hosts]]\nname = "h"\nuri = "nbd://h"\ncommand_timeout = 5\n', "for qmp hosts"),
         ('listen = "x"\n', "HOST:PORT"),
         ('grace_period = "soon"\n', "soon"),
+        ("grace_period = -1\n", "0 or more seconds"),
+        ('grace_period = "inf"\n', "finite"),
+        ('grace_period = "nan"\n', "grace period nan"),
         ("listen = [", "gw.toml"),
     ],
 )
