@@ -630,13 +630,12 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 return plan, None
             if ctx not in client.meta_contexts:
                 return plan, False
-            since = self._since(request, name, ctx)
-            _check_range(request.offset, request.length, client.size)
-            if plan.mode == pb.CLEAR_MODE_AT_SOURCE:
-                if client.read_only or (since is None and request.unconditional):
-                    cleared = await client.clear(request.offset, request.length, ctx)
-                    return plan, _at_source(list(cleared.runs), cleared.granularity)
-                if not client.conditional_clears:
+            at_source = plan.mode == pb.CLEAR_MODE_AT_SOURCE
+            try:
+                since = self._since(request, name, ctx)
+                _check_range(request.offset, request.length, client.size)
+                unconditional = client.read_only or (since is None and request.unconditional)
+                if at_source and not unconditional and not client.conditional_clears:
                     raise self._token_required(
                         name,
                         ctx,
@@ -645,27 +644,36 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                         " could erase a write that landed after the range was read; set"
                         " unconditional only if nothing writes the export",
                     )
-                if since is None:
+                if at_source and not unconditional and since is None:
                     raise self._token_required(name, ctx)
-                try:
-                    cleared, kept = await client.clear_since(
-                        request.offset, request.length, ctx, since
-                    )
-                except RequestError as exc:
-                    if exc.errno != Errno.EOVERFLOW:
-                        raise
-                    # Too fragmented for one reply; the host cleared nothing.
-                    runs, g, kept_runs = await _clear_since_in_pieces(
-                        client, request.offset, request.length, ctx, since
-                    )
-                    return plan, _at_source(runs, g, kept_runs)
-                return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
-            # A clear without a generation would be recorded under whatever generation is
-            # current when it arrives, which may be a newer point in time than the one copied.
-            if not request.generation and not pool.config.fixed_generation:
-                raise errors.generation_required(name, ctx, plan.generation)
-            if request.generation and request.generation != plan.generation:
-                raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
+                # A clear without a generation would be recorded under whatever generation is
+                # current when it arrives, which may be a newer point in time than the one
+                # copied.
+                if not at_source and not request.generation and not pool.config.fixed_generation:
+                    raise errors.generation_required(name, ctx, plan.generation)
+                if not at_source and request.generation and request.generation != plan.generation:
+                    raise errors.generation_mismatch(name, ctx, request.generation, plan.generation)
+            except GatewayError as refused:
+                # Refused before any request: returned, not raised, since the lease closes a
+                # connection whose user raised (it may hold unanswered requests).
+                return plan, refused
+            if not at_source:
+                return plan, True
+            if unconditional:
+                cleared = await client.clear(request.offset, request.length, ctx)
+                return plan, _at_source(list(cleared.runs), cleared.granularity)
+            assert since is not None
+            try:
+                cleared, kept = await client.clear_since(request.offset, request.length, ctx, since)
+            except RequestError as exc:
+                if exc.errno != Errno.EOVERFLOW:
+                    raise
+                # Too fragmented for one reply; the host cleared nothing.
+                runs, g, kept_runs = await _clear_since_in_pieces(
+                    client, request.offset, request.length, ctx, since
+                )
+                return plan, _at_source(runs, g, kept_runs)
+            return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
             return plan, True
 
         slots = self._clear_slots.get(name)
@@ -681,6 +689,8 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 # The host's storage is read-only (nbdgw nbd serve --read-only): not the
                 # caller's permission, which PERMISSION_DENIED would say.
                 raise errors.read_only(name, ctx, f"host {pool.host.name}: {exc}") from None
+        if isinstance(done, GatewayError):
+            raise done
         if done is False:
             raise errors.bitmap_not_found(name, ctx, await self._offered(pool))
         if plan.mode == pb.CLEAR_MODE_AT_SOURCE:

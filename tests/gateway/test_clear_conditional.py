@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from gateway.config import GatewayConfig
+from gateway.hosts.pool import Host
 from nbdcore.aio.client import NBDClient
 from nbdcore.clear_ext import MAX_CLEARED_RUNS
 from nbdcore.storage.image import Image
@@ -93,11 +94,24 @@ async def test_a_write_after_the_read_is_kept(
     assert await dirty_runs(uri, B0) == []
 
 
-async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -> None:
+async def test_refusals(
+    tmp_path: Path, start_gateway: Any, host: NbdcoreHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = GatewayConfig(data_dir=tmp_path / "gw")
     cfg.add_uri_export("disk", host.uri)
     cfg.add_uri_export("other", host.uri)  # the same bitmap under another name
     gw = await start_gateway(cfg)
+    # Refusals cost no connection: each is decided on a leased one, which the lease closes
+    # when its user raises (it may hold unanswered requests), so a refusal must not raise.
+    opened = 0
+    connect = Host.connect
+
+    async def counted(self: Host, *args: Any, **kwargs: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        return await connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(Host, "connect", counted)
     base = {"export": "disk", "bitmap": "b0", "offset": 0, "length": G}
     err = await call_error(gw.stub.ClearRange(pb.ClearRangeRequest(**base)))
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -119,8 +133,10 @@ async def test_refusals(tmp_path: Path, start_gateway: Any, host: NbdcoreHost) -
     err = await call_error(gw.stub.ClearRange(
         pb.ClearRangeRequest(**{**base, "bitmap": "nosuch"}, clear_token=other)))  # fmt: skip
     assert (err.code, err.info.reason) == (grpc.StatusCode.NOT_FOUND, "BITMAP_NOT_FOUND")
-    # Nothing was cleared by any of them.
+    # Nothing was cleared by any of them, and their connections were kept: one for b0's
+    # clears, one for the stream of "other" (token_of), one asking for the unknown bitmap.
     assert await dirty_runs(host.uri, B0) == [(0, 4 * MiB)]
+    assert opened == 3, opened
     # The caller's word that nothing writes still clears.
     resp = await gw.stub.ClearRange(pb.ClearRangeRequest(**base, unconditional=True))
     assert resp.cleared_bytes == G and not resp.conditional
