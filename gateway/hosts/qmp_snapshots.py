@@ -23,6 +23,7 @@ bitmap is never left frozen and forgotten.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -526,10 +527,13 @@ class QmpSnapshots:
                     else:
                         result[bitmap] = (granularity, 0)
                 await host.monitor.drop_fleece(f)
-        except QMPFailure as exc:
+        except (QMPFailure, OSError) as exc:
             # Still known, so that a retry finds it; the recovery at the next monitor session
-            # serves it again (intact) or rolls it back (half released).
+            # serves it again (intact) or rolls it back (half released). An OSError is the
+            # gateway's own file work for QEMU (a scratch or fleecing image): as QEMU's.
             await self._serve(snap)
+            if isinstance(exc, OSError):
+                exc = QMPFailure("no_space" if exc.errno == errno.ENOSPC else "failed", str(exc))
             raise qmp_error(exc, snap.export, host) from None
         ledger = await self._ledger()
         # The point in time is gone: its acknowledgements with it.
