@@ -227,12 +227,24 @@ class Libvirt:
 
 
 def _source_of(source: ET.Element | None) -> str:
-    """What a disk's <source> names: a file, a block device, or a volume or network name."""
+    """What a disk's <source> names, as one string: a file, a block device, a pool's volume, a
+    network image with its servers, a vhost-user socket; for any other kind the element itself
+    (without libvirt's ``index``, which moves with every block job)."""
     if source is None:
         return ""
     if source.get("volume"):
         return f"{source.get('pool', '')}/{source.get('volume')}"
-    return str(source.get("file") or source.get("dev") or source.get("name") or "")
+    if source.get("protocol"):
+        hosts = ",".join(
+            f"{h.get('name', '')}:{h.get('port', '')}" for h in source.iterfind("host")
+        )
+        return f"{source.get('protocol')}://{hosts}/{source.get('name', '')}"
+    for attribute in ("file", "dev", "path"):
+        if source.get(attribute):
+            return str(source.get(attribute))
+    element = ET.Element(source.tag, {k: v for k, v in source.items() if k != "index"})
+    element.extend(list(source))
+    return ET.tostring(element, encoding="unicode")
 
 
 def parse_disks(domain_xml: str) -> list[Disk]:

@@ -19,8 +19,10 @@ exist before the job that created it, so they can only be about the old one.
 A disk is its target name (``vda``) *and* its source (the image file, device or volume the
 domain's XML names): another image plugged in at the same target must not inherit the links of
 the old one, whose writes it never had (a delta from them would be wrong, silently). Links of a
-target whose source has changed are used for nothing and pruned. (Links recorded before the
-source was kept have none, and are taken as the target's.)
+target whose source has changed are used for nothing and pruned: a legitimate change (an
+external snapshot, a block copy's pivot, the image moved or named another way) makes deltas
+across it FAILED_PRECONDITION, never wrong. Links recorded before the source was kept have none
+and are treated the same (one full backup per disk after the upgrade).
 
 Each link is one file in a folder of the gateway's own (not libvirt's, which QEMU's user may
 write): a JSON header line (the job that recorded it, the disk, the two instants, a CRC-32 of
@@ -64,7 +66,7 @@ class Link:
     path: Path
     job: str
     disk: str
-    source: str | None  # the disk's source when recorded (None: recorded before it was kept)
+    source: str | None  # the disk's source when its job ran (None: recorded before it was kept)
     base: Instant
     target: Instant
     size: int
@@ -171,7 +173,7 @@ class Links:
                 continue
             if disk is not None and link.disk != disk:
                 continue
-            if source is not None and link.source not in (None, source):
+            if source is not None and link.source != source:
                 continue
             found.append(link)
         return found
@@ -212,7 +214,7 @@ class Links:
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         links = self.links(disk)
-        ours = [k for k in links if k.source in (None, source)]
+        ours = [k for k in links if k.source == source]
         now = set(chain)
         reach = _closure(now, [(k.base, k.target) for k in ours])  # from a current one
         back = _closure(now, [(k.target, k.base) for k in ours])  # to a current one

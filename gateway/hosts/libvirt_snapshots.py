@@ -31,7 +31,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +86,9 @@ class Job:
     # between (libvirt_deltas).
     since_created: int = 0
     checkpoint_created: int = 0
+    # Each disk's source (libvirt_deltas: a disk is its target and its source) when the job
+    # started: the link records this, not what the target holds when it is recorded.
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def view(self) -> str:
@@ -505,6 +508,7 @@ class LibvirtSnapshots:
             if job.since in instants and job.checkpoint in instants:
                 job.since_created = instants[job.since][1]
                 job.checkpoint_created = instants[job.checkpoint][1]
+                job.sources = {d.target: d.source for d in await host.libvirt.disks()}
                 _save(host, job)
         except (LibvirtFailure, OSError) as exc:
             # The job runs: serve it. Only its link will be missing (logged).
@@ -533,7 +537,8 @@ class LibvirtSnapshots:
                 )  # fmt: skip
                 return
             have = {(k.job, k.disk) for k in await asyncio.to_thread(links.links)}
-            sources = {d.target: d.source for d in await host.libvirt.disks()}
+            # A job file of an older gateway has no sources: the disks' as they are now.
+            sources = job.sources or {d.target: d.source for d in await host.libvirt.disks()}
             for export, disk in job.exports.items():
                 if (job.token, disk) in have:
                     continue

@@ -121,17 +121,20 @@ def test_another_image_at_the_same_target_inherits_nothing(tmp_path: Path) -> No
     assert len(links.links("vdb")) == 1
 
 
-def test_links_recorded_before_sources_were_kept_are_the_targets(tmp_path: Path) -> None:
+def test_links_recorded_before_sources_were_kept_serve_nothing(tmp_path: Path) -> None:
+    """A link without a source cannot say which image it was about: it serves no delta (which
+    is then FAILED_PRECONDITION: one full backup) and is pruned, never taken for any image."""
     links = links_with(tmp_path)
-    (old,) = [k for k in links.links("vdb")]
+    (old,) = links.links("vdb")
     head, _, runs = old.path.read_bytes().partition(b"\n")
     legacy = json.loads(head)
     del legacy["source"]
     old.path.write_bytes(json.dumps(legacy).encode() + b"\n" + runs)
     (read,) = links.links("vdb")
     assert read.source is None
-    assert runs_of(links, "vdb", C0, C1, source="/any/image") == [(9 * G, G)]
-    assert links.prune("vdb", "/any/image", [C0, C1]) == 0
+    assert runs_of(links, "vdb", C0, C1) is None
+    assert links.prune("vdb", B, [C0, C1]) == 1
+    assert links.links("vdb") == []
 
 
 def test_a_disks_source_is_what_its_xml_names() -> None:
@@ -140,15 +143,26 @@ def test_a_disks_source_is_what_its_xml_names() -> None:
       <disk type='file' device='disk'><source file='/img/a.qcow2'/><target dev='vda'/></disk>
       <disk type='block' device='disk'><source dev='/dev/sdb'/><target dev='vdb'/></disk>
       <disk type='volume' device='disk'><source pool='p1' volume='v1'/><target dev='vdc'/></disk>
-      <disk type='network' device='disk'><source protocol='rbd' name='rbd/img'/>
+      <disk type='network' device='disk'><source protocol='rbd' name='rbd/img' index='3'>
+        <host name='mon1' port='6789'/><host name='mon2' port='6789'/></source>
         <target dev='vdd'/></disk>
       <disk type='file' device='disk'><target dev='vde'/></disk>
+      <disk type='vhostuser' device='disk'><source type='unix' path='/run/vhost.sock'/>
+        <target dev='vdf'/></disk>
+      <disk type='nvme' device='disk'><source type='pci' namespace='1' index='2'>
+        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>
+        <target dev='vdg'/></disk>
       <disk type='file' device='cdrom'><source file='/iso'/><target dev='hdc'/></disk>
     </devices></domain>"""
-    assert [(d.target, d.source) for d in parse_disks(xml)] == [
-        ("vda", "/img/a.qcow2"),
-        ("vdb", "/dev/sdb"),
-        ("vdc", "p1/v1"),
-        ("vdd", "rbd/img"),
-        ("vde", ""),
-    ]
+    found = {d.target: d.source for d in parse_disks(xml)}
+    nvme = found.pop("vdg")
+    assert found == {
+        "vda": "/img/a.qcow2",
+        "vdb": "/dev/sdb",
+        "vdc": "p1/v1",
+        "vdd": "rbd://mon1:6789,mon2:6789/rbd/img",  # the same name on other servers differs
+        "vde": "",
+        "vdf": "/run/vhost.sock",
+    }
+    # Any other kind: the element itself, without libvirt's index (moved by block jobs).
+    assert 'bus="0x01"' in nvme and 'namespace="1"' in nvme and "index" not in nvme
