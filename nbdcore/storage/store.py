@@ -190,12 +190,10 @@ class BitmapStore:
             self.writer_active = _lock_held(self.dir / LOCK)
         else:
             self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_exclusive(self._lock_fd):
                 raise OSError(
                     errno.EBUSY, f"{self.dir.parent / self.dir.name[:-6]} is in use by a writer"
-                ) from None
+                )
         machine_crashed = self._previous_boot_crashed()
         keys = set()
         for meta_path in sorted(self.dir.glob("*.json")):
@@ -364,6 +362,23 @@ class BitmapStore:
     def update(self, bitmap: DirtyBitmap) -> None:
         """Persist a change of ``bitmap.enabled``."""
         self._write_meta(bitmap)
+
+
+# A reader's probe (_lock_held) holds a shared lock for a few microseconds: a writer that
+# meets one tries again for this long before it says the image is in use.
+_PROBE_WAIT = 0.2
+
+
+def _lock_exclusive(fd: int) -> bool:
+    deadline = time.monotonic() + _PROBE_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
 
 def _lock_held(path: Path) -> bool:

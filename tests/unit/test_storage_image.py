@@ -6,6 +6,7 @@ import errno
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +22,7 @@ from nbdcore.storage import (
     NoSuchBitmapError,
     RangeError,
 )
-from nbdcore.storage.store import IN_USE, BitmapStore, bitmap_key, boot_id, store_dir
+from nbdcore.storage.store import IN_USE, BitmapStore, _lock_held, bitmap_key, boot_id, store_dir
 
 G = 65536
 SIZE = 64 * G + 1000  # not a granule multiple
@@ -128,6 +129,31 @@ def test_errors(disk: Path) -> None:
     with pytest.raises(FileExistsError):
         Image.create(disk, G)
     assert disk.stat().st_size == SIZE
+
+
+def test_a_readers_probe_never_makes_a_writer_fail(disk: Path) -> None:
+    """A read-only open tests whether a writer holds the lock by taking a shared lock for an
+    instant; a writer opening in that instant must not take it for another writer."""
+    Image.open(disk).close()  # the store and its lock file exist
+    lock = store_dir(disk) / "lock"
+    stop = threading.Event()
+    probes = 0
+
+    def probe() -> None:
+        nonlocal probes
+        while not stop.is_set():
+            _lock_held(lock)
+            probes += 1
+
+    t = threading.Thread(target=probe)
+    t.start()
+    try:
+        for _ in range(200):
+            Image.open(disk).close()
+    finally:
+        stop.set()
+        t.join()
+    assert probes > 200
 
 
 def test_read_only_and_lock(disk: Path) -> None:
