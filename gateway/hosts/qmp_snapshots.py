@@ -590,6 +590,14 @@ class QmpSnapshots:
                             await self._readopt(host, f)
                         else:
                             await self._ensure_export(host, f)
+                    elif live and known is not None and known.unacknowledged is not None:
+                        # A release of ours stopped part-way (its job is gone): finish it with
+                        # what it found unacknowledged, not by merging the forks back whole.
+                        try:
+                            await self._release_one(known)
+                        except GatewayError as exc:
+                            log.error("snapshot %s of %s: release not finished: %s",
+                                      f.snapshot, f.export, exc.message)  # fmt: skip
                     elif live:
                         if known is not None:
                             await self._unserve(known)
