@@ -540,6 +540,9 @@ class _Call:
             return grpc.StatusCode.OK
         if isinstance(exc, asyncio.CancelledError):
             return grpc.StatusCode.CANCELLED  # the client went away (or the server stopped)
+        if type(exc).__name__ == "ExecuteBatchError":
+            # grpc's failed context.write: the client went away while a message was sent.
+            return grpc.StatusCode.CANCELLED
         return grpc.StatusCode.UNKNOWN  # what grpc answers for an unhandled exception
 
     def _log(self, code: grpc.StatusCode, elapsed: float, exc: BaseException | None) -> None:
@@ -734,19 +737,11 @@ def _wrap_streaming(
         return call, request
 
     if inspect.isasyncgenfunction(inner):
-        # A yielding servicer: grpc writes what it yields.
-        async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
-            call, request = begin(request, context)
-            try:
-                async for message in inner(request, context):
-                    yield message
-                    call.sent_message(message)
-            except BaseException as exc:
-                call.finish(exc)
-                raise
-            call.finish(None)
-
-        return generator
+        # A yielding servicer is driven here, each message written with context.write, and
+        # closed before the call ends. Left to grpc, a generator whose client went away is
+        # closed later, by the garbage collector: its clean-up then asked grpc about a call
+        # grpc had freed (context.peer(), .code()), which crashed the process (SIGSEGV).
+        inner = _driven(inner)
 
     async def writer(request: Any, context: Any) -> None:
         call, request = begin(request, context)
@@ -760,6 +755,18 @@ def _wrap_streaming(
         call.finish(None)
 
     return writer
+
+
+def _driven(generator_function: Any) -> Any:
+    async def behaviour(request: Any, context: Any) -> None:
+        messages = generator_function(request, context)
+        try:
+            async for message in messages:
+                await context.write(message)
+        finally:
+            await messages.aclose()
+
+    return behaviour
 
 
 # --- logging ------------------------------------------------------------------------------------
