@@ -622,7 +622,9 @@ def apply_table(
             continue
         timeout = host.get("command_timeout")
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")  # NaN too
         ):
             raise ConfigError(f"{here}: command_timeout must be a positive number of seconds")
         if timeout is not None and not isinstance(qmp, str):

@@ -393,14 +393,19 @@ class Monitor:
         """
         made: list[Fleece] = []
         sent = False
+        created = time.time()
         try:
             for f in fleeces:
                 info = await self.node(f.node)
                 f.size = info.size
                 await _qemu_img_create(f.path, info.size, cluster_size)
                 made.append(f)
-                f.created = time.time()
-                await asyncio.to_thread(f.save_record)
+                f.created = created  # one time for the whole group
+                try:
+                    await asyncio.to_thread(f.save_record)
+                except OSError as exc:
+                    kind = "no_space" if exc.errno == errno.ENOSPC else "failed"
+                    raise QMPFailure(kind, f"cannot write {f.record}: {exc}") from None
                 await self.execute(
                     "blockdev-add",
                     {
@@ -589,9 +594,19 @@ class Monitor:
         return older.id if older is not None else None
 
     async def drop_fleece(self, fleece: Fleece) -> None:
-        """Remove the fleecing node (with its forks) and its image."""
+        """Remove the fleecing node (with its forks) and its image. Files that cannot be
+        removed are logged, not raised: the node is gone, so the release (or rollback) this
+        ends is done, and must not come back as a snapshot that cannot be released."""
         await self._drop_node(fleece.fleece_node)
-        fleece.remove_files()
+        try:
+            await asyncio.to_thread(fleece.remove_files)
+        except OSError as exc:
+            log.error(
+                "snapshot %s of %s: %s; delete %s and %s by hand, or the next monitor session"
+                " merges the forks stored in the image back whole (dropping their"
+                " acknowledgements)",
+                fleece.snapshot, fleece.export, exc, fleece.record, fleece.path,
+            )  # fmt: skip
 
     async def drop_merge_leftovers(self, folder: Path, exports: Iterable[str]) -> None:
         """Scratch nodes and images of a merge-back that a crash interrupted (the merge-back is

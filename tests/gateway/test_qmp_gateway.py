@@ -230,6 +230,12 @@ async def test_consistency_group_and_races(
         spb.CreateSnapshotRequest(parent="d0", group=["d1"], snapshot_id="g", bitmaps=["b"])
     )
     assert list(snap.group) == ["exports/d0/snapshots/g", "exports/d1/snapshots/g"]
+    # One instant, one creation time for the whole group.
+    members = [
+        (await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent=d))).snapshots[0]
+        for d in ("d0", "d1")
+    ]
+    assert members[0].create_time == members[1].create_time == snap.create_time
     for d, w in (("d0", w0), ("d1", w1)):
         s = await stream_all(run.stub, export=f"exports/{d}@g", context=CTX, include_data=True,
                              filter=pb.EXTENT_FILTER_SET)  # fmt: skip
@@ -595,3 +601,29 @@ async def test_a_release_that_fails_part_way_keeps_the_acknowledgements(
     # Nothing wrote since the instant: the live bitmap holds exactly the two unacknowledged.
     assert live_bitmaps(vm)["b"]["count"] == 2 * GRANULE
     assert not list((tmp_path / "data").rglob("*.fleece.qcow2"))
+
+
+async def test_a_release_whose_files_cannot_be_removed_is_done_all_the_same(
+    vm: GuestlessVM, start_gateway: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node dropped, the forks merged: the release is done, even if its files cannot be
+    removed (here a directory is where the record was). It came back as a snapshot that no
+    retry could release; now the log says which files to delete."""
+    run = await start_qmp(start_gateway, tmp_path, vm)
+    await run.stub.AddBitmap(pb.AddBitmapRequest(parent="d0", bitmap="b"))
+    await run.snapshots.CreateSnapshot(
+        spb.CreateSnapshotRequest(parent="d0", snapshot_id="s", bitmaps=["b"])
+    )
+    (record,) = (tmp_path / "data").rglob("*.fleece.json")
+    record.unlink()
+    record.mkdir()
+    (record / "x").write_bytes(b"")
+    caplog.set_level(logging.ERROR, logger="nbdgw.qmp")
+    released = await run.snapshots.ReleaseSnapshot(
+        spb.ReleaseSnapshotRequest(name="exports/d0/snapshots/s")
+    )
+    assert list(released.released) == ["exports/d0/snapshots/s"]
+    listed = await run.snapshots.ListSnapshots(spb.ListSnapshotsRequest(parent="exports/d0"))
+    assert not listed.snapshots
+    assert any("by hand" in r.getMessage() for r in caplog.records)
+    assert not [n for n in vm.node_names() if n.startswith("nbdgw-f")]

@@ -135,6 +135,8 @@ image = "disks/img.raw"
         ('[[hosts]]\nname = "h"\nuri = "nbd://h"\ntls_ca_file = 3\n', "must be a string"),
         ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = 0\n', "positive number"),
         ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = "1m"\n', "positive"),
+        ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = inf\n', "positive"),
+        ('[[hosts]]\nname = "q"\nqmp = "q.sock"\ncommand_timeout = nan\n', "positive"),
         ('[[hosts]]\nname = "h"\nuri = "nbd://h"\ncommand_timeout = 5\n', "for qmp hosts"),
         ('listen = "x"\n', "HOST:PORT"),
         ('grace_period = "soon"\n', "soon"),
