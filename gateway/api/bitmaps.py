@@ -674,7 +674,6 @@ class BitmapServicer(pb_grpc.BitmapServiceServicer):
                 )
                 return plan, _at_source(runs, g, kept_runs)
             return plan, _at_source(list(cleared.runs), cleared.granularity, list(kept.runs))
-            return plan, True
 
         slots = self._clear_slots.get(name)
         if slots is None:
