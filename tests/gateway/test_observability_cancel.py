@@ -6,10 +6,18 @@ crash is this test's failure, not the test run's."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from nbdgw.v1 import bitmap_service_pb2 as pb
+from tests.gateway.cli_support import make_embedded_disk
 from tests.peers import ROOT
 
 SCRIPT = textwrap.dedent(
@@ -75,3 +83,28 @@ def test_a_client_going_away_mid_stream_is_survived_and_counted() -> None:
         counts = proc.stdout.strip().splitlines()[-1]
         # Each call counted while it ran, and not any more once its client went away.
         assert counts == '{"Yield": [1, 0], "Write": [1, 0]}', counts
+
+
+async def test_the_gateway_counts_its_running_calls(tmp_path: Path, start_gateway: Any) -> None:
+    """What a graceful stop waits for (gateway.drain): the API port's calls while they run,
+    health checks not (a Watch lasts as long as its watcher)."""
+    disk = make_embedded_disk(tmp_path / "disk.img")
+    cfg = GatewayConfig(data_dir=tmp_path / "gw")
+    cfg.add_image_export("disk", disk.path)
+    run = await start_gateway(cfg)
+    health = health_pb2_grpc.HealthStub(run.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    await watch.read()
+    request = pb.StreamExtentsRequest(
+        export="disk", context="base:allocation", include_data=True, max_extents_per_message=1
+    )
+    stream = run.stub.StreamExtents(request)
+    await stream.read()  # running, its next messages waiting for this reader
+    assert run.gateway.in_flight.count == 1
+    stream.cancel()
+    watch.cancel()
+    for _ in range(100):
+        if run.gateway.in_flight.count == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert run.gateway.in_flight.count == 0
