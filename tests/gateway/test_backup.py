@@ -424,9 +424,10 @@ def test_progress_counts_the_data_to_copy(
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     """SIGINT in the middle of a backup: exit 130, one line saying what is saved and how to
-    go on; the same command with --resume then completes it. The disk is all data, large
-    enough that the backup is still running when the signal comes (its checkpoints do not
-    stop the stream)."""
+    go on; the same command with --resume then completes it. The gateway is frozen (SIGSTOP)
+    once 8 MiB are written, so the backup is surely mid-stream when the signal comes: waiting
+    for the first progress in the state file instead, which follows the fsyncs, the 256 MiB had
+    all been streamed by then in a CI run of 2026-12-08 (exit 0)."""
     size = 256 * MiB
     disk = tmp_path / "disk.img"
     image = Image.create(disk, size)
@@ -449,15 +450,22 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
             env=ENV,
         )
         try:
+            # Under way: 8 MiB written (the progress in the state file comes later: it waits
+            # for the fsyncs, which can take longer than the whole stream).
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
-                with contextlib.suppress(FileNotFoundError, ValueError):
-                    if json.loads(state_path(out).read_text())["next_offset"] > 0:
+                with contextlib.suppress(FileNotFoundError):
+                    if out.stat().st_blocks * 512 >= 8 * MiB:
                         break
                 time.sleep(0.002)
-            assert proc.poll() is None, "the backup ended before it was interrupted"
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGSTOP)  # the rest of the stream waits for it
+            try:
+                assert proc.poll() is None, "the backup ended before it was interrupted"
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                gw.proc.send_signal(signal.SIGCONT)
         finally:
             if proc.poll() is None:
                 proc.kill()
