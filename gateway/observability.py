@@ -72,7 +72,7 @@ from prometheus_client.registry import Collector
 from gateway import __version__
 from gateway.api.framing import PreparedMessage
 from gateway.config import LOG_FORMATS, LOG_LEVELS
-from gateway.security.access import CURRENT_IDENTITY
+from gateway.security.access import CURRENT_IDENTITY, written
 from nbdcore.tools.snapshot_cmds import SEPARATOR as SNAPSHOT_SEPARATOR
 
 log = logging.getLogger("nbdgw.observability")
@@ -741,7 +741,7 @@ def _wrap_streaming(
         # closed before the call ends. Left to grpc, a generator whose client went away is
         # closed later, by the garbage collector: its clean-up then asked grpc about a call
         # grpc had freed (context.peer(), .code()), which crashed the process (SIGSEGV).
-        inner = _driven(inner)
+        inner = written(inner)
 
     async def writer(request: Any, context: Any) -> None:
         call, request = begin(request, context)
@@ -755,18 +755,6 @@ def _wrap_streaming(
         call.finish(None)
 
     return writer
-
-
-def _driven(generator_function: Any) -> Any:
-    async def behaviour(request: Any, context: Any) -> None:
-        messages = generator_function(request, context)
-        try:
-            async for message in messages:
-                await context.write(message)
-        finally:
-            await messages.aclose()
-
-    return behaviour
 
 
 # --- logging ------------------------------------------------------------------------------------

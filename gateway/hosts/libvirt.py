@@ -154,6 +154,10 @@ class Libvirt:
     async def disks(self) -> list[Disk]:
         return parse_disks(await self.call("XMLDesc", lambda d: d.XMLDesc(0)))
 
+    async def sources(self) -> dict[str, str]:
+        """Each disk's source, by target (libvirt_deltas: a disk is its target and this)."""
+        return {d.target: d.source for d in await self.disks()}
+
     async def capacity(self, disk: str) -> int:
         return int((await self.call("blockInfo", lambda d: d.blockInfo(disk)))[0])
 

@@ -116,14 +116,6 @@ def _save(host: LibvirtHost, job: Job) -> None:
     tmp.replace(path)  # the job file is the recovery's only memory: never half written
 
 
-async def _source(host: LibvirtHost, disk: str) -> str:
-    """What the domain's ``disk`` reads now (libvirt_deltas: a disk is its target and this)."""
-    for found in await host.libvirt.disks():
-        if found.target == disk:
-            return found.source
-    return ""
-
-
 def links_of(host: LibvirtHost) -> Links:
     """The host's record of what was written between its checkpoints (libvirt_deltas), in
     the gateway's data folder: not in the host's folder, which QEMU's user may write."""
@@ -472,7 +464,7 @@ class LibvirtSnapshots:
             raise checkpoint_error(export, order_error(base, target))
         links = links_of(host)
         try:
-            source = await _source(host, disk)
+            source = (await host.libvirt.sources()).get(disk, "")
         except LibvirtFailure as exc:
             raise libvirt_error(exc, export, host) from None
         async with self.lock:  # no prune meanwhile
@@ -508,7 +500,7 @@ class LibvirtSnapshots:
             if job.since in instants and job.checkpoint in instants:
                 job.since_created = instants[job.since][1]
                 job.checkpoint_created = instants[job.checkpoint][1]
-                job.sources = {d.target: d.source for d in await host.libvirt.disks()}
+                job.sources = await host.libvirt.sources()
                 _save(host, job)
         except (LibvirtFailure, OSError) as exc:
             # The job runs: serve it. Only its link will be missing (logged).
@@ -538,7 +530,7 @@ class LibvirtSnapshots:
                 return
             have = {(k.job, k.disk) for k in await asyncio.to_thread(links.links)}
             # A job file of an older gateway has no sources: the disks' as they are now.
-            sources = job.sources or {d.target: d.source for d in await host.libvirt.disks()}
+            sources = job.sources or await host.libvirt.sources()
             for export, disk in job.exports.items():
                 if (job.token, disk) in have:
                     continue

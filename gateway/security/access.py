@@ -506,7 +506,7 @@ class AccessInterceptor(_Interceptor):
         if inner is None:
             return handler
         if inspect.isasyncgenfunction(inner):
-            inner = _writing(inner)
+            inner = written(inner)
 
         async def behaviour(request: Any, context: Any) -> Any:
             service: str = getattr(request, "service", "")
@@ -592,7 +592,7 @@ class AccessInterceptor(_Interceptor):
             inner = handler.unary_stream
             if inspect.isasyncgenfunction(inner):
                 # A yielding servicer: run it against a write()-ing context instead.
-                inner = _writing(inner)
+                inner = written(inner)
 
             async def stream(request: Any, context: Any) -> None:
                 identity = await self._admit(method, request, context)
@@ -702,14 +702,6 @@ async def _abort(context: Any, err: GatewayError) -> None:
     await cast(Any, context).abort_with_status(err.grpc_status())
 
 
-def _writing(gen_behaviour: Behaviour) -> Behaviour:
-    async def behaviour(request: Any, context: Any) -> None:
-        async for item in gen_behaviour(request, context):
-            await context.write(item)
-
-    return behaviour
-
-
 def receiving(
     limiter: Limiter, handler: Any, behaviour: Behaviour, *, streaming_response: bool
 ) -> Any:
@@ -763,7 +755,7 @@ class OverallHealthInterceptor(_Interceptor):
         if inner is None:
             return handler
         if inspect.isasyncgenfunction(inner):
-            inner = _writing(inner)
+            inner = written(inner)
 
         async def behaviour(request: Any, context: Any) -> Any:
             service = getattr(request, "service", "")
@@ -783,3 +775,19 @@ class OverallHealthInterceptor(_Interceptor):
             self.limiter, handler, behaviour, streaming_response=not unary
         )
         return wrapped
+
+
+def written(generator_function: Any) -> Any:
+    """A yielding servicer as a writing one: each message written with context.write, the
+    generator closed before the call ends (never left to the garbage collector, whose clean-up
+    may touch a call grpc has freed)."""
+
+    async def behaviour(request: Any, context: Any) -> None:
+        messages = generator_function(request, context)
+        try:
+            async for message in messages:
+                await context.write(message)
+        finally:
+            await messages.aclose()
+
+    return behaviour
